@@ -1,0 +1,1 @@
+"""Python, file, microphone and browser clients (installed as dpslm_stream.client)."""

@@ -1,0 +1,3 @@
+from dpslm_stream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks, run through `dpslm-stream bench NAME`; they print numbers, they assert nothing."""

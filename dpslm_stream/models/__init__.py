@@ -1,0 +1,1 @@
+"""One module per network (nanoGPT style): a config dataclass, the module, checkpoint (de)serialisation."""

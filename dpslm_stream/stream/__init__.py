@@ -1,0 +1,1 @@
+"""Streaming stages and the per-session objects that compose them."""

@@ -1,0 +1,1 @@
+"""WebSocket server (installed as dpslm_stream.server)."""
