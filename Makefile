@@ -1,0 +1,27 @@
+# Two commands on a fresh machine:  `make demo` runs the main job, `make test` runs the tests.
+# Both create .venv on first use. CPU torch is installed first and pinned: a bare `torch` requirement resolves to a
+# multi-GB CUDA build. Override TORCH for another build, e.g. TORCH="torch==2.13.0 --index-url <cpu index>".
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[test,plot]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/dpslm-stream demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info
