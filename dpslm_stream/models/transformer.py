@@ -1,0 +1,438 @@
+"""The Mistral-style decoder-only transformer shared by the unit LM (ULM) and ELLA-V.
+
+Both upstream repositories (nicolvisser/Mistral-ULM `ulm/transformer.py`, nicolvisser/ELLA-V
+`ellav/transformer/inference.py`) use the same network: token embedding, n pre-norm blocks
+(RMSNorm -> attention with interleaved-pair RoPE -> residual, RMSNorm -> SwiGLU -> residual), a final RMSNorm and
+an untied output projection whose logits are returned in fp32. ELLA-V's output projection has a bias (added by
+accident upstream, but every checkpoint carries it); the ULM's has none. Parameter names equal the upstream
+state-dict keys, so checkpoints load with a plain strict `load_state_dict`.
+
+Differences from upstream that do not change the numbers:
+- attention is `F.scaled_dot_product_attention` (upstream: xformers) on padded [B, T] batches instead of packed
+  1-D sequences with block-diagonal masks;
+- rotary cos/sin are computed in fp32 from the positions at every forward (upstream: a complex64 table of 8000
+  rows). The values are the same (angle = float32(position) * float32(inverse frequency)), and positions past
+  upstream's 8000-row table simply continue the formula instead of raising an IndexError.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpslm_stream.errors import CheckpointError, InvalidInput
+
+
+@dataclass
+class TransformerConfig:
+    """Hyper-parameters of the network (the fields both upstream `TransformerModelArgs` share)."""
+
+    dim: int
+    n_layers: int
+    head_dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    norm_eps: float
+    vocab_size: int
+    rope_theta: float
+    output_bias: bool = False  # True for ELLA-V only
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x), computed in fp32 and cast back to the input dtype, then scaled by a learnt weight (init ones)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Upstream order: cast back to the activation dtype first, multiply by the weight second.
+        return normed.type_as(x) * self.weight
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin of the rotary angles, shape positions.shape + [head_dim // 2].
+
+    Angle of pair i at position p is p * theta^(-2i/head_dim), evaluated with the same fp32 operations as the
+    upstream table (`outer(arange(8000), freqs)`), so the values agree bit for bit up to the cos/sin kernels.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2].float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    angles = positions.float()[..., None] * inv_freq
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (dims 2i, 2i+1) of x [B, T, H, D] by the angles in cos/sin [B, T, D/2].
+
+    This is the Meta/Mistral complex-number layout, not Hugging Face's rotate-half layout; the rotation runs in
+    fp32 and the result is cast back to x's dtype, as upstream does.
+    """
+    xf = x.float()
+    even, odd = xf[..., 0::2], xf[..., 1::2]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys/values of every layer for a batch of B sequences, each with its own length.
+
+    Storage is rectangular, k and v of shape [n_layers, B, n_kv_heads, capacity, head_dim] (keys stored after
+    RoPE), plus `slot_pos` [B, capacity]: the absolute position held by each slot, -1 for an empty slot.
+    Attention masks are derived from slot positions alone: a query at position p sees slot s iff
+    0 <= slot_pos[s] <= p (causal, bottom-right aligned for multi-token appends) and, with a `window` W,
+    slot_pos[s] > p - W (Mistral-style sliding window: the W most recent tokens including itself).
+    So rows may have different lengths, appended chunks may be right-padded, and old slots may be dropped
+    (`drop_oldest`) without touching anything else. Filled slots of a row are always [0, length).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        batch_size: int,
+        capacity: int,
+        *,
+        window: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if batch_size < 1 or capacity < 1:
+            raise InvalidInput(f"KVCache needs batch_size >= 1 and capacity >= 1, got {batch_size}, {capacity}")
+        if window is not None and window < 1:
+            raise InvalidInput(f"window must be a positive number of tokens or None, got {window}")
+        self.config = config
+        self.window = window
+        shape = (config.n_layers, batch_size, config.n_kv_heads, capacity, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slot_pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # filled slots per row
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # position of the next token
+        # Set by begin() for the forward in flight.
+        self._slots: torch.Tensor | None = None
+        self._extent = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this cache (keys, values and slot bookkeeping)."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.slot_pos, self.length, self.next_pos))
+
+    def begin(self, num_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reserve slots for `num_new` appended tokens per row (real tokens first, then any right padding).
+
+        Returns the absolute positions [B, T] of the new tokens and the boolean attention mask
+        [B, 1, T, extent] over slots [0, extent).
+        """
+        device = self.slot_pos.device
+        offsets = torch.arange(num_new, device=device)
+        slots = self.length[:, None] + offsets  # [B, T]
+        positions = self.next_pos[:, None] + offsets
+        extent = int(self.length.max()) + num_new
+        if extent > self.capacity:
+            raise InvalidInput(
+                f"KV cache overflow: {extent} slots needed, capacity is {self.capacity}; "
+                "allocate a larger cache (or drop old entries first)"
+            )
+        rows = torch.arange(self.batch_size, device=device)[:, None]
+        # Padding tokens get real positions for this forward (each can then attend to itself, so no softmax row
+        # is empty); they lie after every real token of their row, so causality hides them from real queries.
+        # end() clears them.
+        self.slot_pos[rows, slots] = positions
+        key_pos = self.slot_pos[:, None, :extent]  # [B, 1, S]
+        query_pos = positions[:, :, None]  # [B, T, 1]
+        mask = (key_pos >= 0) & (key_pos <= query_pos)
+        if self.window is not None:
+            mask &= key_pos > query_pos - self.window
+        self._slots, self._extent = slots, extent
+        return positions, mask[:, None]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's new keys/values [B, H_kv, T, D]; return that layer's keys/values over [0, extent)."""
+        rows = torch.arange(self.batch_size, device=k.device)[:, None]
+        # Advanced indices (rows, slots) around a slice put the [B, T] index dims first: [B, T, H_kv, D].
+        self.k[layer][rows, :, self._slots] = k.transpose(1, 2)
+        self.v[layer][rows, :, self._slots] = v.transpose(1, 2)
+        return self.k[layer, :, :, : self._extent], self.v[layer, :, :, : self._extent]
+
+    def end(self, valid: torch.Tensor) -> None:
+        """Commit the real tokens of the forward in flight and forget its padding."""
+        num_new = self._slots.shape[1]
+        pad = torch.arange(num_new, device=valid.device)[None, :] >= valid[:, None]
+        rows = torch.arange(self.batch_size, device=valid.device)[:, None].expand_as(pad)
+        self.slot_pos[rows[pad], self._slots[pad]] = -1
+        self.length += valid
+        self.next_pos += valid
+        self._slots, self._extent = None, 0
+
+    def drop_oldest(self, keep: int) -> None:
+        """Keep only the `keep` most recent tokens of every row (moved to the front); positions are unchanged."""
+        for b in range(self.batch_size):
+            n = int(self.length[b])
+            if n <= keep:
+                continue
+            start = n - keep
+            # clone: source and destination ranges overlap.
+            self.k[:, b, :, :keep] = self.k[:, b, :, start:n].clone()
+            self.v[:, b, :, :keep] = self.v[:, b, :, start:n].clone()
+            self.slot_pos[b, :keep] = self.slot_pos[b, start:n].clone()
+            self.slot_pos[b, keep:] = -1
+            self.length[b] = keep
+
+    def grow(self, capacity: int) -> None:
+        """Reallocate with a larger capacity, keeping the contents."""
+        if capacity <= self.capacity:
+            return
+        old = self.capacity
+        k = self.k.new_zeros(self.k.shape[:3] + (capacity, self.k.shape[4]))
+        v = torch.zeros_like(k)
+        k[:, :, :, :old], v[:, :, :, :old] = self.k, self.v
+        slot_pos = self.slot_pos.new_full((self.batch_size, capacity), -1)
+        slot_pos[:, :old] = self.slot_pos
+        self.k, self.v, self.slot_pos = k, v, slot_pos
+
+    @classmethod
+    def stack(cls, caches: list["KVCache"], room: int) -> "KVCache":
+        """One batched cache holding the rows of several single-row caches, with `room` free slots past the longest.
+
+        Copies every filled slot (cost: the caches' size); `copy_new_into` writes the appended tokens back.
+        """
+        first = caches[0]
+        lengths = [int(c.length[0]) for c in caches]
+        out = cls(
+            first.config, len(caches), max(lengths) + room,
+            window=first.window, device=first.k.device, dtype=first.k.dtype,
+        )
+        for b, (c, n) in enumerate(zip(caches, lengths)):
+            out.k[:, b, :, :n] = c.k[:, 0, :, :n]
+            out.v[:, b, :, :n] = c.v[:, 0, :, :n]
+            out.slot_pos[b, :n] = c.slot_pos[0, :n]
+            out.length[b] = n
+            out.next_pos[b] = c.next_pos[0]
+        return out
+
+    def copy_new_into(self, caches: list["KVCache"]) -> None:
+        """Write the slots each row gained since `stack` back into the single-row caches it was built from."""
+        for b, c in enumerate(caches):
+            start, stop = int(c.length[0]), int(self.length[b])
+            if stop > c.capacity:
+                raise InvalidInput(f"target cache too small: {stop} slots needed, capacity {c.capacity}")
+            c.k[:, 0, :, start:stop] = self.k[:, b, :, start:stop]
+            c.v[:, 0, :, start:stop] = self.v[:, b, :, start:stop]
+            c.slot_pos[0, start:stop] = self.slot_pos[b, start:stop]
+            c.length[0] = stop
+            c.next_pos[0] = self.next_pos[b]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RoPE; grouped-query when n_kv_heads < n_heads (the releases use plain MHA)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if cache is not None:
+            k, v = cache.write(layer, k, v)
+        if self.n_kv_heads != self.n_heads:
+            # Query head h uses kv head h // repeats, as upstream's repeat_interleave.
+            repeats = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        # Default scale 1/sqrt(head_dim), as xformers upstream. Without a cache every row starts at position 0,
+        # so top-left-aligned is_causal is right; with a cache the explicit bottom-right mask is used.
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer; forward(tokens [B, T]) -> fp32 logits [B, T, vocab_size]."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        validate_config(config)
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=config.output_bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def new_cache(self, batch_size: int, capacity: int, window: int | None = None) -> KVCache:
+        """An empty KV cache on this model's device, in its dtype."""
+        return KVCache(self.config, batch_size, capacity, window=window, device=self.device, dtype=self.dtype)
+
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits for every input token.
+
+        tokens: int64 [B, T]. Rows may be right-padded; `valid` [B] says how many leading tokens of each row are
+        real (default: all T). Padding never influences real tokens (causality); its logits are garbage.
+        Without a cache, every row starts at position 0. With a cache, row b continues at the cache's next
+        position for b, attends to everything the cache holds for b, and the real tokens are appended to it.
+        """
+        B, T = tokens.shape
+        if valid is None:
+            valid = torch.full((B,), T, dtype=torch.long, device=tokens.device)
+        if cache is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            mask = None
+        else:
+            positions, mask = cache.begin(T)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache, i, mask)
+        if cache is not None:
+            cache.end(valid)
+        return self.output(self.norm(h)).float()
+
+
+def validate_config(config: TransformerConfig) -> None:
+    """Raise CheckpointError for hyper-parameters no network can be built from."""
+    for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"model config field {name!r} must be a positive integer, got {value!r}")
+    if config.head_dim % 2:
+        raise CheckpointError(f"head_dim must be even for rotary pairs, got {config.head_dim}")
+    if config.n_heads % config.n_kv_heads:
+        raise CheckpointError(
+            f"n_heads ({config.n_heads}) must be a multiple of n_kv_heads ({config.n_kv_heads})"
+        )
+    for name in ("norm_eps", "rope_theta"):
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise CheckpointError(f"model config field {name!r} must be a positive number, got {value!r}")
+
+
+def read_config_fields(d: object, required: tuple[str, ...], what: str) -> dict:
+    """The required fields of a checkpoint's config dict; CheckpointError naming any that is missing."""
+    if not isinstance(d, Mapping):
+        raise CheckpointError(f"{what} must be a dict, got {type(d).__name__}")
+    missing = [name for name in required if name not in d]
+    if missing:
+        raise CheckpointError(f"{what} is missing required field(s) {missing}; it has {sorted(d)}")
+    return {name: d[name] for name in required}
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: object, what: str) -> None:
+    """Load `state_dict` into `model` (which may live on the meta device) with strict key, shape and dtype checks.
+
+    Every mismatch is a CheckpointError naming the offending keys. Tensors are assigned (no copy); the caller
+    moves/casts the model afterwards.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{what}: the state dict must be a dict of tensors, got {type(state_dict).__name__}")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{what}: state dict keys do not match the architecture built from its config; "
+            f"missing keys: {_short(missing)}; unexpected keys: {_short(unexpected)}"
+        )
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{what}: entries that are not tensors: {_short(not_tensors)}")
+    bad_shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs expected {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if bad_shapes:
+        raise CheckpointError(f"{what}: shape mismatches: {_short(bad_shapes)}")
+    not_float = [k for k, v in state_dict.items() if not v.is_floating_point()]
+    if not_float:
+        raise CheckpointError(f"{what}: weights must be floating point; these are not: {_short(not_float)}")
+    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+
+
+def read_checkpoint_file(path: str | os.PathLike | io.BufferedIOBase, what: str) -> object:
+    """torch.load(path, weights_only=True) on CPU; a corrupt, truncated or code-carrying file is a CheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises many different types for unreadable files
+        raise CheckpointError(f"cannot read the {what} checkpoint {path!r} (corrupt or truncated?): {e}") from e
+
+
+def _short(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})" if items else "[]"

@@ -1,0 +1,363 @@
+"""The unit language model (ULM) of DP-SLM: a Mistral-style transformer over deduplicated DPDP units.
+
+Upstream: nicolvisser/Mistral-ULM (`ulm/transformer.py`, `ulm/units/tokenizer.py`, `hubconf.py`); facts in
+shared/spec/ulm.md. Tokens: BOS = 0, unit u -> u + 1, so vocab_size = K + 1. Checkpoint file:
+`{"model_args": {...}, "model_state_dict": {...}}`.
+
+Scoring:
+- `ULM.loglikelihood(tokenizer.encode(units))`: upstream semantics, sum over units of the natural-log
+  probability of each unit given BOS and the units before it (BOS conditioned on, never scored, no EOS term).
+- `ULM.loglikelihood_batch`: the same for many utterances in one right-padded forward.
+- `IncrementalScorer`: the same sum, built up block by block while units stream in, with a KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from dpslm_stream.errors import CheckpointError, InvalidInput
+from dpslm_stream.models.transformer import (
+    KVCache,
+    Transformer,
+    TransformerConfig,
+    load_state_dict_strict,
+    read_checkpoint_file,
+    read_config_fields,
+)
+
+BOS_ID = 0
+
+
+@dataclass
+class ULMConfig(TransformerConfig):
+    """Upstream `TransformerModelArgs` of Mistral-ULM. `dropout` is training-only: kept for to_dict, unused."""
+
+    dropout: float = 0.15
+
+    REQUIRED: ClassVar[tuple[str, ...]] = (
+        "dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "norm_eps", "vocab_size", "rope_theta"
+    )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ULMConfig":
+        """Read a checkpoint's "model_args" dict; unknown and training-only fields (dropout) are tolerated."""
+        fields = read_config_fields(d, cls.REQUIRED, "ULM model_args")
+        dropout = d.get("dropout", 0.15)
+        return cls(**fields, dropout=float(dropout) if isinstance(dropout, (int, float)) else 0.15)
+
+    def to_dict(self) -> dict:
+        """The upstream "model_args" dict (field order of the upstream dataclass)."""
+        return {
+            "dim": self.dim,
+            "n_layers": self.n_layers,
+            "head_dim": self.head_dim,
+            "hidden_dim": self.hidden_dim,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "dropout": self.dropout,
+            "norm_eps": self.norm_eps,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+        }
+
+
+# The released size (Mistral-ULM model_config.json) for K = 500 units.
+FULL = ULMConfig(
+    dim=1024, n_layers=12, head_dim=64, hidden_dim=4096, n_heads=16, n_kv_heads=16,
+    norm_eps=1e-6, vocab_size=501, rope_theta=10000.0, dropout=0.15,
+)
+# Same architecture and vocabulary, small widths: quick on CPU (tests, offline demo).
+TINY = dataclasses.replace(FULL, dim=64, n_layers=2, head_dim=16, hidden_dim=160, n_heads=4, n_kv_heads=4)
+
+
+def config_for_k(k: int, base: ULMConfig = FULL) -> ULMConfig:
+    """`base` with the vocabulary of a K-unit codebook (K + 1 tokens: BOS and the K units)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InvalidInput(f"k must be a positive integer number of units, got {k!r}")
+    return dataclasses.replace(base, vocab_size=k + 1)
+
+
+class UnitTokenizer:
+    """Upstream `UnitTokenizer`: encode(units) = [BOS=0, u1+1, ..., uN+1]; decode drops every 0 and subtracts 1.
+
+    With `num_units` (K) given, unit ids outside 0..K-1 are rejected. encode does not deduplicate: pass
+    deduplicated units, as DP-SLM does (`unique_consecutive`).
+    """
+
+    BOS_id: int = BOS_ID
+
+    def __init__(self, num_units: int | None = None):
+        self.num_units = num_units
+
+    def encode(self, units: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """int64 tensor [N + 1]. encode([]) is int64 [0] (upstream returns a float tensor there)."""
+        u = _units_tensor(units, self.num_units)
+        return torch.cat([torch.tensor([self.BOS_id], dtype=torch.long), u + 1])
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
+        ids = torch.as_tensor(ids)
+        if ids.ndim != 1 or ids.is_floating_point() or ids.is_complex():
+            raise InvalidInput(f"ids must be a 1-D integer sequence, got shape {tuple(ids.shape)} {ids.dtype}")
+        return (ids[ids != self.BOS_id] - 1).tolist()
+
+
+class ULM(Transformer):
+    """The unit LM. Parameter names are the upstream state-dict keys; runs in the dtype of its weights."""
+
+    def __init__(self, config: ULMConfig):
+        if config.output_bias:
+            raise InvalidInput("the ULM output layer has no bias")
+        super().__init__(config)
+
+    @property
+    def k(self) -> int:
+        """Number of units the model scores (vocab_size - 1; token 0 is BOS)."""
+        return self.config.vocab_size - 1
+
+    def tokenizer(self) -> UnitTokenizer:
+        return UnitTokenizer(self.k)
+
+    @torch.inference_mode()
+    def unit_logprobs(self, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Per-unit log-probabilities [N] (fp32, CPU) of ids[1:] given the preceding ids; ids = encode(units)."""
+        ids = self._check_ids(ids)
+        if ids.numel() < 2:
+            return torch.zeros(0)
+        logits = self(ids[None, :-1])[0]
+        return torch.log_softmax(logits, dim=-1).gather(-1, ids[1:, None])[:, 0].cpu()
+
+    def loglikelihood(self, ids: torch.Tensor | Sequence[int]) -> float:
+        """Upstream `TransformerModel.loglikelihood`: sum of natural-log probabilities of ids[1:] (0.0 for no units)."""
+        return float(self.unit_logprobs(ids).sum())
+
+    @torch.inference_mode()
+    def loglikelihood_batch(self, batch: Sequence[torch.Tensor | Sequence[int]]) -> list[float]:
+        """loglikelihood of each id sequence, computed in one right-padded forward (each row at positions 0..)."""
+        rows = [self._check_ids(ids) for ids in batch]
+        lengths = [len(r) - 1 for r in rows]  # number of scored tokens per row
+        out = [0.0] * len(rows)
+        live = [i for i, n in enumerate(lengths) if n > 0]
+        if not live:
+            return out
+        width = max(lengths[i] for i in live)
+        inputs = torch.full((len(live), width), BOS_ID, dtype=torch.long, device=self.device)
+        targets = torch.zeros((len(live), width), dtype=torch.long, device=self.device)
+        for j, i in enumerate(live):
+            inputs[j, : lengths[i]] = rows[i][:-1]
+            targets[j, : lengths[i]] = rows[i][1:]
+        logp = torch.log_softmax(self(inputs), dim=-1).gather(-1, targets[..., None])[..., 0]
+        for j, i in enumerate(live):
+            out[i] = float(logp[j, : lengths[i]].sum())
+        return out
+
+    def _check_ids(self, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        ids = torch.as_tensor(ids)
+        if ids.ndim != 1:
+            raise InvalidInput(
+                f"ids must be a 1-D token sequence (tokenizer.encode(units)), got shape {tuple(ids.shape)}"
+            )
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InvalidInput(f"ids must be integers, got {ids.dtype}")
+        if ids.numel() == 0:
+            raise InvalidInput("ids is empty; it must start with BOS (0): use tokenizer.encode(units)")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise InvalidInput(
+                f"token ids must lie in 0..{self.config.vocab_size - 1} (BOS = 0, unit u = u + 1), "
+                f"got min {int(ids.min())} max {int(ids.max())}"
+            )
+        return ids.to(device=self.device, dtype=torch.long)
+
+
+class IncrementalScorer:
+    """Scores one stream of deduplicated units block by block, with a KV cache (one per session).
+
+    `push(units)` returns the natural-log probability of each new unit given BOS and every earlier unit, running
+    all of the block's tokens through the model in one forward (the weights are read once per block). The stream
+    is fed as [BOS, u1+1, u2+1, ...] at positions 0, 1, 2, ...; each push also feeds its last unit, so the
+    distribution of the next unit is ready (`next_logprobs`) before the next block arrives.
+
+    Exactness: with `max_context=None` the cache keeps every token and the scores of units 1..N sum to
+    `ulm.loglikelihood(encode(units))` up to float rounding, whatever the block sizes. The cache then grows
+    without bound (96 KiB per unit for the full fp32 model).
+
+    With `max_context=W` each token attends only to the W most recent tokens, itself included (Mistral
+    sliding-window attention, identical to Hugging Face Mistral with sliding_window=W over the whole stream):
+    - scores are exact while at most W units have been pushed (the query scoring unit t sits at position t-1);
+    - afterwards BOS and the oldest units leave the window. Cached keys/values are NOT recomputed: each kept
+      entry is what the token computed when it was appended, from its own window. The receptive field of a
+      score therefore still reaches n_layers * (W - 1) tokens back through the layers, but no further;
+    - positions keep increasing (no reset), and RoPE makes attention depend only on position differences, so
+      a window far into the stream sees the same geometry as one near the start; the rotary angles are computed
+      by formula, past upstream's 8000-position table (at very large positions fp32 angle rounding grows
+      slowly: ~6e-8 relative, i.e. ~5e-4 rad at position 8000);
+    - the model was trained on chunks of <= 1023 tokens (often starting mid-utterance, without BOS), so
+      W <= 1023 stays in distribution; scores past W differ from `loglikelihood` of the full utterance.
+    Memory is then bounded: `state_nbytes` <= the cache for W - 1 + `chunk` tokens.
+    """
+
+    def __init__(
+        self,
+        ulm: ULM,
+        max_context: int | None = None,
+        device: torch.device | str | None = None,
+        chunk: int = 256,
+    ):
+        if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
+            raise InvalidInput(f"max_context must be a positive number of tokens or None, got {max_context!r}")
+        if chunk < 1:
+            raise InvalidInput(f"chunk must be >= 1, got {chunk}")
+        if device is not None and torch.device(device) != ulm.device:
+            raise InvalidInput(f"the scorer's cache must live with the model: model on {ulm.device}, asked {device}")
+        self.ulm = ulm
+        self.max_context = max_context
+        self.chunk = chunk  # most tokens fed per forward; longer blocks are split (same scores)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream: the next push starts again from BOS at position 0."""
+        capacity = self.chunk if self.max_context is None else self.max_context - 1 + self.chunk
+        self.cache: KVCache = self.ulm.new_cache(1, capacity, window=self.max_context)
+        self.next_logprobs: torch.Tensor | None = None  # [V] fp32: distribution of the next token
+        self.num_units = 0
+        self.total_logprob = 0.0
+
+    @property
+    def state_nbytes(self) -> int:
+        extra = 0 if self.next_logprobs is None else self.next_logprobs.numel() * 4
+        return self.cache.nbytes + extra
+
+    def push(self, units: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [len(units)] (fp32, CPU) of a block of new deduplicated units."""
+        return score_blocks([self], [units])[0]
+
+    def _make_room(self, num_tokens: int) -> None:
+        """Ensure `num_tokens` free slots: drop what the window no longer needs, or grow the cache."""
+        cache = self.cache
+        if self.max_context is not None:
+            # The next query sits at the current position; it still needs the W - 1 tokens before it.
+            if int(cache.length[0]) + num_tokens > cache.capacity:
+                cache.drop_oldest(self.max_context - 1)
+        else:
+            needed = int(cache.length[0]) + num_tokens
+            if needed > cache.capacity:
+                cache.grow(max(needed, 2 * cache.capacity))
+
+
+@torch.inference_mode()
+def score_blocks(
+    scorers: Sequence[IncrementalScorer], blocks: Sequence[Sequence[int] | np.ndarray | torch.Tensor]
+) -> list[torch.Tensor]:
+    """`[s.push(b) for s, b in zip(scorers, blocks)]`, but the sessions' blocks run in one right-padded forward.
+
+    All scorers must share one model and one max_context. Each session's cache is copied into a batched cache
+    for the forward (a copy of its filled size) and its new entries are copied back.
+    """
+    if len(scorers) != len(blocks):
+        raise InvalidInput(f"got {len(scorers)} scorers but {len(blocks)} blocks")
+    if len({id(s) for s in scorers}) != len(scorers):
+        raise InvalidInput("a scorer appears more than once; push its blocks one after the other instead")
+    if scorers and any(s.ulm is not scorers[0].ulm or s.max_context != scorers[0].max_context for s in scorers):
+        raise InvalidInput("score_blocks needs scorers of the same ULM with the same max_context")
+    units = [_units_tensor(b, s.ulm.k) for s, b in zip(scorers, blocks)]
+    # Token stream each session still has to feed (BOS first for a fresh session), and where its scores come from.
+    feeds = [
+        ([BOS_ID] if s.next_logprobs is None else []) + (u + 1).tolist() for s, u in zip(scorers, units)
+    ]
+    dists: list[list[torch.Tensor]] = [[] if s.next_logprobs is None else [s.next_logprobs] for s in scorers]
+    done = [0] * len(scorers)
+    chunk = scorers[0].chunk if scorers else 1
+    while True:
+        rows = [i for i in range(len(scorers)) if done[i] < len(feeds[i]) and len(units[i]) > 0]
+        if not rows:
+            break
+        pieces = [feeds[i][done[i] : done[i] + chunk] for i in rows]
+        for i, piece in zip(rows, pieces):
+            scorers[i]._make_room(len(piece))
+        model = scorers[rows[0]].ulm
+        width = max(len(p) for p in pieces)
+        tokens = torch.zeros((len(rows), width), dtype=torch.long, device=model.device)
+        for j, piece in enumerate(pieces):
+            tokens[j, : len(piece)] = torch.tensor(piece, dtype=torch.long)
+        valid = torch.tensor([len(p) for p in pieces], dtype=torch.long, device=model.device)
+        if len(rows) == 1:
+            logits = model(tokens, scorers[rows[0]].cache, valid)
+        else:
+            caches = [scorers[i].cache for i in rows]
+            batched = KVCache.stack(caches, room=width)
+            logits = model(tokens, batched, valid)
+            batched.copy_new_into(caches)
+        logp = torch.log_softmax(logits, dim=-1).cpu()
+        for j, i in enumerate(rows):
+            dists[i].extend(logp[j, : len(pieces[j])])
+            done[i] += len(pieces[j])
+    out = []
+    for s, u, d in zip(scorers, units, dists):
+        if len(u) == 0:
+            out.append(torch.zeros(0))
+            continue
+        # d[t] is the distribution of the (t+1)-th new unit; the last one predicts the unit after the block.
+        scores = torch.stack([d[t][int(u[t]) + 1] for t in range(len(u))])
+        s.next_logprobs = d[len(u)].clone()  # clone: do not keep the whole chunk's logits alive
+        s.num_units += len(u)
+        s.total_logprob += float(scores.sum())
+        out.append(scores)
+    return out
+
+
+def _units_tensor(units: Sequence[int] | np.ndarray | torch.Tensor, k: int | None) -> torch.Tensor:
+    """Validated unit ids as an int64 CPU tensor [N]."""
+    if isinstance(units, torch.Tensor):
+        u = units.detach().cpu()
+    else:
+        arr = np.asarray(units)
+        if arr.size == 0:
+            arr = arr.astype(np.int64)
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer)):
+            raise InvalidInput(f"units must be integers, got {arr.dtype} ({np.asarray(units).ravel()[:5]!r}...)")
+        u = torch.from_numpy(arr.astype(np.int64))
+    if u.ndim != 1:
+        raise InvalidInput(f"units must be a 1-D sequence, got shape {tuple(u.shape)}")
+    if u.is_floating_point() or u.is_complex() or u.dtype == torch.bool:
+        raise InvalidInput(f"units must be integers, got {u.dtype}")
+    u = u.long()
+    if u.numel():
+        lo, hi = int(u.min()), int(u.max())
+        if lo < 0 or (k is not None and hi >= k):
+            raise InvalidInput(f"unit ids must lie in 0..{'K-1' if k is None else k - 1}, got min {lo} max {hi}")
+    return u
+
+
+def load_checkpoint_dict(
+    ckpt: dict, map_location: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> ULM:
+    """Build the ULM from a checkpoint's own "model_args" and load "model_state_dict" strictly; eval mode."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"a ULM checkpoint is a dict, got {type(ckpt).__name__}")
+    for key in ("model_args", "model_state_dict"):
+        if key not in ckpt:
+            raise CheckpointError(f"not a ULM checkpoint: top-level key {key!r} missing (has {sorted(map(str, ckpt))})")
+    config = ULMConfig.from_dict(ckpt["model_args"])
+    with torch.device("meta"):
+        model = ULM(config)
+    load_state_dict_strict(model, ckpt["model_state_dict"], "ULM checkpoint")
+    return model.to(device=map_location, dtype=dtype).eval()
+
+
+def checkpoint_dict(model: ULM) -> dict:
+    """The upstream file content: {"model_args": dict, "model_state_dict": fp32 CPU tensors}."""
+    return {
+        "model_args": model.config.to_dict(),
+        "model_state_dict": {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()},
+    }
+
+
+def load_checkpoint(path: str | os.PathLike | io.BufferedIOBase, map_location: torch.device | str = "cpu") -> ULM:
+    """Read an upstream ULM file (weights_only) and load it; unreadable files are a CheckpointError."""
+    return load_checkpoint_dict(read_checkpoint_file(path, "ULM"), map_location)
