@@ -1,0 +1,301 @@
+"""The `dpslm-stream` command (also `python -m dpslm_stream`).
+
+Each subcommand is a pair of functions here (`_add_<name>` builds its parser, `_cmd_<name>` runs it) or lives in the
+module that owns the work (benchmarks in dpslm_stream.bench, the server in dpslm_stream.server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+import time
+from pathlib import Path
+
+from dpslm_stream import __version__, hub
+from dpslm_stream.errors import DPSLMError
+
+
+def _add_model_args(p: argparse.ArgumentParser, pair: bool = True) -> None:
+    p.add_argument("--models", default="release", metavar="release|tiny|DIR",
+                   help="where checkpoints come from: 'release' (torch.hub cache, downloaded on first use), 'tiny' "
+                        "(small RANDOM-weight set built locally, for tests and demos), or a folder of upstream-named "
+                        "files (default: release)")  # fmt: skip
+    if pair:
+        p.add_argument("--k", type=int, default=hub.DEFAULT_K, help="codebook size (default 500)")
+        p.add_argument("--lmbda", "--lambda", dest="lmbda", type=int, default=hub.DEFAULT_LMBDA,
+                       help="DPDP duration penalty (default 4500)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+
+
+def _warn_random(models: hub.ModelSet) -> None:
+    if models.is_random:
+        print(f"note: model set '{models.source}' has RANDOM weights; results check the plumbing, they are not speech.",
+              file=sys.stderr)  # fmt: skip
+
+
+# --- download --------------------------------------------------------------------------------------------------------
+
+
+def _add_download(sub) -> None:
+    p = sub.add_parser("download", help="pre-fetch the released checkpoints of a (k, lambda) set into the torch.hub cache")
+    p.add_argument("--k", type=int, default=hub.DEFAULT_K)
+    p.add_argument("--lmbda", "--lambda", dest="lmbda", type=int, default=hub.DEFAULT_LMBDA)
+    p.add_argument("--encoder-only", action="store_true", help="only WavLM, the codebook and the ULM")
+    p.add_argument("--list", action="store_true", help="list every released file with its URL and exit")
+
+
+def _cmd_download(args) -> int:
+    if args.list:
+        releases = [hub.WAVLM_LARGE, *hub.CODEBOOKS.values(), *hub.ULM_1K.values(), *hub.ULM_60K.values(),
+                    *hub.ELLAV.values(), *hub.WAVTOKENIZER.values()]  # fmt: skip
+        for r in releases:
+            print(f"{r.filename}\t{r.url}")
+        return 0
+    what = ("wavlm", "codebook", "ulm") if args.encoder_only else ("wavlm", "codebook", "ulm", "ellav", "wavtokenizer")
+    hub.download(args.k, args.lmbda, what=what, on_file=lambda p: print(f"ok  {p}"))
+    return 0
+
+
+# --- encode ----------------------------------------------------------------------------------------------------------
+
+
+def _add_encode(sub) -> None:
+    p = sub.add_parser("encode", help="audio file(s) -> deduplicated DP-SLM units with durations, times, bitrate, score")
+    p.add_argument("files", nargs="+", type=Path, help="audio files (any format soundfile reads; any sample rate)")
+    _add_model_args(p)
+    p.add_argument("--num-neighbors", type=int, default=None, help="DPDP neighbours per frame (default int(0.05 k))")
+    p.add_argument("--no-score", action="store_true", help="skip the ULM log-likelihood")
+    p.add_argument("--json", type=Path, default=None, help="write units/durations/starts/scores as JSON here")
+    p.add_argument("--npy", type=Path, default=None, help="write <stem>.units.npy and <stem>.durations.npy here")
+    p.add_argument("--quiet", action="store_true", help="do not print units")
+
+
+def _cmd_encode(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from dpslm_stream.audio import load_audio
+    from dpslm_stream.pipeline import Pipeline, bitrate
+
+    models = hub.ModelSet(args.models)
+    _warn_random(models)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, args.num_neighbors)
+    results = {}
+    started = time.perf_counter()
+    for path in tqdm(args.files, desc="encode", unit="file", disable=len(args.files) < 2, file=sys.stderr):
+        wav, sr = load_audio(path)
+        res = pipe.encode(wav, sr, score=not args.no_score)
+        results[str(path)] = res
+        if not args.quiet:
+            ll = "" if res.loglikelihood is None else f"  loglik {res.loglikelihood:.2f}"
+            print(f"{path}: {len(res.units)} units in {res.seconds:.2f} s  "
+                  f"({len(res.units) / max(res.seconds, 1e-9):.1f} units/s){ll}")  # fmt: skip
+            print("  " + " ".join(map(str, res.units)))
+        if args.npy:
+            args.npy.mkdir(parents=True, exist_ok=True)
+            np.save(args.npy / f"{path.stem}.units.npy", np.asarray(res.units, dtype=np.int64))
+            np.save(args.npy / f"{path.stem}.durations.npy", np.asarray(res.durations, dtype=np.int64))
+    total_s = sum(r.seconds for r in results.values())
+    rate = bitrate([r.units for r in results.values()], total_s)
+    elapsed = time.perf_counter() - started
+    print(f"bitrate {rate:.1f} bit/s over {total_s:.2f} s of audio (k={pipe.k}, lambda={pipe.lmbda}); "
+          f"encoded in {elapsed:.2f} s (real-time factor {elapsed / max(total_s, 1e-9):.3f})")  # fmt: skip
+    if args.json:
+        doc = {
+            "k": pipe.k, "lmbda": pipe.lmbda, "num_neighbors": pipe.num_neighbors, "models": models.source,
+            "random_weights": models.is_random, "frame_rate": 50, "bitrate": rate,
+            "files": {p: r.to_json() for p, r in results.items()},
+        }  # fmt: skip
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+# --- score -----------------------------------------------------------------------------------------------------------
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="ULM log-likelihood of deduplicated unit sequences")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--units", help="space-separated unit ids, e.g. '12 7 301'")
+    src.add_argument("--json", type=Path, help="a JSON written by `encode --json`")
+    src.add_argument("--text", type=Path, help="lines '<id> <u1> <u2> ...' (fairseq-style); writes '<id> <loglik>'")
+    _add_model_args(p)
+
+
+def _cmd_score(args) -> int:
+    from dpslm_stream.pipeline import Pipeline
+
+    models = hub.ModelSet(args.models)
+    _warn_random(models)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device)
+    if args.units is not None:
+        items = {"units": [int(u) for u in args.units.split()]}
+    elif args.json is not None:
+        items = {name: r["units"] for name, r in json.loads(args.json.read_text())["files"].items()}
+    else:
+        items = {}
+        for line in args.text.read_text().splitlines():
+            if line.strip():
+                name, *units = line.split()
+                items[name] = [int(u) for u in units]
+    for name, units in items.items():
+        print(f"{name} {sum(pipe.score(units)):.4f}")
+    return 0
+
+
+# --- resynth ---------------------------------------------------------------------------------------------------------
+
+
+def _add_resynth(sub) -> None:
+    p = sub.add_parser("resynth", help="audio or units -> DP-SLM units -> ELLA-V -> WavTokenizer -> 24 kHz WAV")
+    p.add_argument("input", type=Path, help="an audio file, or a JSON written by `encode --json` (with --from-units)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output WAV (24 kHz); sample i>0 gets a _i suffix")
+    _add_model_args(p)
+    p.add_argument("--from-units", action="store_true", help="INPUT is a units JSON (`encode --json`), not audio")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (top_p=0, as the paper's WER figures)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling (dp-slm README default 0.8)")
+    p.add_argument("--max-codec-tokens-per-phone", type=int, default=10)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (runs are reproducible)")
+
+
+def _cmd_resynth(args) -> int:
+    from dpslm_stream.audio import load_audio, save_wav
+    from dpslm_stream.errors import InvalidInput
+    from dpslm_stream.pipeline import FRAME_RATE, Pipeline, bitrate
+
+    models = hub.ModelSet(args.models)
+    _warn_random(models)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device)
+    if args.from_units:
+        doc = json.loads(args.input.read_text())
+        entry = next(iter(doc["files"].values())) if "files" in doc else doc
+        units, durations = entry["units"], entry.get("durations")
+        seconds = entry.get("seconds") or (sum(durations) / FRAME_RATE if durations else 0.0)
+        logprobs = pipe.score(units)
+    else:
+        wav, sr = load_audio(args.input)
+        res = pipe.encode(wav, sr)
+        units, durations, seconds, logprobs = res.units, res.durations, res.seconds, res.unit_logprobs
+    if args.num_samples < 1:
+        raise InvalidInput("--num-samples must be at least 1")
+    started = time.perf_counter()
+    outputs = pipe.resynthesize(units, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
+                                max_codec_tokens_per_phone=args.max_codec_tokens_per_phone,
+                                num_samples=args.num_samples, seed=args.seed)  # fmt: skip
+    elapsed = time.perf_counter() - started
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "input": str(args.input), "k": pipe.k, "lmbda": pipe.lmbda, "models": models.source,
+        "random_weights": models.is_random, "units": units, "durations": durations, "seconds": seconds,
+        "bitrate": bitrate([units], seconds) if seconds else None, "loglikelihood": float(sum(logprobs)),
+        "greedy": args.greedy, "seed": args.seed, "samples": [],
+    }  # fmt: skip
+    for i, (wav, codes, finished) in enumerate(outputs):
+        out = args.output if i == 0 else args.output.with_name(f"{args.output.stem}_{i}{args.output.suffix}")
+        save_wav(out, wav.squeeze(0).numpy(), 24000)
+        report["samples"].append({"wav": str(out), "codec_ids": codes, "finished": finished,
+                                  "audio_seconds": wav.shape[-1] / 24000})  # fmt: skip
+        print(f"wrote {out} ({wav.shape[-1] / 24000:.2f} s at 24 kHz, {len(codes)} codec tokens, "
+              f"{'finished' if finished else 'NOT finished (hit max_tokens)'})")  # fmt: skip
+    report["resynthesis_seconds"] = elapsed
+    report_path = args.output.with_suffix(".json")
+    report_path.write_text(json.dumps(report, indent=1))
+    print(f"{len(units)} units, {report['bitrate'] or 0:.1f} bit/s, log-likelihood {report['loglikelihood']:.2f}; "
+          f"report in {report_path}")  # fmt: skip
+    return 0
+
+
+# --- demo ------------------------------------------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the quick-start demo on the bundled speech sample (tiny set unless the real "
+                                    "checkpoints are cached)")  # fmt: skip
+    p.add_argument("--models", default=None, help="default: release if cached, else tiny")
+    p.add_argument("--out", type=Path, default=Path("out"), help="folder for the demo outputs")
+
+
+def _demo_models() -> str:
+    wanted = [hub.WAVLM_LARGE, hub.CODEBOOKS[hub.DEFAULT_K], hub.ULM_1K[(hub.DEFAULT_K, hub.DEFAULT_LMBDA)],
+              hub.ELLAV[(hub.DEFAULT_K, hub.DEFAULT_LMBDA)], hub.WAVTOKENIZER[600]]  # fmt: skip
+    return "release" if all((hub.checkpoint_dir() / r.filename).is_file() for r in wanted) else "tiny"
+
+
+def _cmd_demo(args) -> int:
+    sample = Path(__file__).parent / "data" / "sample.wav"
+    models = args.models or _demo_models()
+    print(f"== dpslm-stream demo: bundled sample {sample.name} (espeak-ng speech), models: {models}")
+    _cmd_encode(argparse.Namespace(files=[sample], models=models, k=hub.DEFAULT_K, lmbda=hub.DEFAULT_LMBDA,
+                                   device="cpu", num_neighbors=None, no_score=False, json=args.out / "units.json",
+                                   npy=None, quiet=False))  # fmt: skip
+    return _cmd_resynth(argparse.Namespace(input=sample, output=args.out / "resynth.wav", models=models,
+                                           k=hub.DEFAULT_K, lmbda=hub.DEFAULT_LMBDA, device="cpu", from_units=False,
+                                           greedy=True, temperature=1.0, top_p=0.0, max_codec_tokens_per_phone=10,
+                                           num_samples=1, seed=0))  # fmt: skip
+
+
+# --- bench -----------------------------------------------------------------------------------------------------------
+
+
+def _bench_modules() -> list[str]:
+    import dpslm_stream.bench as bench
+
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (print numbers; see README for the figures)", add_help=False)
+    p.add_argument("name", nargs="?", help=f"one of: {', '.join(_bench_modules())}")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+def _cmd_bench(args) -> int:
+    names = _bench_modules()
+    if args.name not in names:
+        print(f"usage: dpslm-stream bench NAME [options]; NAME is one of: {', '.join(names)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"dpslm_stream.bench.{args.name}")
+    parser = argparse.ArgumentParser(prog=f"dpslm-stream bench {args.name}", description=module.__doc__)
+    module.add_arguments(parser)
+    module.run(parser.parse_args(args.rest))
+    return 0
+
+
+# --- main ------------------------------------------------------------------------------------------------------------
+
+# Subcommands that live in other modules: name -> module with add_parser(subparsers) and run(args).
+_EXTERNAL = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpslm-stream", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dpslm-stream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("demo", "download", "encode", "score", "resynth", "bench"):
+        globals()[f"_add_{name}"](sub)
+    for name, module in _EXTERNAL.items():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in _EXTERNAL:
+            return int(importlib.import_module(_EXTERNAL[args.command]).run(args) or 0)
+        return int(globals()[f"_cmd_{args.command}"](args) or 0)
+    except DPSLMError as e:  # a user-facing failure: its message says what to do; no traceback
+        print(f"dpslm-stream {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""The tiny model set: small, deterministic, RANDOM-WEIGHT versions of every network, in the upstream file formats.
+
+It exists so that everything (loaders, CLI, server, tests, the offline demo) runs on a fresh machine with no network.
+The files are named like the releases (the hash part of the name is replaced by "tiny") and are loaded through the
+same loaders as the real checkpoints. Nothing produced with them is speech: units, scores and audio only prove that
+the plumbing works. A file ``RANDOM_WEIGHTS`` in the folder marks it, and every command that loads it says so.
+
+Two choices make the random set behave like the real one where the plumbing cares:
+- the WavLM's residual stream is scaled so that squared distances between layer-11 frames are in the thousands, as
+  they are for the real model, so the paper's lambda values (600..9000) segment the tiny features into runs;
+- the codebooks are k-means centroids of the tiny WavLM's own features on speech-like synthetic audio, so DPDP
+  sees clusters, not noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# (k, lambda) pairs that get a tiny ULM and ELLA-V; k=500, lambda=4500 is the default everywhere.
+TINY_PAIRS: tuple[tuple[int, int], ...] = ((100, 0), (100, 600), (500, 0), (500, 4500))
+TINY_CODEBOOK_KS: tuple[int, ...] = (100, 500)
+TINY_VERSION = 1
+_SEED = 1234
+# Typical squared distance between consecutive layer-11 frames that the tiny WavLM is scaled to.
+_TARGET_FRAME_DISTANCE = 2000.0  # gives ~48 units/s at lambda=0 and ~24 at 4500 on the sample, near the paper's rates
+
+
+def default_dir() -> Path:
+    """$DPSLM_STREAM_CACHE or ~/.cache/dpslm_stream, then tiny-v<version>."""
+    root = os.environ.get("DPSLM_STREAM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dpslm_stream"
+    )
+    return Path(root) / f"tiny-v{TINY_VERSION}"
+
+
+def speech_like(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
+    """Deterministic speech-LIKE audio (not speech): a sequence of 40-160 ms 'phones', each either voiced (harmonics
+    of a gliding f0 under a random spectral envelope) or fricative (shaped noise), with onsets, offsets and pauses."""
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sr))
+    out = np.zeros(n, dtype=np.float64)
+    t0 = 0
+    f0 = 120.0
+    while t0 < n:
+        dur = int(rng.uniform(0.04, 0.16) * sr)
+        seg = np.arange(min(dur, n - t0))
+        kind = rng.choice(["voiced", "voiced", "voiced", "fricative", "pause"])
+        if kind == "voiced":
+            f0 = float(np.clip(f0 * np.exp(rng.normal(0, 0.08)), 80, 260))
+            f0_end = float(np.clip(f0 * np.exp(rng.normal(0, 0.05)), 80, 260))
+            freq = np.linspace(f0, f0_end, len(seg))
+            phase = 2 * np.pi * np.cumsum(freq) / sr
+            formants = rng.uniform([250, 800, 2000], [900, 2300, 3200])
+            x = np.zeros(len(seg))
+            for h in range(1, int(4000 / max(f0, f0_end))):
+                fh = h * (f0 + f0_end) / 2
+                gain = sum(np.exp(-((fh - f) ** 2) / (2 * 120.0**2)) for f in formants) + 0.02
+                x += gain * np.sin(h * phase) / h**0.5
+            x *= 0.1
+        elif kind == "fricative":
+            noise = rng.normal(0, 1, len(seg) + 64)
+            taps = np.hanning(rng.integers(3, 16))  # hanning(n<3) is all zeros
+            taps = taps * np.cos(np.pi * rng.uniform(0.3, 1.0) * np.arange(len(taps)))
+            x = np.convolve(noise, taps / np.abs(taps).sum(), mode="same")[: len(seg)] * 0.05
+        else:
+            x = rng.normal(0, 1e-3, len(seg))
+        env = np.minimum(1.0, np.minimum(seg + 1, len(seg) - seg) / (0.01 * sr))
+        out[t0 : t0 + len(seg)] = x * env
+        t0 += len(seg)
+    return out.astype(np.float32)
+
+
+def _kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ initialisation then Lloyd iterations (plain Euclidean, as the released codebooks were trained)."""
+    x = x.double()
+    centres = [x[torch.randint(len(x), (1,), generator=generator)].squeeze(0)]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        i = torch.multinomial(d2 / d2.sum(), 1, generator=generator)
+        centres.append(x[i].squeeze(0))
+        d2 = torch.minimum(d2, ((x - centres[-1]) ** 2).sum(1))
+    c = torch.stack(centres)
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(1)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
+        c = torch.where(counts > 0, sums / counts.clamp(min=1), c)
+    return c.float()
+
+
+def _scale_residual_stream(state: dict, scale: float) -> None:
+    """Multiply every weight that writes into WavLM's residual stream by `scale`. The transformer blocks are pre-LN,
+    so their inputs are scale-invariant and the layer-11 output scales (almost exactly) with it."""
+    for name, tensor in state.items():
+        writes_residual = (
+            name.startswith("post_extract_proj.")
+            or name.startswith("encoder.pos_conv.0.") and not name.endswith(("weight_v", "original1"))
+            or ".self_attn.out_proj." in name
+            or ".fc2." in name
+        )
+        if writes_residual:
+            tensor.mul_(scale)
+
+
+def build_tiny_set(directory: str | os.PathLike, pairs=TINY_PAIRS, codebook_ks=TINY_CODEBOOK_KS) -> Path:
+    """Write the tiny set into `directory` (created). Deterministic: the same files every time."""
+    from dpslm_stream import hub
+    from dpslm_stream.models import ellav, ulm, wavlm, wavtokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def name(release: hub.Release) -> Path:
+        stem, ext = release.filename.rsplit(".", 1)
+        return directory / f"{stem[:-9]}-tiny.{ext}"  # drop "-<8 hex>" / "_<8 hex>"
+
+    # WavLM: random init, residual stream scaled so lambda values of the paper's size matter.
+    torch.manual_seed(_SEED)
+    model = wavlm.WavLM(wavlm.TINY).eval()
+    audio = torch.from_numpy(speech_like(48.0, 16000, seed=_SEED))[None]
+    with torch.no_grad():
+        feats = wavlm.extract_features(model, audio[:, : 16000 * 8], 16000)
+        typical = ((feats[1:] - feats[:-1]) ** 2).sum(-1).median().item()
+        state = model.state_dict()
+        _scale_residual_stream(state, math.sqrt(_TARGET_FRAME_DISTANCE / max(typical, 1e-9)))
+        model.load_state_dict(state)
+        feats = wavlm.extract_features(model, audio, 16000)
+    torch.save(wavlm.checkpoint_dict(model), name(hub.WAVLM_LARGE))
+
+    gen = torch.Generator().manual_seed(_SEED)
+    for k in codebook_ks:
+        torch.save({"codebook": _kmeans(feats, k, iters=8, generator=gen)}, name(hub.CODEBOOKS[k]))
+
+    for k, lmbda in pairs:
+        torch.manual_seed(_SEED + k + lmbda)
+        lm = ulm.ULM(ulm.config_for_k(k, ulm.TINY)).eval()
+        torch.save(ulm.checkpoint_dict(lm), name(hub.ULM_1K[(k, lmbda)]))
+        torch.manual_seed(_SEED + 7 * k + lmbda)
+        torch.save(ellav.checkpoint_dict(ellav.random_model(k, ellav.TINY)), name(hub.ELLAV[(k, lmbda)]))
+
+    torch.manual_seed(_SEED)
+    torch.save(wavtokenizer.checkpoint_dict(wavtokenizer.WavTokenizer(wavtokenizer.TINY).eval()),
+               name(hub.WAVTOKENIZER[600]))  # fmt: skip
+
+    (directory / "RANDOM_WEIGHTS").write_text(
+        "This folder holds dpslm-stream's tiny model set: small networks with RANDOM weights in the upstream file\n"
+        "formats. Their units, scores and audio are not speech; they exist to test the plumbing.\n"
+    )
+    manifest = {"version": TINY_VERSION, "pairs": [list(p) for p in pairs], "codebook_k": list(codebook_ks),
+                "random_weights": True}  # fmt: skip
+    (directory / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+    return directory
+
+
+def ensure_tiny_set(directory: str | os.PathLike | None = None) -> Path:
+    """Return the tiny set's folder, building it first if needed (atomically, so parallel processes are safe)."""
+    directory = Path(directory) if directory is not None else default_dir()
+    if (directory / "MANIFEST.json").is_file():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    try:
+        build_tiny_set(tmp)
+        try:
+            tmp.rename(directory)
+        except OSError:  # another process finished first
+            if not (directory / "MANIFEST.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
