@@ -173,7 +173,7 @@ class Pipeline:
         gen = torch.Generator(device="cpu")
         if seed is not None:
             gen.manual_seed(seed)
-        codes, finished = ellav.generate(
+        codes, finished = ellav.generate_ids(
             [units] * num_samples, max_tokens=max_tokens, max_codec_tokens_per_phone=max_codec_tokens_per_phone,
             temperature=temperature, top_p=0.0 if greedy else top_p, generator=gen,
         )  # fmt: skip

@@ -202,7 +202,7 @@ def test_per_unit_cap_and_forced_units(tok):
     u9, u1 = tok.unit_token_ids([9, 1])
     c7 = codec(7)
     assert raw == [[c7] * (M + 2) + [EOP, u9] + [c7] * (M + 1) + [EOP, u1] + [c7] * (M + 1)] and fin == [True]
-    codes, fin = m.generate([[5, 9, 9, 1]], 100, M, 1.0, 0.8)
+    codes, fin = m.generate_ids([[5, 9, 9, 1]], 100, M, 1.0, 0.8)
     assert codes == [[7] * (3 * M + 4)] and fin == [True]
 
 
@@ -217,12 +217,12 @@ def test_zero_length_units_and_model_eos_does_not_stop(tok):
 
 def test_max_tokens_cuts_and_flags_unfinished():
     m = Scripted(lambda b, h: codec(1))
-    codes, fin = m.generate([[1, 2, 3]], 5, 10, 1.0, 0.8)
+    codes, fin = m.generate_ids([[1, 2, 3]], 5, 10, 1.0, 0.8)
     assert codes == [[1] * 5] and fin == [False]
-    codes, fin = m.generate([[1, 2, 3]], 0, 10, 1.0, 0.8)
+    codes, fin = m.generate_ids([[1, 2, 3]], 0, 10, 1.0, 0.8)
     assert codes == [[]] and fin == [False]
     # a single unit whose first token is EOP: nothing is generated, the row is finished (upstream: ([], []))
-    codes, fin = Scripted(lambda b, h: EOP).generate([[3]], 10, 10, 1.0, 0.8)
+    codes, fin = Scripted(lambda b, h: EOP).generate_ids([[3]], 10, 10, 1.0, 0.8)
     assert codes == [[]] and fin == [True]
 
 
@@ -285,19 +285,19 @@ PROMPTS = [[12, 7, 7, 300, 41, 41, 2], [5], [499, 0, 10, 100, 11]]
 
 
 def test_greedy_is_deterministic_and_batched_equals_one_by_one(model64):
-    batched, fin = model64.generate(PROMPTS, 60, 4, 1.0, 0.0)
-    again, _ = model64.generate(PROMPTS, 60, 4, 1.0, 0.0)
+    batched, fin = model64.generate_ids(PROMPTS, 60, 4, 1.0, 0.0)
+    again, _ = model64.generate_ids(PROMPTS, 60, 4, 1.0, 0.0)
     assert batched == again
     for p, codes, f in zip(PROMPTS, batched, fin):
-        one, one_fin = model64.generate([p], 60, 4, 1.0, 0.0)
+        one, one_fin = model64.generate_ids([p], 60, 4, 1.0, 0.0)
         assert one == [codes] and one_fin == [f]
     assert any(len(c) > 0 for c in batched)
 
 
 def test_seeded_sampling_is_reproducible(model):
-    a = model.generate(PROMPTS, 40, 10, 1.0, 0.8, generator=torch.Generator().manual_seed(3))
-    b = model.generate(PROMPTS, 40, 10, 1.0, 0.8, generator=torch.Generator().manual_seed(3))
-    c = model.generate(PROMPTS, 40, 10, 1.0, 0.8, generator=torch.Generator().manual_seed(4))
+    a = model.generate_ids(PROMPTS, 40, 10, 1.0, 0.8, generator=torch.Generator().manual_seed(3))
+    b = model.generate_ids(PROMPTS, 40, 10, 1.0, 0.8, generator=torch.Generator().manual_seed(3))
+    c = model.generate_ids(PROMPTS, 40, 10, 1.0, 0.8, generator=torch.Generator().manual_seed(4))
     assert a == b and a != c
 
 
@@ -310,7 +310,7 @@ def test_token_prefix_continues_offline_generation(model64, tok):
     for c in (1, 3, 5):
         rest, fin_c = model64.generate_tokens([units], 200, 4, 1.0, 0.0, token_prefix=[runs[:c]])
         assert tok.split_units(rest[0], raw=True) == runs[c:] and fin_c == [True]
-        codes, _ = model64.generate([units], 200, 4, 1.0, 0.0, token_prefix=[runs[:c]])
+        codes, _ = model64.generate_ids([units], 200, 4, 1.0, 0.0, token_prefix=[runs[:c]])
         assert codes == [sum(groups[c:], [])]
     # codec_prefix builds the prompt from codec ids alone
     prompt = tok.encode_prompt(units, codec_prefix=groups[:2])
@@ -361,7 +361,7 @@ def test_checkpoint_round_trip_in_upstream_format(model):
     assert all(v.dtype == torch.float32 for v in ckpt["model_state"].values())
     loaded = ellav.load_checkpoint(io.BytesIO(buf.getvalue()))
     assert not loaded.training and loaded.tokenizer.token_to_id_dict == model.tokenizer.token_to_id_dict
-    assert loaded.generate(PROMPTS, 30, 4, 1.0, 0.0) == model.generate(PROMPTS, 30, 4, 1.0, 0.0)
+    assert loaded.generate_ids(PROMPTS, 30, 4, 1.0, 0.0) == model.generate_ids(PROMPTS, 30, 4, 1.0, 0.0)
     with torch.device("meta"):
         assert len(ELLAV(ellav.FULL, ELLAVTokenizer.for_units(K)).state_dict()) == 112 == len(upstream_keys(12))
 
@@ -402,30 +402,42 @@ def test_full_size_parameter_counts(k, expected):
 def test_bad_inputs(model):
     ok = dict(max_tokens=10, max_codec_tokens_per_phone=10, temperature=1.0, top_p=0.8)
     with pytest.raises(InvalidInput, match="empty"):
-        model.generate([[]], **ok)
+        model.generate_ids([[]], **ok)
     with pytest.raises(InvalidInput, match="non-empty"):
-        model.generate([], **ok)
+        model.generate_ids([], **ok)
     with pytest.raises(InvalidInput, match="0..499"):
-        model.generate([[1, 500]], **ok)
+        model.generate_ids([[1, 500]], **ok)
     with pytest.raises(InvalidInput, match="0..499"):
-        model.generate([[-1]], **ok)
+        model.generate_ids([[-1]], **ok)
     with pytest.raises(InvalidInput, match="integers"):
-        model.generate([[1.0, 2.0]], **ok)
+        model.generate_ids([[1.0, 2.0]], **ok)
     with pytest.raises(InvalidInput, match="top_p"):
-        model.generate([[1]], **{**ok, "top_p": 1.5})
+        model.generate_ids([[1]], **{**ok, "top_p": 1.5})
     with pytest.raises(InvalidInput, match="temperature"):
-        model.generate([[1]], **{**ok, "temperature": -1.0})
+        model.generate_ids([[1]], **{**ok, "temperature": -1.0})
     with pytest.raises(InvalidInput, match="max_tokens"):
-        model.generate([[1]], **{**ok, "max_tokens": -1})
+        model.generate_ids([[1]], **{**ok, "max_tokens": -1})
     with pytest.raises(InvalidInput, match="at least one unit"):
-        model.generate([[1, 2]], **ok, codec_prefix=[[[1], [2]]])
+        model.generate_ids([[1, 2]], **ok, codec_prefix=[[[1], [2]]])
     with pytest.raises(InvalidInput, match="codec id"):
-        model.generate([[1, 2]], **ok, codec_prefix=[[[4096]]])
+        model.generate_ids([[1, 2]], **ok, codec_prefix=[[[4096]]])
     with pytest.raises(InvalidInput, match="entries"):
-        model.generate([[1, 2]], **ok, codec_prefix=[[[1]], [[2]]])
+        model.generate_ids([[1, 2]], **ok, codec_prefix=[[[1]], [[2]]])
     with pytest.raises(InvalidInput, match="not both"):
-        model.generate([[1, 2]], **ok, codec_prefix=[[[1]]], token_prefix=[[[600]]])
+        model.generate_ids([[1, 2]], **ok, codec_prefix=[[[1]]], token_prefix=[[[600]]])
     with pytest.raises(InvalidInput, match="EOP"):
-        model.generate([[1, 2]], **ok, token_prefix=[[[600, 2]]])
+        model.generate_ids([[1, 2]], **ok, token_prefix=[[[600, 2]]])
     with pytest.raises(InvalidInput):
         ellav.config_for_k(0)
+
+
+def test_upstream_call_shape_string_prompts_and_tensor_codes(model64):
+    """dp-slm's README calls generate([[f"u{u}" ...]] * 3, ...) and vocodes codec_ids[None, None, :]."""
+    units = PROMPTS[0]
+    codes, fin = model64.generate([[f"u{u}" for u in units]] * 2, 60, 4, 1.0, 0.0)
+    ids, fin_ids = model64.generate_ids([units] * 2, 60, 4, 1.0, 0.0)
+    assert all(isinstance(c, torch.Tensor) and c.dtype == torch.long for c in codes)
+    assert [c.tolist() for c in codes] == ids and fin == fin_ids
+    assert codes[0][None, None, :].shape == (1, 1, len(ids[0]))
+    with pytest.raises(InvalidInput, match="u<id>"):
+        model64.generate([["x12"]], 10, 4, 1.0, 0.0)

@@ -479,6 +479,25 @@ class ELLAV(Transformer):
 
     def generate(
         self,
+        prompts: Sequence[Sequence[int | str]],
+        max_tokens: int,
+        max_codec_tokens_per_phone: int,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator | None = None,
+        **prefixes,
+    ) -> tuple[list[torch.Tensor], list[bool]]:
+        """Upstream-compatible call: prompts of unit tokens as upstream writes them (``[f"u{unit}" ...]``) or plain
+        unit ids; returns B int64 tensors of codec ids on the model's device (upstream's return type, so
+        ``vocode(wavtokenizer, codec_ids[None, None, :])`` works unchanged) and the finished flags.
+        See `generate_ids` for the semantics and the teacher-forcing prefixes."""
+        prompts = [[_unit_id(u) for u in p] if isinstance(p, (list, tuple)) else p for p in prompts]
+        codes, finished = self.generate_ids(prompts, max_tokens, max_codec_tokens_per_phone, temperature, top_p,
+                                            generator, **prefixes)  # fmt: skip
+        return [torch.tensor(c, dtype=torch.long, device=self.device) for c in codes], finished
+
+    def generate_ids(
+        self,
         prompts: Sequence[Sequence[int]],
         max_tokens: int,
         max_codec_tokens_per_phone: int,
@@ -505,8 +524,8 @@ class ELLAV(Transformer):
         codec_prefix loses any non-codec token the model emitted inside a unit. `generate_tokens` returns the
         raw token stream and `tokenizer.split_units` cuts it per unit (what a streaming caller commits).
 
-        Differences from upstream: always returns B lists of Python ints (upstream returns ([], []) when no
-        token was generated, and float tensors for empty rows); finished is False for rows cut by max_tokens.
+        Returns B lists of Python ints (`generate` wraps them in tensors as upstream; upstream returns ([], []) when
+        no token was generated, and float tensors for empty rows); finished is False for rows cut by max_tokens.
         """
         tokens, finished = self.generate_tokens(
             prompts, max_tokens, max_codec_tokens_per_phone, temperature, top_p, generator, codec_prefix, token_prefix
@@ -575,6 +594,15 @@ class ELLAV(Transformer):
 def random_model(k: int, base: ELLAVConfig = TINY) -> ELLAV:
     """ELLA-V for K units with random weights (torch's default init, from the global RNG), in eval mode."""
     return ELLAV(config_for_k(k, base), ELLAVTokenizer.for_units(k)).eval()
+
+
+def _unit_id(token: object) -> object:
+    """'u12' (upstream's prompt token for unit 12) -> 12; anything else is passed on for validation."""
+    if isinstance(token, str) and token.startswith("u") and token[1:].isdigit():
+        return int(token[1:])
+    if isinstance(token, str):
+        raise InvalidInput(f"prompt tokens must be unit ids or 'u<id>' strings, got {token!r}")
+    return token
 
 
 def _check_int(value: object, name: str, minimum: int) -> None:
