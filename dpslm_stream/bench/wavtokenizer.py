@@ -1,0 +1,133 @@
+"""WavTokenizer decoder speed: real-time factor (compute seconds per audio second) of the full-size decoder,
+whole-sequence `decode` and chunked `IncrementalVocoder` (windowed backbone + exact streaming iSTFT), and the
+chunked output's deviation from the whole-sequence decode.
+
+RANDOM weights with the real dimensions (small_600_24k_4096 by default): speed does not depend on the weight values,
+but the deviation (SNR) of random weights says nothing about the released model's; it is plumbing only.
+
+    dpslm-stream bench wavtokenizer [--model 600|320] [--seconds 2 5 10] [--left-context 120] [--lookahead 8]
+                                    [--push 4] [--min-step 4] [--device cuda] [--dtype bfloat16]
+    python -m dpslm_stream.bench.wavtokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from dpslm_stream.models import wavtokenizer as wt
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CONFIGS = {"600": wt.FULL, "320": wt.FULL_320}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(_CONFIGS), default="600",
+                        help="small_600_24k_4096 (40 codes/s, default) or small_320_24k_4096 (75 codes/s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
+                        help="backbone/head dtype (default float32, as upstream); the iSTFT always runs in float32")
+    parser.add_argument("--seconds", type=float, nargs="+", default=[2.0, 5.0, 10.0],
+                        help="lengths of code sequences to decode, in seconds of audio (default: 2 5 10)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per length; the median is reported")
+    parser.add_argument("--left-context", type=int, default=120,
+                        help="chunked: codes of left context per window (default 120 = 3 s, the training crop)")
+    parser.add_argument("--lookahead", type=int, default=8, help="chunked: codes of lookahead (default 8 = 200 ms)")
+    parser.add_argument("--push", type=int, default=4, help="chunked: codes per push (default 4 = 100 ms at 40 Hz)")
+    parser.add_argument("--min-step", type=int, default=4, help="chunked: frames committed per backbone run")
+    parser.add_argument("--no-chunked", action="store_true", help="time only the whole-sequence decode")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median wall time of `repeats` runs after one warm-up, and the last result."""
+    times, out = [], None
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        if i > 0:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _chunked(voc: wt.IncrementalVocoder, codes: torch.Tensor, push: int) -> torch.Tensor:
+    parts = [voc.push(codes[i : i + push]) for i in range(0, codes.numel(), push)]
+    parts.append(voc.flush())
+    return torch.cat(parts)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), _DTYPES[args.dtype]
+    cfg = _CONFIGS[args.model]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = wt.WavTokenizer(cfg).eval()
+    # Half precision for the networks only: the Hann window and the FFTs stay float32.
+    model.feature_extractor.to(dtype)
+    model.backbone.to(dtype)
+    model.head.out.to(dtype)
+    params = sum(p.numel() for p in model.parameters())
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
+    print(f"WavTokenizer small_{args.model}_24k_4096 decoder, RANDOM weights (speed only; SNR is plumbing), "
+          f"{params:,} parameters, {cfg.frame_rate:g} codes/s, {cfg.sample_rate} Hz")
+    print(f"device {name}{threads}, dtype {args.dtype}, torch {torch.__version__}; median of {args.repeats} runs "
+          f"after one warm-up; RTF = compute s / audio s")
+    if not args.no_chunked:
+        latency_ms = (args.lookahead + 1.5) * 1000 / cfg.frame_rate
+        print(f"chunked: left context {args.left_context}, lookahead {args.lookahead}, push {args.push} codes, "
+              f"commit >= {args.min_step} frames per backbone run; algorithmic latency {latency_ms:.1f} ms "
+              "(+ push accumulation); SNR = whole-sequence decode vs chunked output")
+    header = f"{'audio s':>8} {'codes':>6} {'whole s':>8} {'RTF whole':>10} {'x real time':>12}"
+    if not args.no_chunked:
+        header += f" {'chunked s':>10} {'RTF chunked':>12} {'runs':>5} {'ms/run':>7} {'SNR dB':>7}"
+    print(header)
+    print("-" * len(header))
+
+    gen = torch.Generator().manual_seed(0)
+    for seconds in args.seconds:
+        n = max(1, round(seconds * cfg.frame_rate))
+        codes = torch.randint(0, cfg.vq_bins, (n,), generator=gen)
+        audio_s = n * cfg.hop_length / cfg.sample_rate
+        t_whole, whole = _time(lambda c=codes: wt.decode(model, c[None, None].to(device)), device, args.repeats)
+        line = f"{audio_s:8.2f} {n:6d} {t_whole:8.3f} {t_whole / audio_s:10.3f} {audio_s / t_whole:12.1f}"
+        if not args.no_chunked:
+            voc = wt.IncrementalVocoder(model, args.left_context, args.lookahead, args.min_step)
+            t_chunk, chunked = _time(lambda v=voc, c=codes: _chunked(v, c, args.push), device, args.repeats)
+            runs = _count_runs(n, args)
+            ref = whole[0].float()
+            err = (chunked.float() - ref).square().sum().item()
+            snr = 10 * math.log10(ref.square().sum().item() / err) if err > 0 else math.inf
+            line += f" {t_chunk:10.3f} {t_chunk / audio_s:12.3f} {runs:5d} {1000 * t_chunk / runs:7.1f} {snr:7.1f}"
+        print(line)
+
+
+def _count_runs(n: int, args: argparse.Namespace) -> int:
+    """Backbone runs the chunked schedule makes for n codes (the same rule as IncrementalVocoder.push/flush)."""
+    runs, committed = 0, 0
+    for received in range(args.push, n + args.push, args.push):
+        received = min(received, n)
+        if received - args.lookahead - committed >= args.min_step:
+            runs, committed = runs + 1, received - args.lookahead
+    return runs + (1 if committed < n else 0)
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(_parser)
+    run(_parser.parse_args())
