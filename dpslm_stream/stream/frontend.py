@@ -1,0 +1,114 @@
+"""Streaming WavLM front-end: 16 kHz samples in, projected 20 ms frames out, each computed once and exact.
+
+Upstream pads the waveform with 40 zeros on each side and runs the conv stack (LayerNorm per time step, so no
+statistic crosses frames), then LN(512) and the 512 -> D projection. Frame t therefore depends only on original
+samples [320t - 40, 320t + 360) (wavlm.md §4.2), and a stream of T samples has floor(T / 320) frames. This stage
+computes each frame once its last sample has arrived and keeps only the samples later frames still need (fewer
+than 400), so its output equals `model.frontend(pad(whole, 40, 40))` up to float rounding, for any chunking.
+
+The conv blocks run here with the model's weights (conv -> fp32 LayerNorm over channels -> GELU, as
+`WavLM.frontend`), so that on CPU the convolutions can use weights prepacked once for oneDNN (onednn.py). Frames are
+computed in batches: `add` only buffers, `compute` runs the conv stack once over every frame that is ready, so a
+session can wait until a hop needs frames (one call per hop instead of one per 20 ms chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dpslm_stream.errors import InvalidInput
+from dpslm_stream.models.wavlm import WavLM
+from dpslm_stream.stream.onednn import PackedConv1d, PackedLinear
+
+
+class StreamingFrontend:
+    """Conv front-end + LN + projection over a stream of 16 kHz samples (push / flush / reset / state_nbytes).
+
+    `push(samples)` returns the frames [n, D] that became complete; `flush()` ends the stream (the right edge sees
+    the same 40 zeros as offline) and returns the rest, then resets. `add` + `ready_frames` + `compute` split push
+    into buffering and compute. Frames come out in the model's dtype and device. `fast_cpu`: see onednn.py.
+    """
+
+    def __init__(self, model: WavLM, fast_cpu: bool = True):
+        if model.cfg.extractor_mode != "layer_norm":
+            raise InvalidInput(
+                f"streaming needs a WavLM whose conv blocks normalise per frame (extractor_mode 'layer_norm', as "
+                f"WavLM-Large); got {model.cfg.extractor_mode!r}, whose GroupNorm normalises over the whole input"
+            )
+        self.model = model
+        self.hop = model.samples_per_frame  # 320
+        self.window = model.receptive_field  # 400
+        self.pad = (self.window - self.hop) // 2  # 40: upstream's zero padding on each side
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        # Per conv block: (conv, its LayerNorm over channels). Blocks are Sequential(conv, dropout, norm, GELU).
+        self._blocks = [
+            (PackedConv1d(b[0].weight, b[0].bias, stride=b[0].stride[0], enabled=fast_cpu), b[2][1])
+            for b in model.feature_extractor.conv_layers
+        ]
+        proj = model.post_extract_proj
+        self._proj = None if proj is None else PackedLinear.of(proj, fast_cpu)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream; the next push starts at frame 0."""
+        self.num_samples = 0  # samples received
+        self.num_frames = 0  # frames emitted
+        # Samples from 320 * num_frames - 40 on (the left padding first): everything a future frame still reads.
+        self._buf = torch.zeros(self.pad, dtype=self.dtype, device=self.device)
+
+    @property
+    def state_nbytes(self) -> int:
+        """The carried samples: fewer than 400 plus what was added since the last compute."""
+        return self._buf.numel() * self._buf.element_size()
+
+    @property
+    def ready_frames(self) -> int:
+        """Frames whose whole 400-sample window has arrived but that are not computed yet."""
+        n = self._buf.numel()
+        return (n - self.window) // self.hop + 1 if n >= self.window else 0
+
+    def add(self, samples: Tensor) -> None:
+        """Buffer 16 kHz samples [n] (no compute)."""
+        if samples.ndim != 1:
+            raise InvalidInput(f"samples must be 1-D (mono, 16 kHz), got shape {tuple(samples.shape)}")
+        if samples.numel():
+            self.num_samples += samples.numel()
+            self._buf = torch.cat([self._buf, samples.to(device=self.device, dtype=self.dtype)])
+
+    def push(self, samples: Tensor) -> Tensor:
+        """Add samples; return the frames [m, D] that are now complete."""
+        self.add(samples)
+        return self.compute()
+
+    def flush(self) -> Tensor:
+        """End of stream: return the remaining floor(T / 320) - emitted frames, then reset."""
+        self._buf = torch.cat([self._buf, self._buf.new_zeros(self.pad)])
+        out = self._compute(self.num_samples // self.hop - self.num_frames)
+        self.reset()
+        return out
+
+    def compute(self) -> Tensor:
+        """Frames [ready_frames, D] of everything ready, in one pass of the conv stack."""
+        return self._compute(self.ready_frames)
+
+    def _compute(self, count: int) -> Tensor:
+        """Run the front-end on the next `count` frames and drop the samples no later frame reads."""
+        if count <= 0:
+            return torch.zeros(0, self.model.cfg.encoder_embed_dim, dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            x = self._buf[None, None, : (count - 1) * self.hop + self.window]  # [1, 1, S]
+            for conv, norm in self._blocks:
+                x = conv(x)  # [1, C, L]
+                # LayerNorm over channels at each time step, in fp32 whatever the dtype (upstream's Fp32LayerNorm).
+                x = F.layer_norm(x.transpose(1, 2).float(), norm.normalized_shape, norm.weight.float(),
+                                 norm.bias.float(), norm.eps).type_as(x).transpose(1, 2)  # fmt: skip
+                x = F.gelu(x)
+            x = self.model.layer_norm(x.transpose(1, 2))
+            frames = (x if self._proj is None else self._proj(x))[0]
+        # clone(): keep only the small tail alive, not the whole pushed buffer.
+        self._buf = self._buf[count * self.hop :].clone()
+        self.num_frames += count
+        return frames
