@@ -1,0 +1,190 @@
+"""UnitsClient: the embeddable async client of the live units server (one session per instance).
+
+    async with UnitsClient("ws://127.0.0.1:8765/v1/stream", sample_rate=16000) as client:
+        print(client.ready.session, client.ready.settings)
+        async for msg in client.stream(chunks, realtime=True):   # chunks: float32 numpy arrays
+            if isinstance(msg, protocol.Unit):
+                print(msg.seq, msg.unit, msg.end_s, msg.lag_s)
+
+``stream`` sends the chunks (paced in real time, or as fast as the server takes them), then ``end``, while it yields
+every server message: Unit, Stats, Error and finally the EndMessage. After a fatal Error the server still sends the
+units of the audio it received and an EndMessage whose reason is the error code; when it cannot (internal_error), the
+iterator raises SessionError. Lower level: ``send(samples)``, ``end()`` and ``async for msg in client``.
+The client checks the protocol's promise that units arrive as seq 0, 1, 2, ... and raises if one is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import AsyncIterable, AsyncIterator, Iterable
+
+import numpy as np
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from dpslm_stream import protocol as P
+from dpslm_stream.errors import DPSLMError, InvalidInput
+
+
+class SessionError(DPSLMError):
+    """The server refused or ended the session with an error; ``code`` is the protocol ErrorCode value (or
+    "http_<status>" for a refused handshake, "connection_lost" when the connection dropped without an end)."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+
+class UnitsClient:
+    """One live session: connect, start, send audio, receive units (see the module docstring)."""
+
+    def __init__(self, url: str, *, sample_rate: int, format: str = "pcm16", k: int | None = None,
+                 lmbda: int | None = None, preset: str = "low-latency", score: bool = False,
+                 options: dict | None = None, token: str | None = None, origin: str | None = None,
+                 open_timeout: float = 60.0, frame_ms: float = 100.0):  # fmt: skip
+        if format not in P.SAMPLE_FORMATS:
+            raise InvalidInput(f"format must be one of {P.SAMPLE_FORMATS}, got {format!r}")
+        self.url = url
+        self.start_msg = {"type": "start", "version": P.PROTOCOL_VERSION, "sample_rate": sample_rate,
+                          "format": format, "preset": preset, "score": score, "options": dict(options or {})}  # fmt: skip
+        if k is not None or lmbda is not None:
+            self.start_msg.update(k=k, lmbda=lmbda)
+        self.sample_rate = sample_rate
+        self.format = format
+        self.token = token
+        self.origin = origin
+        self.open_timeout = open_timeout
+        self.frame_samples = max(1, int(sample_rate * frame_ms / 1000))
+        self.ready: P.Ready | None = None
+        self.end_message: P.EndMessage | None = None
+        self.sent_samples = 0
+        self._ws = None
+        self._next_seq = 0
+
+    async def __aenter__(self) -> "UnitsClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def connect(self) -> P.Ready:
+        """Open the WebSocket, send start, wait for ready; SessionError on refusal (busy, bad settings, HTTP 401...)."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        try:
+            self._ws = await websockets.connect(self.url, additional_headers=headers, origin=self.origin,
+                                                open_timeout=self.open_timeout, compression=None,
+                                                max_size=2**22)  # fmt: skip
+        except InvalidStatus as e:
+            status = e.response.status_code
+            body = e.response.body.decode(errors="replace").strip()
+            raise SessionError(f"http_{status}", body or f"the server refused the connection (HTTP {status})") from None
+        except OSError as e:
+            raise SessionError("connection_failed", f"cannot connect to {self.url}: {e}") from None
+        try:
+            await self._ws.send(json.dumps(self.start_msg))
+        except ConnectionClosed:
+            pass  # refused at once (busy): the reason is already queued for _recv
+        while self.ready is None:
+            msg = await self._recv()
+            if isinstance(msg, P.Error):
+                await self.close()
+                raise SessionError(msg.code, msg.message, msg.retry_after_s)
+            if isinstance(msg, P.Ready):
+                self.ready = msg
+        return self.ready
+
+    async def _recv(self) -> P.ServerMessage:
+        try:
+            text = await self._ws.recv()
+        except ConnectionClosed as e:
+            reason = e.rcvd.reason if e.rcvd else "no close frame"
+            code = e.rcvd.code if e.rcvd else 1006
+            raise SessionError("connection_lost", f"the connection closed ({code} {reason}) before the session "
+                                                  "ended") from None  # fmt: skip
+        if isinstance(text, bytes):  # reserved for audio in a later protocol version
+            raise SessionError("bad_message", "the server sent a binary frame, which protocol version 1 does not use")
+        return P.parse_server_message(text)
+
+    async def send(self, samples: np.ndarray) -> None:
+        """Send float samples (mono, at the start's sample rate), split into frames of ``frame_ms``."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        for i in range(0, len(samples), self.frame_samples):
+            await self._ws.send(P.encode_audio(samples[i : i + self.frame_samples], self.format))
+        self.sent_samples += len(samples)
+
+    async def end(self) -> None:
+        """End of audio: the server sends the remaining units, then the end message."""
+        await self._ws.send('{"type":"end"}')
+
+    def __aiter__(self) -> AsyncIterator[P.ServerMessage]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[P.ServerMessage]:
+        """Server messages up to and including the end message; SessionError if the connection ends without one."""
+        fatal: P.Error | None = None
+        while self.end_message is None:
+            try:
+                msg = await self._recv()
+            except SessionError:
+                if fatal is not None:  # e.g. internal_error: the server closes without an end message
+                    raise SessionError(fatal.code, fatal.message) from None
+                raise
+            if isinstance(msg, P.Unit):
+                if msg.seq != self._next_seq:
+                    raise SessionError("protocol", f"unit seq {msg.seq} arrived, expected {self._next_seq}")
+                self._next_seq += 1
+            elif isinstance(msg, P.Error) and msg.fatal:
+                fatal = msg
+            elif isinstance(msg, P.EndMessage):
+                self.end_message = msg
+            yield msg
+
+    async def stream(self, chunks: Iterable[np.ndarray] | AsyncIterable[np.ndarray],
+                     realtime: bool = False) -> AsyncIterator[P.ServerMessage]:  # fmt: skip
+        """Send ``chunks`` (then end) while yielding the server's messages until its end message.
+
+        ``realtime``: pace the chunks at the audio's own rate, as a microphone would; otherwise send as fast as the
+        server takes them (it applies back-pressure when its bounded buffer is full)."""
+
+        async def feed() -> None:
+            t0 = time.monotonic()
+            sent = 0
+            try:
+                if hasattr(chunks, "__aiter__"):
+                    async for chunk in chunks:
+                        await self.send(chunk)
+                else:
+                    for chunk in chunks:
+                        if realtime:
+                            await asyncio.sleep(max(0.0, t0 + sent / self.sample_rate - time.monotonic()))
+                        await self.send(chunk)
+                        sent += len(chunk)
+                await self.end()
+            except ConnectionClosed:
+                pass  # the receiving side reports why
+
+        feeder = asyncio.create_task(feed())
+        try:
+            async for msg in self:
+                yield msg
+        finally:
+            if not feeder.done():
+                feeder.cancel()
+            try:
+                await feeder
+            except asyncio.CancelledError:
+                pass
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+
+
+def chunked(samples: np.ndarray, sample_rate: int, chunk_ms: float = 100.0) -> list[np.ndarray]:
+    """Split a signal into chunks of ``chunk_ms`` (what a capture device delivers)."""
+    n = max(1, int(sample_rate * chunk_ms / 1000))
+    return [samples[i : i + n] for i in range(0, len(samples), n)]

@@ -1,0 +1,101 @@
+"""`dpslm-stream live`: the live demo in one command. Starts the units server in this process, streams the bundled
+speech sample through it in real time (or the microphone with --mic), and shows the units as they commit, with the
+commit lag, real-time factor and bitrate. Everything goes through the real server and protocol on loopback.
+
+Works offline on a fresh machine: it uses the released checkpoints when they are in the torch.hub cache
+(`dpslm-stream download --encoder-only`) and otherwise the tiny random-weight set (units are then not speech).
+--keep-serving leaves the server up afterwards, e.g. for the browser page it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from dpslm_stream import hub
+from dpslm_stream import protocol as P
+
+from .api import SessionError, UnitsClient, chunked
+from .mic import LiveLine
+
+def _sample_path() -> Path:
+    import dpslm_stream
+
+    return Path(dpslm_stream.__file__).resolve().parent / "data" / "sample.wav"
+
+
+def default_models() -> str:
+    """release when the encoder-side checkpoints of the default pair are cached, else tiny."""
+    k, lmbda = hub.DEFAULT_K, hub.DEFAULT_LMBDA
+    needed = (hub.WAVLM_LARGE, hub.CODEBOOKS[k], hub.ULM_1K[(k, lmbda)])
+    return "release" if all((hub.checkpoint_dir() / r.filename).is_file() for r in needed) else "tiny"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("live", help="live demo: serve + stream the bundled sample (or --mic) through the real "
+                                           "server, units shown as they commit", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("input", nargs="?", type=Path, default=None, help="audio file (default: the bundled sample)")
+    p.add_argument("--mic", action="store_true", help="stream the microphone instead (needs sounddevice)")
+    p.add_argument("--models", default=None, help="release | tiny | DIR (default: release if cached, else tiny)")
+    p.add_argument("--preset", default="low-latency", help="encoder preset (low-latency, balanced, quality)")
+    p.add_argument("--mode", default="cached", choices=P.ENCODER_MODES, help="encoder mode (default cached)")
+    p.add_argument("--score", action="store_true", help="ULM log-probabilities per unit")
+    p.add_argument("--port", type=int, default=0, help="server port (default: any free port)")
+    p.add_argument("--seconds", type=float, default=None, help="--mic: stop after this long")
+    p.add_argument("--keep-serving", action="store_true", help="keep the server up afterwards (Ctrl-C to stop)")
+    return p
+
+
+async def _stream_file(url: str, path: Path, args: argparse.Namespace) -> P.EndMessage:
+    from dpslm_stream.audio import load_audio
+
+    wav, sr = load_audio(path)
+    line = LiveLine()
+    async with UnitsClient(url, sample_rate=sr, preset=args.preset, score=args.score,
+                           options={"mode": args.mode}) as client:  # fmt: skip
+        r = client.ready
+        print(f"streaming {path.name} ({len(wav) / sr:.1f} s at {sr} Hz) in real time: session {r.session}, "
+              f"k={r.settings['k']} lambda={r.settings['lmbda']}, {r.settings['mode']}/{r.settings['preset']}")  # fmt: skip
+        async for msg in client.stream(chunked(wav, sr, 20), realtime=True):
+            line.update(msg)
+        return client.end_message
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpslm_stream.server.app import ServerConfig, ServerThread
+
+    models = args.models or default_models()
+    path = args.input or _sample_path()
+    print(f"== dpslm-stream live: models {models}"
+          + (" (RANDOM weights: the units check the plumbing, they are not speech)" if models == "tiny" else ""))  # fmt: skip
+    started = time.perf_counter()
+    with ServerThread(ServerConfig(port=args.port, models=models)) as srv:
+        print(f"server up in {time.perf_counter() - started:.1f} s: {srv.url}  (browser page: {srv.http_url}/)")
+        try:
+            if args.mic:
+                from .mic import run as mic_run
+
+                mic_args = argparse.Namespace(url=srv.url, token=None, k=None, lmbda=None, preset=args.preset,
+                                              mode=args.mode, score=args.score, format="pcm16", device=None,
+                                              list_devices=False, seconds=args.seconds, block_ms=20.0, json=None)  # fmt: skip
+                code = mic_run(mic_args)
+            else:
+                end = asyncio.run(_stream_file(srv.url, path, args))
+                s = end.stats
+                print(f"\n{end.units} units in {end.audio_s:.2f} s of audio ({s['units_per_s']:.1f} units/s, "
+                      f"{s['bitrate']:.0f} bit/s); commit lag p95 {s['lag_p95_s']} s; real-time factor {s['rtf']:.3f}")  # fmt: skip
+                code = 0
+            if args.keep_serving:
+                print(f"serving until Ctrl-C: {srv.http_url}/")
+                while True:
+                    time.sleep(3600)
+        except SessionError as e:
+            print(f"dpslm-stream live: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    return code

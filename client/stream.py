@@ -1,0 +1,175 @@
+"""`dpslm-stream stream FILE... --url ws://HOST:PORT/v1/stream`: stream audio files to a live units server.
+
+Each file is one session, sent in chunks either paced in real time (``--pace realtime``, as a microphone would) or as
+fast as the server takes them (``--pace fast``, the default; the server's back-pressure sets the speed). Units are
+printed as they commit; ``--json`` writes the same document as ``dpslm-stream encode --json`` (so the two can be
+compared directly: in ``--mode full`` they are equal), with the stream's lag figures added per file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dpslm_stream import protocol as P
+
+from .api import SessionError, UnitsClient, chunked
+
+DEFAULT_URL = f"ws://127.0.0.1:8765{P.WS_PATH}"
+
+
+@dataclass
+class StreamResult:
+    """Everything one streamed session returned."""
+
+    ready: P.Ready
+    units: list[P.Unit] = field(default_factory=list)
+    stats: list[P.Stats] = field(default_factory=list)
+    errors: list[P.Error] = field(default_factory=list)
+    end: P.EndMessage | None = None
+    seconds: float = 0.0  # duration of the input audio
+    wall_s: float = 0.0  # connect to end message
+
+    def lag_quantiles(self) -> dict:
+        lags = np.array([u.lag_s for u in self.units]) if self.units else np.zeros(0)
+        if lags.size == 0:
+            return {"lag_p50_s": None, "lag_p95_s": None, "lag_max_s": None}
+        return {"lag_p50_s": float(np.percentile(lags, 50)), "lag_p95_s": float(np.percentile(lags, 95)),
+                "lag_max_s": float(lags.max())}  # fmt: skip
+
+    def to_encode_json(self) -> dict:
+        """This file's entry in the `encode --json` format (pipeline.EncodeResult.to_json) plus stream figures."""
+        from dpslm_stream.pipeline import EncodeResult
+
+        score = self.ready.settings.get("score")
+        res = EncodeResult(
+            units=[u.unit for u in self.units],
+            durations=[u.end_frame - u.start_frame for u in self.units],
+            num_frames=self.end.num_frames if self.end else (self.units[-1].end_frame if self.units else 0),
+            seconds=self.seconds,
+            unit_logprobs=[u.logprob for u in self.units] if score else None,
+        )  # fmt: skip
+        return res.to_json(session=self.ready.session, end_reason=self.end.reason if self.end else None,
+                           wall_seconds=self.wall_s, **self.lag_quantiles())  # fmt: skip
+
+
+async def stream_audio(url: str, wav: np.ndarray, sr: int, *, realtime: bool = False, chunk_ms: float = 100.0,
+                       on_message=None, **client_kwargs) -> StreamResult:  # fmt: skip
+    """Stream one signal through the server; ``on_message(msg)`` sees every server message as it arrives."""
+    started = time.monotonic()
+    async with UnitsClient(url, sample_rate=sr, **client_kwargs) as client:
+        result = StreamResult(ready=client.ready, seconds=len(wav) / sr)
+        if on_message is not None:
+            on_message(client.ready)
+        async for msg in client.stream(chunked(wav, sr, chunk_ms), realtime=realtime):
+            if isinstance(msg, P.Unit):
+                result.units.append(msg)
+            elif isinstance(msg, P.Stats):
+                result.stats.append(msg)
+            elif isinstance(msg, P.Error):
+                result.errors.append(msg)
+            elif isinstance(msg, P.EndMessage):
+                result.end = msg
+            if on_message is not None:
+                on_message(msg)
+    result.wall_s = time.monotonic() - started
+    return result
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("stream", help="stream audio files to a live units server (`dpslm-stream serve`); "
+                                             "writes the `encode --json` format")  # fmt: skip
+    p.add_argument("files", nargs="+", type=Path, help="audio files (any format soundfile reads; any sample rate)")
+    add_connection_args(p)
+    p.add_argument("--pace", choices=("fast", "realtime"), default="fast",
+                   help="fast: as fast as the server takes it (back-pressure); realtime: paced like a microphone")
+    p.add_argument("--chunk-ms", type=float, default=100.0, help="audio per chunk (default 100 ms)")
+    p.add_argument("--json", type=Path, default=None, help="write units/durations/starts/scores as JSON here")
+    p.add_argument("--quiet", action="store_true", help="do not print units as they arrive")
+    return p
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the stream and mic clients."""
+    p.add_argument("--url", default=DEFAULT_URL, help=f"server WebSocket URL (default {DEFAULT_URL})")
+    p.add_argument("--token", default=None, help="access token, if the server requires one "
+                                                 "(default: $DPSLM_STREAM_TOKEN)")  # fmt: skip
+    p.add_argument("--k", type=int, default=None, help="codebook size (default: the server's default pair)")
+    p.add_argument("--lmbda", "--lambda", dest="lmbda", type=int, default=None, help="DPDP duration penalty")
+    p.add_argument("--preset", default="low-latency", help="encoder window preset: low-latency, balanced, quality")
+    p.add_argument("--mode", default=None, choices=P.ENCODER_MODES,
+                   help="encoder mode (default cached; full = exact offline units, all at the end)")
+    p.add_argument("--score", action="store_true", help="ask for ULM log-probabilities per unit")
+    p.add_argument("--format", default="pcm16", choices=P.SAMPLE_FORMATS, help="wire sample format")
+
+
+def client_kwargs(args: argparse.Namespace) -> dict:
+    """UnitsClient keyword arguments from add_connection_args' options."""
+    import os
+
+    return {"k": args.k, "lmbda": args.lmbda, "preset": args.preset, "score": args.score, "format": args.format,
+            "options": {"mode": args.mode} if args.mode else {},
+            "token": args.token or os.environ.get("DPSLM_STREAM_TOKEN") or None}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpslm_stream.audio import load_audio
+    from dpslm_stream.pipeline import bitrate, default_num_neighbors
+
+    kwargs = client_kwargs(args)
+    results: dict[str, StreamResult] = {}
+
+    def printer(msg) -> None:
+        if args.quiet:
+            return
+        if isinstance(msg, P.Unit):
+            print(msg.unit, end=" ", flush=True)
+        elif isinstance(msg, P.Error):
+            print(f"\n[server error {msg.code}] {msg.message}", file=sys.stderr, flush=True)
+
+    for path in args.files:
+        wav, sr = load_audio(path)
+        if not args.quiet:
+            print(f"{path}: ", end="", flush=True)
+        try:
+            res = asyncio.run(stream_audio(args.url, wav, sr, realtime=args.pace == "realtime",
+                                           chunk_ms=args.chunk_ms, on_message=printer, **kwargs))  # fmt: skip
+        except SessionError as e:
+            print(f"\n{path}: {e}", file=sys.stderr)
+            return 1
+        results[str(path)] = res
+        q = res.lag_quantiles()
+        lag = "n/a" if q["lag_p50_s"] is None else f"p50 {q['lag_p50_s']:.2f} s, p95 {q['lag_p95_s']:.2f} s"
+        print(f"\n{path}: {len(res.units)} units in {res.seconds:.2f} s of audio, streamed in {res.wall_s:.2f} s; "
+              f"commit lag {lag}; session {res.ready.session}", file=sys.stderr if args.quiet else sys.stdout)  # fmt: skip
+    if args.json:
+        first = next(iter(results.values())).ready
+        k, lmbda = first.settings["k"], first.settings["lmbda"]
+        total_s = sum(r.seconds for r in results.values())
+        doc = {
+            "k": k, "lmbda": lmbda, "num_neighbors": first.settings.get("num_neighbors", default_num_neighbors(k)),
+            "models": first.models, "random_weights": first.random_weights, "frame_rate": P.FRAME_RATE,
+            "bitrate": bitrate([[u.unit for u in r.units] for r in results.values()], total_s),
+            "files": {p: r.to_encode_json() for p, r in results.items()},
+            "stream": {"url": args.url, "settings": first.settings, "pace": args.pace},
+        }  # fmt: skip
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpslm-stream")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(["stream", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""Load benchmark of the live units server: N concurrent real-time clients on loopback.
+
+For each N, N clients stream speech (the bundled sample, each from its own offset) to one server, paced in real
+time in 20 ms frames as a microphone would, all at once. Reported per N: commit lag p50/p95/max over every unit of
+every session (wall clock: unit sent minus arrival of its audio), the sessions' real-time factor (model compute per
+second of audio), the worker's load (busy fraction of wall time), the mean batch (sessions per batched step), CPU
+seconds per second of audio per session, and memory per session (encoder state, and RSS growth of the server
+process / N). A load is "real time" when every session's p95 commit lag stays under --lag-budget.
+
+The server (and its model worker thread) runs in this process; the clients run in a child process, so their
+event loop does not compete with the server's for the GIL.
+
+    dpslm-stream bench server                                    # tiny set (random weights), N = 1 2 4 8 16 24
+    dpslm-stream bench server --models full --clients 1 2 3 4    # WavLM-Large dimensions (random weights)
+    python -m dpslm_stream.bench.server --plot docs/bench_server.png
+
+`--models full` builds a WavLM-Large-sized model with RANDOM weights and a codebook of its own features: speed and
+latency do not depend on the weight values, but the units are meaningless; the unit-level DPDP lag differs from
+real checkpoints (reported separately as `algo lag`: audio received after a unit's end before it committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default="tiny", help="tiny (default), full (WavLM-Large dimensions, random "
+                                                         "weights), release, or a model folder")  # fmt: skip
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24], help="values of N")
+    parser.add_argument("--seconds", type=float, default=20.0, help="audio per client (default 20 s)")
+    parser.add_argument("--preset", default="low-latency", help="encoder preset (default low-latency)")
+    parser.add_argument("--mode", default="cached", choices=("cached", "sliding"), help="encoder mode")
+    parser.add_argument("--frame-ms", type=float, default=20.0, help="client frame length (default 20 ms)")
+    parser.add_argument("--lag-budget", type=float, default=1.0, help="p95 commit lag (s) that counts as real time")
+    parser.add_argument("--device", default="cpu", help="torch device of the model worker")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--stop-after-miss", action="store_true", help="stop at the first N that is not real time")
+    parser.add_argument("--plot", type=Path, default=None, help="write a plot of lag vs N here (PNG)")
+    parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
+
+
+# --- the encoder -----------------------------------------------------------------------------------------------------
+
+
+def build_encoder(models: str, device: str):
+    """An EncoderWorker: from a model set, or (models == "full") WavLM-Large-sized with random weights."""
+    import torch
+
+    from dpslm_stream.stream.worker import EncoderWorker
+
+    if models != "full":
+        return EncoderWorker(models, device=device, pairs=[(500, 4500)])
+    from dpslm_stream.models import wavlm
+    from dpslm_stream.tiny import speech_like
+
+    torch.manual_seed(0)
+    model = wavlm.WavLM(dataclasses.replace(wavlm.FULL, encoder_layers=11)).eval()
+    with torch.inference_mode():  # a codebook of the model's own frames, so DPDP sees realistic distances
+        feats = wavlm.extract_features(model, torch.from_numpy(speech_like(10.0, 16000, seed=5))[None], 16000)
+    codebook = feats[torch.randperm(feats.shape[0], generator=torch.Generator().manual_seed(0))[:500]].clone()
+    return EncoderWorker("tiny", device=device, pairs=[(500, 4500)], wavlm=model, codebooks={500: codebook})
+
+
+# --- the clients (child process) -----------------------------------------------------------------------------------
+
+
+def _clients_main(url: str, n: int, wav_path: str, seconds: float, frame_ms: float, preset: str, mode: str,
+                  conn) -> None:  # fmt: skip
+    """Child process: N real-time clients at once; sends back per-session figures."""
+    from dpslm_stream import protocol as P
+    from dpslm_stream.audio import load_audio, resample
+    from dpslm_stream.client.stream import stream_audio
+
+    wav, sr = load_audio(wav_path)
+    if sr != 16000:
+        import torch
+
+        wav = resample(torch.from_numpy(wav), sr, 16000).numpy()
+    need = int(seconds * 16000)
+    reps = int(np.ceil((need + 16000 * n) / len(wav))) + 1
+    long = np.tile(wav, reps)
+
+    async def one(i: int):
+        await asyncio.sleep(i * frame_ms / 1000 / max(n, 1))  # spread the frame phases, as independent mics are
+        start = (i * 16000) % len(wav)
+        backlog = [0.0]
+
+        def watch(msg):
+            if isinstance(msg, P.Stats):
+                backlog[0] = max(backlog[0], msg.buffered_s)
+
+        res = await stream_audio(url, long[start : start + need], 16000, realtime=True, chunk_ms=frame_ms,
+                                 preset=preset, options={"mode": mode}, on_message=watch)  # fmt: skip
+        return {"lags": [u.lag_s for u in res.units], "algo": [u.commit_audio_s - u.end_s for u in res.units],
+                "units": len(res.units), "rtf": res.end.stats["rtf"], "state": res.end.stats["state_nbytes"],
+                "backlog": backlog[0], "wall": res.wall_s, "reason": res.end.reason}  # fmt: skip
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+
+    out = asyncio.run(main())
+    conn.send([r if isinstance(r, dict) else {"error": repr(r)} for r in out])
+    conn.close()
+
+
+# --- the benchmark -------------------------------------------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def _metric(srv, name: str) -> float:
+    return srv.server.metrics.registry.get_sample_value(name) or 0.0
+
+
+def run_load(srv, n: int, args, wav_path: str) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    before = {m: _metric(srv, m) for m in ("dpslm_batch_sessions_sum", "dpslm_batch_sessions_count",
+                                           "dpslm_worker_busy_seconds_total", "dpslm_step_seconds_sum")}  # fmt: skip
+    rss0, peak = _rss(), [0]
+    stop = threading.Event()
+
+    def sample_rss():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=sample_rss, daemon=True)
+    watcher.start()
+    cpu0, t0 = time.process_time(), time.monotonic()
+    proc = ctx.Process(target=_clients_main, args=(srv.url, n, wav_path, args.seconds, args.frame_ms, args.preset,
+                                                   args.mode, child))  # fmt: skip
+    proc.start()
+    sessions = parent.recv()
+    proc.join()
+    wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    stop.set()
+    watcher.join()
+    after = {m: _metric(srv, m) for m in before}
+    failed = [s["error"] for s in sessions if "error" in s]
+    ok = [s for s in sessions if "error" not in s]
+    lags = np.concatenate([s["lags"] for s in ok]) if ok else np.zeros(0)
+    algo = np.concatenate([s["algo"] for s in ok]) if ok else np.zeros(0)
+    p95s = [float(np.percentile(s["lags"], 95)) for s in ok if s["lags"]]
+    steps = after["dpslm_batch_sessions_count"] - before["dpslm_batch_sessions_count"]
+    pct = (lambda a, q: float(np.percentile(a, q)) if a.size else float("nan"))  # noqa: E731
+    return {
+        "n": n, "failed": len(failed), "errors": failed[:3], "units": int(lags.size),
+        "lag_p50": pct(lags, 50), "lag_p95": pct(lags, 95), "lag_max": float(lags.max()) if lags.size else float("nan"),
+        "worst_session_p95": max(p95s) if p95s else float("nan"), "algo_p50": pct(algo, 50),
+        "rtf": statistics.mean(s["rtf"] for s in ok) if ok else float("nan"),
+        "load": (after["dpslm_worker_busy_seconds_total"] - before["dpslm_worker_busy_seconds_total"]) / wall,
+        "batch": (after["dpslm_batch_sessions_sum"] - before["dpslm_batch_sessions_sum"]) / max(steps, 1),
+        "step_ms": 1000 * (after["dpslm_step_seconds_sum"] - before["dpslm_step_seconds_sum"]) / max(steps, 1),
+        "cpu_per_session": cpu / (n * args.seconds), "backlog": max((s["backlog"] for s in ok), default=0.0),
+        "state_mb": statistics.mean(s["state"] for s in ok) / 2**20 if ok else float("nan"),
+        "rss_mb_per_session": max(0, peak[0] - rss0) / n / 2**20, "wall": wall,
+        "realtime": not failed and bool(p95s) and max(p95s) < args.lag_budget,
+    }  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from dpslm_stream.server.app import ServerConfig, ServerThread
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wav_path = str(Path(__file__).resolve().parent.parent / "data" / "sample.wav")
+    started = time.perf_counter()
+    encoder = build_encoder(args.models, args.device)
+    label = {"full": "WavLM-Large dimensions, RANDOM weights", "tiny": "tiny set, RANDOM weights"}.get(args.models,
+                                                                                                        args.models)
+    cfg = ServerConfig(port=0, models=args.models if args.models != "full" else "tiny",
+                       max_sessions=max(args.clients) + 1, idle_timeout_s=120, device=args.device)  # fmt: skip
+    rows = []
+    with ServerThread(cfg, encoder=encoder) as srv:
+        print(f"server bench: {label}; {args.mode}/{args.preset}, k=500 lambda=4500, no scoring; "
+              f"{args.seconds:g} s of real-time audio per client in {args.frame_ms:g} ms frames; device {args.device}, "
+              f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; set-up {time.perf_counter() - started:.1f} s")
+        print("lag = wall clock from a unit's audio arriving to the unit being sent; algo = audio after a unit's end "
+              "before it committed (window + DPDP)\nrtf = model compute per audio second per session; load = worker "
+              "busy fraction; batch = sessions per step; cpu = server CPU s per audio s per session")  # fmt: skip
+        header = (f"{'N':>3} {'lag p50':>8} {'p95':>6} {'max':>6} {'worst p95':>9} {'algo p50':>8} {'rtf':>6} "
+                  f"{'load':>5} {'batch':>5} {'step ms':>7} {'cpu':>5} {'backlog':>7} {'state MB':>8} "
+                  f"{'RSS MB/s':>8} {'real time':>9}")  # fmt: skip
+        print(header)
+        print("-" * len(header))
+        for n in args.clients:
+            r = run_load(srv, n, args, wav_path)
+            rows.append(r)
+            print(f"{n:3d} {r['lag_p50']:8.3f} {r['lag_p95']:6.3f} {r['lag_max']:6.2f} {r['worst_session_p95']:9.3f} "
+                  f"{r['algo_p50']:8.3f} {r['rtf']:6.3f} {r['load']:5.2f} {r['batch']:5.1f} {r['step_ms']:7.1f} "
+                  f"{r['cpu_per_session']:5.2f} {r['backlog']:7.2f} {r['state_mb']:8.2f} "
+                  f"{r['rss_mb_per_session']:8.1f} {'yes' if r['realtime'] else 'NO':>9}"
+                  + (f"  ({r['failed']} failed: {r['errors']})" if r["failed"] else ""), flush=True)  # fmt: skip
+            if args.stop_after_miss and not r["realtime"]:
+                break
+    ok = [r["n"] for r in rows if r["realtime"]]
+    print(f"largest N served in real time (every session's p95 lag < {args.lag_budget:g} s): "
+          f"{max(ok) if ok else 'none'} of those tried {[r['n'] for r in rows]}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"label": label, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "rows": rows}, indent=1))  # fmt: skip
+    if args.plot:
+        plot(rows, args, label)
+
+
+def plot(rows: list[dict], args: argparse.Namespace, label: str) -> None:
+    """Commit lag (p50, p95, max) against N, with the real-time budget."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'dpslm-stream[plot]'); no plot written")
+        return
+    ns = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key, style in (("lag_p50", "o-"), ("lag_p95", "s-"), ("lag_max", "^:")):
+        ax.plot(ns, [r[key] for r in rows], style, label=key.replace("lag_", ""))
+    ax.axhline(args.lag_budget, color="grey", lw=0.8, ls="--", label=f"budget {args.lag_budget:g} s")
+    ax.set_xlabel("concurrent real-time clients N")
+    ax.set_ylabel("commit lag (s)")
+    ax.set_yscale("log")
+    ax.set_title(f"{label}\n{args.mode}/{args.preset}, {args.device}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=120)
+    print(f"plot written to {args.plot}")
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(_parser)
+    run(_parser.parse_args())

@@ -1,0 +1,370 @@
+"""The one wire protocol of the live units server: every message, field, error code, close code and version, defined
+once. The server (dpslm_stream.server) and every client (dpslm_stream.client, the browser page mirrors it in
+client/web/app.js) use these definitions; docs/protocol.md explains them for people.
+
+A session is one WebSocket connection to ``WS_PATH``:
+
+    client                                   server
+    start (JSON)                    ->
+                                    <-       ready (JSON: session id, resolved settings, limits)
+    audio (binary frames, PCM16 or float32 little-endian mono at the declared rate)
+                                    <-       unit (JSON, seq 0, 1, 2, ... never reordered or dropped)
+                                    <-       stats (JSON, about once a second)
+    end (JSON)                      ->
+                                    <-       the remaining units, then end (JSON), then close 1000
+
+Errors are JSON ``error`` messages with a stable ``code`` (see ``ErrorCode``), a human ``message`` and ``fatal``:
+a non-fatal error rejects one message and the session goes on; after a fatal one the server delivers the units it
+can still produce, sends ``end`` and closes with the close code of ``CLOSE_CODES``.
+
+Room is left for live resynthesis (a later protocol version): ``start.resynth`` and the ``subscribe`` message are
+reserved names, and server-to-client binary frames are reserved for audio; version 1 servers refuse the first two
+with ``unsupported_option`` / ``unknown_type`` and never send binary frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Union
+
+import numpy as np
+
+from dpslm_stream.audio import check_finite, check_sample_rate, float32le_to_float, float_to_pcm16, pcm16_to_float
+from dpslm_stream.errors import InvalidInput
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+# HTTP paths served on the one port.
+WS_PATH = "/v1/stream"  # the WebSocket endpoint
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+PAGE_PATH = "/"  # the browser page (client/web/index.html); its assets are served next to it
+
+TOKEN_QUERY_PARAM = "token"  # browsers cannot set headers on a WebSocket: the token may come as ?token=...
+
+SAMPLE_FORMATS = ("pcm16", "float32")
+BYTES_PER_SAMPLE = {"pcm16": 2, "float32": 4}
+FRAME_RATE = 50  # WavLM frames (and unit boundaries) per second of audio
+
+# Field names a later protocol version will give a meaning; version 1 refuses them clearly instead of ignoring them.
+RESERVED_START_FIELDS = ("resynth",)
+RESERVED_CLIENT_TYPES = ("subscribe",)
+
+
+class ErrorCode(str, Enum):
+    """Stable error codes of ``error`` messages (and of the ``dpslm_errors_total`` metric). The value is the code."""
+
+    # Malformed messages: the message is rejected, the session goes on.
+    BAD_JSON = "bad_json"  # a text frame that is not a JSON object
+    BAD_MESSAGE = "bad_message"  # a JSON message with a missing, misspelled, mistyped or out-of-range field
+    UNKNOWN_TYPE = "unknown_type"  # a "type" this protocol version does not define
+    UNSUPPORTED_VERSION = "unsupported_version"
+    BAD_SAMPLE_RATE = "bad_sample_rate"  # not an integer in [8000, 48000] Hz
+    UNKNOWN_MODEL = "unknown_model"  # a (k, lambda) pair the server has not loaded
+    BAD_SETTINGS = "bad_settings"  # an unknown preset or mode, or window options the encoder refuses
+    UNSUPPORTED_OPTION = "unsupported_option"  # a reserved option this server version does not implement
+    NOT_STARTED = "not_started"  # audio or end before start
+    ALREADY_STARTED = "already_started"  # a second start on one connection
+    AFTER_END = "after_end"  # audio after end
+    BAD_AUDIO = "bad_audio"  # an empty frame or a byte count that is not a whole number of samples
+    NON_FINITE = "non_finite"  # NaN or Inf float32 samples
+    MESSAGE_TOO_LARGE = "message_too_large"
+    # Limits: fatal, the session ends (units received so far are still delivered, then end).
+    BUFFER_FULL = "buffer_full"  # the client kept sending while the server's bounded audio buffer stayed full
+    IDLE_TIMEOUT = "idle_timeout"
+    SESSION_TIME_LIMIT = "session_time_limit"
+    SHUTTING_DOWN = "shutting_down"  # the server drains (SIGTERM): no new sessions, running ones are finished
+    BUSY = "busy"  # all session slots are taken: try again later (sent at once after the handshake)
+    CLIENT_TOO_SLOW = "client_too_slow"  # the client does not read its messages; the connection is dropped
+    INTERNAL_ERROR = "internal_error"  # a bug or a model failure in this session; other sessions are unaffected
+    # Handshake refusals: HTTP status codes, no WebSocket (named here for the metrics).
+    UNAUTHORIZED = "unauthorized"  # HTTP 401: missing or wrong token
+    FORBIDDEN_ORIGIN = "forbidden_origin"  # HTTP 403: a browser Origin not in the allowlist
+
+
+# WebSocket close codes (RFC 6455 section 7.4.1) the server uses.
+CLOSE_NORMAL = 1000  # after end
+CLOSE_GOING_AWAY = 1001  # server shutdown (drain)
+CLOSE_POLICY = 1008  # a limit was exceeded (idle, session time, buffer)
+CLOSE_TOO_BIG = 1009  # a frame above the hard size cap (the library closes before the server sees it)
+CLOSE_INTERNAL = 1011  # internal error
+CLOSE_TRY_AGAIN = 1013  # busy
+
+CLOSE_CODES: dict[ErrorCode, int] = {
+    ErrorCode.BUFFER_FULL: CLOSE_POLICY,
+    ErrorCode.IDLE_TIMEOUT: CLOSE_POLICY,
+    ErrorCode.SESSION_TIME_LIMIT: CLOSE_POLICY,
+    ErrorCode.CLIENT_TOO_SLOW: CLOSE_POLICY,
+    ErrorCode.SHUTTING_DOWN: CLOSE_GOING_AWAY,
+    ErrorCode.BUSY: CLOSE_TRY_AGAIN,
+    ErrorCode.INTERNAL_ERROR: CLOSE_INTERNAL,
+}
+FATAL_CODES = frozenset(CLOSE_CODES)
+
+
+class ProtocolError(InvalidInput):
+    """A message that breaks the protocol; ``code`` is the ErrorCode sent back in the ``error`` message."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = ErrorCode(code)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Messages. Each is a dataclass whose fields are exactly the JSON fields (plus "type"), so the JSON is the dataclass.
+
+
+@dataclass(frozen=True)
+class Start:
+    """Client -> server, first message: the stream's format and the model/encoder settings it wants."""
+
+    TYPE: ClassVar[str] = "start"
+    sample_rate: int  # input rate in Hz (any integer in [8000, 48000]; the server resamples to 16 kHz)
+    format: str = "pcm16"  # "pcm16" (int16 little-endian) or "float32" (IEEE little-endian), mono
+    k: int | None = None  # codebook size; None = the server's default pair
+    lmbda: int | None = None  # DPDP duration penalty; None = the server's default pair
+    preset: str = "low-latency"  # window preset of the streaming encoder (low-latency, balanced, quality)
+    score: bool = False  # add ULM log-probabilities to units
+    options: dict = field(default_factory=dict)  # encoder overrides: mode, left, hop, lookahead, max_lag
+    version: int = PROTOCOL_VERSION
+
+
+# Encoder overrides accepted in start.options, with their JSON types (None = keep the preset's value).
+START_OPTIONS = {"mode": str, "left": int, "hop": int, "lookahead": int, "max_lag": int}
+ENCODER_MODES = ("full", "sliding", "cached")  # "full": exact offline units, all at end; the others stream
+
+
+@dataclass(frozen=True)
+class End:
+    """Client -> server: end of the audio stream. The server sends every remaining unit, then ``end``, then closes."""
+
+    TYPE: ClassVar[str] = "end"
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Server -> client, answer to start: the session id and every setting as resolved by the server."""
+
+    TYPE: ClassVar[str] = "ready"
+    session: str
+    settings: dict  # sample_rate, format, k, lmbda, preset, mode, left, hop, lookahead, max_lag, score, frame_rate
+    limits: dict  # max_session_s, max_full_s, idle_timeout_s, max_message_bytes, max_buffer_s, stall_timeout_s
+    models: str  # the model set's source ("release", "tiny", a folder)
+    random_weights: bool  # True for the tiny set: units are plumbing checks, not speech
+    server: str  # "dpslm-stream <version>"
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Server -> client: one committed (final) deduplicated unit. ``seq`` counts 0, 1, 2, ... per session."""
+
+    TYPE: ClassVar[str] = "unit"
+    seq: int
+    unit: int
+    start_frame: int  # first 20 ms frame of the unit's run
+    end_frame: int  # one past its last frame
+    start_s: float  # start_frame / 50
+    end_s: float
+    commit_audio_s: float  # seconds of input audio the encoder had consumed when it committed the unit
+    lag_s: float  # wall-clock commit lag: send time minus arrival time of the audio up to end_s
+    logprob: float | None = None  # ULM log p(unit | previous units), natural log; None unless start.score
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Server -> client, about once a second while audio flows, and inside ``end``."""
+
+    TYPE: ClassVar[str] = "stats"
+    elapsed_s: float  # wall time since ready
+    audio_s: float  # input audio received
+    processed_s: float  # input audio handed to the encoder
+    buffered_s: float  # received but not yet encoded (the bounded buffer)
+    units: int  # units committed so far
+    units_per_s: float  # units / audio seconds committed
+    bitrate: float  # N_units * H(unigram of this session's units) / seconds (bit/s, ZeroSyl's definition)
+    rtf: float  # this session's share of model time per second of audio (< 1: cheaper than real time)
+    lag_s: float | None  # commit lag of the latest unit
+    lag_p95_s: float | None  # 95th percentile of the commit lag over the session so far
+    loglikelihood: float | None  # sum of the units' logprobs (score=true only)
+    state_nbytes: int  # streaming state held for this session (encoder + server buffers); bounded
+
+
+@dataclass(frozen=True)
+class Error:
+    """Server -> client: ``code`` (ErrorCode value), a message that says what was wrong and what is expected."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    fatal: bool = False  # True: the session ends (remaining units, then end, then close)
+    retry_after_s: float | None = None  # for busy
+
+
+@dataclass(frozen=True)
+class EndMessage:
+    """Server -> client, last message of a session: why it ended and the session's totals."""
+
+    TYPE: ClassVar[str] = "end"
+    reason: str  # "end" (client asked), or the ErrorCode value that ended it (idle_timeout, shutting_down, ...)
+    units: int  # number of unit messages sent (the last seq + 1)
+    num_frames: int  # 20 ms frames of the whole stream
+    audio_s: float
+    stats: dict  # the final Stats fields
+    forced_commits: int = 0  # DPDP decisions forced by max_lag (0: the units are exactly offline DPDP's)
+
+
+ClientMessage = Union[Start, End]
+ServerMessage = Union[Ready, Unit, Stats, Error, EndMessage]
+_SERVER_TYPES: dict[str, type] = {c.TYPE: c for c in (Ready, Unit, Stats, Error, EndMessage)}
+
+
+def to_json(msg: Any) -> str:
+    """One message as compact JSON text, with its "type" first. NaN/Inf are refused (they are not JSON)."""
+    body = {"type": msg.TYPE, **dataclasses.asdict(msg)}
+    return json.dumps(body, separators=(",", ":"), allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parsing. Client messages are checked strictly (the server must never trust them); server messages leniently
+# (a newer server may add fields, which an older client ignores).
+
+
+def _load_object(text: str | bytes) -> dict:
+    try:
+        obj = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"text frame is not valid JSON ({e}); expected a JSON object "
+                                                'such as {"type": "start", ...}') from None  # fmt: skip
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_JSON, f"expected a JSON object with a \"type\" field, got {type(obj).__name__}")
+    return obj
+
+
+def _check_type(name: str, value: Any, kind: type, optional: bool = False) -> Any:
+    """Check one JSON field's type (bool is not an int; ints are accepted where floats are)."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        names = {int: "an integer", str: "a string", bool: "true or false", float: "a number", dict: "an object"}
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {name!r} must be {names[kind]}"
+                                                   f"{' or null' if optional else ''}, got {json.dumps(value)}")  # fmt: skip
+    return value
+
+
+def parse_client_message(text: str | bytes) -> ClientMessage:
+    """Parse a client text frame into Start or End; raise ProtocolError with the right code otherwise."""
+    obj = _load_object(text)
+    kind = obj.get("type")
+    if kind == Start.TYPE:
+        return _parse_start(obj)
+    if kind == End.TYPE:
+        extra = sorted(set(obj) - {"type"})
+        if extra:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"end takes no fields, got {extra}")
+        return End()
+    if kind in RESERVED_CLIENT_TYPES:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"message type {kind!r} is reserved for a later protocol version; "
+                                                    f"this server speaks version {PROTOCOL_VERSION}")  # fmt: skip
+    raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected one of "
+                                                f"{[Start.TYPE, End.TYPE]} (audio goes in binary frames)")  # fmt: skip
+
+
+def _parse_start(obj: dict) -> Start:
+    allowed = {"type"} | {f.name for f in dataclasses.fields(Start)}
+    for name in RESERVED_START_FIELDS:
+        if name in obj:
+            raise ProtocolError(ErrorCode.UNSUPPORTED_OPTION, f"start.{name} is reserved for a later protocol version "
+                                                              "and not available on this server")  # fmt: skip
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        hint = " (the duration penalty is spelled 'lmbda')" if "lambda" in unknown else ""
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown start field(s) {unknown}{hint}; "
+                                                   f"expected {sorted(allowed - {'type'})}")  # fmt: skip
+    version = _check_type("version", obj.get("version", PROTOCOL_VERSION), int)
+    if version not in SUPPORTED_VERSIONS:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version} is not supported; "
+                                                           f"this server speaks {list(SUPPORTED_VERSIONS)}")  # fmt: skip
+    if "sample_rate" not in obj:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "start needs 'sample_rate' (Hz of the audio you will send)")
+    try:
+        sample_rate = check_sample_rate(obj["sample_rate"])
+    except InvalidInput as e:
+        raise ProtocolError(ErrorCode.BAD_SAMPLE_RATE, str(e)) from None
+    fmt = _check_type("format", obj.get("format", "pcm16"), str)
+    if fmt not in SAMPLE_FORMATS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"format {fmt!r} is not supported; expected one of {SAMPLE_FORMATS}")
+    options = _check_type("options", obj.get("options", {}), dict)
+    for name, value in options.items():
+        if name not in START_OPTIONS:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown start option {name!r}; expected {sorted(START_OPTIONS)}")
+        _check_type(f"options.{name}", value, START_OPTIONS[name], optional=True)
+    if options.get("mode") is not None and options["mode"] not in ENCODER_MODES:
+        raise ProtocolError(ErrorCode.BAD_SETTINGS, f"unknown mode {options['mode']!r}; expected one of {ENCODER_MODES}")
+    return Start(
+        sample_rate=sample_rate,
+        format=fmt,
+        k=_check_type("k", obj.get("k"), int, optional=True),
+        lmbda=_check_type("lmbda", obj.get("lmbda"), int, optional=True),
+        preset=_check_type("preset", obj.get("preset", "low-latency"), str),
+        score=_check_type("score", obj.get("score", False), bool),
+        options={name: value for name, value in options.items() if value is not None},
+        version=version,
+    )
+
+
+def parse_server_message(text: str | bytes) -> ServerMessage:
+    """Parse a server text frame; unknown fields are ignored (forward compatibility), unknown types raise."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"server sent invalid JSON: {e}") from None
+    cls = _SERVER_TYPES.get(obj.get("type")) if isinstance(obj, dict) else None
+    if cls is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown server message: {str(text)[:200]}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in obj.items() if k in names})
+    except TypeError as e:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"server message {obj.get('type')!r} is missing fields: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Audio frames
+
+
+def decode_audio(data: bytes, fmt: str) -> np.ndarray:
+    """A binary audio frame -> float32 samples; ProtocolError for empty frames, partial samples and NaN/Inf."""
+    if fmt not in BYTES_PER_SAMPLE:
+        raise InvalidInput(f"format must be one of {SAMPLE_FORMATS}, got {fmt!r}")
+    width = BYTES_PER_SAMPLE[fmt]
+    if len(data) == 0:
+        raise ProtocolError(ErrorCode.BAD_AUDIO, "empty audio frame; send at least one sample per binary frame")
+    if len(data) % width:
+        raise ProtocolError(ErrorCode.BAD_AUDIO, f"audio frame of {len(data)} bytes is not a whole number of {fmt} "
+                                                 f"samples ({width} bytes each); the frame was dropped")  # fmt: skip
+    if fmt == "pcm16":
+        return pcm16_to_float(data)  # every int16 is a finite sample
+    samples = float32le_to_float(data)
+    try:
+        check_finite(samples, "float32 audio frame")
+    except InvalidInput as e:
+        raise ProtocolError(ErrorCode.NON_FINITE, f"{e}; the frame was dropped") from None
+    return samples
+
+
+def encode_audio(samples: np.ndarray, fmt: str) -> bytes:
+    """Float samples in [-1, 1] -> one binary audio frame in ``fmt`` (what clients send)."""
+    if fmt == "pcm16":
+        return float_to_pcm16(np.asarray(samples, dtype=np.float32))
+    if fmt == "float32":
+        return np.asarray(samples, dtype="<f4").tobytes()
+    raise InvalidInput(f"format must be one of {SAMPLE_FORMATS}, got {fmt!r}")

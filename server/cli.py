@@ -1,0 +1,124 @@
+"""`dpslm-stream serve`: run the live units server until SIGTERM/SIGINT, which drain it gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from dpslm_stream import protocol as P
+from dpslm_stream.errors import InvalidInput
+
+from .app import Server, ServerConfig
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        k, lmbda = text.split(":")
+        return int(k), int(lmbda)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K:LAMBDA such as 500:4500, got {text!r}") from None
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    d = ServerConfig()
+    p = subparsers.add_parser("serve", help="live units server: WebSocket sessions, /healthz, /metrics, browser page",
+                              description=__doc__)  # fmt: skip
+    p.add_argument("--host", default=d.host, help=f"interface to listen on (default {d.host}; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 = any free port)")
+    p.add_argument("--models", default=d.models, metavar="release|tiny|DIR", help="model set (default release)")
+    p.add_argument("--device", default=d.device, help="torch device of the model worker (cpu, cuda, ...)")
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--pairs", type=_pair, nargs="+", default=None, metavar="K:LAMBDA",
+                   help="(k, lambda) pairs sessions may choose (default: the encoder's default set)")
+    p.add_argument("--presets", nargs="+", default=None, metavar="PRESET",
+                   help="window presets clients may choose (default: all: low-latency balanced quality)")
+    p.add_argument("--modes", nargs="+", default=list(d.modes), choices=P.ENCODER_MODES,
+                   help="encoder modes clients may choose (default: all; sliding costs several times cached)")
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="concurrent sessions; more get 'busy'")
+    p.add_argument("--token", default=None, help="require this token from clients (?token= or Authorization: "
+                                                 "Bearer); default $DPSLM_STREAM_TOKEN, unset = no token")  # fmt: skip
+    p.add_argument("--allow-origin", dest="allowed_origins", action="append", default=[], metavar="ORIGIN",
+                   help="browser Origin allowed to connect besides this server's own page (repeatable; '*' = any)")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds without a client message")
+    p.add_argument("--max-session-time", type=float, default=d.max_session_s, help="seconds per session")
+    p.add_argument("--max-full-audio", type=float, default=d.max_full_s,
+                   help="seconds of audio per session in mode full (which keeps the whole stream in memory)")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest audio frame")
+    p.add_argument("--max-buffer", type=float, default=d.max_buffer_s, help="seconds of queued audio per session")
+    p.add_argument("--stall-timeout", type=float, default=d.stall_timeout_s,
+                   help="seconds a full buffer may stay full before buffer_full (0 = refuse at once)")
+    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, help="SIGTERM: seconds to finish sessions")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up stream at start-up")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    for name in ("max_sessions", "max_message_bytes"):
+        if getattr(args, name) < 1:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("idle_timeout", "max_session_time", "max_full_audio", "max_buffer", "drain_timeout"):
+        if not getattr(args, name) > 0:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    from dpslm_stream.stream.encoder import PRESETS
+
+    unknown = sorted(set(args.presets or ()) - set(PRESETS))
+    if unknown:
+        raise InvalidInput(f"unknown preset(s) {unknown}; expected some of {sorted(PRESETS)}")
+    if args.stall_timeout < 0:
+        raise InvalidInput(f"--stall-timeout must be >= 0, got {args.stall_timeout}")
+    return ServerConfig(
+        host=args.host, port=args.port, models=args.models, device=args.device, dtype=args.dtype,
+        pairs=tuple(args.pairs) if args.pairs else None, max_sessions=args.max_sessions,
+        presets=tuple(args.presets) if args.presets else None, modes=tuple(args.modes),
+        token=args.token or os.environ.get("DPSLM_STREAM_TOKEN") or None,
+        allowed_origins=tuple(args.allowed_origins), idle_timeout_s=args.idle_timeout,
+        max_session_s=args.max_session_time, max_full_s=args.max_full_audio, max_message_bytes=args.max_message_bytes, max_buffer_s=args.max_buffer,
+        stall_timeout_s=args.stall_timeout, drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup,
+    )  # fmt: skip
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run a server until SIGTERM or SIGINT, then drain it."""
+    server = Server(config)
+    if server.random_weights:
+        print(f"note: model set '{server.models_name}' has RANDOM weights; units are plumbing checks, not speech.",
+              file=sys.stderr)  # fmt: skip
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_shutdown)
+    host = config.host if config.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    pairs = ", ".join(f"{k}:{lm}" for k, lm in server.pairs)
+    print(f"dpslm-stream serving (k:lambda {pairs}; default {server.default_pair[0]}:{server.default_pair[1]}; "
+          f"up to {config.max_sessions} sessions)\n"
+          f"  WebSocket  ws://{host}:{server.port}{P.WS_PATH}\n"
+          f"  page       http://{host}:{server.port}{P.PAGE_PATH}\n"
+          f"  health     http://{host}:{server.port}{P.HEALTH_PATH}   metrics http://{host}:{server.port}{P.METRICS_PATH}",
+          flush=True)  # fmt: skip
+    await server.wait_closed()
+    print("dpslm-stream: drained and stopped", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is too much
+    asyncio.run(serve(config_from_args(args)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpslm-stream")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    from dpslm_stream.errors import DPSLMError
+
+    try:
+        return run(args)
+    except DPSLMError as e:
+        print(f"dpslm-stream serve: error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,276 @@
+"""The model worker thread: the only place where the server runs model code.
+
+One thread owns the EncoderWorker (WavLM shared by every (k, lambda); codebooks, ULMs and DPDP state per pair and
+session) and every EncoderSession. The event loop never calls into them: it hands audio over through a ``Slot``
+(a lock-protected queue of samples per session) and gets events back through ``loop.call_soon_threadsafe``.
+
+Each round of the thread:
+1. runs queued commands (opening a session loads models the first time a pair is used: that is model code too);
+2. feeds every slot at most ``quantum_s`` seconds of its queued audio, so a client that sends a minute at once
+   gets a fair share, not the whole worker (fairness between sessions, and a bound on one round's time);
+3. calls ``EncoderWorker.step`` once for all slots that got input: their windows run as one batched forward;
+4. polls every stepped session and posts its final events to the event loop.
+A step that raises is retried one session at a time, so a session whose data breaks the model fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from dpslm_stream.errors import InvalidInput
+from dpslm_stream.stream.events import EndEvent
+
+log = logging.getLogger("dpslm_stream.server")
+
+
+class SlotSink(Protocol):
+    """What a slot reports to (always called on the event loop thread)."""
+
+    def on_events(self, events: list, progress: "Progress") -> None: ...
+
+    def on_consumed(self) -> None: ...  # queued audio was handed to the encoder: there is room again
+
+    def on_failure(self, error: BaseException) -> None: ...  # the session failed and was dropped
+
+
+class Progress:
+    """A snapshot of one session's counters, taken on the worker thread after a round (immutable once posted)."""
+
+    __slots__ = ("processed_samples", "compute_seconds", "encoded_seconds", "state_nbytes", "finished")
+
+    def __init__(self, processed_samples: int = 0, compute_seconds: float = 0.0, encoded_seconds: float = 0.0,
+                 state_nbytes: int = 0, finished: bool = False):  # fmt: skip
+        self.processed_samples = processed_samples  # samples handed to the encoder session
+        self.compute_seconds = compute_seconds  # the session's share of the worker's compute
+        self.encoded_seconds = encoded_seconds  # audio turned into features
+        self.state_nbytes = state_nbytes  # the encoder session's streaming state
+        self.finished = finished
+
+
+class Slot:
+    """One live session as the worker sees it: its encoder session, the audio queued for it, and its flags.
+
+    The event loop only calls ``add_audio``, ``request_end`` and ``cancel`` (thread-safe); everything else belongs to
+    the worker thread.
+    """
+
+    def __init__(self, session_id: str, encoder_session: Any, sample_rate: int, sink: SlotSink):
+        self.id = session_id
+        self.session = encoder_session
+        self.sample_rate = sample_rate
+        self.sink = sink
+        self._lock = threading.Lock()
+        self._queued: deque[np.ndarray] = deque()
+        self._queued_samples = 0
+        self._end_requested = False
+        self.cancelled = False
+        # Worker-thread state.
+        self.end_called = False
+        self.finished = False
+        self.processed_samples = 0
+
+    # --- event-loop side ---
+
+    @property
+    def queued_samples(self) -> int:
+        return self._queued_samples
+
+    @property
+    def queued_nbytes(self) -> int:
+        return self._queued_samples * 4  # float32
+
+    def add_audio(self, samples: np.ndarray) -> None:
+        with self._lock:
+            self._queued.append(samples)
+            self._queued_samples += len(samples)
+
+    def request_end(self) -> None:
+        with self._lock:
+            self._end_requested = True
+
+    # --- worker side ---
+
+    def take(self, max_samples: int) -> np.ndarray | None:
+        """Up to ``max_samples`` of the queued audio (whole chunks, and at least one), or None when nothing is queued."""
+        with self._lock:
+            taken, n = [], 0
+            while self._queued and (n == 0 or n + len(self._queued[0]) <= max_samples):
+                chunk = self._queued.popleft()
+                taken.append(chunk)
+                n += len(chunk)
+            self._queued_samples -= n
+        if not taken:
+            return None
+        return taken[0] if len(taken) == 1 else np.concatenate(taken)
+
+    def wants_end(self) -> bool:
+        with self._lock:
+            return self._end_requested and not self._queued
+
+
+class ModelWorker:
+    """The thread that runs every model call of the server (see the module docstring)."""
+
+    def __init__(self, encoder_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5):
+        self.encoder = encoder_worker
+        self.loop = loop
+        self.metrics = metrics
+        self.quantum_s = quantum_s
+        self._slots: list[Slot] = []  # worker thread only
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.heartbeat = time.monotonic()  # last time the loop went round (health check)
+        self._thread = threading.Thread(target=self._run, name="dpslm-model-worker", daemon=True)
+
+    # --- called from the event loop ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def call(self, fn: Callable[[], Any]) -> "asyncio.Future":
+        """Run ``fn()`` on the worker thread (e.g. open_session, which may load models); await the result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, fut))
+        self._wake.set()
+        return asyncio.wrap_future(fut, loop=self.loop)
+
+    async def open_slot(self, session_id: str, open_session: Callable[[], Any], sample_rate: int,
+                        sink: SlotSink) -> Slot:  # fmt: skip
+        """Open an encoder session on the worker thread (``open_session()`` may load a pair's models) and start
+        serving it; raises what ``open_session`` raises (InvalidInput, UnknownModel)."""
+
+        def _open() -> Slot:
+            slot = Slot(session_id, open_session(), sample_rate, sink)
+            self._slots.append(slot)
+            return slot
+
+        return await self.call(_open)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- worker thread -------------------------------------------------------------------------------------------
+
+    def _post(self, fn: Callable, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the server is gone, nobody to tell
+            pass
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            self.heartbeat = time.monotonic()
+            self._run_commands()
+            self._slots = [s for s in self._slots if not (s.cancelled or s.finished)]
+            fed = self._feed()
+            # Sessions with ready work but no new input (hops beyond the encoder's per-step bound) go along too.
+            work = fed + [s for s in self._slots if s not in fed and not s.finished and s.session.has_work]
+            if work:
+                self._step(work)
+                self._collect(work)
+            if any(s.queued_samples or s.session.has_work for s in self._slots if not (s.finished or s.cancelled)):
+                self._wake.set()  # more than one round of work is waiting: go round again at once
+        self._run_commands()  # fail nobody silently: commands queued during shutdown still get an answer
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to the awaiting coroutine, which turns it into an error message
+                fut.set_exception(e)
+
+    def _feed(self) -> list[Slot]:
+        """Push each slot's next quantum of audio (and end() once its queue is empty); return the slots to step."""
+        fed = []
+        for slot in self._slots:
+            chunk = slot.take(max(1, int(self.quantum_s * slot.sample_rate)))
+            try:
+                if chunk is not None:
+                    slot.session.push(chunk)
+                    slot.processed_samples += len(chunk)
+                if not slot.end_called and slot.wants_end():
+                    slot.session.end()
+                    slot.end_called = True
+            except InvalidInput as e:  # the encoder refused this chunk; the session stays usable
+                self._post(slot.sink.on_events, [e], self._progress(slot))
+            except Exception as e:  # a bug or a model failure: this session alone is dropped
+                self._fail(slot, e)
+                continue
+            if chunk is not None:
+                self._post(slot.sink.on_consumed)
+            if chunk is not None or slot.end_called:
+                fed.append(slot)
+        return fed
+
+    def _step(self, slots: list[Slot]) -> None:
+        started = time.perf_counter()
+        try:
+            self.encoder.step([s.session for s in slots])
+            self._account(slots, time.perf_counter() - started)
+        except Exception:
+            # Some session's state made the batched step fail: find it by stepping each alone (a failed step has
+            # not completed the hops it planned, so the others simply run them now).
+            log.warning("batched step of %d sessions failed; retrying one by one", len(slots), exc_info=True)
+            for slot in slots:
+                t0 = time.perf_counter()
+                try:
+                    self.encoder.step([slot.session])
+                    self._account([slot], time.perf_counter() - t0)
+                except Exception as e:
+                    self._fail(slot, e)
+
+    def _account(self, slots: list[Slot], seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(seconds)
+            self.metrics.batch_size.observe(len(slots))
+            self.metrics.worker_busy_seconds.inc(seconds)
+
+    def _collect(self, slots: list[Slot]) -> None:
+        for slot in slots:
+            if slot.finished or slot.cancelled:
+                continue
+            try:
+                events = slot.session.poll()
+            except Exception as e:
+                self._fail(slot, e)
+                continue
+            if any(isinstance(ev, EndEvent) for ev in events):
+                slot.finished = True
+            self._post(slot.sink.on_events, events, self._progress(slot))
+
+    def _progress(self, slot: Slot) -> Progress:
+        stats = slot.session.stats
+        return Progress(slot.processed_samples, stats.compute_seconds, stats.encoded_seconds, stats.state_nbytes,
+                        slot.finished)  # fmt: skip
+
+    def _fail(self, slot: Slot, error: BaseException) -> None:
+        log.error("session %s failed in the model worker", slot.id, exc_info=error)
+        slot.finished = True
+        self._post(slot.sink.on_failure, error)

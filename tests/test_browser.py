@@ -1,0 +1,111 @@
+"""The browser page end to end: headless Chromium (Debian's `chromium` package) opens the page the server serves,
+captures a fake microphone (a WAV file, at Chromium's own device rate) through the AudioWorklet, streams PCM16 over
+the WebSocket, and units appear on the page; Stop sends end and the page shows the server's end message.
+
+Driven over the Chrome DevTools Protocol with the `websockets` package (no Selenium/Playwright needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import pytest
+import soundfile as sf
+import websockets
+
+from dpslm_stream.server.app import ServerConfig, ServerThread
+from dpslm_stream.tiny import speech_like
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary (Debian: apt-get install chromium)")
+
+
+class Page:
+    """One page target of a running Chromium, evaluated through the DevTools Protocol."""
+
+    def __init__(self, ws_url: str):
+        self.ws_url = ws_url
+        self._id = 0
+
+    def eval(self, expression: str):
+        async def run():
+            async with websockets.connect(self.ws_url, max_size=2**24) as ws:
+                self._id += 1
+                await ws.send(json.dumps({"id": self._id, "method": "Runtime.evaluate",
+                                          "params": {"expression": expression, "returnByValue": True,
+                                                     "awaitPromise": True}}))  # fmt: skip
+                while True:
+                    msg = json.loads(await ws.recv())
+                    if msg.get("id") == self._id:
+                        result = msg["result"]
+                        if "exceptionDetails" in result:
+                            raise AssertionError(f"page error: {result['exceptionDetails']}")
+                        return result["result"].get("value")
+
+        return asyncio.run(run())
+
+    def wait_for(self, expression: str, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.eval(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {expression}; state: {self.eval('JSON.stringify(window.dpslmState)')}")
+
+
+def open_page(url: str, profile: str, capture_wav: str) -> tuple[subprocess.Popen, Page]:
+    proc = subprocess.Popen(
+        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+         "--remote-debugging-port=0", f"--user-data-dir={profile}",
+         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+         f"--use-file-for-fake-audio-capture={capture_wav}", "--autoplay-policy=no-user-gesture-required", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    port_file = os.path.join(profile, "DevToolsActivePort")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if os.path.exists(port_file) and open(port_file).read().strip():
+            port = open(port_file).read().split()[0]
+            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list").read())
+            pages = [t for t in targets if t["type"] == "page" and t["url"].startswith(url.split("?")[0])]
+            if pages:
+                return proc, Page(pages[0]["webSocketDebuggerUrl"])
+        if proc.poll() is not None:
+            raise AssertionError(f"chromium exited with {proc.returncode}")
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("chromium did not open the page")
+
+
+def test_browser_page_streams_the_microphone_and_shows_units(tmp_path):
+    capture = str(tmp_path / "speech.wav")
+    sf.write(capture, speech_like(6.0, 48000, seed=21), 48000, subtype="PCM_16")
+    with ServerThread(ServerConfig(port=0, models="tiny")) as srv:
+        proc, page = open_page(f"{srv.http_url}/?autostart=1&mode=cached", str(tmp_path / "profile"), capture)
+        try:
+            page.wait_for("window.dpslmState && window.dpslmState.units >= 5")
+            state = page.eval("window.dpslmState")
+            assert state["errors"] == [] and state["session"]
+            # The page captured at the device's own rate and declared it; the server resamples.
+            conn = next(c for c in srv.server.connections if c.id == state["session"])
+            assert conn.start.sample_rate == state["sampleRate"] and conn.start.format == "pcm16"
+            assert page.eval("document.querySelectorAll('#strip .unit').length") >= 5
+            assert page.eval("document.getElementById('m-units').textContent") != "0"
+            page.wait_for("document.getElementById('m-bitrate').textContent !== '\\u2013'")  # a stats message arrived
+            page.eval("document.getElementById('stop').click()")
+            ended = page.wait_for("window.dpslmState.ended")
+            final = page.eval("window.dpslmState")
+            assert ended["reason"] == "end" and ended["units"] == final["units"] >= 5
+            assert final["errors"] == [] and "ended" in page.eval("document.getElementById('status').textContent")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
