@@ -1,0 +1,462 @@
+"""Live resynthesis: incremental ELLA-V (re-prompting over a sliding window), incremental vocoder, batched worker.
+
+Oracles: offline greedy generation (`Pipeline.resynthesize`, `ELLAV.generate_tokens`), a slow re-implementation of
+the sliding-window schedule written here on top of `generate_tokens`, the whole-sequence iSTFT of window spectra
+built here, and each session run alone against the same session run in a batch.
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dpslm_stream.errors import InvalidInput, UnknownModel
+from dpslm_stream.models import ellav as E
+from dpslm_stream.models import wavtokenizer as W
+from dpslm_stream.pipeline import Pipeline
+from dpslm_stream.stream.resynth import AudioEvent, IncrementalELLAV, ResynthEndEvent, ResynthWorker
+
+K, LMBDA = 500, 4500
+EOP = 2
+HOP = 600
+M = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins against other processes.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ellav64() -> E.ELLAV:
+    """Tiny random ELLA-V in float64 (exact comparisons across batch shapes). A random model almost never emits EOP,
+    so every unit would get the capped M+1 tokens; a bias on the EOP logit makes durations vary from 0 to M+1."""
+    torch.manual_seed(0)
+    model = E.random_model(K, E.TINY).to(torch.float64)
+    with torch.no_grad():
+        model.output.bias[EOP] = 1.4
+    return model
+
+
+@pytest.fixture(scope="module")
+def wt() -> W.WavTokenizer:
+    torch.manual_seed(0)
+    return W.WavTokenizer(W.TINY).eval()
+
+
+def dedup(units):
+    return [u for i, u in enumerate(units) if i == 0 or u != units[i - 1]]
+
+
+def random_units(n, seed):
+    rng = random.Random(seed)
+    return dedup([rng.randrange(K) for _ in range(n)])
+
+
+def make_worker(tiny_models, ellav64, wt, **kwargs) -> ResynthWorker:
+    return ResynthWorker(tiny_models, dtype=torch.float64, pairs=[(K, LMBDA)], ellavs={(K, LMBDA): ellav64},
+                         wavtokenizer=wt, **kwargs)  # fmt: skip
+
+
+def record_codes(session) -> list[int]:
+    """Spy on the codes the session hands to its vocoder."""
+    codes, push = [], session.vocoder.push
+
+    def spy(c):
+        codes.extend(c.tolist())
+        return push(c)
+
+    session.vocoder.push = spy
+    return codes
+
+
+def audio_of(events) -> np.ndarray:
+    chunks = [e.pcm for e in events if isinstance(e, AudioEvent)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+def feed(worker, session, units, chunk=1, steps_between=1):
+    for i in range(0, len(units), chunk):
+        session.push_units(units[i : i + chunk])
+        for _ in range(steps_between):
+            worker.step([session])
+
+
+def offline_codes(model, units):
+    codes, finished = model.generate_ids([units], 10_000, M, 1.0, 0.0)
+    assert finished == [True]
+    return codes[0]
+
+
+# ----- exactness: the reductions to offline generation ------------------------------------------------------------
+
+
+def test_unlimited_context_equals_offline_greedy_pipeline(tiny_models):
+    """Acceptance: C = L = None -> the streamed codec ids and audio are the offline Pipeline.resynthesize output."""
+    units = random_units(24, seed=1)
+    units_with_repeats = units[:5] + [units[4]] + units[5:]  # a repeat across a push boundary merges, as offline
+    worker = ResynthWorker(tiny_models, pairs=[(K, LMBDA)])
+    s = worker.open_session(K, LMBDA, left_context=None, holdback=None, max_pass_units=None,
+                            vocoder_left_context=None, vocoder_lookahead=10**6)  # fmt: skip
+    codes = record_codes(s)
+    u = units_with_repeats
+    for part in (u[:5], u[5:6], [], u[6:13], u[13:]):
+        s.push_units(part)
+        worker.step([s])
+        assert s.poll() == []  # unlimited hold-back: nothing is final before end()
+    s.end()
+    worker.run_until_idle([s])
+    events = s.poll()
+    wav, offline, finished = Pipeline(tiny_models, K, LMBDA).resynthesize(units)[0]
+    assert finished and len(offline) > 0
+    assert codes == offline
+    end = events[-1]
+    assert isinstance(end, ResynthEndEvent) and end.error is None and end.units == len(units)
+    assert end.codec_frames == len(offline) and end.passes == 1
+    np.testing.assert_allclose(audio_of(events), wav[0].numpy(), rtol=0, atol=1e-6 * float(wav.abs().max()))
+
+
+def test_reprompting_with_the_whole_unit_list_continues_offline_exactly(tiny_models, ellav64, wt):
+    """All units known, hold-back 3: pass 1 commits all but the last 3 units, end() runs pass 2 from a prompt with
+    the generated tokens teacher-forced. With C = None both passes see offline's prompt -> offline's tokens."""
+    units = random_units(30, seed=2)
+    worker = make_worker(tiny_models, ellav64, wt)
+    s = worker.open_session(K, LMBDA, left_context=None, holdback=3, max_pass_units=None)
+    codes = record_codes(s)
+    s.push_units(units)
+    worker.run_until_idle([s])
+    assert s.ellav.committed == len(units) - 3 and s.ellav.passes == 1
+    s.end()
+    worker.run_until_idle([s])
+    assert s.ellav.passes == 2
+    assert codes == offline_codes(ellav64, units)
+    # the standalone stage gives the same
+    stage = IncrementalELLAV(ellav64, left_context=None, holdback=3, max_pass_units=None)
+    assert stage.push(units) + stage.flush() == codes
+
+
+def test_end_during_a_pass_extends_it_to_the_last_unit(tiny_models, ellav64, wt):
+    units = random_units(12, seed=3)
+    worker = make_worker(tiny_models, ellav64, wt, max_decode_steps=1)
+    s = worker.open_session(K, LMBDA, left_context=None, holdback=3, max_pass_units=None)
+    codes = record_codes(s)
+    s.push_units(units)
+    worker.step([s])
+    assert s.ellav.running
+    s.end()
+    worker.run_until_idle([s])
+    assert s.ellav.passes == 1 and codes == offline_codes(ellav64, units)
+
+
+def reference_sliding_window(model, units, C, L):
+    """The schedule of one unit per push with a step to completion after each, written directly on generate_tokens:
+    after n units are known, commit through unit n-1-L from the prompt [u_s..u_{n-1}] BOS (committed runs of
+    u_s..u_{c-1}) u_c with s = max(0, c - C); at the end commit the rest. Returns the codec ids."""
+    tok = model.tokenizer
+    runs: list[list[int]] = []
+
+    def commit(known, stop):
+        c = len(runs)
+        s = max(0, c - C)
+        raw, _ = model.generate_tokens([units[s:known]], 10_000, M, 1.0, 0.0, token_prefix=[runs[s:c]])
+        # Greedy generation is causal: the tokens of units c..stop do not depend on where generation stops.
+        runs.extend(tok.split_units(raw[0], raw=True)[: stop - c + 1])
+
+    for n in range(1, len(units) + 1):
+        if n - 1 - L >= len(runs):
+            commit(n, n - 1 - L)
+    if len(runs) < len(units):
+        commit(len(units), len(units) - 1)
+    return [t - tok.first_codec_id for run in runs for t in run if t >= tok.first_codec_id]
+
+
+@pytest.mark.parametrize("C,L", [(1, 0), (3, 2), (6, 1)])
+def test_sliding_window_equals_reference_schedule(tiny_models, ellav64, wt, C, L):
+    units = random_units(22, seed=10 + C)
+    worker = make_worker(tiny_models, ellav64, wt)
+    s = worker.open_session(K, LMBDA, left_context=C, holdback=L, max_pass_units=None)
+    codes = record_codes(s)
+    feed(worker, s, units)
+    s.end()
+    worker.run_until_idle([s])
+    expected = reference_sliding_window(ellav64, units, C, L)
+    assert codes == expected
+    assert codes != offline_codes(ellav64, units)  # the window really changes what is generated
+    assert s.ellav.passes == len(units) - L + (L > 0)
+
+
+# ----- the vocoder composition ------------------------------------------------------------------------------------
+
+
+def test_audio_is_the_whole_sequence_istft_of_the_window_spectra(tiny_models, ellav64, wt):
+    """Oracle written here: replay the code chunks the session gave its vocoder, take each committed frame's
+    spectrum from its window [committed - C_v, received) decode, and run the whole-sequence iSTFT once."""
+    units = random_units(20, seed=4)
+    cv, rv, step = 6, 2, 3
+    worker = make_worker(tiny_models, ellav64, wt)
+    s = worker.open_session(K, LMBDA, left_context=4, holdback=2, vocoder_left_context=cv, vocoder_lookahead=rv,
+                            vocoder_min_step=step)  # fmt: skip
+    chunks, push = [], s.vocoder.push
+    s.vocoder.push = lambda c: (chunks.append(c.clone()), push(c))[1]
+    feed(worker, s, units, chunk=2)
+    s.end()
+    worker.run_until_idle([s])
+    events = s.poll()
+    codes = torch.cat(chunks)
+    assert len(chunks) > 3
+
+    frames, received, committed = [], 0, 0
+
+    def commit(stop):
+        nonlocal committed
+        start = max(0, committed - cv)
+        spec = W.spectra(wt, codes[None, None, start:received])
+        frames.extend(spec[:, :, t - start] for t in range(committed, stop))
+        committed = stop
+
+    for c in chunks:
+        received += len(c)
+        if received - rv - committed >= step:
+            commit(received - rv)
+    commit(received)
+    expected = W.istft(torch.stack(frames, dim=-1), wt.head.istft.window, HOP)[0].numpy()
+    audio = audio_of(events)
+    assert audio.shape == (HOP * len(codes),)
+    np.testing.assert_allclose(audio, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_audio_arrives_before_end_and_ends_after_end(tiny_models, ellav64, wt):
+    units = random_units(24, seed=5)
+    worker = make_worker(tiny_models, ellav64, wt)
+    s = worker.open_session(K, LMBDA, left_context=4, holdback=2)
+    feed(worker, s, units[:16], chunk=4)
+    early = s.poll()
+    assert early and all(isinstance(e, AudioEvent) for e in early)  # audio before the stream ends, no end event
+    assert 0 < early[-1].units_done < 16
+    feed(worker, s, units[16:], chunk=4)
+    s.end()
+    worker.run_until_idle([s])
+    events = early + s.poll()
+    audio_events, end = events[:-1], events[-1]
+    assert isinstance(end, ResynthEndEvent) and end.error is None and s.closed and not s.has_work
+    assert all(isinstance(e, AudioEvent) for e in audio_events)
+    assert [e.seq for e in audio_events] == list(range(len(audio_events))) == list(range(end.chunks))
+    for a, b in zip(audio_events, audio_events[1:]):
+        assert b.start_s == pytest.approx(a.end_s)  # contiguous, timestamped
+    total = sum(e.num_samples for e in audio_events)
+    assert total == HOP * end.codec_frames == HOP * s.ellav.codes_out
+    assert end.audio_seconds == pytest.approx(total / 24000)
+    assert end.units == len(units) and audio_events[-1].units_done == len(units)
+    assert end.latency_max_s >= end.latency_mean_s >= 0 and end.first_audio_latency_s >= 0
+    assert len(audio_events[0].pcm16()) == 2 * audio_events[0].num_samples
+    assert worker.step([s]) == 0 and s.poll() == []  # a closed stream stays closed
+    with pytest.raises(InvalidInput, match="ended"):
+        s.push_units([1])
+
+
+def test_empty_stream_ends_cleanly(tiny_models, ellav64, wt):
+    worker = make_worker(tiny_models, ellav64, wt)
+    s = worker.open_session(K, LMBDA)
+    s.end()
+    worker.run_until_idle([s])
+    (end,) = s.poll()
+    assert isinstance(end, ResynthEndEvent) and end.units == 0 and end.chunks == 0 and end.error is None
+
+
+# ----- batching, sampling, isolation --------------------------------------------------------------------------------
+
+SETTINGS = [
+    dict(left_context=4, holdback=2),
+    dict(left_context=None, holdback=1, max_pass_units=None),
+    dict(left_context=2, holdback=0, trigger_units=2),
+    dict(left_context=5, holdback=2, greedy=False, seed=7, temperature=0.9, top_p=0.8),
+]
+
+
+def run_sessions(worker, settings, unit_lists, fail=None):
+    sessions = [worker.open_session(K, LMBDA, **kw) for kw in settings]
+    if fail is not None:
+        calls = {"n": 0}
+        push = sessions[fail].vocoder.push
+
+        def broken(c):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise RuntimeError("vocoder exploded")
+            return push(c)
+
+        sessions[fail].vocoder.push = broken
+    events = [[] for _ in sessions]
+    longest = max(len(u) for u in unit_lists)
+    for i in range(0, longest, 3):  # streams push at their own pace: different lengths, joins and leaves
+        for s, units in zip(sessions, unit_lists):
+            if i < len(units) and not s.closed:
+                s.push_units(units[i : i + 3])
+            if i + 3 >= len(units) and not s.ended:
+                s.end()
+        worker.step(sessions)
+        for e, s in zip(events, sessions):
+            e.extend(s.poll())
+    worker.run_until_idle(sessions)
+    for e, s in zip(events, sessions):
+        e.extend(s.poll())
+    return events
+
+
+def test_batched_step_equals_one_by_one(tiny_models, ellav64, wt):
+    """Greedy and seeded sampling streams, joining and leaving the batch at their own pace: each stream's audio is
+    what it gets alone (same pass schedule; per-stream generators)."""
+    unit_lists = [random_units(n, seed=20 + n) for n in (18, 27, 9, 21)]
+    batched_worker = make_worker(tiny_models, ellav64, wt)
+    batched = run_sessions(batched_worker, SETTINGS, unit_lists)
+    assert batched_worker.tokens_decoded > 1.5 * batched_worker.decode_steps  # rows really were batched
+    for i, (kw, units) in enumerate(zip(SETTINGS, unit_lists)):
+        (alone,) = run_sessions(make_worker(tiny_models, ellav64, wt), [kw], [units])
+        assert isinstance(batched[i][-1], ResynthEndEvent) and batched[i][-1].error is None
+        assert batched[i][-1].codec_frames == alone[-1].codec_frames > 0
+        np.testing.assert_allclose(audio_of(batched[i]), audio_of(alone), rtol=0, atol=1e-6)
+
+
+def test_streams_wait_for_a_free_row(tiny_models, ellav64, wt):
+    """More due passes than rows: they queue (oldest first) and every stream still gets its complete output."""
+    unit_lists = [random_units(n, seed=30 + n) for n in (10, 14, 8)]
+
+    def run_upfront(worker, settings, lists):
+        sessions = [worker.open_session(K, LMBDA, **kw) for kw in settings]
+        codes = [record_codes(s) for s in sessions]
+        for s, units in zip(sessions, lists):
+            s.push_units(units)
+            s.end()  # all units known: one pass per stream, so waiting does not change what is generated
+        worker.run_until_idle(sessions)
+        return [(s.poll(), c) for s, c in zip(sessions, codes)]
+
+    worker = make_worker(tiny_models, ellav64, wt, max_batch=1)
+    queued = run_upfront(worker, SETTINGS[:3], unit_lists)
+    assert worker.tokens_decoded == worker.decode_steps  # one row at a time
+    for i, ((events, codes), units) in enumerate(zip(queued, unit_lists)):
+        ((_, alone),) = run_upfront(make_worker(tiny_models, ellav64, wt), [SETTINGS[i]], [units])
+        assert events[-1].error is None and events[-1].units == len(units) and events[-1].passes == 1
+        # (the audio may differ: the vocoder's windows follow how the codes were split across steps)
+        assert codes == alone and len(audio_of(events)) == HOP * len(codes)
+
+
+def test_seeded_sampling_is_reproducible_per_stream(tiny_models, ellav64, wt):
+    units = random_units(15, seed=6)
+
+    def codes_for(seed, **kw):
+        stage = IncrementalELLAV(ellav64, 4, 1, greedy=False, seed=seed, **kw)
+        out = []
+        for u in units:
+            out += stage.push([u])
+        return out + stage.flush()
+
+    a, b, c = codes_for(1), codes_for(1), codes_for(2)
+    assert a == b and a != c
+    assert codes_for(1, top_p=0.0) == codes_for(2, top_p=0.0)  # top_p = 0 is greedy, as upstream
+
+
+def test_one_failing_stream_leaves_the_others_running(tiny_models, ellav64, wt):
+    unit_lists = [random_units(n, seed=40 + n) for n in (15, 24, 12)]
+    settings = SETTINGS[:3]
+    worker = make_worker(tiny_models, ellav64, wt)
+    events = run_sessions(worker, settings, unit_lists, fail=1)
+    end = events[1][-1]
+    assert isinstance(end, ResynthEndEvent) and "vocoder exploded" in end.error
+    assert sum(isinstance(e, ResynthEndEvent) for e in events[1]) == 1
+    assert not worker._running and not any(d.rows for d in worker._decoders.values())  # its pass left the batch
+    for i in (0, 2):
+        (alone,) = run_sessions(make_worker(tiny_models, ellav64, wt), [settings[i]], [unit_lists[i]])
+        assert events[i][-1].error is None
+        np.testing.assert_allclose(audio_of(events[i]), audio_of(alone), rtol=0, atol=1e-6)
+
+
+# ----- bounded state, triggers, options -------------------------------------------------------------------------------
+
+
+def test_state_is_flat_over_a_long_stream(tiny_models, ellav64, wt):
+    units = random_units(260, seed=7)
+    C, L, P = 4, 2, 8
+    worker = make_worker(tiny_models, ellav64, wt, max_decode_steps=64)
+    s = worker.open_session(K, LMBDA, left_context=C, holdback=L, max_pass_units=P, vocoder_left_context=8)
+    sizes, caps, positions, window = [], [], [], []
+    for u in units:
+        s.push_units([u])
+        worker.step([s])
+        sizes.append(s.state_nbytes)
+        decoder = worker._decoders.get((K, LMBDA))
+        if decoder is not None:
+            caps.append(decoder.cache.capacity)
+            positions.append(int(decoder.cache.next_pos.max()))
+        window.append((len(s.ellav._units), len(s.ellav._runs)))
+    assert max(n for n, _ in window) <= C + P and max(r for _, r in window) <= C
+    # A prompt holds <= C+P units, BOS, C committed runs of <= M+2 tokens with unit and EOP, the current unit;
+    # a pass then feeds back <= (P-L)(M+3) tokens. Positions restart with every pass, so this bounds them.
+    assert max(positions) <= (C + P) + 2 + C * (M + 4) + (P - L) * (M + 3)
+    assert max(sizes[160:]) <= 1.5 * max(sizes[30:160])  # no growth with stream length
+    assert caps[-1] == caps[30]  # the preallocated cache never grew after warm-up
+    s.end()
+    worker.run_until_idle([s])
+    assert s.poll()[-1].units == len(units)
+
+
+def test_trigger_seconds_batches_units_per_pass(tiny_models, ellav64, wt):
+    units = random_units(30, seed=8)
+    ends = [0.04 * (i + 1) for i in range(len(units))]  # 40 ms units
+    worker = make_worker(tiny_models, ellav64, wt)
+    s = worker.open_session(K, LMBDA, left_context=4, holdback=1, trigger_s=0.1)
+    with pytest.raises(InvalidInput, match="end_s"):
+        s.push_units(units[:2])
+    for i, u in enumerate(units):
+        s.push_units([u], end_s=[ends[i]])
+        worker.step([s])
+    assert s.ellav.passes <= len(units) // 3 + 1  # a pass only once >= 100 ms of units can be committed
+    s.end()
+    worker.run_until_idle([s])
+    assert s.poll()[-1].units == len(units)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(left_context=-1), "left_context"),
+    (dict(holdback=1.5), "holdback"),
+    (dict(holdback="2"), "holdback"),
+    (dict(max_pass_units=0), "max_pass_units"),
+    (dict(holdback=4, max_pass_units=4), "larger than holdback"),
+    (dict(trigger_units=0), "trigger_units"),
+    (dict(trigger_s=-0.1), "trigger_s"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(greedy="yes"), "greedy"),
+    (dict(seed=-3), "seed"),
+    (dict(vocoder_lookahead=-1), "lookahead"),
+    (dict(vocoder_min_step=0), "min_step"),
+])  # fmt: skip
+def test_bad_options_are_clear_errors(tiny_models, ellav64, wt, kwargs, match):
+    worker = make_worker(tiny_models, ellav64, wt)
+    with pytest.raises(InvalidInput, match=match):
+        worker.open_session(K, LMBDA, **kwargs)
+
+
+def test_bad_models_and_units_are_clear_errors(tiny_models, ellav64, wt):
+    worker = make_worker(tiny_models, ellav64, wt)
+    with pytest.raises(UnknownModel, match="valid pairs"):
+        worker.open_session(K, 123)
+    with pytest.raises(UnknownModel, match="not available"):
+        worker.open_session(100, 0)  # released, but this worker was limited to (500, 4500)
+    with pytest.raises(InvalidInput, match="dtype"):
+        ResynthWorker(tiny_models, dtype=torch.int32, ellavs={(K, LMBDA): ellav64})
+    s = worker.open_session(K, LMBDA)
+    for bad in ([K], [-1], [1.5], "12", [True], np.array([1.0])):
+        with pytest.raises(InvalidInput):
+            s.push_units(bad)
+    with pytest.raises(InvalidInput, match="one end time per unit"):
+        s.push_units([1, 2], end_s=[0.1])
+    assert not s.has_work  # nothing was queued by the failed pushes
+    s.push_units(np.array([3, 4]))
+    s.end()
+    worker.run_until_idle([s])
+    assert s.poll()[-1].units == 2
