@@ -1,4 +1,5 @@
-# Two commands on a fresh machine:  `make demo` runs the main job, `make test` runs the tests.
+# Two commands on a fresh machine:  `make demo` runs the main job (the live demo: server + streamed sample),
+# `make test` runs the tests.
 # Both create .venv on first use. CPU torch is installed first and pinned: a bare `torch` requirement resolves to a
 # multi-GB CUDA build. Override TORCH for another build, e.g. TORCH="torch==2.13.0 --index-url <cpu index>".
 PYTHON ?= python3
@@ -18,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/dpslm-stream demo
+	$(BIN)/dpslm-stream live
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -71,9 +71,30 @@ def _add_encode(sub) -> None:
     p.add_argument("--json", type=Path, default=None, help="write units/durations/starts/scores as JSON here")
     p.add_argument("--npy", type=Path, default=None, help="write <stem>.units.npy and <stem>.durations.npy here")
     p.add_argument("--quiet", action="store_true", help="do not print units")
+    g = p.add_argument_group("streaming (run the live encoder over the file in chunks)")
+    g.add_argument("--stream", choices=("full", "sliding", "cached"), default=None, metavar="MODE",
+                   help="full (exact, = offline), sliding or cached windows")
+    g.add_argument("--preset", default=None, help="window preset: low-latency (default), balanced, quality")
+    g.add_argument("--left", type=int, default=None, help="left context L in 20 ms frames (overrides the preset)")
+    g.add_argument("--hop", type=int, default=None, help="hop H in frames (overrides the preset)")
+    g.add_argument("--lookahead", type=int, default=None, help="lookahead R in frames (overrides the preset)")
+    g.add_argument("--chunk-ms", type=float, default=100.0, help="audio per pushed chunk (default 100 ms)")
+    g.add_argument("--compare", action="store_true",
+                   help="also report agreement with the offline path and its noise floor (offline vs dithered)")
 
 
 def _cmd_encode(args) -> int:
+    if args.stream is None:
+        for name in ("preset", "left", "hop", "lookahead", "compare"):
+            if getattr(args, name) not in (None, False):
+                from dpslm_stream.errors import InvalidInput
+
+                raise InvalidInput(f"--{name} needs --stream MODE")
+        return _encode_offline(args)
+    return _encode_streaming(args)
+
+
+def _encode_offline(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
@@ -108,6 +129,58 @@ def _cmd_encode(args) -> int:
             "k": pipe.k, "lmbda": pipe.lmbda, "num_neighbors": pipe.num_neighbors, "models": models.source,
             "random_weights": models.is_random, "frame_rate": 50, "bitrate": rate,
             "files": {p: r.to_json() for p, r in results.items()},
+        }  # fmt: skip
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+def _encode_streaming(args) -> int:
+    from dpslm_stream.audio import load_audio
+    from dpslm_stream.pipeline import bitrate, default_num_neighbors
+    from dpslm_stream.stream.compare import compare, stream_encode
+    from dpslm_stream.stream.worker import EncoderWorker
+
+    models = hub.ModelSet(args.models)
+    _warn_random(models)
+    k, lmbda = hub.check_pair(args.k, args.lmbda)
+    num_neighbors = args.num_neighbors or default_num_neighbors(k)
+    worker = EncoderWorker(models, args.device, pairs=[(k, lmbda)])
+    results, reports = {}, {}
+    for path in args.files:
+        wav, sr = load_audio(path)
+        started = time.perf_counter()
+        res = stream_encode(worker, wav, sr, k=k, lmbda=lmbda, mode=args.stream, preset=args.preset, left=args.left,
+                            hop=args.hop, lookahead=args.lookahead, chunk_s=args.chunk_ms / 1000,
+                            num_neighbors=num_neighbors, score=not args.no_score, keep_features=args.compare)  # fmt: skip
+        elapsed = time.perf_counter() - started
+        results[str(path)] = res
+        lags = sorted(res.commit_lags_s) or [0.0]
+        print(f"{path}: {len(res.units)} units in {res.seconds:.2f} s, streamed ({args.stream}, "
+              f"{args.chunk_ms:g} ms chunks) in {elapsed:.2f} s (real-time factor {elapsed / max(res.seconds, 1e-9):.3f}); "
+              f"commit lag without compute p50 {lags[len(lags) // 2]:.2f} s, max {lags[-1]:.2f} s; "
+              f"forced DPDP commits {res.forced_commits}")  # fmt: skip
+        if not args.quiet:
+            print("  " + " ".join(map(str, res.units)))
+        if args.compare:
+            report = reports[str(path)] = compare(worker, wav, sr, res, k=k, lmbda=lmbda, num_neighbors=num_neighbors)
+            label = " (RANDOM weights: plumbing check only, not a quality figure)" if models.is_random else ""
+            print(f"  agreement with offline{label}:")
+            for name, r in report.items():
+                print(f"    {name:12s} frames {r['frame_agreement']:.4f}  k-means {r['kmeans_agreement']:.4f}  "
+                      f"unit error rate {r['unit_error_rate']:.4f}  feature cosine {r['feature_cosine']:.6f}")  # fmt: skip
+    total_s = sum(r.seconds for r in results.values())
+    rate = bitrate([r.units for r in results.values()], total_s)
+    print(f"bitrate {rate:.1f} bit/s over {total_s:.2f} s of audio (k={k}, lambda={lmbda})")
+    if args.json:
+        doc = {
+            "k": k, "lmbda": lmbda, "num_neighbors": num_neighbors, "models": models.source,
+            "random_weights": models.is_random, "frame_rate": 50, "bitrate": rate,
+            "stream": {"mode": args.stream, "window": worker.open_session(16000, k, lmbda, mode=args.stream,
+                       preset=args.preset, left=args.left, hop=args.hop, lookahead=args.lookahead).config.describe(),
+                       "chunk_ms": args.chunk_ms},
+            "files": {p: {**r.to_json(), **({"compare": reports[p]} if p in reports else {})}
+                      for p, r in results.items()},
         }  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1))
@@ -269,8 +342,14 @@ def _cmd_bench(args) -> int:
 
 # --- main ------------------------------------------------------------------------------------------------------------
 
-# Subcommands that live in other modules: name -> module with add_parser(subparsers) and run(args).
-_EXTERNAL = {}
+# Subcommands that live in other modules: name -> module with add_parser(subparsers) and run(args). They are imported
+# only when the command line is parsed, so `dpslm-stream encode` never pays for the server's imports.
+_EXTERNAL = {
+    "live": "dpslm_stream.client.live",
+    "serve": "dpslm_stream.server.cli",
+    "stream": "dpslm_stream.client.stream",
+    "mic": "dpslm_stream.client.mic",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

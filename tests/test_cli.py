@@ -108,3 +108,66 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tiny_dir, argv, message, cap
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "dpslm_stream", "download", "--list"], capture_output=True, text=True)
     assert out.returncode == 0 and "wavlm-large-6fb4b3c3.pt" in out.stdout and len(out.stdout.splitlines()) == 1 + 5 + 24 + 1 + 24 + 2
+
+
+def test_encode_stream_full_equals_offline_and_compare_reports_exact(tiny_dir, clip, tmp_path, capsys):
+    """`encode --stream full` is the offline computation fed in chunks: same units, durations, starts; its
+    comparison reports exact agreement, while the dither noise floor is measured separately."""
+    offline, streamed = tmp_path / "off.json", tmp_path / "str.json"
+    base = [str(clip), "--models", str(tiny_dir), "--k", "100", "--lmbda", "600", "--quiet"]
+    assert main(["encode", *base, "--json", str(offline)]) == 0
+    assert main(["encode", *base, "--json", str(streamed), "--stream", "full", "--chunk-ms", "37", "--compare"]) == 0
+    off = json.loads(offline.read_text())["files"][str(clip)]
+    doc = json.loads(streamed.read_text())
+    got = doc["files"][str(clip)]
+    assert doc["stream"]["mode"] == "full" and doc["random_weights"] is True
+    for key in ("units", "durations", "starts", "num_frames"):
+        assert got[key] == off[key], key
+    assert got["loglikelihood"] == pytest.approx(off["loglikelihood"], rel=1e-5)
+    exact = got["compare"]["streaming"]
+    assert exact["frame_agreement"] == 1.0 and exact["unit_error_rate"] == 0.0
+    assert exact["feature_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 <= got["compare"]["noise_floor"]["frame_agreement"] <= 1.0
+    assert "plumbing check only" in capsys.readouterr().out
+
+
+def test_encode_stream_cached_with_whole_input_lookahead_equals_offline(tiny_dir, clip, tmp_path):
+    """The cached window reduces to offline when the lookahead covers the whole input (one window)."""
+    offline, streamed = tmp_path / "off.json", tmp_path / "str.json"
+    base = [str(clip), "--models", str(tiny_dir), "--k", "100", "--lmbda", "600", "--quiet", "--no-score"]
+    assert main(["encode", *base, "--json", str(offline)]) == 0
+    assert main(["encode", *base, "--json", str(streamed), "--stream", "cached", "--left", "0", "--hop", "1000",
+                 "--lookahead", "1000"]) == 0  # fmt: skip
+    off = json.loads(offline.read_text())["files"][str(clip)]
+    got = json.loads(streamed.read_text())["files"][str(clip)]
+    assert got["units"] == off["units"] and got["durations"] == off["durations"]
+
+
+def test_encode_window_options_need_stream(tiny_dir, clip, capsys):
+    assert main(["encode", str(clip), "--models", str(tiny_dir), "--compare"]) == 1
+    assert "--compare needs --stream" in capsys.readouterr().err
+
+
+def test_edit_distance_matches_the_textbook_table():
+    from dpslm_stream.stream.compare import edit_distance
+
+    def textbook(a, b):
+        d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+        for i in range(1, len(a) + 1):
+            for j in range(1, len(b) + 1):
+                d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+        return d[-1][-1]
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = rng.integers(0, 4, rng.integers(0, 12)).tolist()
+        b = rng.integers(0, 4, rng.integers(0, 12)).tolist()
+        assert edit_distance(a, b) == textbook(a, b), (a, b)
+
+
+def test_live_server_and_client_subcommands_are_wired():
+    from dpslm_stream.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["live", "--port", "0"], ["serve", "--port", "0"], ["stream", "x.wav"], ["mic", "--seconds", "1"]):
+        assert parser.parse_args(argv).command == argv[0]

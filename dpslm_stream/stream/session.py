@@ -105,7 +105,7 @@ class EncoderSession:
 
     def __init__(self, worker: EncoderWorker, *, session_id: int, sample_rate: int, k: int, lmbda: int,
                  config: WindowConfig, codebook: Tensor, num_neighbors: int, max_lag: int | None,
-                 ulm=None, score_context: int | None = None):  # fmt: skip
+                 ulm=None, score_context: int | None = None, keep_features: bool = False):  # fmt: skip
         from dpslm_stream.models.ulm import IncrementalScorer
 
         self.worker = worker
@@ -117,6 +117,8 @@ class EncoderSession:
         self.score = ulm is not None
         self.max_lag = max_lag
         self.score_context = score_context
+        # Analysis only (`encode --stream --compare`): keep every layer-11 frame, so state grows with the stream.
+        self.keep_features = keep_features
         model = worker.wavlm
         self._resampler = StreamingResampler(sample_rate, SAMPLE_RATE, dtype=torch.float32)
         self._frontend = StreamingFrontend(model)
@@ -146,6 +148,7 @@ class EncoderSession:
         self._samples_pushed = 0
         self._samples_ingested = 0
         self._new_segments: list[Segment] = []
+        self._kept_features: list[Tensor] = []
         self._seq = 0
         self._counts: Counter = Counter()
         self._last_end_frame = 0
@@ -227,6 +230,12 @@ class EncoderSession:
             state_nbytes=self.state_nbytes,
         )
 
+    def features(self) -> Tensor:
+        """Layer-11 features [T, D] computed so far (only with keep_features=True; for offline comparisons)."""
+        if not self.keep_features:
+            raise InvalidInput("this session was opened without keep_features=True")
+        return torch.cat(self._kept_features) if self._kept_features else torch.zeros(0, self.worker.wavlm.cfg.encoder_embed_dim)
+
     def __repr__(self) -> str:
         return (f"EncoderSession(id={self.id}, {self.config.describe()}, {self.sample_rate} Hz, k={self.k}, "
                 f"lmbda={self.lmbda}, score={self.score}, audio={self.audio_seconds:.2f} s, closed={self.closed})")  # fmt: skip
@@ -260,6 +269,8 @@ class EncoderSession:
         started = time.perf_counter()
         if features.shape[0]:
             self._new_segments.extend(self._dpdp.push(features))
+            if self.keep_features:
+                self._kept_features.append(features.detach().float().cpu())
         self._compute_s += compute_s + time.perf_counter() - started
 
     def _complete(self, plan: HopPlan) -> None:

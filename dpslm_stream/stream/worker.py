@@ -98,14 +98,15 @@ class EncoderWorker:
                      mode: str = "cached", preset: str | None = None, left: int | None = None,
                      hop: int | None = None, lookahead: int | None = None, score: bool = False,
                      max_lag: int | None = None, *, num_neighbors: int | None = None,
-                     score_context: object = _DEFAULT) -> EncoderSession:  # fmt: skip
+                     score_context: object = _DEFAULT, keep_features: bool = False) -> EncoderSession:  # fmt: skip
         """A new stream. Validates everything; raises InvalidInput or UnknownModel with what is expected.
 
         mode: full (offline, exact, units at the end), sliding or cached; preset: low-latency (default), balanced,
         quality; left / hop / lookahead (frames of 20 ms) override the preset's sizes. score: per-unit ULM log-probs.
         max_lag: DPDP frames a decision may wait (None: 1500 in the windowed modes, unbounded in full mode).
         score_context: ULM tokens each unit may attend to (default 1023 in the windowed modes, None = unbounded
-        in full mode, so that full-mode scores equal the offline loglikelihood).
+        in full mode, so that full-mode scores equal the offline loglikelihood). keep_features: keep every
+        layer-11 frame for `session.features()` (analysis only: the state then grows with the stream).
         """
         sample_rate = check_sample_rate(sample_rate)
         key = hub.check_pair(k, lmbda)
@@ -133,7 +134,7 @@ class EncoderWorker:
         return EncoderSession(
             self, session_id=next(self._ids), sample_rate=sample_rate, k=key[0], lmbda=key[1], config=config,
             codebook=codebook, num_neighbors=num_neighbors, max_lag=max_lag,
-            ulm=self._ulm(*key) if score else None, score_context=score_context,
+            ulm=self._ulm(*key) if score else None, score_context=score_context, keep_features=bool(keep_features),
         )  # fmt: skip
 
     # -- compute ---------------------------------------------------------------------------------------------------
