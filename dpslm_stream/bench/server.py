@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import multiprocessing
 import os
@@ -53,25 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --- the encoder -----------------------------------------------------------------------------------------------------
-
-
-def build_encoder(models: str, device: str):
-    """An EncoderWorker: from a model set, or (models == "full") WavLM-Large-sized with random weights."""
-    import torch
-
-    from dpslm_stream.stream.worker import EncoderWorker
-
-    if models != "full":
-        return EncoderWorker(models, device=device, pairs=[(500, 4500)])
-    from dpslm_stream.models import wavlm
-    from dpslm_stream.tiny import speech_like
-
-    torch.manual_seed(0)
-    model = wavlm.WavLM(dataclasses.replace(wavlm.FULL, encoder_layers=11)).eval()
-    with torch.inference_mode():  # a codebook of the model's own frames, so DPDP sees realistic distances
-        feats = wavlm.extract_features(model, torch.from_numpy(speech_like(10.0, 16000, seed=5))[None], 16000)
-    codebook = feats[torch.randperm(feats.shape[0], generator=torch.Generator().manual_seed(0))[:500]].clone()
-    return EncoderWorker("tiny", device=device, pairs=[(500, 4500)], wavlm=model, codebooks={500: codebook})
 
 
 # --- the clients (child process) -----------------------------------------------------------------------------------
@@ -178,13 +158,14 @@ def run_load(srv, n: int, args, wav_path: str) -> dict:
 def run(args: argparse.Namespace) -> None:
     import torch
 
+    from dpslm_stream.bench._models import encoder_worker
     from dpslm_stream.server.app import ServerConfig, ServerThread
 
     if args.threads:
         torch.set_num_threads(args.threads)
     wav_path = str(Path(__file__).resolve().parent.parent / "data" / "sample.wav")
     started = time.perf_counter()
-    encoder = build_encoder(args.models, args.device)
+    encoder = encoder_worker(args.models, args.device)
     label = {"full": "WavLM-Large dimensions, RANDOM weights", "tiny": "tiny set, RANDOM weights"}.get(args.models,
                                                                                                         args.models)
     cfg = ServerConfig(port=0, models=args.models if args.models != "full" else "tiny",
