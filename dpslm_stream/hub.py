@@ -258,6 +258,7 @@ def _wavtokenizer(hop: int, path, map_location, progress, verbose):
     release = WAVTOKENIZER[hop] if path is None else None
     ckpt = read_checkpoint(_resolve(release, path, progress), map_location)
     model = wavtokenizer.load_checkpoint_dict(ckpt, map_location=map_location)
+    wavtokenizer.check_release_structure(model.config, wavtokenizer.FULL if hop == 600 else wavtokenizer.FULL_320)
     _report("WavTokenizer", model, verbose)
     # Upstream returns (model, encode, decode); only the decoder is kept here, so encode is None.
     return model, None, wavtokenizer.vocode

@@ -431,3 +431,43 @@ def test_bad_configs():
     for kwargs in ({"dim": 100}, {"n_fft": 2500}, {"padding": "center"}):
         with pytest.raises(InvalidInput):
             W.WavTokenizerConfig(**kwargs)
+
+
+def test_codebook_buffers_are_required(tiny):
+    """Upstream loads the feature extractor strictly: a file without the codebook's EMA buffers is rejected."""
+    good = W.checkpoint_dict(tiny)
+    for name in ("cluster_size", "embed_avg", "inited"):
+        bad = {"state_dict": {k: v for k, v in good["state_dict"].items() if not k.endswith("_codebook." + name)}}
+        with pytest.raises(CheckpointError, match=f"missing codebook buffers: .*_codebook.{name}"):
+            W.load_checkpoint_dict(bad)
+
+
+def test_hub_loaders_reject_other_structures(tiny, tmp_path):
+    """Each hub entry point loads only files of its release's structure (widths may be reduced, as in the tiny set):
+    another hop, another depth or another number of codebooks is an error, not silently different audio."""
+    from dpslm_stream import hub
+
+    def save(ckpt, name):
+        path = tmp_path / name
+        torch.save(ckpt, path)
+        return path
+
+    torch.manual_seed(0)
+    tiny_320 = W.WavTokenizer(W.WavTokenizerConfig(input_channels=32, dim=64, intermediate_dim=192,
+                                                   downsamples=(8, 5, 4, 2), n_fft=1280, hop_length=320)).eval()  # fmt: skip
+    f600, f320 = save(W.checkpoint_dict(tiny), "600.ckpt"), save(W.checkpoint_dict(tiny_320), "320.ckpt")
+    assert hub.small_600_24k_4096(path=f600)[0].config.hop_length == 600
+    assert hub.small_320_24k_4096(path=f320)[0].config.hop_length == 320
+    with pytest.raises(CheckpointError, match="hop_length 320 .*small_320_24k_4096"):
+        hub.small_600_24k_4096(path=f320)
+    with pytest.raises(CheckpointError, match="hop_length 600"):
+        hub.small_320_24k_4096(path=f600)
+
+    sd = W.checkpoint_dict(tiny)["state_dict"]
+    shallow = {k: v for k, v in sd.items() if not k.startswith("backbone.convnext.11.")}
+    with pytest.raises(CheckpointError, match="num_layers 11 .expected 12"):
+        hub.small_600_24k_4096(path=save({"state_dict": shallow}, "shallow.ckpt"))
+    cb = "feature_extractor.encodec.quantizer.vq.layers."
+    two = dict(sd, **{k.replace(".0.", ".1.", 1): v.clone() for k, v in sd.items() if k.startswith(cb + "0.")})
+    with pytest.raises(CheckpointError, match="num_quantizers 2"):
+        hub.small_600_24k_4096(path=save({"state_dict": two}, "two.ckpt"))

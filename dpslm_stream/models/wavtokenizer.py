@@ -663,8 +663,16 @@ def load_checkpoint_dict(
     """
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError("expected a PyTorch-Lightning checkpoint dict with a 'state_dict' entry")
-    sd = {k: v for k, v in ckpt["state_dict"].items() if _is_kept(k)}
+    full = ckpt["state_dict"]
+    sd = {k: v for k, v in full.items() if _is_kept(k)}
     cfg = config if config is not None else WavTokenizerConfig.from_state_dict(sd)
+    # Upstream loads the whole feature_extractor strictly; of it we use only `embed`, but a file without the
+    # codebook's other buffers is not a WavTokenizer checkpoint (or is truncated), so say so.
+    buffers = [f"{_codebook_key(i).rsplit('.', 1)[0]}.{name}" for i in range(cfg.num_quantizers)
+               for name in ("inited", "cluster_size", "embed_avg")]  # fmt: skip
+    absent = [k for k in buffers if k not in full]
+    if absent:
+        raise CheckpointError(f"WavTokenizer checkpoint is missing codebook buffers: {', '.join(absent)}")
     hparams = ckpt.get("hyper_parameters")
     rate = hparams.get("sample_rate", cfg.sample_rate) if isinstance(hparams, dict) else cfg.sample_rate
     if rate != cfg.sample_rate:
@@ -687,6 +695,22 @@ def load_checkpoint_dict(
     sd = {k: v.to(device=map_location, dtype=torch.float32) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
+
+
+def check_release_structure(cfg: WavTokenizerConfig, release: WavTokenizerConfig) -> None:
+    """Raise CheckpointError unless `cfg` has the release's structure: hop, n_fft, depth, codebook count and size,
+    AdaLN. Widths may differ (the tiny random-weight set reduces them); everything the audio's timing and the codes'
+    meaning depend on may not. Upstream builds the fixed release config and would reject such a file too."""
+    fields = ("hop_length", "n_fft", "num_layers", "num_quantizers", "vq_bins", "adanorm_num_embeddings",
+              "sample_rate")  # fmt: skip
+    differ = [f"{f} {getattr(cfg, f)} (expected {getattr(release, f)})" for f in fields
+              if getattr(cfg, f) != getattr(release, f)]  # fmt: skip
+    if differ:
+        raise CheckpointError(
+            f"checkpoint is not a small_{release.hop_length}_24k_4096 WavTokenizer: {'; '.join(differ)}"
+            + (f" (a hop-{cfg.hop_length} file: load it with small_{cfg.hop_length}_24k_4096)"
+               if cfg.hop_length != release.hop_length else "")
+        )  # fmt: skip
 
 
 def checkpoint_dict(model: WavTokenizer, extra_state_dict: dict[str, Tensor] | None = None) -> dict:
