@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/dpslm-stream live
+	$(BIN)/dpslm-stream live --resynth out/live_resynth.wav
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -6,6 +6,6 @@
 - client/web/: the browser page the server serves at ``/``.
 """
 
-from .api import SessionError, UnitsClient, chunked
+from .api import ListenerClient, SessionError, UnitsClient, chunked
 
-__all__ = ["SessionError", "UnitsClient", "chunked"]
+__all__ = ["ListenerClient", "SessionError", "UnitsClient", "chunked"]

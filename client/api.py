@@ -7,10 +7,15 @@
                 print(msg.seq, msg.unit, msg.end_s, msg.lag_s)
 
 ``stream`` sends the chunks (paced in real time, or as fast as the server takes them), then ``end``, while it yields
-every server message: Unit, Stats, Error and finally the EndMessage. After a fatal Error the server still sends the
+every server message: Unit, Stats, Error, AudioChunk (with ``resynth=``: 24 kHz audio made from the units) and
+finally the EndMessage. After a fatal Error the server still sends the
 units of the audio it received and an EndMessage whose reason is the error code; when it cannot (internal_error), the
 iterator raises SessionError. Lower level: ``send(samples)``, ``end()`` and ``async for msg in client``.
-The client checks the protocol's promise that units arrive as seq 0, 1, 2, ... and raises if one is missing.
+The client checks the protocol's promise that units arrive as seq 0, 1, 2, ... and audio chunks contiguously, and
+raises if one is missing.
+
+``ListenerClient(url, session=ready.session, listen_token=ready.listen_token)`` is the receiving side of a
+low-bitrate link: it yields the sender's units and audio resynthesized from those units alone.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class UnitsClient:
     def __init__(self, url: str, *, sample_rate: int, format: str = "pcm16", k: int | None = None,
                  lmbda: int | None = None, preset: str = "low-latency", score: bool = False,
                  options: dict | None = None, token: str | None = None, origin: str | None = None,
-                 open_timeout: float = 60.0, frame_ms: float = 100.0):  # fmt: skip
+                 open_timeout: float = 60.0, frame_ms: float = 100.0, resynth: dict | None = None):  # fmt: skip
         if format not in P.SAMPLE_FORMATS:
             raise InvalidInput(f"format must be one of {P.SAMPLE_FORMATS}, got {format!r}")
         self.url = url
@@ -52,6 +57,8 @@ class UnitsClient:
                           "format": format, "preset": preset, "score": score, "options": dict(options or {})}  # fmt: skip
         if k is not None or lmbda is not None:
             self.start_msg.update(k=k, lmbda=lmbda)
+        if resynth is not None:
+            self.start_msg["resynth"] = dict(resynth)
         self.sample_rate = sample_rate
         self.format = format
         self.token = token
@@ -63,6 +70,8 @@ class UnitsClient:
         self.sent_samples = 0
         self._ws = None
         self._next_seq = 0
+        self._next_audio_seq = 0
+        self.audio_samples = 0  # resynthesized 24 kHz samples received
 
     async def __aenter__(self) -> "UnitsClient":
         await self.connect()
@@ -105,8 +114,8 @@ class UnitsClient:
             code = e.rcvd.code if e.rcvd else 1006
             raise SessionError("connection_lost", f"the connection closed ({code} {reason}) before the session "
                                                   "ended") from None  # fmt: skip
-        if isinstance(text, bytes):  # reserved for audio in a later protocol version
-            raise SessionError("bad_message", "the server sent a binary frame, which protocol version 1 does not use")
+        if isinstance(text, bytes):  # resynthesized audio
+            return P.decode_audio_chunk(text)
         return P.parse_server_message(text)
 
     async def send(self, samples: np.ndarray) -> None:
@@ -134,9 +143,17 @@ class UnitsClient:
                     raise SessionError(fatal.code, fatal.message) from None
                 raise
             if isinstance(msg, P.Unit):
+                if self._next_seq == 0 and msg.seq > 0 and isinstance(self, ListenerClient):
+                    self._next_seq = msg.seq  # a listener joins a running stream at its next unit
                 if msg.seq != self._next_seq:
                     raise SessionError("protocol", f"unit seq {msg.seq} arrived, expected {self._next_seq}")
                 self._next_seq += 1
+            elif isinstance(msg, P.AudioChunk):
+                if msg.seq != self._next_audio_seq or msg.start_sample != self.audio_samples:
+                    raise SessionError("protocol", f"audio chunk {msg.seq} at sample {msg.start_sample} arrived, "
+                                                   f"expected {self._next_audio_seq} at {self.audio_samples}")  # fmt: skip
+                self._next_audio_seq += 1
+                self.audio_samples += len(msg.samples)
             elif isinstance(msg, P.Error) and msg.fatal:
                 fatal = msg
             elif isinstance(msg, P.EndMessage):
@@ -182,6 +199,21 @@ class UnitsClient:
     async def close(self) -> None:
         if self._ws is not None:
             await self._ws.close()
+
+
+class ListenerClient(UnitsClient):
+    """The receiving side of a link: subscribe to a running session (its ready.session and ready.listen_token) and
+    iterate its units and the audio resynthesized from them with ``resynth`` options (``audio=False``: units only).
+    ``end()`` leaves: the audio of the units received so far still comes, then the end message."""
+
+    def __init__(self, url: str, *, session: str, listen_token: str, audio: bool = True, resynth: dict | None = None,
+                 token: str | None = None, origin: str | None = None, open_timeout: float = 60.0):  # fmt: skip
+        super().__init__(url, sample_rate=16000, token=token, origin=origin, open_timeout=open_timeout)
+        self.start_msg = {"type": "subscribe", "version": P.PROTOCOL_VERSION, "session": session,
+                          "token": listen_token, "resynth": dict(resynth or {}) if audio else None}  # fmt: skip
+
+    async def send(self, samples: np.ndarray) -> None:
+        raise InvalidInput("a listener sends no audio")
 
 
 def chunked(samples: np.ndarray, sample_rate: int, chunk_ms: float = 100.0) -> list[np.ndarray]:

@@ -4,7 +4,8 @@ commit lag, real-time factor and bitrate. Everything goes through the real serve
 
 Works offline on a fresh machine: it uses the released checkpoints when they are in the torch.hub cache
 (`dpslm-stream download --encoder-only`) and otherwise the tiny random-weight set (units are then not speech).
---keep-serving leaves the server up afterwards, e.g. for the browser page it prints.
+--keep-serving leaves the server up afterwards, e.g. for the browser page it prints. --resynth OUT.wav also asks
+the server to resynthesize the units (ELLA-V + WavTokenizer) and writes the 24 kHz audio that streams back.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="server port (default: any free port)")
     p.add_argument("--seconds", type=float, default=None, help="--mic: stop after this long")
     p.add_argument("--keep-serving", action="store_true", help="keep the server up afterwards (Ctrl-C to stop)")
+    p.add_argument("--resynth", type=Path, default=None, metavar="OUT.wav",
+                   help="also resynthesize the units on the server and write the audio that streams back here")
     return p
 
 
@@ -55,14 +58,32 @@ async def _stream_file(url: str, path: Path, args: argparse.Namespace) -> P.EndM
 
     wav, sr = load_audio(path)
     line = LiveLine()
-    async with UnitsClient(url, sample_rate=sr, preset=args.preset, score=args.score,
-                           options={"mode": args.mode}) as client:  # fmt: skip
+    audio = []
+    resynth = {} if args.resynth else None
+    async with UnitsClient(url, sample_rate=sr, preset=args.preset, score=args.score, options={"mode": args.mode},
+                           resynth=resynth) as client:  # fmt: skip
         r = client.ready
         print(f"streaming {path.name} ({len(wav) / sr:.1f} s at {sr} Hz) in real time: session {r.session}, "
               f"k={r.settings['k']} lambda={r.settings['lmbda']}, {r.settings['mode']}/{r.settings['preset']}")  # fmt: skip
         async for msg in client.stream(chunked(wav, sr, 20), realtime=True):
-            line.update(msg)
-        return client.end_message
+            if isinstance(msg, P.AudioChunk):
+                audio.append(msg.samples)
+            else:
+                line.update(msg)
+    if args.resynth:
+        from dpslm_stream.audio import save_wav
+
+        import numpy as np
+
+        samples = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+        args.resynth.parent.mkdir(parents=True, exist_ok=True)
+        save_wav(args.resynth, samples, P.RESYNTH_SAMPLE_RATE)
+        r = client.end_message.resynth or {}
+        first = r.get("first_audio_latency_s")
+        print(f"\nresynthesized {len(samples) / P.RESYNTH_SAMPLE_RATE:.2f} s of audio from the units (first audio "
+              f"{'n/a' if first is None else f'{first:.2f} s'} after the first unit; resynthesis real-time factor "
+              f"{r.get('real_time_factor', 0):.2f}); wrote {args.resynth}")  # fmt: skip
+    return client.end_message
 
 
 def run(args: argparse.Namespace) -> int:

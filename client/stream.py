@@ -4,6 +4,8 @@ Each file is one session, sent in chunks either paced in real time (``--pace rea
 fast as the server takes them (``--pace fast``, the default; the server's back-pressure sets the speed). Units are
 printed as they commit; ``--json`` writes the same document as ``dpslm-stream encode --json`` (so the two can be
 compared directly: in ``--mode full`` they are equal), with the stream's lag figures added per file.
+``--resynth`` asks for the units resynthesized back into speech (ELLA-V + WavTokenizer on the server) and
+``--audio-out OUT.wav`` writes that 24 kHz audio (one file per input: OUT_1.wav, ... after the first).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class StreamResult:
     units: list[P.Unit] = field(default_factory=list)
     stats: list[P.Stats] = field(default_factory=list)
     errors: list[P.Error] = field(default_factory=list)
+    audio: list[P.AudioChunk] = field(default_factory=list)  # resynthesized 24 kHz chunks, in order
     end: P.EndMessage | None = None
     seconds: float = 0.0  # duration of the input audio
     wall_s: float = 0.0  # connect to end message
@@ -75,6 +78,8 @@ async def stream_audio(url: str, wav: np.ndarray, sr: int, *, realtime: bool = F
                 result.stats.append(msg)
             elif isinstance(msg, P.Error):
                 result.errors.append(msg)
+            elif isinstance(msg, P.AudioChunk):
+                result.audio.append(msg)
             elif isinstance(msg, P.EndMessage):
                 result.end = msg
             if on_message is not None:
@@ -93,6 +98,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chunk-ms", type=float, default=100.0, help="audio per chunk (default 100 ms)")
     p.add_argument("--json", type=Path, default=None, help="write units/durations/starts/scores as JSON here")
     p.add_argument("--quiet", action="store_true", help="do not print units as they arrive")
+    p.add_argument("--resynth", action="store_true", help="ask for the units resynthesized into 24 kHz speech")
+    p.add_argument("--resynth-options", type=json.loads, default=None, metavar="JSON",
+                   help='resynthesis options, e.g. \'{"holdback": 2, "left_context": 32, "greedy": false, "seed": 1}\'')
+    p.add_argument("--audio-out", type=Path, default=None, help="write the resynthesized audio here (WAV, 24 kHz); "
+                                                                "implies --resynth")  # fmt: skip
     return p
 
 
@@ -123,7 +133,12 @@ def run(args: argparse.Namespace) -> int:
     from dpslm_stream.audio import load_audio
     from dpslm_stream.pipeline import bitrate, default_num_neighbors
 
+    from dpslm_stream.audio import save_wav
+
     kwargs = client_kwargs(args)
+    options = getattr(args, "resynth_options", None)
+    if getattr(args, "resynth", False) or getattr(args, "audio_out", None) or options is not None:
+        kwargs["resynth"] = dict(options or {})
     results: dict[str, StreamResult] = {}
 
     def printer(msg) -> None:
@@ -149,6 +164,22 @@ def run(args: argparse.Namespace) -> int:
         lag = "n/a" if q["lag_p50_s"] is None else f"p50 {q['lag_p50_s']:.2f} s, p95 {q['lag_p95_s']:.2f} s"
         print(f"\n{path}: {len(res.units)} units in {res.seconds:.2f} s of audio, streamed in {res.wall_s:.2f} s; "
               f"commit lag {lag}; session {res.ready.session}", file=sys.stderr if args.quiet else sys.stdout)  # fmt: skip
+        if "resynth" in kwargs and res.end is not None and res.end.resynth is not None:
+            r = res.end.resynth
+            audio = np.concatenate([c.samples for c in res.audio]) if res.audio else np.zeros(0, np.float32)
+            note = f"; resynthesis stopped: {r['error']}" if r.get("error") else ""
+            first = r["first_audio_latency_s"]
+            print(f"{path}: resynthesized {len(audio) / P.RESYNTH_SAMPLE_RATE:.2f} s of 24 kHz audio in "
+                  f"{len(res.audio)} chunks; first audio after {'n/a' if first is None else f'{first:.2f} s'}, "
+                  f"resynthesis real-time factor {r['real_time_factor']:.2f}{note}",
+                  file=sys.stderr if args.quiet else sys.stdout)  # fmt: skip
+            if getattr(args, "audio_out", None):
+                i = len(results) - 1
+                out = args.audio_out if i == 0 else args.audio_out.with_name(
+                    f"{args.audio_out.stem}_{i}{args.audio_out.suffix}")  # fmt: skip
+                out.parent.mkdir(parents=True, exist_ok=True)
+                save_wav(out, audio, P.RESYNTH_SAMPLE_RATE)
+                print(f"wrote {out}", file=sys.stderr if args.quiet else sys.stdout)
     if args.json:
         first = next(iter(results.values())).ready
         k, lmbda = first.settings["k"], first.settings["lmbda"]

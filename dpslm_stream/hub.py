@@ -72,7 +72,7 @@ _ULM_1K_HASHES = {
     (1000, 2500): "c5cd03ce", (1000, 3800): "2c798110", (1000, 6000): "df9e72a7",
 }  # fmt: skip
 _ULM_60K_HASHES = {(500, 4500): "09759305"}
-# Upstream ELLA-V's hubconf keys k=100 as (0, lambda) by mistake; here every pair is keyed by its real k.
+# Every pair is keyed by its real k (early upstream ELLA-V hubconf keyed k=100 as (0, lambda); fixed upstream since).
 _ELLAV_HASHES = {
     (100, 0): "c4686bf9", (100, 600): "1448a9ec", (100, 1500): "6bdae6f8",
     (100, 3000): "6e277bbd", (100, 5000): "90149573", (100, 9000): "58352115",

@@ -10,16 +10,20 @@ A session is one WebSocket connection to ``WS_PATH``:
     audio (binary frames, PCM16 or float32 little-endian mono at the declared rate)
                                     <-       unit (JSON, seq 0, 1, 2, ... never reordered or dropped)
                                     <-       stats (JSON, about once a second)
+                                    <-       audio (binary, 24 kHz PCM16 with a 16-byte header; start.resynth only)
     end (JSON)                      ->
-                                    <-       the remaining units, then end (JSON), then close 1000
+                                    <-       the remaining units (and audio), then end (JSON), then close 1000
+
+A listener (the low-bitrate link's receiving side) opens its own connection and sends ``subscribe`` with a sender's
+session id and listen token (both in the sender's ``ready``); it receives the sender's units from then on and audio
+resynthesized from those units alone, then ``end`` when the sender's stream is over.
 
 Errors are JSON ``error`` messages with a stable ``code`` (see ``ErrorCode``), a human ``message`` and ``fatal``:
 a non-fatal error rejects one message and the session goes on; after a fatal one the server delivers the units it
 can still produce, sends ``end`` and closes with the close code of ``CLOSE_CODES``.
 
-Room is left for live resynthesis (a later protocol version): ``start.resynth`` and the ``subscribe`` message are
-reserved names, and server-to-client binary frames are reserved for audio; version 1 servers refuse the first two
-with ``unsupported_option`` / ``unknown_type`` and never send binary frames.
+Version 2 added live resynthesis (``start.resynth``, binary audio frames, the resynth fields of ``stats`` and
+``end``) and listener mode (``subscribe``). A version-1 client never asks for either and sees the version-1 protocol.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Union
@@ -36,8 +41,8 @@ import numpy as np
 from dpslm_stream.audio import check_finite, check_sample_rate, float32le_to_float, float_to_pcm16, pcm16_to_float
 from dpslm_stream.errors import InvalidInput
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
 # HTTP paths served on the one port.
 WS_PATH = "/v1/stream"  # the WebSocket endpoint
@@ -51,9 +56,14 @@ SAMPLE_FORMATS = ("pcm16", "float32")
 BYTES_PER_SAMPLE = {"pcm16": 2, "float32": 4}
 FRAME_RATE = 50  # WavLM frames (and unit boundaries) per second of audio
 
-# Field names a later protocol version will give a meaning; version 1 refuses them clearly instead of ignoring them.
-RESERVED_START_FIELDS = ("resynth",)
-RESERVED_CLIENT_TYPES = ("subscribe",)
+# Resynthesized audio (server -> client binary frames): 24 kHz mono PCM16 after a 16-byte little-endian header
+#   kind (uint8, AUDIO_FRAME_KIND) | 3 zero bytes | seq (uint32, 0, 1, 2, ... per session) | start_sample (uint64)
+# start_sample counts 24 kHz samples from the start of the session's resynthesized audio; chunks are contiguous
+# (start_sample of chunk n+1 = start_sample + samples of chunk n). 16 bytes keep the PCM 2-byte aligned for
+# Int16Array views in browsers.
+AUDIO_FRAME_KIND = 1
+AUDIO_HEADER = struct.Struct("<B3xIQ")
+RESYNTH_SAMPLE_RATE = 24000
 
 
 class ErrorCode(str, Enum):
@@ -67,7 +77,9 @@ class ErrorCode(str, Enum):
     BAD_SAMPLE_RATE = "bad_sample_rate"  # not an integer in [8000, 48000] Hz
     UNKNOWN_MODEL = "unknown_model"  # a (k, lambda) pair the server has not loaded
     BAD_SETTINGS = "bad_settings"  # an unknown preset or mode, or window options the encoder refuses
-    UNSUPPORTED_OPTION = "unsupported_option"  # a reserved option this server version does not implement
+    UNSUPPORTED_OPTION = "unsupported_option"  # an option this server does not offer (e.g. resynth when disabled)
+    UNKNOWN_SESSION = "unknown_session"  # subscribe: no running session with that id, or a wrong listen token
+    NOT_A_SENDER = "not_a_sender"  # audio, start or end on a listener connection
     NOT_STARTED = "not_started"  # audio or end before start
     ALREADY_STARTED = "already_started"  # a second start on one connection
     AFTER_END = "after_end"  # audio after end
@@ -82,6 +94,7 @@ class ErrorCode(str, Enum):
     BUSY = "busy"  # all session slots are taken: try again later (sent at once after the handshake)
     CLIENT_TOO_SLOW = "client_too_slow"  # the client does not read its messages; the connection is dropped
     INTERNAL_ERROR = "internal_error"  # a bug or a model failure in this session; other sessions are unaffected
+    SENDER_GONE = "sender_gone"  # listener: the sender's connection ended before its stream did
     # Handshake refusals: HTTP status codes, no WebSocket (named here for the metrics).
     UNAUTHORIZED = "unauthorized"  # HTTP 401: missing or wrong token
     FORBIDDEN_ORIGIN = "forbidden_origin"  # HTTP 403: a browser Origin not in the allowlist
@@ -103,6 +116,8 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.SHUTTING_DOWN: CLOSE_GOING_AWAY,
     ErrorCode.BUSY: CLOSE_TRY_AGAIN,
     ErrorCode.INTERNAL_ERROR: CLOSE_INTERNAL,
+    ErrorCode.UNKNOWN_SESSION: CLOSE_POLICY,
+    ErrorCode.SENDER_GONE: CLOSE_GOING_AWAY,
 }
 FATAL_CODES = frozenset(CLOSE_CODES)
 
@@ -131,12 +146,31 @@ class Start:
     preset: str = "low-latency"  # window preset of the streaming encoder (low-latency, balanced, quality)
     score: bool = False  # add ULM log-probabilities to units
     options: dict = field(default_factory=dict)  # encoder overrides: mode, left, hop, lookahead, max_lag
+    resynth: dict | None = None  # live resynthesis: audio back from the units (RESYNTH_OPTIONS); None = off
     version: int = PROTOCOL_VERSION
 
 
 # Encoder overrides accepted in start.options, with their JSON types (None = keep the preset's value).
 START_OPTIONS = {"mode": str, "left": int, "hop": int, "lookahead": int, "max_lag": int}
 ENCODER_MODES = ("full", "sliding", "cached")  # "full": exact offline units, all at end; the others stream
+
+# Resynthesis options of start.resynth / subscribe.resynth, with their JSON types. Units are deduplicated units
+# (left_context C, holdback L; null = unlimited, the exact setting) and 25 ms codec frames (vocoder_*).
+RESYNTH_OPTIONS = {"left_context": int, "holdback": int, "greedy": bool, "seed": int, "temperature": float,
+                   "top_p": float, "trigger_units": int, "trigger_s": float, "vocoder_left_context": int,
+                   "vocoder_lookahead": int}  # fmt: skip
+RESYNTH_NULLABLE = ("left_context", "holdback", "seed", "trigger_s", "vocoder_left_context")
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    """Client -> server, first message of a listener: receive a running session's units and resynthesized audio."""
+
+    TYPE: ClassVar[str] = "subscribe"
+    session: str  # the sender's session id (its ready.session)
+    token: str  # the sender's ready.listen_token
+    resynth: dict | None = field(default_factory=dict)  # RESYNTH_OPTIONS for the listener's own resynthesis; None = units only
+    version: int = PROTOCOL_VERSION
 
 
 @dataclass(frozen=True)
@@ -158,6 +192,8 @@ class Ready:
     random_weights: bool  # True for the tiny set: units are plumbing checks, not speech
     server: str  # "dpslm-stream <version>"
     version: int = PROTOCOL_VERSION
+    role: str = "sender"  # "sender" (start) or "listener" (subscribe)
+    listen_token: str | None = None  # sender only: what a listener passes in subscribe (share it with the session id)
 
 
 @dataclass(frozen=True)
@@ -193,6 +229,10 @@ class Stats:
     lag_p95_s: float | None  # 95th percentile of the commit lag over the session so far
     loglikelihood: float | None  # sum of the units' logprobs (score=true only)
     state_nbytes: int  # streaming state held for this session (encoder + server buffers); bounded
+    resynth_audio_s: float | None = None  # resynthesized audio sent (24 kHz); None without resynthesis
+    resynth_lag_s: float | None = None  # how long the oldest unit without audio has waited (grows if not real time)
+    resynth_rtf: float | None = None  # resynthesis compute per second of audio made (> 1: slower than real time)
+    listeners: int = 0  # sender: listeners subscribed now
 
 
 @dataclass(frozen=True)
@@ -217,9 +257,10 @@ class EndMessage:
     audio_s: float
     stats: dict  # the final Stats fields
     forced_commits: int = 0  # DPDP decisions forced by max_lag (0: the units are exactly offline DPDP's)
+    resynth: dict | None = None  # resynthesis totals (units, codec_frames, audio_seconds, chunks, latencies, rtf, error)
 
 
-ClientMessage = Union[Start, End]
+ClientMessage = Union[Start, End, Subscribe]
 ServerMessage = Union[Ready, Unit, Stats, Error, EndMessage]
 _SERVER_TYPES: dict[str, type] = {c.TYPE: c for c in (Ready, Unit, Stats, Error, EndMessage)}
 
@@ -271,28 +312,59 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
         if extra:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"end takes no fields, got {extra}")
         return End()
-    if kind in RESERVED_CLIENT_TYPES:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"message type {kind!r} is reserved for a later protocol version; "
-                                                    f"this server speaks version {PROTOCOL_VERSION}")  # fmt: skip
+    if kind == Subscribe.TYPE:
+        return _parse_subscribe(obj)
     raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected one of "
-                                                f"{[Start.TYPE, End.TYPE]} (audio goes in binary frames)")  # fmt: skip
+                                                f"{[Start.TYPE, End.TYPE, Subscribe.TYPE]} (audio goes in binary "
+                                                "frames)")  # fmt: skip
+
+
+def _check_version(obj: dict) -> int:
+    version = _check_type("version", obj.get("version", PROTOCOL_VERSION), int)
+    if version not in SUPPORTED_VERSIONS:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version} is not supported; "
+                                                           f"this server speaks {list(SUPPORTED_VERSIONS)}")  # fmt: skip
+    return version
+
+
+def _parse_resynth(where: str, value: Any, version: int) -> dict | None:
+    """Type-check a resynth options object (values are checked by the resynthesis worker)."""
+    if value is None:
+        return None
+    if version < 2:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_OPTION, f"{where} needs protocol version 2 (send \"version\": 2)")
+    _check_type(where, value, dict)
+    for name, item in value.items():
+        if name not in RESYNTH_OPTIONS:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown {where} option {name!r}; expected "
+                                                       f"{sorted(RESYNTH_OPTIONS)}")  # fmt: skip
+        _check_type(f"{where}.{name}", item, RESYNTH_OPTIONS[name], optional=name in RESYNTH_NULLABLE)
+    return dict(value)
+
+
+def _parse_subscribe(obj: dict) -> Subscribe:
+    allowed = {"type"} | {f.name for f in dataclasses.fields(Subscribe)}
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown subscribe field(s) {unknown}; expected "
+                                                   f"{sorted(allowed - {'type'})}")  # fmt: skip
+    version = _check_version(obj)
+    for name in ("session", "token"):
+        if name not in obj:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"subscribe needs {name!r} (from the sender's ready message)")
+        _check_type(name, obj[name], str)
+    return Subscribe(session=obj["session"], token=obj["token"], version=version,
+                     resynth=_parse_resynth("subscribe.resynth", obj.get("resynth", {}), version))  # fmt: skip
 
 
 def _parse_start(obj: dict) -> Start:
     allowed = {"type"} | {f.name for f in dataclasses.fields(Start)}
-    for name in RESERVED_START_FIELDS:
-        if name in obj:
-            raise ProtocolError(ErrorCode.UNSUPPORTED_OPTION, f"start.{name} is reserved for a later protocol version "
-                                                              "and not available on this server")  # fmt: skip
     unknown = sorted(set(obj) - allowed)
     if unknown:
         hint = " (the duration penalty is spelled 'lmbda')" if "lambda" in unknown else ""
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown start field(s) {unknown}{hint}; "
                                                    f"expected {sorted(allowed - {'type'})}")  # fmt: skip
-    version = _check_type("version", obj.get("version", PROTOCOL_VERSION), int)
-    if version not in SUPPORTED_VERSIONS:
-        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version} is not supported; "
-                                                           f"this server speaks {list(SUPPORTED_VERSIONS)}")  # fmt: skip
+    version = _check_version(obj)
     if "sample_rate" not in obj:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "start needs 'sample_rate' (Hz of the audio you will send)")
     try:
@@ -317,8 +389,37 @@ def _parse_start(obj: dict) -> Start:
         preset=_check_type("preset", obj.get("preset", "low-latency"), str),
         score=_check_type("score", obj.get("score", False), bool),
         options={name: value for name, value in options.items() if value is not None},
+        resynth=_parse_resynth("start.resynth", obj.get("resynth"), version),
         version=version,
     )
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """Server -> client binary frame: resynthesized audio (see AUDIO_HEADER). ``samples`` is float32 in [-1, 1)."""
+
+    seq: int
+    start_sample: int  # at 24 kHz, from the start of the session's resynthesized audio
+    samples: np.ndarray
+
+    @property
+    def start_s(self) -> float:
+        return self.start_sample / RESYNTH_SAMPLE_RATE
+
+
+def encode_audio_chunk(seq: int, start_sample: int, pcm16: bytes) -> bytes:
+    """One binary server frame: the header, then little-endian PCM16 samples at 24 kHz."""
+    return AUDIO_HEADER.pack(AUDIO_FRAME_KIND, seq, start_sample) + pcm16
+
+
+def decode_audio_chunk(data: bytes) -> AudioChunk:
+    """Parse a binary server frame (ProtocolError for anything that is not an audio chunk)."""
+    if len(data) < AUDIO_HEADER.size or (len(data) - AUDIO_HEADER.size) % 2:
+        raise ProtocolError(ErrorCode.BAD_AUDIO, f"binary server frame of {len(data)} bytes is not an audio chunk")
+    kind, seq, start = AUDIO_HEADER.unpack_from(data)
+    if kind != AUDIO_FRAME_KIND:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown binary frame kind {kind}")
+    return AudioChunk(seq, start, pcm16_to_float(data[AUDIO_HEADER.size :]))
 
 
 def parse_server_message(text: str | bytes) -> ServerMessage:

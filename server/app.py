@@ -7,7 +7,9 @@ On one port:
     /             the browser page (client/web) and its assets
 
 The event loop only moves bytes, validates messages and enforces limits; every model call happens on the
-ModelWorker thread (server/worker.py), which batches all sessions into one forward per round. What a connection
+ModelWorker thread (server/worker.py), which batches all sessions into one forward per round, or, for sessions that
+asked for audio back (start.resynth) and for listeners, on the ResynthThread (server/resynth.py), which turns the
+committed units into 24 kHz audio, batched across sessions, without ever delaying the units. What a connection
 may cost is bounded: one slot of ``max_sessions`` (a full server answers ``busy`` at once), ``max_buffer_s`` of queued
 audio (the server then stops reading the socket, which is TCP back-pressure on the client, and gives up with
 ``buffer_full`` if the queue does not move for ``stall_timeout_s``), ``max_outgoing`` queued messages (a client that
@@ -18,6 +20,7 @@ does not read is dropped), ``max_message_bytes`` per frame, ``idle_timeout_s`` w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import hmac
 import http
@@ -25,6 +28,7 @@ import json
 import logging
 import math
 import mimetypes
+import secrets
 import threading
 import time
 import uuid
@@ -46,9 +50,11 @@ from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.pipeline import default_num_neighbors
 from dpslm_stream.stream.encoder import PRESETS
 from dpslm_stream.stream.events import EndEvent, UnitEvent
+from dpslm_stream.stream.resynth import AudioEvent, ResynthEndEvent
 
 from .meters import ArrivalClock, BitrateMeter, LagHistogram
 from .metrics import Metrics
+from .resynth import ResynthThread
 from .worker import ModelWorker, Progress, Slot
 
 log = logging.getLogger("dpslm_stream.server")
@@ -84,6 +90,10 @@ class ServerConfig:
     quantum_s: float = 0.5  # audio per session per worker round (fairness)
     warmup: bool = True  # run one short stream through the models before accepting clients
     busy_retry_after_s: float = 5.0
+    resynth: bool = True  # offer live resynthesis (start.resynth, listeners); its models load on first use
+    resynth_device: str | None = None  # device of the resynthesis worker (default: device)
+    resynth_dtype: str = "float32"  # ELLA-V dtype (bfloat16/float16 are meant for a GPU)
+    max_listeners: int = 4  # listeners per sender session
 
     def limits(self) -> dict:
         """The limits every client is told in ``ready``."""
@@ -92,6 +102,7 @@ class ServerConfig:
                 "stall_timeout_s": self.stall_timeout_s}  # fmt: skip
 
 
+_AUTO = object()  # "build it from the config" (Server's resynth argument)
 _CLOSE = object()  # sentinel in a connection's outgoing queue: close after everything before it was sent
 
 
@@ -126,6 +137,19 @@ class Connection:
         self._timers: list[asyncio.TimerHandle] = []
         self.outcome: str | None = None  # how the session ended (the sessions_total metric's label)
         self._stats_sent_at = (-1, -1)
+        self.units_done = False  # every unit of the stream has been sent (the encoder's EndEvent, or the sender's)
+        self._encoder_end: EndEvent | None = None
+        # Resynthesis (start.resynth, or a listener's): units in, audio chunks out, on the ResynthThread.
+        self.rsession = None
+        self.resynth_end: ResynthEndEvent | None = None
+        self.rstats = None
+        self.audio_chunks = 0
+        self.audio_samples = 0
+        # Listener mode: a sender has listeners; a listener has one sender.
+        self.role: str | None = None  # "sender" after start, "listener" after subscribe
+        self.listen_token: str | None = None
+        self.listeners: set[Connection] = set()
+        self.sender: Connection | None = None
 
     # --- outgoing ------------------------------------------------------------------------------------------------
 
@@ -152,7 +176,7 @@ class Connection:
                     code, reason = self._close_with
                     await self.ws.close(code, reason)
                     return
-                await self.ws.send(P.to_json(msg))
+                await self.ws.send(msg if isinstance(msg, bytes) else P.to_json(msg))
         except ConnectionClosed:
             pass
         except Exception:  # a bug must not leave the connection hanging: close it, keep serving the others
@@ -171,6 +195,7 @@ class Connection:
             await self._receive_loop()
         finally:
             self._cancel_slot()
+            self._detach()
             for t in self._timers:
                 t.cancel()
             if not sender.done():
@@ -181,8 +206,9 @@ class Connection:
 
     async def _receive_loop(self) -> None:
         while True:
-            # No idle limit once the session is ending: then recv() only waits for the client to go away.
-            ending = self.ending is not None or self.finished
+            # No idle limit once the session is ending (recv() only waits for the client to go away), nor for a
+            # listener, which only receives.
+            ending = self.ending is not None or self.finished or self.role == "listener"
             timeout = None if ending else max(0.0, self.last_rx + self.cfg.idle_timeout_s - time.monotonic())
             try:
                 data = await asyncio.wait_for(self.ws.recv(), timeout)
@@ -205,7 +231,17 @@ class Connection:
         except P.ProtocolError as e:
             self.error(e.code, str(e))
             return
-        if isinstance(msg, P.Start):
+        if self.role == "listener":
+            if isinstance(msg, P.End):
+                self._leave()
+            else:
+                self.error(P.ErrorCode.NOT_A_SENDER, f"a listener connection takes no {msg.TYPE}; send end to leave")
+        elif isinstance(msg, P.Subscribe):
+            if self.role is not None:
+                self.error(P.ErrorCode.ALREADY_STARTED, "this connection is a sender; subscribe on a new connection")
+            else:
+                await self._on_subscribe(msg)
+        elif isinstance(msg, P.Start):
             await self._on_start(msg)
         elif self.start is None:
             self.error(P.ErrorCode.NOT_STARTED, "end before start: send a start message first")
@@ -234,6 +270,8 @@ class Connection:
             self.error(P.ErrorCode.BAD_SETTINGS, f"mode {mode!r} / preset {msg.preset!r} is not offered here; modes: "
                                                  f"{', '.join(self.cfg.modes)}; presets: {presets}")  # fmt: skip
             return
+        if msg.resynth is not None and not await self._open_resynth(k, lmbda, msg.resynth):
+            return
         open_session = lambda: self.server.encoder.open_session(  # noqa: E731 (runs on the worker thread)
             msg.sample_rate, k, lmbda, mode=mode, preset=msg.preset, score=msg.score, **opts)
         try:
@@ -247,18 +285,27 @@ class Connection:
         except Exception as e:  # noqa: BLE001 (a failing model load must not take the server down)
             log.exception("opening a session failed")
             self.error(P.ErrorCode.INTERNAL_ERROR, f"could not open a session: {type(e).__name__}: {e}")
+        finally:
+            if self.slot is None:
+                self._close_resynth()
+        if self.slot is None:
             return
         if self.finished:  # the connection was closed (drain) while the models loaded
             self._cancel_slot()
             return
         self.start = msg
         self.mode = mode
+        self.role = "sender"
+        self.listen_token = secrets.token_urlsafe(16)
+        self.server.senders[self.id] = self
         self.started_at = time.monotonic()
         session = self.slot.session
         settings = {"sample_rate": msg.sample_rate, "format": msg.format, "k": k, "lmbda": lmbda,
-                    "preset": msg.preset, "score": msg.score, "frame_rate": P.FRAME_RATE, **_resolved_window(session)}
+                    "preset": msg.preset, "score": msg.score, "frame_rate": P.FRAME_RATE, **_resolved_window(session),
+                    "resynth": _resolved_resynth(self.rsession)}  # fmt: skip
         self.send(P.Ready(session=self.id, settings=settings, limits=self.cfg.limits(), models=self.server.models_name,
-                          random_weights=self.server.random_weights, server=f"dpslm-stream {__version__}"))  # fmt: skip
+                          random_weights=self.server.random_weights, server=f"dpslm-stream {__version__}",
+                          listen_token=self.listen_token))  # fmt: skip
         loop = asyncio.get_running_loop()
         self._timers.append(loop.call_later(self.cfg.max_session_s, self.limit, P.ErrorCode.SESSION_TIME_LIMIT,
                                             f"the session reached the {self.cfg.max_session_s:g} s limit"))  # fmt: skip
@@ -266,6 +313,9 @@ class Connection:
 
     async def _on_audio(self, data: bytes, arrived: float) -> None:
         if self.finished:
+            return
+        if self.role == "listener":
+            self.error(P.ErrorCode.NOT_A_SENDER, "a listener connection takes no audio; the frame was dropped")
             return
         if self.start is None:
             self.error(P.ErrorCode.NOT_STARTED, "audio before start: send a start message (JSON) first; the frame "
@@ -316,6 +366,11 @@ class Connection:
         send end, close with the code's close code. Before start there is nothing to finish."""
         if self.finished or self.ending is not None:  # already ending: its units are being finished
             return
+        if self.role == "listener" and self.sender is not None:
+            self.error(code, f"{why}; the audio of the units received follows, then end", fatal=True)
+            self.ending = code.value
+            self._units_over()
+            return
         close_code = P.CLOSE_CODES[code]
         if self.start is None:
             self.error(code, f"{why}; closing", fatal=True)
@@ -336,6 +391,161 @@ class Connection:
     def _cancel_slot(self) -> None:
         if self.slot is not None and not self.progress.finished:
             self.slot.cancelled = True  # the worker drops it at its next round
+
+    # --- resynthesis and listeners ---------------------------------------------------------------------------------
+
+    async def _open_resynth(self, k: int, lmbda: int, options: dict) -> bool:
+        """Open this connection's resynthesis stream (on the ResynthThread, which may load ELLA-V and WavTokenizer);
+        on failure send the error and return False."""
+        if self.server.resynth is None:
+            self.error(P.ErrorCode.UNSUPPORTED_OPTION, "this server runs without resynthesis (started with "
+                                                       "--no-resynth); ask for units only")  # fmt: skip
+            return False
+        open_session = lambda: self.server.resynth.open_session(k, lmbda, **options)  # noqa: E731
+        try:
+            self.rsession = await self.server.resynth_thread.open(open_session, self)
+            return True
+        except UnknownModel as e:
+            self.error(P.ErrorCode.UNKNOWN_MODEL, f"no resynthesis model: {e}")
+        except (InvalidInput, TypeError) as e:
+            self.error(P.ErrorCode.BAD_SETTINGS, f"resynth options: {e}")
+        except Exception as e:  # noqa: BLE001
+            log.exception("opening a resynthesis stream failed")
+            self.error(P.ErrorCode.INTERNAL_ERROR, f"could not open resynthesis: {type(e).__name__}: {e}")
+        return False
+
+    def _close_resynth(self) -> None:
+        if self.rsession is not None and self.resynth_end is None:
+            self.server.resynth_thread.close(self.rsession)
+
+    def _resynthesize(self, unit: int, end_s: float) -> None:
+        if self.rsession is None or self.resynth_end is not None:
+            return
+        try:
+            self.rsession.push_units([unit], [end_s])
+        except InvalidInput as e:  # cannot happen for the encoder's own units; do not lose the session over it
+            log.error("session %s: resynthesis refused a unit: %s", self.id, e)
+            return
+        self.server.resynth_thread.wake()
+
+    def _end_resynth(self) -> None:
+        if self.rsession is not None and self.resynth_end is None:
+            self.rsession.end()
+            self.server.resynth_thread.wake()
+
+    async def _on_subscribe(self, msg: P.Subscribe) -> None:
+        """Listener mode: receive a running sender's units, and audio made from those units alone."""
+        sender = self.server.senders.get(msg.session)
+        token_ok = sender is not None and sender.listen_token is not None and hmac.compare_digest(
+            msg.token.encode(), sender.listen_token.encode())  # fmt: skip
+        if not token_ok or sender.units_done or sender.finished:
+            self.limit(P.ErrorCode.UNKNOWN_SESSION, f"no running session {msg.session!r} with that listen token")
+            return
+        if len(sender.listeners) >= self.cfg.max_listeners:
+            self.limit(P.ErrorCode.BUSY, f"session {msg.session} already has {self.cfg.max_listeners} listeners")
+            return
+        self.role = "listener"  # while the models load, start and audio are refused
+        k, lmbda = sender.slot.session.k, sender.slot.session.lmbda
+        if msg.resynth is not None and not await self._open_resynth(k, lmbda, msg.resynth):
+            self.role = None  # the error is sent; the client may subscribe again with other options
+            return
+        if sender.units_done or sender.finished or self.server.senders.get(msg.session) is not sender:
+            self.limit(P.ErrorCode.SENDER_GONE, f"session {msg.session} ended while the listener was starting")
+            return
+        self.sender = sender
+        sender.listeners.add(self)
+        self.started_at = time.monotonic()
+        settings = {"sender": sender.id, "k": k, "lmbda": lmbda, "frame_rate": P.FRAME_RATE,
+                    "resynth": _resolved_resynth(self.rsession)}  # fmt: skip
+        self.send(P.Ready(session=self.id, settings=settings, limits=self.cfg.limits(), models=self.server.models_name,
+                          random_weights=self.server.random_weights, server=f"dpslm-stream {__version__}",
+                          role="listener"))  # fmt: skip
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(self.cfg.stats_interval_s, self._stats_tick))
+
+    def relay_unit(self, msg: P.Unit) -> None:
+        """Listener: one of the sender's units (only units cross from sender to listener)."""
+        if self.finished or self.units_done:
+            return
+        self.units += 1
+        self.bits.add(int(msg.unit))
+        self.last_unit_end_s = float(msg.end_s)
+        self.num_frames = max(self.num_frames, int(msg.end_frame))
+        self.last_lag = msg.lag_s
+        self.lags.add(msg.lag_s)
+        self.send(msg)
+        self._resynthesize(int(msg.unit), float(msg.end_s))
+
+    def on_sender_done(self, gone: bool) -> None:
+        """Listener: the sender's stream is over (gone: its connection ended before its last unit)."""
+        if self.finished or self.units_done:
+            return
+        if gone:
+            self.error(P.ErrorCode.SENDER_GONE, "the sender's connection ended; the audio of the units received "
+                                                "follows, then end", fatal=True)  # fmt: skip
+        self.ending = P.ErrorCode.SENDER_GONE.value if gone else "end"
+        self._units_over()
+
+    def _leave(self) -> None:
+        """Listener sent end: stop receiving units, finish the audio of those received, then end."""
+        if self.units_done:
+            return
+        self.ending = "end"
+        self._units_over()
+
+    def _units_over(self) -> None:
+        """Every unit this connection will get has been sent: finish the resynthesis, then end."""
+        self.units_done = True
+        if self.sender is not None:
+            self.sender.listeners.discard(self)
+        self._end_resynth()
+        self._maybe_finish()
+
+    def _detach(self) -> None:
+        """The connection is gone: release the resynthesis stream, unregister, tell the listeners."""
+        self._close_resynth()
+        if self.sender is not None:
+            self.sender.listeners.discard(self)
+        if self.role == "sender":
+            if self.server.senders.get(self.id) is self:
+                del self.server.senders[self.id]
+            for listener in list(self.listeners):
+                listener.on_sender_done(gone=not self.units_done)
+
+    # --- called by the resynthesis thread (on the loop) -----------------------------------------------------------
+
+    def on_resynth_events(self, events: list, stats) -> None:
+        try:
+            self._take_resynth_events(events, stats)
+        except Exception as e:  # a bug here must not leave the session hanging: end it, keep serving the others
+            log.exception("session %s: handling resynthesis events failed", self.id)
+            self.on_failure(e)
+
+    def _take_resynth_events(self, events: list, stats) -> None:
+        self.rstats = stats
+        if self.finished:
+            return
+        m = self.server.metrics
+        for ev in events:
+            if isinstance(ev, AudioEvent):
+                if ev.num_samples == 0:
+                    continue
+                self.send(P.encode_audio_chunk(self.audio_chunks, self.audio_samples, ev.pcm16()))
+                self.audio_chunks += 1
+                self.audio_samples += ev.num_samples
+                m.resynth_audio_seconds_total.inc(ev.num_samples / P.RESYNTH_SAMPLE_RATE)
+                m.resynth_lag.observe(ev.lag_s)
+            elif isinstance(ev, ResynthEndEvent):
+                self.resynth_end = ev
+                if ev.error is not None:
+                    self.error(P.ErrorCode.INTERNAL_ERROR, f"resynthesis stopped: {ev.error}; units are unaffected")
+                self._maybe_finish()
+
+    def on_resynth_failure(self, error: BaseException) -> None:
+        if self.resynth_end is None:
+            self.on_resynth_events([ResynthEndEvent(0, 0, self.audio_samples / P.RESYNTH_SAMPLE_RATE, self.audio_chunks,
+                                                    0, None, None, None, 0.0, f"{type(error).__name__}: {error}")],
+                                   self.rstats)  # fmt: skip
 
     # --- called by the worker (on the loop) ----------------------------------------------------------------------
 
@@ -381,18 +591,36 @@ class Connection:
         self.server.metrics.commit_lag.observe(lag)
         # JSON has no infinities: a log-probability of -inf (probability 0 in float) goes out as null.
         logprob = None if ev.logprob is None or not math.isfinite(ev.logprob) else float(ev.logprob)
-        self.send(P.Unit(seq=int(ev.seq), unit=int(ev.unit), start_frame=int(ev.start_frame),
-                         end_frame=int(ev.end_frame), start_s=float(ev.start_s), end_s=float(ev.end_s),
-                         commit_audio_s=float(ev.commit_audio_s), lag_s=round(lag, 4), logprob=logprob))  # fmt: skip
+        msg = P.Unit(seq=int(ev.seq), unit=int(ev.unit), start_frame=int(ev.start_frame), end_frame=int(ev.end_frame),
+                     start_s=float(ev.start_s), end_s=float(ev.end_s), commit_audio_s=float(ev.commit_audio_s),
+                     lag_s=round(lag, 4), logprob=logprob)  # fmt: skip
+        self.send(msg)
+        for listener in list(self.listeners):
+            listener.relay_unit(msg)
+        self._resynthesize(int(ev.unit), float(ev.end_s))
 
     def _on_end(self, ev: EndEvent) -> None:
-        self.finished = True
+        """The encoder sent every unit: listeners are told, resynthesis finishes, then the end message."""
+        self._encoder_end = ev
         self.num_frames = int(ev.frames)
+        self.units_done = True
+        for listener in list(self.listeners):
+            listener.on_sender_done(gone=False)
+        self._end_resynth()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        """Send the end message once every unit and every audio chunk of the session is out, then close."""
+        if self.finished or not self.units_done or (self.rsession is not None and self.resynth_end is None):
+            return
+        self.finished = True
         stats = self.stats()
         reason = self.ending or "end"
         self.outcome = reason
+        resynth = None if self.resynth_end is None else _json_safe(dataclasses.asdict(self.resynth_end))
+        forced = int(self._encoder_end.forced_commits) if self._encoder_end is not None else 0
         self.send(P.EndMessage(reason=reason, units=self.units, num_frames=self.num_frames, audio_s=stats.audio_s,
-                               forced_commits=int(ev.forced_commits), stats=_fields(stats)))  # fmt: skip
+                               forced_commits=forced, stats=_fields(stats), resynth=resynth))  # fmt: skip
         self._close_after_queue(P.CLOSE_NORMAL if reason == "end" else P.CLOSE_CODES[P.ErrorCode(reason)], reason)
 
     # --- stats ---------------------------------------------------------------------------------------------------
@@ -403,10 +631,25 @@ class Connection:
         return self.slot.queued_samples / self.start.sample_rate if self.slot is not None else 0.0
 
     def stats(self) -> P.Stats:
+        committed_s = self.last_unit_end_s
+        resynth = {}
+        if self.rsession is not None:
+            rtf = self.rstats.real_time_factor if self.rstats is not None else 0.0
+            resynth = {"resynth_audio_s": round(self.audio_samples / P.RESYNTH_SAMPLE_RATE, 4),
+                       "resynth_lag_s": round(0.0 if self.resynth_end else self.rsession.lag_s, 4),
+                       "resynth_rtf": round(rtf, 4)}  # fmt: skip
+        if self.role == "listener":  # the link as the receiving side sees it: units in, audio out
+            return P.Stats(
+                elapsed_s=round(time.monotonic() - self.started_at, 3), audio_s=round(committed_s, 4),
+                processed_s=round(committed_s, 4), buffered_s=0.0, units=self.units,
+                units_per_s=round(self.units / committed_s, 3) if committed_s > 0 else 0.0,
+                bitrate=round(self.bits.bitrate(committed_s), 2), rtf=0.0,
+                lag_s=self.last_lag, lag_p95_s=None if self.lags.n == 0 else round(self.lags.quantile(0.95), 4),
+                loglikelihood=None, state_nbytes=self.clock.nbytes + 256 * self.out.qsize(), **resynth,
+            )  # fmt: skip
         sr = self.start.sample_rate
         processed_s = self.progress.processed_samples / sr
         queued = self.slot.queued_samples if self.slot is not None else 0
-        committed_s = self.last_unit_end_s
         return P.Stats(
             elapsed_s=round(time.monotonic() - self.started_at, 3),
             audio_s=round(self.received_samples / sr, 4),
@@ -421,12 +664,13 @@ class Connection:
             lag_p95_s=None if self.lags.n == 0 else round(self.lags.quantile(0.95), 4),
             loglikelihood=self.loglik,
             state_nbytes=self.progress.state_nbytes + queued * 4 + self.clock.nbytes + 256 * self.out.qsize(),
+            listeners=len(self.listeners), **resynth,
         )
 
     def _stats_tick(self) -> None:
         if self.finished or self.ending not in (None, "end"):
             return
-        mark = (self.received_samples, self.units)
+        mark = (self.received_samples, self.units, self.audio_samples)
         if mark != self._stats_sent_at:  # only while something moves
             self._stats_sent_at = mark
             self.send(self.stats())
@@ -437,12 +681,28 @@ def _fields(msg: Any) -> dict:
     return {k: v for k, v in json.loads(P.to_json(msg)).items() if k != "type"}
 
 
+def _json_safe(obj: dict) -> dict:
+    """Floats that JSON cannot carry (NaN, Inf) become null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in obj.items()}
+
+
 def _resolved_window(session: Any) -> dict:
     """The window settings the encoder session actually uses (the preset's values with the client's overrides)."""
     full = session.config.mode == "full"  # one window over the whole stream: the sizes do not apply
     return {"mode": session.config.mode, "left": None if full else session.config.left,
             "hop": None if full else session.config.hop, "lookahead": None if full else session.config.lookahead,
             "max_lag": session.max_lag, "num_neighbors": default_num_neighbors(session.k)}  # fmt: skip
+
+
+def _resolved_resynth(rsession: Any) -> dict | None:
+    """The resynthesis settings a stream actually uses (defaults filled in); None without resynthesis."""
+    if rsession is None:
+        return None
+    e, v = rsession.ellav, rsession.vocoder
+    return {"left_context": e.left_context, "holdback": e.holdback, "greedy": e.greedy, "seed": e.seed,
+            "temperature": e.temperature, "top_p": e.top_p, "trigger_units": e.trigger_units, "trigger_s": e.trigger_s,
+            "max_codec_tokens_per_phone": e.max_codec_tokens_per_phone, "vocoder_left_context": v.left_context,
+            "vocoder_lookahead": v.lookahead, "sample_rate": P.RESYNTH_SAMPLE_RATE}  # fmt: skip
 
 
 def _json_response(status: int, obj: Any, extra_headers: tuple = ()) -> Response:
@@ -460,16 +720,19 @@ def _response(status: int, body: bytes, content_type: str, extra_headers: tuple 
 class Server:
     """The server app. ``await start()``, then ``await wait_closed()``; ``request_shutdown()`` (SIGTERM) drains.
 
-    ``encoder`` is an EncoderWorker (built from the config when not given; tests may pass a wrapped one).
+    ``encoder`` is an EncoderWorker (built from the config when not given; tests may pass a wrapped one);
+    ``resynth`` a ResynthWorker (default: built from the config; None: no resynthesis).
     """
 
-    def __init__(self, config: ServerConfig, encoder: Any | None = None):
+    def __init__(self, config: ServerConfig, encoder: Any | None = None, resynth: Any = _AUTO):
         self.config = config
         self.metrics = Metrics()
         self.metrics.sessions_max.set(config.max_sessions)
         if encoder is None:
             encoder = build_encoder(config)
         self.encoder = encoder
+        self.resynth = build_resynth(config, getattr(encoder, "models", None)) if resynth is _AUTO else resynth
+        self.senders: dict[str, Connection] = {}  # started sender sessions by id (listeners subscribe to them)
         self.models_name = str(getattr(getattr(encoder, "models", None), "source", config.models))
         self.random_weights = bool(getattr(getattr(encoder, "models", None), "is_random", False))
         self.pairs: list[tuple[int, int]] = [tuple(p) for p in encoder.available_pairs()]
@@ -478,6 +741,7 @@ class Server:
         self.connections: set[Connection] = set()
         self.draining = False
         self.worker: ModelWorker | None = None
+        self.resynth_thread: ResynthThread | None = None
         self._ws_server = None
         self._closed: asyncio.Event | None = None
         self._shutdown_task: asyncio.Task | None = None
@@ -488,6 +752,9 @@ class Server:
         self._closed = asyncio.Event()
         self.worker = ModelWorker(self.encoder, loop, self.metrics, self.config.quantum_s)
         self.worker.start()
+        if self.resynth is not None:
+            self.resynth_thread = ResynthThread(self.resynth, loop, self.metrics)
+            self.resynth_thread.start()
         if self.config.warmup:
             started = time.perf_counter()
             await self.worker.call(lambda: warm_up(self.encoder, *self.default_pair))
@@ -527,6 +794,8 @@ class Server:
         self._ws_server.close(close_connections=True)
         await self._ws_server.wait_closed()
         self.worker.stop()
+        if self.resynth_thread is not None:
+            self.resynth_thread.stop()
         self._closed.set()
 
     # --- HTTP ----------------------------------------------------------------------------------------------------
@@ -582,6 +851,7 @@ class Server:
                 "max_sessions": self.config.max_sessions, "models": self.models_name,
                 "random_weights": self.random_weights, "pairs": [list(p) for p in self.pairs],
                 "default_pair": list(self.default_pair), "modes": list(self.config.modes),
+                "resynth": self.resynth is not None,
                 "presets": list(self.config.presets or PRESETS),
                 "worker_round_age_s": round(time.monotonic() - self.worker.heartbeat, 3) if self.worker else None}  # fmt: skip
         return _json_response(200 if ok else 503, body)
@@ -638,6 +908,22 @@ def build_encoder(config: ServerConfig) -> Any:
                          pairs=list(config.pairs) if config.pairs else None)  # fmt: skip
 
 
+def build_resynth(config: ServerConfig, models: Any = None) -> Any:
+    """The ResynthWorker for a config, or None when resynthesis is off. Nothing is loaded here: ELLA-V and
+    WavTokenizer load on the resynthesis thread when the first session asks for audio."""
+    import torch
+
+    from dpslm_stream.stream.resynth import ResynthWorker
+
+    if not config.resynth:
+        return None
+    dtype = getattr(torch, config.resynth_dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidInput(f"unknown resynth dtype {config.resynth_dtype!r}; expected float32, bfloat16 or float16")
+    return ResynthWorker(models if models is not None else hub.ModelSet(config.models),
+                         device=config.resynth_device or config.device, dtype=dtype)  # fmt: skip
+
+
 def warm_up(encoder: Any, k: int, lmbda: int, seconds: float = 1.0) -> None:
     """One short stream through the models (first calls allocate and pick kernels); its output is discarded."""
     from dpslm_stream.tiny import speech_like
@@ -658,9 +944,10 @@ class ServerThread:
         url = srv.url   # ws://127.0.0.1:<port>/v1/stream
     """
 
-    def __init__(self, config: ServerConfig, encoder: Any | None = None):
+    def __init__(self, config: ServerConfig, encoder: Any | None = None, resynth: Any = _AUTO):
         self.config = config
         self._encoder = encoder
+        self._resynth = resynth
         self.server: Server | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
@@ -669,7 +956,7 @@ class ServerThread:
 
     def _main(self) -> None:
         async def main() -> None:
-            self.server = Server(self.config, self._encoder)
+            self.server = Server(self.config, self._encoder, self._resynth)
             await self.server.start()
             self.loop = asyncio.get_running_loop()
             self._ready.set()

@@ -53,12 +53,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds a full buffer may stay full before buffer_full (0 = refuse at once)")
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, help="SIGTERM: seconds to finish sessions")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up stream at start-up")
+    p.add_argument("--no-resynth", action="store_true",
+                   help="offer no live resynthesis (start.resynth and listeners get units only / an error)")
+    p.add_argument("--resynth-device", default=None, help="device of the resynthesis worker (default: --device)")
+    p.add_argument("--resynth-dtype", default=d.resynth_dtype, choices=("float32", "bfloat16", "float16"),
+                   help="ELLA-V dtype on the resynthesis worker (bf16/fp16 for a GPU)")
+    p.add_argument("--max-listeners", type=int, default=d.max_listeners, help="listeners per sender session")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    for name in ("max_sessions", "max_message_bytes"):
+    for name in ("max_sessions", "max_message_bytes", "max_listeners"):
         if getattr(args, name) < 1:
             raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("idle_timeout", "max_session_time", "max_full_audio", "max_buffer", "drain_timeout"):
@@ -79,6 +85,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=tuple(args.allowed_origins), idle_timeout_s=args.idle_timeout,
         max_session_s=args.max_session_time, max_full_s=args.max_full_audio, max_message_bytes=args.max_message_bytes, max_buffer_s=args.max_buffer,
         stall_timeout_s=args.stall_timeout, drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup,
+        resynth=not args.no_resynth, resynth_device=args.resynth_device, resynth_dtype=args.resynth_dtype,
+        max_listeners=args.max_listeners,
     )  # fmt: skip
 
 

@@ -41,6 +41,15 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
         self.worker_busy_seconds = Counter("dpslm_worker_busy_seconds_total", "time the model worker spent in "
                                            "model code", registry=r)  # fmt: skip
+        self.resynth_step_seconds = Histogram("dpslm_resynth_step_seconds", "resynthesis worker step time (batched "
+                                              "ELLA-V decode steps + vocoder windows)", buckets=STEP_BUCKETS,
+                                              registry=r)  # fmt: skip
+        self.resynth_batch_size = Histogram("dpslm_resynth_batch_sessions", "sessions in one resynthesis step",
+                                            buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
+        self.resynth_audio_seconds_total = Counter("dpslm_resynth_audio_seconds_total", "resynthesized audio sent "
+                                                   "(seconds)", registry=r)  # fmt: skip
+        self.resynth_lag = Histogram("dpslm_resynth_lag_seconds", "resynthesis lag when an audio chunk is sent",
+                                     buckets=LAG_BUCKETS, registry=r)  # fmt: skip
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

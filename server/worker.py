@@ -117,20 +117,21 @@ class Slot:
             return self._end_requested and not self._queued
 
 
-class ModelWorker:
-    """The thread that runs every model call of the server (see the module docstring)."""
+class WorkerThread:
+    """A thread that owns models and runs all their calls, driven by the event loop: commands (``call``) and wake-ups
+    go in, results come back through ``loop.call_soon_threadsafe``. Subclasses implement ``_round``: one pass over
+    their sessions; it returns True when more work is already waiting."""
 
-    def __init__(self, encoder_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5):
-        self.encoder = encoder_worker
+    name = "dpslm-worker"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics=None):
         self.loop = loop
         self.metrics = metrics
-        self.quantum_s = quantum_s
-        self._slots: list[Slot] = []  # worker thread only
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
         self.heartbeat = time.monotonic()  # last time the loop went round (health check)
-        self._thread = threading.Thread(target=self._run, name="dpslm-model-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
     # --- called from the event loop ---------------------------------------------------------------------------------
 
@@ -153,18 +154,6 @@ class ModelWorker:
         self._wake.set()
         return asyncio.wrap_future(fut, loop=self.loop)
 
-    async def open_slot(self, session_id: str, open_session: Callable[[], Any], sample_rate: int,
-                        sink: SlotSink) -> Slot:  # fmt: skip
-        """Open an encoder session on the worker thread (``open_session()`` may load a pair's models) and start
-        serving it; raises what ``open_session`` raises (InvalidInput, UnknownModel)."""
-
-        def _open() -> Slot:
-            slot = Slot(session_id, open_session(), sample_rate, sink)
-            self._slots.append(slot)
-            return slot
-
-        return await self.call(_open)
-
     def wake(self) -> None:
         self._wake.set()
 
@@ -182,16 +171,12 @@ class ModelWorker:
             self._wake.clear()
             self.heartbeat = time.monotonic()
             self._run_commands()
-            self._slots = [s for s in self._slots if not (s.cancelled or s.finished)]
-            fed = self._feed()
-            # Sessions with ready work but no new input (hops beyond the encoder's per-step bound) go along too.
-            work = fed + [s for s in self._slots if s not in fed and not s.finished and s.session.has_work]
-            if work:
-                self._step(work)
-                self._collect(work)
-            if any(s.queued_samples or s.session.has_work for s in self._slots if not (s.finished or s.cancelled)):
+            if self._round():
                 self._wake.set()  # more than one round of work is waiting: go round again at once
         self._run_commands()  # fail nobody silently: commands queued during shutdown still get an answer
+
+    def _round(self) -> bool:
+        raise NotImplementedError
 
     def _run_commands(self) -> None:
         while True:
@@ -205,6 +190,42 @@ class ModelWorker:
                 fut.set_result(fn())
             except BaseException as e:  # handed to the awaiting coroutine, which turns it into an error message
                 fut.set_exception(e)
+
+
+class ModelWorker(WorkerThread):
+    """The thread that runs every encoder model call of the server (see the module docstring)."""
+
+    name = "dpslm-model-worker"
+
+    def __init__(self, encoder_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5):
+        super().__init__(loop, metrics)
+        self.encoder = encoder_worker
+        self.quantum_s = quantum_s
+        self._slots: list[Slot] = []  # worker thread only
+
+    async def open_slot(self, session_id: str, open_session: Callable[[], Any], sample_rate: int,
+                        sink: SlotSink) -> Slot:  # fmt: skip
+        """Open an encoder session on the worker thread (``open_session()`` may load a pair's models) and start
+        serving it; raises what ``open_session`` raises (InvalidInput, UnknownModel)."""
+
+        def _open() -> Slot:
+            slot = Slot(session_id, open_session(), sample_rate, sink)
+            self._slots.append(slot)
+            return slot
+
+        return await self.call(_open)
+
+    # --- worker thread -------------------------------------------------------------------------------------------
+
+    def _round(self) -> bool:
+        self._slots = [s for s in self._slots if not (s.cancelled or s.finished)]
+        fed = self._feed()
+        # Sessions with ready work but no new input (hops beyond the encoder's per-step bound) go along too.
+        work = fed + [s for s in self._slots if s not in fed and not s.finished and s.session.has_work]
+        if work:
+            self._step(work)
+            self._collect(work)
+        return any(s.queued_samples or s.session.has_work for s in self._slots if not (s.finished or s.cancelled))
 
     def _feed(self) -> list[Slot]:
         """Push each slot's next quantum of audio (and end() once its queue is empty); return the slots to step."""

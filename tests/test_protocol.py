@@ -47,7 +47,11 @@ def test_start_defaults_and_full_form():
         ('"start"', E.BAD_JSON),
         ('{"type": "hello"}', E.UNKNOWN_TYPE),
         ('{"sample_rate": 16000}', E.UNKNOWN_TYPE),  # no type at all
-        ('{"type": "subscribe", "session": "x"}', E.UNKNOWN_TYPE),  # reserved for listener mode
+        ('{"type": "subscribe", "session": "x"}', E.BAD_MESSAGE),  # token missing
+        ('{"type": "subscribe", "session": 3, "token": "t"}', E.BAD_MESSAGE),
+        ('{"type": "subscribe", "session": "x", "token": "t", "version": 1, "resynth": {}}', E.UNSUPPORTED_OPTION),
+        ('{"type": "subscribe", "session": "x", "token": "t", "resynth": {"holdback": "2"}}', E.BAD_MESSAGE),
+        ('{"type": "subscribe", "session": "x", "token": "t", "channel": 2}', E.BAD_MESSAGE),
         ('{"type": "end", "now": true}', E.BAD_MESSAGE),
         ('{"type": "start"}', E.BAD_MESSAGE),  # sample_rate missing
         (start(sample_rate="16000"), E.BAD_SAMPLE_RATE),
@@ -67,14 +71,43 @@ def test_start_defaults_and_full_form():
         (start(options={"window": 3}), E.BAD_MESSAGE),
         (start(options={"left": "many"}), E.BAD_MESSAGE),
         (start(options={"mode": "turbo"}), E.BAD_SETTINGS),
-        (start(version=2), E.UNSUPPORTED_VERSION),
+        (start(version=3), E.UNSUPPORTED_VERSION),
         (start(version="1"), E.BAD_MESSAGE),
-        (start(resynth={"greedy": True}), E.UNSUPPORTED_OPTION),  # reserved for live resynthesis
+        (start(resynth={"greedy": True}, version=1), E.UNSUPPORTED_OPTION),  # resynthesis is protocol version 2
+        (start(resynth=[]), E.BAD_MESSAGE),
+        (start(resynth={"holdback": 1.5}), E.BAD_MESSAGE),
+        (start(resynth={"greedy": "yes"}), E.BAD_MESSAGE),
+        (start(resynth={"top_p": float("nan")}), E.BAD_MESSAGE),  # json.loads takes NaN; the field check does not
+        (start(resynth={"colour": 1}), E.BAD_MESSAGE),
         (start(colour="blue"), E.BAD_MESSAGE),
     ],
 )
 def test_malformed_client_messages_get_their_code(text, code):
     assert code_of(text) == code
+
+
+def test_resynth_and_subscribe_parse_to_their_dataclasses():
+    msg = P.parse_client_message(start(resynth={"left_context": None, "holdback": 2, "greedy": False, "seed": 7,
+                                                "top_p": 0.9}))  # fmt: skip
+    assert msg.resynth == {"left_context": None, "holdback": 2, "greedy": False, "seed": 7, "top_p": 0.9}
+    assert P.parse_client_message(start()).resynth is None
+    sub = P.parse_client_message('{"type": "subscribe", "session": "abc", "token": "t0k"}')
+    assert sub == P.Subscribe(session="abc", token="t0k", resynth={}, version=P.PROTOCOL_VERSION)
+    assert P.parse_client_message('{"type": "subscribe", "session": "a", "token": "b", "resynth": null}').resynth is None
+
+
+def test_audio_chunk_frames_round_trip():
+    rng = np.random.default_rng(0)
+    pcm = (rng.uniform(-1, 1, 2400) * 32767).astype("<i2").tobytes()
+    frame = P.encode_audio_chunk(7, 123456789012, pcm)
+    assert len(frame) == 16 + len(pcm) and frame[0] == P.AUDIO_FRAME_KIND and frame[1:4] == b"\0\0\0"
+    chunk = P.decode_audio_chunk(frame)
+    assert chunk.seq == 7 and chunk.start_sample == 123456789012
+    assert chunk.start_s == pytest.approx(123456789012 / 24000)
+    np.testing.assert_array_equal(chunk.samples, np.frombuffer(pcm, "<i2").astype(np.float32) / 32768)
+    for bad in (b"", frame[:15], frame + b"x", bytes([9]) + frame[1:]):
+        with pytest.raises(P.ProtocolError):
+            P.decode_audio_chunk(bad)
 
 
 def test_messages_say_what_is_expected():
@@ -172,7 +205,7 @@ def test_docs_cover_every_code_and_message():
     doc = (ROOT / "docs" / "protocol.md").read_text()
     for code in E:
         assert f"`{code.value}`" in doc, f"docs/protocol.md does not document error code {code.value}"
-    for cls in (P.Start, P.Ready, P.Unit, P.Stats, P.Error, P.EndMessage):
+    for cls in (P.Start, P.Subscribe, P.Ready, P.Unit, P.Stats, P.Error, P.EndMessage):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in doc, f"docs/protocol.md does not document {cls.TYPE}.{f.name}"
     for close in set(P.CLOSE_CODES.values()) | {P.CLOSE_NORMAL, P.CLOSE_TOO_BIG}:

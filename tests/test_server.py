@@ -246,7 +246,7 @@ def test_bad_inputs_each_get_an_error_and_leave_other_sessions_unaffected(server
             refused_start({"sample_rate": 16000, "k": 500, "lmbda": 1234}, E.UNKNOWN_MODEL),
             refused_start({"sample_rate": 16000, "k": 200, "lmbda": 700}, E.UNKNOWN_MODEL),  # released, not served
             refused_start({"sample_rate": 16000, "preset": "ultra"}, E.BAD_SETTINGS),
-            refused_start({"sample_rate": 16000, "resynth": {}}, E.UNSUPPORTED_OPTION),
+            refused_start({"sample_rate": 16000, "resynth": {}, "version": 1}, E.UNSUPPORTED_OPTION),
             refused_start({"sample_rate": 16000, "version": 9}, E.UNSUPPORTED_VERSION),
             vanish(),
             too_big_for_the_library(),

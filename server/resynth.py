@@ -1,0 +1,102 @@
+"""The resynthesis worker thread: ELLA-V + WavTokenizer for every session that asked for audio back.
+
+It is a separate thread from the encoder's ModelWorker so that units are never delayed by audio: the encoder
+thread commits units at its own pace, the event loop forwards them here, and this thread turns them into audio
+(batched across sessions: one ELLA-V decode step serves every running pass, see dpslm_stream.stream.resynth).
+
+The event loop calls only ``ResynthSession.push_units`` / ``end`` (deque appends, thread-safe by design) and
+``open``/``close`` (commands run on this thread); events come back through ``loop.call_soon_threadsafe`` to the
+connection's ``on_resynth_events`` / ``on_resynth_failure``. A session whose own processing fails ends alone (its
+ResynthEndEvent carries the error); a failure of the whole step is retried one session at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from typing import Any, Callable, Protocol
+
+from dpslm_stream.stream.resynth import ResynthEndEvent
+
+from .worker import WorkerThread
+
+log = logging.getLogger("dpslm_stream.server")
+
+
+class ResynthSink(Protocol):
+    """What a resynthesis stream reports to (always called on the event loop thread)."""
+
+    def on_resynth_events(self, events: list, stats: Any) -> None: ...
+
+    def on_resynth_failure(self, error: BaseException) -> None: ...
+
+
+class ResynthThread(WorkerThread):
+    """Owns a ResynthWorker and the ResynthSessions of all connections; steps them in one loop."""
+
+    name = "dpslm-resynth-worker"
+
+    def __init__(self, resynth_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None):
+        super().__init__(loop, metrics)
+        self.worker = resynth_worker
+        self._streams: dict[Any, ResynthSink] = {}  # session -> sink; this thread only
+
+    # --- called from the event loop ---------------------------------------------------------------------------------
+
+    async def open(self, open_session: Callable[[], Any], sink: ResynthSink) -> Any:
+        """Open a ResynthSession on this thread (``open_session()`` may load ELLA-V and WavTokenizer) and serve it;
+        raises what ``open_session`` raises (InvalidInput, UnknownModel)."""
+
+        def _open():
+            session = open_session()
+            self._streams[session] = sink
+            return session
+
+        return await self.call(_open)
+
+    def close(self, session: Any) -> None:
+        """Stop serving a session (its connection is gone); it is dropped at the next round."""
+        self._commands.put((lambda: self._drop(session), concurrent.futures.Future()))
+        self._wake.set()
+
+    # --- this thread ------------------------------------------------------------------------------------------------
+
+    def _drop(self, session: Any) -> None:
+        if self._streams.pop(session, None) is not None and not session.closed:
+            self.worker._forget(session)  # free its row in the batched decoder
+
+    def _round(self) -> bool:
+        work = [s for s in self._streams if s.has_work]
+        if not work:
+            return False
+        self._step(work)
+        for s in work:
+            sink = self._streams.get(s)
+            events = s.poll()
+            if sink is not None and events:
+                self._post(sink.on_resynth_events, events, s.stats)
+            if any(isinstance(e, ResynthEndEvent) for e in events):
+                self._streams.pop(s, None)
+        return any(s.has_work for s in self._streams)
+
+    def _step(self, sessions: list) -> None:
+        started = time.perf_counter()
+        try:
+            self.worker.step(sessions)
+        except Exception:
+            log.warning("batched resynthesis step of %d sessions failed; retrying one by one", len(sessions),
+                        exc_info=True)  # fmt: skip
+            for s in sessions:
+                try:
+                    self.worker.step([s])
+                except Exception as e:  # this session alone is dropped
+                    log.error("resynthesis of one session failed", exc_info=e)
+                    sink = self._streams.pop(s, None)
+                    self.worker._forget(s)
+                    if sink is not None:
+                        self._post(sink.on_resynth_failure, e)
+        if self.metrics is not None:
+            self.metrics.resynth_step_seconds.observe(time.perf_counter() - started)
+            self.metrics.resynth_batch_size.observe(len(sessions))
