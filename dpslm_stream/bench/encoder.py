@@ -171,14 +171,15 @@ def run(args: argparse.Namespace) -> None:
     batched = []
     if args.sessions:
         print(f"\nbatched cached steps: N sessions' windows per forward ({args.seconds:g} s each, real-time clock)")
-        print(f"{'preset':12} {'N':>3} {'RTF/stream':>11} {'lag p95':>8} {'streams in real time (N / RTF total)':>38}")
+        print(f"{'preset':12} {'N':>3} {'RTF/stream':>11} {'RTF total':>10} {'real time':>10} {'lag p95':>8} "
+              f"{'capacity (1 / RTF per stream)':>30}")  # fmt: skip
         for preset in args.batch_presets:
             for n in args.sessions:
                 r = simulate(worker, wav, sessions=n, mode="cached", preset=preset)
                 r.update(preset=preset)
                 batched.append(r)
-                print(f"{preset:12} {n:3d} {r['rtf_per_stream']:11.3f} {r['lag_p95']:8.3f} "
-                      f"{1 / r['rtf_per_stream']:38.1f}")  # fmt: skip
+                print(f"{preset:12} {n:3d} {r['rtf_per_stream']:11.3f} {r['rtf']:10.3f} "
+                      f"{'yes' if r['rtf'] <= 1 else 'no':>10} {r['lag_p95']:8.3f} {1 / r['rtf_per_stream']:30.1f}")  # fmt: skip
         c = catch_up(worker, wav, mode="cached", preset=args.batch_presets[0])
         print(f"catch-up, one session 1 s behind ({args.batch_presets[0]}): {c['hops']} hops in one step, "
               f"real-time factor {c['rtf']:.3f} while catching up")  # fmt: skip

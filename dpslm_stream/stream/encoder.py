@@ -36,10 +36,10 @@ from torch import Tensor
 
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.models.wavlm import WavLM
+from dpslm_stream.stream.events import FRAME_SECONDS
 from dpslm_stream.stream.onednn import PackedConv1d, PackedLinear
 
 MODES = ("full", "sliding", "cached")
-FRAME_SECONDS = 0.02
 # Samples past a frame's own hop that its 400-sample window reads: 40 samples = 2.5 ms.
 FRONTEND_LAG_SECONDS = 40 / 16000
 

@@ -33,8 +33,8 @@ from torch import Tensor
 from dpslm_stream.audio import StreamingResampler, check_finite
 from dpslm_stream.dpdp import Segment, StreamingDPDP
 from dpslm_stream.errors import InvalidInput
-from dpslm_stream.stream.encoder import FRAME_SECONDS, HopPlan, WindowConfig, WindowedEncoder
-from dpslm_stream.stream.events import EndEvent, Event, UnitEvent
+from dpslm_stream.stream.encoder import HopPlan, WindowConfig, WindowedEncoder
+from dpslm_stream.stream.events import FRAME_SECONDS, EndEvent, Event, UnitEvent
 from dpslm_stream.stream.frontend import StreamingFrontend
 
 if TYPE_CHECKING:

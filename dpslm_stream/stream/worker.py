@@ -23,15 +23,11 @@ from dpslm_stream.audio import check_sample_rate
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models import wavlm as wavlm_module
 from dpslm_stream.models.wavlm import WavLM
+from dpslm_stream.pipeline import default_num_neighbors
 from dpslm_stream.stream.encoder import MODES, WindowRunner, window_config
 from dpslm_stream.stream.session import DEFAULT_MAX_LAG_FRAMES, DEFAULT_SCORE_CONTEXT, EncoderSession
 
 _DEFAULT = object()  # "not given" for arguments whose default depends on the mode
-
-
-def default_num_neighbors(k: int) -> int:
-    """DP-SLM's README: each frame may take one of its int(0.05 k) nearest codes (25 for k = 500)."""
-    return max(1, int(0.05 * k))
 
 
 class EncoderWorker:
