@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -83,11 +84,25 @@ def open_page(url: str, profile: str, capture_wav: str) -> tuple[subprocess.Pope
     raise AssertionError("chromium did not open the page")
 
 
-def test_browser_page_streams_the_microphone_and_shows_units(tmp_path):
+def close_browser(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def speech_capture(tmp_path) -> str:
     capture = str(tmp_path / "speech.wav")
     sf.write(capture, speech_like(6.0, 48000, seed=21), 48000, subtype="PCM_16")
+    return capture
+
+
+def test_browser_page_streams_the_microphone_and_shows_units(tmp_path):
+    capture = speech_capture(tmp_path)
     with ServerThread(ServerConfig(port=0, models="tiny")) as srv:
-        proc, page = open_page(f"{srv.http_url}/?autostart=1&mode=cached", str(tmp_path / "profile"), capture)
+        # resynth=0: units only (the "audio back" box unticked): the start carries no resynth, no audio comes back.
+        proc, page = open_page(f"{srv.http_url}/?autostart=1&mode=cached&resynth=0", str(tmp_path / "profile"), capture)
         try:
             page.wait_for("window.dpslmState && window.dpslmState.units >= 5")
             state = page.eval("window.dpslmState")
@@ -95,17 +110,59 @@ def test_browser_page_streams_the_microphone_and_shows_units(tmp_path):
             # The page captured at the device's own rate and declared it; the server resamples.
             conn = next(c for c in srv.server.connections if c.id == state["session"])
             assert conn.start.sample_rate == state["sampleRate"] and conn.start.format == "pcm16"
+            assert conn.start.version == 2 and conn.start.resynth is None
             assert page.eval("document.querySelectorAll('#strip .unit').length") >= 5
             assert page.eval("document.getElementById('m-units').textContent") != "0"
             page.wait_for("document.getElementById('m-bitrate').textContent !== '\\u2013'")  # a stats message arrived
+            # The page shows what a listener needs to subscribe: the session id and the listen token from ready.
+            share = page.eval("document.getElementById('share').textContent")
+            assert state["listenToken"] and state["session"] in share and state["listenToken"] in share
             page.eval("document.getElementById('stop').click()")
             ended = page.wait_for("window.dpslmState.ended")
             final = page.eval("window.dpslmState")
             assert ended["reason"] == "end" and ended["units"] == final["units"] >= 5
             assert final["errors"] == [] and "ended" in page.eval("document.getElementById('status').textContent")
+            assert ended.get("resynth") is None and final["audioChunks"] == 0
+            assert page.eval("document.getElementById('audio').textContent") == "audio back: off"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            close_browser(proc)
+
+
+def test_browser_page_plays_the_resynthesized_audio_back(tmp_path):
+    """The "audio back (resynthesis)" box (ticked by default): start carries resynth {}, the server streams 24 kHz
+    PCM16 chunks as binary frames, the page counts them on arrival (whether or not headless Chromium's AudioContext
+    plays) and schedules them gaplessly; the end message comes after the last chunk."""
+    capture = speech_capture(tmp_path)
+    with ServerThread(ServerConfig(port=0, models="tiny")) as srv:
+        proc, page = open_page(f"{srv.http_url}/?autostart=1&mode=cached", str(tmp_path / "profile"), capture)
+        try:
+            page.wait_for("window.dpslmState && window.dpslmState.units >= 5 && window.dpslmState.audioChunks >= 2")
+            assert page.eval("document.getElementById('resynth').checked") is True
+            state = page.eval("window.dpslmState")
+            assert state["errors"] == [] and state["resynth"] is True
+            conn = next(c for c in srv.server.connections if c.id == state["session"])
+            assert conn.start.version == 2 and conn.start.resynth == {}
+            page.wait_for("document.getElementById('m-rlag').textContent !== '\\u2013'")  # stats.resynth_lag_s shown
+            page.eval("document.getElementById('stop').click()")
+            ended = page.wait_for("window.dpslmState.ended")
+            final = page.eval("window.dpslmState")
+            assert final["errors"] == [], final["errors"]
+            assert ended["reason"] == "end" and ended["units"] == final["units"] >= 5
+            totals = ended["resynth"]
+            assert totals is not None and totals["error"] is None
+            # Every chunk arrived before the end message, none after it, and they add up to the server's totals.
+            assert final["audioChunksAtEnd"] == final["audioChunks"] == totals["chunks"] > 0
+            assert final["audioAfterEnd"] == 0
+            assert final["audioSeconds"] == pytest.approx(totals["audio_seconds"], abs=1e-3)
+            assert final["audioSeconds"] == pytest.approx(ended["stats"]["resynth_audio_s"], abs=1e-3)
+            text = page.eval("document.getElementById('audio').textContent")
+            match = re.match(r"audio (\d+\.\d+) s in (\d+) chunks", text)
+            assert match, text
+            assert float(match.group(1)) > 0 and int(match.group(2)) == final["audioChunks"]
+            # --autoplay-policy=no-user-gesture-required lets headless Chromium's AudioContext run (no sound device
+            # needed): the chunks were scheduled on a running clock. Gaps (playbackGaps) depend on the machine's speed.
+            assert final["playback"] == "running", final["playback"]
+            status = page.eval("document.getElementById('status').textContent")
+            assert "ended" in status and "audio back" in status
+        finally:
+            close_browser(proc)

@@ -1,20 +1,35 @@
-// The browser client of the live units server. It mirrors dpslm_stream/protocol.py (version 1; the Python test
-// suite checks that the constants below match it): start (JSON) -> ready; binary PCM16 frames; end -> remaining
-// units, end message, close. Query parameters: token, k, lmbda, preset, mode, score=1, autostart=1.
+// The browser client of the live units server. It mirrors dpslm_stream/protocol.py (version 2; the Python test
+// suite checks that the constants below match it): start (JSON) -> ready; binary PCM16 frames up; end -> remaining
+// units (and audio), end message, close. With "audio back" the start carries resynth: {} and the server streams
+// the units resynthesized into 24 kHz speech as binary frames (AUDIO_HEADER, then PCM16), played here gaplessly.
+// Query parameters: token, k, lmbda, preset, mode, score=1, resynth=0 (no audio back), autostart=1.
 
-const PROTOCOL_VERSION = 1;
+const PROTOCOL_VERSION = 2;
 const WS_PATH = "/v1/stream";
 const HEALTH_PATH = "/healthz";
 const STRIP_MAX = 400; // unit elements kept in the scrolling strip
+// Binary server frames (protocol.AUDIO_HEADER, "<B3xIQ"): kind u8 | 3 zero bytes | seq u32 | start_sample u64, then
+// little-endian PCM16 mono at RESYNTH_SAMPLE_RATE. 16 bytes keep the samples 2-byte aligned for an Int16Array view.
+const AUDIO_FRAME_KIND = 1;
+const AUDIO_HEADER_BYTES = 16;
+const RESYNTH_SAMPLE_RATE = 24000;
+const PLAYBACK_SAFETY_S = 0.05; // schedule a chunk no earlier than this ahead of the playback clock
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 
 // Everything the page knows about the session, also read by the headless-browser test.
-const state = { phase: "idle", session: null, units: 0, lastUnits: [], errors: [], ended: null, audioSent: 0, sampleRate: null };
+const state = { phase: "idle", session: null, listenToken: null, units: 0, lastUnits: [], errors: [], ended: null,
+                audioSent: 0, sampleRate: null, resynth: false,
+                // Resynthesized audio received (counted on arrival, whether or not the AudioContext can play it).
+                audioChunks: 0, audioSamples: 0, audioSeconds: 0, audioAfterEnd: 0, audioChunksAtEnd: null,
+                playback: null, playbackGaps: 0, playbackAheadS: 0, resynthLag: null };
 window.dpslmState = state;
 
 let ws = null, ctx = null, stream = null, node = null;
+// Playback of the audio back: its own AudioContext (the capture one closes when the connection does, while the
+// last chunks may still be playing), kept across sessions. nextTime: where the next chunk starts on its clock.
+let playCtx = null, nextTime = 0, expectSeq = 0, expectSample = 0;
 
 function setStatus(text) { state.phase = text; $("status").textContent = text; }
 function logError(text) { state.errors.push(text); $("log").textContent += text + "\n"; }
@@ -58,18 +73,81 @@ function addUnit(msg) {
 
 function showStats(s) {
   $("m-p95").textContent = fmt(s.lag_p95_s, 2);
+  state.resynthLag = s.resynth_lag_s === undefined ? null : s.resynth_lag_s;
+  $("m-rlag").textContent = fmt(state.resynthLag, 2);
+  if (state.listenToken && s.listeners !== undefined) showShare(s.listeners);
   $("m-rtf").textContent = fmt(s.rtf, 2);
   $("m-bitrate").textContent = fmt(s.bitrate, 0);
   $("m-ups").textContent = fmt(s.units_per_s, 1);
   if (s.buffered_s > 0.5) setStatus(`streaming (server behind by ${s.buffered_s.toFixed(1)} s)`);
 }
 
+function showShare(listeners) {
+  $("share").textContent = `session ${state.session}` + (state.listenToken ? `  listen_token ${state.listenToken}` : "") +
+    (listeners === undefined ? "" : `  (${listeners} listener${listeners === 1 ? "" : "s"})`);
+}
+
+function showAudio() {
+  $("audio").textContent = state.resynth
+    ? `audio ${state.audioSeconds.toFixed(2)} s in ${state.audioChunks} chunks` +
+      (state.playback ? ` (playback: ${state.playback})` : "")
+    : "audio back: off";
+}
+
+function resetAudio() {
+  Object.assign(state, { audioChunks: 0, audioSamples: 0, audioSeconds: 0, audioAfterEnd: 0, audioChunksAtEnd: null,
+                         playbackGaps: 0, playbackAheadS: 0, resynthLag: null });
+  expectSeq = 0; expectSample = 0; // nextTime stays: a new session's audio queues after the last one's tail
+  $("m-rlag").textContent = fmt(null);
+}
+
+// One binary server frame: a resynthesized audio chunk. Counted on arrival, then scheduled right after the previous
+// chunk on the playback clock (or as soon as possible when playback fell behind): gapless while chunks keep up.
+function onAudioFrame(buf) {
+  if (buf.byteLength < AUDIO_HEADER_BYTES || (buf.byteLength - AUDIO_HEADER_BYTES) % 2) {
+    logError(`binary frame of ${buf.byteLength} bytes is not an audio chunk`);
+    return;
+  }
+  const view = new DataView(buf);
+  const kind = view.getUint8(0);
+  if (kind !== AUDIO_FRAME_KIND) { logError(`unknown binary frame kind ${kind}`); return; }
+  const seq = view.getUint32(4, true);
+  const startSample = Number(view.getBigUint64(8, true));
+  const pcm = new Int16Array(buf, AUDIO_HEADER_BYTES, (buf.byteLength - AUDIO_HEADER_BYTES) / 2); // little-endian hosts
+  if (seq !== expectSeq || startSample !== expectSample) {
+    logError(`audio chunk seq ${seq} at sample ${startSample}, expected seq ${expectSeq} at ${expectSample}`);
+  }
+  expectSeq = seq + 1; expectSample = startSample + pcm.length;
+  if (state.ended) state.audioAfterEnd += 1;
+  state.audioChunks += 1;
+  state.audioSamples += pcm.length;
+  state.audioSeconds = state.audioSamples / RESYNTH_SAMPLE_RATE;
+  if (playCtx && pcm.length > 0) {
+    const samples = new Float32Array(pcm.length);
+    for (let i = 0; i < pcm.length; i++) samples[i] = pcm[i] / 32768;
+    const buffer = playCtx.createBuffer(1, pcm.length, RESYNTH_SAMPLE_RATE); // resampled to the device rate
+    buffer.copyToChannel(samples, 0);
+    const src = playCtx.createBufferSource();
+    src.buffer = buffer;
+    src.connect(playCtx.destination);
+    const at = Math.max(playCtx.currentTime + PLAYBACK_SAFETY_S, nextTime);
+    if (state.audioChunks > 1 && at > nextTime) state.playbackGaps += 1; // playback ran dry: audio came late
+    src.start(at);
+    nextTime = at + buffer.duration;
+    state.playback = playCtx.state;
+    state.playbackAheadS = nextTime - playCtx.currentTime;
+  }
+  showAudio();
+}
+
 function onMessage(ev) {
-  if (typeof ev.data !== "string") return; // binary server frames are reserved for a later protocol version
+  if (typeof ev.data !== "string") { onAudioFrame(ev.data); return; } // binaryType "arraybuffer"
   const msg = JSON.parse(ev.data);
   switch (msg.type) {
     case "ready":
       state.session = msg.session;
+      state.listenToken = msg.listen_token === undefined ? null : msg.listen_token;
+      showShare();
       setStatus(`streaming: session ${msg.session}, k=${msg.settings.k}, \u03bb=${msg.settings.lmbda}, ` +
                 `${msg.settings.mode}/${msg.settings.preset}`);
       node.port.onmessage = (e) => {  // audio flows only once the server is ready
@@ -85,8 +163,11 @@ function onMessage(ev) {
     case "error": logError(`${msg.code}: ${msg.message}`); break;
     case "end":
       state.ended = msg;
+      state.audioChunksAtEnd = state.audioChunks; // the end comes after the last audio chunk
       showStats(msg.stats);
-      setStatus(`ended (${msg.reason}): ${msg.units} units in ${msg.audio_s.toFixed(1)} s`);
+      setStatus(`ended (${msg.reason}): ${msg.units} units in ${msg.audio_s.toFixed(1)} s` +
+                (msg.resynth ? `, ${state.audioSeconds.toFixed(2)} s of audio back` +
+                               (msg.resynth.error ? ` (resynthesis stopped: ${msg.resynth.error})` : "") : ""));
       break;
   }
 }
@@ -102,7 +183,17 @@ async function start() {
     return;
   }
   state.units = 0; state.ended = null; state.errors = []; state.audioSent = 0;
-  $("strip").textContent = ""; $("log").textContent = "";
+  state.session = null; state.listenToken = null; state.resynth = $("resynth").checked;
+  resetAudio();
+  $("strip").textContent = ""; $("log").textContent = ""; $("share").textContent = ""; showAudio();
+  if (state.resynth) {
+    // Created inside the click (a user gesture), so browsers let it play; its own rate, buffers are resampled.
+    try {
+      if (!playCtx) playCtx = new AudioContext();
+      if (playCtx.state === "suspended") playCtx.resume().catch(() => {}); // headless: may stay suspended
+      state.playback = playCtx.state;
+    } catch (e) { logError(`audio playback unavailable: ${e}`); playCtx = null; state.playback = "unavailable"; }
+  }
   try {
     stream = await navigator.mediaDevices.getUserMedia({
       audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
@@ -129,7 +220,8 @@ async function start() {
   ws.binaryType = "arraybuffer";
   ws.onopen = () => {
     const start = { type: "start", version: PROTOCOL_VERSION, sample_rate: ctx.sampleRate, format: "pcm16",
-                    preset: $("preset").value, score: $("score").checked, options: { mode: $("mode").value } };
+                    preset: $("preset").value, score: $("score").checked, options: { mode: $("mode").value },
+                    resynth: state.resynth ? {} : null }; // {}: the server's resynthesis defaults
     if (k !== null) { start.k = k; start.lmbda = lmbda; }
     ws.send(JSON.stringify(start));
     setStatus("connecting");
@@ -163,4 +255,12 @@ $("stop").onclick = stop;
 if (params.has("preset")) $("preset").value = params.get("preset");
 if (params.has("mode")) $("mode").value = params.get("mode");
 $("score").checked = params.get("score") === "1";
+$("resynth").checked = params.get("resynth") !== "0";
+$("resynth").onchange = () => { // between sessions: show whether the next one asks for audio back
+  if (!ws || ws.readyState > WebSocket.OPEN) { state.resynth = $("resynth").checked; showAudio(); }
+};
+$("resynth").onchange();
+// A page opened with autostart=1 starts without a user gesture, so browsers may hold the playback context
+// suspended; any click on the page lets it play.
+document.addEventListener("click", () => { if (playCtx && playCtx.state === "suspended") playCtx.resume(); });
 loadPairs().then(() => { if (params.get("autostart") === "1") start(); });
