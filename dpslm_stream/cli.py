@@ -104,11 +104,19 @@ def _encode_offline(args) -> int:
     models = hub.ModelSet(args.models)
     _warn_random(models)
     pipe = Pipeline(models, args.k, args.lmbda, args.device, args.num_neighbors)
-    results = {}
+    pipe.wavlm, pipe.codebook  # load before timing (a missing checkpoint fails here, before any file is read)
+    if not args.no_score:
+        pipe.ulm
+    results, failed = {}, {}
     started = time.perf_counter()
     for path in tqdm(args.files, desc="encode", unit="file", disable=len(args.files) < 2, file=sys.stderr):
-        wav, sr = load_audio(path)
-        res = pipe.encode(wav, sr, score=not args.no_score)
+        try:  # one unreadable or too-short file is reported and skipped; the others are still encoded
+            wav, sr = load_audio(path)
+            res = pipe.encode(wav, sr, score=not args.no_score)
+        except DPSLMError as e:
+            failed[str(path)] = str(e)
+            print(f"{path}: error: {e}", file=sys.stderr)
+            continue
         results[str(path)] = res
         if not args.quiet:
             ll = "" if res.loglikelihood is None else f"  loglik {res.loglikelihood:.2f}"
@@ -123,15 +131,20 @@ def _encode_offline(args) -> int:
     rate = bitrate([r.units for r in results.values()], total_s)
     elapsed = time.perf_counter() - started
     print(f"bitrate {rate:.1f} bit/s over {total_s:.2f} s of audio (k={pipe.k}, lambda={pipe.lmbda}); "
-          f"encoded in {elapsed:.2f} s (real-time factor {elapsed / max(total_s, 1e-9):.3f})")  # fmt: skip
+          f"encoded in {elapsed:.2f} s (real-time factor {elapsed / max(total_s, 1e-9):.3f}, models loaded)")  # fmt: skip
     if args.json:
         doc = {
             "k": pipe.k, "lmbda": pipe.lmbda, "num_neighbors": pipe.num_neighbors, "models": models.source,
             "random_weights": models.is_random, "frame_rate": 50, "bitrate": rate,
             "files": {p: r.to_json() for p, r in results.items()},
         }  # fmt: skip
+        if failed:
+            doc["errors"] = failed
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1))
+    if failed:
+        print(f"{len(failed)} of {len(args.files)} file(s) failed (see above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -349,6 +362,7 @@ _EXTERNAL = {
     "serve": "dpslm_stream.server.cli",
     "stream": "dpslm_stream.client.stream",
     "mic": "dpslm_stream.client.mic",
+    "encode-corpus": "dpslm_stream.corpus",
 }
 
 

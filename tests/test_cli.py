@@ -171,3 +171,15 @@ def test_live_server_and_client_subcommands_are_wired():
     parser = build_parser()
     for argv in (["live", "--port", "0"], ["serve", "--port", "0"], ["stream", "x.wav"], ["mic", "--seconds", "1"]):
         assert parser.parse_args(argv).command == argv[0]
+
+
+def test_encode_reports_a_bad_file_and_still_encodes_the_others(tiny_dir, clip, tmp_path, capsys):
+    short, missing, out = tmp_path / "short.wav", tmp_path / "missing.wav", tmp_path / "u.json"
+    sf.write(short, np.zeros(100, np.float32), 16000)
+    code = main(["encode", str(short), str(clip), str(missing), "--models", str(tiny_dir), "--quiet", "--no-score",
+                 "--json", str(out)])  # fmt: skip
+    assert code == 1
+    doc = json.loads(out.read_text())
+    assert list(doc["files"]) == [str(clip)] and doc["files"][str(clip)]["units"]
+    assert set(doc["errors"]) == {str(short), str(missing)} and "too short" in doc["errors"][str(short)]
+    assert "2 of 3 file(s) failed" in capsys.readouterr().err
