@@ -95,6 +95,7 @@ class ErrorCode(str, Enum):
     CLIENT_TOO_SLOW = "client_too_slow"  # the client does not read its messages; the connection is dropped
     INTERNAL_ERROR = "internal_error"  # a bug or a model failure in this session; other sessions are unaffected
     SENDER_GONE = "sender_gone"  # listener: the sender's connection ended before its stream did
+    RESYNTH_BEHIND = "resynth_behind"  # the session's resynthesis fell too far behind and was stopped (units go on)
     # Handshake refusals: HTTP status codes, no WebSocket (named here for the metrics).
     UNAUTHORIZED = "unauthorized"  # HTTP 401: missing or wrong token
     FORBIDDEN_ORIGIN = "forbidden_origin"  # HTTP 403: a browser Origin not in the allowlist

@@ -94,6 +94,7 @@ class ServerConfig:
     resynth_device: str | None = None  # device of the resynthesis worker (default: device)
     resynth_dtype: str = "float32"  # ELLA-V dtype (bfloat16/float16 are meant for a GPU)
     max_listeners: int = 4  # listeners per sender session
+    max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
 
     def limits(self) -> dict:
         """The limits every client is told in ``ready``."""
@@ -542,10 +543,22 @@ class Connection:
                 self._maybe_finish()
 
     def on_resynth_failure(self, error: BaseException) -> None:
-        if self.resynth_end is None:
-            self.on_resynth_events([ResynthEndEvent(0, 0, self.audio_samples / P.RESYNTH_SAMPLE_RATE, self.audio_chunks,
-                                                    0, None, None, None, 0.0, f"{type(error).__name__}: {error}")],
-                                   self.rstats)  # fmt: skip
+        self._stop_resynth(P.ErrorCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
+
+    def _stop_resynth(self, code: P.ErrorCode, why: str) -> None:
+        """End this session's resynthesis early (the units go on): tell the client, finish if all else is done."""
+        if self.resynth_end is not None or self.finished:
+            return
+        r = self.rstats
+        self.resynth_end = ResynthEndEvent(
+            units=r.units if r else 0, codec_frames=r.codec_frames if r else 0,
+            audio_seconds=self.audio_samples / P.RESYNTH_SAMPLE_RATE, chunks=self.audio_chunks,
+            passes=r.passes if r else 0, first_audio_latency_s=r.first_audio_latency_s if r else None,
+            latency_mean_s=r.latency_mean_s if r else None, latency_max_s=r.latency_max_s if r else None,
+            real_time_factor=r.real_time_factor if r else 0.0, error=why,
+        )  # fmt: skip
+        self.error(code, f"resynthesis stopped: {why}; units are unaffected")
+        self._maybe_finish()
 
     # --- called by the worker (on the loop) ----------------------------------------------------------------------
 
@@ -668,13 +681,26 @@ class Connection:
         )
 
     def _stats_tick(self) -> None:
-        if self.finished or self.ending not in (None, "end"):
+        if self.finished:
             return
+        self._check_resynth_lag()
         mark = (self.received_samples, self.units, self.audio_samples)
-        if mark != self._stats_sent_at:  # only while something moves
+        if mark != self._stats_sent_at and self.ending in (None, "end"):  # only while something moves
             self._stats_sent_at = mark
             self.send(self.stats())
         self._timers.append(asyncio.get_running_loop().call_later(self.cfg.stats_interval_s, self._stats_tick))
+
+    def _check_resynth_lag(self) -> None:
+        """Stop a resynthesis that fell too far behind (e.g. full-size ELLA-V on a CPU): its backlog would only grow
+        and hold the session's end back; the units go on, the client is told why the audio stopped."""
+        if self.rsession is None or self.resynth_end is not None or self.finished:
+            return
+        lag = self.rsession.lag_s
+        if lag <= self.cfg.max_resynth_lag_s:
+            return
+        self._close_resynth()
+        self._stop_resynth(P.ErrorCode.RESYNTH_BEHIND, f"it fell {lag:.1f} s behind (limit {self.cfg.max_resynth_lag_s:g} "
+                                                       "s): this server cannot resynthesize in real time")  # fmt: skip
 
 
 def _fields(msg: Any) -> dict:

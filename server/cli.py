@@ -59,6 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resynth-dtype", default=d.resynth_dtype, choices=("float32", "bfloat16", "float16"),
                    help="ELLA-V dtype on the resynthesis worker (bf16/fp16 for a GPU)")
     p.add_argument("--max-listeners", type=int, default=d.max_listeners, help="listeners per sender session")
+    p.add_argument("--max-resynth-lag", type=float, default=d.max_resynth_lag_s,
+                   help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -67,7 +69,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for name in ("max_sessions", "max_message_bytes", "max_listeners"):
         if getattr(args, name) < 1:
             raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("idle_timeout", "max_session_time", "max_full_audio", "max_buffer", "drain_timeout"):
+    for name in ("idle_timeout", "max_session_time", "max_full_audio", "max_buffer", "drain_timeout",
+                 "max_resynth_lag"):
         if not getattr(args, name) > 0:
             raise InvalidInput(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     from dpslm_stream.stream.encoder import PRESETS
@@ -86,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_session_s=args.max_session_time, max_full_s=args.max_full_audio, max_message_bytes=args.max_message_bytes, max_buffer_s=args.max_buffer,
         stall_timeout_s=args.stall_timeout, drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup,
         resynth=not args.no_resynth, resynth_device=args.resynth_device, resynth_dtype=args.resynth_dtype,
-        max_listeners=args.max_listeners,
+        max_listeners=args.max_listeners, max_resynth_lag_s=args.max_resynth_lag,
     )  # fmt: skip
 
 

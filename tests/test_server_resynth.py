@@ -244,3 +244,29 @@ def test_stream_client_writes_the_resynthesized_audio(server, tmp_path):
     units = json.loads(doc.read_text())["files"][str(src)]["units"]
     assert rate == 24000 and len(audio) > 0 and len(audio) % 600 == 0
     assert json.loads(doc.read_text())["stream"]["settings"]["resynth"]["holdback"] == 2 and units
+
+
+class SlowResynthWorker(ResynthWorker):
+    """A resynthesis worker far slower than real time (a stand-in for full-size ELLA-V on a small CPU)."""
+
+    def step(self, sessions):
+        import time
+
+        time.sleep(0.3)
+        return super().step(sessions)
+
+
+def test_a_resynthesis_that_falls_behind_is_stopped_and_the_units_go_on():
+    cfg = ServerConfig(port=0, models="tiny", warmup=False, max_resynth_lag_s=1.0, stats_interval_s=0.2)
+    with ServerThread(cfg, resynth=SlowResynthWorker(ModelSet("tiny"), max_decode_steps=1)) as srv:
+
+        async def main():
+            async with UnitsClient(srv.url, sample_rate=SR, resynth={}) as c:
+                return await collect(c, speech_like(4.0, SR, seed=4), realtime=True)
+
+        msgs, units, chunks, _ = run(main())
+    errors = [m for m in msgs if isinstance(m, P.Error)]
+    assert [e.code for e in errors] == [E.RESYNTH_BEHIND.value] and not errors[0].fatal
+    end = msgs[-1]
+    assert end.reason == "end" and end.units == len(units) > 0  # every unit still arrived
+    assert "behind" in end.resynth["error"] and end.resynth["chunks"] == len(chunks)
