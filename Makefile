@@ -4,6 +4,8 @@
 # multi-GB CUDA build. Override TORCH for another build, e.g. TORCH="torch==2.13.0 --index-url <cpu index>".
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# Optional extras the test run installs; CI adds ray so the Ray tests run (they are skipped without it).
+EXTRAS ?= test,plot
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -13,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[test,plot]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(BIN)/.installed

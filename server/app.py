@@ -273,10 +273,9 @@ class Connection:
             return
         if msg.resynth is not None and not await self._open_resynth(k, lmbda, msg.resynth):
             return
-        open_session = lambda: self.server.encoder.open_session(  # noqa: E731 (runs on the worker thread)
-            msg.sample_rate, k, lmbda, mode=mode, preset=msg.preset, score=msg.score, **opts)
+        settings = dict(k=k, lmbda=lmbda, mode=mode, preset=msg.preset, score=msg.score, **opts)
         try:
-            self.slot = await self.server.worker.open_slot(self.id, open_session, msg.sample_rate, self)
+            self.slot = await self.server.worker.open_slot(self.id, msg.sample_rate, settings, self)
         except UnknownModel as e:
             self.error(P.ErrorCode.UNKNOWN_MODEL, str(e))
             return
@@ -776,14 +775,20 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
-        self.worker = ModelWorker(self.encoder, loop, self.metrics, self.config.quantum_s)
+        # The encoder backend: in-process (an EncoderWorker on a ModelWorker thread, the default) or any object that
+        # makes its own worker with the same interface (server/ray_backend.py: a Ray Serve deployment).
+        make_worker = getattr(self.encoder, "model_worker", None)
+        if make_worker is not None:
+            self.worker = make_worker(loop, self.metrics, self.config.quantum_s)
+        else:
+            self.worker = ModelWorker(self.encoder, loop, self.metrics, self.config.quantum_s)
         self.worker.start()
         if self.resynth is not None:
             self.resynth_thread = ResynthThread(self.resynth, loop, self.metrics)
             self.resynth_thread.start()
         if self.config.warmup:
             started = time.perf_counter()
-            await self.worker.call(lambda: warm_up(self.encoder, *self.default_pair))
+            await self.worker.warm_up(*self.default_pair)
             log.info("warm-up took %.2f s", time.perf_counter() - started)
         cfg = self.config
         self._ws_server = await websockets.serve(
@@ -948,19 +953,6 @@ def build_resynth(config: ServerConfig, models: Any = None) -> Any:
         raise InvalidInput(f"unknown resynth dtype {config.resynth_dtype!r}; expected float32, bfloat16 or float16")
     return ResynthWorker(models if models is not None else hub.ModelSet(config.models),
                          device=config.resynth_device or config.device, dtype=dtype)  # fmt: skip
-
-
-def warm_up(encoder: Any, k: int, lmbda: int, seconds: float = 1.0) -> None:
-    """One short stream through the models (first calls allocate and pick kernels); its output is discarded."""
-    from dpslm_stream.tiny import speech_like
-
-    session = encoder.open_session(16000, k, lmbda)
-    session.push(speech_like(seconds, 16000, seed=1))
-    session.end()
-    for _ in range(1000):
-        encoder.step([session])
-        if any(isinstance(ev, EndEvent) for ev in session.poll()):
-            return
 
 
 class ServerThread:

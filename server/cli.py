@@ -61,6 +61,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-listeners", type=int, default=d.max_listeners, help="listeners per sender session")
     p.add_argument("--max-resynth-lag", type=float, default=d.max_resynth_lag_s,
                    help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
+    p.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"),
+                   help="where the encoder runs: a thread of this process (default), or a Ray Serve deployment "
+                        "(pip install 'dpslm-stream[ray]')")  # fmt: skip
+    p.add_argument("--ray-address", default=None, help="--backend ray: join this Ray cluster (default: start a "
+                                                       "local Ray)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -93,9 +98,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )  # fmt: skip
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, encoder=None) -> None:
     """Run a server until SIGTERM or SIGINT, then drain it."""
-    server = Server(config)
+    server = Server(config, encoder)
     if server.random_weights:
         print(f"note: model set '{server.models_name}' has RANDOM weights; units are plumbing checks, not speech.",
               file=sys.stderr)  # fmt: skip
@@ -118,7 +123,13 @@ async def serve(config: ServerConfig) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is too much
-    asyncio.run(serve(config_from_args(args)))
+    config = config_from_args(args)
+    encoder = None
+    if args.backend == "ray":
+        from .ray_backend import start_ray_encoder
+
+        encoder = start_ray_encoder(config, address=args.ray_address)
+    asyncio.run(serve(config, encoder))
     return 0
 
 

@@ -203,17 +203,21 @@ class ModelWorker(WorkerThread):
         self.quantum_s = quantum_s
         self._slots: list[Slot] = []  # worker thread only
 
-    async def open_slot(self, session_id: str, open_session: Callable[[], Any], sample_rate: int,
-                        sink: SlotSink) -> Slot:  # fmt: skip
-        """Open an encoder session on the worker thread (``open_session()`` may load a pair's models) and start
-        serving it; raises what ``open_session`` raises (InvalidInput, UnknownModel)."""
+    async def open_slot(self, session_id: str, sample_rate: int, settings: dict, sink: SlotSink) -> Slot:
+        """Open an encoder session (``EncoderWorker.open_session(sample_rate, **settings)``, on the worker thread: it
+        may load a pair's models) and start serving it; raises what ``open_session`` raises (InvalidInput,
+        UnknownModel)."""
 
         def _open() -> Slot:
-            slot = Slot(session_id, open_session(), sample_rate, sink)
+            slot = Slot(session_id, self.encoder.open_session(sample_rate, **settings), sample_rate, sink)
             self._slots.append(slot)
             return slot
 
         return await self.call(_open)
+
+    async def warm_up(self, k: int, lmbda: int) -> None:
+        """One short stream through the models before clients come (first calls allocate and pick kernels)."""
+        await self.call(lambda: warm_up(self.encoder, k, lmbda))
 
     # --- worker thread -------------------------------------------------------------------------------------------
 
@@ -295,3 +299,16 @@ class ModelWorker(WorkerThread):
         log.error("session %s failed in the model worker", slot.id, exc_info=error)
         slot.finished = True
         self._post(slot.sink.on_failure, error)
+
+
+def warm_up(encoder: Any, k: int, lmbda: int, seconds: float = 1.0) -> None:
+    """One short stream through an EncoderWorker (first calls allocate and pick kernels); its output is discarded."""
+    from dpslm_stream.tiny import speech_like
+
+    session = encoder.open_session(16000, k, lmbda)
+    session.push(speech_like(seconds, 16000, seed=1))
+    session.end()
+    for _ in range(1000):
+        encoder.step([session])
+        if any(isinstance(ev, EndEvent) for ev in session.poll()):
+            return

@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frame-ms", type=float, default=20.0, help="client frame length (default 20 ms)")
     parser.add_argument("--lag-budget", type=float, default=1.0, help="p95 commit lag (s) that counts as real time")
     parser.add_argument("--device", default="cpu", help="torch device of the model worker")
+    parser.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"),
+                        help="encoder in a thread of the server (default) or in a Ray Serve deployment on a local Ray "
+                             "(needs the ray extra; rtf/load/cpu columns then count only the gateway process)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--stop-after-miss", action="store_true", help="stop at the first N that is not real time")
     parser.add_argument("--plot", type=Path, default=None, help="write a plot of lag vs N here (PNG)")
@@ -165,11 +168,21 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     wav_path = str(Path(__file__).resolve().parent.parent / "data" / "sample.wav")
     started = time.perf_counter()
-    encoder = encoder_worker(args.models, args.device)
     label = {"full": "WavLM-Large dimensions, RANDOM weights", "tiny": "tiny set, RANDOM weights"}.get(args.models,
                                                                                                         args.models)
     cfg = ServerConfig(port=0, models=args.models if args.models != "full" else "tiny",
                        max_sessions=max(args.clients) + 1, idle_timeout_s=120, device=args.device)  # fmt: skip
+    if args.backend == "ray":
+        import dataclasses
+
+        from dpslm_stream.server.ray_backend import start_ray_encoder
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        encoder = start_ray_encoder(dataclasses.replace(cfg, models=args.models, pairs=((500, 4500),)),
+                                    num_cpus=os.cpu_count(), replica_cpus=1.0)  # fmt: skip
+        label += ", encoder on Ray Serve (local, one replica)"
+    else:
+        encoder = encoder_worker(args.models, args.device)
     rows = []
     with ServerThread(cfg, encoder=encoder) as srv:
         print(f"server bench: {label}; {args.mode}/{args.preset}, k=500 lambda=4500, no scoring; "

@@ -1,0 +1,334 @@
+"""The encoder on Ray Serve: the same server, clients and protocol, with the model work in a Serve deployment.
+
+    dpslm-stream serve --backend ray [--ray-address auto]
+
+Shape (shared/spec/scale-out.md): the WebSocket sessions and all their protocol state stay in the gateway (this
+process: the same asyncio ``Server`` as the in-process backend, so the same clients, page and protocol), and each
+session's encoder state (resampler tail, window caches, DPDP survivors) lives in the ``Encoder`` deployment. Its
+``step`` is a ``@serve.batch`` method: the calls that arrive together from every session go through one
+``EncoderWorker.step``, i.e. one batched forward. A replica that goes away ends its sessions with
+``internal_error`` (close 1011); clients reconnect and get a new session.
+
+Not yet: the deployment runs one replica (sessions are stateful and a Serve handle routes each call to any
+replica, so more replicas need per-session pinning); resynthesis still runs in the gateway process
+(server/resynth.py). Scale out today by running several gateway + encoder pairs behind a WebSocket-aware load
+balancer.
+Ray is an optional extra (``pip install 'dpslm-stream[ray]'``): this module imports it only when a Ray backend is
+made, and nothing else in the package imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dpslm_stream.errors import DPSLMError, InvalidInput, UnknownModel
+from dpslm_stream.stream.events import EndEvent
+from dpslm_stream.stream.encoder import WindowConfig
+
+from .worker import Progress, Slot, SlotSink
+
+log = logging.getLogger("dpslm_stream.server")
+
+
+def import_ray():
+    try:
+        import ray
+        from ray import serve
+    except ImportError as e:
+        raise DPSLMError(f"the Ray backend needs Ray Serve: pip install 'dpslm-stream[ray]' ({e})") from None
+    return ray, serve
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the gateway needs to know of a remote encoder session (the in-process Slot has the session itself)."""
+
+    k: int
+    lmbda: int
+    config: WindowConfig
+    max_lag: int | None
+
+
+class EncoderReplica:
+    """The body of the ``Encoder`` deployment: an EncoderWorker and its sessions, keyed by the gateway's id.
+    A plain class, so it can be tested without Ray; ``encoder_deployment`` wraps it for Serve."""
+
+    def __init__(self, models: str, device: str = "cpu", dtype: str = "float32", pairs=None, warmup: bool = True):
+        import torch
+
+        from dpslm_stream import hub
+        from dpslm_stream.stream.worker import EncoderWorker
+
+        if models == "full":  # benchmarks: WavLM-Large dimensions with RANDOM weights (dpslm_stream.bench._models)
+            from dpslm_stream.bench._models import full_size_encoder_worker
+
+            self.worker = full_size_encoder_worker(device)
+        else:
+            self.worker = EncoderWorker(hub.ModelSet(models), device=device, dtype=getattr(torch, dtype),
+                                        pairs=list(pairs) if pairs else None)  # fmt: skip
+        self.sessions: dict[str, Any] = {}
+        self.max_batch = 0  # most calls served by one step (the batching the tests check)
+        self.lock = threading.Lock()  # one EncoderWorker.step at a time (batches may run in a thread pool)
+        if warmup:
+            from .worker import warm_up
+
+            warm_up(self.worker, *self.default_pair())
+
+    def describe(self) -> dict:
+        models = self.worker.models
+        return {"pairs": [list(p) for p in self.worker.available_pairs()], "models": models.source,
+                "random_weights": models.is_random, "max_batch": self.max_batch, "sessions": len(self.sessions)}  # fmt: skip
+
+    def default_pair(self) -> tuple[int, int]:
+        from dpslm_stream import hub
+
+        pairs = self.worker.available_pairs()
+        default = (hub.DEFAULT_K, hub.DEFAULT_LMBDA)
+        return default if default in pairs or not pairs else pairs[0]
+
+    def open(self, session_id: str, sample_rate: int, settings: dict) -> SessionInfo | dict:
+        """Open a session; a refusal comes back as {"error": kind, "message": ...} (exceptions do not travel well)."""
+        try:
+            with self.lock:
+                s = self.worker.open_session(sample_rate, **settings)
+        except UnknownModel as e:
+            return {"error": "unknown_model", "message": str(e)}
+        except (InvalidInput, TypeError) as e:
+            return {"error": "invalid_input", "message": str(e)}
+        self.sessions[session_id] = s
+        return SessionInfo(s.k, s.lmbda, s.config, s.max_lag)
+
+    def close(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def step_many(self, items: list[tuple[str, np.ndarray | None, bool]]) -> list[tuple[list, dict, bool]]:
+        """Each item: (session id, new samples or None, end). Pushes them, runs ONE batched step over all their
+        sessions, and returns per item (events, progress fields, more work pending)."""
+        with self.lock:
+            self.max_batch = max(self.max_batch, len(items))
+            sessions, errors = [], {}
+            for i, (sid, chunk, end) in enumerate(items):
+                s = self.sessions.get(sid)
+                if s is None:
+                    errors[i] = f"session {sid} is not open on this replica (it restarted?)"
+                    continue
+                try:
+                    if chunk is not None:
+                        s.push(chunk)
+                    if end:
+                        s.end()
+                except InvalidInput as e:  # the chunk is refused; the session goes on
+                    errors[i] = e
+                sessions.append(s)
+            self.worker.step(sessions)
+            out = []
+            for i, (sid, _, _) in enumerate(items):
+                s = self.sessions.get(sid)
+                if s is None:
+                    out.append(([RuntimeError(errors[i])], {}, False))
+                    continue
+                events = s.poll()
+                if i in errors:
+                    events.insert(0, errors[i])
+                st = s.stats
+                progress = {"compute_seconds": st.compute_seconds, "encoded_seconds": st.encoded_seconds,
+                            "state_nbytes": st.state_nbytes}  # fmt: skip
+                done = any(isinstance(e, EndEvent) for e in events)
+                if done:
+                    self.sessions.pop(sid, None)
+                out.append((events, progress, s.has_work and not done))
+            return out
+
+
+def encoder_deployment(max_batch_size: int = 64, batch_wait_timeout_s: float = 0.005, num_cpus: float = 1.0,
+                       num_gpus: float = 0.0, max_ongoing_requests: int = 256):  # fmt: skip
+    """The ``Encoder`` Serve deployment class (built here so that importing this module needs no Ray)."""
+    ray, serve = import_ray()
+
+    # max_ongoing_requests bounds the batch size (ray-project/ray#43288): one call in flight per session.
+    @serve.deployment(name="Encoder", num_replicas=1, max_ongoing_requests=max_ongoing_requests,
+                      ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus})  # fmt: skip
+    class Encoder(EncoderReplica):
+        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+        async def step(self, items: list[tuple[str, np.ndarray | None, bool]]) -> list:
+            # @serve.batch hands over the calls that arrived together, from every session: one forward
+            return await asyncio.to_thread(self.step_many, items)
+
+    return Encoder
+
+
+@dataclass(frozen=True)
+class RemoteModels:
+    source: str
+    is_random: bool
+
+
+class RayEncoder:
+    """The gateway's view of the Encoder deployment: what ``Server`` asks of an encoder (``available_pairs``,
+    ``models``) plus ``model_worker``, which makes the per-session pumps that talk to the deployment."""
+
+    def __init__(self, handle, describe: dict, call_timeout_s: float = 60.0):
+        self.handle = handle
+        self.call_timeout_s = call_timeout_s
+        self._pairs = [tuple(p) for p in describe["pairs"]]
+        self.models = RemoteModels(describe["models"], describe["random_weights"])
+
+    def available_pairs(self) -> list[tuple[int, int]]:
+        return list(self._pairs)
+
+    def model_worker(self, loop, metrics=None, quantum_s: float = 0.5) -> "RayModelWorker":
+        return RayModelWorker(self.handle, loop, metrics, quantum_s, self.call_timeout_s)
+
+
+class RaySlot(Slot):
+    """One session of the gateway, served remotely: server.worker.Slot's queue and flags (the Connection uses it the
+    same way), driven by a pump task on the event loop that sends the audio in order and hands the events back."""
+
+    def __init__(self, worker: "RayModelWorker", session_id: str, info: SessionInfo, sample_rate: int,
+                 sink: SlotSink):  # fmt: skip
+        self._cancelled = False
+        self._wake = asyncio.Event()
+        super().__init__(session_id, info, sample_rate, sink)
+        self.worker = worker
+        self._task = asyncio.ensure_future(self._pump())
+
+    def add_audio(self, samples: np.ndarray) -> None:
+        super().add_audio(samples)
+        self._wake.set()
+
+    def request_end(self) -> None:
+        super().request_end()
+        self._wake.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        if value and not self._cancelled:
+            self._cancelled = True
+            self._wake.set()
+
+    async def _pump(self) -> None:
+        handle, end_sent, more = self.worker.handle, False, False
+        try:
+            while not self.finished:
+                if not (more or self.queued_samples or (self.wants_end() and not end_sent) or self._cancelled):
+                    await self._wake.wait()
+                self._wake.clear()
+                if self._cancelled:
+                    await self.worker.result(handle.close.remote(self.id))
+                    return
+                chunk = self.take(max(1, int(self.worker.quantum_s * self.sample_rate)))
+                end = self.wants_end() and not end_sent
+                started = time.perf_counter()
+                # A call that does not come back (the replica is gone and Serve waits for a new one) fails the session
+                events, progress, more = await self.worker.result(handle.step.remote((self.id, chunk, end)))
+                self.worker.account(time.perf_counter() - started)
+                end_sent = end_sent or end
+                if chunk is not None:
+                    self.processed_samples += len(chunk)
+                    self.sink.on_consumed()
+                failure = next((e for e in events if isinstance(e, RuntimeError)), None)
+                if failure is not None:
+                    raise failure
+                self.finished = any(isinstance(e, EndEvent) for e in events)
+                self.sink.on_events(events, Progress(self.processed_samples, progress.get("compute_seconds", 0.0),
+                                                     progress.get("encoded_seconds", 0.0),
+                                                     progress.get("state_nbytes", 0), self.finished))  # fmt: skip
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the replica went away or failed on this session: this session alone ends
+            log.error("session %s: the encoder deployment failed: %s", self.id, e)
+            self.finished = True
+            self.sink.on_failure(e)
+
+
+class RayModelWorker:
+    """The in-process ModelWorker's interface, backed by the Encoder deployment (no thread: every call is async)."""
+
+    def __init__(self, handle, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
+                 call_timeout_s: float = 60.0):  # fmt: skip
+        self.handle = handle
+        self.call_timeout_s = call_timeout_s
+        self.loop = loop
+        self.metrics = metrics
+        self.quantum_s = quantum_s
+        self.heartbeat = time.monotonic()
+        self._slots: set[RaySlot] = set()
+        self._alive = False
+
+    def start(self) -> None:
+        self._alive = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._alive = False
+        for slot in self._slots:
+            slot._task.cancel()
+
+    @property
+    def alive(self) -> bool:
+        self.heartbeat = time.monotonic()
+        return self._alive
+
+    def wake(self) -> None:  # each slot's pump wakes on its own events
+        pass
+
+    async def result(self, response):
+        """Await a deployment call, at most call_timeout_s (TimeoutError: the deployment is unavailable)."""
+        try:
+            return await asyncio.wait_for(asyncio.ensure_future(_awaited(response)), self.call_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise TimeoutError(f"the encoder deployment did not answer within {self.call_timeout_s:g} s") from None
+
+    def account(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(seconds)
+            self.metrics.batch_size.observe(1)  # per gateway call; the replica batches calls across sessions
+
+    async def warm_up(self, k: int, lmbda: int) -> None:  # the replicas warm up in their constructor
+        return None
+
+    async def open_slot(self, session_id: str, sample_rate: int, settings: dict, sink: SlotSink) -> RaySlot:
+        info = await self.result(self.handle.open.remote(session_id, sample_rate, settings))
+        if isinstance(info, dict):
+            raise (UnknownModel if info["error"] == "unknown_model" else InvalidInput)(info["message"])
+        slot = RaySlot(self, session_id, info, sample_rate, sink)
+        self._slots.add(slot)
+        slot._task.add_done_callback(lambda _t: self._slots.discard(slot))
+        return slot
+
+
+async def _awaited(response):
+    return await response
+
+
+_app_ids = itertools.count()
+
+
+def start_ray_encoder(config, *, address: str | None = None, num_cpus: float | None = None,
+                      replica_cpus: float = 1.0, call_timeout_s: float = 60.0) -> RayEncoder:  # fmt: skip
+    """Start (or join, with ``address``) Ray, deploy the Encoder for ``config`` (a ServerConfig) and return the
+    gateway's RayEncoder. Tests pass ``num_cpus`` for a local Ray on loopback."""
+    ray, serve = import_ray()
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False,
+                                                       "_node_ip_address": "127.0.0.1"}  # fmt: skip
+        ray.init(log_to_driver=False, **kwargs)
+    serve.start(proxy_location="Disabled")  # the gateway is the WebSocket front; Serve needs no HTTP proxy here
+    gpus = 1.0 if str(config.device).startswith("cuda") else 0.0
+    Encoder = encoder_deployment(num_cpus=replica_cpus, num_gpus=gpus, max_ongoing_requests=2 * config.max_sessions + 8)
+    app = Encoder.bind(config.models, config.device, config.dtype, config.pairs, config.warmup)
+    handle = serve.run(app, name=f"dpslm-encoder-{next(_app_ids)}", route_prefix=None)
+    describe = handle.describe.remote().result()
+    return RayEncoder(handle, describe, call_timeout_s)

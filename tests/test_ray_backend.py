@@ -1,0 +1,111 @@
+"""The live server with its encoder on Ray Serve (--backend ray), on a local Ray bound to 127.0.0.1 with the tiny set:
+the same protocol and clients give the same units as the in-process server, sessions share batched steps, a full
+server answers busy, and a session whose replica goes away ends with internal_error (close 1011).
+Needs the optional extra (pip install 'dpslm-stream[ray]'); skipped without it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+pytest.importorskip("ray.serve")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster: no token file in $HOME
+
+from dpslm_stream import protocol as P  # noqa: E402
+from dpslm_stream.client import SessionError, UnitsClient, chunked  # noqa: E402
+from dpslm_stream.server.app import ServerConfig, ServerThread  # noqa: E402
+from dpslm_stream.tiny import speech_like  # noqa: E402
+
+pytestmark = pytest.mark.ray
+SR = 16000
+WAV = speech_like(2.0, SR, seed=21)
+
+
+@pytest.fixture(scope="module")
+def ray_encoder():
+    import ray
+    from ray import serve
+
+    from dpslm_stream.server.ray_backend import start_ray_encoder
+
+    cfg = ServerConfig(port=0, models="tiny", max_sessions=3, warmup=False, resynth=False, idle_timeout_s=30)
+    encoder = start_ray_encoder(cfg, num_cpus=2, replica_cpus=0.5)
+    yield cfg, encoder
+    serve.shutdown()
+    ray.shutdown()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+async def units_of(url, mode, realtime=False):
+    async with UnitsClient(url, sample_rate=SR, format="float32", options={"mode": mode}) as c:
+        msgs = [m async for m in c.stream(chunked(WAV, SR, 100), realtime=realtime)]
+    assert isinstance(msgs[-1], P.EndMessage) and msgs[-1].reason == "end"
+    return [(m.seq, m.unit, m.start_frame, m.end_frame) for m in msgs if isinstance(m, P.Unit)]
+
+
+def test_same_units_through_ray_as_in_process(ray_encoder):
+    cfg, encoder = ray_encoder
+    with ServerThread(cfg, encoder=encoder) as srv:
+        ray_units = {mode: run(units_of(srv.url, mode)) for mode in ("full", "cached")}
+    with ServerThread(cfg) as srv:
+        local_units = {mode: run(units_of(srv.url, mode)) for mode in ("full", "cached")}
+    assert ray_units["full"] and ray_units == local_units
+
+
+def test_sessions_are_batched_together_and_a_full_server_is_busy(ray_encoder):
+    cfg, encoder = ray_encoder
+
+    async def main(url):
+        results = await asyncio.gather(*[units_of(url, "cached", realtime=True) for _ in range(3)])
+        return results
+
+    with ServerThread(cfg, encoder=encoder) as srv:
+        results = run(main(srv.url))
+
+        async def crowd(url):
+            clients = [UnitsClient(url, sample_rate=SR) for _ in range(3)]
+            for c in clients:
+                await c.connect()
+            try:
+                with pytest.raises(SessionError) as busy:
+                    await UnitsClient(url, sample_rate=SR).connect()
+                return busy.value.code
+            finally:
+                for c in clients:
+                    await c.close()
+
+        assert run(crowd(srv.url)) == P.ErrorCode.BUSY.value
+    assert results[0] == results[1] == results[2] and results[0]
+    assert encoder.handle.describe.remote().result()["max_batch"] >= 2  # calls of several sessions in one step
+
+
+def test_a_session_whose_replica_goes_away_ends_with_internal_error():
+    """Last in this module: it deletes the deployment."""
+    import ray
+    from ray import serve
+
+    from dpslm_stream.server.ray_backend import start_ray_encoder
+
+    if not ray.is_initialized():
+        pytest.skip("needs the module's Ray")
+    cfg = ServerConfig(port=0, models="tiny", max_sessions=2, warmup=False, resynth=False)
+    encoder = start_ray_encoder(cfg, replica_cpus=0.5, call_timeout_s=10)
+
+    async def main(url):
+        async with UnitsClient(url, sample_rate=SR) as c:
+            await c.send(WAV[:SR])
+            serve.delete([a for a in serve.status().applications if a.startswith("dpslm-encoder")][-1])
+            await c.send(WAV[SR:])
+            await c.end()
+            with pytest.raises(SessionError) as err:
+                async for _ in c:
+                    pass
+            return err.value.code
+
+    with ServerThread(cfg, encoder=encoder) as srv:
+        assert run(main(srv.url)) == P.ErrorCode.INTERNAL_ERROR.value
