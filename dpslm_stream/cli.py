@@ -362,6 +362,7 @@ _EXTERNAL = {
     "serve": "dpslm_stream.server.cli",
     "stream": "dpslm_stream.client.stream",
     "mic": "dpslm_stream.client.mic",
+    "encode-corpus": "dpslm_stream.corpus",
 }
 
 
