@@ -66,6 +66,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(pip install 'dpslm-stream[ray]')")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="--backend ray: join this Ray cluster (default: start a "
                                                        "local Ray)")  # fmt: skip
+    p.add_argument("--encoder-shards", type=int, default=1, help="--backend ray: encoder applications (one replica, "
+                                                                  "e.g. one GPU, each); sessions are pinned to one")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "ray":
         from .ray_backend import start_ray_encoder
 
-        encoder = start_ray_encoder(config, address=args.ray_address)
+        encoder = start_ray_encoder(config, address=args.ray_address, shards=args.encoder_shards)
     asyncio.run(serve(config, encoder))
     return 0
 

@@ -1,6 +1,6 @@
 """The encoder on Ray Serve: the same server, clients and protocol, with the model work in a Serve deployment.
 
-    dpslm-stream serve --backend ray [--ray-address auto]
+    dpslm-stream serve --backend ray [--ray-address auto] [--encoder-shards N]
 
 Shape (shared/spec/scale-out.md): the WebSocket sessions and all their protocol state stay in the gateway (this
 process: the same asyncio ``Server`` as the in-process backend, so the same clients, page and protocol), and each
@@ -9,10 +9,11 @@ session's encoder state (resampler tail, window caches, DPDP survivors) lives in
 ``EncoderWorker.step``, i.e. one batched forward. A replica that goes away ends its sessions with
 ``internal_error`` (close 1011); clients reconnect and get a new session.
 
-Not yet: the deployment runs one replica (sessions are stateful and a Serve handle routes each call to any
-replica, so more replicas need per-session pinning); resynthesis still runs in the gateway process
-(server/resynth.py). Scale out today by running several gateway + encoder pairs behind a WebSocket-aware load
-balancer.
+Sessions are stateful and a Serve handle routes each call to any replica of a deployment, so the encoder scales by
+*shards*: N Serve applications of one replica each (GPU-sized); the gateway pins each session to the shard with the
+fewest sessions when it opens and talks to that shard's handle for the rest of the session. More gateways (each with
+its shards) scale past one gateway's event loop, behind a WebSocket-aware load balancer. Not yet on Ray:
+resynthesis, which still runs in the gateway process (server/resynth.py).
 Ray is an optional extra (``pip install 'dpslm-stream[ray]'``): this module imports it only when a Ray backend is
 made, and nothing else in the package imports this module.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -175,8 +177,8 @@ class RayEncoder:
     """The gateway's view of the Encoder deployment: what ``Server`` asks of an encoder (``available_pairs``,
     ``models``) plus ``model_worker``, which makes the per-session pumps that talk to the deployment."""
 
-    def __init__(self, handle, describe: dict, call_timeout_s: float = 60.0):
-        self.handle = handle
+    def __init__(self, handles: list, describe: dict, call_timeout_s: float = 60.0):
+        self.handles = list(handles)  # one per shard
         self.call_timeout_s = call_timeout_s
         self._pairs = [tuple(p) for p in describe["pairs"]]
         self.models = RemoteModels(describe["models"], describe["random_weights"])
@@ -185,19 +187,20 @@ class RayEncoder:
         return list(self._pairs)
 
     def model_worker(self, loop, metrics=None, quantum_s: float = 0.5) -> "RayModelWorker":
-        return RayModelWorker(self.handle, loop, metrics, quantum_s, self.call_timeout_s)
+        return RayModelWorker(self.handles, loop, metrics, quantum_s, self.call_timeout_s)
 
 
 class RaySlot(Slot):
     """One session of the gateway, served remotely: server.worker.Slot's queue and flags (the Connection uses it the
     same way), driven by a pump task on the event loop that sends the audio in order and hands the events back."""
 
-    def __init__(self, worker: "RayModelWorker", session_id: str, info: SessionInfo, sample_rate: int,
-                 sink: SlotSink):  # fmt: skip
+    def __init__(self, worker: "RayModelWorker", shard: int, handle, session_id: str, info: SessionInfo,
+                 sample_rate: int, sink: SlotSink):  # fmt: skip
         self._cancelled = False
         self._wake = asyncio.Event()
         super().__init__(session_id, info, sample_rate, sink)
         self.worker = worker
+        self.shard, self.handle = shard, handle  # the session's shard, for its whole life
         self._task = asyncio.ensure_future(self._pump())
 
     def add_audio(self, samples: np.ndarray) -> None:
@@ -219,7 +222,7 @@ class RaySlot(Slot):
             self._wake.set()
 
     async def _pump(self) -> None:
-        handle, end_sent, more = self.worker.handle, False, False
+        handle, end_sent, more = self.handle, False, False
         try:
             while not self.finished:
                 if not (more or self.queued_samples or (self.wants_end() and not end_sent) or self._cancelled):
@@ -256,9 +259,9 @@ class RaySlot(Slot):
 class RayModelWorker:
     """The in-process ModelWorker's interface, backed by the Encoder deployment (no thread: every call is async)."""
 
-    def __init__(self, handle, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
+    def __init__(self, handles: list, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
                  call_timeout_s: float = 60.0):  # fmt: skip
-        self.handle = handle
+        self.handles = list(handles)
         self.call_timeout_s = call_timeout_s
         self.loop = loop
         self.metrics = metrics
@@ -300,10 +303,16 @@ class RayModelWorker:
         return None
 
     async def open_slot(self, session_id: str, sample_rate: int, settings: dict, sink: SlotSink) -> RaySlot:
-        info = await self.result(self.handle.open.remote(session_id, sample_rate, settings))
+        # Pin the session to the shard with the fewest sessions of this gateway.
+        load = {i: 0 for i in range(len(self.handles))}
+        for slot in self._slots:
+            load[slot.shard] += 1
+        shard = min(load, key=lambda i: (load[i], i))
+        handle = self.handles[shard]
+        info = await self.result(handle.open.remote(session_id, sample_rate, settings))
         if isinstance(info, dict):
             raise (UnknownModel if info["error"] == "unknown_model" else InvalidInput)(info["message"])
-        slot = RaySlot(self, session_id, info, sample_rate, sink)
+        slot = RaySlot(self, shard, handle, session_id, info, sample_rate, sink)
         self._slots.add(slot)
         slot._task.add_done_callback(lambda _t: self._slots.discard(slot))
         return slot
@@ -316,10 +325,12 @@ async def _awaited(response):
 _app_ids = itertools.count()
 
 
-def start_ray_encoder(config, *, address: str | None = None, num_cpus: float | None = None,
+def start_ray_encoder(config, *, address: str | None = None, num_cpus: float | None = None, shards: int = 1,
                       replica_cpus: float = 1.0, call_timeout_s: float = 60.0) -> RayEncoder:  # fmt: skip
-    """Start (or join, with ``address``) Ray, deploy the Encoder for ``config`` (a ServerConfig) and return the
-    gateway's RayEncoder. Tests pass ``num_cpus`` for a local Ray on loopback."""
+    """Start (or join, with ``address``) Ray, deploy ``shards`` Encoder applications for ``config`` (a ServerConfig)
+    and return the gateway's RayEncoder. Tests pass ``num_cpus`` for a local Ray on loopback."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise InvalidInput(f"shards must be a positive integer, got {shards!r}")
     ray, serve = import_ray()
     if not ray.is_initialized():
         kwargs = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False,
@@ -329,6 +340,8 @@ def start_ray_encoder(config, *, address: str | None = None, num_cpus: float | N
     gpus = 1.0 if str(config.device).startswith("cuda") else 0.0
     Encoder = encoder_deployment(num_cpus=replica_cpus, num_gpus=gpus, max_ongoing_requests=2 * config.max_sessions + 8)
     app = Encoder.bind(config.models, config.device, config.dtype, config.pairs, config.warmup)
-    handle = serve.run(app, name=f"dpslm-encoder-{next(_app_ids)}", route_prefix=None)
-    describe = handle.describe.remote().result()
-    return RayEncoder(handle, describe, call_timeout_s)
+    gateway = next(_app_ids)
+    handles = [serve.run(app, name=f"dpslm-encoder-{os.getpid()}-{gateway}-{i}", route_prefix=None)
+               for i in range(shards)]  # fmt: skip
+    describe = handles[0].describe.remote().result()
+    return RayEncoder(handles, describe, call_timeout_s)
