@@ -401,9 +401,8 @@ class Connection:
             self.error(P.ErrorCode.UNSUPPORTED_OPTION, "this server runs without resynthesis (started with "
                                                        "--no-resynth); ask for units only")  # fmt: skip
             return False
-        open_session = lambda: self.server.resynth.open_session(k, lmbda, **options)  # noqa: E731
         try:
-            self.rsession = await self.server.resynth_thread.open(open_session, self)
+            self.rsession = await self.server.resynth_thread.open(k, lmbda, options, self)
             return True
         except UnknownModel as e:
             self.error(P.ErrorCode.UNKNOWN_MODEL, f"no resynthesis model: {e}")
@@ -721,13 +720,7 @@ def _resolved_window(session: Any) -> dict:
 
 def _resolved_resynth(rsession: Any) -> dict | None:
     """The resynthesis settings a stream actually uses (defaults filled in); None without resynthesis."""
-    if rsession is None:
-        return None
-    e, v = rsession.ellav, rsession.vocoder
-    return {"left_context": e.left_context, "holdback": e.holdback, "greedy": e.greedy, "seed": e.seed,
-            "temperature": e.temperature, "top_p": e.top_p, "trigger_units": e.trigger_units, "trigger_s": e.trigger_s,
-            "max_codec_tokens_per_phone": e.max_codec_tokens_per_phone, "vocoder_left_context": v.left_context,
-            "vocoder_lookahead": v.lookahead, "sample_rate": P.RESYNTH_SAMPLE_RATE}  # fmt: skip
+    return None if rsession is None else rsession.settings()
 
 
 def _json_response(status: int, obj: Any, extra_headers: tuple = ()) -> Response:
@@ -783,8 +776,12 @@ class Server:
         else:
             self.worker = ModelWorker(self.encoder, loop, self.metrics, self.config.quantum_s)
         self.worker.start()
-        if self.resynth is not None:
-            self.resynth_thread = ResynthThread(self.resynth, loop, self.metrics)
+        if self.resynth is not None:  # in-process, or a backend that makes its own (server/ray_backend.py)
+            make_thread = getattr(self.resynth, "resynth_thread", None)
+            if make_thread is not None:
+                self.resynth_thread = make_thread(loop, self.metrics)
+            else:
+                self.resynth_thread = ResynthThread(self.resynth, loop, self.metrics)
             self.resynth_thread.start()
         if self.config.warmup:
             started = time.perf_counter()

@@ -68,6 +68,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                        "local Ray)")  # fmt: skip
     p.add_argument("--encoder-shards", type=int, default=1, help="--backend ray: encoder applications (one replica, "
                                                                   "e.g. one GPU, each); sessions are pinned to one")  # fmt: skip
+    p.add_argument("--resynth-shards", type=int, default=1, help="--backend ray: resynthesis applications (one "
+                                                                  "replica each); sessions are pinned to one")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -100,9 +102,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )  # fmt: skip
 
 
-async def serve(config: ServerConfig, encoder=None) -> None:
-    """Run a server until SIGTERM or SIGINT, then drain it."""
-    server = Server(config, encoder)
+async def serve(config: ServerConfig, encoder=None, resynth=None) -> None:
+    """Run a server until SIGTERM or SIGINT, then drain it (encoder / resynth: backend objects, default in-process)."""
+    server = Server(config, encoder) if resynth is None else Server(config, encoder, resynth)
     if server.random_weights:
         print(f"note: model set '{server.models_name}' has RANDOM weights; units are plumbing checks, not speech.",
               file=sys.stderr)  # fmt: skip
@@ -126,12 +128,16 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is too much
     config = config_from_args(args)
-    encoder = None
+    encoder = resynth = None
     if args.backend == "ray":
         from .ray_backend import start_ray_encoder
 
         encoder = start_ray_encoder(config, address=args.ray_address, shards=args.encoder_shards)
-    asyncio.run(serve(config, encoder))
+        if config.resynth:
+            from .ray_backend import start_ray_resynth
+
+            resynth = start_ray_resynth(config, shards=args.resynth_shards)
+    asyncio.run(serve(config, encoder, resynth))
     return 0
 
 

@@ -4,16 +4,16 @@
 
 Shape (shared/spec/scale-out.md): the WebSocket sessions and all their protocol state stay in the gateway (this
 process: the same asyncio ``Server`` as the in-process backend, so the same clients, page and protocol), and each
-session's encoder state (resampler tail, window caches, DPDP survivors) lives in the ``Encoder`` deployment. Its
+session's encoder state (resampler tail, window caches, DPDP survivors) lives in the ``Encoder`` deployment and its
+resynthesis state (ELLA-V window and pass, vocoder window) in the ``Resynth`` deployment. Its
 ``step`` is a ``@serve.batch`` method: the calls that arrive together from every session go through one
-``EncoderWorker.step``, i.e. one batched forward. A replica that goes away ends its sessions with
+``EncoderWorker.step`` (one batched forward), or one ``ResynthWorker.step`` (one batched ELLA-V decode step). A replica that goes away ends its sessions with
 ``internal_error`` (close 1011); clients reconnect and get a new session.
 
 Sessions are stateful and a Serve handle routes each call to any replica of a deployment, so the encoder scales by
 *shards*: N Serve applications of one replica each (GPU-sized); the gateway pins each session to the shard with the
 fewest sessions when it opens and talks to that shard's handle for the rest of the session. More gateways (each with
-its shards) scale past one gateway's event loop, behind a WebSocket-aware load balancer. Not yet on Ray:
-resynthesis, which still runs in the gateway process (server/resynth.py).
+its shards) scale past one gateway's event loop, behind a WebSocket-aware load balancer.
 Ray is an optional extra (``pip install 'dpslm-stream[ray]'``): this module imports it only when a Ray backend is
 made, and nothing else in the package imports this module.
 """
@@ -61,7 +61,7 @@ class SessionInfo:
 
 class EncoderReplica:
     """The body of the ``Encoder`` deployment: an EncoderWorker and its sessions, keyed by the gateway's id.
-    A plain class, so it can be tested without Ray; ``encoder_deployment`` wraps it for Serve."""
+    A plain class, so it can be tested without Ray; ``serve_deployment`` wraps it for Serve."""
 
     def __init__(self, models: str, device: str = "cpu", dtype: str = "float32", pairs=None, warmup: bool = True):
         import torch
@@ -150,21 +150,22 @@ class EncoderReplica:
             return out
 
 
-def encoder_deployment(max_batch_size: int = 64, batch_wait_timeout_s: float = 0.005, num_cpus: float = 1.0,
-                       num_gpus: float = 0.0, max_ongoing_requests: int = 256):  # fmt: skip
-    """The ``Encoder`` Serve deployment class (built here so that importing this module needs no Ray)."""
+def serve_deployment(body: type, name: str, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                     max_ongoing_requests: int = 256, max_batch_size: int = 64, batch_wait_timeout_s: float = 0.005):  # fmt: skip
+    """A one-replica Serve deployment of ``body`` (EncoderReplica or ResynthReplica) with a ``@serve.batch`` ``step``:
+    the calls that arrive together, from every session, go through one ``body.step_many``, i.e. one batched forward
+    (or ELLA-V decode step). Built here so that importing this module needs no Ray."""
     ray, serve = import_ray()
 
     # max_ongoing_requests bounds the batch size (ray-project/ray#43288): one call in flight per session.
-    @serve.deployment(name="Encoder", num_replicas=1, max_ongoing_requests=max_ongoing_requests,
+    @serve.deployment(name=name, num_replicas=1, max_ongoing_requests=max_ongoing_requests,
                       ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus})  # fmt: skip
-    class Encoder(EncoderReplica):
+    class Deployment(body):
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
-        async def step(self, items: list[tuple[str, np.ndarray | None, bool]]) -> list:
-            # @serve.batch hands over the calls that arrived together, from every session: one forward
+        async def step(self, items: list) -> list:
             return await asyncio.to_thread(self.step_many, items)
 
-    return Encoder
+    return Deployment
 
 
 @dataclass(frozen=True)
@@ -287,12 +288,7 @@ class RayModelWorker:
         pass
 
     async def result(self, response):
-        """Await a deployment call, at most call_timeout_s (TimeoutError: the deployment is unavailable)."""
-        try:
-            return await asyncio.wait_for(asyncio.ensure_future(_awaited(response)), self.call_timeout_s)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise TimeoutError(f"the encoder deployment did not answer within {self.call_timeout_s:g} s") from None
+        return await call_result(response, self.call_timeout_s)
 
     def account(self, seconds: float) -> None:
         if self.metrics is not None:
@@ -318,8 +314,18 @@ class RayModelWorker:
         return slot
 
 
-async def _awaited(response):
-    return await response
+async def call_result(response, timeout_s: float):
+    """Await a deployment call for at most ``timeout_s``: a replica that went away makes Serve wait for a new one,
+    and a session must not hang on that (TimeoutError, and the call is cancelled)."""
+
+    async def awaited():
+        return await response
+
+    try:
+        return await asyncio.wait_for(asyncio.ensure_future(awaited()), timeout_s)
+    except asyncio.TimeoutError:
+        response.cancel()
+        raise TimeoutError(f"the Ray deployment did not answer within {timeout_s:g} s") from None
 
 
 _app_ids = itertools.count()
@@ -338,10 +344,219 @@ def start_ray_encoder(config, *, address: str | None = None, num_cpus: float | N
         ray.init(log_to_driver=False, **kwargs)
     serve.start(proxy_location="Disabled")  # the gateway is the WebSocket front; Serve needs no HTTP proxy here
     gpus = 1.0 if str(config.device).startswith("cuda") else 0.0
-    Encoder = encoder_deployment(num_cpus=replica_cpus, num_gpus=gpus, max_ongoing_requests=2 * config.max_sessions + 8)
+    Encoder = serve_deployment(EncoderReplica, "Encoder", num_cpus=replica_cpus, num_gpus=gpus,
+                               max_ongoing_requests=2 * config.max_sessions + 8)  # fmt: skip
     app = Encoder.bind(config.models, config.device, config.dtype, config.pairs, config.warmup)
     gateway = next(_app_ids)
     handles = [serve.run(app, name=f"dpslm-encoder-{os.getpid()}-{gateway}-{i}", route_prefix=None)
                for i in range(shards)]  # fmt: skip
     describe = handles[0].describe.remote().result()
     return RayEncoder(handles, describe, call_timeout_s)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resynthesis on Ray: the same shape. A session's ELLA-V window, pass and vocoder state live in one shard's replica;
+# the gateway forwards its committed units and receives its audio chunks.
+
+
+class ResynthReplica:
+    """The body of the ``Resynth`` deployment: a ResynthWorker and its sessions (plain class: testable without Ray)."""
+
+    def __init__(self, models: str, device: str = "cpu", dtype: str = "float32"):
+        import torch
+
+        from dpslm_stream import hub
+        from dpslm_stream.stream.resynth import ResynthWorker
+
+        self.worker = ResynthWorker(hub.ModelSet(models), device=device, dtype=getattr(torch, dtype))
+        self.sessions: dict[str, Any] = {}
+        self.max_batch = 0
+        self.lock = threading.Lock()
+
+    def describe(self) -> dict:
+        return {"max_batch": self.max_batch, "sessions": len(self.sessions)}
+
+    def open(self, session_id: str, k: int, lmbda: int, options: dict) -> dict:
+        """The stream's resolved settings, or {"error": kind, "message": ...}."""
+        try:
+            with self.lock:
+                s = self.worker.open_session(k, lmbda, **options)
+        except UnknownModel as e:
+            return {"error": "unknown_model", "message": str(e)}
+        except (InvalidInput, TypeError) as e:
+            return {"error": "invalid_input", "message": str(e)}
+        self.sessions[session_id] = s
+        return {"settings": s.settings()}
+
+    def close(self, session_id: str) -> None:
+        with self.lock:
+            s = self.sessions.pop(session_id, None)
+            if s is not None and not s.closed:
+                self.worker._forget(s)
+
+    def step_many(self, items: list[tuple[str, list, list, bool]]) -> list[tuple[list, Any, bool]]:
+        """Each item: (session id, new units, their end times, end). One batched ResynthWorker.step for all of them;
+        per item (events, stats, more work pending)."""
+        from dpslm_stream.stream.resynth import ResynthEndEvent
+
+        with self.lock:
+            self.max_batch = max(self.max_batch, len(items))
+            sessions, out = [], []
+            for sid, units, ends, end in items:
+                s = self.sessions.get(sid)
+                if s is not None:
+                    if units:
+                        s.push_units(units, ends)
+                    if end and not s.ended:
+                        s.end()
+                    sessions.append(s)
+            self.worker.step(sessions)
+            for sid, _, _, _ in items:
+                s = self.sessions.get(sid)
+                if s is None:
+                    out.append(([RuntimeError(f"resynthesis session {sid} is not open on this replica")], None, False))
+                    continue
+                events = s.poll()
+                done = any(isinstance(e, ResynthEndEvent) for e in events)
+                if done:
+                    self.sessions.pop(sid, None)
+                out.append((events, s.stats, s.has_work and not done))
+            return out
+
+
+class RemoteResynthSession:
+    """What a Connection holds as its resynthesis stream when it lives on Ray: ``push_units``/``end`` queue here,
+    a pump task sends them to the session's shard in order and hands the events to the connection."""
+
+    def __init__(self, thread: "RayResynthThread", shard: int, handle, session_id: str, settings: dict, sink):
+        self.thread, self.shard, self.handle, self.id = thread, shard, handle, session_id
+        self._settings = settings
+        self.sink = sink
+        self._units: list[int] = []
+        self._ends: list[float] = []
+        self._ended = self._end_sent = self._cancelled = self.closed = False
+        self._lag = 0.0
+        self._wake = asyncio.Event()
+        self._task = asyncio.ensure_future(self._pump())
+
+    def settings(self) -> dict:
+        return dict(self._settings)
+
+    def push_units(self, units, end_s=None) -> None:
+        self._units.extend(int(u) for u in units)
+        self._ends.extend(end_s if end_s is not None else [None] * len(units))
+        self._wake.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._wake.set()
+
+    @property
+    def lag_s(self) -> float:
+        return self._lag  # as the replica reported it with the last events
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._wake.set()
+
+    async def _pump(self) -> None:
+        from dpslm_stream.stream.resynth import ResynthEndEvent
+
+        more = False
+        try:
+            while not self.closed:
+                if not (more or self._units or (self._ended and not self._end_sent) or self._cancelled):
+                    await self._wake.wait()
+                self._wake.clear()
+                if self._cancelled:
+                    await self.thread.result(self.handle.close.remote(self.id))
+                    return
+                units, ends, self._units, self._ends = self._units, self._ends, [], []
+                end = self._ended and not self._end_sent
+                events, stats, more = await self.thread.result(
+                    self.handle.step.remote((self.id, units, ends if units and ends[0] is not None else None, end)))
+                self._end_sent = self._end_sent or end
+                failure = next((e for e in events if isinstance(e, RuntimeError)), None)
+                if failure is not None:
+                    raise failure
+                if stats is not None:
+                    self._lag = stats.lag_s
+                self.closed = any(isinstance(e, ResynthEndEvent) for e in events)
+                if events:
+                    self.sink.on_resynth_events(events, stats)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the replica went away or failed on this stream: the units go on
+            log.error("resynthesis session %s failed on Ray: %s", self.id, e)
+            self.closed = True
+            self.sink.on_resynth_failure(e)
+
+
+class RayResynthThread:
+    """The gateway's replacement for server.resynth.ResynthThread, backed by Resynth shards."""
+
+    def __init__(self, handles: list, loop, metrics=None, call_timeout_s: float = 60.0):
+        self.handles = list(handles)
+        self.loop, self.metrics, self.call_timeout_s = loop, metrics, call_timeout_s
+        self.heartbeat = time.monotonic()
+        self._sessions: set[RemoteResynthSession] = set()
+        self._ids = itertools.count()
+        self.alive = False
+
+    def start(self) -> None:
+        self.alive = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.alive = False
+        for s in self._sessions:
+            s._task.cancel()
+
+    def wake(self) -> None:  # each session's pump wakes on its own
+        pass
+
+    async def result(self, response):
+        return await call_result(response, self.call_timeout_s)
+
+    async def open(self, k: int, lmbda: int, options: dict, sink) -> RemoteResynthSession:
+        load = {h: 0 for h in range(len(self.handles))}
+        for s in self._sessions:
+            load[s.shard] += 1
+        shard = min(load, key=lambda i: (load[i], i))
+        sid = f"{os.getpid()}-{next(self._ids)}"
+        answer = await self.result(self.handles[shard].open.remote(sid, k, lmbda, options))
+        if "error" in answer:
+            raise (UnknownModel if answer["error"] == "unknown_model" else InvalidInput)(answer["message"])
+        session = RemoteResynthSession(self, shard, self.handles[shard], sid, answer["settings"], sink)
+        self._sessions.add(session)
+        session._task.add_done_callback(lambda _t: self._sessions.discard(session))
+        return session
+
+    def close(self, session: RemoteResynthSession) -> None:
+        session.cancel()
+
+
+class RayResynth:
+    """The gateway's view of the Resynth shards: Server asks it for its ``resynth_thread``."""
+
+    def __init__(self, handles: list, call_timeout_s: float = 60.0):
+        self.handles, self.call_timeout_s = list(handles), call_timeout_s
+
+    def resynth_thread(self, loop, metrics=None) -> RayResynthThread:
+        return RayResynthThread(self.handles, loop, metrics, self.call_timeout_s)
+
+
+def start_ray_resynth(config, *, shards: int = 1, replica_cpus: float = 1.0,
+                      call_timeout_s: float = 60.0) -> RayResynth:  # fmt: skip
+    """Deploy ``shards`` Resynth applications for ``config`` on the Ray that start_ray_encoder started or joined."""
+    ray, serve = import_ray()
+    if not ray.is_initialized():
+        raise InvalidInput("start_ray_resynth needs Ray to be running: call start_ray_encoder first")
+    device = config.resynth_device or config.device
+    Resynth = serve_deployment(ResynthReplica, "Resynth", num_cpus=replica_cpus,
+                               num_gpus=1.0 if str(device).startswith("cuda") else 0.0,
+                               max_ongoing_requests=2 * config.max_sessions + 8)  # fmt: skip
+    app = Resynth.bind(config.models, device, config.resynth_dtype)
+    gateway = next(_app_ids)
+    handles = [serve.run(app, name=f"dpslm-resynth-{os.getpid()}-{gateway}-{i}", route_prefix=None)
+               for i in range(shards)]  # fmt: skip
+    return RayResynth(handles, call_timeout_s)

@@ -45,12 +45,12 @@ class ResynthThread(WorkerThread):
 
     # --- called from the event loop ---------------------------------------------------------------------------------
 
-    async def open(self, open_session: Callable[[], Any], sink: ResynthSink) -> Any:
-        """Open a ResynthSession on this thread (``open_session()`` may load ELLA-V and WavTokenizer) and serve it;
-        raises what ``open_session`` raises (InvalidInput, UnknownModel)."""
+    async def open(self, k: int, lmbda: int, options: dict, sink: ResynthSink) -> Any:
+        """Open a ResynthSession (``ResynthWorker.open_session(k, lmbda, **options)``, on this thread: it may load
+        ELLA-V and WavTokenizer) and serve it; raises what ``open_session`` raises (InvalidInput, UnknownModel)."""
 
         def _open():
-            session = open_session()
+            session = self.worker.open_session(k, lmbda, **options)
             self._streams[session] = sink
             return session
 

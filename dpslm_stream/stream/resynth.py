@@ -741,6 +741,14 @@ class ResynthSession:
             passes=self.ellav.passes, state_nbytes=self.state_nbytes,
         )  # fmt: skip
 
+    def settings(self) -> dict:
+        """The options this stream actually uses, every default filled in (what the server reports in ready)."""
+        e, v = self.ellav, self.vocoder
+        return {"left_context": e.left_context, "holdback": e.holdback, "greedy": e.greedy, "seed": e.seed,
+                "temperature": e.temperature, "top_p": e.top_p, "trigger_units": e.trigger_units,
+                "trigger_s": e.trigger_s, "max_codec_tokens_per_phone": e.max_codec_tokens_per_phone,
+                "vocoder_left_context": v.left_context, "vocoder_lookahead": v.lookahead, "sample_rate": SAMPLE_RATE}  # fmt: skip
+
     def __repr__(self) -> str:
         e = self.ellav
         return (f"ResynthSession(id={self.id}, k={self.k}, lmbda={self.lmbda}, C={e.left_context}, "
