@@ -62,14 +62,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-resynth-lag", type=float, default=d.max_resynth_lag_s,
                    help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
     p.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"),
-                   help="where the encoder runs: a thread of this process (default), or a Ray Serve deployment "
-                        "(pip install 'dpslm-stream[ray]')")  # fmt: skip
+                   help="inprocess (default): this process serves, models on worker threads; ray: the service as a "
+                        "Ray Serve application (pip install 'dpslm-stream[ray]')")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="--backend ray: join this Ray cluster (default: start a "
                                                        "local Ray)")  # fmt: skip
     p.add_argument("--encoder-shards", type=int, default=1, help="--backend ray: encoder applications (one replica, "
                                                                   "e.g. one GPU, each); sessions are pinned to one")  # fmt: skip
     p.add_argument("--resynth-shards", type=int, default=1, help="--backend ray: resynthesis applications (one "
                                                                   "replica each); sessions are pinned to one")  # fmt: skip
+    p.add_argument("--gateway-resource", default=None, metavar="NAME",
+                   help="--backend ray: a Ray custom resource that pins the Gateway (the WebSocket listener) to the "
+                        "node(s) that have it, e.g. the one behind your load balancer")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -102,9 +105,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )  # fmt: skip
 
 
-async def serve(config: ServerConfig, encoder=None, resynth=None) -> None:
-    """Run a server until SIGTERM or SIGINT, then drain it (encoder / resynth: backend objects, default in-process)."""
-    server = Server(config, encoder) if resynth is None else Server(config, encoder, resynth)
+async def serve(config: ServerConfig) -> None:
+    """Run a server until SIGTERM or SIGINT, then drain it."""
+    server = Server(config)
     if server.random_weights:
         print(f"note: model set '{server.models_name}' has RANDOM weights; units are plumbing checks, not speech.",
               file=sys.stderr)  # fmt: skip
@@ -128,16 +131,33 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is too much
     config = config_from_args(args)
-    encoder = resynth = None
     if args.backend == "ray":
-        from .ray_backend import start_ray_encoder
+        return serve_on_ray(config, args)
+    asyncio.run(serve(config))
+    return 0
 
-        encoder = start_ray_encoder(config, address=args.ray_address, shards=args.encoder_shards)
-        if config.resynth:
-            from .ray_backend import start_ray_resynth
 
-            resynth = start_ray_resynth(config, shards=args.resynth_shards)
-    asyncio.run(serve(config, encoder, resynth))
+def serve_on_ray(config: ServerConfig, args: argparse.Namespace) -> int:
+    """--backend ray: the whole service as one Ray Serve application (Gateway + Encoder and Resynth shards); this
+    process only deploys it, waits for SIGTERM/SIGINT, and then deletes it (the Gateway drains its sessions)."""
+    import threading
+
+    from ray import serve
+
+    from .ray_backend import run_service
+
+    handle, address = run_service(config, address=args.ray_address, encoder_shards=args.encoder_shards,
+                                  resynth_shards=args.resynth_shards, gateway_resource=args.gateway_resource)  # fmt: skip
+    print(f"dpslm-stream serving on Ray Serve (application 'dpslm-stream': Gateway, {args.encoder_shards} encoder "
+          f"and {args.resynth_shards if config.resynth else 0} resynthesis shard(s))\n"
+          f"  WebSocket  {address['url']}\n  page       {address['http_url']}{P.PAGE_PATH}", flush=True)  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):  # short waits: the handler runs between them
+        pass
+    serve.delete("dpslm-stream")
+    print("dpslm-stream: drained and stopped", file=sys.stderr, flush=True)
     return 0
 
 

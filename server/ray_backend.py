@@ -2,8 +2,9 @@
 
     dpslm-stream serve --backend ray [--ray-address auto] [--encoder-shards N]
 
-Shape (shared/spec/scale-out.md): the WebSocket sessions and all their protocol state stay in the gateway (this
-process: the same asyncio ``Server`` as the in-process backend, so the same clients, page and protocol), and each
+Shape (shared/spec/scale-out.md): the WebSocket sessions and all their protocol state stay in the gateway (the same
+asyncio ``Server`` as the in-process backend, so the same clients, page and protocol; with ``serve --backend ray`` it
+runs as the ``Gateway`` deployment of one Serve application, see ``service_app``), and each
 session's encoder state (resampler tail, window caches, DPDP survivors) lives in the ``Encoder`` deployment and its
 resynthesis state (ELLA-V window and pass, vocoder window) in the ``Resynth`` deployment. Its
 ``step`` is a ``@serve.batch`` method: the calls that arrive together from every session go through one
@@ -362,13 +363,14 @@ def start_ray_encoder(config, *, address: str | None = None, num_cpus: float | N
 class ResynthReplica:
     """The body of the ``Resynth`` deployment: a ResynthWorker and its sessions (plain class: testable without Ray)."""
 
-    def __init__(self, models: str, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, models: str, device: str = "cpu", dtype: str = "float32", worker_options: dict | None = None):
         import torch
 
         from dpslm_stream import hub
         from dpslm_stream.stream.resynth import ResynthWorker
 
-        self.worker = ResynthWorker(hub.ModelSet(models), device=device, dtype=getattr(torch, dtype))
+        self.worker = ResynthWorker(hub.ModelSet(models), device=device, dtype=getattr(torch, dtype),
+                                    **(worker_options or {}))  # fmt: skip
         self.sessions: dict[str, Any] = {}
         self.max_batch = 0
         self.lock = threading.Lock()
@@ -545,8 +547,8 @@ class RayResynth:
         return RayResynthThread(self.handles, loop, metrics, self.call_timeout_s)
 
 
-def start_ray_resynth(config, *, shards: int = 1, replica_cpus: float = 1.0,
-                      call_timeout_s: float = 60.0) -> RayResynth:  # fmt: skip
+def start_ray_resynth(config, *, shards: int = 1, replica_cpus: float = 1.0, call_timeout_s: float = 60.0,
+                      worker_options: dict | None = None) -> RayResynth:  # fmt: skip
     """Deploy ``shards`` Resynth applications for ``config`` on the Ray that start_ray_encoder started or joined."""
     ray, serve = import_ray()
     if not ray.is_initialized():
@@ -555,8 +557,79 @@ def start_ray_resynth(config, *, shards: int = 1, replica_cpus: float = 1.0,
     Resynth = serve_deployment(ResynthReplica, "Resynth", num_cpus=replica_cpus,
                                num_gpus=1.0 if str(device).startswith("cuda") else 0.0,
                                max_ongoing_requests=2 * config.max_sessions + 8)  # fmt: skip
-    app = Resynth.bind(config.models, device, config.resynth_dtype)
+    app = Resynth.bind(config.models, device, config.resynth_dtype, worker_options)
     gateway = next(_app_ids)
     handles = [serve.run(app, name=f"dpslm-resynth-{os.getpid()}-{gateway}-{i}", route_prefix=None)
                for i in range(shards)]  # fmt: skip
     return RayResynth(handles, call_timeout_s)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The whole service as one Serve application: a Gateway deployment (the live server, holding the WebSockets) bound to
+# the Encoder and Resynth shards. `dpslm-stream serve --backend ray` runs this.
+
+
+class GatewayReplica:
+    """The body of the ``Gateway`` deployment: the live server (server/app.py, the same code as the in-process
+    backend) on its own thread and event loop in this replica, talking to the shards it was bound to."""
+
+    async def __init__(self, config, encoder_handles: list, resynth_handles: list, call_timeout_s: float = 60.0):
+        from .app import ServerThread
+
+        describe = await encoder_handles[0].describe.remote()  # a replica's constructor runs on its event loop
+        encoder = RayEncoder(encoder_handles, describe, call_timeout_s)
+        resynth = RayResynth(resynth_handles, call_timeout_s) if resynth_handles else None
+        self.server = await asyncio.to_thread(ServerThread(config, encoder=encoder, resynth=resynth).start)
+
+    def address(self) -> dict:
+        """Where clients connect (the replica's node; the config's host and port, port 0 = the one it got)."""
+        return {"url": self.server.url, "http_url": self.server.http_url, "port": self.server.port}
+
+    def __del__(self):  # Serve's graceful shutdown of the replica: drain the sessions (SIGTERM semantics)
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop()
+
+
+def service_app(config, *, encoder_shards: int = 1, resynth_shards: int = 1, shard_cpus: float | None = 1.0,
+                gateway_cpus: float = 0.5, gateway_resource: str | None = None, call_timeout_s: float = 60.0):  # fmt: skip
+    """The Serve application: Gateway(config) bound to ``encoder_shards`` Encoder and ``resynth_shards`` Resynth
+    deployments (one replica each; none of the latter when config.resynth is off). The gateway listens on the
+    config's host and port on its node; ``gateway_resource`` (a Ray custom resource that only the node(s) behind
+    the load balancer have) decides which node that is."""
+    ray, serve = import_ray()
+    for name, value in (("encoder_shards", encoder_shards), ("resynth_shards", resynth_shards)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInput(f"{name} must be a positive integer, got {value!r}")
+    gpu = lambda device: 1.0 if str(device).startswith("cuda") else 0.0  # noqa: E731
+    limit = 2 * config.max_sessions + 8
+    encoders = [serve_deployment(EncoderReplica, f"Encoder{i}", num_cpus=shard_cpus, num_gpus=gpu(config.device),
+                                 max_ongoing_requests=limit).bind(config.models, config.device, config.dtype,
+                                                                  config.pairs, config.warmup)
+                for i in range(encoder_shards)]  # fmt: skip
+    device = config.resynth_device or config.device
+    resynths = [serve_deployment(ResynthReplica, f"Resynth{i}", num_cpus=shard_cpus, num_gpus=gpu(device),
+                                 max_ongoing_requests=limit).bind(config.models, device, config.resynth_dtype)
+                for i in range(resynth_shards if config.resynth else 0)]  # fmt: skip
+    gateway = serve.deployment(name="Gateway", num_replicas=1, max_ongoing_requests=8,
+                               graceful_shutdown_timeout_s=config.drain_timeout_s + 5,
+                               ray_actor_options={"num_cpus": gateway_cpus, "resources":
+                                                  {gateway_resource: 1} if gateway_resource else {}})(GatewayReplica)  # fmt: skip
+    return gateway.bind(config, encoders, resynths, call_timeout_s)
+
+
+def run_service(config, *, address: str | None = None, num_cpus: float | None = None, name: str = "dpslm-stream",
+                **app_options):  # fmt: skip
+    """Start (or join) Ray, run the service application, and return (its Gateway handle, the gateway's address)."""
+    ray, serve = import_ray()
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False,
+                                                       "_node_ip_address": "127.0.0.1"}  # fmt: skip
+        ray.init(log_to_driver=False, **kwargs)
+    serve.start(proxy_location="Disabled")  # clients speak WebSocket to the Gateway itself, not to Serve's proxy
+    if app_options.get("shard_cpus") is None:  # fit a small machine: share what Ray has, at most 1 CPU per shard
+        shards = app_options.get("encoder_shards", 1) + (app_options.get("resynth_shards", 1) if config.resynth else 0)
+        free = ray.available_resources().get("CPU", 1.0) - app_options.get("gateway_cpus", 0.5)
+        app_options["shard_cpus"] = max(0.1, min(1.0, free / shards))
+    handle = serve.run(service_app(config, **app_options), name=name, route_prefix=None)
+    return handle, handle.address.remote().result()

@@ -120,12 +120,15 @@ def test_resynthesis_and_a_listener_through_ray_equal_the_in_process_server(ray_
 
     cfg, encoder = ray_encoder
     cfg = ServerConfig(port=0, models="tiny", max_sessions=4, warmup=False, idle_timeout_s=30)
-    resynth = start_ray_resynth(cfg, replica_cpus=0.4)
+    # One pass per decode step on both sides: batch shapes then match, so greedy decoding is bitwise reproducible
+    resynth = start_ray_resynth(cfg, replica_cpus=0.4, worker_options={"max_batch": 1})
 
     async def main(url):
-        async with UnitsClient(url, sample_rate=SR, format="float32", resynth={}) as sender:
-            async with ListenerClient(url, session=sender.ready.session,
-                                      listen_token=sender.ready.listen_token) as listener:  # fmt: skip
+        # The exact settings: one pass and one vocoder window at the end, so the audio does not depend on timing
+        exact = {"left_context": None, "holdback": None, "vocoder_left_context": None, "vocoder_lookahead": 100000}
+        async with UnitsClient(url, sample_rate=SR, format="float32", resynth=exact) as sender:
+            async with ListenerClient(url, session=sender.ready.session, listen_token=sender.ready.listen_token,
+                                      resynth=exact) as listener:  # fmt: skip
                 heard = asyncio.create_task(_collect(listener))
                 sent = [m async for m in sender.stream(chunked(WAV, SR, 100))]
                 return sent, await heard
@@ -139,7 +142,10 @@ def test_resynthesis_and_a_listener_through_ray_equal_the_in_process_server(ray_
 
     with ServerThread(cfg, encoder=encoder, resynth=resynth) as srv:
         ray_sent, ray_heard = run(main(srv.url))
-    with ServerThread(cfg) as srv:
+    from dpslm_stream.hub import ModelSet
+    from dpslm_stream.stream.resynth import ResynthWorker
+
+    with ServerThread(cfg, resynth=ResynthWorker(ModelSet("tiny"), max_batch=1)) as srv:
         local_sent, _ = run(main(srv.url))
     (ru, ra, rend), (hu, ha, hend), (lu, la, lend) = summary(ray_sent), summary(ray_heard), summary(local_sent)
     assert ru == lu == hu and len(ru) > 0
@@ -149,3 +155,29 @@ def test_resynthesis_and_a_listener_through_ray_equal_the_in_process_server(ray_
 
 async def _collect(client):
     return [m async for m in client]
+
+
+def test_the_whole_service_as_one_serve_application(ray_encoder):
+    """`serve --backend ray`: Gateway deployment (the live server) bound to Encoder and Resynth shards; a client of
+    the gateway gets the offline units in full mode and audio back."""
+    from ray import serve
+
+    from dpslm_stream.hub import ModelSet
+    from dpslm_stream.pipeline import Pipeline
+    from dpslm_stream.server.ray_backend import run_service
+
+    cfg = ServerConfig(port=0, models="tiny", max_sessions=2, warmup=False, idle_timeout_s=30)
+    _, address = run_service(cfg, name="dpslm-test-service", shard_cpus=0.3, gateway_cpus=0.1)
+    try:
+
+        async def main(url):
+            async with UnitsClient(url, sample_rate=SR, format="float32", options={"mode": "full"},
+                                   resynth={}) as c:  # fmt: skip
+                return [m async for m in c.stream(chunked(WAV, SR, 100))]
+
+        msgs = run(main(address["url"]))
+    finally:
+        serve.delete("dpslm-test-service")
+    units = [m.unit for m in msgs if isinstance(m, P.Unit)]
+    assert units == Pipeline(ModelSet("tiny"), 500, 4500).encode(WAV, SR, score=False).units
+    assert any(isinstance(m, P.AudioChunk) for m in msgs) and msgs[-1].resynth["error"] is None
