@@ -142,9 +142,9 @@ def serve_on_ray(config: ServerConfig, args: argparse.Namespace) -> int:
     process only deploys it, waits for SIGTERM/SIGINT, and then deletes it (the Gateway drains its sessions)."""
     import threading
 
-    from ray import serve
+    from .ray_backend import import_ray, run_service
 
-    from .ray_backend import run_service
+    _, serve = import_ray()  # a clear error (DPSLMError) when the ray extra is not installed
 
     handle, address = run_service(config, address=args.ray_address, encoder_shards=args.encoder_shards,
                                   resynth_shards=args.resynth_shards, gateway_resource=args.gateway_resource)  # fmt: skip
