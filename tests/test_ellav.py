@@ -15,13 +15,7 @@ K, C = 500, 4096
 UNK, BOS, EOP, EOS = 0, 1, 2, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins against other processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

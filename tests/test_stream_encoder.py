@@ -27,13 +27,7 @@ from dpslm_stream.stream.encoder import (
 from dpslm_stream.stream.frontend import StreamingFrontend
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small ops run several times faster on one thread on a shared 2-core machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

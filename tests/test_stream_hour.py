@@ -15,13 +15,7 @@ from dpslm_stream.stream.events import UnitEvent
 from dpslm_stream.stream.worker import EncoderWorker
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small ops run several times faster on one thread on a shared 2-core machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_state_stays_flat_over_an_hour():

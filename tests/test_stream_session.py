@@ -20,14 +20,7 @@ from dpslm_stream.tiny import speech_like
 K, LMBDA = 500, 4500
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' ops are far too small for two threads to pay off; on a shared 2-core machine one thread is
-    several times faster. Restored afterwards (the setting is process-wide)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

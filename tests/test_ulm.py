@@ -14,13 +14,7 @@ from dpslm_stream.models.ulm import ULM, IncrementalScorer, UnitTokenizer, score
 K = 500
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins against other processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_ulm(seed=0, config=ulm.TINY) -> ULM:

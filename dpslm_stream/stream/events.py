@@ -6,6 +6,7 @@ Frames are WavLM's 20 ms frames counted from the start of the stream; times are 
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Union
 
@@ -55,3 +56,17 @@ class EndEvent:
 
 
 Event = Union[UnitEvent, EndEvent]
+
+
+class EventQueue:
+    """The output side every session shares: events that became final wait in ``_events`` (a deque: appended on the
+    worker's thread, taken on the caller's, both thread-safe) until ``poll`` hands them over, in order."""
+
+    _events: deque
+
+    def poll(self) -> list:
+        """Events that became final since the last poll, in order."""
+        out = []
+        while self._events:
+            out.append(self._events.popleft())
+        return out

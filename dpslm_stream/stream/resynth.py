@@ -47,6 +47,7 @@ from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models.ellav import ELLAV, GenerationState, generation_step, sample
 from dpslm_stream.models.transformer import KVCache
 from dpslm_stream.models.wavtokenizer import IncrementalVocoder, WavTokenizer
+from dpslm_stream.stream.events import EventQueue
 
 SAMPLE_RATE = 24000
 # Defaults, in deduplicated units (DP-SLM k=500, lambda=4500 gives ~10-25 units/s) and codec frames (25 ms).
@@ -629,7 +630,7 @@ class ResynthStats:
 # ResynthSession
 
 
-class ResynthSession:
+class ResynthSession(EventQueue):
     """One live resynthesis stream. Create with `ResynthWorker.open_session`; push units, call the worker's `step`,
     poll events.
 
@@ -689,13 +690,6 @@ class ResynthSession:
     def end(self) -> None:
         """End of stream: the worker commits and vocodes everything left, then sends the ResynthEndEvent."""
         self._ended = True
-
-    def poll(self) -> list[ResynthEvent]:
-        """Events that became final since the last poll, in order."""
-        out = []
-        while self._events:
-            out.append(self._events.popleft())
-        return out
 
     @property
     def ended(self) -> bool:

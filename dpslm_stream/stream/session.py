@@ -34,7 +34,7 @@ from dpslm_stream.audio import StreamingResampler, check_finite
 from dpslm_stream.dpdp import Segment, StreamingDPDP
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.stream.encoder import HopPlan, WindowConfig, WindowedEncoder
-from dpslm_stream.stream.events import FRAME_SECONDS, EndEvent, Event, UnitEvent
+from dpslm_stream.stream.events import FRAME_SECONDS, EndEvent, Event, EventQueue, UnitEvent
 from dpslm_stream.stream.frontend import StreamingFrontend
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class SessionStats:
     state_nbytes: int
 
 
-class EncoderSession:
+class EncoderSession(EventQueue):
     """One stream. Create with `EncoderWorker.open_session`; push audio, call the worker's `step`, poll events.
 
     Calls on one session must not overlap with `step` running on it, except `push` and `poll`, which only touch
@@ -169,13 +169,6 @@ class EncoderSession:
     def end(self) -> None:
         """End of stream: the next step() encodes everything left and produces the EndEvent. Idempotent."""
         self._ended = True
-
-    def poll(self) -> list[Event]:
-        """Events that became final since the last poll, in order."""
-        out = []
-        while self._events:
-            out.append(self._events.popleft())
-        return out
 
     @property
     def audio_seconds(self) -> float:
