@@ -479,7 +479,10 @@ class Session:
 
     def _on_unit(self, ev: UnitEvent, now: float) -> list[A.Action]:
         msg = self.report.unit(ev, now, self.id)
-        return [*self._send(msg), A.Relay(msg), *self._resynthesize(int(ev.unit), float(ev.end_s))]
+        out = self._send(msg)
+        if self.finished:  # dropped (client_too_slow): its backends are released
+            return out
+        return [*out, A.Relay(msg), *self._resynthesize(int(ev.unit), float(ev.end_s))]
 
     def _resynthesize(self, unit: int, end_s: float) -> list[A.Action]:
         if self.resynth is None or self.resynth_end is not None:
