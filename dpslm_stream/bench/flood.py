@@ -158,7 +158,7 @@ def _full_main(models: str, seconds: float, threads: int | None, conn) -> None:
     steps, longest, units = 0, 0.0, 0
     while not session.closed:
         s0 = time.perf_counter()
-        worker.step([session])
+        worker.step([session], full_slice_s=0.05)  # as the server's model worker does
         longest = max(longest, time.perf_counter() - s0)
         steps += 1
         for ev in session.poll():
