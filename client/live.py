@@ -56,7 +56,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 async def _stream_file(url: str, path: Path, args: argparse.Namespace) -> P.EndMessage:
     from dpslm_stream.audio import load_audio
 
-    wav, sr = load_audio(path)
+    from dpslm_stream.cli import note
+
+    wav, sr = load_audio(path, notify=note)
     line = LiveLine()
     audio = []
     resynth = {} if args.resynth else None
@@ -89,6 +91,18 @@ async def _stream_file(url: str, path: Path, args: argparse.Namespace) -> P.EndM
 def run(args: argparse.Namespace) -> int:
     from dpslm_stream.server.app import ServerConfig, ServerThread
 
+    from dpslm_stream.server.cli import check_port_free
+
+    # Everything that can fail fast is checked before the server loads its models.
+    check_port_free("127.0.0.1", args.port)
+    if args.mic:
+        from .mic import import_sounddevice, input_device
+
+        input_device(import_sounddevice(), None)  # MicUnavailable: says how to install PortAudio / sounddevice
+    elif args.input is not None:
+        from dpslm_stream.audio import load_audio
+
+        load_audio(args.input)  # a missing or unreadable file fails now, not after the server started
     models = args.models or default_models()
     path = args.input or _sample_path()
     print(f"== dpslm-stream live: models {models}"

@@ -34,8 +34,8 @@ from .api import SessionError, UnitsClient
 from .stream import add_connection_args, client_kwargs
 
 INSTALL_HINT = ("the microphone client needs the 'sounddevice' package and the PortAudio library: "
-                "pip install 'dpslm-stream[mic]' (or pip install sounddevice), and on Debian/Ubuntu "
-                "apt-get install libportaudio2")  # fmt: skip
+                "pip install sounddevice (from a checkout: pip install -e '.[mic]'), and PortAudio: "
+                "apt-get install libportaudio2 (Debian/Ubuntu) or brew install portaudio (macOS)")  # fmt: skip
 
 
 class MicUnavailable(DPSLMError):
