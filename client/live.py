@@ -16,23 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-from dpslm_stream import hub
+from dpslm_stream import SAMPLE_WAV, hub
 from dpslm_stream import protocol as P
 
 from .api import SessionError, UnitsClient, chunked
 from .mic import LiveLine
 
-def _sample_path() -> Path:
-    import dpslm_stream
-
-    return Path(dpslm_stream.__file__).resolve().parent / "data" / "sample.wav"
-
-
 def default_models() -> str:
     """release when the encoder-side checkpoints of the default pair are cached, else tiny."""
-    k, lmbda = hub.DEFAULT_K, hub.DEFAULT_LMBDA
-    needed = (hub.WAVLM_LARGE, hub.CODEBOOKS[k], hub.ULM_1K[(k, lmbda)])
-    return "release" if all((hub.checkpoint_dir() / r.filename).is_file() for r in needed) else "tiny"
+    return "release" if hub.release_cached(encoder_only=True) else "tiny"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -104,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
         load_audio(args.input)  # a missing or unreadable file fails now, not after the server started
     models = args.models or default_models()
-    path = args.input or _sample_path()
+    path = args.input or SAMPLE_WAV
     print(f"== dpslm-stream live: models {models}"
           + (" (RANDOM weights: the units check the plumbing, they are not speech)" if models == "tiny" else ""))  # fmt: skip
     started = time.perf_counter()

@@ -360,13 +360,12 @@ def _add_demo(sub) -> None:
 
 
 def _demo_models() -> str:
-    wanted = [hub.WAVLM_LARGE, hub.CODEBOOKS[hub.DEFAULT_K], hub.ULM_1K[(hub.DEFAULT_K, hub.DEFAULT_LMBDA)],
-              hub.ELLAV[(hub.DEFAULT_K, hub.DEFAULT_LMBDA)], hub.WAVTOKENIZER[600]]  # fmt: skip
-    return "release" if all((hub.checkpoint_dir() / r.filename).is_file() for r in wanted) else "tiny"
+    return "release" if hub.release_cached() else "tiny"
 
 
 def _cmd_demo(args) -> int:
-    sample = Path(__file__).parent / "data" / "sample.wav"
+    from dpslm_stream import SAMPLE_WAV as sample
+
     models = args.models or _demo_models()
     print(f"== dpslm-stream demo: bundled sample {sample.name} (espeak-ng speech), models: {models}")
     _cmd_encode(argparse.Namespace(files=[sample], models=models, k=hub.DEFAULT_K, lmbda=hub.DEFAULT_LMBDA,

@@ -532,6 +532,41 @@ class ModelSet:
         return pair
 
 
+def release_cached(k: int = DEFAULT_K, lmbda: int = DEFAULT_LMBDA, encoder_only: bool = False) -> bool:
+    """Whether the release files of one (k, lambda) setting are all in the torch.hub cache (no download needed)."""
+    wanted = [WAVLM_LARGE, CODEBOOKS[k], ULM_1K[(k, lmbda)]] + ([] if encoder_only else [ELLAV[(k, lmbda)], WAVTOKENIZER[600]])
+    return all((checkpoint_dir() / r.filename).is_file() for r in wanted)
+
+
+def use_tiny_set_if_offline(k: int = DEFAULT_K, lmbda: int = DEFAULT_LMBDA) -> bool:
+    """For trying the upstream calls on a machine without the released checkpoints: when the files of (k, lambda)
+    are not all cached, point torch.hub's cache at a folder holding the tiny RANDOM-weight set under the release file
+    names (built on first use, see dpslm_stream.tiny), say so, and return True; otherwise change nothing and return
+    False. It sets torch.hub's directory for this process (torch.hub.set_dir), so torch.hub.load calls follow it."""
+    if release_cached(k, lmbda):
+        return False
+    from dpslm_stream.tiny import TINY_CODEBOOK_KS, ensure_tiny_set
+
+    tiny = ModelSet(str(ensure_tiny_set()))
+    root = Path(tiny.source) / "torch_hub"
+    folder = root / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    releases = [WAVLM_LARGE, *(CODEBOOKS[c] for c in TINY_CODEBOOK_KS), PLM, PHONE_TOKENIZER, ELLAV_PHONES,
+                WAVTOKENIZER[600]]  # fmt: skip
+    releases += [table[p] for p in tiny.pairs() for table in (ULM_1K, ELLAV)]
+    for release in releases:
+        link = folder / release.filename
+        if not link.exists():
+            try:
+                link.symlink_to(tiny.path(release))
+            except FileExistsError:  # another process made it
+                pass
+    torch.hub.set_dir(str(root))
+    print(f"note: the released checkpoints are not cached: using the tiny RANDOM-weight set ({_tiny_contents()}); "
+          f"outputs are plumbing checks, not speech. `dpslm-stream download --k {k} --lmbda {lmbda}` fetches the real ones.")
+    return True
+
+
 def download(k: int = DEFAULT_K, lmbda: int = DEFAULT_LMBDA, *, what: tuple[str, ...] = ("wavlm", "codebook", "ulm",
              "ellav", "wavtokenizer"), progress: bool = True, on_file: Callable[[Path], None] | None = None) -> list[Path]:  # fmt: skip
     """Pre-fetch the files one (k, lambda) setting needs into the torch.hub cache; returns their paths."""

@@ -64,7 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
     p.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"),
                    help="inprocess (default): this process serves, models on worker threads; ray: the service as a "
-                        "Ray Serve application (pip install 'dpslm-stream[ray]')")  # fmt: skip
+                        "Ray Serve application (pip install -e '.[ray]' in the dpslm-stream checkout)")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="--backend ray: join this Ray cluster (default: start a "
                                                        "local Ray)")  # fmt: skip
     p.add_argument("--encoder-shards", type=int, default=1, help="--backend ray: encoder applications (one replica, "

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
             try:
                 import ray
             except ImportError:
-                print("  (Ray not installed: pip install 'dpslm-stream[ray]' to time the Ray rows)")
+                print("  (Ray not installed: pip install -e '.[ray]' in the dpslm-stream checkout to time the Ray rows)")
                 workers = []
             else:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

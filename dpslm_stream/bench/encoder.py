@@ -215,7 +215,7 @@ def plot(rows: list[dict], offline_rtf: float, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install 'dpslm-stream[plot]'); no plot written")
+        print("matplotlib is not installed (pip install -e '.[plot]' in the dpslm-stream checkout); no plot written")
         return
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for mode, marker in (("sliding", "s"), ("cached", "o")):
