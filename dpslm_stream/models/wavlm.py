@@ -13,7 +13,8 @@ The forward pass is split into the pieces a streaming encoder needs (facts: /wor
                          layer from its own input; `layer(x, bias, past_kv)` lets queries attend to cached keys
       -> (final encoder LN only for the full-depth default path)
 
-`extract_features(model, wav, sr, layer=11)` reproduces upstream `hubconf.wavlm_for_dpslm`'s feature function.
+`extract_features(model, wav, sr, layer=None)` reproduces upstream hubconf `wavlm_large`'s feature function (default:
+the full depth with the final LN, as upstream; DP-SLM passes layer=11).
 """
 
 from __future__ import annotations
@@ -652,7 +653,7 @@ def run_steps(steps):
 
 
 def extract_features(
-    model: WavLM, wav: Tensor, sr: int, layer: int | None = 11
+    model: WavLM, wav: Tensor, sr: int, layer: int | None = None
 ) -> Tensor:
     """Features [N, D] of mono audio; see `extract_features_steps`, which this runs to the end."""
     steps = extract_features_steps(model, wav, sr, layer)
