@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -83,7 +84,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
     p.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"),
                    help="inprocess (default): this process serves, models on worker threads; ray: the service as a "
-                        "Ray Serve application (pip install 'dpslm-stream[ray]')")  # fmt: skip
+                        "Ray Serve application (pip install -e '.[ray]' in the dpslm-stream checkout)")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="--backend ray: join this Ray cluster (default: start a "
                                                        "local Ray)")  # fmt: skip
     p.add_argument("--encoder-shards", type=int, default=1, help="--backend ray: encoder applications (one replica, "
@@ -127,7 +128,11 @@ async def serve(config: ServerConfig) -> None:
     if server.random_weights:
         print(f"note: model set '{server.models_name}' has RANDOM weights; units are plumbing checks, not speech.",
               file=sys.stderr)  # fmt: skip
-    await server.start()
+    try:
+        await server.start()
+    except OSError as e:  # the port was taken between check_port_free and now
+        raise InvalidInput(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}; pick another port with "
+                           f"--port N (--port 0 = any free port)") from None  # fmt: skip
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_shutdown)
@@ -143,10 +148,37 @@ async def serve(config: ServerConfig) -> None:
     print("dpslm-stream: drained and stopped", file=sys.stderr, flush=True)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail at once, before any model is loaded, when host:port cannot be listened on (in use, no permission, no
+    such interface). The server binds the same way (SO_REUSEADDR, as asyncio does on Unix); port 0 is always free."""
+    import socket
+
+    if port == 0:
+        return
+    if not 0 < port < 65536:
+        raise InvalidInput(f"--port must be in 1..65535 (or 0 for any free port), got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise InvalidInput(f"cannot listen on {host!r}: {e.strerror}; use an address of this machine "
+                           f"(127.0.0.1, 0.0.0.0)") from None  # fmt: skip
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            hint = ("another process listens there (a running `dpslm-stream serve`?)" if e.errno == errno.EADDRINUSE
+                    else e.strerror)  # fmt: skip
+            raise InvalidInput(f"cannot listen on {host}:{port}: {hint}; pick another port with --port N "
+                               f"(--port 0 = any free port)") from None  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is too much
     config = config_from_args(args)
+    check_port_free(config.host, config.port)  # before the models load: a busy port fails in a second, not a minute
     if args.backend == "ray":
         return serve_on_ray(config, args)
     asyncio.run(serve(config))

@@ -15,7 +15,7 @@ Sessions are stateful and a Serve handle routes each call to any replica of a de
 *shards*: N Serve applications of one replica each (GPU-sized); the gateway pins each session to the shard with the
 fewest sessions when it opens and talks to that shard's handle for the rest of the session. More gateways (each with
 its shards) scale past one gateway's event loop, behind a WebSocket-aware load balancer.
-Ray is an optional extra (``pip install 'dpslm-stream[ray]'``): this module imports it only when a Ray backend is
+Ray is an optional extra (``pip install -e '.[ray]' in the dpslm-stream checkout``): this module imports it only when a Ray backend is
 made, and nothing else in the package imports this module.
 """
 
@@ -48,7 +48,7 @@ def import_ray():
         import ray
         from ray import serve
     except ImportError as e:
-        raise DPSLMError(f"the Ray backend needs Ray Serve: pip install 'dpslm-stream[ray]' ({e})") from None
+        raise DPSLMError(f"the Ray backend needs Ray Serve: pip install -e '.[ray]' in the dpslm-stream checkout ({e})") from None
     return ray, serve
 
 

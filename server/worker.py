@@ -8,7 +8,10 @@ Each round of the thread:
 1. runs queued commands (opening a session loads models the first time a pair is used: that is model code too);
 2. feeds every slot at most ``quantum_s`` seconds of its queued audio, so a client that sends a minute at once
    gets a fair share, not the whole worker (fairness between sessions, and a bound on one round's time);
-3. calls ``EncoderWorker.step`` once for all slots that got input: their windows run as one batched forward;
+3. calls ``EncoderWorker.step`` once for all slots that got input: their windows run as one batched forward; a
+   full-mode session that ended gets ``full_slice_s`` of its whole-stream computation per round (bounded slices,
+   see WavLM.forward_steps), so a client that sends a long file at once shares the worker with live sessions
+   instead of holding it for the whole computation;
 4. polls every stepped session and posts its final events to the event loop.
 A step that raises is retried one session at a time, so a session whose data breaks the model fails alone.
 """
@@ -200,10 +203,12 @@ class ModelWorker(WorkerThread):
 
     name = "dpslm-model-worker"
 
-    def __init__(self, encoder_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5):
+    def __init__(self, encoder_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
+                 full_slice_s: float = 0.05):  # fmt: skip
         super().__init__(loop, metrics)
         self.encoder = encoder_worker
         self.quantum_s = quantum_s
+        self.full_slice_s = full_slice_s
         self._slots: list[Slot] = []  # worker thread only
 
     async def open_slot(self, session_id: str, sample_rate: int, settings: dict, sink: SlotSink) -> Slot:
@@ -260,7 +265,7 @@ class ModelWorker(WorkerThread):
     def _step(self, slots: list[Slot]) -> None:
         started = time.perf_counter()
         try:
-            self.encoder.step([s.session for s in slots])
+            self.encoder.step([s.session for s in slots], full_slice_s=self.full_slice_s)
             self._account(slots, time.perf_counter() - started)
         except Exception:
             # Some session's state made the batched step fail: find it by stepping each alone (a failed step has
@@ -269,7 +274,7 @@ class ModelWorker(WorkerThread):
             for slot in slots:
                 t0 = time.perf_counter()
                 try:
-                    self.encoder.step([slot.session])
+                    self.encoder.step([slot.session], full_slice_s=self.full_slice_s)
                     self._account([slot], time.perf_counter() - t0)
                 except Exception as e:
                     self._fail(slot, e)
