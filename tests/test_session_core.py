@@ -466,3 +466,112 @@ def test_origin_rule_closes_dns_rebinding():
     assert _origin_ok("https://app.example", "app.example", token="t")  # with a token the page's origin is fine
     assert not _origin_ok("http://evil.example", "127.0.0.1:8765")
     assert _origin_ok("http://anything", "x", allowed=("*",))
+
+
+# --- a protocol fuzzer: random event sequences, checked invariants --------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_resynth_fuzz = st.one_of(st.none(), st.fixed_dictionaries({}, optional={
+    "holdback": st.one_of(st.none(), st.integers(-3, 50)), "top_p": st.floats(-1, 2), "seed": st.integers(-1, 2**64),
+    "temperature": st.one_of(st.floats(allow_nan=True), st.text(max_size=3)), "bogus": st.integers()}))  # fmt: skip
+_texts = st.one_of(
+    st.just('{"type":"end"}'),
+    st.builds(lambda sr, fmt, opts, r: json.dumps({"type": "start", "sample_rate": sr, "format": fmt, "options": opts,
+                                                    "resynth": r}),
+              st.sampled_from([16000, 8000, 44100, 7999, "16000"]), st.sampled_from(["pcm16", "float32", "mp3"]),
+              st.fixed_dictionaries({}, optional={"hop": st.integers(-5, 300), "left": st.integers(-5, 1000),
+                                                  "mode": st.sampled_from(["full", "cached", "sliding", "x"]),
+                                                  "max_lag": st.integers(-1, 5000)}), _resynth_fuzz),  # fmt: skip
+    st.builds(lambda sess, tok, r: json.dumps({"type": "subscribe", "session": sess, "token": tok, "resynth": r}),
+              st.text(max_size=4), st.text(max_size=4), _resynth_fuzz),  # fmt: skip
+    st.text(max_size=40),
+    st.builds(lambda n: "[" * n + "]" * n, st.integers(0, 40)),
+)
+_events = st.lists(st.one_of(
+    st.tuples(st.just("text"), _texts), st.tuples(st.just("binary"), st.binary(max_size=64)),
+    st.tuples(st.just("tick"), st.floats(0, 40)), st.tuples(st.just("opened"), st.booleans()),
+    st.tuples(st.just("open_failed"), st.none()), st.tuples(st.just("subscribed"), st.booleans()),
+    st.tuples(st.just("subscribe_failed"), st.sampled_from([E.UNKNOWN_SESSION, E.BAD_SETTINGS])),
+    st.tuples(st.just("units"), st.integers(1, 3)), st.tuples(st.just("end_event"), st.none()),
+    st.tuples(st.just("consumed"), st.integers(0, 4000)), st.tuples(st.just("failed"), st.none()),
+    st.tuples(st.just("resynth_end"), st.none()), st.tuples(st.just("relay"), st.none()),
+    st.tuples(st.just("sender_done"), st.booleans()), st.tuples(st.just("lost"), st.none()),
+    st.tuples(st.just("sent"), st.integers(0, 5000)), st.tuples(st.just("shutdown"), st.none()),
+), max_size=40)  # fmt: skip
+
+
+def run_fuzz_case(events: list, config: dict) -> None:
+    s = session(**config)
+    now, closed, ends, next_seq, encoder_done, frames = 0.0, False, 0, 0, False, 0
+    for kind, arg in events:
+        now += 0.01
+        if kind == "text":
+            out = s.receive_text(arg, now)
+        elif kind == "binary":
+            out = s.receive_binary(arg, now)
+        elif kind == "tick":
+            now += arg
+            out = s.tick(now)
+        elif kind == "opened" and s.state == State.OPENING and s.role == "sender":
+            out = s.opened(FULL if (s.start and s.start.options.get("mode") == "full") else CACHED,
+                           FakeStream(lag_s=100.0 if arg else 0.0) if s.start and s.start.resynth is not None else None, now)  # fmt: skip
+        elif kind == "open_failed" and s.state == State.OPENING and s.role == "sender":
+            out = s.open_failed(E.BAD_SETTINGS, "no", now)
+        elif kind == "subscribed" and s.state == State.OPENING and s.role == "listener":
+            out = s.subscribed("x", 500, 4500, FakeStream() if arg else None, now)
+        elif kind == "subscribe_failed" and s.state == State.OPENING and s.role == "listener":
+            out = s.subscribe_failed(arg, "no", now)
+        elif kind == "units" and s.info is not None and not encoder_done:
+            evs = []
+            for _ in range(arg):
+                frames += 3
+                evs.append(unit(next_seq, frames))
+                next_seq += 1
+            out = s.encoder_events(evs, Progress(processed_samples=SR * frames // 50), now)
+        elif kind == "end_event" and s.info is not None and not encoder_done and s.reason is not None:
+            encoder_done = True
+            out = s.encoder_events([end_event(frames, next_seq)], Progress(finished=True), now)
+        elif kind == "consumed":
+            out = s.consumed(arg, now)
+        elif kind == "failed":
+            out = s.failed(RuntimeError("fuzz"), now)
+        elif kind == "resynth_end" and s.resynth is not None:
+            out = s.resynth_events([_resynth_end()], None, now)
+        elif kind == "relay":
+            out = s.relay_unit(P.Unit(seq=0, unit=1, start_frame=0, end_frame=2, start_s=0.0, end_s=0.04,
+                                      commit_audio_s=0.04, lag_s=0.0), now)  # fmt: skip
+        elif kind == "sender_done":
+            out = s.sender_done(arg, now)
+        elif kind == "lost":
+            out = s.connection_lost(now)
+        elif kind == "sent":
+            s.sent(arg)
+            out = []
+        elif kind == "shutdown":
+            out = s.shutdown(now)
+        else:
+            continue
+        for a in out:
+            assert not (closed and isinstance(a, A.Send)), f"a frame after the close: {a}"
+            if isinstance(a, (A.Close, A.Abort)):
+                assert not closed, "closed twice"
+                closed = True
+            if isinstance(a, A.Send) and isinstance(a.data, str):
+                msg = P.parse_server_message(a.data)  # every frame is a valid server message
+                ends += isinstance(msg, P.EndMessage)
+                if isinstance(msg, P.EndMessage):
+                    assert msg.units == s.report.units
+        assert ends <= 1
+        assert s.reading or s.state in (State.OPENING, State.GONE) or s._held is not None
+        assert s.outgoing_bytes >= 0 and s.next_deadline() > -1
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(events=_events, small=st.booleans())
+def test_fuzzed_event_sequences_keep_the_invariants(events, small):
+    """No event sequence raises; nothing is sent after the close; at most one end, carrying every unit sent; the
+    core reads whenever it is not opening, holding a frame, or gone."""
+    config = {"max_outgoing_bytes": 1500, "max_buffer_s": 0.05, "stall_timeout_s": 0.5} if small else {}
+    run_fuzz_case(events, config)
