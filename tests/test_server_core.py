@@ -133,8 +133,8 @@ class SlowOpenEncoder:
         time.sleep(1.5)
         return self.real.open_session(*args, **kwargs)
 
-    def step(self, sessions):
-        return self.real.step(sessions)
+    def step(self, sessions, **kwargs):
+        return self.real.step(sessions, **kwargs)
 
 
 def test_idle_excludes_the_time_the_server_takes_to_open_the_session():
