@@ -546,6 +546,8 @@ class Session:
         return self._send(end) + self._close(code, reason)
 
     def _close(self, code: int, reason: str) -> list[A.Action]:
+        if self.finished:  # already closed (e.g. dropped as client_too_slow while its last frame was queued)
+            return []
         self.state = State.CLOSED
         return [A.Close(code, reason[:120])]  # a close reason must fit in 123 bytes
 
