@@ -420,6 +420,7 @@ _EXTERNAL = {
     "stream": "dpslm_stream.client.stream",
     "mic": "dpslm_stream.client.mic",
     "encode-corpus": "dpslm_stream.corpus",
+    "codec": "dpslm_stream.codec.cli",
 }
 
 

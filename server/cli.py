@@ -13,7 +13,8 @@ import sys
 from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
 
-from .app import Server, ServerConfig
+from .app import Server
+from .config import ServerConfig
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -44,12 +45,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                  "Bearer); default $DPSLM_STREAM_TOKEN, unset = no token")  # fmt: skip
     p.add_argument("--allow-origin", dest="allowed_origins", action="append", default=[], metavar="ORIGIN",
                    help="browser Origin allowed to connect besides this server's own page (repeatable; '*' = any)")
-    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds without a client message")
+    p.add_argument("--start-timeout", type=float, default=d.start_timeout_s,
+                   help=f"seconds a connection may take to send start or subscribe (default {d.start_timeout_s:g})")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
+                   help="seconds a started client may send nothing (time the server does not read is not counted)")
     p.add_argument("--max-session-time", type=float, default=d.max_session_s, help="seconds per session")
     p.add_argument("--max-full-audio", type=float, default=d.max_full_s,
                    help="seconds of audio per session in mode full (which keeps the whole stream in memory)")
-    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest audio frame")
-    p.add_argument("--max-buffer", type=float, default=d.max_buffer_s, help="seconds of queued audio per session")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                   help=f"largest audio frame (default {d.max_message_bytes})")
+    p.add_argument("--max-text-bytes", type=int, default=d.max_text_bytes,
+                   help=f"largest text (JSON) frame, refused before parsing (default {d.max_text_bytes})")
+    p.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
+                   help=f"deepest JSON nesting, refused before parsing (default {d.max_json_depth})")
+    p.add_argument("--max-buffer", type=float, default=d.max_buffer_s,
+                   help=f"seconds of received, not yet encoded audio per session (default {d.max_buffer_s:g})")
+    p.add_argument("--max-buffer-bytes", type=int, default=d.max_buffer_bytes,
+                   help=f"the same buffer in bytes of float32 samples (default {d.max_buffer_bytes})")
+    p.add_argument("--max-outgoing-bytes", type=int, default=d.max_outgoing_bytes,
+                   help=f"bytes queued for a client that does not read before it is dropped (default {d.max_outgoing_bytes})")
+    p.add_argument("--max-left", type=int, default=d.max_left, help=f"largest options.left, frames (default {d.max_left})")
+    p.add_argument("--min-hop", type=int, default=d.min_hop, help=f"smallest options.hop, frames (default {d.min_hop})")
+    p.add_argument("--max-hop", type=int, default=d.max_hop, help=f"largest options.hop, frames (default {d.max_hop})")
+    p.add_argument("--max-lookahead", type=int, default=d.max_lookahead,
+                   help=f"largest options.lookahead, frames (default {d.max_lookahead})")
+    p.add_argument("--max-lag", type=int, default=d.max_lag, help=f"largest options.max_lag, frames (default {d.max_lag})")
     p.add_argument("--stall-timeout", type=float, default=d.stall_timeout_s,
                    help="seconds a full buffer may stay full before buffer_full (0 = refuse at once)")
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, help="SIGTERM: seconds to finish sessions")
@@ -79,27 +99,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    for name in ("max_sessions", "max_message_bytes", "max_listeners"):
-        if getattr(args, name) < 1:
-            raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("idle_timeout", "max_session_time", "max_full_audio", "max_buffer", "drain_timeout",
-                 "max_resynth_lag"):
-        if not getattr(args, name) > 0:
-            raise InvalidInput(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    """The ServerConfig of parsed flags (ServerConfig validates every value and names the flag)."""
     from dpslm_stream.stream.encoder import PRESETS
 
     unknown = sorted(set(args.presets or ()) - set(PRESETS))
     if unknown:
         raise InvalidInput(f"unknown preset(s) {unknown}; expected some of {sorted(PRESETS)}")
-    if args.stall_timeout < 0:
-        raise InvalidInput(f"--stall-timeout must be >= 0, got {args.stall_timeout}")
     return ServerConfig(
         host=args.host, port=args.port, models=args.models, device=args.device, dtype=args.dtype,
         pairs=tuple(args.pairs) if args.pairs else None, max_sessions=args.max_sessions,
         presets=tuple(args.presets) if args.presets else None, modes=tuple(args.modes),
         token=args.token or os.environ.get("DPSLM_STREAM_TOKEN") or None,
-        allowed_origins=tuple(args.allowed_origins), idle_timeout_s=args.idle_timeout,
-        max_session_s=args.max_session_time, max_full_s=args.max_full_audio, max_message_bytes=args.max_message_bytes, max_buffer_s=args.max_buffer,
+        allowed_origins=tuple(args.allowed_origins), start_timeout_s=args.start_timeout,
+        idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_time, max_full_s=args.max_full_audio,
+        max_message_bytes=args.max_message_bytes, max_text_bytes=args.max_text_bytes,
+        max_json_depth=args.max_json_depth, max_buffer_s=args.max_buffer, max_buffer_bytes=args.max_buffer_bytes,
+        max_outgoing_bytes=args.max_outgoing_bytes, max_left=args.max_left, min_hop=args.min_hop,
+        max_hop=args.max_hop, max_lookahead=args.max_lookahead, max_lag=args.max_lag,
         stall_timeout_s=args.stall_timeout, drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup,
         resynth=not args.no_resynth, resynth_device=args.resynth_device, resynth_dtype=args.resynth_dtype,
         max_listeners=args.max_listeners, max_resynth_lag_s=args.max_resynth_lag,
