@@ -119,8 +119,8 @@ def test_browser_page_streams_the_microphone_and_shows_units(tmp_path):
             assert state["errors"] == [] and state["session"]
             # The page captured at the device's own rate and declared it; the server resamples.
             conn = next(c for c in srv.server.connections if c.id == state["session"])
-            assert conn.start.sample_rate == state["sampleRate"] and conn.start.format == "pcm16"
-            assert conn.start.version == 2 and conn.start.resynth is None
+            assert conn.core.start.sample_rate == state["sampleRate"] and conn.core.start.format == "pcm16"
+            assert conn.core.start.version == 2 and conn.core.start.resynth is None
             assert page.eval("document.querySelectorAll('#strip .unit').length") >= 5
             assert page.eval("document.getElementById('m-units').textContent") != "0"
             page.wait_for("document.getElementById('m-bitrate').textContent !== '\\u2013'")  # a stats message arrived
@@ -151,7 +151,7 @@ def test_browser_page_plays_the_resynthesized_audio_back(tmp_path):
             state = page.eval("window.dpslmState")
             assert state["errors"] == [] and state["resynth"] is True
             conn = next(c for c in srv.server.connections if c.id == state["session"])
-            assert conn.start.version == 2 and conn.start.resynth == {}
+            assert conn.core.start.version == 2 and conn.core.start.resynth == {}
             page.wait_for("document.getElementById('m-rlag').textContent !== '\\u2013'")  # stats.resynth_lag_s shown
             page.eval("document.getElementById('stop').click()")
             ended = page.wait_for("window.dpslmState.ended")
