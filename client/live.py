@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     models = args.models or default_models()
     path = args.input or SAMPLE_WAV
     print(f"== dpslm-stream live: models {models}"
-          + (" (RANDOM weights: the units check the plumbing, they are not speech)" if models == "tiny" else ""))  # fmt: skip
+          + (" (RANDOM weights: the units check the plumbing, they are not speech)"
+             if hub.ModelSet(models).is_random else ""))  # fmt: skip
     started = time.perf_counter()
     with ServerThread(ServerConfig(port=args.port, models=models)) as srv:
         print(f"server up in {time.perf_counter() - started:.1f} s: {srv.url}  (browser page: {srv.http_url}/)")

@@ -198,7 +198,8 @@ def _tiny_contents() -> str:
             f"{', '.join(map(str, TINY_CODEBOOK_KS))}")
 
 
-TINY_HINT = f"--models tiny on the command line, hub.ModelSet('tiny') in Python; it holds {_tiny_contents()}"
+TINY_HINT = (f"--models tiny on the command line, hub.use_tiny_set_if_offline() or hub.ModelSet('tiny') in Python; "
+             f"it holds {_tiny_contents()}")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
