@@ -28,6 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser, pair: bool = True) -> None:
         p.add_argument("--lmbda", "--lambda", dest="lmbda", type=int, default=hub.DEFAULT_LMBDA,
                        help="DPDP duration penalty (default 4500)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--precision", choices=("exact", "fast"), default="exact",
+                   help="unit LM, ELLA-V and WavTokenizer: exact (float32, upstream's numbers; default) or fast "
+                        "(int8/bf16 kernels picked for this machine, printed; the WavLM encoder stays float32)")
 
 
 def _warn_random(models: hub.ModelSet) -> None:
@@ -103,7 +106,7 @@ def _encode_offline(args) -> int:
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-    pipe = Pipeline(models, args.k, args.lmbda, args.device, args.num_neighbors)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, args.num_neighbors, precision=args.precision)
     pipe.wavlm, pipe.codebook  # load before timing (a missing checkpoint fails here, before any file is read)
     if not args.no_score:
         pipe.ulm
@@ -217,7 +220,7 @@ def _cmd_score(args) -> int:
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-    pipe = Pipeline(models, args.k, args.lmbda, args.device)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
     if args.units is not None:
         items = {"units": [int(u) for u in args.units.split()]}
     elif args.json is not None:
@@ -257,7 +260,7 @@ def _cmd_resynth(args) -> int:
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-    pipe = Pipeline(models, args.k, args.lmbda, args.device)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
     if args.from_units:
         doc = json.loads(args.input.read_text())
         entry = next(iter(doc["files"].values())) if "files" in doc else doc
@@ -290,6 +293,9 @@ def _cmd_resynth(args) -> int:
         print(f"wrote {out} ({wav.shape[-1] / 24000:.2f} s at 24 kHz, {len(codes)} codec tokens, "
               f"{'finished' if finished else 'NOT finished (hit max_tokens)'})")  # fmt: skip
     report["resynthesis_seconds"] = elapsed
+    report["precision"] = {"precision": args.precision, **pipe.precision_plans()}
+    if args.precision != "exact":
+        print("precision: " + "; ".join(pipe.precision_plans().values()))
     report_path = args.output.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=1))
     print(f"{len(units)} units, {report['bitrate'] or 0:.1f} bit/s, log-likelihood {report['loglikelihood']:.2f}; "

@@ -93,6 +93,7 @@ class ServerConfig:
     resynth: bool = True  # offer live resynthesis (start.resynth, listeners); its models load on first use
     resynth_device: str | None = None  # device of the resynthesis worker (default: device)
     resynth_dtype: str = "float32"  # ELLA-V dtype (bfloat16/float16 are meant for a GPU)
+    precision: str = "exact"  # resynthesis models: "exact" (float32) or "fast" (models/precision.py picks per machine)
     max_listeners: int = 4  # listeners per sender session
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
 
@@ -948,8 +949,12 @@ def build_resynth(config: ServerConfig, models: Any = None) -> Any:
     dtype = getattr(torch, config.resynth_dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput(f"unknown resynth dtype {config.resynth_dtype!r}; expected float32, bfloat16 or float16")
-    return ResynthWorker(models if models is not None else hub.ModelSet(config.models),
-                         device=config.resynth_device or config.device, dtype=dtype)  # fmt: skip
+    worker = ResynthWorker(models if models is not None else hub.ModelSet(config.models),
+                           device=config.resynth_device or config.device, dtype=dtype, precision=config.precision)
+    if config.precision != "exact":
+        plans = worker.precision_plans
+        log.info("resynthesis precision %s: %s; %s", config.precision, plans["ellav"], plans["wavtokenizer"])
+    return worker
 
 
 class ServerThread:

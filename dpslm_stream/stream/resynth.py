@@ -46,6 +46,7 @@ from dpslm_stream import hub
 from dpslm_stream.audio import float_to_pcm16
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models.ellav import ELLAV, GenerationState, generation_step, sample
+from dpslm_stream.models.precision import Plan, check_precision, plan_for, transformer_precision
 from dpslm_stream.models.transformer import KVCache
 from dpslm_stream.models.wavtokenizer import IncrementalVocoder, WavTokenizer
 from dpslm_stream.stream.events import EventQueue
@@ -747,7 +748,8 @@ class ResynthSession(EventQueue):
         return {"left_context": e.left_context, "holdback": e.holdback, "greedy": e.greedy, "seed": e.seed,
                 "temperature": e.temperature, "top_p": e.top_p, "trigger_units": e.trigger_units,
                 "trigger_s": e.trigger_s, "max_codec_tokens_per_phone": e.max_codec_tokens_per_phone,
-                "vocoder_left_context": v.left_context, "vocoder_lookahead": v.lookahead, "sample_rate": SAMPLE_RATE}  # fmt: skip
+                "vocoder_left_context": v.left_context, "vocoder_lookahead": v.lookahead, "sample_rate": SAMPLE_RATE,
+                "precision": self.worker.precision}  # fmt: skip
 
     def __repr__(self) -> str:
         e = self.ellav
@@ -853,7 +855,10 @@ class ResynthWorker:
     `ellavs` ({(k, lambda): ELLAV}) and `wavtokenizer` supply already-built models (random full-size weights for
     benchmarks, tests); they are moved to `device`/`dtype` in place.
     dtype: ELLA-V weights and activations (bf16/fp16 are meant for a GPU); vocoder_dtype: the WavTokenizer backbone
-    (its FFTs always run in float32). max_batch: passes decoded together per ELLA-V model (rows of the preallocated
+    (its FFTs always run in float32). precision: "exact" (default: the float32 path, or the dtypes given) or "fast":
+    the plan models/precision.py picks for this device (then dtype and vocoder_dtype must stay float32; ELLA-V's
+    block matmuls become int8 weight-only or bf16, the vocoder bf16 where the hardware has bf16 units);
+    `precision_plans` says what was picked. max_batch: passes decoded together per ELLA-V model (rows of the preallocated
     KV cache); further due passes wait, oldest first. max_decode_steps: batched decode steps per step() call, so one
     call stays short and a stream with a long pass never holds the others: they join and leave between steps.
     max_codec_tokens_per_phone: upstream's M, the per-unit cap (M+1 codec tokens per unit). clock: the time source
@@ -862,7 +867,8 @@ class ResynthWorker:
 
     def __init__(self, models: hub.ModelSet | str = "release", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, pairs: Iterable[tuple[int, int]] | None = None, *,
-                 vocoder_dtype: torch.dtype = torch.float32, max_batch: int = 16, max_decode_steps: int = 16,
+                 vocoder_dtype: torch.dtype = torch.float32, precision: str = "exact", max_batch: int = 16,
+                 max_decode_steps: int = 16,
                  max_codec_tokens_per_phone: int = DEFAULT_MAX_CODEC_TOKENS_PER_PHONE,
                  ellavs: dict[tuple[int, int], ELLAV] | None = None, wavtokenizer: WavTokenizer | None = None,
                  clock: Callable[[], float] = time.perf_counter):  # fmt: skip
@@ -871,6 +877,13 @@ class ResynthWorker:
         for name, value in (("dtype", dtype), ("vocoder_dtype", vocoder_dtype)):
             if value not in _DTYPES_OK:
                 raise InvalidInput(f"{name} must be one of torch.float32, float64, bfloat16, float16; got {value!r}")
+        self.precision = check_precision(precision)
+        if precision == "fast" and (dtype, vocoder_dtype) != (torch.float32, torch.float32):
+            raise InvalidInput("precision 'fast' picks the dtypes itself: leave dtype and vocoder_dtype at float32")
+        self.ellav_plan: Plan = plan_for("ellav", precision, self.device)
+        self.vocoder_plan: Plan = plan_for("wavtokenizer", precision, self.device)
+        if self.vocoder_plan.bulk == "bf16":
+            vocoder_dtype = torch.bfloat16
         self.dtype, self.vocoder_dtype = dtype, vocoder_dtype
         self.max_batch = _check_count(max_batch, "max_batch", 1)
         self.max_decode_steps = _check_count(max_decode_steps, "max_decode_steps", 1)
@@ -878,7 +891,7 @@ class ResynthWorker:
         self.clock = clock
         self._ellavs: dict[tuple[int, int], ELLAV] = {}
         for key, model in (ellavs or {}).items():
-            self._ellavs[key] = model.to(device=self.device, dtype=dtype).eval()
+            self._ellavs[key] = self._prepare_ellav(model)
         self._wavtokenizer = None if wavtokenizer is None else self._prepare_vocoder(wavtokenizer)
         self._pairs: list[tuple[int, int]] | None = None
         if pairs is not None:
@@ -905,9 +918,20 @@ class ResynthWorker:
 
     def _ellav(self, key: tuple[int, int]) -> ELLAV:
         if key not in self._ellavs:
-            model = self.models.ellav(*key, map_location=self.device)
-            self._ellavs[key] = model.to(device=self.device, dtype=self.dtype).eval()
+            self._ellavs[key] = self._prepare_ellav(self.models.ellav(*key, map_location=self.device))
         return self._ellavs[key]
+
+    def _prepare_ellav(self, model: ELLAV) -> ELLAV:
+        """On this worker's device and dtype, converted for its precision (in place)."""
+        model = model.to(device=self.device, dtype=self.dtype).eval()
+        transformer_precision(model, self.precision, "ellav")
+        return model
+
+    @property
+    def precision_plans(self) -> dict:
+        """What this worker's precision runs each model in (reported in the server's ready/stats)."""
+        return {"precision": self.precision, "ellav": self.ellav_plan.describe(),
+                "wavtokenizer": self.vocoder_plan.describe()}  # fmt: skip
 
     def _prepare_vocoder(self, model: WavTokenizer) -> WavTokenizer:
         window = model.head.istft.window.detach().float().clone()
