@@ -235,22 +235,8 @@ def _cmd_score(args) -> int:
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-<<<<<<< HEAD
-    pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
-    if args.units is not None:
-        items = {"units": [int(u) for u in args.units.split()]}
-    elif args.json is not None:
-        items = {name: r["units"] for name, r in json.loads(args.json.read_text())["files"].items()}
-    else:
-        items = {}
-        for line in args.text.read_text().splitlines():
-            if line.strip():
-                name, *units = line.split()
-                items[name] = [int(u) for u in units]
-=======
     items = _score_items(args)  # parse before loading models: a typo fails at once
-    pipe = Pipeline(models, args.k, args.lmbda, args.device)
->>>>>>> main
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
     for name, units in items.items():
         print(f"{name} {sum(pipe.score(units)):.4f}")
     return 0
@@ -325,13 +311,9 @@ def _cmd_resynth(args) -> int:
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-<<<<<<< HEAD
     pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
-=======
-    pipe = Pipeline(models, args.k, args.lmbda, args.device)
     if args.num_samples < 1:
         raise InvalidInput("--num-samples must be at least 1")
->>>>>>> main
     if args.from_units:
         entry = next(iter(_units_json(args.input).values()))
         units, durations = entry["units"], entry.get("durations")
