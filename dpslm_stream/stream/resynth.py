@@ -30,7 +30,6 @@ EOP is out, between decode steps). Sessions are sans-I/O like the encoder's: `pu
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 import time
@@ -45,7 +44,7 @@ from torch import Tensor
 from dpslm_stream import hub
 from dpslm_stream.audio import float_to_pcm16
 from dpslm_stream.errors import InvalidInput, UnknownModel
-from dpslm_stream.models.ellav import ELLAV, GenerationState, generation_step, sample
+from dpslm_stream.models.ellav import ELLAV, GenerationState, generation_step, sample_rows
 from dpslm_stream.models.precision import Plan, check_precision, plan_for, transformer_precision
 from dpslm_stream.models.transformer import KVCache
 from dpslm_stream.models.wavtokenizer import IncrementalVocoder, WavTokenizer
@@ -388,16 +387,6 @@ class IncrementalELLAV:
 # BatchDecoder: the decode steps of many passes in lockstep over one preallocated KV cache
 
 
-def _rows(cache: KVCache, start: int, stop: int) -> KVCache:
-    """A KVCache over rows [start, stop) of `cache`, sharing its storage (basic slices are views, and KVCache only
-    writes in place), so a forward over some rows updates the big cache directly."""
-    view = copy.copy(cache)
-    view.k, view.v = cache.k[:, start:stop], cache.v[:, start:stop]
-    view.slot_pos, view.length, view.next_pos = (
-        cache.slot_pos[start:stop], cache.length[start:stop], cache.next_pos[start:stop])  # fmt: skip
-    return view
-
-
 _STATE_FIELDS = ("unit_tokens", "num_units", "unit_idx", "since_eop", "forced", "finished")
 
 
@@ -465,17 +454,15 @@ class BatchDecoder:
         self._reserve(max(need))
         device = self.model.device
         a, b = len(self.rows), len(self.rows) + len(jobs)
-        view = _rows(self.cache, a, b)
-        view.slot_pos.fill_(-1)  # a new pass: empty row, positions from 0
-        view.length.zero_()
-        view.next_pos.zero_()
-        lengths = torch.tensor([len(p.prompt) for p in plans])
-        tokens = torch.zeros((len(plans), int(lengths.max())), dtype=torch.long)
+        view = self.cache.rows(a, b)
+        view.clear_rows()  # a new pass: empty row, positions from 0
+        lengths = [len(p.prompt) for p in plans]
+        tokens = torch.zeros((len(plans), max(lengths)), dtype=torch.long)
         for i, p in enumerate(plans):
             tokens[i, : len(p.prompt)] = torch.tensor(p.prompt)
-        tokens, lengths = tokens.to(device), lengths.to(device)
-        logits = self.model(tokens, view, lengths)
-        logits = logits[torch.arange(len(plans), device=device), lengths - 1]
+        logits = self.model(tokens.to(device), view, lengths)
+        last = torch.tensor(lengths, device=device) - 1
+        logits = logits[torch.arange(len(plans), device=device), last]
         state = GenerationState.start([p.unit_tokens for p in plans], [p.start for p in plans], device=device)
         # The counter restarts as offline generation has it at this unit (see PassPlan.counter), and the pass is
         # "finished" at its stop unit's EOP.
@@ -507,30 +494,34 @@ class BatchDecoder:
         """One token for every active pass: [(owner, token, pass_over)]. Rows whose pass is over leave."""
         if not self.rows:
             return []
-        logits = self.logits
-        forced = self.state.forced.tolist()
-        sampled = [i for i, r in enumerate(self.rows) if not r.greedy and forced[i] < 0]
-        if sampled:
-            # generation_step samples all rows from one generator; each stream draws from its own, so its output
-            # does not depend on its batch neighbours. Drawn tokens go in as one-hot rows, which generation_step's
-            # greedy choice takes as given (forced tokens still override them, as upstream).
-            logits = logits.clone()
-            for i in sampled:
-                r = self.rows[i]
-                token = sample(self.logits[i : i + 1], r.temperature, r.top_p, r.generator)
-                logits[i] = -math.inf
-                logits[i, token] = 0.0
+        sampled = None
+        if not all(r.greedy for r in self.rows):
+            sampled = self._sample()
         tok = self.model.tokenizer
-        token = generation_step(logits, self.state, max_codec_tokens_per_phone=self.max_codec_tokens_per_phone,
-                                temperature=0.0, top_p=0.0, eop_id=tok.EOP_id, eos_id=tok.EOS_id)  # fmt: skip
-        tokens, over = token.tolist(), self.state.finished.tolist()
-        out = [(r, t, o) for r, t, o in zip(self.rows, tokens, over)]
+        token = generation_step(self.logits, self.state, max_codec_tokens_per_phone=self.max_codec_tokens_per_phone,
+                                temperature=0.0, top_p=0.0, eop_id=tok.EOP_id, eos_id=tok.EOS_id,
+                                sampled=sampled)  # fmt: skip
+        # The step's one device -> host transfer: every row's token and whether its pass is over.
+        tokens, over = torch.stack([token, self.state.finished.long()]).tolist()
+        out = [(r, t, bool(o)) for r, t, o in zip(self.rows, tokens, over)]
         keep = [i for i, o in enumerate(over) if not o]
         if len(keep) < len(over):
             token = token[self._compact(keep)]
         if self.rows:
-            self.logits = self.model(token[:, None], _rows(self.cache, 0, len(self.rows)))[:, 0]
+            self.logits = self.model(token[:, None], self.cache.rows(0, len(self.rows)))[:, 0]
         return out
+
+    def _sample(self) -> Tensor:
+        """Every row's drawn token, on the device (`sample_rows`): each sampling stream draws one uniform number
+        from its own generator per step (on the host, whether or not the row's token is then forced), so its
+        output does not depend on its batch neighbours; one host -> device transfer carries them."""
+        rows = self.rows
+        uniform = torch.stack([torch.zeros(()) if r.greedy else torch.rand((), generator=r.generator) for r in rows])
+        settings = torch.tensor([(float(r.greedy), r.temperature if r.temperature > 0 else 1.0, r.top_p)
+                                 for r in rows], dtype=torch.float32)  # fmt: skip
+        settings = torch.cat([settings, uniform[:, None]], dim=1).to(self.logits.device)
+        greedy, temperature, top_p, uniform = settings.unbind(1)
+        return sample_rows(self.logits, greedy.bool(), temperature, top_p, uniform)
 
     def _compact(self, keep: list[int]) -> list[int]:
         """Keep rows `keep` (old indices) in rows 0..len(keep)-1: rows already there stay, the others fill the holes.
@@ -539,14 +530,9 @@ class BatchDecoder:
         stay = {i for i in keep if i < n}
         movers = iter(i for i in keep if i >= n)
         order = [i if i in stay else next(movers) for i in range(n)]
-        c = self.cache
         for new, old in enumerate(order):
             if new != old:
-                used = int(c.length[old])
-                c.k[:, new, :, :used] = c.k[:, old, :, :used]
-                c.v[:, new, :, :used] = c.v[:, old, :, :used]
-                c.slot_pos[new] = c.slot_pos[old]
-                c.length[new], c.next_pos[new] = c.length[old], c.next_pos[old]
+                self.cache.move_row(old, new)
         self.rows = [self.rows[i] for i in order]
         self._need = [self._need[i] for i in order]
         if n:
