@@ -9,8 +9,9 @@ per model and per machine, the kernels that measured faster (README "Precision";
   bfloat16 for the kernel, output back in float32). Batch-1 decode reads every weight once per token, so it is bound
   by weight bytes over memory bandwidth: int8 reads a quarter of fp32's bytes. On a GPU: bfloat16 weights.
 - matmuls of many rows (prompt prefill, vocoder windows): bfloat16 where the hardware has bf16 matmul units (AMX or
-  AVX512-BF16 CPUs, GPUs), else float32 (the int8 weights dequantized per call: without bf16 units a bf16 or int8
-  GEMM is slower than fp32's at these sizes).
+  AVX512-BF16 CPUs, GPUs), else float32 (without bf16 units a bf16 or int8 GEMM is slower than fp32's at these
+  sizes). A fast transformer keeps both weight copies: int8 for decode, bulk dtype for prefill (ELLA-V at released
+  size: 0.21 GB + 0.84 GB fp32 or 0.42 GB bf16).
 - what stays float32 whatever the plan: the residual stream, RMSNorms, RoPE, attention (softmax and KV cache), the
   output projection and logits, the vocoder's FFTs and every normalisation.
 
@@ -118,9 +119,10 @@ class FastLinear(nn.Module):
     """y = x W^T (+ b), W the row-wise concatenation of one or more nn.Linear weights, stored for a fast plan.
 
     int8: W = q * s (q int8, s float32 per output row; max |W| of the row maps to 127). Up to DECODE_ROWS input rows
-    run `aten._weight_int8pack_mm(x.bf16, q, 1)` and scale the output in float32; more rows dequantize W to the bulk
-    dtype and run a plain GEMM. bf16/fp32: W stored in that dtype. Input and output are float32 (the residual stream
-    stays float32); a bias stays float32.
+    run `aten._weight_int8pack_mm(x.bf16, q, 1)` and scale the output in float32; more rows run a plain GEMM on a
+    copy of W in the bulk dtype (kept: dequantizing per call, or the int8 kernel in row chunks, measured 2-5x slower
+    than fp32 GEMM at 64-256 rows, so prefill would get slower than exact). bf16/fp32: W stored in that dtype. Input
+    and output are float32 (the residual stream stays float32); a bias stays float32.
     """
 
     def __init__(self, linears: list[nn.Linear], decode: str, bulk: str):
@@ -138,7 +140,7 @@ class FastLinear(nn.Module):
             self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
             self.register_buffer("scale", scale)
             self.register_buffer("_ones", torch.ones(self.out_features, dtype=torch.bfloat16, device=weight.device))
-            self.weight = None
+            self.register_buffer("weight", weight.to(_DTYPE[bulk]))  # for many-row calls
         else:
             self.register_buffer("weight", weight.to(_DTYPE[decode]))
 
@@ -152,11 +154,7 @@ class FastLinear(nn.Module):
                 y = y + self.bias
         else:
             dtype = _DTYPE[self.bulk]
-            if self.decode == "int8":
-                weight = (self.qweight.to(dtype) * self.scale[:, None].to(dtype))
-            else:
-                weight = self.weight.to(dtype)
-            y = F.linear(x2.to(dtype), weight).float()
+            y = F.linear(x2.to(dtype), self.weight.to(dtype)).float()
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
