@@ -304,8 +304,12 @@ def build_resynth(config: ServerConfig, models: Any = None) -> Any:
     dtype = getattr(torch, config.resynth_dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput(f"unknown resynth dtype {config.resynth_dtype!r}; expected float32, bfloat16 or float16")
-    return ResynthWorker(models if models is not None else hub.ModelSet(config.models),
-                         device=config.resynth_device or config.device, dtype=dtype)  # fmt: skip
+    worker = ResynthWorker(models if models is not None else hub.ModelSet(config.models),
+                           device=config.resynth_device or config.device, dtype=dtype, precision=config.precision)
+    if config.precision != "exact":
+        plans = worker.precision_plans
+        log.info("resynthesis precision %s: %s; %s", config.precision, plans["ellav"], plans["wavtokenizer"])
+    return worker
 
 
 class ServerThread:
