@@ -95,6 +95,7 @@ class ServerConfig:
     resynth_dtype: str = "float32"  # ELLA-V dtype (bfloat16/float16 are meant for a GPU)
     max_listeners: int = 4  # listeners per sender session
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
+    allow_tf32: bool = False  # CUDA: TF32 matmuls/convolutions (faster, not exact; see dpslm_stream.device)
 
     def limits(self) -> dict:
         """The limits every client is told in ``ready``."""
@@ -933,7 +934,7 @@ def build_encoder(config: ServerConfig) -> Any:
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput(f"unknown dtype {config.dtype!r}; expected float32, bfloat16 or float16")
     return EncoderWorker(hub.ModelSet(config.models), device=config.device, dtype=dtype,
-                         pairs=list(config.pairs) if config.pairs else None)  # fmt: skip
+                         pairs=list(config.pairs) if config.pairs else None, allow_tf32=config.allow_tf32)  # fmt: skip
 
 
 def build_resynth(config: ServerConfig, models: Any = None) -> Any:
@@ -949,7 +950,8 @@ def build_resynth(config: ServerConfig, models: Any = None) -> Any:
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput(f"unknown resynth dtype {config.resynth_dtype!r}; expected float32, bfloat16 or float16")
     return ResynthWorker(models if models is not None else hub.ModelSet(config.models),
-                         device=config.resynth_device or config.device, dtype=dtype)  # fmt: skip
+                         device=config.resynth_device or config.device, dtype=dtype,
+                         allow_tf32=config.allow_tf32)  # fmt: skip
 
 
 class ServerThread:

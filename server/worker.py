@@ -25,7 +25,9 @@ from collections import deque
 from typing import Any, Callable, Protocol
 
 import numpy as np
+import torch
 
+from dpslm_stream.device import device_error, worker_stream
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.stream.events import EndEvent
 
@@ -123,10 +125,13 @@ class WorkerThread:
     their sessions; it returns True when more work is already waiting."""
 
     name = "dpslm-worker"
+    high_priority = False  # the CUDA stream priority of this thread's work (the encoder's is higher)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics=None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics=None, device: str | torch.device = "cpu"):
         self.loop = loop
         self.metrics = metrics
+        self.device = torch.device(device)
+        self.device_error: str | None = None  # set once the device fails (a sticky CUDA error): the worker is down
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
@@ -145,7 +150,7 @@ class WorkerThread:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self.device_error is None
 
     def call(self, fn: Callable[[], Any]) -> "asyncio.Future":
         """Run ``fn()`` on the worker thread (e.g. open_session, which may load models); await the result."""
@@ -166,14 +171,17 @@ class WorkerThread:
             pass
 
     def _run(self) -> None:
-        while not self._stopping:
-            self._wake.wait(timeout=1.0)
-            self._wake.clear()
-            self.heartbeat = time.monotonic()
-            self._run_commands()
-            if self._round():
-                self._wake.set()  # more than one round of work is waiting: go round again at once
-        self._run_commands()  # fail nobody silently: commands queued during shutdown still get an answer
+        with worker_stream(self.device, self.high_priority):  # this thread's own CUDA stream; no-op on CPU
+            while not self._stopping:
+                woken = self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                self.heartbeat = time.monotonic()
+                if not woken and self.device_error is None:  # idle: check that the device still works
+                    self.device_error = device_error(self.device)
+                self._run_commands()
+                if self._round():
+                    self._wake.set()  # more than one round of work is waiting: go round again at once
+            self._run_commands()  # fail nobody silently: commands queued during shutdown still get an answer
 
     def _round(self) -> bool:
         raise NotImplementedError
@@ -197,8 +205,10 @@ class ModelWorker(WorkerThread):
 
     name = "dpslm-model-worker"
 
+    high_priority = True  # units never wait for audio: the encoder's kernels go first on a shared GPU
+
     def __init__(self, encoder_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5):
-        super().__init__(loop, metrics)
+        super().__init__(loop, metrics, getattr(encoder_worker, "device", "cpu"))
         self.encoder = encoder_worker
         self.quantum_s = quantum_s
         self._slots: list[Slot] = []  # worker thread only

@@ -291,7 +291,8 @@ class EncoderSession(EventQueue):
         if n16 < self.worker.wavlm.samples_per_frame:
             return None  # upstream raises here; a stream this short simply has no units
         model = self.worker.wavlm
-        return self.worker.extract_features(model, wav[None].to(self.worker.device), self.sample_rate, layer=11)
+        # CPU audio in: extract_features resamples on the CPU and moves the 16 kHz audio to the model (as Pipeline)
+        return self.worker.extract_features(model, wav[None], self.sample_rate, layer=11)
 
     def _score_block(self) -> tuple[object, list[int]] | None:
         """(scorer, units) for the worker's batched scoring, or None."""
