@@ -261,7 +261,29 @@ class RaySlot(Slot):
             self.sink.on_failure(e)
 
 
-class RayModelWorker:
+class WatchedCalls:
+    """The gateway side of a deployment's calls: ``result`` awaits one through a DeploymentWatch; ``alive`` (what
+    /healthz reads) is started and not stopped, with the deployment answering in time."""
+
+    watch: DeploymentWatch
+    _alive: bool
+
+    def start(self) -> None:
+        self._alive = True
+
+    @property
+    def alive(self) -> bool:
+        return self._alive and self.watch.healthy
+
+    @property
+    def heartbeat(self) -> float:
+        return self.watch.heartbeat
+
+    async def result(self, response):
+        return await self.watch.result(response)
+
+
+class RayModelWorker(WatchedCalls):
     """The in-process ModelWorker's interface, backed by the Encoder deployment (no thread: every call is async)."""
 
     def __init__(self, handles: list, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
@@ -275,27 +297,13 @@ class RayModelWorker:
         self._slots: set[RaySlot] = set()
         self._alive = False
 
-    def start(self) -> None:
-        self._alive = True
-
     def stop(self, timeout: float = 10.0) -> None:
         self._alive = False
         for slot in self._slots:
             slot._task.cancel()
 
-    @property
-    def alive(self) -> bool:
-        return self._alive and self.watch.healthy
-
-    @property
-    def heartbeat(self) -> float:
-        return self.watch.heartbeat
-
     def wake(self) -> None:  # each slot's pump wakes on its own events
         pass
-
-    async def result(self, response):
-        return await self.watch.result(response)
 
     def account(self, seconds: float) -> None:
         if self.metrics is not None:
@@ -551,7 +559,7 @@ class RemoteResynthSession:
             self.sink.on_resynth_failure(e)
 
 
-class RayResynthThread:
+class RayResynthThread(WatchedCalls):
     """The gateway's replacement for server.resynth.ResynthThread, backed by Resynth shards."""
 
     def __init__(self, handles: list, loop, metrics=None, call_timeout_s: float = 60.0):
@@ -562,27 +570,13 @@ class RayResynthThread:
         self._ids = itertools.count()
         self._alive = False
 
-    def start(self) -> None:
-        self._alive = True
-
     def stop(self, timeout: float = 10.0) -> None:
         self._alive = False
         for s in self._sessions:
             s._task.cancel()
 
-    @property
-    def alive(self) -> bool:
-        return self._alive and self.watch.healthy
-
-    @property
-    def heartbeat(self) -> float:
-        return self.watch.heartbeat
-
     def wake(self) -> None:  # each session's pump wakes on its own
         pass
-
-    async def result(self, response):
-        return await self.watch.result(response)
 
     async def open(self, k: int, lmbda: int, options: dict, sink) -> RemoteResynthSession:
         load = {h: 0 for h in range(len(self.handles))}

@@ -1,4 +1,10 @@
-"""Shared fixtures. The tiny random-weight model set is built once per machine (cached, atomic) and reused."""
+"""Shared fixtures. The tiny random-weight model set is built once per machine (cached, atomic) and reused.
+
+DPSLM_TEST_DEVICE (default cpu) is the device that tests taking the `device` fixture run their models on, e.g.
+`DPSLM_TEST_DEVICE=cuda make test` on a GPU machine. Tests marked `cpu_only` (oneDNN kernels, bitwise claims that
+hold for CPU kernels) are skipped on any other device."""
+
+import os
 
 import pytest
 import torch
@@ -25,3 +31,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _test_device() -> torch.device:
+    return torch.device(os.environ.get("DPSLM_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device the tests run their models on (DPSLM_TEST_DEVICE, default cpu); skips when it is not there."""
+    dev = _test_device()
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"DPSLM_TEST_DEVICE={dev} but torch sees no CUDA device")
+    return dev
+
+
+def pytest_collection_modifyitems(config, items):
+    dev = _test_device()
+    if dev.type == "cpu":
+        return
+    skip = pytest.mark.skip(reason=f"CPU-only test (DPSLM_TEST_DEVICE={dev})")
+    for item in items:
+        if "cpu_only" in item.keywords:
+            item.add_marker(skip)
