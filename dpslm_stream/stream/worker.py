@@ -20,7 +20,7 @@ import torch
 
 from dpslm_stream import hub
 from dpslm_stream.audio import check_sample_rate
-from dpslm_stream.device import setup_model_device
+from dpslm_stream.device import DeviceTimer, setup_model_device
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models import wavlm as wavlm_module
 from dpslm_stream.models.wavlm import WavLM
@@ -192,9 +192,9 @@ class EncoderWorker:
                 groups[(id(scorer.ulm), scorer.max_context)].append((s, scorer, units))
         out = {}
         for group in groups.values():
-            started = time.perf_counter()
-            logprobs = score_blocks([g[1] for g in group], [g[2] for g in group])
-            share = (time.perf_counter() - started) / len(group)
+            with DeviceTimer(self.device) as timer:  # synchronizes on CUDA
+                logprobs = score_blocks([g[1] for g in group], [g[2] for g in group])
+            share = timer.seconds / len(group)
             for (s, _, _), lp in zip(group, logprobs):
                 out[s.id] = (lp, share)
         return out
