@@ -104,20 +104,31 @@ _RUN_UNWRAPPED = {torch.nn.functional.scaled_dot_product_attention, torch.where}
 
 class SimulatedCuda(TorchFunctionMode):
     """The context (see the module docstring). ``counts`` holds the events by kind; ``where`` the first few call
-    sites of the `mixed` and `numpy` violations (file:line of library code)."""
+    sites of the `mixed` and `numpy` violations and ``sites`` the count of host syncs per call site (file:line of
+    library code)."""
 
     def __init__(self):
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.where: dict[str, list[str]] = {}
+        self.sites: Counter[str] = Counter()  # "kind file:line" of every host sync
         self._paused = 0
 
     def record(self, kind: str, what: str = "") -> None:
         self.counts[kind] += 1
-        if kind in ("mixed", "numpy") and len(self.where.setdefault(kind, [])) < 5:
-            frames = [f for f in traceback.extract_stack() if "dpslm_stream" in f.filename and "_simdevice" not in f.filename]
-            site = f"{frames[-1].filename.split('dpslm_stream/')[-1]}:{frames[-1].lineno}" if frames else "?"
+        site = self._site()
+        if kind in SYNC_KINDS:
+            self.sites[f"{kind} {site}"] += 1
+        elif len(self.where.setdefault(kind, [])) < 5:
             self.where[kind].append(f"{site} {what}".strip())
+
+    @staticmethod
+    def _site() -> str:
+        """file:line of the innermost library frame (not this module, not the benchmarks)."""
+        for f in reversed(traceback.extract_stack()):
+            if "dpslm_stream" in f.filename and "/bench/" not in f.filename:
+                return f"{f.filename.split('dpslm_stream/')[-1]}:{f.lineno}"
+        return "?"
 
     def syncs(self) -> int:
         return sum(self.counts[k] for k in SYNC_KINDS)

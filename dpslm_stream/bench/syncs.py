@@ -140,6 +140,7 @@ def measure(models: str = "tiny", seconds: float = 3.0, streams: int = 3) -> dic
             "scorer": run_scorer(sim, source, streams),
         }
     out["violations"] = {k: sim.counts[k] for k in ("mixed", "numpy")}
+    out["sites"] = sim.sites
     out["where"] = sim.where
     return out
 
@@ -174,6 +175,8 @@ def report(m: dict, seconds: float, streams: int) -> str:
         f"| Pipeline.resynthesize (12 units) | 1 call | {_syncs(pipe['resynthesize'])} | | "
         f"{_kinds(pipe['resynthesize'])} |",
     ]  # fmt: skip
+    lines += ["", "Where the host syncs are (all paths above, most frequent first):", "", "| syncs | kind and site |",
+              "|---|---|"] + [f"| {n} | `{site}` |" for site, n in m["sites"].most_common(12)]  # fmt: skip
     return "\n".join(lines)
 
 
