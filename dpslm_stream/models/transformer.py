@@ -339,7 +339,13 @@ class Transformer(nn.Module):
     def forward(
         self, tokens: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits for every input token.
+        """Logits (fp32) for every input token: the output layer on `hidden`."""
+        return self.output(self.hidden(tokens, cache, valid)).float()
+
+    def hidden(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The final-norm hidden state [B, T, dim] of every input token, in the weights' dtype.
 
         tokens: int64 [B, T]. Rows may be right-padded; `valid` [B] says how many leading tokens of each row are
         real (default: all T). Padding never influences real tokens (causality); its logits are garbage.
@@ -360,7 +366,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, cache, i, mask)
         if cache is not None:
             cache.end(valid)
-        return self.output(self.norm(h)).float()
+        return self.norm(h)
 
 
 def validate_config(config: TransformerConfig) -> None:
