@@ -34,16 +34,28 @@ def one_torch_thread():
 
 
 def _test_device() -> torch.device:
-    return torch.device(os.environ.get("DPSLM_TEST_DEVICE", "cpu"))
+    name = os.environ.get("DPSLM_TEST_DEVICE", "cpu")
+    return torch.device("meta" if name == "sim" else name)
 
 
 @pytest.fixture(scope="session")
-def device() -> torch.device:
-    """The device the tests run their models on (DPSLM_TEST_DEVICE, default cpu); skips when it is not there."""
+def device():
+    """The device the tests run their models on (DPSLM_TEST_DEVICE, default cpu); skips when it is not there.
+
+    DPSLM_TEST_DEVICE=sim runs them on the simulated accelerator of dpslm_stream/bench/_simdevice.py (a CPU-only
+    check that device-aware tests keep their tensors on one device; the simulation stays on for the session and
+    fails at the end if any operation mixed device and host tensors)."""
+    if os.environ.get("DPSLM_TEST_DEVICE") == "sim":
+        from dpslm_stream.bench._simdevice import SIM, SimulatedCuda
+
+        with SimulatedCuda() as sim:
+            yield SIM
+        assert sim.counts["mixed"] == 0 and sim.counts["numpy"] == 0, sim.where
+        return
     dev = _test_device()
     if dev.type == "cuda" and not torch.cuda.is_available():
         pytest.skip(f"DPSLM_TEST_DEVICE={dev} but torch sees no CUDA device")
-    return dev
+    yield dev
 
 
 def pytest_collection_modifyitems(config, items):

@@ -497,6 +497,7 @@ def _conv_dtypes(fn) -> list[torch.dtype]:
     return seen
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_pos_conv_computes_in_fp32_on_cpu(model, dtype):
     # torch 2.13's oneDNN bf16 grouped conv1d is wrong for the tiny set's pos_conv shape (4 channels per group,
@@ -511,6 +512,7 @@ def test_half_precision_pos_conv_computes_in_fp32_on_cpu(model, dtype):
     assert _rel_err(out.float(), ref) < 0.02  # bf16 rounding of x and the output only; a wrong kernel gives ~1
 
 
+@pytest.mark.cpu_only
 def test_half_precision_pos_conv_in_streaming_runner_computes_in_fp32_on_cpu(model):
     from dpslm_stream.stream.encoder import WindowRunner
 
