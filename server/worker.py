@@ -162,13 +162,14 @@ class WorkerThread:
             pass
 
     def _run(self) -> None:
+        checked = time.monotonic()
         with worker_stream(self.device, self.high_priority):  # this thread's own CUDA stream; no-op on CPU
             while not self._stopping:
-                woken = self._wake.wait(timeout=1.0)
+                self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 self.heartbeat = time.monotonic()
-                if not woken and self.device_error is None:  # idle: check that the device still works
-                    self.device_error = device_error(self.device)
+                if self.heartbeat - checked >= 1.0 and self.device_error is None:  # once a second: device works?
+                    self.device_error, checked = device_error(self.device), self.heartbeat
                 self._run_commands()
                 if self._round():
                     self._wake.set()  # more than one round of work is waiting: go round again at once

@@ -164,3 +164,31 @@ def test_worker_thread_with_a_dead_device_is_not_alive(monkeypatch):
         worker.stop()
     finally:
         loop.close()
+
+
+def test_healthz_is_503_once_the_device_fails(monkeypatch):
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    from dpslm_stream import protocol as P
+    from dpslm_stream.server.app import ServerThread
+    from dpslm_stream.server.config import ServerConfig
+
+    failed = {"now": False}
+    monkeypatch.setattr("dpslm_stream.server.worker.device_error",
+                        lambda device: "CUDA error: unspecified launch failure" if failed["now"] else None)  # fmt: skip
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False, resynth=False)) as srv:
+        url = srv.http_url + P.HEALTH_PATH
+        assert json.loads(urllib.request.urlopen(url).read())["status"] == "ok"
+        failed["now"] = True  # a sticky CUDA error: every later call fails
+        status = None
+        for _ in range(50):  # the worker checks its device once a second
+            try:
+                urllib.request.urlopen(url)
+            except urllib.error.HTTPError as e:
+                status = (e.code, json.loads(e.read())["status"])
+                break
+            time.sleep(0.1)
+        assert status == (503, "worker down")

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from dpslm_stream import hub
 from dpslm_stream.audio import float_to_pcm16
-from dpslm_stream.device import setup_model_device
+from dpslm_stream.device import setup_model_device, synchronize
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models.ellav import ELLAV, GenerationState, generation_step, sample
 from dpslm_stream.models.transformer import KVCache
@@ -1057,6 +1057,7 @@ class ResynthWorker:
                 for s, _ in items:
                     s._fail(e)
                 continue
+            synchronize(self.device)  # CUDA: the prefill's kernels, not their launch (decode steps sync on their ids)
             elapsed = self.clock() - t0
             self.prefill_seconds += elapsed
             share = elapsed / len(items)
