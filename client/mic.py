@@ -10,7 +10,8 @@ the audio received and the resynthesis lag. Use headphones: the microphone would
 the end message the remaining audio plays out; a second Ctrl-C cuts it short.
 
 Needs the optional ``sounddevice`` package and the PortAudio library:
-    pip install 'dpslm-stream[mic]'      and on Debian/Ubuntu:   apt-get install libportaudio2
+    pip install -e '.[mic]' (in the dpslm-stream checkout), and PortAudio: apt-get install libportaudio2 (Debian/Ubuntu)
+    or brew install portaudio (macOS)
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from .api import SessionError, UnitsClient
 from .stream import add_connection_args, client_kwargs
 
 INSTALL_HINT = ("the microphone client needs the 'sounddevice' package and the PortAudio library: "
-                "pip install 'dpslm-stream[mic]' (or pip install sounddevice), and on Debian/Ubuntu "
-                "apt-get install libportaudio2")  # fmt: skip
+                "pip install sounddevice (from a checkout: pip install -e '.[mic]'), and PortAudio: "
+                "apt-get install libportaudio2 (Debian/Ubuntu) or brew install portaudio (macOS)")  # fmt: skip
 
 
 class MicUnavailable(DPSLMError):

@@ -15,7 +15,7 @@ Sessions are stateful and a Serve handle routes each call to any replica of a de
 *shards*: N Serve applications of one replica each (GPU-sized); the gateway pins each session to the shard with the
 fewest sessions when it opens and talks to that shard's handle for the rest of the session. More gateways (each with
 its shards) scale past one gateway's event loop, behind a WebSocket-aware load balancer.
-Ray is an optional extra (``pip install 'dpslm-stream[ray]'``): this module imports it only when a Ray backend is
+Ray is an optional extra (``pip install -e '.[ray]' in the dpslm-stream checkout``): this module imports it only when a Ray backend is
 made, and nothing else in the package imports this module.
 """
 
@@ -34,9 +34,10 @@ import numpy as np
 
 from dpslm_stream.errors import DPSLMError, InvalidInput, UnknownModel
 from dpslm_stream.stream.events import EndEvent
-from dpslm_stream.stream.encoder import WindowConfig
+from dpslm_stream.stream.resynth_options import ResynthOptions
 
-from .worker import Progress, Slot, SlotSink
+from .backends import EncoderSessionInfo, Progress, ResynthSink, SlotSink
+from .worker import AudioQueue
 
 log = logging.getLogger("dpslm_stream.server")
 
@@ -46,18 +47,8 @@ def import_ray():
         import ray
         from ray import serve
     except ImportError as e:
-        raise DPSLMError(f"the Ray backend needs Ray Serve: pip install 'dpslm-stream[ray]' ({e})") from None
+        raise DPSLMError(f"the Ray backend needs Ray Serve: pip install -e '.[ray]' in the dpslm-stream checkout ({e})") from None
     return ray, serve
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    """What the gateway needs to know of a remote encoder session (the in-process Slot has the session itself)."""
-
-    k: int
-    lmbda: int
-    config: WindowConfig
-    max_lag: int | None
 
 
 class EncoderReplica:
@@ -97,7 +88,7 @@ class EncoderReplica:
         default = (hub.DEFAULT_K, hub.DEFAULT_LMBDA)
         return default if default in pairs or not pairs else pairs[0]
 
-    def open(self, session_id: str, sample_rate: int, settings: dict) -> SessionInfo | dict:
+    def open(self, session_id: str, sample_rate: int, settings: dict) -> EncoderSessionInfo | dict:
         """Open a session; a refusal comes back as {"error": kind, "message": ...} (exceptions do not travel well)."""
         try:
             with self.lock:
@@ -107,7 +98,7 @@ class EncoderReplica:
         except (InvalidInput, TypeError) as e:
             return {"error": "invalid_input", "message": str(e)}
         self.sessions[session_id] = s
-        return SessionInfo(s.k, s.lmbda, s.config, s.max_lag)
+        return EncoderSessionInfo.of(s)
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
@@ -176,8 +167,8 @@ class RemoteModels:
 
 
 class RayEncoder:
-    """The gateway's view of the Encoder deployment: what ``Server`` asks of an encoder (``available_pairs``,
-    ``models``) plus ``model_worker``, which makes the per-session pumps that talk to the deployment."""
+    """The gateway's view of the Encoder deployment, an EncoderProvider (server/backends.py): ``available_pairs``,
+    ``models``, and ``make_backend``, the RayModelWorker whose per-session pumps talk to the deployment."""
 
     def __init__(self, handles: list, describe: dict, call_timeout_s: float = 60.0):
         self.handles = list(handles)  # one per shard
@@ -188,19 +179,19 @@ class RayEncoder:
     def available_pairs(self) -> list[tuple[int, int]]:
         return list(self._pairs)
 
-    def model_worker(self, loop, metrics=None, quantum_s: float = 0.5) -> "RayModelWorker":
+    def make_backend(self, loop, metrics=None, quantum_s: float = 0.5) -> "RayModelWorker":
         return RayModelWorker(self.handles, loop, metrics, quantum_s, self.call_timeout_s)
 
 
-class RaySlot(Slot):
-    """One session of the gateway, served remotely: server.worker.Slot's queue and flags (the Connection uses it the
-    same way), driven by a pump task on the event loop that sends the audio in order and hands the events back."""
+class RaySlot(AudioQueue):
+    """One session of the gateway, served remotely (an EncoderSlot, server/backends.py): the in-process slot's audio
+    queue, driven by a pump task on the event loop that sends the audio in order and hands the events back."""
 
-    def __init__(self, worker: "RayModelWorker", shard: int, handle, session_id: str, info: SessionInfo,
+    def __init__(self, worker: "RayModelWorker", shard: int, handle, session_id: str, info: EncoderSessionInfo,
                  sample_rate: int, sink: SlotSink):  # fmt: skip
-        self._cancelled = False
         self._wake = asyncio.Event()
-        super().__init__(session_id, info, sample_rate, sink)
+        super().__init__(session_id, sample_rate, sink)
+        self.info = info
         self.worker = worker
         self.shard, self.handle = shard, handle  # the session's shard, for its whole life
         self._task = asyncio.ensure_future(self._pump())
@@ -213,24 +204,18 @@ class RaySlot(Slot):
         super().request_end()
         self._wake.set()
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    @cancelled.setter
-    def cancelled(self, value: bool) -> None:
-        if value and not self._cancelled:
-            self._cancelled = True
-            self._wake.set()
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._wake.set()
 
     async def _pump(self) -> None:
         handle, end_sent, more = self.handle, False, False
         try:
             while not self.finished:
-                if not (more or self.queued_samples or (self.wants_end() and not end_sent) or self._cancelled):
+                if not (more or self.queued_samples or (self.wants_end() and not end_sent) or self.cancelled):
                     await self._wake.wait()
                 self._wake.clear()
-                if self._cancelled:
+                if self.cancelled:
                     await self.worker.result(handle.close.remote(self.id))
                     return
                 chunk = self.take(max(1, int(self.worker.quantum_s * self.sample_rate)))
@@ -259,7 +244,7 @@ class RaySlot(Slot):
 
 
 class RayModelWorker:
-    """The in-process ModelWorker's interface, backed by the Encoder deployment (no thread: every call is async)."""
+    """An EncoderBackend (server/backends.py) backed by the Encoder deployment (no thread: every call is async)."""
 
     def __init__(self, handles: list, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
                  call_timeout_s: float = 60.0):  # fmt: skip
@@ -378,11 +363,11 @@ class ResynthReplica:
     def describe(self) -> dict:
         return {"max_batch": self.max_batch, "sessions": len(self.sessions)}
 
-    def open(self, session_id: str, k: int, lmbda: int, options: dict) -> dict:
+    def open(self, session_id: str, k: int, lmbda: int, options: ResynthOptions) -> dict:
         """The stream's resolved settings, or {"error": kind, "message": ...}."""
         try:
             with self.lock:
-                s = self.worker.open_session(k, lmbda, **options)
+                s = self.worker.open_session(k, lmbda, **options.kwargs())
         except UnknownModel as e:
             return {"error": "unknown_model", "message": str(e)}
         except (InvalidInput, TypeError) as e:
@@ -427,10 +412,11 @@ class ResynthReplica:
 
 
 class RemoteResynthSession:
-    """What a Connection holds as its resynthesis stream when it lives on Ray: ``push_units``/``end`` queue here,
-    a pump task sends them to the session's shard in order and hands the events to the connection."""
+    """A ResynthStream (server/backends.py) that lives on Ray: ``push_units``/``end`` queue here, a pump task sends
+    them to the session's shard in order and hands the events to the connection."""
 
-    def __init__(self, thread: "RayResynthThread", shard: int, handle, session_id: str, settings: dict, sink):
+    def __init__(self, thread: "RayResynthThread", shard: int, handle, session_id: str, settings: dict,
+                 sink: ResynthSink):  # fmt: skip
         self.thread, self.shard, self.handle, self.id = thread, shard, handle, session_id
         self._settings = settings
         self.sink = sink
@@ -495,7 +481,7 @@ class RemoteResynthSession:
 
 
 class RayResynthThread:
-    """The gateway's replacement for server.resynth.ResynthThread, backed by Resynth shards."""
+    """A ResynthBackend (server/backends.py) backed by Resynth shards."""
 
     def __init__(self, handles: list, loop, metrics=None, call_timeout_s: float = 60.0):
         self.handles = list(handles)
@@ -519,7 +505,7 @@ class RayResynthThread:
     async def result(self, response):
         return await call_result(response, self.call_timeout_s)
 
-    async def open(self, k: int, lmbda: int, options: dict, sink) -> RemoteResynthSession:
+    async def open(self, k: int, lmbda: int, options: ResynthOptions, sink: ResynthSink) -> RemoteResynthSession:
         load = {h: 0 for h in range(len(self.handles))}
         for s in self._sessions:
             load[s.shard] += 1
@@ -538,12 +524,12 @@ class RayResynthThread:
 
 
 class RayResynth:
-    """The gateway's view of the Resynth shards: Server asks it for its ``resynth_thread``."""
+    """The gateway's view of the Resynth shards, a ResynthProvider (server/backends.py)."""
 
     def __init__(self, handles: list, call_timeout_s: float = 60.0):
         self.handles, self.call_timeout_s = list(handles), call_timeout_s
 
-    def resynth_thread(self, loop, metrics=None) -> RayResynthThread:
+    def make_backend(self, loop, metrics=None) -> RayResynthThread:
         return RayResynthThread(self.handles, loop, metrics, self.call_timeout_s)
 
 

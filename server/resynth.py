@@ -16,25 +16,30 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from typing import Any, Callable, Protocol
+from typing import Any
 
 from dpslm_stream.stream.resynth import ResynthEndEvent
+from dpslm_stream.stream.resynth_options import ResynthOptions
 
+from .backends import ResynthSink
 from .worker import WorkerThread
 
 log = logging.getLogger("dpslm_stream.server")
 
 
-class ResynthSink(Protocol):
-    """What a resynthesis stream reports to (always called on the event loop thread)."""
+class InProcessResynth:
+    """A ResynthWorker served by a ResynthThread in this process (a ResynthProvider, server/backends.py)."""
 
-    def on_resynth_events(self, events: list, stats: Any) -> None: ...
+    def __init__(self, resynth_worker: Any):
+        self.worker = resynth_worker
 
-    def on_resynth_failure(self, error: BaseException) -> None: ...
+    def make_backend(self, loop: asyncio.AbstractEventLoop, metrics: Any) -> "ResynthThread":
+        return ResynthThread(self.worker, loop, metrics)
 
 
 class ResynthThread(WorkerThread):
-    """Owns a ResynthWorker and the ResynthSessions of all connections; steps them in one loop."""
+    """Owns a ResynthWorker and the ResynthSessions of all connections; steps them in one loop (a ResynthBackend,
+    server/backends.py)."""
 
     name = "dpslm-resynth-worker"
 
@@ -45,12 +50,13 @@ class ResynthThread(WorkerThread):
 
     # --- called from the event loop ---------------------------------------------------------------------------------
 
-    async def open(self, k: int, lmbda: int, options: dict, sink: ResynthSink) -> Any:
-        """Open a ResynthSession (``ResynthWorker.open_session(k, lmbda, **options)``, on this thread: it may load
-        ELLA-V and WavTokenizer) and serve it; raises what ``open_session`` raises (InvalidInput, UnknownModel)."""
+    async def open(self, k: int, lmbda: int, options: ResynthOptions, sink: ResynthSink) -> Any:
+        """Open a ResynthSession (``ResynthWorker.open_session(k, lmbda, **options.kwargs())``, on this thread: it
+        may load ELLA-V and WavTokenizer) and serve it; raises what ``open_session`` raises (InvalidInput,
+        UnknownModel)."""
 
         def _open():
-            session = self.worker.open_session(k, lmbda, **options)
+            session = self.worker.open_session(k, lmbda, **options.kwargs())
             self._streams[session] = sink
             return session
 

@@ -8,7 +8,10 @@ Each round of the thread:
 1. runs queued commands (opening a session loads models the first time a pair is used: that is model code too);
 2. feeds every slot at most ``quantum_s`` seconds of its queued audio, so a client that sends a minute at once
    gets a fair share, not the whole worker (fairness between sessions, and a bound on one round's time);
-3. calls ``EncoderWorker.step`` once for all slots that got input: their windows run as one batched forward;
+3. calls ``EncoderWorker.step`` once for all slots that got input: their windows run as one batched forward; a
+   full-mode session that ended gets ``full_slice_s`` of its whole-stream computation per round (bounded slices,
+   see WavLM.forward_steps), so a client that sends a long file at once shares the worker with live sessions
+   instead of holding it for the whole computation;
 4. polls every stepped session and posts its final events to the event loop.
 A step that raises is retried one session at a time, so a session whose data breaks the model fails alone.
 """
@@ -22,50 +25,25 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.stream.events import EndEvent
 
+from .backends import EncoderSessionInfo, Progress, SlotSink
+
 log = logging.getLogger("dpslm_stream.server")
 
 
-class SlotSink(Protocol):
-    """What a slot reports to (always called on the event loop thread)."""
+class AudioQueue:
+    """One session's audio on its way from the event loop to a backend: a lock-protected queue of sample chunks and
+    the end request. The event loop calls ``add_audio``, ``request_end`` and ``cancel``; the backend ``take`` and
+    ``wants_end``."""
 
-    def on_events(self, events: list, progress: "Progress") -> None: ...
-
-    def on_consumed(self) -> None: ...  # queued audio was handed to the encoder: there is room again
-
-    def on_failure(self, error: BaseException) -> None: ...  # the session failed and was dropped
-
-
-class Progress:
-    """A snapshot of one session's counters, taken on the worker thread after a round (immutable once posted)."""
-
-    __slots__ = ("processed_samples", "compute_seconds", "encoded_seconds", "state_nbytes", "finished")
-
-    def __init__(self, processed_samples: int = 0, compute_seconds: float = 0.0, encoded_seconds: float = 0.0,
-                 state_nbytes: int = 0, finished: bool = False):  # fmt: skip
-        self.processed_samples = processed_samples  # samples handed to the encoder session
-        self.compute_seconds = compute_seconds  # the session's share of the worker's compute
-        self.encoded_seconds = encoded_seconds  # audio turned into features
-        self.state_nbytes = state_nbytes  # the encoder session's streaming state
-        self.finished = finished
-
-
-class Slot:
-    """One live session as the worker sees it: its encoder session, the audio queued for it, and its flags.
-
-    The event loop only calls ``add_audio``, ``request_end`` and ``cancel`` (thread-safe); everything else belongs to
-    the worker thread.
-    """
-
-    def __init__(self, session_id: str, encoder_session: Any, sample_rate: int, sink: SlotSink):
+    def __init__(self, session_id: str, sample_rate: int, sink: SlotSink):
         self.id = session_id
-        self.session = encoder_session
         self.sample_rate = sample_rate
         self.sink = sink
         self._lock = threading.Lock()
@@ -73,7 +51,7 @@ class Slot:
         self._queued_samples = 0
         self._end_requested = False
         self.cancelled = False
-        # Worker-thread state.
+        # Backend state.
         self.end_called = False
         self.finished = False
         self.processed_samples = 0
@@ -97,7 +75,10 @@ class Slot:
         with self._lock:
             self._end_requested = True
 
-    # --- worker side ---
+    def cancel(self) -> None:
+        self.cancelled = True  # the backend drops it at its next round
+
+    # --- backend side ---
 
     def take(self, max_samples: int) -> np.ndarray | None:
         """Up to ``max_samples`` of the queued audio (whole chunks, and at least one), or None when nothing is queued."""
@@ -115,6 +96,16 @@ class Slot:
     def wants_end(self) -> bool:
         with self._lock:
             return self._end_requested and not self._queued
+
+
+class Slot(AudioQueue):
+    """One live session as the in-process worker sees it: its encoder session and the audio queued for it (an
+    EncoderSlot, server/backends.py)."""
+
+    def __init__(self, session_id: str, encoder_session: Any, sample_rate: int, sink: SlotSink):
+        super().__init__(session_id, sample_rate, sink)
+        self.session = encoder_session
+        self.info = EncoderSessionInfo.of(encoder_session)
 
 
 class WorkerThread:
@@ -192,15 +183,32 @@ class WorkerThread:
                 fut.set_exception(e)
 
 
+class InProcessEncoder:
+    """An EncoderWorker served by a ModelWorker thread in this process (an EncoderProvider, server/backends.py)."""
+
+    def __init__(self, encoder_worker: Any):
+        self.worker = encoder_worker
+        self.models = encoder_worker.models
+
+    def available_pairs(self) -> list[tuple[int, int]]:
+        return list(self.worker.available_pairs())
+
+    def make_backend(self, loop: asyncio.AbstractEventLoop, metrics: Any, quantum_s: float) -> "ModelWorker":
+        return ModelWorker(self.worker, loop, metrics, quantum_s)
+
+
 class ModelWorker(WorkerThread):
-    """The thread that runs every encoder model call of the server (see the module docstring)."""
+    """The thread that runs every encoder model call of the server (see the module docstring); an EncoderBackend
+    (server/backends.py)."""
 
     name = "dpslm-model-worker"
 
-    def __init__(self, encoder_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5):
+    def __init__(self, encoder_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
+                 full_slice_s: float = 0.05):  # fmt: skip
         super().__init__(loop, metrics)
         self.encoder = encoder_worker
         self.quantum_s = quantum_s
+        self.full_slice_s = full_slice_s
         self._slots: list[Slot] = []  # worker thread only
 
     async def open_slot(self, session_id: str, sample_rate: int, settings: dict, sink: SlotSink) -> Slot:
@@ -257,7 +265,7 @@ class ModelWorker(WorkerThread):
     def _step(self, slots: list[Slot]) -> None:
         started = time.perf_counter()
         try:
-            self.encoder.step([s.session for s in slots])
+            self.encoder.step([s.session for s in slots], full_slice_s=self.full_slice_s)
             self._account(slots, time.perf_counter() - started)
         except Exception:
             # Some session's state made the batched step fail: find it by stepping each alone (a failed step has
@@ -266,7 +274,7 @@ class ModelWorker(WorkerThread):
             for slot in slots:
                 t0 = time.perf_counter()
                 try:
-                    self.encoder.step([slot.session])
+                    self.encoder.step([slot.session], full_slice_s=self.full_slice_s)
                     self._account([slot], time.perf_counter() - t0)
                 except Exception as e:
                     self._fail(slot, e)

@@ -216,10 +216,10 @@ class FaultyEncoder:
             self.poisoned.add(id(session))
         return session
 
-    def step(self, sessions):
+    def step(self, sessions, full_slice_s=None):
         if any(id(s) in self.poisoned and s.audio_seconds > 0.3 for s in sessions):
             raise RuntimeError("injected model failure")
-        return self.real.step(sessions)
+        return self.real.step(sessions, full_slice_s)
 
 
 def test_a_failing_session_does_not_stall_or_break_the_others():

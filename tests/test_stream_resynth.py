@@ -6,11 +6,13 @@ built here, and each session run alone against the same session run in a batch.
 """
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from dpslm_stream.audio import load_audio
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models import ellav as E
 from dpslm_stream.models import wavtokenizer as W
@@ -113,6 +115,43 @@ def test_unlimited_context_equals_offline_greedy_pipeline(tiny_models):
     assert isinstance(end, ResynthEndEvent) and end.error is None and end.units == len(units)
     assert end.codec_frames == len(offline) and end.passes == 1
     np.testing.assert_allclose(audio_of(events), wav[0].numpy(), rtol=0, atol=1e-6 * float(wav.abs().max()))
+
+
+SAMPLE = Path(__file__).parents[1] / "dpslm_stream" / "data" / "sample.wav"
+
+
+@pytest.fixture(scope="module")
+def long_speech_units(tiny_models):
+    """Units of the bundled speech sample played twice (14.6 s, > 200 deduplicated units)."""
+    wav, sr = load_audio(SAMPLE)
+    units = Pipeline(tiny_models, K, LMBDA).encode(np.concatenate([wav, wav]), sr, score=False).units
+    assert len(units) >= 200
+    return units
+
+
+def test_exact_settings_equal_offline_on_long_speech(tiny_models, long_speech_units):
+    """Acceptance at length: 14.6 s of speech (> 200 units, far more than the default max_pass_units), the exact
+    settings with every other option at its default (as the server passes them), units arriving in pushes with
+    steps in between: codec ids and audio are offline greedy resynthesis. (A pass prompt cut at max_pass_units
+    units made every token differ from the first on.)"""
+    units = long_speech_units
+    pipe = Pipeline(tiny_models, K, LMBDA)
+    (wav, offline, finished), = pipe.resynthesize(units)
+    assert finished
+    for max_batch in (1, 16):
+        worker = ResynthWorker(tiny_models, pairs=[(K, LMBDA)], max_batch=max_batch)
+        s = worker.open_session(K, LMBDA, left_context=None, holdback=None, vocoder_left_context=None,
+                                vocoder_lookahead=10**6)  # fmt: skip
+        codes = record_codes(s)
+        feed(worker, s, units, chunk=9)
+        s.end()
+        worker.run_until_idle([s])
+        events = s.poll()
+        assert codes == offline
+        assert events[-1].error is None and events[-1].codec_frames == len(offline)
+        np.testing.assert_allclose(audio_of(events), wav[0].numpy(), rtol=0, atol=1e-6 * float(wav.abs().max()))
+    stage = IncrementalELLAV(pipe.ellav, left_context=None, holdback=None)
+    assert stage.push(units[:100]) == [] and stage.push(units[100:]) + stage.flush() == offline
 
 
 def test_reprompting_with_the_whole_unit_list_continues_offline_exactly(tiny_models, ellav64, wt):

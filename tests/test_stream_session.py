@@ -113,6 +113,39 @@ def test_full_mode_gives_the_offline_units_for_any_chunking(worker, pipe, sr, se
     assert end.loglikelihood == pytest.approx(ref.loglikelihood, rel=1e-5)
 
 
+def test_full_mode_end_runs_in_slices_beside_a_live_session_and_still_gives_the_offline_units(models, pipe,
+                                                                                              monkeypatch):
+    from dpslm_stream.models import wavlm as W
+
+    # Blocks shrunk so that 8 s take the long-input path (dense only up to 150 frames), as 30 s+ do by default.
+    monkeypatch.setattr(W, "ATTENTION_ELEMENTS", 4 * 150 * 150)
+    monkeypatch.setattr(W, "ROW_BLOCK", 64)
+    worker = EncoderWorker(models, pairs=[(K, LMBDA)])
+    ref = pipe.encode(audio(8.0, 16000, 3), 16000)
+    bulk = worker.open_session(16000, K, LMBDA, mode="full")
+    bulk.push(audio(8.0, 16000, 3))
+    bulk.end()
+    live = worker.open_session(16000, K, LMBDA, mode="cached")
+    speech = audio(6.0, 16000, 4)
+    events, live_events, steps = [], [], 0
+    for i in range(0, len(speech), 3200):  # 200 ms per step, while the full-mode session finishes
+        live.push(speech[i : i + 3200])
+        worker.step([bulk, live], full_slice_s=0.0)  # one slice per step
+        events += bulk.poll()
+        live_events += live.poll()
+        steps += 1
+    assert not bulk.closed and len(live_events) > 5  # the live session got its units meanwhile
+    live.end()
+    while not (bulk.closed and live.closed) and steps < 2000:
+        worker.step([bulk, live], full_slice_s=0.0)
+        events += bulk.poll()
+        steps += 1
+    assert bulk.closed and steps > 11 * 4  # at least one step per layer and attention block
+    units, end = events[:-1], events[-1]
+    check_segmentation(units, end)
+    assert [e.unit for e in units] == ref.units and [e.duration for e in units] == ref.durations
+
+
 @pytest.mark.parametrize("sr", [16000, 22050])
 def test_sliding_and_cached_reduce_to_offline_when_the_window_covers_the_input(worker, pipe, sr):
     ref = offline(pipe, 3.0, sr, 2)

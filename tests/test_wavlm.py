@@ -121,6 +121,51 @@ def test_layer11_matches_transformers(model, hf_model, n):
     assert _rel_err(ours, out.hidden_states[10].squeeze(0)) > 1e-2
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Long-input block sizes shrunk so that a few seconds of audio take the blocked path (the same code as 30 s+)."""
+    monkeypatch.setattr(W, "ATTENTION_ELEMENTS", 4 * 150 * 150)  # dense up to 150 frames (3 s) with 4 heads
+    monkeypatch.setattr(W, "ROW_BLOCK", 64)
+
+
+def test_long_inputs_run_in_blocks_and_still_match_transformers(model, hf_model, small_blocks):
+    n = 96123  # 300 frames: blocked (dense only up to 150 here), rows per attention block 4 * 150^2 // (4 * 300) = 75
+    wav = _wav(n, seed=n)
+    blocked = W.extract_features(model, wav, 16000, layer=11)
+    with torch.no_grad():
+        out = hf_model(torch.nn.functional.pad(wav, (40, 40)), output_hidden_states=True)
+    assert _rel_err(blocked, out.hidden_states[11].squeeze(0)) <= 1e-4
+    assert _rel_err(W.extract_features(model, wav, 16000, layer=None), out.last_hidden_state.squeeze(0)) <= 1e-4
+    # The plain dense computation (one bias table for all frames) agrees to float rounding.
+    with torch.no_grad():
+        x = model.positional(model.frontend(torch.nn.functional.pad(wav, (40, 40))))
+        bias = model.relative_bias(x.shape[1], x.shape[1])
+        for i in range(11):
+            x, _ = model.layer(i, x, bias)
+    torch.testing.assert_close(blocked, x[0], rtol=1e-5, atol=1e-4)
+    # The work comes in slices: front-end, pos_conv and key/value projections per 64 rows, attention per block.
+    slices = sum(1 for _ in model.forward_steps(torch.nn.functional.pad(wav, (40, 40)), 11))
+    assert slices == 5 + 1 + 5 + 11 * (5 + 4)  # front-end 5 x 64 rows, +1, pos_conv 5, per layer 5 k/v + 4 attention
+
+
+def test_blocked_base_style_variant_matches_transformers(small_blocks):
+    torch.manual_seed(3)
+    cfg = dataclasses.replace(W.TINY, extractor_mode="default", layer_norm_first=False, encoder_layers=4)
+    m = W.WavLM(cfg).eval()
+    wav = _wav(64000, seed=12)  # 200 frames: blocked (GroupNorm front-end in one piece, post-LN blocks)
+    with torch.no_grad():
+        out = _hf_twin(m)(torch.nn.functional.pad(wav, (40, 40)), output_hidden_states=True)
+    assert _rel_err(W.extract_features(m, wav, 16000, layer=3), out.hidden_states[3].squeeze(0)) <= 1e-4
+
+
+def test_bias_rows_are_rows_of_the_square_table(model):
+    T = 900  # past the bucket saturation distance on both sides
+    table, by_distance = model.relative_bias(T, T), model.relative_bias_by_distance(T)
+    assert by_distance.shape == (model.cfg.encoder_attention_heads, 2 * T - 1)
+    for start, rows in [(0, 1), (0, 37), (400, 100), (T - 5, 5), (0, T)]:
+        assert torch.equal(W.bias_rows(by_distance, start, rows), table[:, start : start + rows])
+
+
 def test_full_depth_default_path_matches_transformers(model, hf_model):
     wav = _wav(7000, seed=1)
     ours = W.extract_features(model, wav, 16000, layer=None)  # all blocks + final LN (upstream's default)
@@ -429,7 +474,7 @@ def test_half_precision_keeps_conv_layernorm_in_fp32(model):
     half = W.load_checkpoint_dict(ckpt, dtype=torch.bfloat16)
     assert half.feature_extractor.conv_layers[0][0].weight.dtype == torch.bfloat16
     wav = _wav(8000, seed=10)
-    out = W.extract_features(half, wav, 16000)
+    out = W.extract_features(half, wav, 16000, layer=11)
     assert out.dtype == torch.bfloat16
-    ref = W.extract_features(model, wav, 16000)
+    ref = W.extract_features(model, wav, 16000, layer=11)
     assert _rel_err(out.float(), ref) < 0.1

@@ -13,7 +13,8 @@ The forward pass is split into the pieces a streaming encoder needs (facts: /wor
                          layer from its own input; `layer(x, bias, past_kv)` lets queries attend to cached keys
       -> (final encoder LN only for the full-depth default path)
 
-`extract_features(model, wav, sr, layer=11)` reproduces upstream `hubconf.wavlm_for_dpslm`'s feature function.
+`extract_features(model, wav, sr, layer=None)` reproduces upstream hubconf `wavlm_large`'s feature function (default:
+the full depth with the final LN, as upstream; DP-SLM passes layer=11).
 """
 
 from __future__ import annotations
@@ -346,7 +347,11 @@ class WavLMSelfAttention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
+        return self.attend(x, q, k, v, bias), new_kv
 
+    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        """The attention output [B, Tq, D] of queries q [B, H, Tq, hd] (projected from the input rows x [B, Tq, D],
+        which also drive the bias gate) over keys/values k, v [B, H, Tk, hd]; bias: ungated [H, Tq, Tk] or None."""
         mask = None
         if bias is not None:
             if bias.shape[-2:] != (q.shape[2], k.shape[2]):
@@ -365,7 +370,7 @@ class WavLMSelfAttention(nn.Module):
 
         # softmax(q k^T / sqrt(hd) + mask) v: the bias is added after the scaling, as upstream.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).flatten(2)), new_kv
+        return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class WavLMLayer(nn.Module):
@@ -389,15 +394,20 @@ class WavLMLayer(nn.Module):
         self, x: Tensor, bias: Tensor | None, past_kv: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x [B, Tq, D] -> (output [B, Tq, D], this layer's (k, v) of x). See WavLMSelfAttention.forward."""
+        h, kv = self.self_attn(self.attention_input(x), bias, past_kv)
+        return self.after_attention(x, h), kv
+
+    def attention_input(self, x: Tensor) -> Tensor:
+        """What the attention reads (and its gate is computed from): LN(x) in pre-LN blocks, x itself in post-LN."""
+        return self.self_attn_layer_norm(x) if self.layer_norm_first else x
+
+    def after_attention(self, x: Tensor, h: Tensor) -> Tensor:
+        """The block's output from its input rows x and their attention output h: residual, FFN (row-wise)."""
         if self.layer_norm_first:
-            h, kv = self.self_attn(self.self_attn_layer_norm(x), bias, past_kv)
             x = x + h
-            x = x + self._ffn(self.final_layer_norm(x))
-        else:  # post-LN (WavLM-Base)
-            h, kv = self.self_attn(x, bias, past_kv)
-            x = self.self_attn_layer_norm(x + h)
-            x = self.final_layer_norm(x + self._ffn(x))
-        return x, kv
+            return x + self._ffn(self.final_layer_norm(x))
+        x = self.self_attn_layer_norm(x + h)  # post-LN (WavLM-Base)
+        return self.final_layer_norm(x + self._ffn(x))
 
 
 class WavLMEncoder(nn.Module):
@@ -518,22 +528,124 @@ class WavLM(nn.Module):
 
     def encode(self, x: Tensor, num_layers: int = 11) -> Tensor:
         """Projected frames [B, T, D] -> output of block `num_layers` (1-indexed), without the final encoder LN.
-        Only the first num_layers blocks run."""
-        if not 0 <= num_layers <= self.cfg.encoder_layers:
-            raise InvalidInput(f"num_layers must be in 0..{self.cfg.encoder_layers}, got {num_layers}")
-        x = self.positional(x)
-        bias = self.relative_bias(x.shape[1], x.shape[1])  # computed once per call, shared by all layers
-        for block in self.encoder.layers[:num_layers]:
-            x, _ = block(x, bias)
-        return x
+        Only the first num_layers blocks run. Long inputs run in blocks (see `encode_steps`)."""
+        return run_steps(self.encode_steps(x, num_layers))
 
     def forward(self, wav_padded: Tensor, layer: int | None = 11) -> Tensor:
         """Upstream `extract_features(wav_padded, output_layer=layer)[0]`: [B, S] -> [B, T, D].
         layer=n: output of block n without the final LN; layer=None: all blocks, then the final LN (pre-LN models)."""
-        x = self.encode(self.frontend(wav_padded), self.cfg.encoder_layers if layer is None else layer)
+        return run_steps(self.forward_steps(wav_padded, layer))
+
+    # -- the same computation in bounded slices ---------------------------------------------------------------------
+    # A generator per computation: it yields after each slice of bounded work and returns the result, so that a
+    # scheduler (the server's model worker) can interleave a long input with other work; `run_steps` runs one to the
+    # end. The slicing depends only on the input's length, so every caller gets the same bits for the same input.
+    # Inputs whose whole attention bias fits ATTENTION_ELEMENTS run dense (bit for bit the plain layer-by-layer
+    # computation); longer ones run in blocks of query rows whose bias is cut from a per-distance table, so memory
+    # is O(T * rows), not O(T^2). Generators never hold a context manager across a yield (no leaked inference mode).
+
+    def forward_steps(self, wav_padded: Tensor, layer: int | None = 11):
+        """`forward` as a generator of slices (see above); its return value is forward's result."""
+        hop, rf = self.samples_per_frame, self.receptive_field
+        frames = (wav_padded.shape[-1] - rf) // hop + 1 if wav_padded.ndim == 2 else 0
+        if frames <= ROW_BLOCK or self.cfg.extractor_mode != "layer_norm":
+            x = self.frontend(wav_padded)  # validates; GroupNorm (default mode) normalises over all frames at once
+        else:  # LayerNorm per frame: frames [s, e) read samples [hop s, hop (e - 1) + rf) only
+            parts = []
+            for s in range(0, frames, ROW_BLOCK):
+                e = min(frames, s + ROW_BLOCK)
+                parts.append(self.frontend(wav_padded[:, hop * s : hop * (e - 1) + rf]))
+                yield
+            x = torch.cat(parts, dim=1)
+        yield
+        x = yield from self.encode_steps(x, self.cfg.encoder_layers if layer is None else layer)
         if layer is None and self.cfg.layer_norm_first:
             x = self.encoder.layer_norm(x)
         return x
+
+    def encode_steps(self, x: Tensor, num_layers: int = 11):
+        """`encode` as a generator of slices (see above); its return value is encode's result."""
+        if not 0 <= num_layers <= self.cfg.encoder_layers:
+            raise InvalidInput(f"num_layers must be in 0..{self.cfg.encoder_layers}, got {num_layers}")
+        T, heads = x.shape[1], self.cfg.encoder_attention_heads
+        blocks = self.encoder.layers[:num_layers]
+        if heads * T * T <= ATTENTION_ELEMENTS:  # dense
+            x = self.positional(x)
+            yield
+            bias = self.relative_bias(T, T)  # computed once per call, shared by all layers
+            for block in blocks:
+                x, _ = block(x, bias)
+                yield
+            return x
+        x = yield from self._positional_steps(x)
+        by_distance = self.relative_bias_by_distance(T)
+        rows = max(1, ATTENTION_ELEMENTS // (heads * T))
+        for block in blocks:
+            attn = block.self_attn
+            h = block.attention_input(x)
+            keys, values = [], []
+            for s in range(0, T, ROW_BLOCK):
+                hs = h[:, s : s + ROW_BLOCK]
+                keys.append(attn._heads(attn.k_proj(hs)))
+                values.append(attn._heads(attn.v_proj(hs)))
+                yield
+            k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+            out = []
+            for s in range(0, T, rows):
+                hs = h[:, s : s + rows]
+                bias = None if by_distance is None else bias_rows(by_distance, s, hs.shape[1])
+                out.append(block.after_attention(x[:, s : s + rows], attn.attend(hs, attn._heads(attn.q_proj(hs)), k,
+                                                                                  v, bias)))  # fmt: skip
+                yield
+            x = torch.cat(out, dim=1)
+        return x
+
+    def _positional_steps(self, x: Tensor):
+        """`positional(x)` in blocks of ROW_BLOCK output frames (each reads its 64 / 63 neighbours)."""
+        conv = self.encoder.pos_conv[0]
+        weight = conv.weight  # the weight-normalised g * v / ||v||, evaluated once
+        pad = self.cfg.conv_pos // 2
+        padded = F.pad(x.transpose(1, 2), (pad, pad))  # the module's own zero padding; SamePad drops its extra frame
+        out = []
+        for s in range(0, x.shape[1], ROW_BLOCK):
+            e = min(x.shape[1], s + ROW_BLOCK)
+            c = F.conv1d(padded[:, :, s : e + self.cfg.conv_pos - 1], weight, conv.bias, groups=conv.groups)
+            out.append(x[:, s:e] + F.gelu(c).transpose(1, 2))
+            yield
+        x = torch.cat(out, dim=1)
+        if not self.cfg.layer_norm_first:
+            x = self.encoder.layer_norm(x)
+        return x
+
+    def relative_bias_by_distance(self, k_len: int) -> Tensor | None:
+        """The ungated bias [H, 2 k_len - 1] of each key-minus-query distance -(k_len - 1) .. k_len - 1 (the same
+        values `relative_bias` puts in its table, from the same bucket arithmetic); None without the embedding."""
+        return self.relative_bias(1, 2 * k_len - 1, q_offset=k_len - 1)[:, 0] if self.cfg.relative_position_embedding \
+            else None
+
+
+# Bias elements (heads x query rows x keys) of one attention block; a whole input up to this runs dense. 2^23 floats
+# are 32 MB: 1448 frames (29 s) dense for 4 heads (tiny), 724 frames (14 s) for 16 (Large).
+ATTENTION_ELEMENTS = 1 << 23
+ROW_BLOCK = 512  # frames per slice of the row-wise pieces (front-end, pos_conv, key/value projections) of long inputs
+
+
+def bias_rows(by_distance: Tensor, start: int, rows: int) -> Tensor:
+    """Rows [start, start + rows) of the square bias table [H, T, T] from its per-distance form [H, 2T - 1]:
+    entry (i, j) is by_distance[:, j - i + T - 1]."""
+    T = (by_distance.shape[1] + 1) // 2
+    windows = by_distance.unfold(1, T, 1)  # [H, T, T]: windows[:, a, j] = by_distance[:, a + j], a view
+    first = T - start - rows  # row i uses a = T - 1 - i
+    return windows[:, first : first + rows].flip(1)
+
+
+def run_steps(steps):
+    """Run a generator of slices (`WavLM.forward_steps`, `encode_steps`) to its end; return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -541,9 +653,19 @@ class WavLM(nn.Module):
 
 
 def extract_features(
-    model: WavLM, wav: Tensor, sr: int, layer: int | None = 11
+    model: WavLM, wav: Tensor, sr: int, layer: int | None = None
 ) -> Tensor:
-    """Features [N, D] of mono audio `wav` [1, T] at sample rate `sr`, as upstream's `wavlm_for_dpslm` function:
+    """Features [N, D] of mono audio; see `extract_features_steps`, which this runs to the end."""
+    steps = extract_features_steps(model, wav, sr, layer)
+    with torch.inference_mode():
+        return run_steps(steps)
+
+
+def extract_features_steps(model: WavLM, wav: Tensor, sr: int, layer: int | None = 11):
+    """A generator of bounded slices (see `WavLM.forward_steps`) whose return value is `extract_features`'s result;
+    validation and resampling happen in this call. Run its slices under torch.inference_mode().
+
+    Features [N, D] of mono audio `wav` [1, T] at sample rate `sr`, as upstream's `wavlm_for_dpslm` function:
     resample to 16 kHz (torchaudio's defaults), pad 40 zeros each side, no waveform normalisation, N = floor(T16/320)
     frames; layer=11 is the output of the 11th block without the final LN (only 11 blocks run); layer=None is the
     full-depth output with the final LN. The result has the model's dtype and device."""
@@ -577,8 +699,11 @@ def extract_features(
     param = next(model.parameters())
     pad = (model.receptive_field - hop) // 2  # 40: centres each 400-sample window on its 320-sample hop
     wav = F.pad(wav.to(device=param.device, dtype=param.dtype), (pad, pad))
-    with torch.inference_mode():
-        return model(wav, layer).squeeze(0)
+    return _first_item(model.forward_steps(wav, layer))
+
+
+def _first_item(steps):
+    return (yield from steps).squeeze(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

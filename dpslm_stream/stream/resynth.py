@@ -11,13 +11,14 @@ tokens *before* every cached key and a running cache cannot be extended. Each *p
     [u_s .. u_{e-1}]  BOS  (u_i run_i EOP) for s <= i < c  u_c
 
 where units < c are committed (their generated tokens `run_i` are teacher-forced), s = c - C is the left edge of the
-window (C units of left context: they carry the voice), and e is the number of known units (at most P after c). The
+window (C units of left context: they carry the voice), and e is the number of known units (with a finite C at most
+P after c; with C = None every known unit, as offline's prompt holds the whole unit list). The
 pass decodes with upstream's control loop until the EOP of unit e-1-L (hold-back L: the last committed unit still
 sees L units of the future) and commits those tokens; codec tokens are final the moment they are generated. Every
 pass starts at position 0, so memory is flat however long the stream; each codec token is decoded exactly once,
 only prefill is repeated.
 
-Reductions (tests/test_stream_resynth.py): with C = L = P = None a stream commits everything at end() in one pass
+Reductions (tests/test_stream_resynth.py): with C = L = None a stream commits everything at end() in one pass
 whose prompt is offline `ELLAV.generate`'s, so the codec ids equal offline greedy generation; whenever a pass sees
 the whole unit list (C = None), re-prompting from the exact generated tokens (`token_prefix`) continues it exactly.
 
@@ -108,8 +109,10 @@ class IncrementalELLAV:
 
     left_context C: committed units kept in the prompt (None: all, exact but memory grows with the stream).
     holdback L: a pass commits up to the unit L places before the newest known one (None: nothing before end()).
-    max_pass_units P: at most P units after the committed ones enter a prompt (None: all known); it only binds when
-    units pile up faster than they are resynthesized.
+    max_pass_units P: with a finite left_context, at most P units after the committed ones enter a prompt (None: all
+    known); it only binds when units pile up faster than they are resynthesized. With left_context=None it does not
+    apply: the prompt then holds the whole unit list as offline's does (P there would cut the global section, and
+    every token would differ from offline generation from the first on), and memory grows with the stream anyway.
     trigger_units / trigger_s: a pass starts once it can commit at least `trigger_units` units, or, when
     `trigger_s` is given, units covering at least `trigger_s` seconds of input (needs the units' end times).
     Sampling: greedy (argmax, DP-SLM's top_p = 0) or nucleus sampling with `temperature`/`top_p` drawn from this
@@ -257,7 +260,10 @@ class IncrementalELLAV:
         n, c = self.received, self.committed
         if c >= n:
             return None
-        e = n if self.max_pass_units is None else min(n, c + self.max_pass_units)
+        # P bounds the prompt of a bounded window only: with C = None the global section must be every known unit,
+        # or the pass's prompt is not offline's and the exact setting (C = L = None) is not exact.
+        bounded = self.max_pass_units is not None and self.left_context is not None
+        e = min(n, c + self.max_pass_units) if bounded else n
         if self.ended and (e == n or self.holdback is None):
             stop = e - 1  # end of stream: nothing more will come, commit everything the prompt holds
         elif self.holdback is None:

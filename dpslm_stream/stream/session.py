@@ -142,6 +142,9 @@ class EncoderSession(EventQueue):
         if self._scorer is not None:
             self._scorer.reset()
         self._raw: list[np.ndarray] = []  # full mode: the whole input, kept for the offline computation at the end
+        self._offline = None  # full mode after the end: the offline computation, a generator of bounded slices
+        self._offline_result: Tensor | None = None
+        self._offline_done = False
         self._ended = False  # end() called: no more audio
         self._input_done = False  # every pushed sample has gone through the resampler and front-end
         self.closed = False  # the EndEvent has been produced
@@ -269,29 +272,49 @@ class EncoderSession(EventQueue):
     def _complete(self, plan: HopPlan) -> None:
         self._take_features(self._encoder.complete(plan), plan.compute_s)
 
+    def _encode_rest(self, budget_s: float) -> bool:
+        """After the end of the input: True once every feature is computed. Full mode runs the offline computation
+        here in slices (`extract_features_steps`), at least one and then more while less than `budget_s` has passed,
+        so that one long stream does not hold the worker; the windowed modes have nothing left (`_plan` did it)."""
+        if self._encoder is not None or self._offline_done:
+            return True
+        started = time.perf_counter()
+        if self._offline is None:
+            self._offline = self._offline_steps(np.concatenate(self._raw) if self._raw else None)
+            self._raw = []  # the computation holds its own copy
+        try:
+            while True:
+                next(self._offline)
+                if time.perf_counter() - started >= budget_s:
+                    break
+        except StopIteration as done:
+            self._offline_result, self._offline, self._offline_done = done.value, None, True
+        self._compute_s += time.perf_counter() - started
+        return self._offline_done
+
     def _finish(self) -> int:
-        """After the last window: full mode runs the offline computation; then DPDP commits the rest. Returns the
-        number of encoder passes run here (1 for full mode with audio, else 0)."""
+        """After the last window (and, in full mode, the offline computation): DPDP commits the rest. Returns the
+        number of encoder passes run for it (1 for full mode with audio, else 0)."""
         passes = 0
-        if self._encoder is None and self._samples_ingested:
-            started = time.perf_counter()
-            features = self._offline_features()
-            self._compute_s += time.perf_counter() - started
-            if features is not None:
-                self._take_features(features)
-                passes = 1
-            self._raw = []
+        if self._offline_result is not None:
+            self._take_features(self._offline_result)
+            self._offline_result = None
+            passes = 1
         self._new_segments.extend(self._dpdp.flush())
         return passes
 
-    def _offline_features(self) -> Tensor | None:
-        """Full mode: exactly `Pipeline.features` on the whole input (None for less than one 20 ms frame)."""
-        wav = torch.from_numpy(np.concatenate(self._raw))
+    def _offline_steps(self, raw: np.ndarray | None):
+        """Full mode: exactly `Pipeline.features` on the whole input `raw`, as a generator of slices whose value is
+        the features (None for no input or less than one 20 ms frame)."""
+        if raw is None:
+            return None
+        wav = torch.from_numpy(raw)
         n16 = -(-wav.numel() * SAMPLE_RATE // self.sample_rate)  # resampled length, ceil(T * 16000 / sr)
         if n16 < self.worker.wavlm.samples_per_frame:
             return None  # upstream raises here; a stream this short simply has no units
         model = self.worker.wavlm
-        return self.worker.extract_features(model, wav[None].to(self.worker.device), self.sample_rate, layer=11)
+        return (yield from self.worker.extract_features_steps(model, wav[None].to(self.worker.device),
+                                                              self.sample_rate, layer=11))  # fmt: skip
 
     def _score_block(self) -> tuple[object, list[int]] | None:
         """(scorer, units) for the worker's batched scoring, or None."""

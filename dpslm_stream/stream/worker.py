@@ -11,6 +11,7 @@ batched ULM forward, and queues the events. The server calls it from one worker 
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 import time
 from collections import defaultdict
@@ -56,7 +57,8 @@ class EncoderWorker:
         if wavlm is None:
             wavlm, _ = self.models.wavlm(self.device)
         self.wavlm: WavLM = wavlm.to(device=self.device, dtype=dtype).eval()
-        self.extract_features = wavlm_module.extract_features  # the offline feature function (full mode)
+        self.extract_features = wavlm_module.extract_features  # the offline feature function
+        self.extract_features_steps = wavlm_module.extract_features_steps  # the same in slices (full mode)
         self.runner = WindowRunner(self.wavlm)
         self._codebooks: dict[int, torch.Tensor] = dict(codebooks or {})
         self._ulms: dict[tuple[int, int], object] = dict(ulms or {})
@@ -136,11 +138,14 @@ class EncoderWorker:
     # -- compute ---------------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, sessions: Iterable[EncoderSession]) -> int:
+    def step(self, sessions: Iterable[EncoderSession], full_slice_s: float | None = None) -> int:
         """Run all compute that is ready for these sessions, batched; return the number of hops (windows) done.
 
-        A session that has ended is encoded to the end and closed (its EndEvent queued) within this call; any
-        other session gets at most `max_hops_per_step` hops, the rest in later steps.
+        A session that has ended is encoded to the end and closed (its EndEvent queued) within this call, except
+        that with `full_slice_s` (seconds) a full-mode session's offline computation runs for about that long per
+        call (at least one bounded slice; see WavLM.forward_steps) and the session closes in the call that completes
+        it: a scheduler's bound on one step's time. Any other session gets at most `max_hops_per_step` hops, the rest
+        in later steps. Results never depend on either bound.
         """
         started = time.perf_counter()
         sessions = [s for s in dict.fromkeys(sessions) if not s.closed]
@@ -167,7 +172,11 @@ class EncoderWorker:
                 budget[s.id] -= p.hops
             active = [s for s, _ in plans if s._input_done or budget[s.id] > 0]
 
-        finishing = [s for s in sessions if s._input_done]
+        # Ended sessions finish once all their features exist; full mode computes them here, a slice per step.
+        if full_slice_s is not None and not full_slice_s >= 0:
+            raise InvalidInput(f"full_slice_s must be None or a number of seconds >= 0, got {full_slice_s!r}")
+        budget_s = math.inf if full_slice_s is None else full_slice_s
+        finishing = [s for s in sessions if s._input_done and s._encode_rest(budget_s)]
         for s in finishing:
             hops += s._finish()
         scores = self._score(sessions)
