@@ -133,7 +133,8 @@ class UnitsClient:
         return self._messages()
 
     async def _messages(self) -> AsyncIterator[P.ServerMessage]:
-        """Server messages up to and including the end message; SessionError if the connection ends without one."""
+        """Server messages up to and including the end message; SessionError if the connection ends without one, or
+        after the end message of a session that failed (internal_error: its units so far were yielded first)."""
         fatal: P.Error | None = None
         while self.end_message is None:
             try:
@@ -159,6 +160,8 @@ class UnitsClient:
             elif isinstance(msg, P.EndMessage):
                 self.end_message = msg
             yield msg
+        if fatal is not None and fatal.code == P.ErrorCode.INTERNAL_ERROR.value:
+            raise SessionError(fatal.code, fatal.message)
 
     async def stream(self, chunks: Iterable[np.ndarray] | AsyncIterable[np.ndarray],
                      realtime: bool = False) -> AsyncIterator[P.ServerMessage]:  # fmt: skip

@@ -16,23 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-from dpslm_stream import hub
+from dpslm_stream import SAMPLE_WAV, hub
 from dpslm_stream import protocol as P
 
 from .api import SessionError, UnitsClient, chunked
 from .mic import LiveLine
 
-def _sample_path() -> Path:
-    import dpslm_stream
-
-    return Path(dpslm_stream.__file__).resolve().parent / "data" / "sample.wav"
-
-
 def default_models() -> str:
     """release when the encoder-side checkpoints of the default pair are cached, else tiny."""
-    k, lmbda = hub.DEFAULT_K, hub.DEFAULT_LMBDA
-    needed = (hub.WAVLM_LARGE, hub.CODEBOOKS[k], hub.ULM_1K[(k, lmbda)])
-    return "release" if all((hub.checkpoint_dir() / r.filename).is_file() for r in needed) else "tiny"
+    return "release" if hub.release_cached(encoder_only=True) else "tiny"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -56,7 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 async def _stream_file(url: str, path: Path, args: argparse.Namespace) -> P.EndMessage:
     from dpslm_stream.audio import load_audio
 
-    wav, sr = load_audio(path)
+    from dpslm_stream.cli import note
+
+    wav, sr = load_audio(path, notify=note)
     line = LiveLine()
     audio = []
     resynth = {} if args.resynth else None
@@ -76,7 +70,6 @@ async def _stream_file(url: str, path: Path, args: argparse.Namespace) -> P.EndM
         import numpy as np
 
         samples = np.concatenate(audio) if audio else np.zeros(0, np.float32)
-        args.resynth.parent.mkdir(parents=True, exist_ok=True)
         save_wav(args.resynth, samples, P.RESYNTH_SAMPLE_RATE)
         r = client.end_message.resynth or {}
         first = r.get("first_audio_latency_s")
@@ -89,10 +82,26 @@ async def _stream_file(url: str, path: Path, args: argparse.Namespace) -> P.EndM
 def run(args: argparse.Namespace) -> int:
     from dpslm_stream.server.app import ServerConfig, ServerThread
 
+    from dpslm_stream.server.cli import check_port_free
+
+    from dpslm_stream.cli import output_folder
+
+    # Everything that can fail fast is checked before the server loads its models.
+    check_port_free("127.0.0.1", args.port)
+    output_folder(args.resynth)
+    if args.mic:
+        from .mic import import_sounddevice, input_device
+
+        input_device(import_sounddevice(), None)  # MicUnavailable: says how to install PortAudio / sounddevice
+    elif args.input is not None:
+        from dpslm_stream.audio import load_audio
+
+        load_audio(args.input)  # a missing or unreadable file fails now, not after the server started
     models = args.models or default_models()
-    path = args.input or _sample_path()
+    path = args.input or SAMPLE_WAV
     print(f"== dpslm-stream live: models {models}"
-          + (" (RANDOM weights: the units check the plumbing, they are not speech)" if models == "tiny" else ""))  # fmt: skip
+          + (" (RANDOM weights: the units check the plumbing, they are not speech)"
+             if hub.ModelSet(models).is_random else ""))  # fmt: skip
     started = time.perf_counter()
     with ServerThread(ServerConfig(port=args.port, models=models)) as srv:
         print(f"server up in {time.perf_counter() - started:.1f} s: {srv.url}  (browser page: {srv.http_url}/)")

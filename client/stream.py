@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dpslm_stream import protocol as P
+from dpslm_stream.errors import DPSLMError
 
 from .api import SessionError, UnitsClient, chunked
 
@@ -40,6 +41,11 @@ class StreamResult:
     seconds: float = 0.0  # duration of the input audio
     wall_s: float = 0.0  # connect to end message
 
+    @property
+    def processed_seconds(self) -> float:
+        """Audio the server took: its end message's count (less than `seconds` when it ended the session early)."""
+        return self.end.audio_s if self.end is not None else 0.0
+
     def lag_quantiles(self) -> dict:
         lags = np.array([u.lag_s for u in self.units]) if self.units else np.zeros(0)
         if lags.size == 0:
@@ -56,7 +62,7 @@ class StreamResult:
             units=[u.unit for u in self.units],
             durations=[u.end_frame - u.start_frame for u in self.units],
             num_frames=self.end.num_frames if self.end else (self.units[-1].end_frame if self.units else 0),
-            seconds=self.seconds,
+            seconds=self.seconds if self.end is None or self.end.reason == "end" else self.processed_seconds,
             unit_logprobs=[u.logprob for u in self.units] if score else None,
         )  # fmt: skip
         return res.to_json(session=self.ready.session, end_reason=self.end.reason if self.end else None,
@@ -121,8 +127,13 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
 
 
 def client_kwargs(args: argparse.Namespace) -> dict:
-    """UnitsClient keyword arguments from add_connection_args' options."""
+    """UnitsClient keyword arguments from add_connection_args' options (the URL checked first)."""
     import os
+
+    if not isinstance(args.url, str) or not args.url.startswith(("ws://", "wss://")):
+        from dpslm_stream.errors import InvalidInput
+
+        raise InvalidInput(f"--url must be a WebSocket URL such as {DEFAULT_URL}, got {args.url!r}")
 
     return {"k": args.k, "lmbda": args.lmbda, "preset": args.preset, "score": args.score, "format": args.format,
             "options": {"mode": args.mode} if args.mode else {},
@@ -135,35 +146,64 @@ def run(args: argparse.Namespace) -> int:
 
     from dpslm_stream.audio import save_wav
 
+    from dpslm_stream.cli import output_folder
+
     kwargs = client_kwargs(args)
+    output_folder(args.json)
+    output_folder(getattr(args, "audio_out", None))
     options = getattr(args, "resynth_options", None)
     if getattr(args, "resynth", False) or getattr(args, "audio_out", None) or options is not None:
         kwargs["resynth"] = dict(options or {})
     results: dict[str, StreamResult] = {}
+    failed: dict[str, str] = {}
+    told_random = False
+    line = {"open": False}  # whether a line of units is being printed
 
-    def printer(msg) -> None:
+    def end_line() -> None:
+        if line["open"]:
+            print(flush=True)
+            line["open"] = False
+
+    def printer(msg, path) -> None:
+        nonlocal told_random
+        if isinstance(msg, P.Ready) and msg.random_weights and not told_random:
+            told_random = True
+            print(f"note: the server's models ({msg.models}) have RANDOM weights: its units are plumbing checks, "
+                  f"not speech", file=sys.stderr, flush=True)  # fmt: skip
         if args.quiet:
             return
         if isinstance(msg, P.Unit):
+            if not line["open"]:
+                print(f"{path}: units ", end="", flush=True)
+                line["open"] = True
             print(msg.unit, end=" ", flush=True)
         elif isinstance(msg, P.Error):
-            print(f"\n[server error {msg.code}] {msg.message}", file=sys.stderr, flush=True)
+            end_line()
+            print(f"[server error {msg.code}] {msg.message}", file=sys.stderr, flush=True)
 
     for path in args.files:
-        wav, sr = load_audio(path)
-        if not args.quiet:
-            print(f"{path}: ", end="", flush=True)
-        try:
+        try:  # a bad file or a refused session is reported and skipped; the other files are still streamed
+            wav, sr = load_audio(path, notify=lambda m: print(f"note: {m}", file=sys.stderr))
             res = asyncio.run(stream_audio(args.url, wav, sr, realtime=args.pace == "realtime",
-                                           chunk_ms=args.chunk_ms, on_message=printer, **kwargs))  # fmt: skip
-        except SessionError as e:
-            print(f"\n{path}: {e}", file=sys.stderr)
-            return 1
+                                           chunk_ms=args.chunk_ms, on_message=lambda m: printer(m, path),
+                                           **kwargs))  # fmt: skip
+        except (SessionError, DPSLMError) as e:
+            end_line()
+            failed[str(path)] = str(e)
+            print(f"{path}: error: {e}", file=sys.stderr)
+            continue
+        end_line()
         results[str(path)] = res
         q = res.lag_quantiles()
         lag = "n/a" if q["lag_p50_s"] is None else f"p50 {q['lag_p50_s']:.2f} s, p95 {q['lag_p95_s']:.2f} s"
-        print(f"\n{path}: {len(res.units)} units in {res.seconds:.2f} s of audio, streamed in {res.wall_s:.2f} s; "
-              f"commit lag {lag}; session {res.ready.session}", file=sys.stderr if args.quiet else sys.stdout)  # fmt: skip
+        out = sys.stderr if args.quiet else sys.stdout
+        if res.end is not None and res.end.reason != "end":  # the server ended it early (drain, limit, error)
+            print(f"{path}: the server ended the session early ({res.end.reason}) after {res.end.audio_s:.2f} of "
+                  f"{res.seconds:.2f} s of audio", file=sys.stderr)  # fmt: skip
+        elif res.end is None:
+            print(f"{path}: the connection closed before the session's end message", file=sys.stderr)
+        print(f"{path}: {len(res.units)} units in {res.processed_seconds:.2f} s of audio, streamed in "
+              f"{res.wall_s:.2f} s; commit lag {lag}; session {res.ready.session}", file=out)  # fmt: skip
         if "resynth" in kwargs and res.end is not None and res.end.resynth is not None:
             r = res.end.resynth
             audio = np.concatenate([c.samples for c in res.audio]) if res.audio else np.zeros(0, np.float32)
@@ -177,13 +217,12 @@ def run(args: argparse.Namespace) -> int:
                 i = len(results) - 1
                 out = args.audio_out if i == 0 else args.audio_out.with_name(
                     f"{args.audio_out.stem}_{i}{args.audio_out.suffix}")  # fmt: skip
-                out.parent.mkdir(parents=True, exist_ok=True)
                 save_wav(out, audio, P.RESYNTH_SAMPLE_RATE)
                 print(f"wrote {out}", file=sys.stderr if args.quiet else sys.stdout)
-    if args.json:
+    if args.json and results:
         first = next(iter(results.values())).ready
         k, lmbda = first.settings["k"], first.settings["lmbda"]
-        total_s = sum(r.seconds for r in results.values())
+        total_s = sum(r.to_encode_json()["seconds"] for r in results.values())
         doc = {
             "k": k, "lmbda": lmbda, "num_neighbors": first.settings.get("num_neighbors", default_num_neighbors(k)),
             "models": first.models, "random_weights": first.random_weights, "frame_rate": P.FRAME_RATE,
@@ -191,8 +230,12 @@ def run(args: argparse.Namespace) -> int:
             "files": {p: r.to_encode_json() for p, r in results.items()},
             "stream": {"url": args.url, "settings": first.settings, "pace": args.pace},
         }  # fmt: skip
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+        if failed:
+            doc["errors"] = failed
         args.json.write_text(json.dumps(doc, indent=1))
+    if failed:
+        print(f"{len(failed)} of {len(args.files)} file(s) failed (see above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -301,12 +301,13 @@ def float32le_to_float(b: bytes) -> np.ndarray:
 # Files
 
 
-def load_audio(path: str | os.PathLike, mono: str = "mean") -> tuple[np.ndarray, int]:
+def load_audio(path: str | os.PathLike, mono: str = "mean", notify=None) -> tuple[np.ndarray, int]:
     """Read an audio file with soundfile; return ``(float32 samples [T], sample_rate)``.
 
     Integer formats are scaled to [-1, 1) (PCM16 divided by 32768, as torchaudio.load did upstream). Multi-channel
     audio is made mono: ``mono="mean"`` averages the channels (keeps both sides of a stereo recording; upstream
     accepted only 1-channel input), ``mono="first"`` takes channel 0. The rate is returned as-is, not validated.
+    ``notify(message)``, if given, is told when channels were mixed down (the commands print it: never silently).
     """
     if mono not in ("mean", "first"):
         raise InvalidInput(f"mono must be 'mean' or 'first', got {mono!r}")
@@ -320,6 +321,9 @@ def load_audio(path: str | os.PathLike, mono: str = "mean") -> tuple[np.ndarray,
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise InvalidInput(f"audio file {os.fspath(path)!r} contains no samples")
     wav = data.mean(axis=1, dtype=np.float32) if mono == "mean" else data[:, 0]
+    if notify is not None and data.shape[1] > 1:
+        how = "averaged to mono" if mono == "mean" else "channel 0 kept"
+        notify(f"{os.fspath(path)} has {data.shape[1]} channels: {how}")
     return np.ascontiguousarray(wav, dtype=np.float32), int(sr)
 
 

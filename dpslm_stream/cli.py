@@ -15,19 +15,44 @@ import time
 from pathlib import Path
 
 from dpslm_stream import __version__, hub
-from dpslm_stream.errors import DPSLMError
+from dpslm_stream.errors import DPSLMError, InvalidInput
+from dpslm_stream.tiny import TINY_PAIRS
 
 
 def _add_model_args(p: argparse.ArgumentParser, pair: bool = True) -> None:
     p.add_argument("--models", default="release", metavar="release|tiny|DIR",
                    help="where checkpoints come from: 'release' (torch.hub cache, downloaded on first use), 'tiny' "
-                        "(small RANDOM-weight set built locally, for tests and demos), or a folder of upstream-named "
-                        "files (default: release)")  # fmt: skip
+                        "(small RANDOM-weight set built locally, works offline; it holds k:lambda "
+                        + ", ".join(f"{k}:{lm}" for k, lm in TINY_PAIRS) + "), or a folder of upstream-named files "
+                        "(default: release)")  # fmt: skip
     if pair:
         p.add_argument("--k", type=int, default=hub.DEFAULT_K, help="codebook size (default 500)")
         p.add_argument("--lmbda", "--lambda", dest="lmbda", type=int, default=hub.DEFAULT_LMBDA,
                        help="DPDP duration penalty (default 4500)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--precision", choices=("exact", "fast"), default="exact",
+                   help="unit LM, ELLA-V and WavTokenizer: exact (float32, upstream's numbers; default) or fast "
+                        "(int8/bf16 kernels picked for this machine, printed; the WavLM encoder stays float32)")
+
+
+def note(message: str) -> None:
+    """A one-line remark on stderr (random weights, channels mixed down, a folder created)."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def output_folder(path: Path | None, is_dir: bool = False) -> None:
+    """Make sure an output can be written, before any work: its folder is created (and that is said) or the error
+    says why it cannot be."""
+    if path is None:
+        return
+    folder = path if is_dir else path.parent
+    if folder.is_dir():
+        return
+    try:
+        folder.mkdir(parents=True)
+    except OSError as e:
+        raise InvalidInput(f"cannot create the output folder {folder}: {e.strerror or e}") from None
+    note(f"created folder {folder}")
 
 
 def _warn_random(models: hub.ModelSet) -> None:
@@ -49,9 +74,7 @@ def _add_download(sub) -> None:
 
 def _cmd_download(args) -> int:
     if args.list:
-        releases = [hub.WAVLM_LARGE, *hub.CODEBOOKS.values(), *hub.ULM_1K.values(), *hub.ULM_60K.values(),
-                    *hub.ELLAV.values(), *hub.WAVTOKENIZER.values()]  # fmt: skip
-        for r in releases:
+        for r in hub.all_releases():
             print(f"{r.filename}\t{r.url}")
         return 0
     what = ("wavlm", "codebook", "ulm") if args.encoder_only else ("wavlm", "codebook", "ulm", "ellav", "wavtokenizer")
@@ -84,11 +107,11 @@ def _add_encode(sub) -> None:
 
 
 def _cmd_encode(args) -> int:
+    output_folder(args.json)
+    output_folder(args.npy, is_dir=True)
     if args.stream is None:
         for name in ("preset", "left", "hop", "lookahead", "compare"):
             if getattr(args, name) not in (None, False):
-                from dpslm_stream.errors import InvalidInput
-
                 raise InvalidInput(f"--{name} needs --stream MODE")
         return _encode_offline(args)
     return _encode_streaming(args)
@@ -103,7 +126,7 @@ def _encode_offline(args) -> int:
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-    pipe = Pipeline(models, args.k, args.lmbda, args.device, args.num_neighbors)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, args.num_neighbors, precision=args.precision)
     pipe.wavlm, pipe.codebook  # load before timing (a missing checkpoint fails here, before any file is read)
     if not args.no_score:
         pipe.ulm
@@ -111,7 +134,7 @@ def _encode_offline(args) -> int:
     started = time.perf_counter()
     for path in tqdm(args.files, desc="encode", unit="file", disable=len(args.files) < 2, file=sys.stderr):
         try:  # one unreadable or too-short file is reported and skipped; the others are still encoded
-            wav, sr = load_audio(path)
+            wav, sr = load_audio(path, notify=note)
             res = pipe.encode(wav, sr, score=not args.no_score)
         except DPSLMError as e:
             failed[str(path)] = str(e)
@@ -124,14 +147,14 @@ def _encode_offline(args) -> int:
                   f"({len(res.units) / max(res.seconds, 1e-9):.1f} units/s){ll}")  # fmt: skip
             print("  " + " ".join(map(str, res.units)))
         if args.npy:
-            args.npy.mkdir(parents=True, exist_ok=True)
             np.save(args.npy / f"{path.stem}.units.npy", np.asarray(res.units, dtype=np.int64))
             np.save(args.npy / f"{path.stem}.durations.npy", np.asarray(res.durations, dtype=np.int64))
     total_s = sum(r.seconds for r in results.values())
-    rate = bitrate([r.units for r in results.values()], total_s)
+    rate = bitrate([r.units for r in results.values()], total_s) if results else None
     elapsed = time.perf_counter() - started
-    print(f"bitrate {rate:.1f} bit/s over {total_s:.2f} s of audio (k={pipe.k}, lambda={pipe.lmbda}); "
-          f"encoded in {elapsed:.2f} s (real-time factor {elapsed / max(total_s, 1e-9):.3f}, models loaded)")  # fmt: skip
+    if results:  # no figures over no audio
+        print(f"bitrate {rate:.1f} bit/s over {total_s:.2f} s of audio (k={pipe.k}, lambda={pipe.lmbda}); "
+              f"encoded in {elapsed:.2f} s (real-time factor {elapsed / max(total_s, 1e-9):.3f}, models loaded)")  # fmt: skip
     if args.json:
         doc = {
             "k": pipe.k, "lmbda": pipe.lmbda, "num_neighbors": pipe.num_neighbors, "models": models.source,
@@ -140,7 +163,6 @@ def _encode_offline(args) -> int:
         }  # fmt: skip
         if failed:
             doc["errors"] = failed
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1))
     if failed:
         print(f"{len(failed)} of {len(args.files)} file(s) failed (see above)", file=sys.stderr)
@@ -159,9 +181,14 @@ def _encode_streaming(args) -> int:
     k, lmbda = hub.check_pair(args.k, args.lmbda)
     num_neighbors = args.num_neighbors or default_num_neighbors(k)
     worker = EncoderWorker(models, args.device, pairs=[(k, lmbda)])
-    results, reports = {}, {}
+    results, reports, failed = {}, {}, {}
     for path in args.files:
-        wav, sr = load_audio(path)
+        try:  # as offline: a bad file is reported and skipped, the others are still encoded
+            wav, sr = load_audio(path, notify=note)
+        except DPSLMError as e:
+            failed[str(path)] = str(e)
+            print(f"{path}: error: {e}", file=sys.stderr)
+            continue
         started = time.perf_counter()
         res = stream_encode(worker, wav, sr, k=k, lmbda=lmbda, mode=args.stream, preset=args.preset, left=args.left,
                             hop=args.hop, lookahead=args.lookahead, chunk_s=args.chunk_ms / 1000,
@@ -183,8 +210,9 @@ def _encode_streaming(args) -> int:
                 print(f"    {name:12s} frames {r['frame_agreement']:.4f}  k-means {r['kmeans_agreement']:.4f}  "
                       f"unit error rate {r['unit_error_rate']:.4f}  feature cosine {r['feature_cosine']:.6f}")  # fmt: skip
     total_s = sum(r.seconds for r in results.values())
-    rate = bitrate([r.units for r in results.values()], total_s)
-    print(f"bitrate {rate:.1f} bit/s over {total_s:.2f} s of audio (k={k}, lambda={lmbda})")
+    rate = bitrate([r.units for r in results.values()], total_s) if results else None
+    if results:
+        print(f"bitrate {rate:.1f} bit/s over {total_s:.2f} s of audio (k={k}, lambda={lmbda})")
     if args.json:
         doc = {
             "k": k, "lmbda": lmbda, "num_neighbors": num_neighbors, "models": models.source,
@@ -195,8 +223,12 @@ def _encode_streaming(args) -> int:
             "files": {p: {**r.to_json(), **({"compare": reports[p]} if p in reports else {})}
                       for p, r in results.items()},
         }  # fmt: skip
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+        if failed:
+            doc["errors"] = failed
         args.json.write_text(json.dumps(doc, indent=1))
+    if failed:
+        print(f"{len(failed)} of {len(args.files)} file(s) failed (see above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -217,20 +249,56 @@ def _cmd_score(args) -> int:
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-    pipe = Pipeline(models, args.k, args.lmbda, args.device)
-    if args.units is not None:
-        items = {"units": [int(u) for u in args.units.split()]}
-    elif args.json is not None:
-        items = {name: r["units"] for name, r in json.loads(args.json.read_text())["files"].items()}
-    else:
-        items = {}
-        for line in args.text.read_text().splitlines():
-            if line.strip():
-                name, *units = line.split()
-                items[name] = [int(u) for u in units]
+    items = _score_items(args)  # parse before loading models: a typo fails at once
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
     for name, units in items.items():
         print(f"{name} {sum(pipe.score(units)):.4f}")
     return 0
+
+
+def _unit_ids(text: str, where: str) -> list[int]:
+    try:
+        return [int(u) for u in text.split()]
+    except ValueError:
+        raise InvalidInput(f"{where}: unit ids must be integers separated by spaces (e.g. '12 7 301'), got {text!r}") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"cannot read {path}: {e}") from None
+
+
+def _units_json(path: Path) -> dict:
+    """The files of a JSON written by `encode --json` (or one entry), checked: name -> entry with 'units'."""
+    try:
+        doc = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"{path} is not JSON ({e}); expected the output of `dpslm-stream encode --json`") from None
+    entries = doc.get("files", {"units": doc}) if isinstance(doc, dict) else None
+    if isinstance(doc, dict) and "files" not in doc:
+        entries = {str(path): doc}
+    if not isinstance(entries, dict) or not entries or not all(
+            isinstance(e, dict) and isinstance(e.get("units"), list) for e in entries.values()):  # fmt: skip
+        raise InvalidInput(f"{path} holds no units; expected the output of `dpslm-stream encode --json`")
+    for name, entry in entries.items():
+        if not all(isinstance(u, int) and not isinstance(u, bool) for u in entry["units"]):
+            raise InvalidInput(f"{path}: the units of {name} must be integers")
+    return entries
+
+
+def _score_items(args) -> dict[str, list[int]]:
+    if args.units is not None:
+        return {"units": _unit_ids(args.units, "--units")}
+    if args.json is not None:
+        return {name: entry["units"] for name, entry in _units_json(args.json).items()}
+    items = {}
+    for n, line in enumerate(_read_text(args.text).splitlines(), 1):
+        if line.strip():
+            name, *units = line.split()
+            items[name] = _unit_ids(" ".join(units), f"{args.text} line {n}")
+    return items
 
 
 # --- resynth ---------------------------------------------------------------------------------------------------------
@@ -239,7 +307,8 @@ def _cmd_score(args) -> int:
 def _add_resynth(sub) -> None:
     p = sub.add_parser("resynth", help="audio or units -> DP-SLM units -> ELLA-V -> WavTokenizer -> 24 kHz WAV")
     p.add_argument("input", type=Path, help="an audio file, or a JSON written by `encode --json` (with --from-units)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output WAV (24 kHz); sample i>0 gets a _i suffix")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output WAV (24 kHz; sample i>0 gets a _i suffix); a missing folder is created (and said)")
     _add_model_args(p)
     p.add_argument("--from-units", action="store_true", help="INPUT is a units JSON (`encode --json`), not audio")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (top_p=0, as the paper's WER figures)")
@@ -252,30 +321,28 @@ def _add_resynth(sub) -> None:
 
 def _cmd_resynth(args) -> int:
     from dpslm_stream.audio import load_audio, save_wav
-    from dpslm_stream.errors import InvalidInput
     from dpslm_stream.pipeline import FRAME_RATE, Pipeline, bitrate
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-    pipe = Pipeline(models, args.k, args.lmbda, args.device)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
+    if args.num_samples < 1:
+        raise InvalidInput("--num-samples must be at least 1")
+    output_folder(args.output)
     if args.from_units:
-        doc = json.loads(args.input.read_text())
-        entry = next(iter(doc["files"].values())) if "files" in doc else doc
+        entry = next(iter(_units_json(args.input).values()))
         units, durations = entry["units"], entry.get("durations")
         seconds = entry.get("seconds") or (sum(durations) / FRAME_RATE if durations else 0.0)
         logprobs = pipe.score(units)
     else:
-        wav, sr = load_audio(args.input)
+        wav, sr = load_audio(args.input, notify=note)
         res = pipe.encode(wav, sr)
         units, durations, seconds, logprobs = res.units, res.durations, res.seconds, res.unit_logprobs
-    if args.num_samples < 1:
-        raise InvalidInput("--num-samples must be at least 1")
     started = time.perf_counter()
     outputs = pipe.resynthesize(units, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
                                 max_codec_tokens_per_phone=args.max_codec_tokens_per_phone,
                                 num_samples=args.num_samples, seed=args.seed)  # fmt: skip
     elapsed = time.perf_counter() - started
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "input": str(args.input), "k": pipe.k, "lmbda": pipe.lmbda, "models": models.source,
         "random_weights": models.is_random, "units": units, "durations": durations, "seconds": seconds,
@@ -290,6 +357,9 @@ def _cmd_resynth(args) -> int:
         print(f"wrote {out} ({wav.shape[-1] / 24000:.2f} s at 24 kHz, {len(codes)} codec tokens, "
               f"{'finished' if finished else 'NOT finished (hit max_tokens)'})")  # fmt: skip
     report["resynthesis_seconds"] = elapsed
+    report["precision"] = {"precision": args.precision, **pipe.precision_plans()}
+    if args.precision != "exact":
+        print("precision: " + "; ".join(pipe.precision_plans().values()))
     report_path = args.output.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=1))
     print(f"{len(units)} units, {report['bitrate'] or 0:.1f} bit/s, log-likelihood {report['loglikelihood']:.2f}; "
@@ -308,13 +378,12 @@ def _add_demo(sub) -> None:
 
 
 def _demo_models() -> str:
-    wanted = [hub.WAVLM_LARGE, hub.CODEBOOKS[hub.DEFAULT_K], hub.ULM_1K[(hub.DEFAULT_K, hub.DEFAULT_LMBDA)],
-              hub.ELLAV[(hub.DEFAULT_K, hub.DEFAULT_LMBDA)], hub.WAVTOKENIZER[600]]  # fmt: skip
-    return "release" if all((hub.checkpoint_dir() / r.filename).is_file() for r in wanted) else "tiny"
+    return "release" if hub.release_cached() else "tiny"
 
 
 def _cmd_demo(args) -> int:
-    sample = Path(__file__).parent / "data" / "sample.wav"
+    from dpslm_stream import SAMPLE_WAV as sample
+
     models = args.models or _demo_models()
     print(f"== dpslm-stream demo: bundled sample {sample.name} (espeak-ng speech), models: {models}")
     _cmd_encode(argparse.Namespace(files=[sample], models=models, k=hub.DEFAULT_K, lmbda=hub.DEFAULT_LMBDA,
@@ -337,19 +406,28 @@ def _bench_modules() -> list[str]:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (print numbers; see README for the figures)", add_help=False)
+    p.add_argument("-h", "--help", action="store_true", dest="bench_help", help="list the benchmarks")
     p.add_argument("name", nargs="?", help=f"one of: {', '.join(_bench_modules())}")
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
 
 def _cmd_bench(args) -> int:
     names = _bench_modules()
+    usage = (f"usage: dpslm-stream bench NAME [options]; NAME is one of: {', '.join(names)}; "
+             f"`dpslm-stream bench NAME --help` lists its options")  # fmt: skip
+    if args.name is None and args.bench_help:
+        print(usage)
+        return 0
     if args.name not in names:
-        print(f"usage: dpslm-stream bench NAME [options]; NAME is one of: {', '.join(names)}", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     module = importlib.import_module(f"dpslm_stream.bench.{args.name}")
     parser = argparse.ArgumentParser(prog=f"dpslm-stream bench {args.name}", description=module.__doc__)
     module.add_arguments(parser)
-    module.run(parser.parse_args(args.rest))
+    bench_args = parser.parse_args(args.rest)
+    if isinstance(getattr(bench_args, "device", None), str):
+        hub.check_device(bench_args.device, "--device")
+    module.run(bench_args)
     return 0
 
 
@@ -363,6 +441,7 @@ _EXTERNAL = {
     "stream": "dpslm_stream.client.stream",
     "mic": "dpslm_stream.client.mic",
     "encode-corpus": "dpslm_stream.corpus",
+    "codec": "dpslm_stream.codec.cli",
 }
 
 
@@ -380,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for name in ("device", "resynth_device"):  # torch devices (mic's --device is an audio device: its own check)
+            if args.command != "mic" and isinstance(getattr(args, name, None), str):
+                hub.check_device(getattr(args, name), "--" + name.replace("_", "-"))
         if args.command in _EXTERNAL:
             return int(importlib.import_module(_EXTERNAL[args.command]).run(args) or 0)
         return int(globals()[f"_cmd_{args.command}"](args) or 0)

@@ -41,7 +41,7 @@ each run skips the ids any shard already wrote). The run that finds every uttera
 failed) writes units.txt, durations.txt and summary.json; `--merge` writes them from the parts there are, without
 encoding anything (e.g. as a final job that depends on the array).
 
-Ray (`--ray`, needs `pip install 'dpslm-stream[ray]'`): a Ray Data pipeline over the utterances not yet written:
+Ray (`--ray`, needs `pip install -e '.[ray]' in the dpslm-stream checkout`): a Ray Data pipeline over the utterances not yet written:
 from_items -> map_batches(decode + resample to 16 kHz, CPU tasks) -> map_batches(an actor class that holds the models
 and runs WavLM + DPDP (+ ULM) per utterance, compute=ActorPoolStrategy(size=--workers), one GPU per actor with
 --device cuda) -> the driver writes the (small) unit rows in atomic parts, exactly as without Ray, so resume, the
@@ -226,7 +226,7 @@ class CorpusOutput:
         if fmt not in ("auto", "parquet", "jsonl"):
             raise InvalidInput(f"--format must be auto, parquet or jsonl, got {fmt!r}")
         if fmt == "parquet" and not have_pyarrow():
-            raise InvalidInput("--format parquet needs pyarrow: pip install pyarrow (or 'dpslm-stream[ray]')")
+            raise InvalidInput("--format parquet needs pyarrow: pip install pyarrow (or pip install -e '.[ray]' in the checkout)")
         self.fmt = ("parquet" if have_pyarrow() else "jsonl") if fmt == "auto" else fmt
 
     @property
@@ -470,9 +470,9 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as e:
-        raise RayUnavailable(f"--ray needs Ray Data ({e}): pip install 'dpslm-stream[ray]'") from e
+        raise RayUnavailable(f"--ray needs Ray Data ({e}): pip install -e '.[ray]' in the dpslm-stream checkout") from e
     if not have_pyarrow():
-        raise RayUnavailable("--ray needs pyarrow: pip install 'dpslm-stream[ray]'")
+        raise RayUnavailable("--ray needs pyarrow: pip install -e '.[ray]' in the dpslm-stream checkout")
     return ray
 
 
@@ -677,7 +677,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--rank", type=int, default=0, help="this shard: utterances whose index is RANK mod NSHARD")
     g.add_argument("--merge", action="store_true", help="encode nothing: write units.txt, durations.txt and "
                                                         "summary.json from the parts in OUT")  # fmt: skip
-    g = p.add_argument_group("Ray Data (pip install 'dpslm-stream[ray]')")
+    g = p.add_argument_group("Ray Data (pip install -e '.[ray]' in the dpslm-stream checkout)")
     g.add_argument("--ray", action="store_true", help="run on Ray Data (joins $RAY_ADDRESS, else a local Ray)")
     g.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local)")
     g.add_argument("--workers", type=int, default=1, help="encoder actors (each loads the models; 1 GPU each with "
@@ -704,6 +704,11 @@ def run(args: argparse.Namespace) -> int:
         _print_summary(args.out, summary)
         return 0 if summary["failed"] == 0 and summary["missing"] == 0 else 1
     _warn_random(models)
+    if output.fmt == "jsonl" and args.fmt == "auto":
+        from dpslm_stream.cli import note
+
+        note(f"pyarrow is not installed: the parts in {args.out} are JSON lines (part-*.jsonl), not Parquet "
+             f"(pip install pyarrow for Parquet)")  # fmt: skip
     source = args.models if args.models in ("release", "tiny") else str(Path(args.models).resolve())
     from dpslm_stream.pipeline import default_num_neighbors
 

@@ -19,3 +19,7 @@ class CheckpointError(DPSLMError, RuntimeError):
 
 class CheckpointUnavailable(DPSLMError, FileNotFoundError):
     """A checkpoint that is neither cached nor downloadable (e.g. no network); the message says how to pre-fetch."""
+
+
+class DeviceError(DPSLMError, RuntimeError):
+    """A device that cannot take a model: not a device name, CUDA unavailable, a bad ordinal, out of device memory."""

@@ -40,6 +40,7 @@ import numpy as np
 
 from dpslm_stream.audio import check_finite, check_sample_rate, float32le_to_float, float_to_pcm16, pcm16_to_float
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.stream.resynth_options import ResynthOptions
 
 PROTOCOL_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
@@ -85,10 +86,11 @@ class ErrorCode(str, Enum):
     AFTER_END = "after_end"  # audio after end
     BAD_AUDIO = "bad_audio"  # an empty frame or a byte count that is not a whole number of samples
     NON_FINITE = "non_finite"  # NaN or Inf float32 samples
-    MESSAGE_TOO_LARGE = "message_too_large"
+    MESSAGE_TOO_LARGE = "message_too_large"  # an audio frame above max_message_bytes, a text frame above max_text_bytes
     # Limits: fatal, the session ends (units received so far are still delivered, then end).
     BUFFER_FULL = "buffer_full"  # the client kept sending while the server's bounded audio buffer stayed full
     IDLE_TIMEOUT = "idle_timeout"
+    START_TIMEOUT = "start_timeout"  # no start (or subscribe) accepted within start_timeout_s of connecting
     SESSION_TIME_LIMIT = "session_time_limit"
     SHUTTING_DOWN = "shutting_down"  # the server drains (SIGTERM): no new sessions, running ones are finished
     BUSY = "busy"  # all session slots are taken: try again later (sent at once after the handshake)
@@ -112,6 +114,7 @@ CLOSE_TRY_AGAIN = 1013  # busy
 CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.BUFFER_FULL: CLOSE_POLICY,
     ErrorCode.IDLE_TIMEOUT: CLOSE_POLICY,
+    ErrorCode.START_TIMEOUT: CLOSE_POLICY,
     ErrorCode.SESSION_TIME_LIMIT: CLOSE_POLICY,
     ErrorCode.CLIENT_TOO_SLOW: CLOSE_POLICY,
     ErrorCode.SHUTTING_DOWN: CLOSE_GOING_AWAY,
@@ -157,10 +160,9 @@ ENCODER_MODES = ("full", "sliding", "cached")  # "full": exact offline units, al
 
 # Resynthesis options of start.resynth / subscribe.resynth, with their JSON types. Units are deduplicated units
 # (left_context C, holdback L; null = unlimited, the exact setting) and 25 ms codec frames (vocoder_*).
-RESYNTH_OPTIONS = {"left_context": int, "holdback": int, "greedy": bool, "seed": int, "temperature": float,
-                   "top_p": float, "trigger_units": int, "trigger_s": float, "vocoder_left_context": int,
-                   "vocoder_lookahead": int}  # fmt: skip
-RESYNTH_NULLABLE = ("left_context", "holdback", "seed", "trigger_s", "vocoder_left_context")
+# Defined once by dpslm_stream.stream.resynth_options.ResynthOptions (which also validates the values).
+RESYNTH_OPTIONS = ResynthOptions.json_types()
+RESYNTH_NULLABLE = ResynthOptions.NULLABLE
 
 
 @dataclass(frozen=True)
@@ -277,14 +279,74 @@ def to_json(msg: Any) -> str:
 # (a newer server may add fields, which an older client ignores).
 
 
-def _load_object(text: str | bytes) -> dict:
+# Client text frames are bounded before they are parsed: at most MAX_TEXT_BYTES (UTF-8) and MAX_JSON_DEPTH levels of
+# nesting (a start message has 3), so no input can make the parser recurse deeply or allocate much.
+MAX_TEXT_BYTES = 16 << 10
+MAX_JSON_DEPTH = 8
+
+
+def json_depth_exceeds(text: str, max_depth: int) -> bool:
+    """Whether JSON text nests arrays/objects deeper than ``max_depth`` (brackets inside strings do not count). One
+    linear scan, no recursion: it runs before the parser sees the text."""
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def _check_text(value: Any, where: str = "message") -> None:
+    """Every string of a parsed message (keys included) must be encodable text: JSON's \\u escapes can spell unpaired
+    UTF-16 surrogates, which no UTF-8 encoder takes (the nesting is already bounded)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{where} holds a string that is not valid text (an unpaired "
+                                                       "surrogate escape); send UTF-8 text") from None  # fmt: skip
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where)
+            _check_text(v, f"field {k!r}" if isinstance(k, str) and k.isidentifier() else where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, where)
+
+
+def _load_object(text: str | bytes, max_bytes: int = MAX_TEXT_BYTES, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError(ErrorCode.BAD_JSON, f"text frame is not UTF-8 ({e})") from None
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise ProtocolError(ErrorCode.MESSAGE_TOO_LARGE, f"text frame of {size} bytes exceeds the limit of "
+                                                         f"{max_bytes}; control messages are small JSON objects")  # fmt: skip
+    if json_depth_exceeds(text, max_depth):
+        raise ProtocolError(ErrorCode.BAD_JSON, f"JSON nested deeper than {max_depth} levels; messages are flat "
+                                                "objects (see docs/protocol.md)")  # fmt: skip
     try:
         obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ProtocolError(ErrorCode.BAD_JSON, f"text frame is not valid JSON ({e}); expected a JSON object "
                                                 'such as {"type": "start", ...}') from None  # fmt: skip
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, f"expected a JSON object with a \"type\" field, got {type(obj).__name__}")
+    _check_text(obj)
     return obj
 
 
@@ -302,9 +364,11 @@ def _check_type(name: str, value: Any, kind: type, optional: bool = False) -> An
     return value
 
 
-def parse_client_message(text: str | bytes) -> ClientMessage:
-    """Parse a client text frame into Start or End; raise ProtocolError with the right code otherwise."""
-    obj = _load_object(text)
+def parse_client_message(text: str | bytes, max_bytes: int = MAX_TEXT_BYTES,
+                         max_depth: int = MAX_JSON_DEPTH) -> ClientMessage:  # fmt: skip
+    """Parse a client text frame into Start, End or Subscribe; raise ProtocolError with the right code otherwise
+    (frames above ``max_bytes`` or nested deeper than ``max_depth`` are refused before parsing)."""
+    obj = _load_object(text, max_bytes, max_depth)
     kind = obj.get("type")
     if kind == Start.TYPE:
         return _parse_start(obj)
@@ -429,7 +493,7 @@ def parse_server_message(text: str | bytes) -> ServerMessage:
         obj = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(ErrorCode.BAD_JSON, f"server sent invalid JSON: {e}") from None
-    cls = _SERVER_TYPES.get(obj.get("type")) if isinstance(obj, dict) else None
+    cls = _SERVER_TYPES.get(str(obj.get("type"))) if isinstance(obj, dict) else None
     if cls is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown server message: {str(text)[:200]}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -444,7 +508,8 @@ def parse_server_message(text: str | bytes) -> ServerMessage:
 
 
 def decode_audio(data: bytes, fmt: str) -> np.ndarray:
-    """A binary audio frame -> float32 samples; ProtocolError for empty frames, partial samples and NaN/Inf."""
+    """A binary audio frame -> float32 samples; ProtocolError for empty frames, partial samples and NaN/Inf.
+    Finite float32 samples outside [-1, 1] are clipped to it (the range PCM16 covers; the models were trained on it)."""
     if fmt not in BYTES_PER_SAMPLE:
         raise InvalidInput(f"format must be one of {SAMPLE_FORMATS}, got {fmt!r}")
     width = BYTES_PER_SAMPLE[fmt]
@@ -460,7 +525,7 @@ def decode_audio(data: bytes, fmt: str) -> np.ndarray:
         check_finite(samples, "float32 audio frame")
     except InvalidInput as e:
         raise ProtocolError(ErrorCode.NON_FINITE, f"{e}; the frame was dropped") from None
-    return samples
+    return np.clip(samples, -1.0, 1.0, out=samples)
 
 
 def encode_audio(samples: np.ndarray, fmt: str) -> bytes:

@@ -14,6 +14,7 @@ Two choices make the random set behave like the real one where the plumbing care
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,8 +28,14 @@ import torch
 # (k, lambda) pairs that get a tiny ULM and ELLA-V; k=500, lambda=4500 is the default everywhere.
 TINY_PAIRS: tuple[tuple[int, int], ...] = ((100, 0), (100, 600), (500, 0), (500, 4500))
 TINY_CODEBOOK_KS: tuple[int, ...] = (100, 500)
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: the phone LM, its tokenizer and the phone ELLA-V
 _SEED = 1234
+# US ARPAbet (39 phones, vowels with stress 0/1/2) plus silence/noise marks: the shape of upstream's phone vocabulary.
+_ARPA_VOWELS = ("AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW")
+_ARPA_CONSONANTS = ("B", "CH", "D", "DH", "F", "G", "HH", "JH", "K", "L", "M", "N", "NG", "P", "R", "S", "SH", "T",
+                    "TH", "V", "W", "Y", "Z", "ZH")  # fmt: skip
+TINY_PHONES: tuple[str, ...] = tuple(sorted([f"{v}{s}" for v in _ARPA_VOWELS for s in "012"]
+                                            + list(_ARPA_CONSONANTS) + ["SIL", "SPN"]))  # fmt: skip
 # Typical squared distance between consecutive layer-11 frames that the tiny WavLM is scaled to.
 _TARGET_FRAME_DISTANCE = 2000.0  # gives ~48 units/s at lambda=0 and ~24 at 4500 on the sample, near the paper's rates
 
@@ -127,12 +134,12 @@ def build_tiny_set(directory: str | os.PathLike, pairs=TINY_PAIRS, codebook_ks=T
     model = wavlm.WavLM(wavlm.TINY).eval()
     audio = torch.from_numpy(speech_like(48.0, 16000, seed=_SEED))[None]
     with torch.no_grad():
-        feats = wavlm.extract_features(model, audio[:, : 16000 * 8], 16000)
+        feats = wavlm.extract_features(model, audio[:, : 16000 * 8], 16000, layer=11)
         typical = ((feats[1:] - feats[:-1]) ** 2).sum(-1).median().item()
         state = model.state_dict()
         _scale_residual_stream(state, math.sqrt(_TARGET_FRAME_DISTANCE / max(typical, 1e-9)))
         model.load_state_dict(state)
-        feats = wavlm.extract_features(model, audio, 16000)
+        feats = wavlm.extract_features(model, audio, 16000, layer=11)
     torch.save(wavlm.checkpoint_dict(model), name(hub.WAVLM_LARGE))
 
     gen = torch.Generator().manual_seed(_SEED)
@@ -145,6 +152,18 @@ def build_tiny_set(directory: str | os.PathLike, pairs=TINY_PAIRS, codebook_ks=T
         torch.save(ulm.checkpoint_dict(lm), name(hub.ULM_1K[(k, lmbda)]))
         torch.manual_seed(_SEED + 7 * k + lmbda)
         torch.save(ellav.checkpoint_dict(ellav.random_model(k, ellav.TINY)), name(hub.ELLAV[(k, lmbda)]))
+
+    # The phone topline: phone LM (the ULM architecture over a phone vocabulary), its tokenizer JSON, phone ELLA-V.
+    phone_to_id = {p: i for i, p in enumerate(["BOS", "UNK", *TINY_PHONES])}
+    (directory / hub.PHONE_TOKENIZER.filename).write_text(
+        json.dumps(ulm.PhonemeTokenizer(phone_to_id).to_dict(), indent=1))
+    torch.manual_seed(_SEED + 1)
+    plm = ulm.ULM(dataclasses.replace(ulm.TINY, vocab_size=len(phone_to_id))).eval()
+    torch.save(ulm.checkpoint_dict(plm), name(hub.PLM))
+    torch.manual_seed(_SEED + 2)
+    phone_tok = ellav.ELLAVTokenizer.from_phone_vocab(TINY_PHONES, 50, 4096, 40)
+    phone_cfg = dataclasses.replace(ellav.TINY, vocab_size=phone_tok.vocab_size)
+    torch.save(ellav.checkpoint_dict(ellav.ELLAV(phone_cfg, phone_tok).eval()), name(hub.ELLAV_PHONES))
 
     torch.manual_seed(_SEED)
     torch.save(wavtokenizer.checkpoint_dict(wavtokenizer.WavTokenizer(wavtokenizer.TINY).eval()),

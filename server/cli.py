@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -12,7 +13,8 @@ import sys
 from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
 
-from .app import Server, ServerConfig
+from .app import Server
+from .config import ServerConfig
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -43,12 +45,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                  "Bearer); default $DPSLM_STREAM_TOKEN, unset = no token")  # fmt: skip
     p.add_argument("--allow-origin", dest="allowed_origins", action="append", default=[], metavar="ORIGIN",
                    help="browser Origin allowed to connect besides this server's own page (repeatable; '*' = any)")
-    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds without a client message")
+    p.add_argument("--start-timeout", type=float, default=d.start_timeout_s,
+                   help=f"seconds a connection may take to send start or subscribe (default {d.start_timeout_s:g})")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
+                   help="seconds a started client may send nothing (time the server does not read is not counted)")
     p.add_argument("--max-session-time", type=float, default=d.max_session_s, help="seconds per session")
     p.add_argument("--max-full-audio", type=float, default=d.max_full_s,
                    help="seconds of audio per session in mode full (which keeps the whole stream in memory)")
-    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="largest audio frame")
-    p.add_argument("--max-buffer", type=float, default=d.max_buffer_s, help="seconds of queued audio per session")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                   help=f"largest audio frame (default {d.max_message_bytes})")
+    p.add_argument("--max-text-bytes", type=int, default=d.max_text_bytes,
+                   help=f"largest text (JSON) frame, refused before parsing (default {d.max_text_bytes})")
+    p.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
+                   help=f"deepest JSON nesting, refused before parsing (default {d.max_json_depth})")
+    p.add_argument("--max-buffer", type=float, default=d.max_buffer_s,
+                   help=f"seconds of received, not yet encoded audio per session (default {d.max_buffer_s:g})")
+    p.add_argument("--max-buffer-bytes", type=int, default=d.max_buffer_bytes,
+                   help=f"the same buffer in bytes of float32 samples (default {d.max_buffer_bytes})")
+    p.add_argument("--max-outgoing-bytes", type=int, default=d.max_outgoing_bytes,
+                   help=f"bytes queued for a client that does not read before it is dropped (default {d.max_outgoing_bytes})")
+    p.add_argument("--max-left", type=int, default=d.max_left, help=f"largest options.left, frames (default {d.max_left})")
+    p.add_argument("--min-hop", type=int, default=d.min_hop, help=f"smallest options.hop, frames (default {d.min_hop})")
+    p.add_argument("--max-hop", type=int, default=d.max_hop, help=f"largest options.hop, frames (default {d.max_hop})")
+    p.add_argument("--max-lookahead", type=int, default=d.max_lookahead,
+                   help=f"largest options.lookahead, frames (default {d.max_lookahead})")
+    p.add_argument("--max-lag", type=int, default=d.max_lag, help=f"largest options.max_lag, frames (default {d.max_lag})")
     p.add_argument("--stall-timeout", type=float, default=d.stall_timeout_s,
                    help="seconds a full buffer may stay full before buffer_full (0 = refuse at once)")
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, help="SIGTERM: seconds to finish sessions")
@@ -58,18 +79,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resynth-device", default=None, help="device of the resynthesis worker (default: --device)")
     p.add_argument("--resynth-dtype", default=d.resynth_dtype, choices=("float32", "bfloat16", "float16"),
                    help="ELLA-V dtype on the resynthesis worker (bf16/fp16 for a GPU)")
+    p.add_argument("--precision", default=d.precision, choices=("exact", "fast"),
+                   help="resynthesis models: exact (float32, default) or fast (int8/bf16 kernels picked for this "
+                        "machine; printed at start-up and reported in ready.settings.resynth.precision)")
     p.add_argument("--max-listeners", type=int, default=d.max_listeners, help="listeners per sender session")
     p.add_argument("--max-resynth-lag", type=float, default=d.max_resynth_lag_s,
                    help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
+    p.add_argument("--allow-tf32", action="store_true",
+                   help="CUDA: let matmuls and convolutions use TF32 (faster on Ampere and later; results then "
+                        "differ from the exact fp32 path at ~1e-3; default off)")  # fmt: skip
     p.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"),
                    help="inprocess (default): this process serves, models on worker threads; ray: the service as a "
-                        "Ray Serve application (pip install 'dpslm-stream[ray]')")  # fmt: skip
+                        "Ray Serve application (pip install -e '.[ray]' in the dpslm-stream checkout)")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="--backend ray: join this Ray cluster (default: start a "
                                                        "local Ray)")  # fmt: skip
     p.add_argument("--encoder-shards", type=int, default=1, help="--backend ray: encoder applications (one replica, "
                                                                   "e.g. one GPU, each); sessions are pinned to one")  # fmt: skip
     p.add_argument("--resynth-shards", type=int, default=1, help="--backend ray: resynthesis applications (one "
                                                                   "replica each); sessions are pinned to one")  # fmt: skip
+    p.add_argument("--encoder-gpus", type=float, default=None, metavar="F",
+                   help="--backend ray: GPUs each encoder shard asks Ray for (default: every CUDA shard shares one "
+                        "GPU, e.g. 0.5 each for one encoder and one resynthesis shard)")  # fmt: skip
+    p.add_argument("--resynth-gpus", type=float, default=None, metavar="F",
+                   help="--backend ray: GPUs each resynthesis shard asks Ray for (default: as --encoder-gpus)")
     p.add_argument("--gateway-resource", default=None, metavar="NAME",
                    help="--backend ray: a Ray custom resource that pins the Gateway (the WebSocket listener) to the "
                         "node(s) that have it, e.g. the one behind your load balancer")  # fmt: skip
@@ -78,29 +110,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    for name in ("max_sessions", "max_message_bytes", "max_listeners"):
-        if getattr(args, name) < 1:
-            raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("idle_timeout", "max_session_time", "max_full_audio", "max_buffer", "drain_timeout",
-                 "max_resynth_lag"):
-        if not getattr(args, name) > 0:
-            raise InvalidInput(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    """The ServerConfig of parsed flags (ServerConfig validates every value and names the flag)."""
     from dpslm_stream.stream.encoder import PRESETS
 
     unknown = sorted(set(args.presets or ()) - set(PRESETS))
     if unknown:
         raise InvalidInput(f"unknown preset(s) {unknown}; expected some of {sorted(PRESETS)}")
-    if args.stall_timeout < 0:
-        raise InvalidInput(f"--stall-timeout must be >= 0, got {args.stall_timeout}")
     return ServerConfig(
         host=args.host, port=args.port, models=args.models, device=args.device, dtype=args.dtype,
         pairs=tuple(args.pairs) if args.pairs else None, max_sessions=args.max_sessions,
         presets=tuple(args.presets) if args.presets else None, modes=tuple(args.modes),
         token=args.token or os.environ.get("DPSLM_STREAM_TOKEN") or None,
-        allowed_origins=tuple(args.allowed_origins), idle_timeout_s=args.idle_timeout,
-        max_session_s=args.max_session_time, max_full_s=args.max_full_audio, max_message_bytes=args.max_message_bytes, max_buffer_s=args.max_buffer,
+        allowed_origins=tuple(args.allowed_origins), start_timeout_s=args.start_timeout,
+        idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_time, max_full_s=args.max_full_audio,
+        max_message_bytes=args.max_message_bytes, max_text_bytes=args.max_text_bytes,
+        max_json_depth=args.max_json_depth, max_buffer_s=args.max_buffer, max_buffer_bytes=args.max_buffer_bytes,
+        max_outgoing_bytes=args.max_outgoing_bytes, max_left=args.max_left, min_hop=args.min_hop,
+        max_hop=args.max_hop, max_lookahead=args.max_lookahead, max_lag=args.max_lag,
         stall_timeout_s=args.stall_timeout, drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup,
         resynth=not args.no_resynth, resynth_device=args.resynth_device, resynth_dtype=args.resynth_dtype,
+        precision=args.precision, allow_tf32=args.allow_tf32,
         max_listeners=args.max_listeners, max_resynth_lag_s=args.max_resynth_lag,
     )  # fmt: skip
 
@@ -111,7 +140,11 @@ async def serve(config: ServerConfig) -> None:
     if server.random_weights:
         print(f"note: model set '{server.models_name}' has RANDOM weights; units are plumbing checks, not speech.",
               file=sys.stderr)  # fmt: skip
-    await server.start()
+    try:
+        await server.start()
+    except OSError as e:  # the port was taken between check_port_free and now
+        raise InvalidInput(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}; pick another port with "
+                           f"--port N (--port 0 = any free port)") from None  # fmt: skip
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_shutdown)
@@ -127,10 +160,37 @@ async def serve(config: ServerConfig) -> None:
     print("dpslm-stream: drained and stopped", file=sys.stderr, flush=True)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail at once, before any model is loaded, when host:port cannot be listened on (in use, no permission, no
+    such interface). The server binds the same way (SO_REUSEADDR, as asyncio does on Unix); port 0 is always free."""
+    import socket
+
+    if port == 0:
+        return
+    if not 0 < port < 65536:
+        raise InvalidInput(f"--port must be in 1..65535 (or 0 for any free port), got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise InvalidInput(f"cannot listen on {host!r}: {e.strerror}; use an address of this machine "
+                           f"(127.0.0.1, 0.0.0.0)") from None  # fmt: skip
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            hint = ("another process listens there (a running `dpslm-stream serve`?)" if e.errno == errno.EADDRINUSE
+                    else e.strerror)  # fmt: skip
+            raise InvalidInput(f"cannot listen on {host}:{port}: {hint}; pick another port with --port N "
+                               f"(--port 0 = any free port)") from None  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is too much
     config = config_from_args(args)
+    check_port_free(config.host, config.port)  # before the models load: a busy port fails in a second, not a minute
     if args.backend == "ray":
         return serve_on_ray(config, args)
     asyncio.run(serve(config))
@@ -147,7 +207,8 @@ def serve_on_ray(config: ServerConfig, args: argparse.Namespace) -> int:
     _, serve = import_ray()  # a clear error (DPSLMError) when the ray extra is not installed
 
     handle, address = run_service(config, address=args.ray_address, encoder_shards=args.encoder_shards,
-                                  resynth_shards=args.resynth_shards, gateway_resource=args.gateway_resource)  # fmt: skip
+                                  resynth_shards=args.resynth_shards, gateway_resource=args.gateway_resource,
+                                  encoder_gpus=args.encoder_gpus, resynth_gpus=args.resynth_gpus)  # fmt: skip
     print(f"dpslm-stream serving on Ray Serve (application 'dpslm-stream': Gateway, {args.encoder_shards} encoder "
           f"and {args.resynth_shards if config.resynth else 0} resynthesis shard(s))\n"
           f"  WebSocket  {address['url']}\n  page       {address['http_url']}{P.PAGE_PATH}", flush=True)  # fmt: skip

@@ -16,41 +16,47 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any
 
 from dpslm_stream.stream.resynth import ResynthEndEvent
+from dpslm_stream.stream.resynth_options import ResynthOptions
 
+from .backends import ResynthBackend, ResynthProvider, ResynthSink
 from .worker import WorkerThread
 
 log = logging.getLogger("dpslm_stream.server")
 
 
-class ResynthSink(Protocol):
-    """What a resynthesis stream reports to (always called on the event loop thread)."""
+class InProcessResynth:
+    """A ResynthWorker served by a ResynthThread in this process (a ResynthProvider, server/backends.py)."""
 
-    def on_resynth_events(self, events: list, stats: Any) -> None: ...
+    def __init__(self, resynth_worker: Any):
+        self.worker = resynth_worker
 
-    def on_resynth_failure(self, error: BaseException) -> None: ...
+    def make_backend(self, loop: asyncio.AbstractEventLoop, metrics: Any) -> "ResynthThread":
+        return ResynthThread(self.worker, loop, metrics)
 
 
 class ResynthThread(WorkerThread):
-    """Owns a ResynthWorker and the ResynthSessions of all connections; steps them in one loop."""
+    """Owns a ResynthWorker and the ResynthSessions of all connections; steps them in one loop (a ResynthBackend,
+    server/backends.py)."""
 
     name = "dpslm-resynth-worker"
 
     def __init__(self, resynth_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None):
-        super().__init__(loop, metrics)
+        super().__init__(loop, metrics, getattr(resynth_worker, "device", "cpu"))
         self.worker = resynth_worker
         self._streams: dict[Any, ResynthSink] = {}  # session -> sink; this thread only
 
     # --- called from the event loop ---------------------------------------------------------------------------------
 
-    async def open(self, k: int, lmbda: int, options: dict, sink: ResynthSink) -> Any:
-        """Open a ResynthSession (``ResynthWorker.open_session(k, lmbda, **options)``, on this thread: it may load
-        ELLA-V and WavTokenizer) and serve it; raises what ``open_session`` raises (InvalidInput, UnknownModel)."""
+    async def open(self, k: int, lmbda: int, options: ResynthOptions, sink: ResynthSink) -> Any:
+        """Open a ResynthSession (``ResynthWorker.open_session(k, lmbda, **options.kwargs())``, on this thread: it
+        may load ELLA-V and WavTokenizer) and serve it; raises what ``open_session`` raises (InvalidInput,
+        UnknownModel)."""
 
         def _open():
-            session = self.worker.open_session(k, lmbda, **options)
+            session = self.worker.open_session(k, lmbda, **options.kwargs())
             self._streams[session] = sink
             return session
 
@@ -100,3 +106,9 @@ class ResynthThread(WorkerThread):
         if self.metrics is not None:
             self.metrics.resynth_step_seconds.observe(time.perf_counter() - started)
             self.metrics.resynth_batch_size.observe(len(sessions))
+
+
+if TYPE_CHECKING:  # mypy checks that the in-process classes implement the declared interfaces
+
+    def _implements(provider: InProcessResynth, backend: ResynthThread) -> tuple[ResynthProvider, ResynthBackend]:
+        return provider, backend

@@ -25,50 +25,27 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import torch
 
+from dpslm_stream.device import device_error, worker_stream
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.stream.events import EndEvent
+
+from .backends import EncoderBackend, EncoderProvider, EncoderSessionInfo, EncoderSlot, Progress, SlotSink
 
 log = logging.getLogger("dpslm_stream.server")
 
 
-class SlotSink(Protocol):
-    """What a slot reports to (always called on the event loop thread)."""
+class AudioQueue:
+    """One session's audio on its way from the event loop to a backend: a lock-protected queue of sample chunks and
+    the end request. The event loop calls ``add_audio``, ``request_end`` and ``cancel``; the backend ``take`` and
+    ``wants_end``."""
 
-    def on_events(self, events: list, progress: "Progress") -> None: ...
-
-    def on_consumed(self) -> None: ...  # queued audio was handed to the encoder: there is room again
-
-    def on_failure(self, error: BaseException) -> None: ...  # the session failed and was dropped
-
-
-class Progress:
-    """A snapshot of one session's counters, taken on the worker thread after a round (immutable once posted)."""
-
-    __slots__ = ("processed_samples", "compute_seconds", "encoded_seconds", "state_nbytes", "finished")
-
-    def __init__(self, processed_samples: int = 0, compute_seconds: float = 0.0, encoded_seconds: float = 0.0,
-                 state_nbytes: int = 0, finished: bool = False):  # fmt: skip
-        self.processed_samples = processed_samples  # samples handed to the encoder session
-        self.compute_seconds = compute_seconds  # the session's share of the worker's compute
-        self.encoded_seconds = encoded_seconds  # audio turned into features
-        self.state_nbytes = state_nbytes  # the encoder session's streaming state
-        self.finished = finished
-
-
-class Slot:
-    """One live session as the worker sees it: its encoder session, the audio queued for it, and its flags.
-
-    The event loop only calls ``add_audio``, ``request_end`` and ``cancel`` (thread-safe); everything else belongs to
-    the worker thread.
-    """
-
-    def __init__(self, session_id: str, encoder_session: Any, sample_rate: int, sink: SlotSink):
+    def __init__(self, session_id: str, sample_rate: int, sink: SlotSink):
         self.id = session_id
-        self.session = encoder_session
         self.sample_rate = sample_rate
         self.sink = sink
         self._lock = threading.Lock()
@@ -76,7 +53,7 @@ class Slot:
         self._queued_samples = 0
         self._end_requested = False
         self.cancelled = False
-        # Worker-thread state.
+        # Backend state.
         self.end_called = False
         self.finished = False
         self.processed_samples = 0
@@ -100,7 +77,10 @@ class Slot:
         with self._lock:
             self._end_requested = True
 
-    # --- worker side ---
+    def cancel(self) -> None:
+        self.cancelled = True  # the backend drops it at its next round
+
+    # --- backend side ---
 
     def take(self, max_samples: int) -> np.ndarray | None:
         """Up to ``max_samples`` of the queued audio (whole chunks, and at least one), or None when nothing is queued."""
@@ -120,16 +100,29 @@ class Slot:
             return self._end_requested and not self._queued
 
 
+class Slot(AudioQueue):
+    """One live session as the in-process worker sees it: its encoder session and the audio queued for it (an
+    EncoderSlot, server/backends.py)."""
+
+    def __init__(self, session_id: str, encoder_session: Any, sample_rate: int, sink: SlotSink):
+        super().__init__(session_id, sample_rate, sink)
+        self.session = encoder_session
+        self.info = EncoderSessionInfo.of(encoder_session)
+
+
 class WorkerThread:
     """A thread that owns models and runs all their calls, driven by the event loop: commands (``call``) and wake-ups
     go in, results come back through ``loop.call_soon_threadsafe``. Subclasses implement ``_round``: one pass over
     their sessions; it returns True when more work is already waiting."""
 
     name = "dpslm-worker"
+    high_priority = False  # the CUDA stream priority of this thread's work (the encoder's is higher)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics=None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics=None, device: str | torch.device = "cpu"):
         self.loop = loop
         self.metrics = metrics
+        self.device = torch.device(device)
+        self.device_error: str | None = None  # set once the device fails (a sticky CUDA error): the worker is down
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
@@ -148,7 +141,7 @@ class WorkerThread:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self.device_error is None
 
     def call(self, fn: Callable[[], Any]) -> "asyncio.Future":
         """Run ``fn()`` on the worker thread (e.g. open_session, which may load models); await the result."""
@@ -169,14 +162,18 @@ class WorkerThread:
             pass
 
     def _run(self) -> None:
-        while not self._stopping:
-            self._wake.wait(timeout=1.0)
-            self._wake.clear()
-            self.heartbeat = time.monotonic()
-            self._run_commands()
-            if self._round():
-                self._wake.set()  # more than one round of work is waiting: go round again at once
-        self._run_commands()  # fail nobody silently: commands queued during shutdown still get an answer
+        checked = time.monotonic()
+        with worker_stream(self.device, self.high_priority):  # this thread's own CUDA stream; no-op on CPU
+            while not self._stopping:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                self.heartbeat = time.monotonic()
+                if self.heartbeat - checked >= 1.0 and self.device_error is None:  # once a second: device works?
+                    self.device_error, checked = device_error(self.device), self.heartbeat
+                self._run_commands()
+                if self._round():
+                    self._wake.set()  # more than one round of work is waiting: go round again at once
+            self._run_commands()  # fail nobody silently: commands queued during shutdown still get an answer
 
     def _round(self) -> bool:
         raise NotImplementedError
@@ -195,14 +192,31 @@ class WorkerThread:
                 fut.set_exception(e)
 
 
+class InProcessEncoder:
+    """An EncoderWorker served by a ModelWorker thread in this process (an EncoderProvider, server/backends.py)."""
+
+    def __init__(self, encoder_worker: Any):
+        self.worker = encoder_worker
+        self.models = encoder_worker.models
+
+    def available_pairs(self) -> list[tuple[int, int]]:
+        return list(self.worker.available_pairs())
+
+    def make_backend(self, loop: asyncio.AbstractEventLoop, metrics: Any, quantum_s: float) -> "ModelWorker":
+        return ModelWorker(self.worker, loop, metrics, quantum_s)
+
+
 class ModelWorker(WorkerThread):
-    """The thread that runs every encoder model call of the server (see the module docstring)."""
+    """The thread that runs every encoder model call of the server (see the module docstring); an EncoderBackend
+    (server/backends.py)."""
 
     name = "dpslm-model-worker"
 
+    high_priority = True  # units never wait for audio: the encoder's kernels go first on a shared GPU
+
     def __init__(self, encoder_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
                  full_slice_s: float = 0.05):  # fmt: skip
-        super().__init__(loop, metrics)
+        super().__init__(loop, metrics, getattr(encoder_worker, "device", "cpu"))
         self.encoder = encoder_worker
         self.quantum_s = quantum_s
         self.full_slice_s = full_slice_s
@@ -317,3 +331,9 @@ def warm_up(encoder: Any, k: int, lmbda: int, seconds: float = 1.0) -> None:
         encoder.step([session])
         if any(isinstance(ev, EndEvent) for ev in session.poll()):
             return
+
+
+if TYPE_CHECKING:  # mypy checks that the in-process classes implement the declared interfaces
+
+    def _implements(provider: InProcessEncoder, backend: ModelWorker, slot: Slot) -> tuple[EncoderProvider, EncoderBackend, EncoderSlot]:
+        return provider, backend, slot

@@ -107,7 +107,7 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tiny_dir, argv, message, cap
 
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "dpslm_stream", "download", "--list"], capture_output=True, text=True)
-    assert out.returncode == 0 and "wavlm-large-6fb4b3c3.pt" in out.stdout and len(out.stdout.splitlines()) == 1 + 5 + 24 + 1 + 24 + 2
+    assert out.returncode == 0 and "wavlm-large-6fb4b3c3.pt" in out.stdout and len(out.stdout.splitlines()) == 1 + 5 + 24 + 1 + 2 + 24 + 1 + 2
 
 
 def test_encode_stream_full_equals_offline_and_compare_reports_exact(tiny_dir, clip, tmp_path, capsys):

@@ -242,7 +242,7 @@ def test_without_pyarrow_the_parts_are_json_lines(tiny_dir, corpus_dir, referenc
 def test_without_ray_the_error_says_how_to_install_it(tiny_dir, corpus_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, installed or not
     assert _run(corpus_dir, "--out", tmp_path / "o", "--models", tiny_dir, *PAIR, "--ray") == 1
-    assert "pip install 'dpslm-stream[ray]'" in capsys.readouterr().err
+    assert "pip install -e '.[ray]' in the dpslm-stream checkout" in capsys.readouterr().err
 
 
 # --- Ray Data --------------------------------------------------------------------------------------------------------

@@ -256,11 +256,12 @@ def test_batch_equals_one_by_one():
     seqs = [x[:1], x[:BLOCK_FRAMES], x[3 : 2 * BLOCK_FRAMES + 10], x]
     expected = [dpdp(s, c, 7.0, 4) for s in seqs]
     got = dpdp_batch(seqs, c, 7.0, 4)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert len(got) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=float("nan"))
     lengths = torch.tensor([len(s) for s in seqs])
     got = dpdp_batch((padded, lengths), c, 7.0, 4)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert dpdp_batch([], c, 7.0) == []
 
 

@@ -1,7 +1,7 @@
 """The live server with its encoder on Ray Serve (--backend ray), on a local Ray bound to 127.0.0.1 with the tiny set:
 the same protocol and clients give the same units as the in-process server, sessions share batched steps, a full
 server answers busy, and a session whose replica goes away ends with internal_error (close 1011).
-Needs the optional extra (pip install 'dpslm-stream[ray]'); skipped without it."""
+Needs the optional extra (pip install -e '.[ray]' in the dpslm-stream checkout); skipped without it."""
 
 from __future__ import annotations
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import websockets
 
 from dpslm_stream import protocol as P
+from dpslm_stream.audio import load_audio
 from dpslm_stream.client import ListenerClient, SessionError, UnitsClient, chunked
 from dpslm_stream.hub import ModelSet
 from dpslm_stream.pipeline import Pipeline
@@ -74,19 +76,28 @@ def test_audio_streams_back_and_ends_before_end(server):
     assert np.isfinite(audio).all() and np.abs(audio).max() > 0
 
 
-def test_unlimited_context_equals_offline_greedy_resynthesis(server):
+def long_speech() -> np.ndarray:
+    """The bundled speech sample played twice: 14.6 s, > 200 deduplicated units."""
+    wav, sr = load_audio(Path(__file__).parents[1] / "dpslm_stream" / "data" / "sample.wav")
+    assert sr == SR
+    return np.concatenate([wav, wav])
+
+
+@pytest.mark.parametrize("wav", [WAV, long_speech()], ids=["synthetic-2s", "speech-14.6s"])
+def test_unlimited_context_equals_offline_greedy_resynthesis(server, wav):
     """Full-mode units (= offline units) with C = L = None and a vocoder window over the whole stream: the audio that
-    streams back is offline `resynth --greedy` (ELLA-V greedy generate + whole-sequence vocode), to PCM16 rounding."""
+    streams back is offline `resynth --greedy` (ELLA-V greedy generate + whole-sequence vocode), to PCM16 rounding,
+    at any length (the speech gives far more units than one pass's default max_pass_units)."""
     opts = {"left_context": None, "holdback": None, "vocoder_left_context": None, "vocoder_lookahead": 100000}
 
     async def main():
         async with UnitsClient(server.url, sample_rate=SR, format="float32", resynth=opts,
                                options={"mode": "full"}) as c:
-            return await collect(c)
+            return await collect(c, wav)
 
     msgs, units, chunks, audio = run(main())
     pipe = Pipeline(ModelSet("tiny"), 500, 4500)
-    offline_units = pipe.encode(WAV, SR, score=False).units
+    offline_units = pipe.encode(wav, SR, score=False).units
     assert [u.unit for u in units] == offline_units
     (wav, codes, finished), = pipe.resynthesize(offline_units, greedy=True)
     assert msgs[-1].resynth["codec_frames"] == len(codes)

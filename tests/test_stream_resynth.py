@@ -6,11 +6,13 @@ built here, and each session run alone against the same session run in a batch.
 """
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from dpslm_stream.audio import load_audio
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models import ellav as E
 from dpslm_stream.models import wavtokenizer as W
@@ -113,6 +115,43 @@ def test_unlimited_context_equals_offline_greedy_pipeline(tiny_models):
     assert isinstance(end, ResynthEndEvent) and end.error is None and end.units == len(units)
     assert end.codec_frames == len(offline) and end.passes == 1
     np.testing.assert_allclose(audio_of(events), wav[0].numpy(), rtol=0, atol=1e-6 * float(wav.abs().max()))
+
+
+SAMPLE = Path(__file__).parents[1] / "dpslm_stream" / "data" / "sample.wav"
+
+
+@pytest.fixture(scope="module")
+def long_speech_units(tiny_models):
+    """Units of the bundled speech sample played twice (14.6 s, > 200 deduplicated units)."""
+    wav, sr = load_audio(SAMPLE)
+    units = Pipeline(tiny_models, K, LMBDA).encode(np.concatenate([wav, wav]), sr, score=False).units
+    assert len(units) >= 200
+    return units
+
+
+def test_exact_settings_equal_offline_on_long_speech(tiny_models, long_speech_units):
+    """Acceptance at length: 14.6 s of speech (> 200 units, far more than the default max_pass_units), the exact
+    settings with every other option at its default (as the server passes them), units arriving in pushes with
+    steps in between: codec ids and audio are offline greedy resynthesis. (A pass prompt cut at max_pass_units
+    units made every token differ from the first on.)"""
+    units = long_speech_units
+    pipe = Pipeline(tiny_models, K, LMBDA)
+    (wav, offline, finished), = pipe.resynthesize(units)
+    assert finished
+    for max_batch in (1, 16):
+        worker = ResynthWorker(tiny_models, pairs=[(K, LMBDA)], max_batch=max_batch)
+        s = worker.open_session(K, LMBDA, left_context=None, holdback=None, vocoder_left_context=None,
+                                vocoder_lookahead=10**6)  # fmt: skip
+        codes = record_codes(s)
+        feed(worker, s, units, chunk=9)
+        s.end()
+        worker.run_until_idle([s])
+        events = s.poll()
+        assert codes == offline
+        assert events[-1].error is None and events[-1].codec_frames == len(offline)
+        np.testing.assert_allclose(audio_of(events), wav[0].numpy(), rtol=0, atol=1e-6 * float(wav.abs().max()))
+    stage = IncrementalELLAV(pipe.ellav, left_context=None, holdback=None)
+    assert stage.push(units[:100]) == [] and stage.push(units[100:]) + stage.flush() == offline
 
 
 def test_reprompting_with_the_whole_unit_list_continues_offline_exactly(tiny_models, ellav64, wt):
@@ -454,3 +493,48 @@ def test_bad_models_and_units_are_clear_errors(tiny_models, ellav64, wt):
     s.end()
     worker.run_until_idle([s])
     assert s.poll()[-1].units == 2
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that read tensor values back to the host: item()/int()/bool() (aten._local_scalar_dense,
+    or aten.item / aten.is_nonzero under inference mode),
+    boolean-mask indexing (aten.nonzero) and Tensor.tolist (patched in by the test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+                    torch.ops.aten.is_nonzero.default, torch.ops.aten.nonzero.default):  # fmt: skip
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_decode_step_reads_back_once(ellav64, monkeypatch):
+    """The device-hygiene budget: one batched decode step (greedy and sampling rows, rows leaving) makes exactly one
+    device -> host read (the tokens and pass-over flags together); the KV cache keeps its lengths on the host."""
+    from dpslm_stream.stream.resynth import BatchDecoder
+
+    decoder = BatchDecoder(ellav64, max_batch=4, max_codec_tokens_per_phone=M)
+    stages = [IncrementalELLAV(ellav64, left_context=None, holdback=None, greedy=g, seed=1) for g in (True, False, True)]
+    for stage, n in zip(stages, (3, 5, 8)):
+        stage.add(random_units(n, seed=n))
+        stage.end()
+    decoder.admit([(stage, stage.next_pass()) for stage in stages])
+    counter = HostSyncs()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t):
+        counter.count += 1
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    steps = left = 0
+    with counter:
+        while decoder.rows and steps < 500:
+            for stage, token, over in decoder.step():
+                left += over
+            steps += 1
+    assert left == 3 and steps > 20
+    assert counter.count == steps

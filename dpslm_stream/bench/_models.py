@@ -18,7 +18,7 @@ def full_size_encoder_worker(device: str = "cpu", **worker_kwargs):
     torch.manual_seed(0)
     model = wavlm.WavLM(dataclasses.replace(wavlm.FULL, encoder_layers=11)).eval()
     with torch.inference_mode():
-        feats = wavlm.extract_features(model, torch.from_numpy(speech_like(10.0, 16000, seed=5))[None], 16000)
+        feats = wavlm.extract_features(model, torch.from_numpy(speech_like(10.0, 16000, seed=5))[None], 16000, layer=11)
     codebook = feats[torch.randperm(feats.shape[0], generator=torch.Generator().manual_seed(0))[:500]].clone()
     return EncoderWorker("tiny", device=device, pairs=[(500, 4500)], wavlm=model, codebooks={500: codebook},
                          **worker_kwargs)  # fmt: skip

@@ -54,7 +54,7 @@ def full_size_pipeline(device: str = "cpu"):
     torch.manual_seed(0)
     model = wavlm.WavLM(dataclasses.replace(wavlm.FULL, encoder_layers=11)).eval().to(device)
     with torch.inference_mode():
-        feats = wavlm.extract_features(model, torch.from_numpy(speech_like(10.0, 16000, seed=5))[None], 16000)
+        feats = wavlm.extract_features(model, torch.from_numpy(speech_like(10.0, 16000, seed=5))[None], 16000, layer=11)
     codebook = feats[torch.randperm(feats.shape[0], generator=torch.Generator().manual_seed(0))[:500]].clone()
     pipe = Pipeline("tiny", 500, 4500, device)
     pipe._cache["wavlm"] = (model, wavlm.extract_features)  # RANDOM full-size weights in place of a checkpoint
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
             try:
                 import ray
             except ImportError:
-                print("  (Ray not installed: pip install 'dpslm-stream[ray]' to time the Ray rows)")
+                print("  (Ray not installed: pip install -e '.[ray]' in the dpslm-stream checkout to time the Ray rows)")
                 workers = []
             else:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

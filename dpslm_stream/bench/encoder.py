@@ -142,10 +142,10 @@ def run(args: argparse.Namespace) -> None:
     # Offline reference: the whole utterance at once.
     x = torch.from_numpy(wav)[None].to(device)
     with torch.inference_mode():
-        worker.extract_features(worker.wavlm, x[:, :16000], 16000)  # warm-up
+        worker.extract_features(worker.wavlm, x[:, :16000], 16000, layer=11)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
-        worker.extract_features(worker.wavlm, x, 16000)
+        worker.extract_features(worker.wavlm, x, 16000, layer=11)
         _sync(device)
     offline_rtf = (time.perf_counter() - t0) / args.seconds
     print(f"offline (whole utterance, exact): real-time factor {offline_rtf:.3f}\n")
@@ -215,7 +215,7 @@ def plot(rows: list[dict], offline_rtf: float, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install 'dpslm-stream[plot]'); no plot written")
+        print("matplotlib is not installed (pip install -e '.[plot]' in the dpslm-stream checkout); no plot written")
         return
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for mode, marker in (("sliding", "s"), ("cached", "o")):

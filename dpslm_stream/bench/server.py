@@ -225,7 +225,7 @@ def plot(rows: list[dict], args: argparse.Namespace, label: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install 'dpslm-stream[plot]'); no plot written")
+        print("matplotlib is not installed (pip install -e '.[plot]' in the dpslm-stream checkout); no plot written")
         return
     ns = [r["n"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.6))

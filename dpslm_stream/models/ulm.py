@@ -108,6 +108,69 @@ class UnitTokenizer:
         return (ids[ids != self.BOS_id] - 1).tolist()
 
 
+class PhonemeTokenizer:
+    """Upstream `ulm.phones.PhonemeTokenizer` (the phone LM's tokenizer, released as `us_arpa_tokenizer.json`).
+
+    encode("H EY1") = [BOS, id(H), id(EY1)] (split on `delimiter`, unknown phones -> UNK); ids 0 and 1 are always
+    BOS and UNK. decode drops BOS and joins the phones back with the delimiter.
+    """
+
+    BOS_id: int = 0
+    UNK_id: int = 1
+
+    def __init__(self, phoneme_to_id: dict[str, int], delimiter: str = " "):
+        if not isinstance(phoneme_to_id, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in phoneme_to_id.items()
+        ):
+            raise CheckpointError("phone tokenizer: phoneme_to_id must map phone strings to integer ids")
+        if len(set(phoneme_to_id.values())) != len(phoneme_to_id):
+            raise CheckpointError("phone tokenizer: the phoneme to id mapping must be one-to-one")
+        if not isinstance(delimiter, str) or delimiter in phoneme_to_id:
+            raise CheckpointError(f"phone tokenizer: delimiter {delimiter!r} must be a string not in the vocabulary")
+        inverse = {v: k for k, v in phoneme_to_id.items()}
+        if self.BOS_id not in inverse or self.UNK_id not in inverse:
+            raise CheckpointError("phone tokenizer: ids 0 (BOS) and 1 (UNK) must be in the vocabulary")
+        self.phoneme_to_id = dict(phoneme_to_id)
+        self.delimiter = delimiter
+        self.id_to_phoneme = inverse
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.phoneme_to_id)
+
+    @property
+    def BOS_token(self) -> str:
+        return self.id_to_phoneme[self.BOS_id]
+
+    @property
+    def UNK_token(self) -> str:
+        return self.id_to_phoneme[self.UNK_id]
+
+    def encode(self, phoneme_string: str) -> torch.Tensor:
+        if not isinstance(phoneme_string, str):
+            raise InvalidInput(f"encode takes a string of phones such as 'H EY1', got {type(phoneme_string).__name__}")
+        phones = [self.BOS_token, *phoneme_string.split(self.delimiter)]
+        return torch.tensor([self.phoneme_to_id.get(p, self.UNK_id) for p in phones], dtype=torch.long)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        ids = torch.as_tensor(ids)
+        return self.delimiter.join(self.id_to_phoneme.get(i, self.UNK_token) for i in ids[ids != self.BOS_id].tolist())
+
+    @classmethod
+    def from_dict(cls, d: object) -> "PhonemeTokenizer":
+        """The upstream JSON (simple-parsing `to_dict`: phoneme_to_id, delimiter, and the constants BOS_id/UNK_id)."""
+        if not isinstance(d, dict) or "phoneme_to_id" not in d:
+            raise CheckpointError("not a phone tokenizer file: expected a JSON object with 'phoneme_to_id'")
+        for name in ("BOS_id", "UNK_id"):
+            if name in d and d[name] != getattr(cls, name):
+                raise CheckpointError(f"phone tokenizer: {name} is {d[name]!r}, upstream fixes it to {getattr(cls, name)}")
+        return cls(d["phoneme_to_id"], d.get("delimiter", " "))
+
+    def to_dict(self) -> dict:
+        return {"phoneme_to_id": dict(self.phoneme_to_id), "delimiter": self.delimiter, "BOS_id": self.BOS_id,
+                "UNK_id": self.UNK_id}  # fmt: skip
+
+
 class ULM(Transformer):
     """The unit LM. Parameter names are the upstream state-dict keys; runs in the dtype of its weights."""
 

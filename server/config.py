@@ -1,0 +1,114 @@
+"""The server's configuration: everything `dpslm-stream serve` can set, validated once.
+
+Every size and rate a client controls is bounded by one field here (the session core, server/session.py, applies
+them; each has a `serve` flag, see server/cli.py). The defaults suit a server reachable by anyone: a client can ask
+for at most these, whatever it sends.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from dpslm_stream import protocol as P
+from dpslm_stream.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `dpslm-stream serve` can set. Defaults suit one machine serving a handful of live clients."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765  # 0 = an ephemeral port (tests)
+    models: str = "release"  # release | tiny | a folder (see dpslm_stream.hub.ModelSet)
+    device: str = "cpu"
+    dtype: str = "float32"
+    pairs: tuple[tuple[int, int], ...] | None = None  # (k, lambda) pairs to serve; None = the encoder's default
+    max_sessions: int = 16
+    presets: tuple[str, ...] | None = None  # window presets clients may choose; None = all the encoder has
+    modes: tuple[str, ...] = P.ENCODER_MODES  # encoder modes clients may choose (sliding costs several times more)
+    token: str | None = None  # required from clients when set (?token= or Authorization: Bearer)
+    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed besides this server's own page; "*" = any
+    # Time limits.
+    start_timeout_s: float = 10.0  # a connection must send start (or subscribe) within this (time reading its frames)
+    idle_timeout_s: float = 30.0  # a started sender that could send and sent nothing for this long is ended
+    max_session_s: float = 3600.0
+    # Sizes a client controls.
+    max_full_s: float = 120.0  # audio per session in mode full, which keeps the whole stream until its end
+    max_message_bytes: int = 1 << 20  # larger audio frames are refused with message_too_large
+    max_text_bytes: int = 16 << 10  # larger text (JSON) frames are refused with message_too_large, unparsed
+    max_json_depth: int = 8  # deeper JSON nesting is refused with bad_json, unparsed
+    max_buffer_s: float = 5.0  # received, not yet encoded audio per session (queued + inside the encoder)
+    max_buffer_bytes: int = 4 << 20  # the same queue in bytes (float32 samples), whatever the sample rate
+    stall_timeout_s: float = 10.0  # how long a full buffer may stay full before buffer_full (0: at once)
+    max_outgoing_bytes: int = 8 << 20  # bytes queued for a client that does not read (then client_too_slow)
+    max_left: int = 500  # window sizes (20 ms frames) a session may ask for: left context L
+    min_hop: int = 5  # hop H at least this (smaller hops cost a forward per few frames: a cheap way to load the worker)
+    max_hop: int = 100
+    max_lookahead: int = 100  # lookahead R
+    max_lag: int = 3000  # start.options.max_lag at most this (frames)
+    stats_interval_s: float = 1.0
+    drain_timeout_s: float = 30.0  # SIGTERM: time allowed to finish running sessions
+    quantum_s: float = 0.5  # audio per session per worker round (fairness)
+    warmup: bool = True  # run one short stream through the models before accepting clients
+    busy_retry_after_s: float = 5.0
+    resynth: bool = True  # offer live resynthesis (start.resynth, listeners); its models load on first use
+    resynth_device: str | None = None  # device of the resynthesis worker (default: device)
+    resynth_dtype: str = "float32"  # ELLA-V dtype (bfloat16/float16 are meant for a GPU)
+    precision: str = "exact"  # resynthesis models: "exact" (float32) or "fast" (models/precision.py picks per machine)
+    max_listeners: int = 4  # listeners per sender session
+    max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
+    allow_tf32: bool = False  # CUDA: TF32 matmuls/convolutions (faster, not exact; see dpslm_stream.device)
+
+    def __post_init__(self) -> None:
+        positive_ints = ("max_sessions", "max_message_bytes", "max_text_bytes", "max_json_depth", "max_buffer_bytes",
+                         "max_outgoing_bytes", "min_hop", "max_hop", "max_lag", "max_listeners")  # fmt: skip
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInput(f"{_flag(name)} must be an integer >= 1, got {value!r}")
+        for name in ("max_left", "max_lookahead"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInput(f"{_flag(name)} must be an integer >= 0, got {value!r}")
+        if self.min_hop > self.max_hop:
+            raise InvalidInput(f"--min-hop ({self.min_hop}) must not exceed --max-hop ({self.max_hop})")
+        positive = ("start_timeout_s", "idle_timeout_s", "max_session_s", "max_full_s", "max_buffer_s",
+                    "stats_interval_s", "drain_timeout_s", "quantum_s", "busy_retry_after_s", "max_resynth_lag_s")  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise InvalidInput(f"{_flag(name)} must be a positive number of seconds, got {value!r}")
+        if not (isinstance(self.stall_timeout_s, (int, float)) and 0 <= self.stall_timeout_s < math.inf):
+            raise InvalidInput(f"--stall-timeout must be >= 0, got {self.stall_timeout_s!r}")
+        unknown = sorted(set(self.modes) - set(P.ENCODER_MODES))
+        if unknown or not self.modes:
+            raise InvalidInput(f"modes must be some of {P.ENCODER_MODES}, got {self.modes!r}")
+        # A server cannot take a frame whose bytes exceed what its audio buffer holds.
+        if self.max_message_bytes > self.max_buffer_bytes:
+            raise InvalidInput(f"--max-message-bytes ({self.max_message_bytes}) must not exceed --max-buffer-bytes "
+                               f"({self.max_buffer_bytes})")  # fmt: skip
+
+    def limits(self) -> dict:
+        """The limits every client is told in ``ready``."""
+        return {"max_session_s": self.max_session_s, "max_full_s": self.max_full_s, "idle_timeout_s": self.idle_timeout_s,
+                "start_timeout_s": self.start_timeout_s, "max_message_bytes": self.max_message_bytes,
+                "max_text_bytes": self.max_text_bytes, "max_buffer_s": self.max_buffer_s,
+                "max_buffer_bytes": self.max_buffer_bytes, "stall_timeout_s": self.stall_timeout_s,
+                "max_outgoing_bytes": self.max_outgoing_bytes, "max_left": self.max_left, "min_hop": self.min_hop,
+                "max_hop": self.max_hop, "max_lookahead": self.max_lookahead, "max_lag": self.max_lag}  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    """The serve flag of a config field (what the user typed)."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+# Config fields whose flag is not simply the field's name with dashes.
+FLAGS = {"start_timeout_s": "--start-timeout", "idle_timeout_s": "--idle-timeout", "max_session_s": "--max-session-time",
+         "max_full_s": "--max-full-audio", "max_buffer_s": "--max-buffer", "stall_timeout_s": "--stall-timeout",
+         "drain_timeout_s": "--drain-timeout", "max_resynth_lag_s": "--max-resynth-lag",
+         "stats_interval_s": "stats_interval_s", "quantum_s": "quantum_s",
+         "busy_retry_after_s": "busy_retry_after_s"}  # fmt: skip
+
+CONFIG_FIELDS = tuple(f.name for f in fields(ServerConfig))

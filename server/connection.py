@@ -1,0 +1,304 @@
+"""One WebSocket connection on the event loop: the asyncio shell around its session core (server/session.py).
+
+It only moves data: frames from the socket become the core's events, the core's actions become frames on the socket
+and calls on the backends (server/backends.py), and one timer per connection fires ``tick`` at the core's next
+deadline. The backends report through the sink methods (``on_events``, ``on_resynth_events``, ...), which are events
+of the core too. Any exception while handling one of this connection's events ends this session alone with
+``internal_error`` and an ``end`` carrying the units already sent (``Session.failed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from dpslm_stream import protocol as P
+from dpslm_stream.errors import InvalidInput, UnknownModel
+
+from . import actions as A
+from .backends import EncoderSlot, Progress, ResynthStream
+from .session import Session
+
+if TYPE_CHECKING:
+    from .app import Server
+
+log = logging.getLogger("dpslm_stream.server")
+E = P.ErrorCode
+
+
+class _Close:
+    """The outgoing queue's last item: close with this code once everything before it was written."""
+
+    def __init__(self, code: int, reason: str):
+        self.code, self.reason = code, reason
+
+
+class Connection:
+    """Implements SlotSink and ResynthSink (server/backends.py) for its session."""
+
+    def __init__(self, server: "Server", ws: ServerConnection):
+        self.server = server
+        self.ws = ws
+        self.loop = asyncio.get_running_loop()
+        self.id = uuid.uuid4().hex[:12]
+        self.core = Session(self.id, server.config, server.info, self.loop.time(), server.metrics)
+        self.slot: EncoderSlot | None = None
+        self.rstream: ResynthStream | None = None
+        self.listeners: set[Connection] = set()  # sender: its listeners
+        self.sender: Connection | None = None  # listener: its sender
+        self.out: asyncio.Queue = asyncio.Queue()
+        self._readable = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._send_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def buffered_s(self) -> float:
+        start = self.core.start
+        return self.core.queued_samples / start.sample_rate if start is not None else 0.0
+
+    # --- the loop ----------------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._send_task = asyncio.create_task(self._send_loop())
+        self._arm_timer()
+        try:
+            await self._receive_loop()
+        finally:
+            self.handle(self.core.connection_lost)
+            if self._timer is not None:
+                self._timer.cancel()
+            if self.server.senders.get(self.id) is self:
+                del self.server.senders[self.id]
+            for task in list(self._tasks):
+                task.cancel()
+            if not self._send_task.done():
+                # The socket is closed: nothing queued can be written any more. Stop at once (the slot is released).
+                self._send_task.cancel()
+
+    async def _receive_loop(self) -> None:
+        while True:
+            while not self.core.reading:
+                if self.core.state.value == "gone":
+                    return
+                self._readable.clear()
+                await self._readable.wait()
+            try:
+                data = await self.ws.recv()
+            except ConnectionClosed:
+                return
+            if isinstance(data, str):
+                self.handle(self.core.receive_text, data)
+            else:
+                self.handle(self.core.receive_binary, data)
+
+    async def _send_loop(self) -> None:
+        try:
+            while True:
+                item = await self.out.get()
+                if isinstance(item, _Close):
+                    await self.ws.close(item.code, item.reason)
+                    return
+                data, nbytes = item
+                await self.ws.send(data)
+                self.core.sent(nbytes)
+        except ConnectionClosed:
+            pass
+        except Exception:  # a bug must not leave the connection hanging: close it, keep serving the others
+            log.exception("session %s: sending failed", self.id)
+            await self.ws.close(P.CLOSE_INTERNAL, "internal_error")
+
+    def handle(self, event: Callable[..., list], *args: Any) -> None:
+        """Feed one event to the core (``now`` is appended) and carry out its actions."""
+        now = self.loop.time()
+        try:
+            self.execute(event(*args, now))
+        except Exception as e:  # noqa: BLE001 - one session's bug ends that session, with its units
+            log.exception("session %s: handling %s failed", self.id, getattr(event, "__name__", event))
+            try:
+                self.execute(self.core.failed(e, now))
+            except Exception:  # noqa: BLE001 - even that failed: drop the connection
+                log.exception("session %s: could not end the session cleanly", self.id)
+                self._abort(P.CLOSE_INTERNAL, "internal_error")
+        if self.core.reading:
+            self._readable.set()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """One timer per connection, at the core's next deadline."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.core.next_deadline()
+        if deadline != float("inf") and not self.core.finished:
+            self._timer = self.loop.call_at(deadline, self.handle, self.core.tick)
+
+    # --- actions -----------------------------------------------------------------------------------------------------
+
+    def execute(self, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, A.Send):
+                self.out.put_nowait((a.data, a.nbytes))
+            elif isinstance(a, A.Close):
+                self.out.put_nowait(_Close(a.code, a.reason))
+            elif isinstance(a, A.Abort):
+                self._abort(a.code, a.reason)
+            elif isinstance(a, A.FeedAudio):
+                assert self.slot is not None
+                self.slot.add_audio(a.samples)
+                self._wake_encoder()
+            elif isinstance(a, A.RequestEnd):
+                assert self.slot is not None
+                self.slot.request_end()
+                self._wake_encoder()
+            elif isinstance(a, A.CancelSlot):
+                if self.slot is not None:
+                    self.slot.cancel()
+            elif isinstance(a, A.PushUnits):
+                assert self.rstream is not None and self.server.resynth_backend is not None
+                try:
+                    self.rstream.push_units(list(a.units), list(a.end_s))
+                except InvalidInput as e:  # cannot happen for the encoder's own units; do not lose the session
+                    log.error("session %s: resynthesis refused a unit: %s", self.id, e)
+                self.server.resynth_backend.wake()
+            elif isinstance(a, A.EndResynth):
+                assert self.rstream is not None and self.server.resynth_backend is not None
+                self.rstream.end()
+                self.server.resynth_backend.wake()
+            elif isinstance(a, A.CloseResynth):
+                self._close_resynth(self.rstream)
+            elif isinstance(a, A.Relay):
+                for listener in list(self.listeners):
+                    listener.handle(listener.core.relay_unit, a.unit)
+            elif isinstance(a, A.ListenersDone):
+                for listener in list(self.listeners):
+                    listener.handle(listener.core.sender_done, a.gone)
+            elif isinstance(a, A.Unsubscribe):
+                if self.sender is not None:
+                    self.sender.listeners.discard(self)
+                    self.sender.core.listeners = len(self.sender.listeners)
+            elif isinstance(a, A.Register):
+                self.server.senders[self.id] = self
+            elif isinstance(a, A.OpenSession):
+                self._spawn(self._open(a))
+            elif isinstance(a, A.Subscribe):
+                self._spawn(self._subscribe(a))
+            else:
+                raise TypeError(f"unknown action {a!r}")
+
+    def _wake_encoder(self) -> None:
+        if self.server.worker is not None:
+            self.server.worker.wake()
+
+    def _abort(self, code: int, reason: str) -> None:
+        while not self.out.empty():
+            self.out.get_nowait()
+        if self._send_task is not None:
+            self._send_task.cancel()
+        self._spawn(self.ws.close(code, reason))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- opening the backends ----------------------------------------------------------------------------------------
+
+    async def _opening(self, what: str, opener: Callable[[], Awaitable[Any]]) -> tuple[Any, tuple | None]:
+        """Await one backend open: (its result, None), or (None, (error code, message)) when it is refused (unknown
+        model, bad settings) or fails (a failing model load must not take the server down)."""
+        try:
+            return await opener(), None
+        except UnknownModel as e:
+            return None, (E.UNKNOWN_MODEL, f"{what}: {e}")
+        except InvalidInput as e:
+            return None, (E.BAD_SETTINGS, f"{what}: {e}")
+        except Exception as e:  # noqa: BLE001
+            log.exception("%s failed", what)
+            return None, (E.INTERNAL_ERROR, f"{what} failed: {type(e).__name__}: {e}")
+
+    def _close_resynth(self, rstream: ResynthStream | None) -> None:
+        if rstream is not None and self.server.resynth_backend is not None:
+            self.server.resynth_backend.close(rstream)
+
+    async def _open(self, a: A.OpenSession) -> None:
+        k, lmbda = a.settings["k"], a.settings["lmbda"]
+        rstream, slot = None, None
+        resynth, worker = self.server.resynth_backend, self.server.worker
+        assert worker is not None and (a.resynth is None or resynth is not None)
+        try:
+            if a.resynth is not None and resynth is not None:
+                options = a.resynth
+                rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self))
+                if refused:
+                    return self.handle(self.core.open_failed, *refused)
+            slot, refused = await self._opening("encoder session",
+                                                lambda: worker.open_slot(self.id, a.sample_rate, a.settings, self))  # fmt: skip
+            if refused:
+                self._close_resynth(rstream)
+                return self.handle(self.core.open_failed, *refused)
+        except asyncio.CancelledError:  # the connection went away while the models loaded
+            self._close_resynth(rstream)
+            if slot is not None:
+                slot.cancel()
+            raise
+        self.slot, self.rstream = slot, rstream
+        self.handle(self.core.opened, slot.info, rstream)
+
+    async def _subscribe(self, a: A.Subscribe) -> None:
+        """Listener mode: receive a running sender's units, and audio made from those units alone."""
+        cfg = self.server.config
+        sender = self.server.senders.get(a.session)
+        token = sender.core.listen_token if sender is not None else None
+        token_ok = token is not None and hmac.compare_digest(a.token.encode(), token.encode())
+        if sender is None or not token_ok or not sender.core.accepts_listeners:
+            return self.handle(self.core.subscribe_failed, E.UNKNOWN_SESSION,
+                               f"no running session {a.session!r} with that listen token")  # fmt: skip
+        if len(sender.listeners) >= cfg.max_listeners:
+            return self.handle(self.core.subscribe_failed, E.BUSY,
+                               f"session {a.session} already has {cfg.max_listeners} listeners")  # fmt: skip
+        assert sender.core.info is not None
+        k, lmbda = sender.core.info.k, sender.core.info.lmbda
+        rstream: ResynthStream | None = None
+        resynth = self.server.resynth_backend
+        if a.resynth is not None and resynth is not None:
+            options = a.resynth
+            rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self))
+            if refused:
+                return self.handle(self.core.subscribe_failed, *refused)
+        if not sender.core.accepts_listeners or self.server.senders.get(a.session) is not sender:
+            self._close_resynth(rstream)
+            return self.handle(self.core.subscribe_failed, E.SENDER_GONE,
+                               f"session {a.session} ended while the listener was starting")  # fmt: skip
+        self.sender, self.rstream = sender, rstream
+        sender.listeners.add(self)
+        sender.core.listeners = len(sender.listeners)
+        self.handle(self.core.subscribed, sender.id, k, lmbda, rstream)
+
+    # --- sinks (called on the loop by the backends) -------------------------------------------------------------------
+
+    def on_events(self, events: list, progress: Progress) -> None:
+        self.handle(self.core.encoder_events, events, progress)
+
+    def on_consumed(self) -> None:
+        self.handle(self.core.consumed, self.slot.queued_samples if self.slot is not None else 0)
+
+    def on_failure(self, error: BaseException) -> None:
+        self.handle(self.core.failed, error)
+
+    def on_resynth_events(self, events: list, stats: Any) -> None:
+        self.handle(self.core.resynth_events, events, stats)
+
+    def on_resynth_failure(self, error: BaseException) -> None:
+        self.handle(self.core.resynth_failed, error)
+
+    # --- the server ----------------------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        self.handle(self.core.shutdown)

@@ -1,0 +1,633 @@
+"""The session core: one WebSocket connection's protocol, lifecycle and limits, sans I/O.
+
+A ``Session`` is fed events (a text or binary frame, ``tick(now)``, the encoder's and the resynthesis stream's
+output, the I/O layer's reports) and returns actions (server/actions.py: frames to send, a close, backend requests).
+It never touches a socket, a thread or a clock: every event carries ``now``. server/app.py's ``Connection`` is the
+asyncio loop around it (python-websockets' split: the protocol is bytes and events in, events and bytes out).
+
+Lifecycle (``State``)::
+
+    CONNECTED --start--> OPENING --opened--> STREAMING --end / a limit--> ENDING --last unit+audio--> CLOSED --> GONE
+        |                   \\--open_failed--> CONNECTED (error; may start again)
+        \\--subscribe--> OPENING --subscribed--> LISTENING --end / sender done / a limit--> ENDING --> CLOSED
+    any state: a fatal limit before ready, client_too_slow, or the transport going away --> CLOSED / GONE
+
+Every limit is one rule, in ``Limits`` order below, each tested alone (tests/test_session_core.py):
+start deadline, idle, session time, buffer (seconds and bytes, including hops waiting inside the encoder), stall,
+outgoing bytes, message and text sizes, window sizes and max_lag, full-mode audio, resynthesis lag.
+The I/O layer reads frames only while ``reading`` is true: the core stops reading while its backends open and while
+the audio buffer is full (TCP back-pressure); that time is not the client's, so it counts toward neither the idle
+nor the start deadline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+import secrets
+from typing import Any
+
+import numpy as np
+
+from dpslm_stream import __version__
+from dpslm_stream import protocol as P
+from dpslm_stream.errors import InvalidInput
+from dpslm_stream.pipeline import default_num_neighbors
+from dpslm_stream.stream.events import EndEvent, UnitEvent
+from dpslm_stream.stream.resynth import AudioEvent, ResynthEndEvent
+from dpslm_stream.stream.resynth_options import ResynthOptions
+
+from . import actions as A
+from . import limits
+from .backends import EncoderSessionInfo, Progress, ResynthStream
+from .config import ServerConfig
+from .report import Report
+
+log = logging.getLogger("dpslm_stream.server")
+E = P.ErrorCode
+
+
+class State(enum.Enum):
+    CONNECTED = "connected"  # no session yet: start or subscribe expected
+    OPENING = "opening"  # start/subscribe accepted, the backends open (frames are not read meanwhile)
+    STREAMING = "streaming"  # sender: audio in, units out
+    LISTENING = "listening"  # listener: the sender's units in, audio out
+    ENDING = "ending"  # no more input: the remaining units and audio are finished, then end
+    CLOSED = "closed"  # the last frame (end, or a fatal error) is queued and the close requested
+    GONE = "gone"  # the transport is gone
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerInfo:
+    """What a session tells its client about the server (ready) and which models it may choose."""
+
+    models: str
+    random_weights: bool
+    pairs: tuple[tuple[int, int], ...]
+    default_pair: tuple[int, int]
+    resynth: bool  # resynthesis offered
+
+
+class Session:
+    def __init__(self, session_id: str, config: ServerConfig, server: ServerInfo, now: float, metrics: Any = None):
+        self.id = session_id
+        self.cfg = config
+        self.server = server
+        self.metrics = metrics
+        self.state = State.CONNECTED
+        self.role: str | None = None  # "sender" or "listener" once opening
+        self.reason: str | None = None  # why the session ends: "end" or an ErrorCode value
+        self.outcome: str | None = None  # how it ended (the sessions_total metric's label)
+        self.connected_at = now
+        self.started_at = now  # ready time
+        self._client_clock_from = now  # the idle rule counts from here (last frame, or the end of a pause)
+        self._paused_since: float | None = None  # frames are not read since then (opening, full buffer)
+        self._paused_total = 0.0  # seconds not read before start (the start deadline excludes them)
+        self._next_stats = math.inf
+        self._stats_mark: tuple = ()
+        # Sender.
+        self.start: P.Start | None = None
+        self.info: EncoderSessionInfo | None = None
+        self.listen_token: str | None = None
+        self.received_samples = 0
+        self.queued_samples = 0  # fed, not yet taken by the encoder (an upper bound between reports)
+        self.progress = Progress()
+        self._held: tuple[np.ndarray, float] | None = None  # a frame waiting for buffer room, and when it arrived
+        self.units_done = False  # every unit of the stream has been sent
+        self.forced_commits = 0
+        self.listeners = 0
+        # Listener.
+        self.sender_id: str | None = None
+        self.k_lmbda: tuple[int, int] | None = None
+        # Output.
+        self.outgoing_bytes = 0
+        self.report = Report(metrics)
+        # Resynthesis.
+        self.resynth: ResynthStream | None = None
+        self.resynth_settings: dict | None = None
+        self.resynth_end: ResynthEndEvent | None = None
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Queries
+
+    @property
+    def reading(self) -> bool:
+        """Whether the I/O layer should read the client's next frame now."""
+        return self.state not in (State.OPENING, State.GONE) and self._held is None
+
+    @property
+    def accepts_listeners(self) -> bool:
+        return self.role == "sender" and self.state in (State.STREAMING, State.ENDING) and not self.units_done
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (State.CLOSED, State.GONE)
+
+    def next_deadline(self) -> float:
+        """The earliest time at which ``tick`` has something to do (inf: nothing until the next event)."""
+        cfg = self.cfg
+        times = [self._next_stats]
+        if self.state in (State.CONNECTED,):
+            times.append(self.connected_at + self._paused_total + cfg.start_timeout_s)
+            times.append(self._client_clock_from + cfg.idle_timeout_s)
+        elif self.state == State.STREAMING:
+            if self._held is not None:
+                times.append(self._held[1] + cfg.stall_timeout_s)
+            else:
+                times.append(self._client_clock_from + cfg.idle_timeout_s)
+        if self.state in (State.STREAMING, State.LISTENING):
+            times.append(self.started_at + cfg.max_session_s)
+        return min(times)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Events from the client
+
+    def receive_text(self, text: str, now: float) -> list[A.Action]:
+        self._client_active(now)
+        if self.finished:
+            return []
+        try:
+            msg = P.parse_client_message(text, self.cfg.max_text_bytes, self.cfg.max_json_depth)
+        except P.ProtocolError as e:
+            return self._error(e.code, str(e))
+        if self.role == "listener":
+            if isinstance(msg, P.End):
+                return self._leave(now)
+            return self._error(E.NOT_A_SENDER, f"a listener connection takes no {msg.TYPE}; send end to leave")
+        if isinstance(msg, P.Subscribe):
+            if self.role is not None:
+                return self._error(E.ALREADY_STARTED, "this connection is a sender; subscribe on a new connection")
+            return self._on_subscribe(msg, now)
+        if isinstance(msg, P.Start):
+            if self.role is not None:
+                return self._error(E.ALREADY_STARTED, "this connection already has a session; one start per connection "
+                                                      "(open a new connection for a new stream)")  # fmt: skip
+            return self._on_start(msg, now)
+        if self.start is None:
+            return self._error(E.NOT_STARTED, "end before start: send a start message first")
+        if self.state == State.STREAMING:
+            return self._end("end")
+        return []
+
+    def receive_binary(self, data: bytes, now: float) -> list[A.Action]:
+        self._client_active(now)
+        if self.finished:
+            return []
+        if self.role == "listener":
+            return self._error(E.NOT_A_SENDER, "a listener connection takes no audio; the frame was dropped")
+        if self.start is None:
+            return self._error(E.NOT_STARTED, "audio before start: send a start message (JSON) first; the frame was "
+                                              "dropped")  # fmt: skip
+        if self.state != State.STREAMING:
+            return self._error(E.AFTER_END, "audio after end was dropped") if self.reason == "end" else []
+        if len(data) > self.cfg.max_message_bytes:
+            return self._error(E.MESSAGE_TOO_LARGE, f"audio frame of {len(data)} bytes exceeds the limit of "
+                                                    f"{self.cfg.max_message_bytes}; split it (e.g. 20-100 ms per "
+                                                    "frame); the frame was dropped")  # fmt: skip
+        try:
+            samples = P.decode_audio(data, self.start.format)
+        except P.ProtocolError as e:
+            return self._error(e.code, str(e))
+        sr = self.start.sample_rate
+        assert self.info is not None
+        if self.info.mode == "full" and limits.full_mode_exceeded(self.cfg, self.received_samples, len(samples), sr):
+            return self._limit(E.SESSION_TIME_LIMIT, f"mode full keeps the whole stream until the end: at most "
+                                                     f"{self.cfg.max_full_s:g} s of audio (use cached or sliding for "
+                                                     "longer streams)", now)  # fmt: skip
+        if not self._has_room(len(samples)):
+            self._held = (samples, now)
+            self._pause(now)
+            if self.cfg.stall_timeout_s == 0:
+                return self._buffer_full(now)
+            return []
+        return self._accept(samples, now)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Events from the backends and the I/O layer
+
+    def opened(self, info: EncoderSessionInfo, resynth: ResynthStream | None, now: float) -> list[A.Action]:
+        """The sender's backends are open (OpenSession)."""
+        if self.state != State.OPENING:  # closed (drain, a limit) while the models loaded: undo
+            return [A.CancelSlot(), *([A.CloseResynth()] if resynth is not None else [])]
+        self._resume(now)
+        self.info, self.resynth = info, resynth
+        self.resynth_settings = resynth.settings() if resynth is not None else None
+        self.state = State.STREAMING
+        self.started_at = now
+        self._next_stats = now + self.cfg.stats_interval_s
+        self.listen_token = secrets.token_urlsafe(16)
+        assert self.start is not None
+        s = self.start
+        full = info.mode == "full"
+        settings = {"sample_rate": s.sample_rate, "format": s.format, "k": info.k, "lmbda": info.lmbda,
+                    "preset": s.preset, "score": s.score, "frame_rate": P.FRAME_RATE, "mode": info.mode,
+                    "left": None if full else info.left, "hop": None if full else info.hop,
+                    "lookahead": None if full else info.lookahead, "max_lag": info.max_lag,
+                    "num_neighbors": default_num_neighbors(info.k), "resynth": self.resynth_settings}  # fmt: skip
+        return [A.Register(self.listen_token), *self._send(self._ready(settings, "sender", self.listen_token))]
+
+    def open_failed(self, code: P.ErrorCode, message: str, now: float) -> list[A.Action]:
+        """Opening failed (the backend refused the settings or failed): the connection may start again."""
+        if self.state != State.OPENING:
+            return []
+        self._resume(now)
+        self.state, self.role, self.start = State.CONNECTED, None, None
+        return self._error(code, message)
+
+    def subscribed(self, sender_id: str, k: int, lmbda: int, resynth: ResynthStream | None, now: float) -> list[A.Action]:
+        """The listener is attached to its sender (Subscribe)."""
+        if self.state != State.OPENING:
+            return [A.Unsubscribe(), *([A.CloseResynth()] if resynth is not None else [])]
+        self._resume(now)
+        self.sender_id, self.k_lmbda, self.resynth = sender_id, (k, lmbda), resynth
+        self.resynth_settings = resynth.settings() if resynth is not None else None
+        self.state = State.LISTENING
+        self.started_at = now
+        self._next_stats = now + self.cfg.stats_interval_s
+        settings = {"sender": sender_id, "k": k, "lmbda": lmbda, "frame_rate": P.FRAME_RATE,
+                    "resynth": self.resynth_settings}  # fmt: skip
+        return self._send(self._ready(settings, "listener", None))
+
+    def subscribe_failed(self, code: P.ErrorCode, message: str, now: float) -> list[A.Action]:
+        """The sender is unknown, full or gone (fatal), or the listener's resynthesis could not open (not fatal)."""
+        if self.state != State.OPENING:
+            return []
+        self._resume(now)
+        self.state, self.role = State.CONNECTED, None
+        if code in P.FATAL_CODES:
+            return self._limit(code, message, now)
+        return self._error(code, message)
+
+    def consumed(self, queued_samples: int, now: float) -> list[A.Action]:
+        """The encoder took queued audio; ``queued_samples`` is what is still queued."""
+        self.queued_samples = min(self.queued_samples, queued_samples)
+        return self._retry_held(now)
+
+    def encoder_events(self, events: list, progress: Progress, now: float) -> list[A.Action]:
+        self.progress = progress
+        if self.finished or self.role != "sender":
+            return []
+        out: list[A.Action] = []
+        for ev in events:
+            if isinstance(ev, UnitEvent):
+                out += self._on_unit(ev, now)
+            elif isinstance(ev, EndEvent):
+                self.report.num_frames = int(ev.frames)
+                self.forced_commits = int(ev.forced_commits)
+                out += self._units_over(now)
+            elif isinstance(ev, InvalidInput):  # the encoder refused a chunk; the session goes on
+                out += self._error(E.BAD_AUDIO, str(ev))
+        return out + self._retry_held(now)
+
+    def failed(self, error: BaseException, now: float) -> list[A.Action]:
+        """This session's backend work (or the server's own handling of it) failed: internal_error, then end with
+        the units already sent; other sessions are unaffected."""
+        if self.finished:
+            return []
+        log.error("session %s failed: %s: %s", self.id, type(error).__name__, error)
+        self._held = None
+        out = self._error(E.INTERNAL_ERROR, f"this session failed ({type(error).__name__}: {error}); the units "
+                                            "already sent stand; other sessions are unaffected", fatal=True)  # fmt: skip
+        if self.role is None or self.state in (State.CONNECTED, State.OPENING):
+            return out + self._close(P.CLOSE_INTERNAL, E.INTERNAL_ERROR.value)
+        self.reason = E.INTERNAL_ERROR.value
+        out += [A.CancelSlot()] if self.role == "sender" else [A.Unsubscribe()]
+        if self.role == "sender" and not self.units_done:
+            out.append(A.ListenersDone(gone=True))
+        self.units_done = True
+        if self.resynth is not None and self.resynth_end is None:
+            out.append(A.CloseResynth())
+            self.resynth_end = self.report.resynth_end_event(f"the session failed: {type(error).__name__}")
+        return out + self._maybe_finish(now)
+
+    def resynth_events(self, events: list, stats: Any, now: float) -> list[A.Action]:
+        self.report.rstats = stats
+        if self.finished:
+            return []
+        out: list[A.Action] = []
+        for ev in events:
+            if isinstance(ev, AudioEvent):
+                if ev.num_samples > 0:
+                    out += self._send_bytes(self.report.audio_chunk(ev))
+            elif isinstance(ev, ResynthEndEvent):
+                self.resynth_end = ev
+                if ev.error is not None:
+                    out += self._error(E.INTERNAL_ERROR, f"resynthesis stopped: {ev.error}; units are unaffected")
+                out += self._maybe_finish(now)
+        return out
+
+    def resynth_failed(self, error: BaseException, now: float) -> list[A.Action]:
+        return self._stop_resynth(E.INTERNAL_ERROR, f"{type(error).__name__}: {error}", now)
+
+    def relay_unit(self, msg: P.Unit, now: float) -> list[A.Action]:
+        """Listener: one of the sender's units (only units cross from sender to listener)."""
+        if self.state != State.LISTENING:
+            return []
+        self.report.relayed(msg)
+        return self._send(msg) + self._resynthesize(int(msg.unit), float(msg.end_s))
+
+    def sender_done(self, gone: bool, now: float) -> list[A.Action]:
+        """Listener: the sender's stream is over (gone: its connection ended before its last unit)."""
+        if self.state != State.LISTENING:
+            return []
+        out: list[A.Action] = []
+        if gone:
+            out += self._error(E.SENDER_GONE, "the sender's connection ended; the audio of the units received follows, "
+                                              "then end", fatal=True)  # fmt: skip
+        self.reason = E.SENDER_GONE.value if gone else "end"
+        self.state = State.ENDING
+        return out + self._units_over(now)
+
+    def sent(self, nbytes: int) -> None:
+        """The I/O layer wrote ``nbytes`` of queued frames to the socket."""
+        self.outgoing_bytes = max(0, self.outgoing_bytes - nbytes)
+
+    def tick(self, now: float) -> list[A.Action]:
+        """Apply the time rules; send stats when due."""
+        cfg, out = self.cfg, []
+        if self.state == State.CONNECTED:
+            if now >= self.connected_at + self._paused_total + cfg.start_timeout_s:
+                return self._limit(E.START_TIMEOUT, f"no start or subscribe within {cfg.start_timeout_s:g} s of "
+                                                    "connecting", now)  # fmt: skip
+            if now >= self._client_clock_from + cfg.idle_timeout_s:
+                return self._limit(E.IDLE_TIMEOUT, f"no message for {cfg.idle_timeout_s:g} s", now)
+        if self.state in (State.STREAMING, State.LISTENING) and now >= self.started_at + cfg.max_session_s:
+            out += self._limit(E.SESSION_TIME_LIMIT, f"the session reached the {cfg.max_session_s:g} s limit", now)
+        if self.state == State.STREAMING:
+            if self._held is not None and now >= self._held[1] + cfg.stall_timeout_s:
+                out += self._buffer_full(now)
+            elif self._held is None and now >= self._client_clock_from + cfg.idle_timeout_s:
+                out += self._limit(E.IDLE_TIMEOUT, f"no message for {cfg.idle_timeout_s:g} s", now)
+        if now >= self._next_stats and not self.finished:
+            self._next_stats = now + cfg.stats_interval_s
+            out += self._check_resynth_lag(now)
+            mark = (self.received_samples, self.report.units, self.report.audio_samples)
+            if mark != self._stats_mark and self.reason in (None, "end") and not self.finished:
+                self._stats_mark = mark
+                out += self._send(self.stats(now))
+        return out
+
+    def shutdown(self, now: float) -> list[A.Action]:
+        """The server drains: finish this session (units, audio, end), close 1001."""
+        return self._limit(E.SHUTTING_DOWN, "the server is shutting down", now)
+
+    def connection_lost(self, now: float) -> list[A.Action]:
+        """The transport is gone (closed by either side, or dropped): release every backend at once."""
+        if self.state == State.GONE:
+            return []
+        out: list[A.Action] = []
+        if self.role == "sender" and self.info is not None and not self.progress.finished:
+            out.append(A.CancelSlot())
+        if self.role == "sender" and not self.units_done:
+            out.append(A.ListenersDone(gone=True))
+        if self.role == "listener":
+            out.append(A.Unsubscribe())
+        if self.resynth is not None and self.resynth_end is None:
+            out.append(A.CloseResynth())
+        if self.outcome is None:
+            self.outcome = "disconnected" if self.role is not None else "no_session"
+        self.state, self._held = State.GONE, None
+        return out
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Start and subscribe
+
+    def _on_start(self, msg: P.Start, now: float) -> list[A.Action]:
+        cfg = self.cfg
+        if (msg.k is None) != (msg.lmbda is None):
+            return self._error(E.BAD_MESSAGE, "give both k and lmbda, or neither (the server's default pair)")
+        k, lmbda = (msg.k, msg.lmbda) if msg.k is not None and msg.lmbda is not None else self.server.default_pair
+        if (k, lmbda) not in self.server.pairs:
+            served = ", ".join(f"(k={a}, lmbda={b})" for a, b in self.server.pairs)
+            return self._error(E.UNKNOWN_MODEL, f"(k={k}, lmbda={lmbda}) is not served here; served: {served}")
+        opts = dict(msg.options)
+        mode = opts.pop("mode", "cached")
+        if mode not in cfg.modes or (cfg.presets is not None and msg.preset not in cfg.presets):
+            presets = "any" if cfg.presets is None else ", ".join(cfg.presets)
+            return self._error(E.BAD_SETTINGS, f"mode {mode!r} / preset {msg.preset!r} is not offered here; modes: "
+                                               f"{', '.join(cfg.modes)}; presets: {presets}")  # fmt: skip
+        refusal = limits.window_refusal(cfg, mode, msg.preset, opts)
+        if refusal is not None:
+            return self._error(E.BAD_SETTINGS, refusal)
+        resynth, refused = self._resynth_options(msg.resynth)
+        if refused:
+            return refused
+        self.start, self.role, self.state = msg, "sender", State.OPENING
+        self._pause(now)
+        settings = dict(k=k, lmbda=lmbda, mode=mode, preset=msg.preset, score=msg.score, **opts)
+        return [A.OpenSession(msg.sample_rate, settings, resynth)]
+
+    def _resynth_options(self, given: dict | None) -> tuple[ResynthOptions | None, list[A.Action]]:
+        if given is None:
+            return None, []
+        if not self.server.resynth:
+            return None, self._error(E.UNSUPPORTED_OPTION, "this server runs without resynthesis (started with "
+                                                           "--no-resynth); ask for units only")  # fmt: skip
+        try:
+            return limits.resynth_options(given), []
+        except P.ProtocolError as e:
+            return None, self._error(e.code, str(e))
+
+    def _on_subscribe(self, msg: P.Subscribe, now: float) -> list[A.Action]:
+        resynth, refused = self._resynth_options(msg.resynth)
+        if refused:
+            return refused
+        self.role, self.state = "listener", State.OPENING
+        self._pause(now)
+        return [A.Subscribe(msg.session, msg.token, resynth)]
+
+    def _ready(self, settings: dict, role: str, listen_token: str | None) -> P.Ready:
+        return P.Ready(session=self.id, settings=settings, limits=self.cfg.limits(), models=self.server.models,
+                       random_weights=self.server.random_weights, server=f"dpslm-stream {__version__}", role=role,
+                       listen_token=listen_token)  # fmt: skip
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Audio in, units out
+
+    def _has_room(self, n: int) -> bool:
+        assert self.start is not None and self.info is not None
+        sr = self.start.sample_rate
+        buffered = limits.buffered_samples(self.info, self.progress, self.queued_samples, sr)
+        return limits.buffer_has_room(self.cfg, buffered, self.queued_samples, n, sr)
+
+    def _accept(self, samples: np.ndarray, arrived: float) -> list[A.Action]:
+        assert self.start is not None
+        sr = self.start.sample_rate
+        self.received_samples += len(samples)
+        self.queued_samples += len(samples)
+        self.report.clock.add(self.received_samples / sr, arrived)
+        if self.metrics is not None:
+            self.metrics.audio_seconds_total.inc(len(samples) / sr)
+        return [A.FeedAudio(samples)]
+
+    def _retry_held(self, now: float) -> list[A.Action]:
+        if self._held is None or self.state != State.STREAMING or not self._has_room(len(self._held[0])):
+            return []
+        samples, arrived = self._held
+        self._held = None
+        self._resume(now)
+        return self._accept(samples, arrived)
+
+    def _buffer_full(self, now: float) -> list[A.Action]:
+        self._held = None
+        self._resume(now)
+        return self._limit(E.BUFFER_FULL, f"more than {self.cfg.max_buffer_s:g} s of audio queued and the server could "
+                                          f"not take more for {self.cfg.stall_timeout_s:g} s; send at most real time, "
+                                          "or wait for units before sending more", now)  # fmt: skip
+
+    def _on_unit(self, ev: UnitEvent, now: float) -> list[A.Action]:
+        msg = self.report.unit(ev, now, self.id)
+        out = self._send(msg)
+        if self.finished:  # dropped (client_too_slow): its backends are released
+            return out
+        return [*out, A.Relay(msg), *self._resynthesize(int(ev.unit), float(ev.end_s))]
+
+    def _resynthesize(self, unit: int, end_s: float) -> list[A.Action]:
+        if self.resynth is None or self.resynth_end is not None:
+            return []
+        return [A.PushUnits((unit,), (end_s,))]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Endings
+
+    def _end(self, reason: str) -> list[A.Action]:
+        """Sender: stop taking audio; the encoder finishes and its end event brings the end message. No deadline: a
+        full-mode flush of a long stream legitimately takes a while; a drain has its own."""
+        self.reason, self.state = reason, State.ENDING
+        return [A.RequestEnd()]
+
+    def _limit(self, code: P.ErrorCode, why: str, now: float) -> list[A.Action]:
+        """End the session for a fatal reason: tell the client, finish the units of the audio already received (and
+        their audio), send end, close with the code's close code. Before ready there is nothing to finish."""
+        if self.finished or self.state == State.ENDING:
+            return []
+        if self.state == State.LISTENING:
+            out = self._error(code, f"{why}; the audio of the units received follows, then end", fatal=True)
+            self.reason, self.state = code.value, State.ENDING
+            return out + [A.Unsubscribe()] + self._units_over(now)
+        if self.state == State.STREAMING:
+            out = self._error(code, f"{why}; the units of the audio received so far follow, then end", fatal=True)
+            if self._held is not None:
+                self._held = None
+                self._resume(now)
+            return out + self._end(code.value)
+        self.outcome = code.value
+        return self._error(code, f"{why}; closing", fatal=True) + self._close(P.CLOSE_CODES[code], code.value)
+
+    def _leave(self, now: float) -> list[A.Action]:
+        """Listener sent end: stop receiving units, finish the audio of those received, then end."""
+        if self.state != State.LISTENING:
+            return []
+        self.reason, self.state = "end", State.ENDING
+        return [A.Unsubscribe()] + self._units_over(now)
+
+    def _units_over(self, now: float) -> list[A.Action]:
+        """Every unit this connection will get has been sent: listeners are told, resynthesis finishes, then end."""
+        if self.units_done:
+            return []
+        self.units_done = True
+        if self.state == State.STREAMING:
+            self.state = State.ENDING
+        out: list[A.Action] = [A.ListenersDone(gone=False)] if self.role == "sender" else []
+        if self.resynth is not None and self.resynth_end is None:
+            out.append(A.EndResynth())
+        return out + self._maybe_finish(now)
+
+    def _maybe_finish(self, now: float) -> list[A.Action]:
+        """Send the end message once every unit and every audio chunk of the session is out, then close."""
+        if self.finished or not self.units_done or (self.resynth is not None and self.resynth_end is None):
+            return []
+        reason = self.reason or "end"
+        self.outcome = reason
+        end = self.report.end_message(reason, self.stats(now), self.forced_commits, self.resynth_end)
+        code = P.CLOSE_NORMAL if reason == "end" else P.CLOSE_CODES[P.ErrorCode(reason)]
+        return self._send(end) + self._close(code, reason)
+
+    def _close(self, code: int, reason: str) -> list[A.Action]:
+        if self.finished:  # already closed (e.g. dropped as client_too_slow while its last frame was queued)
+            return []
+        self.state = State.CLOSED
+        return [A.Close(code, reason[:120])]  # a close reason must fit in 123 bytes
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Resynthesis limits
+
+    def _check_resynth_lag(self, now: float) -> list[A.Action]:
+        """Stop a resynthesis that fell too far behind (e.g. full-size ELLA-V on a CPU): its backlog would only grow
+        and hold the session's end back; the units go on, the client is told why the audio stopped."""
+        if self.resynth is None or self.resynth_end is not None:
+            return []
+        lag = self.resynth.lag_s
+        if lag <= self.cfg.max_resynth_lag_s:
+            return []
+        return [A.CloseResynth()] + self._stop_resynth(E.RESYNTH_BEHIND, f"it fell {lag:.1f} s behind (limit "
+                                                       f"{self.cfg.max_resynth_lag_s:g} s): this server cannot "
+                                                       "resynthesize in real time", now)  # fmt: skip
+
+    def _stop_resynth(self, code: P.ErrorCode, why: str, now: float) -> list[A.Action]:
+        """End this session's resynthesis early (the units go on): tell the client, finish if all else is done."""
+        if self.resynth_end is not None or self.finished:
+            return []
+        self.resynth_end = self.report.resynth_end_event(why)
+        return self._error(code, f"resynthesis stopped: {why}; units are unaffected") + self._maybe_finish(now)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Output and clocks
+
+    def _send(self, msg: Any) -> list[A.Action]:
+        return self._send_bytes(P.to_json(msg))
+
+    def _send_bytes(self, data: str | bytes) -> list[A.Action]:
+        """The outgoing rule: a client that does not read is dropped once max_outgoing_bytes are queued for it (units
+        are never dropped while the connection lives: the connection is)."""
+        if self.finished:
+            return []
+        nbytes = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
+        self.outgoing_bytes += nbytes
+        if not limits.outgoing_exceeded(self.cfg, self.outgoing_bytes):
+            return [A.Send(data, nbytes)]
+        self.outcome = E.CLIENT_TOO_SLOW.value
+        self._count_error(E.CLIENT_TOO_SLOW)
+        out: list[A.Action] = []
+        if self.role == "sender" and self.info is not None and not self.progress.finished:
+            out.append(A.CancelSlot())
+        if self.resynth is not None and self.resynth_end is None:
+            out.append(A.CloseResynth())
+        self.state = State.CLOSED
+        return out + [A.Abort(P.CLOSE_POLICY, "client_too_slow: messages not read")]
+
+    def _error(self, code: P.ErrorCode, message: str, fatal: bool = False, **extra: Any) -> list[A.Action]:
+        self._count_error(code)
+        return self._send(P.Error(code=code.value, message=message, fatal=fatal, **extra))
+
+    def _count_error(self, code: P.ErrorCode) -> None:
+        if self.metrics is not None:
+            self.metrics.errors_total.labels(code.value).inc()
+
+    def _client_active(self, now: float) -> None:
+        self._client_clock_from = max(self._client_clock_from, now)
+
+    def _pause(self, now: float) -> None:
+        if self._paused_since is None:
+            self._paused_since = now
+
+    def _resume(self, now: float) -> None:
+        """Frames are read again: the time not read was not the client's (idle and start deadlines skip it)."""
+        if self._paused_since is not None:
+            if self.state in (State.CONNECTED, State.OPENING):
+                self._paused_total += now - self._paused_since
+            self._paused_since = None
+        self._client_clock_from = max(self._client_clock_from, now)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Stats
+
+    def stats(self, now: float) -> P.Stats:
+        lag = None if self.resynth is None else (0.0 if self.resynth_end else self.resynth.lag_s)
+        sender = None
+        if self.role == "sender" and self.start is not None:
+            sender = {"sample_rate": self.start.sample_rate, "received": self.received_samples,
+                      "queued": self.queued_samples, "progress": self.progress, "listeners": self.listeners}  # fmt: skip
+        return self.report.stats(now - self.started_at, sender, self.outgoing_bytes, lag)
