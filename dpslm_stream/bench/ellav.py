@@ -18,6 +18,7 @@ import time
 import torch
 
 from dpslm_stream.bench.ulm import random_model, sync
+from dpslm_stream.device import setup_model_device
 from dpslm_stream.models import ellav
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), _DTYPES[args.dtype]
+    device, dtype = setup_model_device(args.device), _DTYPES[args.dtype]  # TF32 off on CUDA, as the server
     tokenizer = ellav.ELLAVTokenizer.for_units(args.k)
     config = ellav.config_for_k(args.k)
     model = random_model(lambda: ellav.ELLAV(config, tokenizer), device, dtype)
