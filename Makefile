@@ -4,8 +4,9 @@
 # multi-GB CUDA build. Override TORCH for another build, e.g. TORCH="torch==2.13.0 --index-url <cpu index>".
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
-# Optional extras the test run installs; CI adds ray so the Ray tests run (they are skipped without it).
-EXTRAS ?= test,plot
+# Optional extras the test run installs (dtx: the VAD of codec --dtx); CI adds ray so the Ray tests run (they are
+# skipped without it).
+EXTRAS ?= test,plot,dtx
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -15,7 +16,7 @@ BIN := $(VENV)/bin
 GPU_PYTHON ?= 3.12
 GPU_WHEELS ?= soundfile cffi pycparser websockets
 
-.PHONY: demo test install bench clean gpu-wheels gpu-check
+.PHONY: demo test typecheck install bench clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +30,11 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/dpslm-stream live --resynth out/live_resynth.wav
 
-test: $(BIN)/.installed
+# The server core, protocol and backend interfaces (files: pyproject's [tool.mypy]).
+typecheck: $(BIN)/.installed
+	$(BIN)/python -m mypy
+
+test: typecheck
 	$(BIN)/python -m pytest -q
 
 gpu-wheels:

@@ -103,10 +103,10 @@ done
 bench encoder 45 --device cuda --sessions 1 2 4 8 16 32 --seconds 6 --no-tiny
 for dtype in float32 bfloat16; do
   bench ulm 20 --device cuda --dtype $dtype --lengths 100 500 --blocks 1 4 16 --sessions 4 16 32 --repeats 3
-  bench ellav 25 --device cuda --dtype $dtype --batch 1 2 4 8 16 32
   bench wavtokenizer 15 --device cuda --dtype $dtype --seconds 2 5 10 --repeats 3
   bench resynth 30 --device cuda --dtype $dtype --sizes full --full-streams 1 4 16 32 --full-seconds 2 --threads 4
 done
+bench ellav 45 --device cuda --precision exact,fast --batch 1 2 4 8 16 32 --steps 32
 bench server 40 --device cuda --models full --clients 1 4 16 32 --seconds 8
 
 if [ "$DRY" = 1 ] && [ -n "$CHECK_PY" ]; then
