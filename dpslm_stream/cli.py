@@ -30,6 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser, pair: bool = True) -> None:
         p.add_argument("--lmbda", "--lambda", dest="lmbda", type=int, default=hub.DEFAULT_LMBDA,
                        help="DPDP duration penalty (default 4500)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--precision", choices=("exact", "fast"), default="exact",
+                   help="unit LM, ELLA-V and WavTokenizer: exact (float32, upstream's numbers; default) or fast "
+                        "(int8/bf16 kernels picked for this machine, printed; the WavLM encoder stays float32)")
 
 
 def note(message: str) -> None:
@@ -123,7 +126,7 @@ def _encode_offline(args) -> int:
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-    pipe = Pipeline(models, args.k, args.lmbda, args.device, args.num_neighbors)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, args.num_neighbors, precision=args.precision)
     pipe.wavlm, pipe.codebook  # load before timing (a missing checkpoint fails here, before any file is read)
     if not args.no_score:
         pipe.ulm
@@ -247,7 +250,7 @@ def _cmd_score(args) -> int:
     models = hub.ModelSet(args.models)
     _warn_random(models)
     items = _score_items(args)  # parse before loading models: a typo fails at once
-    pipe = Pipeline(models, args.k, args.lmbda, args.device)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
     for name, units in items.items():
         print(f"{name} {sum(pipe.score(units)):.4f}")
     return 0
@@ -322,7 +325,7 @@ def _cmd_resynth(args) -> int:
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-    pipe = Pipeline(models, args.k, args.lmbda, args.device)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
     if args.num_samples < 1:
         raise InvalidInput("--num-samples must be at least 1")
     output_folder(args.output)
@@ -354,6 +357,9 @@ def _cmd_resynth(args) -> int:
         print(f"wrote {out} ({wav.shape[-1] / 24000:.2f} s at 24 kHz, {len(codes)} codec tokens, "
               f"{'finished' if finished else 'NOT finished (hit max_tokens)'})")  # fmt: skip
     report["resynthesis_seconds"] = elapsed
+    report["precision"] = {"precision": args.precision, **pipe.precision_plans()}
+    if args.precision != "exact":
+        print("precision: " + "; ".join(pipe.precision_plans().values()))
     report_path = args.output.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=1))
     print(f"{len(units)} units, {report['bitrate'] or 0:.1f} bit/s, log-likelihood {report['loglikelihood']:.2f}; "

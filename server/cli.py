@@ -79,6 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resynth-device", default=None, help="device of the resynthesis worker (default: --device)")
     p.add_argument("--resynth-dtype", default=d.resynth_dtype, choices=("float32", "bfloat16", "float16"),
                    help="ELLA-V dtype on the resynthesis worker (bf16/fp16 for a GPU)")
+    p.add_argument("--precision", default=d.precision, choices=("exact", "fast"),
+                   help="resynthesis models: exact (float32, default) or fast (int8/bf16 kernels picked for this "
+                        "machine; printed at start-up and reported in ready.settings.resynth.precision)")
     p.add_argument("--max-listeners", type=int, default=d.max_listeners, help="listeners per sender session")
     p.add_argument("--max-resynth-lag", type=float, default=d.max_resynth_lag_s,
                    help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
@@ -118,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_hop=args.max_hop, max_lookahead=args.max_lookahead, max_lag=args.max_lag,
         stall_timeout_s=args.stall_timeout, drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup,
         resynth=not args.no_resynth, resynth_device=args.resynth_device, resynth_dtype=args.resynth_dtype,
+        precision=args.precision,
         max_listeners=args.max_listeners, max_resynth_lag_s=args.max_resynth_lag,
     )  # fmt: skip
 

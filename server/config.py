@@ -55,6 +55,7 @@ class ServerConfig:
     resynth: bool = True  # offer live resynthesis (start.resynth, listeners); its models load on first use
     resynth_device: str | None = None  # device of the resynthesis worker (default: device)
     resynth_dtype: str = "float32"  # ELLA-V dtype (bfloat16/float16 are meant for a GPU)
+    precision: str = "exact"  # resynthesis models: "exact" (float32) or "fast" (models/precision.py picks per machine)
     max_listeners: int = 4  # listeners per sender session
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
 
