@@ -4,12 +4,19 @@
 # multi-GB CUDA build. Override TORCH for another build, e.g. TORCH="torch==2.13.0 --index-url <cpu index>".
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
-# Optional extras the test run installs; CI adds ray so the Ray tests run (they are skipped without it).
-EXTRAS ?= test,plot
+# Optional extras the test run installs (dtx: the VAD of codec --dtx); CI adds ray so the Ray tests run (they are
+# skipped without it).
+EXTRAS ?= test,plot,dtx
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+# The GPU check (scripts/gpu_check.sh): `make gpu-wheels` here (network) puts the wheels a GPU image may lack into the
+# git-ignored .whl/ (for that machine's Python, GPU_PYTHON); carry .whl/ to the GPU machine and run `make gpu-check`
+# there (no network needed). Without a CUDA device gpu-check is a dry run.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= soundfile cffi pycparser websockets
+
+.PHONY: demo test typecheck install bench clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +30,21 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/dpslm-stream live --resynth out/live_resynth.wav
 
-test: $(BIN)/.installed
+# The server core, protocol and backend interfaces (files: pyproject's [tool.mypy]).
+typecheck: $(BIN)/.installed
+	$(BIN)/python -m mypy
+
+test: typecheck
 	$(BIN)/python -m pytest -q
+
+gpu-wheels:
+	mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux1_x86_64 --platform any -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -40,6 +40,21 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
+def output_folder(path: Path | None, is_dir: bool = False) -> None:
+    """Make sure an output can be written, before any work: its folder is created (and that is said) or the error
+    says why it cannot be."""
+    if path is None:
+        return
+    folder = path if is_dir else path.parent
+    if folder.is_dir():
+        return
+    try:
+        folder.mkdir(parents=True)
+    except OSError as e:
+        raise InvalidInput(f"cannot create the output folder {folder}: {e.strerror or e}") from None
+    note(f"created folder {folder}")
+
+
 def _warn_random(models: hub.ModelSet) -> None:
     if models.is_random:
         print(f"note: model set '{models.source}' has RANDOM weights; results check the plumbing, they are not speech.",
@@ -92,6 +107,8 @@ def _add_encode(sub) -> None:
 
 
 def _cmd_encode(args) -> int:
+    output_folder(args.json)
+    output_folder(args.npy, is_dir=True)
     if args.stream is None:
         for name in ("preset", "left", "hop", "lookahead", "compare"):
             if getattr(args, name) not in (None, False):
@@ -130,7 +147,6 @@ def _encode_offline(args) -> int:
                   f"({len(res.units) / max(res.seconds, 1e-9):.1f} units/s){ll}")  # fmt: skip
             print("  " + " ".join(map(str, res.units)))
         if args.npy:
-            args.npy.mkdir(parents=True, exist_ok=True)
             np.save(args.npy / f"{path.stem}.units.npy", np.asarray(res.units, dtype=np.int64))
             np.save(args.npy / f"{path.stem}.durations.npy", np.asarray(res.durations, dtype=np.int64))
     total_s = sum(r.seconds for r in results.values())
@@ -147,7 +163,6 @@ def _encode_offline(args) -> int:
         }  # fmt: skip
         if failed:
             doc["errors"] = failed
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1))
     if failed:
         print(f"{len(failed)} of {len(args.files)} file(s) failed (see above)", file=sys.stderr)
@@ -210,7 +225,6 @@ def _encode_streaming(args) -> int:
         }  # fmt: skip
         if failed:
             doc["errors"] = failed
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1))
     if failed:
         print(f"{len(failed)} of {len(args.files)} file(s) failed (see above)", file=sys.stderr)
@@ -314,6 +328,7 @@ def _cmd_resynth(args) -> int:
     pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
     if args.num_samples < 1:
         raise InvalidInput("--num-samples must be at least 1")
+    output_folder(args.output)
     if args.from_units:
         entry = next(iter(_units_json(args.input).values()))
         units, durations = entry["units"], entry.get("durations")
@@ -328,9 +343,6 @@ def _cmd_resynth(args) -> int:
                                 max_codec_tokens_per_phone=args.max_codec_tokens_per_phone,
                                 num_samples=args.num_samples, seed=args.seed)  # fmt: skip
     elapsed = time.perf_counter() - started
-    if not args.output.parent.is_dir():
-        args.output.parent.mkdir(parents=True)
-        note(f"created folder {args.output.parent}")
     report = {
         "input": str(args.input), "k": pipe.k, "lmbda": pipe.lmbda, "models": models.source,
         "random_weights": models.is_random, "units": units, "durations": durations, "seconds": seconds,
@@ -412,7 +424,10 @@ def _cmd_bench(args) -> int:
     module = importlib.import_module(f"dpslm_stream.bench.{args.name}")
     parser = argparse.ArgumentParser(prog=f"dpslm-stream bench {args.name}", description=module.__doc__)
     module.add_arguments(parser)
-    module.run(parser.parse_args(args.rest))
+    bench_args = parser.parse_args(args.rest)
+    if isinstance(getattr(bench_args, "device", None), str):
+        hub.check_device(bench_args.device, "--device")
+    module.run(bench_args)
     return 0
 
 
@@ -444,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for name in ("device", "resynth_device"):  # torch devices (mic's --device is an audio device: its own check)
+            if args.command != "mic" and isinstance(getattr(args, name, None), str):
+                hub.check_device(getattr(args, name), "--" + name.replace("_", "-"))
         if args.command in _EXTERNAL:
             return int(importlib.import_module(_EXTERNAL[args.command]).run(args) or 0)
         return int(globals()[f"_cmd_{args.command}"](args) or 0)

@@ -121,13 +121,12 @@ class Server:
         self.worker: EncoderBackend | None = None
         self.resynth_backend: ResynthBackend | None = None
         self._ws_server: Any = None
-        self._closed: asyncio.Event | None = None
+        self._closed = asyncio.Event()  # binds to the loop on first use
         self._shutdown_task: asyncio.Future | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._closed = asyncio.Event()
         self.worker = self.encoder.make_backend(loop, self.metrics, self.config.quantum_s)
         self.worker.start()
         if self.resynth is not None:
@@ -171,7 +170,8 @@ class Server:
             await asyncio.sleep(0.05)
         self._ws_server.close(close_connections=True)
         await self._ws_server.wait_closed()
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         if self.resynth_backend is not None:
             self.resynth_backend.stop()
         self._closed.set()
@@ -289,7 +289,7 @@ def build_encoder(config: ServerConfig) -> Any:
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput(f"unknown dtype {config.dtype!r}; expected float32, bfloat16 or float16")
     return EncoderWorker(hub.ModelSet(config.models), device=config.device, dtype=dtype,
-                         pairs=list(config.pairs) if config.pairs else None)  # fmt: skip
+                         pairs=list(config.pairs) if config.pairs else None, allow_tf32=config.allow_tf32)  # fmt: skip
 
 
 def build_resynth(config: ServerConfig, models: Any = None) -> Any:
@@ -305,7 +305,8 @@ def build_resynth(config: ServerConfig, models: Any = None) -> Any:
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput(f"unknown resynth dtype {config.resynth_dtype!r}; expected float32, bfloat16 or float16")
     worker = ResynthWorker(models if models is not None else hub.ModelSet(config.models),
-                           device=config.resynth_device or config.device, dtype=dtype, precision=config.precision)
+                           device=config.resynth_device or config.device, dtype=dtype, precision=config.precision,
+                           allow_tf32=config.allow_tf32)  # fmt: skip
     if config.precision != "exact":
         plans = worker.precision_plans
         log.info("resynthesis precision %s: %s; %s", config.precision, plans["ellav"], plans["wavtokenizer"])
@@ -353,6 +354,7 @@ class ServerThread:
 
     @property
     def port(self) -> int:
+        assert self.server is not None and self.server.port is not None, "the server is not started"
         return self.server.port
 
     @property
@@ -370,11 +372,12 @@ class ServerThread:
             out = fn(*args)
             return await out if asyncio.iscoroutine(out) else out
 
+        assert self.loop is not None, "the server is not started"
         return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(timeout=300)
 
     def stop(self) -> None:
         """Drain and stop (what SIGTERM does), then join the thread."""
-        if self.loop is not None and self._thread.is_alive():
+        if self.loop is not None and self.server is not None and self._thread.is_alive():
             try:
                 asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(
                     timeout=self.config.drain_timeout_s + 30)

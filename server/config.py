@@ -58,6 +58,7 @@ class ServerConfig:
     precision: str = "exact"  # resynthesis models: "exact" (float32) or "fast" (models/precision.py picks per machine)
     max_listeners: int = 4  # listeners per sender session
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
+    allow_tf32: bool = False  # CUDA: TF32 matmuls/convolutions (faster, not exact; see dpslm_stream.device)
 
     def __post_init__(self) -> None:
         positive_ints = ("max_sessions", "max_message_bytes", "max_text_bytes", "max_json_depth", "max_buffer_bytes",

@@ -204,3 +204,24 @@ def test_cli_encode_decode_fit_eval(tiny_dir, clip, tmp_path, offline, capsys):
         assert row["coders"]["uniform"]["ideal_bps"] == pytest.approx(row["units_per_s"] * np.log2(row["k"]))
         assert row["coders"]["table-unigram"]["ideal_bps"] >= row["authors_bitrate"] * 0.99
     assert "authors' bitrate" in capsys.readouterr().out
+
+
+def test_cli_dtx_drops_units_in_silence_and_decodes_the_rest_with_pauses(tiny_dir, tiny_models, tmp_path, capsys):
+    pytest.importorskip("webrtcvad")
+    from dpslm_stream.audio import load_audio
+
+    wav, sr = load_audio(SAMPLE)
+    clip = np.concatenate([wav[: 2 * sr], np.zeros(sr, dtype=np.float32), wav[2 * sr : 3 * sr]])  # 1 s of silence
+    path = tmp_path / "pause.wav"
+    sf.write(path, clip, sr)
+    models = ["--models", str(tiny_dir)]
+    out = tmp_path / "p.dpsu"
+    assert main(["codec", "encode", str(path), "-o", str(out), "--coder", "uniform", "--dtx", *models]) == 0
+    said = capsys.readouterr().out
+    assert "DTX:" in said and " 0 of " not in said
+    assert main(["codec", "decode", str(out), "--json", str(tmp_path / "p.json"), "--quiet", *models]) == 0
+    doc = json.loads((tmp_path / "p.json").read_text())
+    ref = Pipeline(tiny_models, *PAIR).encode(clip, sr, score=False)
+    assert 0 < len(doc["units"]) < len(ref.units)
+    assert " ".join(map(str, doc["units"][:5])) in " ".join(map(str, ref.units))
+    assert doc["silences_ms"] and max(ms for _, ms in doc["silences_ms"]) >= 500

@@ -37,6 +37,7 @@ import torch
 
 from dpslm_stream import hub
 from dpslm_stream.models import ellav as E
+from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as W
 from dpslm_stream.models.precision import PRECISIONS, machine_summary
 from dpslm_stream.stream.resynth import (
@@ -150,11 +151,6 @@ def session_options(args: argparse.Namespace) -> dict:
     return dict(left_context=args.left_context, holdback=args.holdback, trigger_units=args.trigger_units,
                 vocoder_left_context=args.vocoder_left_context, vocoder_lookahead=args.vocoder_lookahead,
                 vocoder_min_step=args.vocoder_min_step)  # fmt: skip
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resync-s", type=float, default=5.0,
                    help="coder context reset period in seconds (0: only at the start; default 5)")  # fmt: skip
     p.add_argument("--durations", action="store_true", help="also code each unit's duration (reported separately)")
+    p.add_argument("--dtx", action="store_true",
+                   help="discontinuous transmission: units wholly inside VAD silence are not sent (webrtcvad)")  # fmt: skip
+    p.add_argument("--vad-mode", type=int, default=2, help="webrtcvad aggressiveness 0..3 with --dtx (default 2)")
 
 
 def _header(args, model: UnitModel, table_bytes: bytes | None) -> Header:
@@ -96,16 +99,25 @@ def _header(args, model: UnitModel, table_bytes: bytes | None) -> Header:
         raise InvalidInput(f"--resync-s must be 0..3600, got {args.resync_s}")
     return Header(k=args.k, lmbda=args.lmbda, coder=model.coder, packet_ms=args.packet_ms,
                   resync_ms=int(round(args.resync_s * 1000)), model_hash=model.model_hash,
-                  durations=args.durations, table=table_bytes)  # fmt: skip
+                  durations=args.durations, table=table_bytes, dtx=args.dtx)  # fmt: skip
 
 
 def _encode_units(args, files: list[Path]):
-    """[(path, units, durations, seconds, commits)] with the `encode` path (or the exact streaming encoder)."""
+    """[(path, units, durations, seconds, commits, speech)] with the `encode` path (or the exact streaming encoder);
+    speech: the VAD's per-frame decisions with --dtx, else None."""
     from dpslm_stream.audio import load_audio
     from dpslm_stream.pipeline import Pipeline
 
     models = hub.ModelSet(args.models)
     out = []
+
+    def vad(wav, sr, num_frames):
+        if not args.dtx:
+            return None
+        from dpslm_stream.codec.dtx import speech_frames
+
+        return speech_frames(wav, sr, num_frames, mode=args.vad_mode)
+
     if getattr(args, "chunk_ms", None):
         from dpslm_stream.stream.compare import stream_encode
         from dpslm_stream.stream.worker import EncoderWorker
@@ -114,13 +126,15 @@ def _encode_units(args, files: list[Path]):
         for path in files:
             wav, sr = load_audio(path)
             res = stream_encode(worker, wav, sr, k=args.k, lmbda=args.lmbda, mode="full", chunk_s=args.chunk_ms / 1000)
-            out.append((path, res.units, res.durations, res.seconds, commits_streamed(res)))
+            out.append((path, res.units, res.durations, res.seconds, commits_streamed(res),
+                        vad(wav, sr, sum(res.durations))))  # fmt: skip
         return out
     pipe = Pipeline(models, args.k, args.lmbda, args.device)
     for path in files:
         wav, sr = load_audio(path)
         res = pipe.encode(wav, sr, score=False)
-        out.append((path, res.units, res.durations, res.seconds, commits_offline(res.units, res.durations)))
+        out.append((path, res.units, res.durations, res.seconds, commits_offline(res.units, res.durations),
+                    vad(wav, sr, res.num_frames)))  # fmt: skip
     return out
 
 
@@ -137,8 +151,22 @@ def _cmd_encode(args) -> int:
     header = _header(args, model, inline)
     if len(args.files) > 1:
         args.output.mkdir(parents=True, exist_ok=True)
-    for path, units, durations, seconds, commits in _encode_units(args, args.files):
-        data, stats = encode_stream(header, model, commits)
+    for path, units, durations, seconds, commits, speech in _encode_units(args, args.files):
+        dtx_note = ""
+        if speech is not None:
+            from dataclasses import replace
+
+            from dpslm_stream.codec.dtx import drop_silence
+
+            kept, dropped = drop_silence(commits, speech)
+            _, full = encode_stream(replace(header, dtx=False), model, commits)
+            data, stats = encode_stream(header, model, kept)
+            saved = (full.payload_bits + full.duration_bits + full.overhead_bits) - (
+                stats.payload_bits + stats.duration_bits + stats.overhead_bits)
+            dtx_note = (f"; DTX: {dropped} of {len(units)} units in silence not sent, {saved} bits saved "
+                        f"({saved / max(seconds, 1e-9):.1f} bit/s on wire)")  # fmt: skip
+        else:
+            data, stats = encode_stream(header, model, commits)
         target = args.output / f"{path.stem}.dpsu" if len(args.files) > 1 else args.output
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
@@ -147,7 +175,7 @@ def _cmd_encode(args) -> int:
               f"{stats.payload_bits / s:.1f} bit/s (ideal {stats.ideal_bits / s:.1f}, authors' bitrate "
               f"{bitrate([units], seconds):.1f}), with packet overhead "
               f"{(stats.payload_bits + stats.duration_bits + stats.overhead_bits) / s:.1f} bit/s"
-              + (f", durations {stats.duration_bits / s:.1f} bit/s" if args.durations else ""))  # fmt: skip
+              + (f", durations {stats.duration_bits / s:.1f} bit/s" if args.durations else "") + dtx_note)  # fmt: skip
     return 0
 
 
@@ -173,7 +201,8 @@ def _cmd_decode(args) -> int:
     if args.json:
         doc = {"k": h.k, "lmbda": h.lmbda, "coder": h.coder, "packet_ms": h.packet_ms, "resync_ms": h.resync_ms,
                "model_hash": h.model_hash.hex(), "units": out.units, "durations": out.durations,
-               "segments": out.segments, "report": out.report.to_json(), "problems": out.problems}  # fmt: skip
+               "segments": out.segments, "silences_ms": out.silences, "report": out.report.to_json(),
+               "problems": out.problems}  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1))
     if args.output:
@@ -182,10 +211,19 @@ def _cmd_decode(args) -> int:
 
         if not out.units:
             raise InvalidInput("the stream holds no units: nothing to resynthesize")
+        import numpy as np
+
         pipe = Pipeline(cache.models, h.k, h.lmbda, args.device)
-        wav, codes, finished = pipe.resynthesize(out.units, greedy=True)[0]
+        cuts = [0, *[i for i, _ in out.silences], len(out.units)]
+        pauses = [0, *[ms for _, ms in out.silences]]
+        pieces = []
+        for a, b, pause_ms in zip(cuts, cuts[1:], pauses):  # DTX pauses are rendered as silence
+            pieces.append(np.zeros(24 * pause_ms, dtype=np.float32))
+            if b > a:
+                pieces.append(pipe.resynthesize(out.units[a:b], greedy=True)[0][0].squeeze(0).numpy())
+        wav = np.concatenate(pieces)[None]
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        save_wav(args.output, wav.squeeze(0).numpy(), 24000)
+        save_wav(args.output, wav[0], 24000)
         print(f"wrote {args.output} ({wav.shape[-1] / 24000:.2f} s at 24 kHz, greedy ELLA-V)")
     return 0
 

@@ -27,6 +27,7 @@ MAX_TABLE_BYTES = 16 << 20
 # Header flags
 FLAG_DURATIONS = 1  # packets carry a second payload: the units' durations (run lengths in 20 ms frames)
 FLAG_TABLE_INLINE = 2  # the table coder's table follows the fixed header
+FLAG_DTX = 4  # discontinuous transmission: packets say how many packet intervals passed without a packet
 # Packet flags
 PKT_RESYNC = 1  # the coder context is reset before this packet: decodable without any earlier packet
 PKT_END = 2  # the last packet of the stream
@@ -77,6 +78,7 @@ class Header:
     model_hash: bytes = bytes(MODEL_HASH_BYTES)  # blake2b-128 of the coder's model (ULM state dict / table)
     durations: bool = False
     table: bytes | None = None  # the table coder's table, when it travels inside the stream
+    dtx: bool = False  # silence is not sent; packets carry the number of packet intervals skipped before them
 
     def __post_init__(self):
         if self.coder not in CODERS:
@@ -94,6 +96,7 @@ class Header:
 
     def to_bytes(self) -> bytes:
         flags = (FLAG_DURATIONS if self.durations else 0) | (FLAG_TABLE_INLINE if self.table is not None else 0)
+        flags |= FLAG_DTX if self.dtx else 0
         body = _HEADER.pack(MAGIC, VERSION, flags, CODERS.index(self.coder), 0, self.k, self.lmbda, self.packet_ms,
                             self.resync_ms, self.model_hash)  # fmt: skip
         if self.table is not None:
@@ -111,6 +114,8 @@ class Header:
         magic, version, flags, coder, _, k, lmbda, packet_ms, resync_ms, model_hash = _HEADER.unpack_from(buf)
         if version != VERSION:
             raise BitstreamError(f"bitstream version {version} is not supported (this build reads version {VERSION})")
+        if flags & ~(FLAG_DURATIONS | FLAG_TABLE_INLINE | FLAG_DTX):
+            raise BitstreamError(f"corrupted header: unknown flags {flags:#x}")
         if coder >= len(CODERS):
             raise BitstreamError(f"corrupted header: unknown coder id {coder}")
         pos = _HEADER.size
@@ -127,7 +132,8 @@ class Header:
             raise BitstreamError("corrupted header: its CRC-32 does not match")
         try:
             header = cls(k=k, lmbda=lmbda, coder=CODERS[coder], packet_ms=packet_ms, resync_ms=resync_ms,
-                         model_hash=bytes(model_hash), durations=bool(flags & FLAG_DURATIONS), table=table)  # fmt: skip
+                         model_hash=bytes(model_hash), durations=bool(flags & FLAG_DURATIONS), table=table,
+                         dtx=bool(flags & FLAG_DTX))  # fmt: skip
         except InvalidInput as e:
             raise BitstreamError(f"corrupted header: {e}") from None
         return header, pos + 4
@@ -142,6 +148,7 @@ class Packet:
     num_units: int
     payload: bytes  # the units
     duration_payload: bytes = b""  # their durations (only with FLAG_DURATIONS)
+    skipped: int = 0  # packet intervals without a packet since the previous packet (only with FLAG_DTX)
     crc: int = field(default=0)  # CRC-16 over the packet's header bytes, payloads and the decoded unit ids
 
     @property
@@ -152,27 +159,29 @@ class Packet:
     def end(self) -> bool:
         return bool(self.flags & PKT_END)
 
-    def _head(self, durations: bool) -> bytes:
+    def _head(self, header: Header) -> bytes:
         head = struct.pack(">HB", self.seq & 0xFFFF, self.flags) + write_varint(self.num_units)
         head += write_varint(len(self.payload))
-        if durations:
+        if header.durations:
             head += write_varint(len(self.duration_payload))
+        if header.dtx:
+            head += write_varint(self.skipped)
         return head
 
-    def checksum(self, units, durations: bool) -> int:
-        data = self._head(durations) + self.payload + self.duration_payload
+    def checksum(self, units, header: Header) -> int:
+        data = self._head(header) + self.payload + self.duration_payload
         data += b"".join(struct.pack(">H", int(u)) for u in units)
         return binascii.crc_hqx(data, 0xFFFF)
 
-    def seal(self, units, durations: bool) -> "Packet":
-        self.crc = self.checksum(units, durations)
+    def seal(self, units, header: Header) -> "Packet":
+        self.crc = self.checksum(units, header)
         return self
 
-    def to_bytes(self, durations: bool) -> bytes:
-        return self._head(durations) + self.payload + self.duration_payload + struct.pack(">H", self.crc)
+    def to_bytes(self, header: Header) -> bytes:
+        return self._head(header) + self.payload + self.duration_payload + struct.pack(">H", self.crc)
 
     @classmethod
-    def parse(cls, buf: bytes | memoryview, pos: int, durations: bool) -> tuple["Packet", int]:
+    def parse(cls, buf: bytes | memoryview, pos: int, header: Header) -> tuple["Packet", int]:
         """(packet, next position). Only the framing is checked here; the CRC needs the decoded units."""
         buf = memoryview(buf)
         if pos + 3 > len(buf):
@@ -182,12 +191,15 @@ class Packet:
             raise BitstreamError(f"corrupted packet: unknown flags {flags:#x}")
         n, p = read_varint(buf, pos + 3, MAX_UNITS_PER_PACKET)
         plen, p = read_varint(buf, p, MAX_PAYLOAD_BYTES)
-        dlen = 0
-        if durations:
+        dlen = skipped = 0
+        if header.durations:
             dlen, p = read_varint(buf, p, MAX_PAYLOAD_BYTES)
+        if header.dtx:
+            skipped, p = read_varint(buf, p)
         end = p + plen + dlen + 2
         if end > len(buf):
             raise BitstreamError("truncated stream: a packet runs past the end of the data")
         payload, dpayload = bytes(buf[p : p + plen]), bytes(buf[p + plen : p + plen + dlen])
         (crc,) = struct.unpack_from(">H", buf, end - 2)
-        return cls(seq=seq, flags=flags, num_units=n, payload=payload, duration_payload=dpayload, crc=crc), end
+        return cls(seq=seq, flags=flags, num_units=n, payload=payload, duration_payload=dpayload, skipped=skipped,
+                   crc=crc), end

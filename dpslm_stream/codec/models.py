@@ -95,7 +95,11 @@ class TableModel:
     def _weights(self) -> np.ndarray:
         if self._prev is None or self.table.bigram is None:
             return self._uni_w
-        return self.table.bigram[self._prev] * int(self._uni_w.sum()) + self.BACKOFF * self._uni_w
+        # Exact integers (Python ints: counts of a large corpus overflow int64 when multiplied), shifted right until
+        # the sum fits 62 bits: the same integers at both ends.
+        w = self.table.bigram[self._prev].astype(object) * int(self._uni_w.sum()) + self.BACKOFF * self._uni_w.astype(object)
+        shift = max(0, int(w.sum()).bit_length() - 62)
+        return np.array([int(x) >> shift for x in w], dtype=np.int64)
 
     def frequencies(self) -> np.ndarray:
         if self._prev is None or self.table.bigram is None:

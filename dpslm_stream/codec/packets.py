@@ -104,6 +104,7 @@ class PacketEncoder:
         self._durations: list[int] = []
         self._last_t = 0
         self._next_resync: int | None = None  # ms; None: the next packet resyncs
+        self._last_interval = -1  # interval of the last packet sent
         self.finished = False
 
     def header_bytes(self) -> bytes:
@@ -164,10 +165,13 @@ class PacketEncoder:
             freqs.append(self.model.frequencies())
             self.stats.ideal_bits += self.model.ideal_bits(u)
             self.model.advance(u)
-        packet = Packet(seq=self._seq, flags=flags, num_units=len(units), payload=encode_packet(freqs, units))
+        interval = start_ms // self.header.packet_ms
+        packet = Packet(seq=self._seq, flags=flags, num_units=len(units), payload=encode_packet(freqs, units),
+                        skipped=max(0, interval - self._last_interval - 1))  # fmt: skip
+        self._last_interval = max(self._last_interval, interval)
         if self.header.durations:
             packet.duration_payload = encode_packet(*_duration_symbols(durations))
-        data = packet.seal(units, self.header.durations).to_bytes(self.header.durations)
+        data = packet.seal(units, self.header).to_bytes(self.header)
         self._seq = (self._seq + 1) % _SEQ_MOD
         s = self.stats
         s.packets += 1
@@ -187,6 +191,7 @@ class DecodedPacket:
     lost_before: int = 0  # packets missing (sequence gap) just before this one
     resync: bool = False
     end: bool = False
+    skipped: int = 0  # packet intervals the sender sent nothing in before this packet (DTX streams only)
 
 
 @dataclass
@@ -226,7 +231,7 @@ class PacketDecoder:
     def push(self, data: bytes) -> DecodedPacket:
         """One packet's bytes (exactly one packet)."""
         try:
-            packet, end = Packet.parse(data, 0, self.header.durations)
+            packet, end = Packet.parse(data, 0, self.header)
             if end != len(data):
                 raise BitstreamError("corrupted packet: bytes after its CRC")
         except BitstreamError:
@@ -246,7 +251,8 @@ class PacketDecoder:
             r.packets_lost += lost
             self._synced = False
             self._lost_since_sync = True
-        out = DecodedPacket(seq=packet.seq, status="ok", lost_before=lost, resync=packet.resync, end=packet.end)
+        out = DecodedPacket(seq=packet.seq, status="ok", lost_before=lost, resync=packet.resync, end=packet.end,
+                            skipped=packet.skipped)  # fmt: skip
         r.ended = r.ended or packet.end
         if packet.resync:
             self.model.reset()
@@ -259,7 +265,7 @@ class PacketDecoder:
         try:
             units = self._decode_units(packet)
             durations = _decode_durations(packet.duration_payload, packet.num_units) if self.header.durations else None
-            if packet.checksum(units, self.header.durations) != packet.crc:
+            if packet.checksum(units, self.header) != packet.crc:
                 raise BitstreamError("CRC mismatch")
         except (BitstreamError, ValueError):
             r.packets_damaged += 1
@@ -307,6 +313,7 @@ class DecodedStream:
     report: ReceiverReport
     segments: list[list[int]] = field(default_factory=list)  # units of each run of packets decoded without a gap
     problems: list[str] = field(default_factory=list)
+    silences: list[tuple[int, int]] = field(default_factory=list)  # DTX: (units before it, milliseconds) per pause
 
 
 def read_header(data: bytes) -> Header:
@@ -324,7 +331,7 @@ def decode_stream(data: bytes, model_for: Callable[[Header], UnitModel], strict:
     index = 0
     while pos < len(data):
         try:
-            packet, nxt = Packet.parse(data, pos, header.durations)
+            packet, nxt = Packet.parse(data, pos, header)
         except BitstreamError as e:
             if strict:
                 raise BitstreamError(f"{e} (packet {index}, byte {pos})") from None
@@ -335,6 +342,8 @@ def decode_stream(data: bytes, model_for: Callable[[Header], UnitModel], strict:
             dec._lost_since_sync = True
             continue
         got = dec.push_packet(packet)
+        if header.dtx and got.skipped:
+            out.silences.append((len(out.units), got.skipped * header.packet_ms))
         if got.status != "ok" or got.lost_before:
             if strict:
                 what = {"damaged": "is corrupted (CRC mismatch: damaged bytes, or a decoder out of step with the "
@@ -374,11 +383,11 @@ def _scan_for_resync(data: bytes, pos: int, header: Header, model_for: Callable[
     probe = PacketDecoder(header, model_for(header))
     for start in range(pos, len(data)):
         try:
-            packet, nxt = Packet.parse(data, start, header.durations)
+            packet, nxt = Packet.parse(data, start, header)
             if not packet.resync:
                 continue
             if nxt < len(data):
-                Packet.parse(data, nxt, header.durations)  # the next packet must frame too
+                Packet.parse(data, nxt, header)  # the next packet must frame too
         except BitstreamError:
             continue
         probe._expected, probe._synced = packet.seq, False

@@ -28,6 +28,8 @@ from dpslm_stream.errors import InvalidInput
 
 TABLE_MAGIC = b"DPST"
 TABLE_VERSION = 1
+MAX_BIGRAM_K = 4096  # a bigram table is K x K int64 in memory (128 MiB at this bound; K is at most 1000 in DP-SLM)
+MAX_RAW_BYTES = 256 << 20  # decompressed size bound (a table from a stream header is untrusted input)
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,16 @@ class UnitTable:
     @classmethod
     def from_bytes(cls, data: bytes) -> "UnitTable":
         try:
-            raw = zlib.decompress(data)
+            inflate = zlib.decompressobj()
+            raw = inflate.decompress(data, MAX_RAW_BYTES)
         except zlib.error:
             raise BitstreamError("not a unit table (.dpst): the data is not zlib-compressed") from None
+        if inflate.unconsumed_tail:
+            raise BitstreamError(f"unit table larger than {MAX_RAW_BYTES >> 20} MiB uncompressed: refused")
         if raw[:4] != TABLE_MAGIC or len(raw) < 8:
             raise BitstreamError("not a unit table (.dpst): the magic bytes 'DPST' are missing")
         version, order, k = struct.unpack_from(">BBH", raw, 4)
-        if version != TABLE_VERSION or order not in (1, 2) or k < 1:
+        if version != TABLE_VERSION or order not in (1, 2) or k < 1 or (order == 2 and k > MAX_BIGRAM_K):
             raise BitstreamError(f"unsupported unit table (version {version}, order {order}, k {k})")
         pos = 8
         uni = np.zeros(k, dtype=np.int64)
@@ -105,6 +110,8 @@ def fit_table(sequences: Iterable[Sequence[int]], k: int, order: int = 2) -> Uni
     """Count unigrams (and bigrams within each sequence) of deduplicated unit sequences."""
     if order not in (1, 2):
         raise InvalidInput(f"table order must be 1 (unigram) or 2 (bigram), got {order}")
+    if not 1 <= k <= (MAX_BIGRAM_K if order == 2 else 65535):
+        raise InvalidInput(f"k={k} is out of range for an order-{order} table")
     uni = np.zeros(k, dtype=np.int64)
     bi = np.zeros((k, k), dtype=np.int64) if order == 2 else None
     for seq in sequences:

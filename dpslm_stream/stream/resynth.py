@@ -43,6 +43,7 @@ from torch import Tensor
 
 from dpslm_stream import hub
 from dpslm_stream.audio import float_to_pcm16
+from dpslm_stream.device import setup_model_device, synchronize
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models.ellav import ELLAV, GenerationState, generation_step, sample_rows
 from dpslm_stream.models.precision import Plan, check_precision, plan_for, transformer_precision
@@ -882,9 +883,9 @@ class ResynthWorker:
                  max_decode_steps: int = 16,
                  max_codec_tokens_per_phone: int = DEFAULT_MAX_CODEC_TOKENS_PER_PHONE,
                  ellavs: dict[tuple[int, int], ELLAV] | None = None, wavtokenizer: WavTokenizer | None = None,
-                 clock: Callable[[], float] = time.perf_counter):  # fmt: skip
+                 clock: Callable[[], float] = time.perf_counter, allow_tf32: bool = False):  # fmt: skip
         self.models = hub.ModelSet(models) if isinstance(models, str) else models
-        self.device = torch.device(device)
+        self.device = setup_model_device(device, allow_tf32)  # TF32 off on CUDA: the exact paths stay exact
         for name, value in (("dtype", dtype), ("vocoder_dtype", vocoder_dtype)):
             if value not in _DTYPES_OK:
                 raise InvalidInput(f"{name} must be one of torch.float32, float64, bfloat16, float16; got {value!r}")
@@ -1092,6 +1093,7 @@ class ResynthWorker:
                 for s, _ in items:
                     s._fail(e)
                 continue
+            synchronize(self.device)  # CUDA: the prefill's kernels, not their launch (decode steps sync on their ids)
             elapsed = self.clock() - t0
             self.prefill_seconds += elapsed
             share = elapsed / len(items)
