@@ -411,8 +411,13 @@ class BatchDecoder:
     Active passes occupy rows 0..A-1. `admit` prefills new passes into the next free rows in one padded forward;
     `step` picks every row's next token with upstream's control loop (`generation_step`), lets rows whose pass is
     over leave (the last row moves into the hole, copying only its filled slots) and forwards the rest in one
-    batched 1-token forward. Each row's positions start at 0 with its prompt. The cache grows (never shrinks) to the
-    largest pass admitted: bounded by the streams' C, P and M, not by stream length.
+    batched 1-token forward (2 tokens for rows whose EOP is followed by a forced unit, with `merge_forced`). Each
+    row's positions start at 0 with its prompt. The cache grows (never shrinks) to the largest pass admitted:
+    bounded by the streams' C, P and M, not by stream length.
+
+    Device hygiene: a step reads the device once (tokens, pass-over flags and next forced tokens in one `tolist`);
+    sampling rows draw on the device from per-stream uniform numbers sent in one transfer; cache lengths live on the
+    host (KVCache.lengths).
     """
 
     def __init__(self, model: ELLAV, max_batch: int, max_codec_tokens_per_phone: int, capacity: int = 256,
