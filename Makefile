@@ -10,7 +10,7 @@ EXTRAS ?= test,plot,dtx
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test typecheck install bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/dpslm-stream live --resynth out/live_resynth.wav
 
-test: $(BIN)/.installed
+# The server core, protocol and backend interfaces (files: pyproject's [tool.mypy]).
+typecheck: $(BIN)/.installed
+	$(BIN)/python -m mypy
+
+test: typecheck
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -493,7 +493,7 @@ def parse_server_message(text: str | bytes) -> ServerMessage:
         obj = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(ErrorCode.BAD_JSON, f"server sent invalid JSON: {e}") from None
-    cls = _SERVER_TYPES.get(obj.get("type")) if isinstance(obj, dict) else None
+    cls = _SERVER_TYPES.get(str(obj.get("type"))) if isinstance(obj, dict) else None
     if cls is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown server message: {str(text)[:200]}")
     names = {f.name for f in dataclasses.fields(cls)}

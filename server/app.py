@@ -121,13 +121,12 @@ class Server:
         self.worker: EncoderBackend | None = None
         self.resynth_backend: ResynthBackend | None = None
         self._ws_server: Any = None
-        self._closed: asyncio.Event | None = None
+        self._closed = asyncio.Event()  # binds to the loop on first use
         self._shutdown_task: asyncio.Future | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._closed = asyncio.Event()
         self.worker = self.encoder.make_backend(loop, self.metrics, self.config.quantum_s)
         self.worker.start()
         if self.resynth is not None:
@@ -171,7 +170,8 @@ class Server:
             await asyncio.sleep(0.05)
         self._ws_server.close(close_connections=True)
         await self._ws_server.wait_closed()
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         if self.resynth_backend is not None:
             self.resynth_backend.stop()
         self._closed.set()
@@ -349,6 +349,7 @@ class ServerThread:
 
     @property
     def port(self) -> int:
+        assert self.server is not None and self.server.port is not None, "the server is not started"
         return self.server.port
 
     @property
@@ -366,11 +367,12 @@ class ServerThread:
             out = fn(*args)
             return await out if asyncio.iscoroutine(out) else out
 
+        assert self.loop is not None, "the server is not started"
         return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(timeout=300)
 
     def stop(self) -> None:
         """Drain and stop (what SIGTERM does), then join the thread."""
-        if self.loop is not None and self._thread.is_alive():
+        if self.loop is not None and self.server is not None and self._thread.is_alive():
             try:
                 asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(
                     timeout=self.config.drain_timeout_s + 30)

@@ -152,11 +152,11 @@ class Connection:
             elif isinstance(a, A.FeedAudio):
                 assert self.slot is not None
                 self.slot.add_audio(a.samples)
-                self.server.worker.wake()
+                self._wake_encoder()
             elif isinstance(a, A.RequestEnd):
                 assert self.slot is not None
                 self.slot.request_end()
-                self.server.worker.wake()
+                self._wake_encoder()
             elif isinstance(a, A.CancelSlot):
                 if self.slot is not None:
                     self.slot.cancel()
@@ -191,6 +191,10 @@ class Connection:
                 self._spawn(self._subscribe(a))
             else:
                 raise TypeError(f"unknown action {a!r}")
+
+    def _wake_encoder(self) -> None:
+        if self.server.worker is not None:
+            self.server.worker.wake()
 
     def _abort(self, code: int, reason: str) -> None:
         while not self.out.empty():

@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,7 +36,8 @@ from dpslm_stream.errors import DPSLMError, InvalidInput, UnknownModel
 from dpslm_stream.stream.events import EndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
-from .backends import EncoderSessionInfo, Progress, ResynthSink, SlotSink
+from .backends import (EncoderBackend, EncoderProvider, EncoderSessionInfo, EncoderSlot, Progress, ResynthBackend,
+                       ResynthProvider, ResynthSink, ResynthStream, SlotSink)
 from .worker import AudioQueue
 
 log = logging.getLogger("dpslm_stream.server")
@@ -108,7 +109,8 @@ class EncoderReplica:
         sessions, and returns per item (events, progress fields, more work pending)."""
         with self.lock:
             self.max_batch = max(self.max_batch, len(items))
-            sessions, errors = [], {}
+            sessions: list = []
+            errors: dict[int, Any] = {}
             for i, (sid, chunk, end) in enumerate(items):
                 s = self.sessions.get(sid)
                 if s is None:
@@ -123,7 +125,7 @@ class EncoderReplica:
                     errors[i] = e
                 sessions.append(s)
             self.worker.step(sessions)
-            out = []
+            out: list[tuple[list, dict, bool]] = []
             for i, (sid, _, _) in enumerate(items):
                 s = self.sessions.get(sid)
                 if s is None:
@@ -421,7 +423,7 @@ class RemoteResynthSession:
         self._settings = settings
         self.sink = sink
         self._units: list[int] = []
-        self._ends: list[float] = []
+        self._ends: list[float | None] = []
         self._ended = self._end_sent = self._cancelled = self.closed = False
         self._lag = 0.0
         self._wake = asyncio.Event()
@@ -559,7 +561,8 @@ class GatewayReplica:
     """The body of the ``Gateway`` deployment: the live server (server/app.py, the same code as the in-process
     backend) on its own thread and event loop in this replica, talking to the shards it was bound to."""
 
-    async def __init__(self, config, encoder_handles: list, resynth_handles: list, call_timeout_s: float = 60.0):
+    async def __init__(self, config, encoder_handles: list, resynth_handles: list,  # type: ignore[misc]
+                       call_timeout_s: float = 60.0):  # Serve awaits an async constructor
         from .app import ServerThread
 
         describe = await encoder_handles[0].describe.remote()  # a replica's constructor runs on its event loop
@@ -577,7 +580,7 @@ class GatewayReplica:
             server.stop()
 
 
-def service_app(config, *, encoder_shards: int = 1, resynth_shards: int = 1, shard_cpus: float | None = 1.0,
+def service_app(config, *, encoder_shards: int = 1, resynth_shards: int = 1, shard_cpus: float = 1.0,
                 gateway_cpus: float = 0.5, gateway_resource: str | None = None, call_timeout_s: float = 60.0):  # fmt: skip
     """The Serve application: Gateway(config) bound to ``encoder_shards`` Encoder and ``resynth_shards`` Resynth
     deployments (one replica each; none of the latter when config.resynth is off). The gateway listens on the
@@ -619,3 +622,11 @@ def run_service(config, *, address: str | None = None, num_cpus: float | None = 
         app_options["shard_cpus"] = max(0.1, min(1.0, free / shards))
     handle = serve.run(service_app(config, **app_options), name=name, route_prefix=None)
     return handle, handle.address.remote().result()
+
+
+if TYPE_CHECKING:  # mypy checks that the Ray classes implement the declared interfaces
+
+    def _implements(encoder: RayEncoder, backend: RayModelWorker, slot: RaySlot, resynth: RayResynth,
+                    rbackend: RayResynthThread, stream: RemoteResynthSession,
+                    ) -> tuple[EncoderProvider, EncoderBackend, EncoderSlot, ResynthProvider, ResynthBackend, ResynthStream]:  # fmt: skip
+        return encoder, backend, slot, resynth, rbackend, stream

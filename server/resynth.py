@@ -16,12 +16,12 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpslm_stream.stream.resynth import ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
-from .backends import ResynthSink
+from .backends import ResynthBackend, ResynthProvider, ResynthSink
 from .worker import WorkerThread
 
 log = logging.getLogger("dpslm_stream.server")
@@ -106,3 +106,9 @@ class ResynthThread(WorkerThread):
         if self.metrics is not None:
             self.metrics.resynth_step_seconds.observe(time.perf_counter() - started)
             self.metrics.resynth_batch_size.observe(len(sessions))
+
+
+if TYPE_CHECKING:  # mypy checks that the in-process classes implement the declared interfaces
+
+    def _implements(provider: InProcessResynth, backend: ResynthThread) -> tuple[ResynthProvider, ResynthBackend]:
+        return provider, backend

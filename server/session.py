@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import logging
 import math
 import secrets
@@ -36,15 +35,15 @@ from dpslm_stream import __version__
 from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.pipeline import default_num_neighbors
-from dpslm_stream.stream.encoder import window_config
 from dpslm_stream.stream.events import EndEvent, UnitEvent
 from dpslm_stream.stream.resynth import AudioEvent, ResynthEndEvent
-from dpslm_stream.stream.resynth_options import ResynthOptionError, ResynthOptions
+from dpslm_stream.stream.resynth_options import ResynthOptions
 
 from . import actions as A
+from . import limits
 from .backends import EncoderSessionInfo, Progress, ResynthStream
 from .config import ServerConfig
-from .meters import ArrivalClock, BitrateMeter, LagHistogram
+from .report import Report
 
 log = logging.getLogger("dpslm_stream.server")
 E = P.ErrorCode
@@ -104,21 +103,11 @@ class Session:
         self.k_lmbda: tuple[int, int] | None = None
         # Output.
         self.outgoing_bytes = 0
-        self.units = 0
-        self.num_frames = 0
-        self.last_unit_end_s = 0.0
-        self.last_lag: float | None = None
-        self.loglik: float | None = None
-        self.clock = ArrivalClock()
-        self.lags = LagHistogram()
-        self.bits = BitrateMeter()
+        self.report = Report(metrics)
         # Resynthesis.
         self.resynth: ResynthStream | None = None
         self.resynth_settings: dict | None = None
         self.resynth_end: ResynthEndEvent | None = None
-        self.rstats: Any = None
-        self.audio_chunks = 0
-        self.audio_samples = 0
 
     # ---------------------------------------------------------------------------------------------------------------
     # Queries
@@ -145,7 +134,7 @@ class Session:
             times.append(self._client_clock_from + cfg.idle_timeout_s)
         elif self.state == State.STREAMING:
             if self._held is not None:
-                times.append(self._paused_since + cfg.stall_timeout_s)
+                times.append(self._held[1] + cfg.stall_timeout_s)
             else:
                 times.append(self._client_clock_from + cfg.idle_timeout_s)
         if self.state in (State.STREAMING, State.LISTENING):
@@ -202,7 +191,8 @@ class Session:
         except P.ProtocolError as e:
             return self._error(e.code, str(e))
         sr = self.start.sample_rate
-        if self.info is not None and self.info.mode == "full" and self.received_samples + len(samples) > self.cfg.max_full_s * sr:
+        assert self.info is not None
+        if self.info.mode == "full" and limits.full_mode_exceeded(self.cfg, self.received_samples, len(samples), sr):
             return self._limit(E.SESSION_TIME_LIMIT, f"mode full keeps the whole stream until the end: at most "
                                                      f"{self.cfg.max_full_s:g} s of audio (use cached or sliding for "
                                                      "longer streams)", now)  # fmt: skip
@@ -220,7 +210,7 @@ class Session:
     def opened(self, info: EncoderSessionInfo, resynth: ResynthStream | None, now: float) -> list[A.Action]:
         """The sender's backends are open (OpenSession)."""
         if self.state != State.OPENING:  # closed (drain, a limit) while the models loaded: undo
-            return [A.CancelSlot()] + ([A.CloseResynth()] if resynth is not None else [])
+            return [A.CancelSlot(), *([A.CloseResynth()] if resynth is not None else [])]
         self._resume(now)
         self.info, self.resynth = info, resynth
         self.resynth_settings = resynth.settings() if resynth is not None else None
@@ -249,7 +239,7 @@ class Session:
     def subscribed(self, sender_id: str, k: int, lmbda: int, resynth: ResynthStream | None, now: float) -> list[A.Action]:
         """The listener is attached to its sender (Subscribe)."""
         if self.state != State.OPENING:
-            return [A.Unsubscribe()] + ([A.CloseResynth()] if resynth is not None else [])
+            return [A.Unsubscribe(), *([A.CloseResynth()] if resynth is not None else [])]
         self._resume(now)
         self.sender_id, self.k_lmbda, self.resynth = sender_id, (k, lmbda), resynth
         self.resynth_settings = resynth.settings() if resynth is not None else None
@@ -284,7 +274,7 @@ class Session:
             if isinstance(ev, UnitEvent):
                 out += self._on_unit(ev, now)
             elif isinstance(ev, EndEvent):
-                self.num_frames = int(ev.frames)
+                self.report.num_frames = int(ev.frames)
                 self.forced_commits = int(ev.forced_commits)
                 out += self._units_over(now)
             elif isinstance(ev, InvalidInput):  # the encoder refused a chunk; the session goes on
@@ -309,24 +299,18 @@ class Session:
         self.units_done = True
         if self.resynth is not None and self.resynth_end is None:
             out.append(A.CloseResynth())
-            self.resynth_end = self._resynth_end_event(f"the session failed: {type(error).__name__}")
+            self.resynth_end = self.report.resynth_end_event(f"the session failed: {type(error).__name__}")
         return out + self._maybe_finish(now)
 
     def resynth_events(self, events: list, stats: Any, now: float) -> list[A.Action]:
-        self.rstats = stats
+        self.report.rstats = stats
         if self.finished:
             return []
         out: list[A.Action] = []
         for ev in events:
             if isinstance(ev, AudioEvent):
-                if ev.num_samples == 0:
-                    continue
-                out += self._send_bytes(P.encode_audio_chunk(self.audio_chunks, self.audio_samples, ev.pcm16()))
-                self.audio_chunks += 1
-                self.audio_samples += ev.num_samples
-                if self.metrics is not None:
-                    self.metrics.resynth_audio_seconds_total.inc(ev.num_samples / P.RESYNTH_SAMPLE_RATE)
-                    self.metrics.resynth_lag.observe(ev.lag_s)
+                if ev.num_samples > 0:
+                    out += self._send_bytes(self.report.audio_chunk(ev))
             elif isinstance(ev, ResynthEndEvent):
                 self.resynth_end = ev
                 if ev.error is not None:
@@ -341,12 +325,7 @@ class Session:
         """Listener: one of the sender's units (only units cross from sender to listener)."""
         if self.state != State.LISTENING:
             return []
-        self.units += 1
-        self.bits.add(int(msg.unit))
-        self.last_unit_end_s = float(msg.end_s)
-        self.num_frames = max(self.num_frames, int(msg.end_frame))
-        self.last_lag = msg.lag_s
-        self.lags.add(msg.lag_s)
+        self.report.relayed(msg)
         return self._send(msg) + self._resynthesize(int(msg.unit), float(msg.end_s))
 
     def sender_done(self, gone: bool, now: float) -> list[A.Action]:
@@ -377,14 +356,14 @@ class Session:
         if self.state in (State.STREAMING, State.LISTENING) and now >= self.started_at + cfg.max_session_s:
             out += self._limit(E.SESSION_TIME_LIMIT, f"the session reached the {cfg.max_session_s:g} s limit", now)
         if self.state == State.STREAMING:
-            if self._held is not None and now >= self._paused_since + cfg.stall_timeout_s:
+            if self._held is not None and now >= self._held[1] + cfg.stall_timeout_s:
                 out += self._buffer_full(now)
             elif self._held is None and now >= self._client_clock_from + cfg.idle_timeout_s:
                 out += self._limit(E.IDLE_TIMEOUT, f"no message for {cfg.idle_timeout_s:g} s", now)
         if now >= self._next_stats and not self.finished:
             self._next_stats = now + cfg.stats_interval_s
             out += self._check_resynth_lag(now)
-            mark = (self.received_samples, self.units, self.audio_samples)
+            mark = (self.received_samples, self.report.units, self.report.audio_samples)
             if mark != self._stats_mark and self.reason in (None, "end") and not self.finished:
                 self._stats_mark = mark
                 out += self._send(self.stats(now))
@@ -429,7 +408,7 @@ class Session:
             presets = "any" if cfg.presets is None else ", ".join(cfg.presets)
             return self._error(E.BAD_SETTINGS, f"mode {mode!r} / preset {msg.preset!r} is not offered here; modes: "
                                                f"{', '.join(cfg.modes)}; presets: {presets}")  # fmt: skip
-        refusal = self._window_refusal(mode, msg.preset, opts)
+        refusal = limits.window_refusal(cfg, mode, msg.preset, opts)
         if refusal is not None:
             return self._error(E.BAD_SETTINGS, refusal)
         resynth, refused = self._resynth_options(msg.resynth)
@@ -440,24 +419,6 @@ class Session:
         settings = dict(k=k, lmbda=lmbda, mode=mode, preset=msg.preset, score=msg.score, **opts)
         return [A.OpenSession(msg.sample_rate, settings, resynth)]
 
-    def _window_refusal(self, mode: str, preset: str, opts: dict) -> str | None:
-        """Why the window sizes are refused (each capped by a server limit), or None."""
-        cfg = self.cfg
-        try:
-            wc = window_config(mode, preset, opts.get("left"), opts.get("hop"), opts.get("lookahead"))
-        except InvalidInput as e:
-            return str(e)
-        if mode != "full":
-            for name, value, lo, hi in (("left", wc.left, 0, cfg.max_left), ("hop", wc.hop, cfg.min_hop, cfg.max_hop),
-                                        ("lookahead", wc.lookahead, 0, cfg.max_lookahead)):  # fmt: skip
-                if not lo <= value <= hi:
-                    return (f"options.{name} = {value} frames is outside this server's range {lo}..{hi} (serve "
-                            f"--{'min' if value < lo else 'max'}-{name} sets it)")  # fmt: skip
-        max_lag = opts.get("max_lag")
-        if max_lag is not None and not 1 <= max_lag <= cfg.max_lag:
-            return f"options.max_lag = {max_lag} frames is outside this server's range 1..{cfg.max_lag} (serve --max-lag)"
-        return None
-
     def _resynth_options(self, given: dict | None) -> tuple[ResynthOptions | None, list[A.Action]]:
         if given is None:
             return None, []
@@ -465,9 +426,9 @@ class Session:
             return None, self._error(E.UNSUPPORTED_OPTION, "this server runs without resynthesis (started with "
                                                            "--no-resynth); ask for units only")  # fmt: skip
         try:
-            return ResynthOptions.from_json(given), []
-        except ResynthOptionError as e:
-            return None, self._error(E.BAD_SETTINGS, f"resynth.{e.field}: {e}")
+            return limits.resynth_options(given), []
+        except P.ProtocolError as e:
+            return None, self._error(e.code, str(e))
 
     def _on_subscribe(self, msg: P.Subscribe, now: float) -> list[A.Action]:
         resynth, refused = self._resynth_options(msg.resynth)
@@ -486,26 +447,17 @@ class Session:
     # Audio in, units out
 
     def _has_room(self, n: int) -> bool:
-        """The buffer rule: received audio not yet encoded, i.e. queued plus waiting inside the encoder beyond its
-        window's own delay (hops not yet run), stays within max_buffer_s and max_buffer_bytes. An empty buffer
-        takes any frame (max_message_bytes bounds it)."""
         assert self.start is not None and self.info is not None
         sr = self.start.sample_rate
-        waiting = self.queued_samples
-        if self.info.mode != "full":  # full mode keeps everything by design (bounded by max_full_s)
-            window_delay_s = (self.info.hop + self.info.lookahead) * 0.02 + 0.1
-            encoded = (self.progress.encoded_seconds + window_delay_s) * sr
-            waiting += max(0, int(self.progress.processed_samples - encoded))
-        if waiting == 0:
-            return True
-        return waiting + n <= self.cfg.max_buffer_s * sr and 4 * (self.queued_samples + n) <= self.cfg.max_buffer_bytes
+        buffered = limits.buffered_samples(self.info, self.progress, self.queued_samples, sr)
+        return limits.buffer_has_room(self.cfg, buffered, self.queued_samples, n, sr)
 
     def _accept(self, samples: np.ndarray, arrived: float) -> list[A.Action]:
         assert self.start is not None
         sr = self.start.sample_rate
         self.received_samples += len(samples)
         self.queued_samples += len(samples)
-        self.clock.add(self.received_samples / sr, arrived)
+        self.report.clock.add(self.received_samples / sr, arrived)
         if self.metrics is not None:
             self.metrics.audio_seconds_total.inc(len(samples) / sr)
         return [A.FeedAudio(samples)]
@@ -526,27 +478,11 @@ class Session:
                                           "or wait for units before sending more", now)  # fmt: skip
 
     def _on_unit(self, ev: UnitEvent, now: float) -> list[A.Action]:
-        arrived = self.clock.arrival_of(ev.end_s)
-        lag = max(0.0, now - arrived) if arrived is not None else 0.0
-        self.lags.add(lag)
-        self.last_lag = lag
-        self.bits.add(int(ev.unit))
-        if ev.logprob is not None and math.isfinite(ev.logprob):
-            self.loglik = (self.loglik or 0.0) + float(ev.logprob)
-        if ev.seq != self.units:  # an encoder bug; the protocol promises 0, 1, 2, ...
-            log.error("session %s: unit seq %d after %d units", self.id, ev.seq, self.units)
-        self.units += 1
-        self.last_unit_end_s = float(ev.end_s)
-        self.num_frames = max(self.num_frames, int(ev.end_frame))
-        if self.metrics is not None:
-            self.metrics.units_total.inc()
-            self.metrics.commit_lag.observe(lag)
-        # JSON has no infinities: a log-probability of -inf (probability 0 in float) goes out as null.
-        logprob = None if ev.logprob is None or not math.isfinite(ev.logprob) else float(ev.logprob)
-        msg = P.Unit(seq=int(ev.seq), unit=int(ev.unit), start_frame=int(ev.start_frame), end_frame=int(ev.end_frame),
-                     start_s=float(ev.start_s), end_s=float(ev.end_s), commit_audio_s=float(ev.commit_audio_s),
-                     lag_s=round(lag, 4), logprob=logprob)  # fmt: skip
-        return [*self._send(msg), A.Relay(msg), *self._resynthesize(int(ev.unit), float(ev.end_s))]
+        msg = self.report.unit(ev, now, self.id)
+        out = self._send(msg)
+        if self.finished:  # dropped (client_too_slow): its backends are released
+            return out
+        return [*out, A.Relay(msg), *self._resynthesize(int(ev.unit), float(ev.end_s))]
 
     def _resynthesize(self, unit: int, end_s: float) -> list[A.Action]:
         if self.resynth is None or self.resynth_end is not None:
@@ -605,14 +541,13 @@ class Session:
             return []
         reason = self.reason or "end"
         self.outcome = reason
-        stats = self.stats(now)
-        resynth = None if self.resynth_end is None else _json_safe(dataclasses.asdict(self.resynth_end))
-        end = P.EndMessage(reason=reason, units=self.units, num_frames=self.num_frames, audio_s=stats.audio_s,
-                           forced_commits=self.forced_commits, stats=_fields(stats), resynth=resynth)  # fmt: skip
+        end = self.report.end_message(reason, self.stats(now), self.forced_commits, self.resynth_end)
         code = P.CLOSE_NORMAL if reason == "end" else P.CLOSE_CODES[P.ErrorCode(reason)]
         return self._send(end) + self._close(code, reason)
 
     def _close(self, code: int, reason: str) -> list[A.Action]:
+        if self.finished:  # already closed (e.g. dropped as client_too_slow while its last frame was queued)
+            return []
         self.state = State.CLOSED
         return [A.Close(code, reason[:120])]  # a close reason must fit in 123 bytes
 
@@ -635,18 +570,8 @@ class Session:
         """End this session's resynthesis early (the units go on): tell the client, finish if all else is done."""
         if self.resynth_end is not None or self.finished:
             return []
-        self.resynth_end = self._resynth_end_event(why)
+        self.resynth_end = self.report.resynth_end_event(why)
         return self._error(code, f"resynthesis stopped: {why}; units are unaffected") + self._maybe_finish(now)
-
-    def _resynth_end_event(self, why: str) -> ResynthEndEvent:
-        r = self.rstats
-        return ResynthEndEvent(
-            units=r.units if r else 0, codec_frames=r.codec_frames if r else 0,
-            audio_seconds=self.audio_samples / P.RESYNTH_SAMPLE_RATE, chunks=self.audio_chunks,
-            passes=r.passes if r else 0, first_audio_latency_s=r.first_audio_latency_s if r else None,
-            latency_mean_s=r.latency_mean_s if r else None, latency_max_s=r.latency_max_s if r else None,
-            real_time_factor=r.real_time_factor if r else 0.0, error=why,
-        )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------------------
     # Output and clocks
@@ -661,7 +586,7 @@ class Session:
             return []
         nbytes = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
         self.outgoing_bytes += nbytes
-        if self.outgoing_bytes <= self.cfg.max_outgoing_bytes:
+        if not limits.outgoing_exceeded(self.cfg, self.outgoing_bytes):
             return [A.Send(data, nbytes)]
         self.outcome = E.CLIENT_TOO_SLOW.value
         self._count_error(E.CLIENT_TOO_SLOW)
@@ -700,37 +625,9 @@ class Session:
     # Stats
 
     def stats(self, now: float) -> P.Stats:
-        committed_s = self.last_unit_end_s
-        resynth: dict[str, Any] = {}
-        if self.resynth is not None:
-            rtf = self.rstats.real_time_factor if self.rstats is not None else 0.0
-            resynth = {"resynth_audio_s": round(self.audio_samples / P.RESYNTH_SAMPLE_RATE, 4),
-                       "resynth_lag_s": round(0.0 if self.resynth_end else self.resynth.lag_s, 4),
-                       "resynth_rtf": round(rtf, 4)}  # fmt: skip
-        common = dict(elapsed_s=round(now - self.started_at, 3), units=self.units,
-                      units_per_s=round(self.units / committed_s, 3) if committed_s > 0 else 0.0,
-                      bitrate=round(self.bits.bitrate(committed_s), 2),
-                      lag_p95_s=None if self.lags.n == 0 else round(self.lags.quantile(0.95), 4), **resynth)  # fmt: skip
-        if self.role == "listener" or self.start is None:  # the link as the receiving side sees it
-            return P.Stats(audio_s=round(committed_s, 4), processed_s=round(committed_s, 4), buffered_s=0.0, rtf=0.0,
-                           lag_s=self.last_lag, loglikelihood=None,
-                           state_nbytes=self.clock.nbytes + self.outgoing_bytes, **common)  # fmt: skip
-        sr = self.start.sample_rate
-        p = self.progress
-        return P.Stats(
-            audio_s=round(self.received_samples / sr, 4), processed_s=round(p.processed_samples / sr, 4),
-            buffered_s=round(self.queued_samples / sr, 4),
-            rtf=round(p.compute_seconds / p.encoded_seconds, 4) if p.encoded_seconds > 0 else 0.0,
-            lag_s=None if self.last_lag is None else round(self.last_lag, 4), loglikelihood=self.loglik,
-            state_nbytes=p.state_nbytes + self.queued_samples * 4 + self.clock.nbytes + self.outgoing_bytes,
-            listeners=self.listeners, **common,
-        )  # fmt: skip
-
-
-def _fields(msg: Any) -> dict:
-    return {k: v for k, v in json.loads(P.to_json(msg)).items() if k != "type"}
-
-
-def _json_safe(obj: dict) -> dict:
-    """Floats that JSON cannot carry (NaN, Inf) become null."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in obj.items()}
+        lag = None if self.resynth is None else (0.0 if self.resynth_end else self.resynth.lag_s)
+        sender = None
+        if self.role == "sender" and self.start is not None:
+            sender = {"sample_rate": self.start.sample_rate, "received": self.received_samples,
+                      "queued": self.queued_samples, "progress": self.progress, "listeners": self.listeners}  # fmt: skip
+        return self.report.stats(now - self.started_at, sender, self.outgoing_bytes, lag)

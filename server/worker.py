@@ -25,14 +25,14 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.stream.events import EndEvent
 
-from .backends import EncoderSessionInfo, Progress, SlotSink
+from .backends import EncoderBackend, EncoderProvider, EncoderSessionInfo, EncoderSlot, Progress, SlotSink
 
 log = logging.getLogger("dpslm_stream.server")
 
@@ -320,3 +320,9 @@ def warm_up(encoder: Any, k: int, lmbda: int, seconds: float = 1.0) -> None:
         encoder.step([session])
         if any(isinstance(ev, EndEvent) for ev in session.poll()):
             return
+
+
+if TYPE_CHECKING:  # mypy checks that the in-process classes implement the declared interfaces
+
+    def _implements(provider: InProcessEncoder, backend: ModelWorker, slot: Slot) -> tuple[EncoderProvider, EncoderBackend, EncoderSlot]:
+        return provider, backend, slot

@@ -92,7 +92,7 @@ def _count(opts: ResynthOptions, name: str, minimum: int, maximum: int = MAX_SEE
     value = getattr(opts, name)
     if value is None and name in ResynthOptions.NULLABLE:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not minimum <= value <= maximum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not minimum <= int(value) <= maximum:
         also = " or null (unlimited)" if name in ResynthOptions.NULLABLE else ""
         raise ResynthOptionError(name, f"{name} must be an integer >= {minimum}{also}, got {value!r}")
 
@@ -101,7 +101,8 @@ def _number(opts: ResynthOptions, name: str, lo: float, hi: float = math.inf) ->
     value = getattr(opts, name)
     if value is None and name in ResynthOptions.NULLABLE:
         return
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and lo <= float(value) <= hi
     if not ok:
         upper = f" and <= {hi:g}" if hi < math.inf else ""
         raise ResynthOptionError(name, f"{name} must be a finite number >= {lo:g}{upper}, got {value!r}")
