@@ -443,6 +443,7 @@ _EXTERNAL = {
     "mic": "dpslm_stream.client.mic",
     "encode-corpus": "dpslm_stream.corpus",
     "codec": "dpslm_stream.codec.cli",
+    "receive": "dpslm_stream.client.receive",
 }
 
 
