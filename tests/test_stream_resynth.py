@@ -29,20 +29,20 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def ellav64() -> E.ELLAV:
+def ellav64(device) -> E.ELLAV:
     """Tiny random ELLA-V in float64 (exact comparisons across batch shapes). A random model almost never emits EOP,
     so every unit would get the capped M+1 tokens; a bias on the EOP logit makes durations vary from 0 to M+1."""
     torch.manual_seed(0)
-    model = E.random_model(K, E.TINY).to(torch.float64)
+    model = E.random_model(K, E.TINY).to(device, torch.float64)  # on the test device (DPSLM_TEST_DEVICE)
     with torch.no_grad():
         model.output.bias[EOP] = 1.4
     return model
 
 
 @pytest.fixture(scope="module")
-def wt() -> W.WavTokenizer:
+def wt(device) -> W.WavTokenizer:
     torch.manual_seed(0)
-    return W.WavTokenizer(W.TINY).eval()
+    return W.WavTokenizer(W.TINY).eval().to(device)
 
 
 def dedup(units):
@@ -55,8 +55,8 @@ def random_units(n, seed):
 
 
 def make_worker(tiny_models, ellav64, wt, **kwargs) -> ResynthWorker:
-    return ResynthWorker(tiny_models, dtype=torch.float64, pairs=[(K, LMBDA)], ellavs={(K, LMBDA): ellav64},
-                         wavtokenizer=wt, **kwargs)  # fmt: skip
+    return ResynthWorker(tiny_models, ellav64.device, dtype=torch.float64, pairs=[(K, LMBDA)],
+                         ellavs={(K, LMBDA): ellav64}, wavtokenizer=wt, **kwargs)  # fmt: skip
 
 
 def record_codes(session) -> list[int]:
@@ -92,11 +92,11 @@ def offline_codes(model, units):
 # ----- exactness: the reductions to offline generation ------------------------------------------------------------
 
 
-def test_unlimited_context_equals_offline_greedy_pipeline(tiny_models):
+def test_unlimited_context_equals_offline_greedy_pipeline(tiny_models, device):
     """Acceptance: C = L = None -> the streamed codec ids and audio are the offline Pipeline.resynthesize output."""
     units = random_units(24, seed=1)
     units_with_repeats = units[:5] + [units[4]] + units[5:]  # a repeat across a push boundary merges, as offline
-    worker = ResynthWorker(tiny_models, pairs=[(K, LMBDA)])
+    worker = ResynthWorker(tiny_models, device, pairs=[(K, LMBDA)])
     s = worker.open_session(K, LMBDA, left_context=None, holdback=None, max_pass_units=None,
                             vocoder_left_context=None, vocoder_lookahead=10**6)  # fmt: skip
     codes = record_codes(s)
@@ -108,13 +108,13 @@ def test_unlimited_context_equals_offline_greedy_pipeline(tiny_models):
     s.end()
     worker.run_until_idle([s])
     events = s.poll()
-    wav, offline, finished = Pipeline(tiny_models, K, LMBDA).resynthesize(units)[0]
+    wav, offline, finished = Pipeline(tiny_models, K, LMBDA, device).resynthesize(units)[0]
     assert finished and len(offline) > 0
     assert codes == offline
     end = events[-1]
     assert isinstance(end, ResynthEndEvent) and end.error is None and end.units == len(units)
     assert end.codec_frames == len(offline) and end.passes == 1
-    np.testing.assert_allclose(audio_of(events), wav[0].numpy(), rtol=0, atol=1e-6 * float(wav.abs().max()))
+    np.testing.assert_allclose(audio_of(events), wav[0].cpu().numpy(), rtol=0, atol=1e-6 * float(wav.abs().max()))
 
 
 SAMPLE = Path(__file__).parents[1] / "dpslm_stream" / "data" / "sample.wav"
@@ -129,17 +129,17 @@ def long_speech_units(tiny_models):
     return units
 
 
-def test_exact_settings_equal_offline_on_long_speech(tiny_models, long_speech_units):
+def test_exact_settings_equal_offline_on_long_speech(tiny_models, long_speech_units, device):
     """Acceptance at length: 14.6 s of speech (> 200 units, far more than the default max_pass_units), the exact
     settings with every other option at its default (as the server passes them), units arriving in pushes with
     steps in between: codec ids and audio are offline greedy resynthesis. (A pass prompt cut at max_pass_units
     units made every token differ from the first on.)"""
     units = long_speech_units
-    pipe = Pipeline(tiny_models, K, LMBDA)
+    pipe = Pipeline(tiny_models, K, LMBDA, device)
     (wav, offline, finished), = pipe.resynthesize(units)
     assert finished
     for max_batch in (1, 16):
-        worker = ResynthWorker(tiny_models, pairs=[(K, LMBDA)], max_batch=max_batch)
+        worker = ResynthWorker(tiny_models, device, pairs=[(K, LMBDA)], max_batch=max_batch)
         s = worker.open_session(K, LMBDA, left_context=None, holdback=None, vocoder_left_context=None,
                                 vocoder_lookahead=10**6)  # fmt: skip
         codes = record_codes(s)
@@ -149,7 +149,7 @@ def test_exact_settings_equal_offline_on_long_speech(tiny_models, long_speech_un
         events = s.poll()
         assert codes == offline
         assert events[-1].error is None and events[-1].codec_frames == len(offline)
-        np.testing.assert_allclose(audio_of(events), wav[0].numpy(), rtol=0, atol=1e-6 * float(wav.abs().max()))
+        np.testing.assert_allclose(audio_of(events), wav[0].cpu().numpy(), rtol=0, atol=1e-6 * float(wav.abs().max()))
     stage = IncrementalELLAV(pipe.ellav, left_context=None, holdback=None)
     assert stage.push(units[:100]) == [] and stage.push(units[100:]) + stage.flush() == offline
 
@@ -257,7 +257,7 @@ def test_audio_is_the_whole_sequence_istft_of_the_window_spectra(tiny_models, el
         if received - rv - committed >= step:
             commit(received - rv)
     commit(received)
-    expected = W.istft(torch.stack(frames, dim=-1), wt.head.istft.window, HOP)[0].numpy()
+    expected = W.istft(torch.stack(frames, dim=-1), wt.head.istft.window, HOP)[0].cpu().numpy()
     audio = audio_of(events)
     assert audio.shape == (HOP * len(codes),)
     np.testing.assert_allclose(audio, expected, rtol=0, atol=1e-6 * np.abs(expected).max())

@@ -29,13 +29,16 @@ def models():
 
 
 @pytest.fixture(scope="module")
-def worker(models):
-    return EncoderWorker(models, pairs=[(K, LMBDA), (100, 600)])
+def worker(models, device):
+    """The worker under test, on the test device (DPSLM_TEST_DEVICE); the ULM oracles of the score tests run on the
+    CPU."""
+    return EncoderWorker(models, device, pairs=[(K, LMBDA), (100, 600)])
 
 
 @pytest.fixture(scope="module")
-def pipe(models):
-    return Pipeline(models, K, LMBDA)
+def pipe(models, device):
+    """The offline reference on the same device (units: DPDP's margins; features: same kernels)."""
+    return Pipeline(models, K, LMBDA, device)
 
 
 _audio_cache: dict = {}
@@ -113,14 +116,14 @@ def test_full_mode_gives_the_offline_units_for_any_chunking(worker, pipe, sr, se
     assert end.loglikelihood == pytest.approx(ref.loglikelihood, rel=1e-5)
 
 
-def test_full_mode_end_runs_in_slices_beside_a_live_session_and_still_gives_the_offline_units(models, pipe,
+def test_full_mode_end_runs_in_slices_beside_a_live_session_and_still_gives_the_offline_units(models, pipe, device,
                                                                                               monkeypatch):
     from dpslm_stream.models import wavlm as W
 
     # Blocks shrunk so that 8 s take the long-input path (dense only up to 150 frames), as 30 s+ do by default.
     monkeypatch.setattr(W, "ATTENTION_ELEMENTS", 4 * 150 * 150)
     monkeypatch.setattr(W, "ROW_BLOCK", 64)
-    worker = EncoderWorker(models, pairs=[(K, LMBDA)])
+    worker = EncoderWorker(models, device, pairs=[(K, LMBDA)])
     ref = pipe.encode(audio(8.0, 16000, 3), 16000)
     bulk = worker.open_session(16000, K, LMBDA, mode="full")
     bulk.push(audio(8.0, 16000, 3))
