@@ -158,9 +158,37 @@ def serve_deployment(body: type, name: str, num_cpus: float = 1.0, num_gpus: flo
     @serve.deployment(name=name, num_replicas=1, max_ongoing_requests=max_ongoing_requests,
                       ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus})  # fmt: skip
     class Deployment(body):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._steps_open = asyncio.Event()  # cleared by hold_steps: calls wait before they join a batch
+            self._steps_open.set()
+            self._steps_waiting = 0
+
+        async def step(self, item):
+            """One session's call; the calls that arrive together go through one batched ``step_many``."""
+            if not self._steps_open.is_set():
+                self._steps_waiting += 1
+                try:
+                    await self._steps_open.wait()
+                finally:
+                    self._steps_waiting -= 1
+            return await self._step_batch(item)
+
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
-        async def step(self, items: list) -> list:
+        async def _step_batch(self, items: list) -> list:
             return await asyncio.to_thread(self.step_many, items)
+
+        # Hold and release (async: they run on the replica's event loop, as `step` does). While held, calls wait and
+        # are counted; on release they all join the batch queue in one loop iteration, so they form one batch: the
+        # tests prove batching with this, independently of how fast the machine delivers the calls.
+        async def hold_steps(self) -> None:
+            self._steps_open.clear()
+
+        async def release_steps(self) -> None:
+            self._steps_open.set()
+
+        async def steps_waiting(self) -> int:
+            return self._steps_waiting
 
     return Deployment
 
@@ -282,6 +310,7 @@ class RayModelWorker(WatchedCalls):
         self.quantum_s = quantum_s
         self.watch = DeploymentWatch(call_timeout_s)
         self._slots: set[RaySlot] = set()
+        self._opening = {i: 0 for i in range(len(self.handles))}  # opens awaiting their shard's answer
         self._alive = False
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -301,13 +330,18 @@ class RayModelWorker(WatchedCalls):
         return None
 
     async def open_slot(self, session_id: str, sample_rate: int, settings: dict, sink: SlotSink) -> RaySlot:
-        # Pin the session to the shard with the fewest sessions of this gateway.
-        load = {i: 0 for i in range(len(self.handles))}
+        # Pin the session to the shard with the fewest sessions of this gateway, opens in flight included (sessions
+        # that open at once would otherwise all see the same counts and land on one shard).
+        load = dict(self._opening)
         for slot in self._slots:
             load[slot.shard] += 1
         shard = min(load, key=lambda i: (load[i], i))
         handle = self.handles[shard]
-        info = await self.result(handle.open.remote(session_id, sample_rate, settings))
+        self._opening[shard] += 1
+        try:
+            info = await self.result(handle.open.remote(session_id, sample_rate, settings))
+        finally:
+            self._opening[shard] -= 1
         if isinstance(info, dict):
             raise (UnknownModel if info["error"] == "unknown_model" else InvalidInput)(info["message"])
         slot = RaySlot(self, shard, handle, session_id, info, sample_rate, sink)

@@ -60,9 +60,22 @@ def test_same_units_through_ray_as_in_process(ray_encoder):
 def test_sessions_are_batched_together_and_a_full_server_is_busy(ray_encoder):
     cfg, encoder = ray_encoder
 
-    async def main(url):  # as fast as the server takes it: the sessions' calls are back to back, so they overlap
-        results = await asyncio.gather(*[units_of(url, "cached") for _ in range(3)])
-        return results
+    async def main(url):
+        # Each shard holds its steps until the first call of each of the three sessions waits there (one call in
+        # flight per session): released together, the calls of the shard that serves two sessions form one batch,
+        # however slowly a loaded machine delivers them.
+        for h in encoder.handles:
+            await h.hold_steps.remote()
+        sessions = [asyncio.create_task(units_of(url, "cached")) for _ in range(3)]
+        for _ in range(600):  # bounded: 60 s
+            waiting = [await h.steps_waiting.remote() for h in encoder.handles]
+            if sum(waiting) == 3 or any(t.done() for t in sessions):
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(waiting) == [1, 2], waiting  # three sessions on two shards
+        for h in encoder.handles:
+            await h.release_steps.remote()
+        return await asyncio.gather(*sessions)
 
     with ServerThread(cfg, encoder=encoder) as srv:
         results = run(main(srv.url))
@@ -83,7 +96,7 @@ def test_sessions_are_batched_together_and_a_full_server_is_busy(ray_encoder):
     for units in results:  # complete and ordered (batch shapes may differ between sessions: not compared bitwise)
         assert [u[0] for u in units] == list(range(len(units))) and units[0][2] == 0
         assert all(a[3] == b[2] for a, b in zip(units, units[1:])) and units[-1][3] == len(WAV) // 320
-    # Three sessions on two shards: one shard served two of them, and batched their calls into one step.
+    # Three sessions on two shards: one shard served two of them, and batched their held calls into one step.
     assert max(h.describe.remote().result()["max_batch"] for h in encoder.handles) >= 2
 
 
