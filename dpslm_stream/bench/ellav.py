@@ -27,6 +27,7 @@ import torch
 
 from dpslm_stream import hub
 from dpslm_stream.bench.ulm import random_model, sync
+from dpslm_stream.device import setup_model_device
 from dpslm_stream.models import ellav
 from dpslm_stream.models.precision import PRECISIONS, machine_summary, transformer_precision
 from dpslm_stream.stream.resynth import BatchDecoder, IncrementalELLAV
@@ -154,7 +155,7 @@ def agreement(exact: ellav.ELLAV, fast: ellav.ELLAV, prompt: list[int], steps: i
 def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = setup_model_device(args.device)  # TF32 off on CUDA, as the server
     precisions = list(dict.fromkeys(args.precision))
     models = {p: load(args, p, device) for p in precisions}
     with torch.device("meta"):

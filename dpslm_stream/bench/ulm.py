@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from dpslm_stream.device import setup_model_device
 from dpslm_stream.device import synchronize as sync
 from dpslm_stream.models import ulm
 
@@ -62,7 +63,7 @@ def random_model(build: Callable[[], torch.nn.Module], device: torch.device, dty
 def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), _DTYPES[args.dtype]
+    device, dtype = setup_model_device(args.device), _DTYPES[args.dtype]  # TF32 off on CUDA, as the server
     config = ulm.config_for_k(args.k)
     model = random_model(lambda: ulm.ULM(config), device, dtype)
     tok = ulm.UnitTokenizer(args.k)
