@@ -21,6 +21,8 @@ from websockets.exceptions import ConnectionClosed
 from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput, UnknownModel
 
+from dpslm_stream.codec.link import Transmitter
+
 from . import actions as A
 from .backends import EncoderSlot, Progress, ResynthStream
 from .session import Session
@@ -50,6 +52,7 @@ class Connection:
         self.core = Session(self.id, server.config, server.info, self.loop.time(), server.metrics)
         self.slot: EncoderSlot | None = None
         self.rstream: ResynthStream | None = None
+        self.transmitter: Transmitter | None = None  # start.transmit (runs on the server's codec thread)
         self.listeners: set[Connection] = set()  # sender: its listeners
         self.sender: Connection | None = None  # listener: its sender
         self.out: asyncio.Queue = asyncio.Queue()
@@ -183,6 +186,16 @@ class Connection:
                 if self.sender is not None:
                     self.sender.listeners.discard(self)
                     self.sender.core.listeners = len(self.sender.listeners)
+            elif isinstance(a, A.Transmit):
+                self._transmit(lambda tx, a=a: tx.on_units(list(a.units), None if a.durations is None else
+                                                           list(a.durations), a.at), a.at)  # fmt: skip
+            elif isinstance(a, A.TransmitTick):
+                self._transmit(lambda tx, a=a: tx.tick(a.at), a.at)
+            elif isinstance(a, A.TransmitEnd):
+                self._transmit(lambda tx, a=a: tx.finish(a.at), a.at, done=True)
+            elif isinstance(a, A.RelayBits):
+                for listener in list(self.listeners):
+                    listener.handle(listener.core.relay_bits, a.part, a.data)
             elif isinstance(a, A.Register):
                 self.server.senders[self.id] = self
             elif isinstance(a, A.OpenSession):
@@ -191,6 +204,23 @@ class Connection:
                 self._spawn(self._subscribe(a))
             else:
                 raise TypeError(f"unknown action {a!r}")
+
+    def _transmit(self, call: Callable[[Any], list[bytes]], at: float, done: bool = False) -> None:
+        """Run one transmitter call on the codec thread; its packets come back to the core in order."""
+        tx, codec = self.transmitter, self.server.codec
+        if tx is None or codec is None:
+            return
+
+        def back(future) -> None:
+            if future.cancelled():
+                return
+            if future.exception() is not None:
+                self.handle(self.core.transmit_failed, future.exception())
+            else:
+                packets, deadline, stats = future.result()
+                self.handle(self.core.transmitted, packets, deadline, stats, done)
+
+        codec.submit(tx, lambda: call(tx), at, back)
 
     def _wake_encoder(self) -> None:
         if self.server.worker is not None:
@@ -258,6 +288,13 @@ class Connection:
             raise
         self.slot, self.rstream = slot, rstream
         self.handle(self.core.opened, slot.info, rstream)
+        transmit = self.core.transmit
+        if transmit is not None and self.server.codec is not None and not self.core.finished:
+            try:  # the first use of a (k, lambda) loads its ULM on the codec thread; units queue behind it
+                self.transmitter = await self.server.codec.open(transmit, slot.info.k, slot.info.lmbda, self.loop.time())
+            except Exception as e:  # noqa: BLE001 - the bitstream is lost, not the session
+                return self.handle(self.core.transmit_failed, e)
+            self.handle(self.core.transmit_opened, self.transmitter.header_bytes())
 
     async def _subscribe(self, a: A.Subscribe) -> None:
         """Listener mode: receive a running sender's units, and audio made from those units alone."""
@@ -280,6 +317,9 @@ class Connection:
             rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self))
             if refused:
                 return self.handle(self.core.subscribe_failed, *refused)
+        if a.bitstream and sender.core.transmit is None:
+            return self.handle(self.core.subscribe_failed, E.UNSUPPORTED_OPTION,
+                               f"session {a.session} does not transmit a bitstream (its start has no transmit)")  # fmt: skip
         if not sender.core.accepts_listeners or self.server.senders.get(a.session) is not sender:
             self._close_resynth(rstream)
             return self.handle(self.core.subscribe_failed, E.SENDER_GONE,
@@ -288,6 +328,8 @@ class Connection:
         sender.listeners.add(self)
         sender.core.listeners = len(sender.listeners)
         self.handle(self.core.subscribed, sender.id, k, lmbda, rstream)
+        if a.bitstream and sender.core.tx_header is not None:  # the header first; packets follow as they are made
+            self.handle(self.core.relay_bits, "header", sender.core.tx_header)
 
     # --- sinks (called on the loop by the backends) -------------------------------------------------------------------
 

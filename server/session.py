@@ -107,6 +107,13 @@ class Session:
         # Resynthesis.
         self.resynth: ResynthStream | None = None
         self.resynth_settings: dict | None = None
+        # Transmission (start.transmit / a bitstream listener); the transmitter itself runs on the codec thread.
+        self.transmit: dict | None = None  # the sender's validated TransmitOptions (JSON form)
+        self.bitstream_listener = False
+        self.tx_deadline = math.inf  # when the open packet is due (reported by the transmitter)
+        self.tx_done = True  # no transmitter, or its END packet is out
+        self.tx_header: bytes | None = None  # the stream header (new bitstream listeners get it first)
+        self.tx_stats: dict | None = None
         self.resynth_end: ResynthEndEvent | None = None
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -139,6 +146,8 @@ class Session:
                 times.append(self._client_clock_from + cfg.idle_timeout_s)
         if self.state in (State.STREAMING, State.LISTENING):
             times.append(self.started_at + cfg.max_session_s)
+        if not self.tx_done and not self.finished:
+            times.append(self.tx_deadline)
         return min(times)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -325,6 +334,9 @@ class Session:
         """Listener: one of the sender's units (only units cross from sender to listener)."""
         if self.state != State.LISTENING:
             return []
+        if self.bitstream_listener:  # it gets the bits only, and counts the units for its stats
+            self.report.relayed(msg)
+            return []
         self.report.relayed(msg)
         return self._send(msg) + self._resynthesize(int(msg.unit), float(msg.end_s))
 
@@ -339,13 +351,56 @@ class Session:
                                               "then end", fatal=True)  # fmt: skip
         return out + self._units_over(now)
 
+    def transmit_opened(self, header: bytes, now: float) -> list[A.Action]:
+        """The sender's transmitter is ready: the stream header goes out first (to the sender and its listeners)."""
+        if self.finished or self.transmit is None:
+            return []
+        self.tx_header, self.tx_done = header, False
+        return self._send_bytes(P.encode_bitstream_frame("header", header)) + [A.RelayBits("header", header)]
+
+    def transmitted(self, packets: list[bytes], deadline: float, stats: dict, done: bool, now: float) -> list[A.Action]:
+        """Packets the transmitter made (in order): to the sender and its bitstream listeners."""
+        if self.finished or self.tx_done:
+            return []
+        out: list[A.Action] = []
+        for packet in packets:
+            out += self._send_bytes(P.encode_bitstream_frame("packet", packet))
+            out.append(A.RelayBits("packet", packet))
+        self.tx_deadline, self.tx_stats = deadline, stats
+        if done:
+            self.tx_done = True
+            out += [A.ListenersDone(gone=False)] if self.role == "sender" and self.units_done else []
+            out += self._maybe_finish(now)
+        return out
+
+    def transmit_failed(self, error: BaseException, now: float) -> list[A.Action]:
+        """The transmitter failed (or could not open): the units go on without the bitstream."""
+        if self.finished or (self.tx_done and self.tx_header is not None):
+            return []
+        log.error("session %s: transmission failed: %s: %s", self.id, type(error).__name__, error)
+        was_transmitting = not self.tx_done and self.tx_header is not None
+        self.tx_done = True
+        out = self._error(E.INTERNAL_ERROR, f"the bitstream stopped ({type(error).__name__}: {error}); units go on")
+        if was_transmitting and self.units_done and self.role == "sender":
+            out.append(A.ListenersDone(gone=False))  # _units_over left it to the last packet
+        return out + self._maybe_finish(now)
+
+    def relay_bits(self, part: str, data: bytes, now: float) -> list[A.Action]:
+        """Bitstream listener: one of the sender's frames."""
+        if self.state != State.LISTENING or not self.bitstream_listener:
+            return []
+        return self._send_bytes(P.encode_bitstream_frame(part, data))
+
     def sent(self, nbytes: int) -> None:
         """The I/O layer wrote ``nbytes`` of queued frames to the socket."""
         self.outgoing_bytes = max(0, self.outgoing_bytes - nbytes)
 
     def tick(self, now: float) -> list[A.Action]:
-        """Apply the time rules; send stats when due."""
+        """Apply the time rules; send stats when due; let a due packet leave."""
         cfg, out = self.cfg, []
+        if not self.tx_done and not self.finished and now >= self.tx_deadline:
+            self.tx_deadline = math.inf  # until the transmitter reports its next one
+            out.append(A.TransmitTick(now))
         if self.state == State.CONNECTED:
             if now >= self.connected_at + self._paused_total + cfg.start_timeout_s:
                 return self._limit(E.START_TIMEOUT, f"no start or subscribe within {cfg.start_timeout_s:g} s of "
@@ -413,6 +468,11 @@ class Session:
         resynth, refused = self._resynth_options(msg.resynth)
         if refused:
             return refused
+        if msg.transmit is not None and msg.transmit["coder"] == "table":
+            return self._error(E.UNSUPPORTED_OPTION, "this server has no unit table; transmit with coder 'uniform' or "
+                                                     "'ulm'")  # fmt: skip
+        self.transmit = msg.transmit
+        self.tx_done = msg.transmit is None  # with a transmitter, end waits for its END packet
         self.start, self.role, self.state = msg, "sender", State.OPENING
         self._pause(now)
         settings = dict(k=k, lmbda=lmbda, mode=mode, preset=msg.preset, score=msg.score, **opts)
@@ -435,7 +495,8 @@ class Session:
             return refused
         self.role, self.state = "listener", State.OPENING
         self._pause(now)
-        return [A.Subscribe(msg.session, msg.token, resynth)]
+        self.bitstream_listener = msg.format == "bitstream"
+        return [A.Subscribe(msg.session, msg.token, resynth, bitstream=self.bitstream_listener)]
 
     def _ready(self, settings: dict, role: str, listen_token: str | None) -> P.Ready:
         return P.Ready(session=self.id, settings=settings, limits=self.cfg.limits(), models=self.server.models,
@@ -481,6 +542,9 @@ class Session:
         out = self._send(msg)
         if self.finished:  # dropped (client_too_slow): its backends are released
             return out
+        if self.transmit is not None and not self.tx_done:
+            durations = (int(ev.duration),) if self.transmit["durations"] else None
+            out.append(A.Transmit((int(ev.unit),), durations, now))
         return [*out, A.Relay(msg), *self._resynthesize(int(ev.unit), float(ev.end_s))]
 
     def _resynthesize(self, unit: int, end_s: float) -> list[A.Action]:
@@ -533,14 +597,20 @@ class Session:
             return []
         if self.state == State.STREAMING:
             self.state = State.ENDING
-        out: list[A.Action] = [A.ListenersDone(gone=False)] if self.role == "sender" else []
+        out: list[A.Action] = []
+        transmitting = not self.tx_done and self.tx_header is not None
+        if transmitting:  # listeners are told once the last packet is out (transmitted, done)
+            out.append(A.TransmitEnd(now))
+        elif self.role == "sender":
+            out.append(A.ListenersDone(gone=False))
         if self.resynth is not None and self.resynth_end is None:
             out.append(A.EndResynth())
         return out + self._maybe_finish(now)
 
     def _maybe_finish(self, now: float) -> list[A.Action]:
         """Send the end message once every unit and every audio chunk of the session is out, then close."""
-        if self.finished or not self.units_done or (self.resynth is not None and self.resynth_end is None):
+        if self.finished or not self.units_done or (self.resynth is not None and self.resynth_end is None) or (
+                not self.tx_done and self.tx_header is not None):
             return []
         reason = self.reason or "end"
         self.outcome = reason
@@ -633,4 +703,5 @@ class Session:
         if self.role == "sender" and self.start is not None:
             sender = {"sample_rate": self.start.sample_rate, "received": self.received_samples,
                       "queued": self.queued_samples, "progress": self.progress, "listeners": self.listeners}  # fmt: skip
-        return self.report.stats(now - self.started_at, sender, self.outgoing_bytes, lag)
+        stats = self.report.stats(now - self.started_at, sender, self.outgoing_bytes, lag)
+        return dataclasses.replace(stats, transmit=self.tx_stats) if self.tx_stats is not None else stats
