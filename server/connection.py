@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import operator
 import uuid
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -187,12 +188,12 @@ class Connection:
                     self.sender.listeners.discard(self)
                     self.sender.core.listeners = len(self.sender.listeners)
             elif isinstance(a, A.Transmit):
-                self._transmit(lambda tx, a=a: tx.on_units(list(a.units), None if a.durations is None else
-                                                           list(a.durations), a.at), a.at)  # fmt: skip
+                durations = None if a.durations is None else list(a.durations)
+                self._transmit(operator.methodcaller("on_units", list(a.units), durations, a.at), a.at)
             elif isinstance(a, A.TransmitTick):
-                self._transmit(lambda tx, a=a: tx.tick(a.at), a.at)
+                self._transmit(operator.methodcaller("tick", a.at), a.at)
             elif isinstance(a, A.TransmitEnd):
-                self._transmit(lambda tx, a=a: tx.finish(a.at), a.at, done=True)
+                self._transmit(operator.methodcaller("finish", a.at), a.at, done=True)
             elif isinstance(a, A.RelayBits):
                 for listener in list(self.listeners):
                     listener.handle(listener.core.relay_bits, a.part, a.data)
