@@ -100,3 +100,27 @@ def test_transmit_options_and_bitstream_subscriptions_are_checked(server):
         await plain.close()
 
     asyncio.run(main())
+
+
+def test_receive_cli_decodes_and_resynthesizes_on_its_side_with_and_without_loss(server, tmp_path, tiny_dir, capsys):
+    import soundfile as sf
+
+    from dpslm_stream.cli import main
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, speech_like(3.0, seed=5).astype(np.float32), 16000)
+    common = ["receive", "--url", server.url, "--send", str(clip), "--pace", "fast", "--models", str(tiny_dir),
+              "--coder", "ulm", "--packet-ms", "40", "--resync-s", "0.5"]  # fmt: skip
+    out = tmp_path / "clean.json"
+    assert main([*common, "--json", str(out), "--audio-out", str(tmp_path / "rx.wav")]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["exact"] and doc["units_lost"] == 0 and doc["receiver"]["packets_lost"] == 0
+    wav, sr = sf.read(tmp_path / "rx.wav")
+    assert sr == 24000 and len(wav) > 0
+    lossy = tmp_path / "lossy.json"
+    assert main([*common, "--json", str(lossy), "--loss", "0.3", "--burst", "2", "--jitter-ms", "30", "--seed", "4"]) == 0
+    doc = json.loads(lossy.read_text())
+    assert doc["channel"]["packets_dropped"] > 0 and doc["segments_match_sender"]
+    assert doc["units_lost"] > 0 and not doc["exact"]
+    said = capsys.readouterr().out
+    assert "lost" in said and "channel:" in said
