@@ -124,3 +124,35 @@ def test_receive_cli_decodes_and_resynthesizes_on_its_side_with_and_without_loss
     assert doc["units_lost"] > 0 and not doc["exact"]
     said = capsys.readouterr().out
     assert "lost" in said and "channel:" in said
+
+
+def test_session_core_transmit_wiring_without_sockets():
+    """The core hands units to the transmitter, asks for a tick at the packet deadline, sends the frames it gets
+    back (and relays them), and ends only after the END packet; listeners hear of the end after it."""
+    from dpslm_stream.server import actions as A
+    from dpslm_stream.server.backends import Progress
+    from tests.test_session_core import CACHED, end_event, kinds, sent, session, start, unit
+
+    s = session()
+    out = start(s, transmit={"coder": "uniform", "packet_ms": 100})
+    assert s.transmit["coder"] == "uniform"
+    out = s.transmit_opened(b"HDR", 0.1)
+    assert sent(out) == [P.encode_bitstream_frame("header", b"HDR")] and A.RelayBits("header", b"HDR") in out
+    out = s.encoder_events([unit(0, 10)], Progress(), 0.2)
+    tx = [a for a in out if isinstance(a, A.Transmit)]
+    assert len(tx) == 1 and tx[0].units == (0,) and tx[0].durations is None and tx[0].at == 0.2
+    out = s.transmitted([], 0.3, {"payload_bps": 1.0}, False, 0.2)  # the transmitter says: packet due at 0.3
+    assert s.next_deadline() == 0.3
+    assert [a for a in s.tick(0.3) if isinstance(a, A.TransmitTick)] == [A.TransmitTick(0.3)]
+    out = s.transmitted([b"P0"], float("inf"), {"payload_bps": 2.0}, False, 0.31)
+    assert sent(out) == [P.encode_bitstream_frame("packet", b"P0")] and A.RelayBits("packet", b"P0") in out
+    # The stream ends: the transmitter finishes first; end and ListenersDone wait for its last packet.
+    s.receive_text('{"type": "end"}', 0.4)
+    out = s.encoder_events([end_event(10)], Progress(finished=True), 0.5)
+    assert A.TransmitEnd(0.5) in out and A.ListenersDone(gone=False) not in out
+    assert not any(isinstance(m, P.EndMessage) for m in sent(out))
+    out = s.transmitted([b"END"], float("inf"), {"payload_bps": 3.0}, True, 0.6)
+    msgs = sent(out)
+    assert msgs[0] == P.encode_bitstream_frame("packet", b"END") and isinstance(msgs[-1], P.EndMessage)
+    assert A.ListenersDone(gone=False) in out and msgs[-1].stats["transmit"] == {"payload_bps": 3.0}
+    assert kinds(out)[-1] is A.Close
