@@ -10,7 +10,13 @@ EXTRAS ?= test,plot,dtx
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test typecheck install bench clean
+# The GPU check (scripts/gpu_check.sh): `make gpu-wheels` here (network) puts the wheels a GPU image may lack into the
+# git-ignored .whl/ (for that machine's Python, GPU_PYTHON); carry .whl/ to the GPU machine and run `make gpu-check`
+# there (no network needed). Without a CUDA device gpu-check is a dry run.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= soundfile cffi pycparser websockets
+
+.PHONY: demo test typecheck install bench clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +36,15 @@ typecheck: $(BIN)/.installed
 
 test: typecheck
 	$(BIN)/python -m pytest -q
+
+gpu-wheels:
+	mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux1_x86_64 --platform any -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -70,7 +70,6 @@ async def _stream_file(url: str, path: Path, args: argparse.Namespace) -> P.EndM
         import numpy as np
 
         samples = np.concatenate(audio) if audio else np.zeros(0, np.float32)
-        args.resynth.parent.mkdir(parents=True, exist_ok=True)
         save_wav(args.resynth, samples, P.RESYNTH_SAMPLE_RATE)
         r = client.end_message.resynth or {}
         first = r.get("first_audio_latency_s")
@@ -85,8 +84,11 @@ def run(args: argparse.Namespace) -> int:
 
     from dpslm_stream.server.cli import check_port_free
 
+    from dpslm_stream.cli import output_folder
+
     # Everything that can fail fast is checked before the server loads its models.
     check_port_free("127.0.0.1", args.port)
+    output_folder(args.resynth)
     if args.mic:
         from .mic import import_sounddevice, input_device
 
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     models = args.models or default_models()
     path = args.input or SAMPLE_WAV
     print(f"== dpslm-stream live: models {models}"
-          + (" (RANDOM weights: the units check the plumbing, they are not speech)" if models == "tiny" else ""))  # fmt: skip
+          + (" (RANDOM weights: the units check the plumbing, they are not speech)"
+             if hub.ModelSet(models).is_random else ""))  # fmt: skip
     started = time.perf_counter()
     with ServerThread(ServerConfig(port=args.port, models=models)) as srv:
         print(f"server up in {time.perf_counter() - started:.1f} s: {srv.url}  (browser page: {srv.http_url}/)")

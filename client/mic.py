@@ -244,7 +244,11 @@ def resynth_summary(totals: dict, jitter: JitterBuffer | None = None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dpslm_stream.cli import output_folder
+
     resynth = resynth_options(args)
+    client_kwargs(args)  # the URL and options, checked before the microphone opens
+    output_folder(getattr(args, "json", None))
     sd = import_sounddevice()
     if args.list_devices:
         print(sd.query_devices())
@@ -347,7 +351,6 @@ async def _session(sd, device, sr: int, args: argparse.Namespace, resynth: dict 
         res = EncodeResult(units=[u.unit for u in units], durations=[u.end_frame - u.start_frame for u in units],
                            num_frames=end.num_frames if end else (units[-1].end_frame if units else 0),
                            seconds=end.audio_s if end else time.monotonic() - started)  # fmt: skip
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"k": r.settings["k"], "lmbda": r.settings["lmbda"], "models": r.models,
                                          "random_weights": r.random_weights, "frame_rate": P.FRAME_RATE,
                                          "files": {"microphone": res.to_json(session=r.session)}}, indent=1))  # fmt: skip

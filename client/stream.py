@@ -127,8 +127,13 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
 
 
 def client_kwargs(args: argparse.Namespace) -> dict:
-    """UnitsClient keyword arguments from add_connection_args' options."""
+    """UnitsClient keyword arguments from add_connection_args' options (the URL checked first)."""
     import os
+
+    if not isinstance(args.url, str) or not args.url.startswith(("ws://", "wss://")):
+        from dpslm_stream.errors import InvalidInput
+
+        raise InvalidInput(f"--url must be a WebSocket URL such as {DEFAULT_URL}, got {args.url!r}")
 
     return {"k": args.k, "lmbda": args.lmbda, "preset": args.preset, "score": args.score, "format": args.format,
             "options": {"mode": args.mode} if args.mode else {},
@@ -141,7 +146,11 @@ def run(args: argparse.Namespace) -> int:
 
     from dpslm_stream.audio import save_wav
 
+    from dpslm_stream.cli import output_folder
+
     kwargs = client_kwargs(args)
+    output_folder(args.json)
+    output_folder(getattr(args, "audio_out", None))
     options = getattr(args, "resynth_options", None)
     if getattr(args, "resynth", False) or getattr(args, "audio_out", None) or options is not None:
         kwargs["resynth"] = dict(options or {})
@@ -208,7 +217,6 @@ def run(args: argparse.Namespace) -> int:
                 i = len(results) - 1
                 out = args.audio_out if i == 0 else args.audio_out.with_name(
                     f"{args.audio_out.stem}_{i}{args.audio_out.suffix}")  # fmt: skip
-                out.parent.mkdir(parents=True, exist_ok=True)
                 save_wav(out, audio, P.RESYNTH_SAMPLE_RATE)
                 print(f"wrote {out}", file=sys.stderr if args.quiet else sys.stdout)
     if args.json and results:
@@ -224,7 +232,6 @@ def run(args: argparse.Namespace) -> int:
         }  # fmt: skip
         if failed:
             doc["errors"] = failed
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1))
     if failed:
         print(f"{len(failed)} of {len(args.files)} file(s) failed (see above)", file=sys.stderr)

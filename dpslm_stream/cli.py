@@ -30,11 +30,29 @@ def _add_model_args(p: argparse.ArgumentParser, pair: bool = True) -> None:
         p.add_argument("--lmbda", "--lambda", dest="lmbda", type=int, default=hub.DEFAULT_LMBDA,
                        help="DPDP duration penalty (default 4500)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--precision", choices=("exact", "fast"), default="exact",
+                   help="unit LM, ELLA-V and WavTokenizer: exact (float32, upstream's numbers; default) or fast "
+                        "(int8/bf16 kernels picked for this machine, printed; the WavLM encoder stays float32)")
 
 
 def note(message: str) -> None:
     """A one-line remark on stderr (random weights, channels mixed down, a folder created)."""
     print(f"note: {message}", file=sys.stderr)
+
+
+def output_folder(path: Path | None, is_dir: bool = False) -> None:
+    """Make sure an output can be written, before any work: its folder is created (and that is said) or the error
+    says why it cannot be."""
+    if path is None:
+        return
+    folder = path if is_dir else path.parent
+    if folder.is_dir():
+        return
+    try:
+        folder.mkdir(parents=True)
+    except OSError as e:
+        raise InvalidInput(f"cannot create the output folder {folder}: {e.strerror or e}") from None
+    note(f"created folder {folder}")
 
 
 def _warn_random(models: hub.ModelSet) -> None:
@@ -89,6 +107,8 @@ def _add_encode(sub) -> None:
 
 
 def _cmd_encode(args) -> int:
+    output_folder(args.json)
+    output_folder(args.npy, is_dir=True)
     if args.stream is None:
         for name in ("preset", "left", "hop", "lookahead", "compare"):
             if getattr(args, name) not in (None, False):
@@ -106,7 +126,7 @@ def _encode_offline(args) -> int:
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-    pipe = Pipeline(models, args.k, args.lmbda, args.device, args.num_neighbors)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, args.num_neighbors, precision=args.precision)
     pipe.wavlm, pipe.codebook  # load before timing (a missing checkpoint fails here, before any file is read)
     if not args.no_score:
         pipe.ulm
@@ -127,7 +147,6 @@ def _encode_offline(args) -> int:
                   f"({len(res.units) / max(res.seconds, 1e-9):.1f} units/s){ll}")  # fmt: skip
             print("  " + " ".join(map(str, res.units)))
         if args.npy:
-            args.npy.mkdir(parents=True, exist_ok=True)
             np.save(args.npy / f"{path.stem}.units.npy", np.asarray(res.units, dtype=np.int64))
             np.save(args.npy / f"{path.stem}.durations.npy", np.asarray(res.durations, dtype=np.int64))
     total_s = sum(r.seconds for r in results.values())
@@ -144,7 +163,6 @@ def _encode_offline(args) -> int:
         }  # fmt: skip
         if failed:
             doc["errors"] = failed
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1))
     if failed:
         print(f"{len(failed)} of {len(args.files)} file(s) failed (see above)", file=sys.stderr)
@@ -207,7 +225,6 @@ def _encode_streaming(args) -> int:
         }  # fmt: skip
         if failed:
             doc["errors"] = failed
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1))
     if failed:
         print(f"{len(failed)} of {len(args.files)} file(s) failed (see above)", file=sys.stderr)
@@ -233,7 +250,7 @@ def _cmd_score(args) -> int:
     models = hub.ModelSet(args.models)
     _warn_random(models)
     items = _score_items(args)  # parse before loading models: a typo fails at once
-    pipe = Pipeline(models, args.k, args.lmbda, args.device)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
     for name, units in items.items():
         print(f"{name} {sum(pipe.score(units)):.4f}")
     return 0
@@ -308,9 +325,10 @@ def _cmd_resynth(args) -> int:
 
     models = hub.ModelSet(args.models)
     _warn_random(models)
-    pipe = Pipeline(models, args.k, args.lmbda, args.device)
+    pipe = Pipeline(models, args.k, args.lmbda, args.device, precision=args.precision)
     if args.num_samples < 1:
         raise InvalidInput("--num-samples must be at least 1")
+    output_folder(args.output)
     if args.from_units:
         entry = next(iter(_units_json(args.input).values()))
         units, durations = entry["units"], entry.get("durations")
@@ -325,9 +343,6 @@ def _cmd_resynth(args) -> int:
                                 max_codec_tokens_per_phone=args.max_codec_tokens_per_phone,
                                 num_samples=args.num_samples, seed=args.seed)  # fmt: skip
     elapsed = time.perf_counter() - started
-    if not args.output.parent.is_dir():
-        args.output.parent.mkdir(parents=True)
-        note(f"created folder {args.output.parent}")
     report = {
         "input": str(args.input), "k": pipe.k, "lmbda": pipe.lmbda, "models": models.source,
         "random_weights": models.is_random, "units": units, "durations": durations, "seconds": seconds,
@@ -342,6 +357,9 @@ def _cmd_resynth(args) -> int:
         print(f"wrote {out} ({wav.shape[-1] / 24000:.2f} s at 24 kHz, {len(codes)} codec tokens, "
               f"{'finished' if finished else 'NOT finished (hit max_tokens)'})")  # fmt: skip
     report["resynthesis_seconds"] = elapsed
+    report["precision"] = {"precision": args.precision, **pipe.precision_plans()}
+    if args.precision != "exact":
+        print("precision: " + "; ".join(pipe.precision_plans().values()))
     report_path = args.output.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=1))
     print(f"{len(units)} units, {report['bitrate'] or 0:.1f} bit/s, log-likelihood {report['loglikelihood']:.2f}; "
@@ -406,7 +424,10 @@ def _cmd_bench(args) -> int:
     module = importlib.import_module(f"dpslm_stream.bench.{args.name}")
     parser = argparse.ArgumentParser(prog=f"dpslm-stream bench {args.name}", description=module.__doc__)
     module.add_arguments(parser)
-    module.run(parser.parse_args(args.rest))
+    bench_args = parser.parse_args(args.rest)
+    if isinstance(getattr(bench_args, "device", None), str):
+        hub.check_device(bench_args.device, "--device")
+    module.run(bench_args)
     return 0
 
 
@@ -439,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for name in ("device", "resynth_device"):  # torch devices (mic's --device is an audio device: its own check)
+            if args.command != "mic" and isinstance(getattr(args, name, None), str):
+                hub.check_device(getattr(args, name), "--" + name.replace("_", "-"))
         if args.command in _EXTERNAL:
             return int(importlib.import_module(_EXTERNAL[args.command]).run(args) or 0)
         return int(globals()[f"_cmd_{args.command}"](args) or 0)

@@ -198,7 +198,8 @@ def _tiny_contents() -> str:
             f"{', '.join(map(str, TINY_CODEBOOK_KS))}")
 
 
-TINY_HINT = f"--models tiny on the command line, hub.ModelSet('tiny') in Python; it holds {_tiny_contents()}"
+TINY_HINT = (f"--models tiny on the command line, hub.use_tiny_set_if_offline() or hub.ModelSet('tiny') in Python; "
+             f"it holds {_tiny_contents()}")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -221,22 +222,22 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def check_device(map_location: str | torch.device) -> torch.device:
+def check_device(map_location: str | torch.device, what: str = "map_location") -> torch.device:
     """The torch.device for `map_location`, checked before any file is read: a DeviceError saying what is wrong
-    (not a device name, CUDA not available, an ordinal past the device count)."""
+    (not a device name, CUDA not available, an ordinal past the device count). `what` names it in the message."""
     if not isinstance(map_location, (str, torch.device)):
-        raise DeviceError(f"map_location must be a device such as 'cpu', 'cuda' or 'cuda:1', got {map_location!r}")
+        raise DeviceError(f"{what} must be a device such as 'cpu', 'cuda' or 'cuda:1', got {map_location!r}")
     try:
         device = torch.device(map_location)
     except (RuntimeError, ValueError) as e:
-        raise DeviceError(f"map_location {map_location!r} is not a torch device ({e}); use 'cpu', 'cuda', 'cuda:1'") from e
+        raise DeviceError(f"{what} {map_location!r} is not a torch device ({e}); use 'cpu', 'cuda', 'cuda:1'") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"map_location {str(device)!r}: CUDA is not available here "
+            raise DeviceError(f"{what} {str(device)!r}: CUDA is not available here "
                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use 'cpu'")  # fmt: skip
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise DeviceError(f"map_location {str(device)!r}: no such GPU (this machine has {count}: "
+            raise DeviceError(f"{what} {str(device)!r}: no such GPU (this machine has {count}: "
                               f"{', '.join(f'cuda:{i}' for i in range(count))})")  # fmt: skip
     return device
 

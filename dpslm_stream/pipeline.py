@@ -18,7 +18,10 @@ import numpy as np
 import torch
 
 from dpslm_stream import hub
+from dpslm_stream.device import setup_model_device
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.models.precision import check_precision, transformer_precision
+from dpslm_stream.models.wavtokenizer import apply_precision as apply_wavtokenizer_precision
 
 FRAME_RATE = 50  # WavLM frames per second (hop 320 at 16 kHz)
 
@@ -83,10 +86,15 @@ class Pipeline:
     """Models for one (k, lambda) from one model set, loaded lazily (the encoder never loads the decoder)."""
 
     def __init__(self, models: hub.ModelSet | str = "release", k: int = hub.DEFAULT_K, lmbda: int = hub.DEFAULT_LMBDA,
-                 device: str | torch.device = "cpu", num_neighbors: int | None = None):  # fmt: skip
+                 device: str | torch.device = "cpu", num_neighbors: int | None = None,
+                 precision: str = "exact", allow_tf32: bool = False):  # fmt: skip
+        """precision: "exact" (float32, upstream's numbers) or "fast" for the unit LM, ELLA-V and WavTokenizer
+        (models/precision.py picks the kernels for this machine; the WavLM encoder stays float32).
+        allow_tf32: CUDA TF32 matmuls/convolutions (faster, not exact; off by default)."""
         self.models = hub.ModelSet(models) if isinstance(models, str) else models
+        self.precision = check_precision(precision)
         self.k, self.lmbda = hub.check_pair(k, lmbda)
-        self.device = torch.device(device)
+        self.device = setup_model_device(device, allow_tf32)  # TF32 off on CUDA: offline results stay exact
         self.num_neighbors = default_num_neighbors(self.k) if num_neighbors is None else num_neighbors
         self._cache: dict[str, object] = {}
 
@@ -105,24 +113,45 @@ class Pipeline:
 
     @property
     def ulm(self):
-        return self._get("ulm", lambda: self.models.ulm(self.k, self.lmbda, self.device))
+        def load():
+            model, tokenizer = self.models.ulm(self.k, self.lmbda, self.device)
+            return self._converted(model, "ulm"), tokenizer
+
+        return self._get("ulm", load)
 
     @property
     def ellav(self):
-        return self._get("ellav", lambda: self.models.ellav(self.k, self.lmbda, self.device))
+        return self._get("ellav", lambda: self._converted(self.models.ellav(self.k, self.lmbda, self.device), "ellav"))
 
     @property
     def wavtokenizer(self):
-        return self._get("wavtokenizer", lambda: self.models.wavtokenizer(self.device))
+        def load():
+            loaded = self.models.wavtokenizer(self.device)
+            apply_wavtokenizer_precision(loaded[0], self.precision)
+            return loaded
+
+        return self._get("wavtokenizer", load)
+
+    def _converted(self, model, kind: str):
+        transformer_precision(model, self.precision, kind)
+        return model
+
+    def precision_plans(self) -> dict:
+        """What each model loaded so far runs in (models/precision.py)."""
+        loaded = {"ulm": (self._cache.get("ulm") or (None,))[0], "ellav": self._cache.get("ellav"),
+                  "wavtokenizer": (self._cache.get("wavtokenizer") or (None,))[0]}  # fmt: skip
+        return {name: m.precision_plan.describe() for name, m in loaded.items() if m is not None}
 
     @torch.inference_mode()
     def features(self, wav: torch.Tensor | np.ndarray, sr: int) -> torch.Tensor:
         """Layer-11 features [N, D] exactly as upstream's extract_features (any rate in, 16 kHz inside)."""
         model, extract = self.wavlm
-        wav = torch.as_tensor(wav, dtype=torch.float32)
+        wav = torch.as_tensor(wav, dtype=torch.float32).cpu()
         if wav.dim() == 1:
             wav = wav[None]
-        return extract(model, wav.to(self.device), sr, layer=11)
+        # Resampled on the CPU (extract_features moves the 16 kHz audio to the model): every path (corpus, server,
+        # this) resamples with the same kernel on the same device, so units cannot differ by path.
+        return extract(model, wav, sr, layer=11)
 
     @torch.inference_mode()
     def quantize(self, features: torch.Tensor) -> torch.Tensor:

@@ -294,7 +294,7 @@ def build_encoder(config: ServerConfig) -> Any:
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput(f"unknown dtype {config.dtype!r}; expected float32, bfloat16 or float16")
     return EncoderWorker(hub.ModelSet(config.models), device=config.device, dtype=dtype,
-                         pairs=list(config.pairs) if config.pairs else None)  # fmt: skip
+                         pairs=list(config.pairs) if config.pairs else None, allow_tf32=config.allow_tf32)  # fmt: skip
 
 
 def build_resynth(config: ServerConfig, models: Any = None) -> Any:
@@ -309,8 +309,13 @@ def build_resynth(config: ServerConfig, models: Any = None) -> Any:
     dtype = getattr(torch, config.resynth_dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput(f"unknown resynth dtype {config.resynth_dtype!r}; expected float32, bfloat16 or float16")
-    return ResynthWorker(models if models is not None else hub.ModelSet(config.models),
-                         device=config.resynth_device or config.device, dtype=dtype)  # fmt: skip
+    worker = ResynthWorker(models if models is not None else hub.ModelSet(config.models),
+                           device=config.resynth_device or config.device, dtype=dtype, precision=config.precision,
+                           allow_tf32=config.allow_tf32)  # fmt: skip
+    if config.precision != "exact":
+        plans = worker.precision_plans
+        log.info("resynthesis precision %s: %s; %s", config.precision, plans["ellav"], plans["wavtokenizer"])
+    return worker
 
 
 class ServerThread:

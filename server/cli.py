@@ -79,9 +79,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resynth-device", default=None, help="device of the resynthesis worker (default: --device)")
     p.add_argument("--resynth-dtype", default=d.resynth_dtype, choices=("float32", "bfloat16", "float16"),
                    help="ELLA-V dtype on the resynthesis worker (bf16/fp16 for a GPU)")
+    p.add_argument("--precision", default=d.precision, choices=("exact", "fast"),
+                   help="resynthesis models: exact (float32, default) or fast (int8/bf16 kernels picked for this "
+                        "machine; printed at start-up and reported in ready.settings.resynth.precision)")
     p.add_argument("--max-listeners", type=int, default=d.max_listeners, help="listeners per sender session")
     p.add_argument("--max-resynth-lag", type=float, default=d.max_resynth_lag_s,
                    help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
+    p.add_argument("--allow-tf32", action="store_true",
+                   help="CUDA: let matmuls and convolutions use TF32 (faster on Ampere and later; results then "
+                        "differ from the exact fp32 path at ~1e-3; default off)")  # fmt: skip
     p.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"),
                    help="inprocess (default): this process serves, models on worker threads; ray: the service as a "
                         "Ray Serve application (pip install -e '.[ray]' in the dpslm-stream checkout)")  # fmt: skip
@@ -91,6 +97,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                                   "e.g. one GPU, each); sessions are pinned to one")  # fmt: skip
     p.add_argument("--resynth-shards", type=int, default=1, help="--backend ray: resynthesis applications (one "
                                                                   "replica each); sessions are pinned to one")  # fmt: skip
+    p.add_argument("--encoder-gpus", type=float, default=None, metavar="F",
+                   help="--backend ray: GPUs each encoder shard asks Ray for (default: every CUDA shard shares one "
+                        "GPU, e.g. 0.5 each for one encoder and one resynthesis shard)")  # fmt: skip
+    p.add_argument("--resynth-gpus", type=float, default=None, metavar="F",
+                   help="--backend ray: GPUs each resynthesis shard asks Ray for (default: as --encoder-gpus)")
     p.add_argument("--gateway-resource", default=None, metavar="NAME",
                    help="--backend ray: a Ray custom resource that pins the Gateway (the WebSocket listener) to the "
                         "node(s) that have it, e.g. the one behind your load balancer")  # fmt: skip
@@ -118,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_hop=args.max_hop, max_lookahead=args.max_lookahead, max_lag=args.max_lag,
         stall_timeout_s=args.stall_timeout, drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup,
         resynth=not args.no_resynth, resynth_device=args.resynth_device, resynth_dtype=args.resynth_dtype,
+        precision=args.precision, allow_tf32=args.allow_tf32,
         max_listeners=args.max_listeners, max_resynth_lag_s=args.max_resynth_lag,
     )  # fmt: skip
 
@@ -195,7 +207,8 @@ def serve_on_ray(config: ServerConfig, args: argparse.Namespace) -> int:
     _, serve = import_ray()  # a clear error (DPSLMError) when the ray extra is not installed
 
     handle, address = run_service(config, address=args.ray_address, encoder_shards=args.encoder_shards,
-                                  resynth_shards=args.resynth_shards, gateway_resource=args.gateway_resource)  # fmt: skip
+                                  resynth_shards=args.resynth_shards, gateway_resource=args.gateway_resource,
+                                  encoder_gpus=args.encoder_gpus, resynth_gpus=args.resynth_gpus)  # fmt: skip
     print(f"dpslm-stream serving on Ray Serve (application 'dpslm-stream': Gateway, {args.encoder_shards} encoder "
           f"and {args.resynth_shards if config.resynth else 0} resynthesis shard(s))\n"
           f"  WebSocket  {address['url']}\n  page       {address['http_url']}{P.PAGE_PATH}", flush=True)  # fmt: skip

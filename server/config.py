@@ -55,8 +55,10 @@ class ServerConfig:
     resynth: bool = True  # offer live resynthesis (start.resynth, listeners); its models load on first use
     resynth_device: str | None = None  # device of the resynthesis worker (default: device)
     resynth_dtype: str = "float32"  # ELLA-V dtype (bfloat16/float16 are meant for a GPU)
+    precision: str = "exact"  # resynthesis models: "exact" (float32) or "fast" (models/precision.py picks per machine)
     max_listeners: int = 4  # listeners per sender session
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
+    allow_tf32: bool = False  # CUDA: TF32 matmuls/convolutions (faster, not exact; see dpslm_stream.device)
 
     def __post_init__(self) -> None:
         positive_ints = ("max_sessions", "max_message_bytes", "max_text_bytes", "max_json_depth", "max_buffer_bytes",

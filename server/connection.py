@@ -238,7 +238,15 @@ class Connection:
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future) -> None:
+        """A helper task (opening the backends, a close) ended: a bug in it ends this session like any other."""
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("session %s: a task failed: %r", self.id, error)
+            self.handle(self.core.failed, error)
 
     # --- opening the backends ----------------------------------------------------------------------------------------
 

@@ -56,19 +56,22 @@ class EncoderReplica:
     """The body of the ``Encoder`` deployment: an EncoderWorker and its sessions, keyed by the gateway's id.
     A plain class, so it can be tested without Ray; ``serve_deployment`` wraps it for Serve."""
 
-    def __init__(self, models: str, device: str = "cpu", dtype: str = "float32", pairs=None, warmup: bool = True):
+    def __init__(self, models: str, device: str = "cpu", dtype: str = "float32", pairs=None, warmup: bool = True,
+                 allow_tf32: bool = False):  # fmt: skip
         import torch
 
         from dpslm_stream import hub
+        from dpslm_stream.device import replica_device
         from dpslm_stream.stream.worker import EncoderWorker
 
+        device = str(replica_device(device))  # Ray renumbers the GPUs it grants (CUDA_VISIBLE_DEVICES)
         if models == "full":  # benchmarks: WavLM-Large dimensions with RANDOM weights (dpslm_stream.bench._models)
             from dpslm_stream.bench._models import full_size_encoder_worker
 
-            self.worker = full_size_encoder_worker(device)
+            self.worker = full_size_encoder_worker(device, allow_tf32=allow_tf32)
         else:
             self.worker = EncoderWorker(hub.ModelSet(models), device=device, dtype=getattr(torch, dtype),
-                                        pairs=list(pairs) if pairs else None)  # fmt: skip
+                                        pairs=list(pairs) if pairs else None, allow_tf32=allow_tf32)  # fmt: skip
         self.sessions: dict[str, Any] = {}
         self.max_batch = 0  # most calls served by one step (the batching the tests check)
         self.lock = threading.Lock()  # one EncoderWorker.step at a time (batches may run in a thread pool)
@@ -245,7 +248,29 @@ class RaySlot(AudioQueue):
             self.sink.on_failure(e)
 
 
-class RayModelWorker:
+class WatchedCalls:
+    """The gateway side of a deployment's calls: ``result`` awaits one through a DeploymentWatch; ``alive`` (what
+    /healthz reads) is started and not stopped, with the deployment answering in time."""
+
+    watch: DeploymentWatch
+    _alive: bool
+
+    def start(self) -> None:
+        self._alive = True
+
+    @property
+    def alive(self) -> bool:
+        return self._alive and self.watch.healthy
+
+    @property
+    def heartbeat(self) -> float:
+        return self.watch.heartbeat
+
+    async def result(self, response):
+        return await self.watch.result(response)
+
+
+class RayModelWorker(WatchedCalls):
     """An EncoderBackend (server/backends.py) backed by the Encoder deployment (no thread: every call is async)."""
 
     def __init__(self, handles: list, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
@@ -255,28 +280,17 @@ class RayModelWorker:
         self.loop = loop
         self.metrics = metrics
         self.quantum_s = quantum_s
-        self.heartbeat = time.monotonic()
+        self.watch = DeploymentWatch(call_timeout_s)
         self._slots: set[RaySlot] = set()
         self._alive = False
-
-    def start(self) -> None:
-        self._alive = True
 
     def stop(self, timeout: float = 10.0) -> None:
         self._alive = False
         for slot in self._slots:
             slot._task.cancel()
 
-    @property
-    def alive(self) -> bool:
-        self.heartbeat = time.monotonic()
-        return self._alive
-
     def wake(self) -> None:  # each slot's pump wakes on its own events
         pass
-
-    async def result(self, response):
-        return await call_result(response, self.call_timeout_s)
 
     def account(self, seconds: float) -> None:
         if self.metrics is not None:
@@ -316,11 +330,59 @@ async def call_result(response, timeout_s: float):
         raise TimeoutError(f"the Ray deployment did not answer within {timeout_s:g} s") from None
 
 
+class DeploymentWatch:
+    """Health of a deployment as the gateway sees it through its calls. ``heartbeat`` is the time of the last reply
+    (or of the start of a call made while none was pending: idle time is not a failure); reading it changes
+    nothing. The deployment is unhealthy while a call has waited past ``timeout_s`` with no reply since, and after a
+    call timed out until the next reply: a hung replica reads as down, not as healthy."""
+
+    def __init__(self, timeout_s: float, clock=time.monotonic):
+        self.timeout_s, self.clock = timeout_s, clock
+        self.heartbeat = clock()
+        self.pending = 0
+        self.timed_out = False
+
+    @property
+    def healthy(self) -> bool:
+        return not self.timed_out and not (self.pending and self.clock() - self.heartbeat > self.timeout_s)
+
+    async def result(self, response):
+        if not self.pending:
+            self.heartbeat = self.clock()
+        self.pending += 1
+        try:
+            out = await call_result(response, self.timeout_s)
+        except TimeoutError:
+            self.timed_out = True
+            raise
+        finally:
+            self.pending -= 1
+        self.heartbeat, self.timed_out = self.clock(), False
+        return out
+
+
+def gpu_fractions(encoder_device: str, resynth_device: str | None, encoder_shards: int, resynth_shards: int,
+                  encoder_gpus: float | None = None, resynth_gpus: float | None = None) -> tuple[float, float]:
+    """The GPU share each encoder and each resynthesis shard asks Ray for (num_gpus). Shards off CUDA ask for none;
+    by default every CUDA shard shares one GPU (1 / the number of CUDA shards: 0.5 each for one encoder and one
+    resynthesis shard), so the service schedules on a one-GPU host; ``encoder_gpus`` / ``resynth_gpus`` override."""
+    on_cuda = lambda device: device is not None and str(device).startswith("cuda")  # noqa: E731
+    n = encoder_shards * on_cuda(encoder_device) + resynth_shards * on_cuda(resynth_device)
+    share = 1.0 / n if n else 0.0
+    for name, value in (("encoder_gpus", encoder_gpus), ("resynth_gpus", resynth_gpus)):
+        if value is not None and not 0.0 <= value <= 1.0 and not (value > 1 and float(value).is_integer()):
+            raise InvalidInput(f"{name} must be a fraction in 0..1 or a whole number of GPUs, got {value!r}")
+    enc = (share if encoder_gpus is None else encoder_gpus) if on_cuda(encoder_device) else 0.0
+    res = (share if resynth_gpus is None else resynth_gpus) if on_cuda(resynth_device) else 0.0
+    return enc, res
+
+
 _app_ids = itertools.count()
 
 
 def start_ray_encoder(config, *, address: str | None = None, num_cpus: float | None = None, shards: int = 1,
-                      replica_cpus: float = 1.0, call_timeout_s: float = 60.0) -> RayEncoder:  # fmt: skip
+                      replica_cpus: float = 1.0, call_timeout_s: float = 60.0,
+                      gpus: float | None = None) -> RayEncoder:  # fmt: skip
     """Start (or join, with ``address``) Ray, deploy ``shards`` Encoder applications for ``config`` (a ServerConfig)
     and return the gateway's RayEncoder. Tests pass ``num_cpus`` for a local Ray on loopback."""
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
@@ -331,10 +393,10 @@ def start_ray_encoder(config, *, address: str | None = None, num_cpus: float | N
                                                        "_node_ip_address": "127.0.0.1"}  # fmt: skip
         ray.init(log_to_driver=False, **kwargs)
     serve.start(proxy_location="Disabled")  # the gateway is the WebSocket front; Serve needs no HTTP proxy here
-    gpus = 1.0 if str(config.device).startswith("cuda") else 0.0
+    gpus, _ = gpu_fractions(config.device, None, shards, 0, encoder_gpus=gpus)
     Encoder = serve_deployment(EncoderReplica, "Encoder", num_cpus=replica_cpus, num_gpus=gpus,
                                max_ongoing_requests=2 * config.max_sessions + 8)  # fmt: skip
-    app = Encoder.bind(config.models, config.device, config.dtype, config.pairs, config.warmup)
+    app = Encoder.bind(config.models, config.device, config.dtype, config.pairs, config.warmup, config.allow_tf32)
     gateway = next(_app_ids)
     handles = [serve.run(app, name=f"dpslm-encoder-{os.getpid()}-{gateway}-{i}", route_prefix=None)
                for i in range(shards)]  # fmt: skip
@@ -350,14 +412,17 @@ def start_ray_encoder(config, *, address: str | None = None, num_cpus: float | N
 class ResynthReplica:
     """The body of the ``Resynth`` deployment: a ResynthWorker and its sessions (plain class: testable without Ray)."""
 
-    def __init__(self, models: str, device: str = "cpu", dtype: str = "float32", worker_options: dict | None = None):
+    def __init__(self, models: str, device: str = "cpu", dtype: str = "float32", worker_options: dict | None = None,
+                 allow_tf32: bool = False):  # fmt: skip
         import torch
 
         from dpslm_stream import hub
+        from dpslm_stream.device import replica_device
         from dpslm_stream.stream.resynth import ResynthWorker
 
+        device = str(replica_device(device))  # Ray renumbers the GPUs it grants (CUDA_VISIBLE_DEVICES)
         self.worker = ResynthWorker(hub.ModelSet(models), device=device, dtype=getattr(torch, dtype),
-                                    **(worker_options or {}))  # fmt: skip
+                                    allow_tf32=allow_tf32, **(worker_options or {}))  # fmt: skip
         self.sessions: dict[str, Any] = {}
         self.max_batch = 0
         self.lock = threading.Lock()
@@ -482,30 +547,24 @@ class RemoteResynthSession:
             self.sink.on_resynth_failure(e)
 
 
-class RayResynthThread:
+class RayResynthThread(WatchedCalls):
     """A ResynthBackend (server/backends.py) backed by Resynth shards."""
 
     def __init__(self, handles: list, loop, metrics=None, call_timeout_s: float = 60.0):
         self.handles = list(handles)
         self.loop, self.metrics, self.call_timeout_s = loop, metrics, call_timeout_s
-        self.heartbeat = time.monotonic()
+        self.watch = DeploymentWatch(call_timeout_s)
         self._sessions: set[RemoteResynthSession] = set()
         self._ids = itertools.count()
-        self.alive = False
-
-    def start(self) -> None:
-        self.alive = True
+        self._alive = False
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.alive = False
+        self._alive = False
         for s in self._sessions:
             s._task.cancel()
 
     def wake(self) -> None:  # each session's pump wakes on its own
         pass
-
-    async def result(self, response):
-        return await call_result(response, self.call_timeout_s)
 
     async def open(self, k: int, lmbda: int, options: ResynthOptions, sink: ResynthSink) -> RemoteResynthSession:
         load = {h: 0 for h in range(len(self.handles))}
@@ -536,16 +595,16 @@ class RayResynth:
 
 
 def start_ray_resynth(config, *, shards: int = 1, replica_cpus: float = 1.0, call_timeout_s: float = 60.0,
-                      worker_options: dict | None = None) -> RayResynth:  # fmt: skip
+                      worker_options: dict | None = None, gpus: float | None = None) -> RayResynth:  # fmt: skip
     """Deploy ``shards`` Resynth applications for ``config`` on the Ray that start_ray_encoder started or joined."""
     ray, serve = import_ray()
     if not ray.is_initialized():
         raise InvalidInput("start_ray_resynth needs Ray to be running: call start_ray_encoder first")
     device = config.resynth_device or config.device
-    Resynth = serve_deployment(ResynthReplica, "Resynth", num_cpus=replica_cpus,
-                               num_gpus=1.0 if str(device).startswith("cuda") else 0.0,
+    _, gpus = gpu_fractions("cpu", device, 0, shards, resynth_gpus=gpus)
+    Resynth = serve_deployment(ResynthReplica, "Resynth", num_cpus=replica_cpus, num_gpus=gpus,
                                max_ongoing_requests=2 * config.max_sessions + 8)  # fmt: skip
-    app = Resynth.bind(config.models, device, config.resynth_dtype, worker_options)
+    app = Resynth.bind(config.models, device, config.resynth_dtype, worker_options, config.allow_tf32)
     gateway = next(_app_ids)
     handles = [serve.run(app, name=f"dpslm-resynth-{os.getpid()}-{gateway}-{i}", route_prefix=None)
                for i in range(shards)]  # fmt: skip
@@ -581,24 +640,28 @@ class GatewayReplica:
 
 
 def service_app(config, *, encoder_shards: int = 1, resynth_shards: int = 1, shard_cpus: float = 1.0,
-                gateway_cpus: float = 0.5, gateway_resource: str | None = None, call_timeout_s: float = 60.0):  # fmt: skip
+                gateway_cpus: float = 0.5, gateway_resource: str | None = None, call_timeout_s: float = 60.0,
+                encoder_gpus: float | None = None, resynth_gpus: float | None = None):  # fmt: skip
     """The Serve application: Gateway(config) bound to ``encoder_shards`` Encoder and ``resynth_shards`` Resynth
-    deployments (one replica each; none of the latter when config.resynth is off). The gateway listens on the
+    deployments (one replica each; none of the latter when config.resynth is off; GPU shares: ``gpu_fractions``,
+    by default all CUDA shards share one GPU). The gateway listens on the
     config's host and port on its node; ``gateway_resource`` (a Ray custom resource that only the node(s) behind
     the load balancer have) decides which node that is."""
     ray, serve = import_ray()
     for name, value in (("encoder_shards", encoder_shards), ("resynth_shards", resynth_shards)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidInput(f"{name} must be a positive integer, got {value!r}")
-    gpu = lambda device: 1.0 if str(device).startswith("cuda") else 0.0  # noqa: E731
-    limit = 2 * config.max_sessions + 8
-    encoders = [serve_deployment(EncoderReplica, f"Encoder{i}", num_cpus=shard_cpus, num_gpus=gpu(config.device),
-                                 max_ongoing_requests=limit).bind(config.models, config.device, config.dtype,
-                                                                  config.pairs, config.warmup)
-                for i in range(encoder_shards)]  # fmt: skip
     device = config.resynth_device or config.device
-    resynths = [serve_deployment(ResynthReplica, f"Resynth{i}", num_cpus=shard_cpus, num_gpus=gpu(device),
-                                 max_ongoing_requests=limit).bind(config.models, device, config.resynth_dtype)
+    enc_gpus, res_gpus = gpu_fractions(config.device, device if config.resynth else None, encoder_shards,
+                                       resynth_shards, encoder_gpus, resynth_gpus)  # fmt: skip
+    limit = 2 * config.max_sessions + 8
+    encoders = [serve_deployment(EncoderReplica, f"Encoder{i}", num_cpus=shard_cpus, num_gpus=enc_gpus,
+                                 max_ongoing_requests=limit).bind(config.models, config.device, config.dtype,
+                                                                  config.pairs, config.warmup, config.allow_tf32)
+                for i in range(encoder_shards)]  # fmt: skip
+    resynths = [serve_deployment(ResynthReplica, f"Resynth{i}", num_cpus=shard_cpus, num_gpus=res_gpus,
+                                 max_ongoing_requests=limit).bind(config.models, device, config.resynth_dtype,
+                                                                  None, config.allow_tf32)
                 for i in range(resynth_shards if config.resynth else 0)]  # fmt: skip
     gateway = serve.deployment(name="Gateway", num_replicas=1, max_ongoing_requests=8,
                                graceful_shutdown_timeout_s=config.drain_timeout_s + 5,

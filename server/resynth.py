@@ -44,7 +44,7 @@ class ResynthThread(WorkerThread):
     name = "dpslm-resynth-worker"
 
     def __init__(self, resynth_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None):
-        super().__init__(loop, metrics)
+        super().__init__(loop, metrics, getattr(resynth_worker, "device", "cpu"))
         self.worker = resynth_worker
         self._streams: dict[Any, ResynthSink] = {}  # session -> sink; this thread only
 

@@ -344,12 +344,11 @@ class Session:
         """Listener: the sender's stream is over (gone: its connection ended before its last unit)."""
         if self.state != State.LISTENING:
             return []
+        self.reason, self.state = (E.SENDER_GONE.value if gone else "end"), State.ENDING
         out: list[A.Action] = []
         if gone:
             out += self._error(E.SENDER_GONE, "the sender's connection ended; the audio of the units received follows, "
                                               "then end", fatal=True)  # fmt: skip
-        self.reason = E.SENDER_GONE.value if gone else "end"
-        self.state = State.ENDING
         return out + self._units_over(now)
 
     def transmit_opened(self, header: bytes, now: float) -> list[A.Action]:
@@ -560,6 +559,8 @@ class Session:
     def _end(self, reason: str) -> list[A.Action]:
         """Sender: stop taking audio; the encoder finishes and its end event brings the end message. No deadline: a
         full-mode flush of a long stream legitimately takes a while; a drain has its own."""
+        if self.finished:
+            return []
         self.reason, self.state = reason, State.ENDING
         return [A.RequestEnd()]
 
@@ -569,15 +570,15 @@ class Session:
         if self.finished or self.state == State.ENDING:
             return []
         if self.state == State.LISTENING:
-            out = self._error(code, f"{why}; the audio of the units received follows, then end", fatal=True)
             self.reason, self.state = code.value, State.ENDING
+            out = self._error(code, f"{why}; the audio of the units received follows, then end", fatal=True)
             return out + [A.Unsubscribe()] + self._units_over(now)
         if self.state == State.STREAMING:
-            out = self._error(code, f"{why}; the units of the audio received so far follow, then end", fatal=True)
             if self._held is not None:
                 self._held = None
                 self._resume(now)
-            return out + self._end(code.value)
+            end = self._end(code.value)
+            return self._error(code, f"{why}; the units of the audio received so far follow, then end", fatal=True) + end
         self.outcome = code.value
         return self._error(code, f"{why}; closing", fatal=True) + self._close(P.CLOSE_CODES[code], code.value)
 
@@ -593,6 +594,8 @@ class Session:
         if self.units_done:
             return []
         self.units_done = True
+        if self.finished:  # dropped meanwhile: its backends are already released
+            return []
         if self.state == State.STREAMING:
             self.state = State.ENDING
         out: list[A.Action] = []

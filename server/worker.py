@@ -28,7 +28,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import torch
 
+from dpslm_stream.device import device_error, worker_stream
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.stream.events import EndEvent
 
@@ -114,10 +116,13 @@ class WorkerThread:
     their sessions; it returns True when more work is already waiting."""
 
     name = "dpslm-worker"
+    high_priority = False  # the CUDA stream priority of this thread's work (the encoder's is higher)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics=None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics=None, device: str | torch.device = "cpu"):
         self.loop = loop
         self.metrics = metrics
+        self.device = torch.device(device)
+        self.device_error: str | None = None  # set once the device fails (a sticky CUDA error): the worker is down
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
@@ -136,7 +141,7 @@ class WorkerThread:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self.device_error is None
 
     def call(self, fn: Callable[[], Any]) -> "asyncio.Future":
         """Run ``fn()`` on the worker thread (e.g. open_session, which may load models); await the result."""
@@ -157,14 +162,18 @@ class WorkerThread:
             pass
 
     def _run(self) -> None:
-        while not self._stopping:
-            self._wake.wait(timeout=1.0)
-            self._wake.clear()
-            self.heartbeat = time.monotonic()
-            self._run_commands()
-            if self._round():
-                self._wake.set()  # more than one round of work is waiting: go round again at once
-        self._run_commands()  # fail nobody silently: commands queued during shutdown still get an answer
+        checked = time.monotonic()
+        with worker_stream(self.device, self.high_priority):  # this thread's own CUDA stream; no-op on CPU
+            while not self._stopping:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                self.heartbeat = time.monotonic()
+                if self.heartbeat - checked >= 1.0 and self.device_error is None:  # once a second: device works?
+                    self.device_error, checked = device_error(self.device), self.heartbeat
+                self._run_commands()
+                if self._round():
+                    self._wake.set()  # more than one round of work is waiting: go round again at once
+            self._run_commands()  # fail nobody silently: commands queued during shutdown still get an answer
 
     def _round(self) -> bool:
         raise NotImplementedError
@@ -203,9 +212,11 @@ class ModelWorker(WorkerThread):
 
     name = "dpslm-model-worker"
 
+    high_priority = True  # units never wait for audio: the encoder's kernels go first on a shared GPU
+
     def __init__(self, encoder_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
                  full_slice_s: float = 0.05):  # fmt: skip
-        super().__init__(loop, metrics)
+        super().__init__(loop, metrics, getattr(encoder_worker, "device", "cpu"))
         self.encoder = encoder_worker
         self.quantum_s = quantum_s
         self.full_slice_s = full_slice_s

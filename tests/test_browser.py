@@ -7,6 +7,7 @@ Driven over the Chrome DevTools Protocol with the `websockets` package (no Selen
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import soundfile as sf
@@ -33,22 +35,29 @@ class Page:
         self.ws_url = ws_url
         self._id = 0
 
-    def eval(self, expression: str):
+    def call(self, method: str, params: dict) -> dict:
+        """One DevTools Protocol command; its result."""
+
         async def run():
-            async with websockets.connect(self.ws_url, max_size=2**24) as ws:
+            async with websockets.connect(self.ws_url, max_size=2**26) as ws:
                 self._id += 1
-                await ws.send(json.dumps({"id": self._id, "method": "Runtime.evaluate",
-                                          "params": {"expression": expression, "returnByValue": True,
-                                                     "awaitPromise": True}}))  # fmt: skip
+                await ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
                 while True:
                     msg = json.loads(await ws.recv())
                     if msg.get("id") == self._id:
-                        result = msg["result"]
-                        if "exceptionDetails" in result:
-                            raise AssertionError(f"page error: {result['exceptionDetails']}")
-                        return result["result"].get("value")
+                        return msg["result"]
 
         return asyncio.run(run())
+
+    def eval(self, expression: str):
+        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in result:
+            raise AssertionError(f"page error: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def screenshot(self, path: Path) -> None:
+        """A PNG of the page as rendered."""
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", {"format": "png"})["data"]))
 
     def wait_for(self, expression: str, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
@@ -63,6 +72,7 @@ class Page:
 def open_page(url: str, profile: str, capture_wav: str) -> tuple[subprocess.Popen, Page]:
     proc = subprocess.Popen(
         [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+         "--window-size=1000,760", "--hide-scrollbars",
          "--remote-debugging-port=0", f"--user-data-dir={profile}",
          "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
          f"--use-file-for-fake-audio-capture={capture_wav}", "--autoplay-policy=no-user-gesture-required", url],
@@ -109,8 +119,8 @@ def test_browser_page_streams_the_microphone_and_shows_units(tmp_path):
             assert state["errors"] == [] and state["session"]
             # The page captured at the device's own rate and declared it; the server resamples.
             conn = next(c for c in srv.server.connections if c.id == state["session"])
-            assert conn.start.sample_rate == state["sampleRate"] and conn.start.format == "pcm16"
-            assert conn.start.version == 2 and conn.start.resynth is None
+            assert conn.core.start.sample_rate == state["sampleRate"] and conn.core.start.format == "pcm16"
+            assert conn.core.start.version == 2 and conn.core.start.resynth is None
             assert page.eval("document.querySelectorAll('#strip .unit').length") >= 5
             assert page.eval("document.getElementById('m-units').textContent") != "0"
             page.wait_for("document.getElementById('m-bitrate').textContent !== '\\u2013'")  # a stats message arrived
@@ -141,7 +151,7 @@ def test_browser_page_plays_the_resynthesized_audio_back(tmp_path):
             state = page.eval("window.dpslmState")
             assert state["errors"] == [] and state["resynth"] is True
             conn = next(c for c in srv.server.connections if c.id == state["session"])
-            assert conn.start.version == 2 and conn.start.resynth == {}
+            assert conn.core.start.version == 2 and conn.core.start.resynth == {}
             page.wait_for("document.getElementById('m-rlag').textContent !== '\\u2013'")  # stats.resynth_lag_s shown
             page.eval("document.getElementById('stop').click()")
             ended = page.wait_for("window.dpslmState.ended")
@@ -186,5 +196,53 @@ def test_browser_page_shows_the_bitstream_payload_next_to_the_authors_bitrate(tm
             page.eval("document.getElementById('stop').click()")
             page.wait_for("window.dpslmState.ended")
             assert page.eval("window.dpslmState")["errors"] == []
+        finally:
+            close_browser(proc)
+
+
+# The README's screenshot: written by the test below when DPSLM_UPDATE_SCREENSHOT=1 (else into the test's tmp dir).
+SCREENSHOT = Path(__file__).parents[1] / "docs" / "page.png"
+
+
+def test_idle_page_guides_first_use_without_meaningless_figures(tmp_path):
+    capture = speech_capture(tmp_path)
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False)) as srv:
+        proc, page = open_page(f"{srv.http_url}/", str(tmp_path / "profile"), capture)
+        try:
+            page.wait_for("document.getElementById('pair') && document.getElementById('pair').options.length > 0")
+            guide = page.eval("document.getElementById('guide').innerText")
+            assert page.eval("document.getElementById('guide').offsetParent !== null")  # visible
+            assert "Start" in guide and "microphone" in guide and "headphones" in guide
+            audio = page.eval("document.getElementById('audio').textContent")
+            assert audio == "audio back: on (use headphones)"
+            for meter in ("m-units", "m-audio", "m-lag", "m-bitrate", "m-rtf"):
+                assert page.eval(f"document.getElementById('{meter}').textContent") == "\u2013", meter
+            placeholder = page.eval("getComputedStyle(document.getElementById('strip'), '::before').content")
+            assert "Units appear here" in placeholder
+            # Audio back off: the headphone advice goes, and the audio line says off.
+            page.eval("const r = document.getElementById('resynth'); r.checked = false; r.onchange()")
+            assert page.eval("document.getElementById('guide-audio').offsetParent") is None
+            assert page.eval("document.getElementById('audio').textContent") == "audio back: off"
+        finally:
+            close_browser(proc)
+
+
+def test_unit_tiles_are_readable_and_the_readme_screenshot(tmp_path):
+    """While streaming: every tile shows its whole number (nothing cut off, however short the unit), then a
+    screenshot of the page is taken (the README's, with DPSLM_UPDATE_SCREENSHOT=1)."""
+    capture = speech_capture(tmp_path)
+    with ServerThread(ServerConfig(port=0, models="tiny")) as srv:
+        proc, page = open_page(f"{srv.http_url}/?autostart=1&mode=cached", str(tmp_path / "profile"), capture)
+        try:
+            page.wait_for("window.dpslmState && window.dpslmState.units >= 40 && window.dpslmState.audioChunks >= 2",
+                          timeout=90)  # fmt: skip
+            assert page.eval("document.getElementById('guide').offsetParent") is None  # guidance gone once started
+            cut = page.eval("[...document.querySelectorAll('#strip .unit')]"
+                            ".filter(e => e.scrollWidth > e.clientWidth).map(e => e.textContent)")
+            assert cut == [], cut
+            assert page.eval("document.getElementById('audio').textContent").startswith("audio ")
+            target = SCREENSHOT if os.environ.get("DPSLM_UPDATE_SCREENSHOT") == "1" else tmp_path / "page.png"
+            page.screenshot(target)
+            assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 10_000
         finally:
             close_browser(proc)

@@ -144,3 +144,16 @@ def test_stream_reports_what_the_server_took_when_it_ended_early():
     end = P.EndMessage(reason="shutting_down", units=0, num_frames=50, audio_s=1.0, stats={})
     res = StreamResult(ready=ready, end=end, seconds=5.0)
     assert res.processed_seconds == 1.0 and res.to_encode_json()["seconds"] == 1.0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["stream", str(SAMPLE), "--url", "http://127.0.0.1:1/"], "--url must be a WebSocket URL"),
+    (["encode", str(SAMPLE), "--models", "tiny", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+    (["bench", "wavlm", "--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+    (["encode", str(SAMPLE), "--models", "tiny", "--json", "/proc/no/such/u.json"], "cannot create the output folder"),
+    (["resynth", str(SAMPLE), "--models", "tiny", "-o", "/proc/no/such/r.wav"], "cannot create the output folder"),
+])  # fmt: skip
+def test_bad_options_fail_before_any_work(argv, needle, capsys, monkeypatch):
+    monkeypatch.setattr(hub.ModelSet, "wavlm", lambda *a: pytest.fail("models loaded before the options were checked"))
+    assert main(argv) == 1
+    _one_line_error(capsys, needle)

@@ -238,3 +238,38 @@ def test_checkpoints_are_read_on_the_cpu_memory_mapped_and_legacy_files_still_lo
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         (tmp_path / "half.pt").write_bytes((tmp_path / "zip.pt").read_bytes()[:200])
         hub.read_checkpoint(tmp_path / "half.pt")
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")  # WavLM copies into meta: a no-op
+def test_files_are_read_on_the_cpu_and_only_the_kept_model_reaches_the_device(release_cache, monkeypatch):
+    """Loading to another device (here "meta", which any machine has): torch.load always reads onto the CPU,
+    memory-mapped, and the model's tensors, and nothing else, end up on the device. WavTokenizer's dropped parts
+    (its encoder and training modules: every key the decoder does not keep) are never moved."""
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append((kwargs.get("map_location"), kwargs.get("mmap")))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    moved = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if out.device.type == "meta" and self.device.type != "meta":
+            moved.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    wt, _, _ = hub.small_600_24k_4096(map_location="meta", verbose=False)
+    assert all(p.device.type == "meta" for p in wt.parameters())
+    assert len(moved) == len(wt.state_dict())  # exactly the kept tensors went to the device
+    for load_entry in (lambda: hub.wavlm_large("meta", verbose=False)[0],
+                       lambda: hub.ulm_wavlm_layer_11_dpdp_hours_1k_steps_10k(500, 4500, "meta", verbose=False)[0],
+                       lambda: hub.ellav_units_to_wavtokenizer(500, 4500, "meta", verbose=False)):  # fmt: skip
+        model = load_entry()
+        assert all(p.device.type == "meta" for p in model.parameters())
+    assert hub.codebook(11, 500, "meta", verbose=False).device.type == "meta"
+    assert calls and all(c == ("cpu", True) for c in calls), calls

@@ -221,3 +221,31 @@ def test_a_dropped_connection_frees_its_slot_at_once():
 
         attempt, session = asyncio.run(main())
         assert session and attempt < 30
+
+
+def test_a_bug_while_opening_ends_that_session_with_internal_error(monkeypatch):
+    """Any exception in one session's handling, even in the task that opens its backends, ends that session with a
+    coded error and a close (never a hang in the opening state); the server goes on."""
+    from dpslm_stream.server import connection
+
+    real_open = connection.Connection._open
+
+    async def broken_open(self, action):
+        if action.sample_rate == 12345:
+            raise RuntimeError("injected bug")
+        return await real_open(self, action)
+
+    monkeypatch.setattr(connection.Connection, "_open", broken_open)
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False)) as srv:
+
+        async def main():
+            async with websockets.connect(srv.url, compression=None) as ws:
+                await ws.send(json.dumps({"type": "start", "sample_rate": 12345}))
+                msgs = await messages(ws, timeout=30)
+                code = ws.close_code
+            ok = await stream_audio(srv.url, speech_like(0.5, SR, seed=3), SR, chunk_ms=100)
+            return msgs, code, ok
+
+        msgs, code, ok = asyncio.run(main())
+    assert [m.code for m in msgs] == [E.INTERNAL_ERROR.value] and msgs[0].fatal and "injected bug" in msgs[0].message
+    assert code == P.CLOSE_INTERNAL and ok.end.reason == "end"

@@ -31,6 +31,7 @@ import pytest
 import websockets
 
 from dpslm_stream import protocol as P
+from dpslm_stream.client import SessionError
 from dpslm_stream.client.stream import stream_audio
 from dpslm_stream.hub import ModelSet
 from dpslm_stream.pipeline import Pipeline
@@ -61,9 +62,15 @@ def offline_units(wav: np.ndarray) -> list[int]:
 async def canary(url: str, seed: int, seconds: float = 2.0, chunk_ms: float = 100.0):
     """A well-behaved real-time client in full mode; returns (audio it sent, StreamResult)."""
     wav = speech_like(seconds, SR, seed=seed)
-    res = await stream_audio(url, wav, SR, realtime=True, chunk_ms=chunk_ms, options={"mode": "full"},
-                             open_timeout=60)  # fmt: skip
-    return wav, res
+    for attempt in range(60):  # `busy` is a fair answer while hostile connections hold the slots: retry, bounded
+        try:
+            res = await stream_audio(url, wav, SR, realtime=True, chunk_ms=chunk_ms, options={"mode": "full"},
+                                     open_timeout=60)  # fmt: skip
+            return wav, res
+        except SessionError as e:
+            if e.code != P.ErrorCode.BUSY.value or attempt == 59:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def check_canary(wav: np.ndarray, res) -> None:
@@ -114,22 +121,29 @@ class Outcome:
         return [m.get("code") for m in self.of("error")]
 
 
-async def raw_session(url: str, frames, read_s: float = 8.0, gap_s: float = 0.0) -> Outcome:
+async def raw_session(url: str, frames, read_s: float = 8.0, gap_s: float = 0.0, quiet_s: float = 1.0) -> Outcome:
     """Connect, send `frames` (str: text frame, bytes: binary frame, float: a pause of that many seconds), then read
-    until the server closes or `read_s` passes without a message."""
+    until the server closes, or, once everything is sent, until `read_s` passes without a message (`quiet_s` when no
+    session was started: nothing more is due then)."""
     out = Outcome()
     try:
         ws = await websockets.connect(url, compression=None, max_size=None, open_timeout=30, close_timeout=5)
     except websockets.InvalidStatus as e:
         out.refused = str(e.response.status_code)
         return out
+    sent_all = asyncio.Event()
     async with ws:
 
         async def reader():
             while True:
+                timeout = read_s if not sent_all.is_set() or out.ready is not None else quiet_s
                 try:
-                    msg = await asyncio.wait_for(ws.recv(), read_s)
-                except (asyncio.TimeoutError, websockets.ConnectionClosed):
+                    msg = await asyncio.wait_for(ws.recv(), timeout)
+                except asyncio.TimeoutError:
+                    if sent_all.is_set():
+                        return
+                    continue
+                except websockets.ConnectionClosed:
                     return
                 if isinstance(msg, bytes):
                     out.binary += 1
@@ -150,6 +164,7 @@ async def raw_session(url: str, frames, read_s: float = 8.0, gap_s: float = 0.0)
             out.sent.append(f if len(f) < 200 else f[:200])
             if gap_s:
                 await asyncio.sleep(gap_s)
+        sent_all.set()
         await task
         if ws.close_code is None:
             await ws.close()
@@ -284,8 +299,9 @@ def test_bad_messages_are_answered_and_the_session_goes_on(srv):
             check_survives(out, GOOD)
             assert out.of("error") and all(not e["fatal"] for e in out.of("error")), out.of("error")
         except AssertionError as e:
-            failures[name] = str(e).splitlines()[0][:300]
-    assert not failures, f"{len(failures)} of {len(results)} kinds: {failures}"
+            failures[name] = ascii(str(e).splitlines()[0][:300])
+    if failures:  # pytrace=False: no source parsing after the server thread hit a RecursionError (CPython 3.11)
+        pytest.fail(f"{len(failures)} of {len(results)} kinds: {failures}", pytrace=False)
     asyncio.run(accepts_new_sessions(srv.url))
 
 
@@ -300,8 +316,9 @@ def test_bad_float32_frames_never_kill_the_session(srv):
                 # the frame was refused (a coded error) or clipped; either way the good audio after it is encoded
                 assert out.of("error") or out.end["audio_s"] > len(GOOD) / SR
         except AssertionError as e:
-            failures[name] = str(e).splitlines()[0][:300]
-    assert not failures, f"{len(failures)} of {len(results)} kinds: {failures}"
+            failures[name] = ascii(str(e).splitlines()[0][:300])
+    if failures:  # pytrace=False: no source parsing after the server thread hit a RecursionError (CPython 3.11)
+        pytest.fail(f"{len(failures)} of {len(results)} kinds: {failures}", pytrace=False)
 
 
 # Starts that must be refused (non-fatal, coded), after which a good start on the same connection works exactly.
@@ -355,8 +372,9 @@ def test_bad_starts_are_refused_and_a_good_start_still_works(srv):
             first = out.of("error")[0] if out.of("error") else None
             assert first is not None and not first["fatal"], out.texts[:2]
         except AssertionError as e:
-            failures[name] = str(e).splitlines()[0][:300]
-    assert not failures, f"{len(failures)} of {len(BAD_STARTS)} kinds: {failures}"
+            failures[name] = ascii(str(e).splitlines()[0][:300])
+    if failures:  # pytrace=False: no source parsing after the server thread hit a RecursionError (CPython 3.11)
+        pytest.fail(f"{len(failures)} of {len(BAD_STARTS)} kinds: {failures}", pytrace=False)
 
 
 # Absurd but well-typed window options: refused with a coded error, or accepted with every resolved size capped
@@ -396,8 +414,9 @@ def test_absurd_options_are_refused_or_capped(srv):
                 assert not over, f"accepted uncapped: {over}"
                 assert out.end is not None and out.end["reason"] == "end"
         except AssertionError as e:
-            failures[name] = str(e).splitlines()[0][:300]
-    assert not failures, f"{len(failures)} of {len(ABSURD_OPTIONS)} kinds: {failures}"
+            failures[name] = ascii(str(e).splitlines()[0][:300])
+    if failures:  # pytrace=False: no source parsing after the server thread hit a RecursionError (CPython 3.11)
+        pytest.fail(f"{len(failures)} of {len(ABSURD_OPTIONS)} kinds: {failures}", pytrace=False)
 
 
 def test_binary_before_start_end_before_start_and_after_end(srv):
@@ -638,14 +657,14 @@ def _fuzz_case(rng: random.Random) -> list:
 
 
 def test_protocol_fuzzer_96_seeded_cases(srv):
-    """96 random mutations of valid sessions (seed FUZZ_SEED), 8 at a time beside a canary each round."""
+    """96 random mutations of valid sessions (seed FUZZ_SEED), 10 at a time beside a canary each round."""
     rng = random.Random(FUZZ_SEED)
     cases = [_fuzz_case(rng) for _ in range(FUZZ_CASES)]
 
     async def main():
         outs = []
-        for i in range(0, FUZZ_CASES, 8):
-            batch = cases[i : i + 8]
+        for i in range(0, FUZZ_CASES, 10):
+            batch = cases[i : i + 10]
             outs += await with_canaries(srv.url, asyncio.gather(*(raw_session(srv.url, c, read_s=8) for c in batch)),
                                         seeds=(700 + i,), seconds=1.0)  # fmt: skip
         return outs
@@ -655,8 +674,9 @@ def test_protocol_fuzzer_96_seeded_cases(srv):
         try:
             check_generic(out)
         except AssertionError as e:
-            failures.append((n, str(e).splitlines()[0][:200], [s[:80] for s in out.sent[:4]]))
-    assert not failures, f"{len(failures)} of {FUZZ_CASES} cases: {failures[:6]}"
+            failures.append((n, str(e).splitlines()[0][:200], [ascii(s[:80]) for s in out.sent[:4]]))
+    if failures:
+        pytest.fail(ascii(f"{len(failures)} of {FUZZ_CASES} cases: {failures[:6]}"), pytrace=False)
     asyncio.run(accepts_new_sessions(srv.url))
 
 

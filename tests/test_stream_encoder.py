@@ -31,9 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(device):
     torch.manual_seed(0)
-    return wavlm.WavLM(wavlm.TINY).eval()
+    return wavlm.WavLM(wavlm.TINY).eval().to(device)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,7 @@ def signal(seconds: float, sr: int, seed: int) -> np.ndarray:
 
 
 def offline_frames(model, wav16: torch.Tensor) -> torch.Tensor:
+    wav16 = wav16.to(next(model.parameters()).device)
     with torch.inference_mode():
         return model.frontend(F.pad(wav16[None], (40, 40)))[0]
 

@@ -493,3 +493,48 @@ def test_bad_models_and_units_are_clear_errors(tiny_models, ellav64, wt):
     s.end()
     worker.run_until_idle([s])
     assert s.poll()[-1].units == 2
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that read tensor values back to the host: item()/int()/bool() (aten._local_scalar_dense,
+    or aten.item / aten.is_nonzero under inference mode),
+    boolean-mask indexing (aten.nonzero) and Tensor.tolist (patched in by the test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+                    torch.ops.aten.is_nonzero.default, torch.ops.aten.nonzero.default):  # fmt: skip
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_decode_step_reads_back_once(ellav64, monkeypatch):
+    """The device-hygiene budget: one batched decode step (greedy and sampling rows, rows leaving) makes exactly one
+    device -> host read (the tokens and pass-over flags together); the KV cache keeps its lengths on the host."""
+    from dpslm_stream.stream.resynth import BatchDecoder
+
+    decoder = BatchDecoder(ellav64, max_batch=4, max_codec_tokens_per_phone=M)
+    stages = [IncrementalELLAV(ellav64, left_context=None, holdback=None, greedy=g, seed=1) for g in (True, False, True)]
+    for stage, n in zip(stages, (3, 5, 8)):
+        stage.add(random_units(n, seed=n))
+        stage.end()
+    decoder.admit([(stage, stage.next_pass()) for stage in stages])
+    counter = HostSyncs()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t):
+        counter.count += 1
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    steps = left = 0
+    with counter:
+        while decoder.rows and steps < 500:
+            for stage, token, over in decoder.step():
+                left += over
+            steps += 1
+    assert left == 3 and steps > 20
+    assert counter.count == steps

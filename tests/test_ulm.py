@@ -32,6 +32,12 @@ def model() -> ULM:
     return random_ulm()
 
 
+@pytest.fixture(scope="module")
+def device_model(device) -> ULM:
+    """The same model on the test device (DPSLM_TEST_DEVICE), for the tests whose oracle runs on that device too."""
+    return random_ulm().to(device)
+
+
 def random_units(n, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, K, (n,), generator=g).tolist()
@@ -153,7 +159,8 @@ def test_sliding_window_matches_hf_mistral_sliding_window(model):
     assert float((got[W + 5 :] - full[W + 5 :]).abs().max()) > 1e-3  # and it does differ later
 
 
-def test_window_state_is_bounded_and_positions_past_8000_are_relative(model):
+def test_window_state_is_bounded_and_positions_past_8000_are_relative(device_model):
+    model = device_model
     W, tail = 16, 60
     shifted = IncrementalScorer(model, max_context=W, chunk=512)
     for start in range(0, 8200, 512):
@@ -171,7 +178,8 @@ def test_window_state_is_bounded_and_positions_past_8000_are_relative(model):
     assert float((late[:far] - start[:far]).abs().max()) > 1e-2  # before that, the different histories show
 
 
-def test_score_blocks_equals_one_by_one(model):
+def test_score_blocks_equals_one_by_one(device_model):
+    model = device_model
     streams = [random_units(60, 20 + s) for s in range(4)]
     for max_context in (None, 9):
         solo = [IncrementalScorer(model, max_context=max_context) for _ in streams]

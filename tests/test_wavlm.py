@@ -478,3 +478,49 @@ def test_half_precision_keeps_conv_layernorm_in_fp32(model):
     assert out.dtype == torch.bfloat16
     ref = W.extract_features(model, wav, 16000, layer=11)
     assert _rel_err(out.float(), ref) < 0.1
+
+
+def _conv_dtypes(fn) -> list[torch.dtype]:
+    """The input dtypes of every convolution `fn` runs (any path: aten.convolution and oneDNN's prepacked op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "convolution" in func.__name__:
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pos_conv_computes_in_fp32_on_cpu(model, dtype):
+    # torch 2.13's oneDNN bf16 grouped conv1d is wrong for the tiny set's pos_conv shape (4 channels per group,
+    # kernel 128) on AMX CPUs (relative error ~1.06): on CPU that conv must never run in half precision, on any CPU.
+    half = W.load_checkpoint_dict(W.checkpoint_dict(model), dtype=dtype)
+    x = torch.randn(1, 40, model.cfg.encoder_embed_dim, generator=torch.Generator().manual_seed(3))
+    dtypes = _conv_dtypes(lambda: half.positional(x.to(dtype)))
+    assert dtypes == [torch.float32]
+    ref = model.positional(x)
+    out = half.positional(x.to(dtype))
+    assert out.dtype == dtype
+    assert _rel_err(out.float(), ref) < 0.02  # bf16 rounding of x and the output only; a wrong kernel gives ~1
+
+
+@pytest.mark.cpu_only
+def test_half_precision_pos_conv_in_streaming_runner_computes_in_fp32_on_cpu(model):
+    from dpslm_stream.stream.encoder import WindowRunner
+
+    half = W.load_checkpoint_dict(W.checkpoint_dict(model), dtype=torch.bfloat16)
+    runner = WindowRunner(half, num_layers=2)
+    x = torch.randn(1, 64 + 10 + 63, model.cfg.encoder_embed_dim, generator=torch.Generator().manual_seed(4))
+    assert set(_conv_dtypes(lambda: runner.positional(x.bfloat16()))) == {torch.float32}
+    ref = WindowRunner(model, num_layers=2).positional(x)
+    out = runner.positional(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert _rel_err(out.float(), ref) < 0.02

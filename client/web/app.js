@@ -97,10 +97,13 @@ function showShare(listeners) {
 }
 
 function showAudio() {
-  $("audio").textContent = state.resynth
-    ? `audio ${state.audioSeconds.toFixed(2)} s in ${state.audioChunks} chunks` +
-      (state.playback ? ` (playback: ${state.playback})` : "")
-    : "audio back: off";
+  // No figures before there is audio: "on" says what will happen, the counts start with the first chunk.
+  $("audio").textContent = !state.resynth ? "audio back: off"
+    : state.audioChunks === 0 ? (state.session ? "audio back: on, waiting for the first resynthesized audio"
+                                              : "audio back: on (use headphones)")
+    : `audio ${state.audioSeconds.toFixed(2)} s in ${state.audioChunks} chunks` +
+      (state.playback ? ` (playback: ${state.playback})` : "");
+  $("guide-audio").style.display = state.resynth ? "" : "none";
 }
 
 function resetAudio() {
@@ -165,6 +168,9 @@ function onMessage(ev) {
       state.session = msg.session;
       state.listenToken = msg.listen_token === undefined ? null : msg.listen_token;
       showShare();
+      showAudio();
+      $("m-units").textContent = "0";
+      $("m-audio").textContent = "0.0";
       setStatus(`streaming: session ${msg.session}, k=${msg.settings.k}, \u03bb=${msg.settings.lmbda}, ` +
                 `${msg.settings.mode}/${msg.settings.preset}`);
       node.port.onmessage = (e) => {  // audio flows only once the server is ready
@@ -199,6 +205,7 @@ async function start() {
     $("start").disabled = false;
     return;
   }
+  $("guide").className = "started";
   state.units = 0; state.ended = null; state.errors = []; state.audioSent = 0;
   state.session = null; state.listenToken = null; state.resynth = $("resynth").checked;
   state.bitstreamFrames = 0; state.bitstreamBytes = 0; state.transmit = null;

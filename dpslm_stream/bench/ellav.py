@@ -1,81 +1,200 @@
-"""ELLA-V generation speed at the released size: prefill and decode, codec tokens per second, batch 1 and batched.
+"""ELLA-V decode speed at the released size, per precision side by side: the live decode step (BatchDecoder: one
+batched forward, the control loop, one host read), prefill, and how far `fast` is from `exact`.
 
 RANDOM weights with the real dimensions (speed does not depend on the weight values, but what a random model
-generates does: it emits codec tokens, EOPs and stray tokens in other proportions than a trained one). So the
-table reports decode steps/s (one step = one generated token per row, whatever it is) and the codec tokens/s this
-run produced, plus the seconds of 40 Hz audio per second a trained model would make at that step rate: a trained
-model spends 40 + 2U steps per second of audio (U deduplicated units/s; DP-SLM's k=500, lambda=4500 gives U ~ 10).
+generates does: it emits codec tokens, EOPs and stray tokens in other proportions than a trained one). A trained
+model spends 40 + 2U decode steps per second of audio (U deduplicated units/s), so one real-time stream needs a step
+of <= 1000 / (40 + 2U) ms (11 ms at U = 25, 17 ms at U = 10).
 
-    dpslm-stream bench ellav [--k 500] [--batch 1 4 8] [--units 25] [--steps 48] [--device cuda]
+Columns: ms/step (median over repeats; every precision timed in the same run, interleaved), ratio to exact,
+non-matmul ms/step (the step's time outside the weight matmuls, from torch.profiler: dispatch, norms, RoPE,
+attention, cache writes, sampling), host reads per step. Agreement (batch 1, the same prompt): greedy tokens of
+`fast` against `exact` until the first difference and overall, and the max |logit error| with both models fed the
+exact model's tokens (teacher forcing), relative to the largest |logit|. On random weights these are plumbing
+figures; rerun on the released checkpoint with `--models release` for real ones.
+
+    dpslm-stream bench ellav [--precision exact,fast] [--batch 1 8] [--units 25] [--steps 48] [--models random]
     python -m dpslm_stream.bench.ellav
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 
+from dpslm_stream import hub
 from dpslm_stream.bench.ulm import random_model, sync
 from dpslm_stream.models import ellav
+from dpslm_stream.models.precision import PRECISIONS, machine_summary, transformer_precision
+from dpslm_stream.stream.resynth import BatchDecoder, IncrementalELLAV
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MATMUL_OPS = ("aten::_weight_int8pack_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm")
+
+
+def _precisions(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in PRECISIONS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}")
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=500, help="codebook size K (default 500)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="weights dtype (default float32)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8], help="prompts per call (default: 1 4 8)")
+    parser.add_argument("--precision", type=_precisions, default=["exact", "fast"],
+                        help="precisions to compare, e.g. exact,fast (default both)")
+    parser.add_argument("--models", default="random",
+                        help="random (released dimensions, random weights; default) or a model set (release, DIR)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="passes per step (default: 1 8)")
     parser.add_argument("--units", type=int, default=25, help="deduplicated units per prompt (default 25)")
-    parser.add_argument("--steps", type=int, default=48, help="max_tokens: decode steps per call (default 48)")
-    parser.add_argument("--units-per-second", type=float, default=10.0,
-                        help="U, deduplicated units per second of speech, for the audio-rate column (default 10)")
+    parser.add_argument("--steps", type=int, default=48, help="decode steps timed per repeat (default 48)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per row; medians reported (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def load(args: argparse.Namespace, precision: str, device: torch.device) -> ellav.ELLAV:
+    if args.models == "random":
+        tokenizer = ellav.ELLAVTokenizer.for_units(args.k)
+        model = random_model(lambda: ellav.ELLAV(ellav.config_for_k(args.k), tokenizer), device, torch.float32)
+    else:
+        model = hub.ModelSet(args.models).ellav(args.k, hub.DEFAULT_LMBDA, map_location=device).to(device).eval()
+    transformer_precision(model, precision, "ellav")
+    return model
+
+
+def prompts_for(args: argparse.Namespace, batch: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(batch)
+    out = []
+    for _ in range(batch):
+        units = torch.randint(0, args.k, (args.units,), generator=gen).tolist()
+        out.append([u for i, u in enumerate(units) if i == 0 or u != units[i - 1]])
+    return out
+
+
+def time_steps(model: ellav.ELLAV, prompts: list[list[int]], steps: int, device: torch.device) -> dict:
+    """Prefill the passes, then time `steps` live decode steps (greedy; a finished pass is re-admitted)."""
+    decoder = BatchDecoder(model, max_batch=len(prompts), max_codec_tokens_per_phone=10)
+
+    def admit(units):
+        stage = IncrementalELLAV(model, left_context=None, holdback=None)
+        stage.add(units)
+        stage.end()
+        return stage, stage.next_pass()
+
+    sync(device)
+    t0 = time.perf_counter()
+    decoder.admit([admit(u) for u in prompts])
+    sync(device)
+    prefill = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = decoder.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        again = [prompts[i % len(prompts)] for i, (_, _, over) in enumerate(out) if over]
+        if again:
+            decoder.admit([admit(u) for u in again])
+    return {"prefill": prefill, "step": statistics.median(times)}
+
+
+def matmul_share(model: ellav.ELLAV, prompts: list[list[int]], device: torch.device, steps: int = 8) -> float:
+    """Fraction of a decode step's CPU time spent in the weight matmuls (torch.profiler)."""
+    from torch.profiler import profile
+
+    decoder = BatchDecoder(model, max_batch=len(prompts), max_codec_tokens_per_phone=10)
+    stages = []
+    for units in prompts:
+        stage = IncrementalELLAV(model, left_context=None, holdback=None)
+        stage.add(units)
+        stage.end()
+        stages.append((stage, stage.next_pass()))
+    decoder.admit(stages)
+    for _ in range(2):
+        decoder.step()
+    with profile() as prof:
+        for _ in range(steps):
+            decoder.step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    return mm / total if total else 0.0
+
+
+@torch.inference_mode()
+def agreement(exact: ellav.ELLAV, fast: ellav.ELLAV, prompt: list[int], steps: int) -> dict:
+    a, _ = exact.generate_tokens([prompt], steps, 10, 1.0, 0.0)
+    b, _ = fast.generate_tokens([prompt], steps, 10, 1.0, 0.0)
+    a, b = a[0], b[0]
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    same = sum(x == y for x, y in zip(a, b)) / max(len(a), len(b), 1)
+    # teacher forcing on the exact tokens: prompt + generated, one forward each
+    encoded = exact.tokenizer.encode_prompt(prompt) + a
+    tokens = torch.tensor([encoded], device=exact.device)
+    ref, got = exact(tokens), fast(tokens)
+    cache_r, cache_f = exact.new_cache(1, len(encoded)), fast.new_cache(1, len(encoded))
+    n0 = len(encoded) - len(a)
+    exact(tokens[:, :n0], cache_r), fast(tokens[:, :n0], cache_f)
+    step_err = 0.0
+    for t in range(n0, len(encoded)):  # the decode path (few-row kernels)
+        r, g = exact(tokens[:, t : t + 1], cache_r), fast(tokens[:, t : t + 1], cache_f)
+        step_err = max(step_err, float((r - g).abs().max()))
+    scale = float(ref.abs().max())
+    return {"first_diff": first, "agree": same, "prefill_err": float((ref - got).abs().max()) / scale,
+            "decode_err": step_err / scale, "tokens": len(a)}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), _DTYPES[args.dtype]
-    tokenizer = ellav.ELLAVTokenizer.for_units(args.k)
-    config = ellav.config_for_k(args.k)
-    model = random_model(lambda: ellav.ELLAV(config, tokenizer), device, dtype)
-    gen = torch.Generator().manual_seed(0)
-    n_params = sum(p.numel() for p in model.parameters())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device = torch.device(args.device)
+    precisions = list(dict.fromkeys(args.precision))
+    models = {p: load(args, p, device) for p in precisions}
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in ellav.random_model(args.k, ellav.FULL).parameters())
     threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
-    print(f"ELLA-V, released dimensions (K={args.k}, {n_params:,} parameters), RANDOM weights (speed only)")
-    print(f"device {name}{threads}, dtype {args.dtype}, torch {torch.__version__}; prompts of {args.units} units, "
-          f"{args.steps} decode steps, temperature 1, top_p 0.8, M = 10")
-    header = (f"{'batch':>6} {'prefill s':>10} {'ms/step':>8} {'steps/s':>8} {'tokens/s':>9} {'codec tok/s':>12} "
-              f"{'audio s/s':>10}")
+    weights = "RANDOM weights (speed and plumbing only)" if args.models == "random" else f"model set {args.models}"
+    print(f"ELLA-V, released dimensions (K={args.k}, {n_params:,} parameters), {weights}")
+    print(f"device {machine_summary(device)}{threads}, torch {torch.__version__}; prompts of {args.units} units, "
+          f"{args.steps} live decode steps x {args.repeats} repeats (medians), greedy, M = 10")
+    for p in precisions:
+        print(f"  {p}: {models[p].precision_plan.describe()}")
+    header = (f"{'precision':>9} {'batch':>5} {'prefill s':>9} {'ms/step':>8} {'x exact':>7} {'non-matmul ms':>13} "
+              f"{'reads/step':>10} {'tokens/s':>9}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for batch in args.batch:
-        prompts = [torch.randint(0, args.k, (args.units,), generator=gen).tolist() for _ in range(batch)]
-
-        def call(max_tokens: int):
-            sync(device)
-            t0 = time.perf_counter()
-            codes, _ = model.generate(prompts, max_tokens, 10, 1.0, 0.8, generator=torch.Generator().manual_seed(1))
-            sync(device)
-            return time.perf_counter() - t0, sum(len(c) for c in codes)
-
-        call(2)  # warm-up
-        t_prefill, _ = call(0)
-        t_total, n_codec = call(args.steps)
-        per_step = (t_total - t_prefill) / args.steps
-        steps_per_s = 1 / per_step
-        # A trained model needs 40 + 2U decode steps per second of audio for each row.
-        audio_rate = batch * steps_per_s / (40 + 2 * args.units_per_second)
-        print(f"{batch:>6} {t_prefill:>10.3f} {1e3 * per_step:>8.1f} {steps_per_s:>8.1f} {batch * steps_per_s:>9.1f} "
-              f"{n_codec / (t_total - t_prefill):>12.1f} {audio_rate:>10.2f}")
-    print()
-    print("steps/s: per row (all rows advance together); tokens/s = batch x steps/s; codec tok/s: what this random "
-          "model emitted; audio s/s: seconds of 24 kHz audio per second of compute for a trained model at U units/s.")
+        prompts = prompts_for(args, batch)
+        runs = {p: [] for p in precisions}
+        for _ in range(max(1, args.repeats)):
+            for p in precisions:  # interleaved: contention from other processes hits every precision alike
+                runs[p].append(time_steps(models[p], prompts, args.steps, device))
+        base = statistics.median(r["step"] for r in runs["exact" if "exact" in runs else precisions[0]])
+        for p in precisions:
+            step = statistics.median(r["step"] for r in runs[p])
+            prefill = statistics.median(r["prefill"] for r in runs[p])
+            share = matmul_share(models[p], prompts, device) if device.type == "cpu" else float("nan")
+            print(f"{p:>9} {batch:>5} {prefill:>9.3f} {1e3 * step:>8.1f} {step / base:>7.2f} "
+                  f"{1e3 * step * (1 - share):>13.1f} {1:>10} {batch / step:>9.1f}")  # fmt: skip
+    if "exact" in models and len(models) > 1:
+        prompt = prompts_for(args, 1)[0]
+        print("\nagreement with exact (batch 1, greedy, the same prompt; RANDOM weights: plumbing)" if
+              args.models == "random" else "\nagreement with exact (batch 1, greedy, the same prompt)")  # fmt: skip
+        for p in precisions:
+            if p == "exact":
+                continue
+            a = agreement(models["exact"], models[p], prompt, max(args.steps, 96))
+            print(f"  {p}: identical greedy tokens for the first {a['first_diff']} of {a['tokens']}, "
+                  f"{100 * a['agree']:.1f}% position-wise; max |logit error| / max |logit|: decode "
+                  f"{a['decode_err']:.4f}, prefill {a['prefill_err']:.4f}")  # fmt: skip
+    print("\nreads/step: device -> host reads per live decode step (tests/test_stream_resynth.py counts them); "
+          "non-matmul: step time outside the weight matmuls (profiler share); a trained model needs 40 + 2U steps "
+          "per second of audio.")
 
 
 if __name__ == "__main__":

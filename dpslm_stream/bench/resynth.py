@@ -37,7 +37,9 @@ import torch
 
 from dpslm_stream import hub
 from dpslm_stream.models import ellav as E
+from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as W
+from dpslm_stream.models.precision import PRECISIONS, machine_summary
 from dpslm_stream.stream.resynth import (
     DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD,
     DEFAULT_VOCODER_MIN_STEP, AudioEvent, IncrementalELLAV, ResynthEndEvent, ResynthWorker,
@@ -46,6 +48,13 @@ from dpslm_stream.stream.resynth import (
 K, LMBDA = 500, 4500
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TICK_S = 0.1
+
+
+def _precisions(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    if not out or any(p not in PRECISIONS for p in out):
+        raise argparse.ArgumentTypeError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}")
+    return list(dict.fromkeys(out))
 
 
 def _opt_int(text: str) -> int | None:
@@ -65,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="ELLA-V dtype (default float32)")
     parser.add_argument("--vocoder-dtype", choices=sorted(_DTYPES), default="float32",
                         help="WavTokenizer backbone dtype (default float32)")
+    parser.add_argument("--precision", type=_precisions, default=["exact"],
+                        help="precisions side by side, e.g. exact,fast (default exact; fast needs the float32 dtypes)")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="concurrent streams, tiny set (default: 1 2 4 8)")
     parser.add_argument("--full-streams", type=int, nargs="+", default=[1, 2],
@@ -125,25 +136,21 @@ def _random_full_wavtokenizer() -> W.WavTokenizer:
     return model
 
 
-def make_worker(size: str, args: argparse.Namespace, max_batch: int) -> ResynthWorker:
+def make_worker(size: str, args: argparse.Namespace, max_batch: int, precision: str = "exact") -> ResynthWorker:
     device = torch.device(args.device)
     dtype, vdtype = _DTYPES[args.dtype], _DTYPES[args.vocoder_dtype]
     if size == "tiny":
-        return ResynthWorker("tiny", device, dtype, pairs=[(K, LMBDA)], vocoder_dtype=vdtype, max_batch=max_batch)
+        return ResynthWorker("tiny", device, dtype, pairs=[(K, LMBDA)], vocoder_dtype=vdtype, max_batch=max_batch,
+                             precision=precision)  # fmt: skip
     return ResynthWorker("tiny", device, dtype, pairs=[(K, LMBDA)], vocoder_dtype=vdtype, max_batch=max_batch,
                          ellavs={(K, LMBDA): _random_full_ellav(device, dtype)},
-                         wavtokenizer=_random_full_wavtokenizer())  # fmt: skip
+                         wavtokenizer=_random_full_wavtokenizer(), precision=precision)  # fmt: skip
 
 
 def session_options(args: argparse.Namespace) -> dict:
     return dict(left_context=args.left_context, holdback=args.holdback, trigger_units=args.trigger_units,
                 vocoder_left_context=args.vocoder_left_context, vocoder_lookahead=args.vocoder_lookahead,
                 vocoder_min_step=args.vocoder_min_step)  # fmt: skip
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -277,13 +284,64 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _run_size(args: argparse.Namespace, size: str, precision: str, options: dict, streams_for) -> dict:
+    """Throughput and live sections for one model size at one precision."""
+    seconds = args.seconds if size == "tiny" else args.full_seconds
+    counts = args.streams if size == "tiny" else args.full_streams
+    label = f"{size}, {precision}"
+    print(f"\n[{label}] throughput: streams replayed in {TICK_S * 1e3:.0f} ms ticks, {seconds:g} s of input each")
+    plans = make_worker("tiny", args, 1, precision).precision_plans
+    print(f"precision {precision}: {plans['ellav']}; {plans['wavtokenizer']}")
+    header = (f"{'streams':>7} {'units/stream':>12} {'audio s/stream':>14} {'wall s':>8} {'RTF input':>9} "
+              f"{'RTF audio':>9} {'rows/step':>9} {'ms/step':>8} {'prefill/decode/vocoder':>22}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    sweep = []
+    for n in counts:
+        worker = make_worker(size, args, max_batch=max(counts), precision=precision)
+        streams = streams_for(n, seconds)
+        r = replay(worker, streams, options, seconds)
+        del worker
+        r["units"] = np.mean([len(x) for x in streams])
+        sweep.append((n, r))
+        split = "/".join(f"{100 * x:.0f}%" for x in r["split"])
+        print(f"{n:>7} {r['units']:>12.1f} {r['audio_s']:>14.2f} {r['wall']:>8.2f} {r['rtf']:>9.3f} "
+              f"{r['rtf_audio']:>9.3f} {r['rows']:>9.2f} {r['ms_per_step']:>8.2f} {split:>22}")  # fmt: skip
+    live_ok = [n for n, r in sweep if r["rtf"] <= 1.0]
+    audio_ok = [n for n, r in sweep if r["rtf_audio"] <= 1.0]
+    print(f"real-time streams on this worker (of {max(counts)} tried): {max(live_ok, default=0)} for this "
+          f"random model's input (RTF input <= 1), {max(audio_ok, default=0)} at one second of audio per "
+          f"second of input (RTF audio <= 1)")  # fmt: skip
+
+    live_counts = sorted({1, max(live_ok)}) if live_ok else [1]
+    print(f"\n[{label}] live: units arrive in real time; latency = unit arrival -> its audio complete")
+    header = (f"{'streams':>7} {'first audio s':>13} {'latency mean':>12} {'p95':>6} {'max':>6} "
+              f"{'max lag s':>9} {'RTF':>6}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    lives = []
+    for n in live_counts:
+        worker = make_worker(size, args, max_batch=max(counts), precision=precision)
+        r = live(worker, streams_for(n, seconds), options)
+        del worker
+        lives.append((n, r))
+        ends = r["ends"]
+        lat = np.concatenate([np.asarray(x) for x in r["latencies"]])
+        first = np.mean([e.first_audio_latency_s for e in ends if e.first_audio_latency_s is not None])
+        rtf = np.mean([e.real_time_factor for e in ends])
+        print(f"{n:>7} {first:>13.3f} {lat.mean():>12.3f} {np.percentile(lat, 95):>6.3f} {lat.max():>6.3f} "
+              f"{max(lag for _, lag in r['lag_trace']):>9.3f} {rtf:>6.2f}")  # fmt: skip
+    return {"sweep": sweep, "live": lives}
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     threads = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
     print("Live resynthesis (ELLA-V re-prompting + windowed WavTokenizer), RANDOM weights: speed and plumbing only")
-    print(f"device {name}{threads}, ELLA-V {args.dtype}, vocoder {args.vocoder_dtype}, torch {torch.__version__}")
+    print(f"device {name}{threads}, {machine_summary(device)}, ELLA-V {args.dtype}, vocoder {args.vocoder_dtype}, "
+          f"torch {torch.__version__}; precision {', '.join(args.precision)}")
     print(f"session: C={args.left_context} L={args.holdback} units, trigger every {args.trigger_units} unit(s); "
           f"vocoder left {args.vocoder_left_context} / lookahead {args.vocoder_lookahead} / step "
           f"{args.vocoder_min_step} frames; input: random units, U = {args.units_per_second}/s")  # fmt: skip
@@ -295,47 +353,8 @@ def run(args: argparse.Namespace) -> None:
         return [unit_stream(seconds, args.units_per_second, random.Random(args.seed * 1000 + i)) for i in range(n)]
 
     for size in args.sizes:
-        seconds = args.seconds if size == "tiny" else args.full_seconds
-        counts = args.streams if size == "tiny" else args.full_streams
-        print(f"\n[{size}] throughput: streams replayed in {TICK_S * 1e3:.0f} ms ticks, {seconds:g} s of input each")
-        header = (f"{'streams':>7} {'units/stream':>12} {'audio s/stream':>14} {'wall s':>8} {'RTF input':>9} "
-                  f"{'RTF audio':>9} {'rows/step':>9} {'ms/step':>8} {'prefill/decode/vocoder':>22}")  # fmt: skip
-        print(header)
-        print("-" * len(header))
-        sweep = []
-        for n in counts:
-            worker = make_worker(size, args, max_batch=max(counts))
-            streams = streams_for(n, seconds)
-            r = replay(worker, streams, options, seconds)
-            r["units"] = np.mean([len(x) for x in streams])
-            sweep.append((n, r))
-            split = "/".join(f"{100 * x:.0f}%" for x in r["split"])
-            print(f"{n:>7} {r['units']:>12.1f} {r['audio_s']:>14.2f} {r['wall']:>8.2f} {r['rtf']:>9.3f} "
-                  f"{r['rtf_audio']:>9.3f} {r['rows']:>9.2f} {r['ms_per_step']:>8.2f} {split:>22}")  # fmt: skip
-        live_ok = [n for n, r in sweep if r["rtf"] <= 1.0]
-        audio_ok = [n for n, r in sweep if r["rtf_audio"] <= 1.0]
-        print(f"real-time streams on this worker (of {max(counts)} tried): {max(live_ok, default=0)} for this "
-              f"random model's input (RTF input <= 1), {max(audio_ok, default=0)} at one second of audio per "
-              f"second of input (RTF audio <= 1)")  # fmt: skip
-
-        live_counts = sorted({1, max(live_ok)}) if live_ok else [1]
-        print(f"\n[{size}] live: units arrive in real time; latency = unit arrival -> its audio complete")
-        header = (f"{'streams':>7} {'first audio s':>13} {'latency mean':>12} {'p95':>6} {'max':>6} "
-                  f"{'max lag s':>9} {'RTF':>6}")  # fmt: skip
-        print(header)
-        print("-" * len(header))
-        lives = []
-        for n in live_counts:
-            worker = make_worker(size, args, max_batch=max(counts))
-            r = live(worker, streams_for(n, seconds), options)
-            lives.append((n, r))
-            ends = r["ends"]
-            lat = np.concatenate([np.asarray(x) for x in r["latencies"]])
-            first = np.mean([e.first_audio_latency_s for e in ends if e.first_audio_latency_s is not None])
-            rtf = np.mean([e.real_time_factor for e in ends])
-            print(f"{n:>7} {first:>13.3f} {lat.mean():>12.3f} {np.percentile(lat, 95):>6.3f} {lat.max():>6.3f} "
-                  f"{max(lag for _, lag in r['lag_trace']):>9.3f} {rtf:>6.2f}")  # fmt: skip
-        results[size] = {"sweep": sweep, "live": lives}
+        for precision in args.precision:
+            results[f"{size} {precision}"] = _run_size(args, size, precision, options, streams_for)
 
     if not args.deviation:
         if args.plot:

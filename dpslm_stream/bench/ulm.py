@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from dpslm_stream.device import synchronize as sync
 from dpslm_stream.models import ulm
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,11 +54,6 @@ def random_model(build: Callable[[], torch.nn.Module], device: torch.device, dty
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     return model.to(dtype).eval()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run(args: argparse.Namespace) -> None:

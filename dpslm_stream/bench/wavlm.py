@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from dpslm_stream.device import DeviceTimer
 from dpslm_stream.models import wavlm
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -36,13 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _timed(fn, device: torch.device) -> tuple[float, object]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0, out
+    with DeviceTimer(device) as timer:  # synchronizes on CUDA
+        out = fn()
+    return timer.seconds, out
 
 
 def run(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as wt
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,11 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-step", type=int, default=4, help="chunked: frames committed per backbone run")
     parser.add_argument("--no-chunked", action="store_true", help="time only the whole-sequence decode")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _time(fn, device: torch.device, repeats: int) -> tuple[float, object]:

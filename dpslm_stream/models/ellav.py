@@ -424,6 +424,25 @@ def sample(
     return order.gather(-1, choice)[:, 0]
 
 
+def sample_rows(
+    logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """One token per row of logits [B, V], each row with its own settings ([B] tensors on the logits' device):
+    argmax where `greedy`, else upstream's nucleus (softmax(logits / T), the most probable tokens up to and including
+    the one whose cumulative probability crosses top_p, renormalised) drawn by inverse CDF with the row's `uniform`
+    number in [0, 1). Runs on the device with no host sync; the uniforms come from each stream's own generator, so
+    a stream's draws do not depend on its batch neighbours."""
+    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    kept = sorted_probs.masked_fill(cumulative - sorted_probs > top_p[:, None], 0.0)
+    kept_cumulative = kept.cumsum(dim=-1)
+    threshold = uniform[:, None] * kept_cumulative[:, -1:]
+    rank = (kept_cumulative <= threshold).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    drawn = order.gather(-1, rank)[:, 0]
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
 def generation_step(
     logits: torch.Tensor,
     state: GenerationState,
@@ -434,8 +453,11 @@ def generation_step(
     eop_id: int = ELLAVTokenizer.EOP_id,
     eos_id: int = ELLAVTokenizer.EOS_id,
     generator: torch.Generator | None = None,
+    sampled: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Choose the next token of every row from its logits [B, V] and update `state`; returns tokens [B].
+
+    `sampled` [B]: tokens already drawn for the rows (e.g. by `sample_rows`); None samples here with `sample`.
 
     Upstream semantics (ellav/generate.py): a row whose next token is forced takes it (upstream puts 1e9 on the
     forced logit, which sampling then picks with probability 1); otherwise the token is sampled. Then:
@@ -447,7 +469,8 @@ def generation_step(
     A model-sampled EOS does not stop a row. The caller stops (without appending the token) when all rows are
     finished, and runs at most max_tokens steps.
     """
-    sampled = sample(logits, temperature, top_p, generator)
+    if sampled is None:
+        sampled = sample(logits, temperature, top_p, generator)
     token = torch.where(state.forced >= 0, state.forced, sampled)
     reached_eop = token == eop_id
     state.since_eop = torch.where(reached_eop, 0, state.since_eop + 1)

@@ -17,11 +17,14 @@ Differences from upstream that do not change the numbers:
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -96,6 +99,9 @@ class KVCache:
     slot_pos[s] > p - W (Mistral-style sliding window: the W most recent tokens including itself).
     So rows may have different lengths, appended chunks may be right-padded, and old slots may be dropped
     (`drop_oldest`) without touching anything else. Filled slots of a row are always [0, length).
+
+    The filled lengths are mirrored on the host (`lengths`, a numpy array; views from `rows` share it), so a
+    forward never reads a device value back: a decode step through the cache makes no host sync.
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.slot_pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # filled slots per row
+        self.lengths = np.zeros(batch_size, dtype=np.int64)  # the same on the host
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # position of the next token
         # Set by begin() for the forward in flight.
         self._slots: torch.Tensor | None = None
@@ -147,7 +154,7 @@ class KVCache:
         offsets = torch.arange(num_new, device=device)
         slots = self.length[:, None] + offsets  # [B, T]
         positions = self.next_pos[:, None] + offsets
-        extent = int(self.length.max()) + num_new
+        extent = int(self.lengths.max()) + num_new
         if extent > self.capacity:
             raise InvalidInput(
                 f"KV cache overflow: {extent} slots needed, capacity is {self.capacity}; "
@@ -174,20 +181,54 @@ class KVCache:
         self.v[layer][rows, :, self._slots] = v.transpose(1, 2)
         return self.k[layer, :, :, : self._extent], self.v[layer, :, :, : self._extent]
 
-    def end(self, valid: torch.Tensor) -> None:
-        """Commit the real tokens of the forward in flight and forget its padding."""
+    def end(self, valid: Sequence[int] | None = None) -> None:
+        """Commit the real tokens of the forward in flight (host counts per row; None: all) and forget its padding."""
         num_new = self._slots.shape[1]
-        pad = torch.arange(num_new, device=valid.device)[None, :] >= valid[:, None]
-        rows = torch.arange(self.batch_size, device=valid.device)[:, None].expand_as(pad)
-        self.slot_pos[rows[pad], self._slots[pad]] = -1
-        self.length += valid
-        self.next_pos += valid
+        if valid is None or all(v == num_new for v in valid):
+            self.length += num_new
+            self.next_pos += num_new
+            self.lengths += num_new
+        else:
+            for b, v in enumerate(valid):
+                if v < num_new:
+                    start = int(self.lengths[b])
+                    self.slot_pos[b, start + v : start + num_new] = -1
+            add = torch.as_tensor(list(valid), dtype=torch.long).to(self.length.device)
+            self.length += add
+            self.next_pos += add
+            self.lengths += np.asarray(valid, dtype=np.int64)
         self._slots, self._extent = None, 0
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A KVCache over rows [start, stop), sharing this cache's storage and host lengths (basic slices are
+        views, and KVCache only writes in place), so a forward over some rows updates this cache directly."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.slot_pos, view.length, view.next_pos = (
+            self.slot_pos[start:stop], self.length[start:stop], self.next_pos[start:stop])  # fmt: skip
+        view.lengths = self.lengths[start:stop]
+        return view
+
+    def clear_rows(self) -> None:
+        """Empty every row (positions restart at 0)."""
+        self.slot_pos.fill_(-1)
+        self.length.zero_()
+        self.next_pos.zero_()
+        self.lengths[:] = 0
+
+    def move_row(self, old: int, new: int) -> None:
+        """Copy row `old` (its filled slots) into row `new`."""
+        used = int(self.lengths[old])
+        self.k[:, new, :, :used] = self.k[:, old, :, :used]
+        self.v[:, new, :, :used] = self.v[:, old, :, :used]
+        self.slot_pos[new] = self.slot_pos[old]
+        self.length[new], self.next_pos[new] = self.length[old], self.next_pos[old]
+        self.lengths[new] = self.lengths[old]
 
     def drop_oldest(self, keep: int) -> None:
         """Keep only the `keep` most recent tokens of every row (moved to the front); positions are unchanged."""
         for b in range(self.batch_size):
-            n = int(self.length[b])
+            n = int(self.lengths[b])
             if n <= keep:
                 continue
             start = n - keep
@@ -197,6 +238,7 @@ class KVCache:
             self.slot_pos[b, :keep] = self.slot_pos[b, start:n].clone()
             self.slot_pos[b, keep:] = -1
             self.length[b] = keep
+            self.lengths[b] = keep
 
     def grow(self, capacity: int) -> None:
         """Reallocate with a larger capacity, keeping the contents."""
@@ -217,7 +259,7 @@ class KVCache:
         Copies every filled slot (cost: the caches' size); `copy_new_into` writes the appended tokens back.
         """
         first = caches[0]
-        lengths = [int(c.length[0]) for c in caches]
+        lengths = [int(c.lengths[0]) for c in caches]
         out = cls(
             first.config, len(caches), max(lengths) + room,
             window=first.window, device=first.k.device, dtype=first.k.dtype,
@@ -227,19 +269,21 @@ class KVCache:
             out.v[:, b, :, :n] = c.v[:, 0, :, :n]
             out.slot_pos[b, :n] = c.slot_pos[0, :n]
             out.length[b] = n
+            out.lengths[b] = n
             out.next_pos[b] = c.next_pos[0]
         return out
 
     def copy_new_into(self, caches: list["KVCache"]) -> None:
         """Write the slots each row gained since `stack` back into the single-row caches it was built from."""
         for b, c in enumerate(caches):
-            start, stop = int(c.length[0]), int(self.length[b])
+            start, stop = int(c.lengths[0]), int(self.lengths[b])
             if stop > c.capacity:
                 raise InvalidInput(f"target cache too small: {stop} slots needed, capacity {c.capacity}")
             c.k[:, 0, :, start:stop] = self.k[:, b, :, start:stop]
             c.v[:, 0, :, start:stop] = self.v[:, b, :, start:stop]
             c.slot_pos[0, start:stop] = self.slot_pos[b, start:stop]
             c.length[0] = stop
+            c.lengths[0] = stop
             c.next_pos[0] = self.next_pos[b]
 
 
@@ -253,6 +297,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # q/k/v fused by a fast precision plan (models/precision.py)
 
     def forward(
         self,
@@ -264,9 +309,14 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if cache is not None:
@@ -292,9 +342,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w13: nn.Module | None = None  # w1/w3 fused by a fast precision plan (models/precision.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -337,13 +391,13 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, capacity, window=window, device=self.device, dtype=self.dtype)
 
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
+        self, tokens: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | Sequence[int] | None = None
     ) -> torch.Tensor:
         """Logits (fp32) for every input token: the output layer on `hidden`."""
         return self.output(self.hidden(tokens, cache, valid)).float()
 
     def hidden(
-        self, tokens: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None
+        self, tokens: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | Sequence[int] | None = None
     ) -> torch.Tensor:
         """The final-norm hidden state [B, T, dim] of every input token, in the weights' dtype.
 
@@ -353,8 +407,6 @@ class Transformer(nn.Module):
         position for b, attends to everything the cache holds for b, and the real tokens are appended to it.
         """
         B, T = tokens.shape
-        if valid is None:
-            valid = torch.full((B,), T, dtype=torch.long, device=tokens.device)
         if cache is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
             mask = None
@@ -365,7 +417,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cache, i, mask)
         if cache is not None:
-            cache.end(valid)
+            cache.end(None if valid is None else (valid.tolist() if isinstance(valid, torch.Tensor) else valid))
         return self.norm(h)
 
 

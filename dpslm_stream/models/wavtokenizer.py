@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpslm_stream.errors import CheckpointError, InvalidInput
+from dpslm_stream.models.precision import Plan, plan_for
 
 # --------------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -397,6 +398,18 @@ class ISTFTHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.istft(self.spectrum(x))
+
+
+def apply_precision(model: "WavTokenizer", precision: str) -> Plan:
+    """Cast the networks (codebook features, backbone, output layer) for `precision` on the model's device, in
+    place: fast = bfloat16 where the hardware has bf16 units (models/precision.py), else float32 unchanged. The
+    spectrum, the iSTFT and the Hann window stay float32. Returns the plan (recorded as `model.precision_plan`)."""
+    plan = plan_for("wavtokenizer", precision, model.head.out.weight.device)
+    if plan.bulk == "bf16":
+        for net in (model.feature_extractor, model.backbone, model.head.out):
+            net.to(torch.bfloat16)
+    model.precision_plan = plan
+    return plan
 
 
 class WavTokenizer(nn.Module):

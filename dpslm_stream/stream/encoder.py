@@ -37,6 +37,7 @@ from torch import Tensor
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.models.wavlm import WavLM
 from dpslm_stream.stream.events import FRAME_SECONDS
+from dpslm_stream.device import DeviceTimer, synchronize
 from dpslm_stream.stream.onednn import PackedConv1d, PackedLinear
 
 MODES = ("full", "sliding", "cached")
@@ -234,13 +235,15 @@ class WindowRunner:
         for plan in plans:
             groups[plan.shape_key].append(plan)
         for group in groups.values():
-            started = time.perf_counter()
-            self._run_group(group)
-            share = (time.perf_counter() - started) / len(group)  # equal shapes: equal work per plan
+            with DeviceTimer(self.device) as timer:  # synchronizes on CUDA: the kernels' time, not their launch
+                self._run_group(group)
+            share = timer.seconds / len(group)  # equal shapes: equal work per plan
             for plan in group:
                 plan.compute_s = share
 
     def _tick(self, phase: str, started: float) -> float:
+        if self.profile:
+            synchronize(self.device)  # profiling only: a phase's time is its kernels' (CUDA is asynchronous)
         now = time.perf_counter()
         if self.profile:
             self.timings[phase] += now - started

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpslm_stream.models.wavlm import grouped_conv_dtype
+
 
 def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """True where the prepacked oneDNN kernels apply: CPU, float32, oneDNN built in."""
@@ -55,7 +57,10 @@ class PackedConv1d:
     kernels, so when `enabled` it runs as a 1 x K conv2d on a height-1 input; otherwise F.conv1d."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, stride: int = 1, groups: int = 1, enabled: bool = True):
-        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+        # A half-precision grouped conv on CPU computes in fp32 (wavlm.grouped_conv_dtype: a wrong oneDNN kernel).
+        dtype = grouped_conv_dtype(weight.device, weight.dtype, groups)
+        self.weight = weight.detach().to(dtype)
+        self.bias = None if bias is None else bias.detach().to(dtype)
         self.stride, self.groups = stride, groups
         self.packed = None
         if enabled and onednn_usable(self.weight.device, self.weight.dtype):
@@ -71,10 +76,12 @@ class PackedConv1d:
         return 0 if self.packed is None else self.weight.numel() * self.weight.element_size()
 
     def __call__(self, x: Tensor) -> Tensor:
+        """The result has x's dtype."""
+        x_dtype, x = x.dtype, x.to(self.weight.dtype)
         if self.packed is None:
-            return F.conv1d(x, self.weight, self.bias, stride=self.stride, groups=self.groups)
+            return F.conv1d(x, self.weight, self.bias, stride=self.stride, groups=self.groups).to(x_dtype)
         out = torch.ops.mkldnn._convolution_pointwise(
             x[:, :, None, :].contiguous(), self.packed, self.bias, [0, 0], [1, self.stride], [1, 1], self.groups,
             "none", [], "",
         )  # fmt: skip
-        return out[:, :, 0, :]
+        return out[:, :, 0, :].to(x_dtype)

@@ -30,7 +30,6 @@ EOP is out, between decode steps). Sessions are sans-I/O like the encoder's: `pu
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 import time
@@ -44,8 +43,10 @@ from torch import Tensor
 
 from dpslm_stream import hub
 from dpslm_stream.audio import float_to_pcm16
+from dpslm_stream.device import setup_model_device, synchronize
 from dpslm_stream.errors import InvalidInput, UnknownModel
-from dpslm_stream.models.ellav import ELLAV, GenerationState, generation_step, sample
+from dpslm_stream.models.ellav import ELLAV, GenerationState, generation_step, sample_rows
+from dpslm_stream.models.precision import Plan, check_precision, plan_for, transformer_precision
 from dpslm_stream.models.transformer import KVCache
 from dpslm_stream.models.wavtokenizer import IncrementalVocoder, WavTokenizer
 from dpslm_stream.stream.events import EventQueue
@@ -387,16 +388,6 @@ class IncrementalELLAV:
 # BatchDecoder: the decode steps of many passes in lockstep over one preallocated KV cache
 
 
-def _rows(cache: KVCache, start: int, stop: int) -> KVCache:
-    """A KVCache over rows [start, stop) of `cache`, sharing its storage (basic slices are views, and KVCache only
-    writes in place), so a forward over some rows updates the big cache directly."""
-    view = copy.copy(cache)
-    view.k, view.v = cache.k[:, start:stop], cache.v[:, start:stop]
-    view.slot_pos, view.length, view.next_pos = (
-        cache.slot_pos[start:stop], cache.length[start:stop], cache.next_pos[start:stop])  # fmt: skip
-    return view
-
-
 _STATE_FIELDS = ("unit_tokens", "num_units", "unit_idx", "since_eop", "forced", "finished")
 
 
@@ -464,17 +455,15 @@ class BatchDecoder:
         self._reserve(max(need))
         device = self.model.device
         a, b = len(self.rows), len(self.rows) + len(jobs)
-        view = _rows(self.cache, a, b)
-        view.slot_pos.fill_(-1)  # a new pass: empty row, positions from 0
-        view.length.zero_()
-        view.next_pos.zero_()
-        lengths = torch.tensor([len(p.prompt) for p in plans])
-        tokens = torch.zeros((len(plans), int(lengths.max())), dtype=torch.long)
+        view = self.cache.rows(a, b)
+        view.clear_rows()  # a new pass: empty row, positions from 0
+        lengths = [len(p.prompt) for p in plans]
+        tokens = torch.zeros((len(plans), max(lengths)), dtype=torch.long)
         for i, p in enumerate(plans):
             tokens[i, : len(p.prompt)] = torch.tensor(p.prompt)
-        tokens, lengths = tokens.to(device), lengths.to(device)
-        logits = self.model(tokens, view, lengths)
-        logits = logits[torch.arange(len(plans), device=device), lengths - 1]
+        logits = self.model(tokens.to(device), view, lengths)
+        last = torch.tensor(lengths, device=device) - 1
+        logits = logits[torch.arange(len(plans), device=device), last]
         state = GenerationState.start([p.unit_tokens for p in plans], [p.start for p in plans], device=device)
         # The counter restarts as offline generation has it at this unit (see PassPlan.counter), and the pass is
         # "finished" at its stop unit's EOP.
@@ -506,30 +495,34 @@ class BatchDecoder:
         """One token for every active pass: [(owner, token, pass_over)]. Rows whose pass is over leave."""
         if not self.rows:
             return []
-        logits = self.logits
-        forced = self.state.forced.tolist()
-        sampled = [i for i, r in enumerate(self.rows) if not r.greedy and forced[i] < 0]
-        if sampled:
-            # generation_step samples all rows from one generator; each stream draws from its own, so its output
-            # does not depend on its batch neighbours. Drawn tokens go in as one-hot rows, which generation_step's
-            # greedy choice takes as given (forced tokens still override them, as upstream).
-            logits = logits.clone()
-            for i in sampled:
-                r = self.rows[i]
-                token = sample(self.logits[i : i + 1], r.temperature, r.top_p, r.generator)
-                logits[i] = -math.inf
-                logits[i, token] = 0.0
+        sampled = None
+        if not all(r.greedy for r in self.rows):
+            sampled = self._sample()
         tok = self.model.tokenizer
-        token = generation_step(logits, self.state, max_codec_tokens_per_phone=self.max_codec_tokens_per_phone,
-                                temperature=0.0, top_p=0.0, eop_id=tok.EOP_id, eos_id=tok.EOS_id)  # fmt: skip
-        tokens, over = token.tolist(), self.state.finished.tolist()
-        out = [(r, t, o) for r, t, o in zip(self.rows, tokens, over)]
+        token = generation_step(self.logits, self.state, max_codec_tokens_per_phone=self.max_codec_tokens_per_phone,
+                                temperature=0.0, top_p=0.0, eop_id=tok.EOP_id, eos_id=tok.EOS_id,
+                                sampled=sampled)  # fmt: skip
+        # The step's one device -> host transfer: every row's token and whether its pass is over.
+        tokens, over = torch.stack([token, self.state.finished.long()]).tolist()
+        out = [(r, t, bool(o)) for r, t, o in zip(self.rows, tokens, over)]
         keep = [i for i, o in enumerate(over) if not o]
         if len(keep) < len(over):
             token = token[self._compact(keep)]
         if self.rows:
-            self.logits = self.model(token[:, None], _rows(self.cache, 0, len(self.rows)))[:, 0]
+            self.logits = self.model(token[:, None], self.cache.rows(0, len(self.rows)))[:, 0]
         return out
+
+    def _sample(self) -> Tensor:
+        """Every row's drawn token, on the device (`sample_rows`): each sampling stream draws one uniform number
+        from its own generator per step (on the host, whether or not the row's token is then forced), so its
+        output does not depend on its batch neighbours; one host -> device transfer carries them."""
+        rows = self.rows
+        uniform = torch.stack([torch.zeros(()) if r.greedy else torch.rand((), generator=r.generator) for r in rows])
+        settings = torch.tensor([(float(r.greedy), r.temperature if r.temperature > 0 else 1.0, r.top_p)
+                                 for r in rows], dtype=torch.float32)  # fmt: skip
+        settings = torch.cat([settings, uniform[:, None]], dim=1).to(self.logits.device)
+        greedy, temperature, top_p, uniform = settings.unbind(1)
+        return sample_rows(self.logits, greedy.bool(), temperature, top_p, uniform)
 
     def _compact(self, keep: list[int]) -> list[int]:
         """Keep rows `keep` (old indices) in rows 0..len(keep)-1: rows already there stay, the others fill the holes.
@@ -538,14 +531,9 @@ class BatchDecoder:
         stay = {i for i in keep if i < n}
         movers = iter(i for i in keep if i >= n)
         order = [i if i in stay else next(movers) for i in range(n)]
-        c = self.cache
         for new, old in enumerate(order):
             if new != old:
-                used = int(c.length[old])
-                c.k[:, new, :, :used] = c.k[:, old, :, :used]
-                c.v[:, new, :, :used] = c.v[:, old, :, :used]
-                c.slot_pos[new] = c.slot_pos[old]
-                c.length[new], c.next_pos[new] = c.length[old], c.next_pos[old]
+                self.cache.move_row(old, new)
         self.rows = [self.rows[i] for i in order]
         self._need = [self._need[i] for i in order]
         if n:
@@ -747,7 +735,8 @@ class ResynthSession(EventQueue):
         return {"left_context": e.left_context, "holdback": e.holdback, "greedy": e.greedy, "seed": e.seed,
                 "temperature": e.temperature, "top_p": e.top_p, "trigger_units": e.trigger_units,
                 "trigger_s": e.trigger_s, "max_codec_tokens_per_phone": e.max_codec_tokens_per_phone,
-                "vocoder_left_context": v.left_context, "vocoder_lookahead": v.lookahead, "sample_rate": SAMPLE_RATE}  # fmt: skip
+                "vocoder_left_context": v.left_context, "vocoder_lookahead": v.lookahead, "sample_rate": SAMPLE_RATE,
+                "precision": self.worker.precision}  # fmt: skip
 
     def __repr__(self) -> str:
         e = self.ellav
@@ -853,7 +842,10 @@ class ResynthWorker:
     `ellavs` ({(k, lambda): ELLAV}) and `wavtokenizer` supply already-built models (random full-size weights for
     benchmarks, tests); they are moved to `device`/`dtype` in place.
     dtype: ELLA-V weights and activations (bf16/fp16 are meant for a GPU); vocoder_dtype: the WavTokenizer backbone
-    (its FFTs always run in float32). max_batch: passes decoded together per ELLA-V model (rows of the preallocated
+    (its FFTs always run in float32). precision: "exact" (default: the float32 path, or the dtypes given) or "fast":
+    the plan models/precision.py picks for this device (then dtype and vocoder_dtype must stay float32; ELLA-V's
+    block matmuls become int8 weight-only or bf16, the vocoder bf16 where the hardware has bf16 units);
+    `precision_plans` says what was picked. max_batch: passes decoded together per ELLA-V model (rows of the preallocated
     KV cache); further due passes wait, oldest first. max_decode_steps: batched decode steps per step() call, so one
     call stays short and a stream with a long pass never holds the others: they join and leave between steps.
     max_codec_tokens_per_phone: upstream's M, the per-unit cap (M+1 codec tokens per unit). clock: the time source
@@ -862,15 +854,23 @@ class ResynthWorker:
 
     def __init__(self, models: hub.ModelSet | str = "release", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, pairs: Iterable[tuple[int, int]] | None = None, *,
-                 vocoder_dtype: torch.dtype = torch.float32, max_batch: int = 16, max_decode_steps: int = 16,
+                 vocoder_dtype: torch.dtype = torch.float32, precision: str = "exact", max_batch: int = 16,
+                 max_decode_steps: int = 16,
                  max_codec_tokens_per_phone: int = DEFAULT_MAX_CODEC_TOKENS_PER_PHONE,
                  ellavs: dict[tuple[int, int], ELLAV] | None = None, wavtokenizer: WavTokenizer | None = None,
-                 clock: Callable[[], float] = time.perf_counter):  # fmt: skip
+                 clock: Callable[[], float] = time.perf_counter, allow_tf32: bool = False):  # fmt: skip
         self.models = hub.ModelSet(models) if isinstance(models, str) else models
-        self.device = torch.device(device)
+        self.device = setup_model_device(device, allow_tf32)  # TF32 off on CUDA: the exact paths stay exact
         for name, value in (("dtype", dtype), ("vocoder_dtype", vocoder_dtype)):
             if value not in _DTYPES_OK:
                 raise InvalidInput(f"{name} must be one of torch.float32, float64, bfloat16, float16; got {value!r}")
+        self.precision = check_precision(precision)
+        if precision == "fast" and (dtype, vocoder_dtype) != (torch.float32, torch.float32):
+            raise InvalidInput("precision 'fast' picks the dtypes itself: leave dtype and vocoder_dtype at float32")
+        self.ellav_plan: Plan = plan_for("ellav", precision, self.device)
+        self.vocoder_plan: Plan = plan_for("wavtokenizer", precision, self.device)
+        if self.vocoder_plan.bulk == "bf16":
+            vocoder_dtype = torch.bfloat16
         self.dtype, self.vocoder_dtype = dtype, vocoder_dtype
         self.max_batch = _check_count(max_batch, "max_batch", 1)
         self.max_decode_steps = _check_count(max_decode_steps, "max_decode_steps", 1)
@@ -878,7 +878,7 @@ class ResynthWorker:
         self.clock = clock
         self._ellavs: dict[tuple[int, int], ELLAV] = {}
         for key, model in (ellavs or {}).items():
-            self._ellavs[key] = model.to(device=self.device, dtype=dtype).eval()
+            self._ellavs[key] = self._prepare_ellav(model)
         self._wavtokenizer = None if wavtokenizer is None else self._prepare_vocoder(wavtokenizer)
         self._pairs: list[tuple[int, int]] | None = None
         if pairs is not None:
@@ -905,9 +905,20 @@ class ResynthWorker:
 
     def _ellav(self, key: tuple[int, int]) -> ELLAV:
         if key not in self._ellavs:
-            model = self.models.ellav(*key, map_location=self.device)
-            self._ellavs[key] = model.to(device=self.device, dtype=self.dtype).eval()
+            self._ellavs[key] = self._prepare_ellav(self.models.ellav(*key, map_location=self.device))
         return self._ellavs[key]
+
+    def _prepare_ellav(self, model: ELLAV) -> ELLAV:
+        """On this worker's device and dtype, converted for its precision (in place)."""
+        model = model.to(device=self.device, dtype=self.dtype).eval()
+        transformer_precision(model, self.precision, "ellav")
+        return model
+
+    @property
+    def precision_plans(self) -> dict:
+        """What this worker's precision runs each model in (reported in the server's ready/stats)."""
+        return {"precision": self.precision, "ellav": self.ellav_plan.describe(),
+                "wavtokenizer": self.vocoder_plan.describe()}  # fmt: skip
 
     def _prepare_vocoder(self, model: WavTokenizer) -> WavTokenizer:
         window = model.head.istft.window.detach().float().clone()
@@ -1056,6 +1067,7 @@ class ResynthWorker:
                 for s, _ in items:
                     s._fail(e)
                 continue
+            synchronize(self.device)  # CUDA: the prefill's kernels, not their launch (decode steps sync on their ids)
             elapsed = self.clock() - t0
             self.prefill_seconds += elapsed
             share = elapsed / len(items)

@@ -313,8 +313,8 @@ class EncoderSession(EventQueue):
         if n16 < self.worker.wavlm.samples_per_frame:
             return None  # upstream raises here; a stream this short simply has no units
         model = self.worker.wavlm
-        return (yield from self.worker.extract_features_steps(model, wav[None].to(self.worker.device),
-                                                              self.sample_rate, layer=11))  # fmt: skip
+        # CPU audio in: resampled on the CPU, then moved to the model (as Pipeline.features)
+        return (yield from self.worker.extract_features_steps(model, wav[None], self.sample_rate, layer=11))
 
     def _score_block(self) -> tuple[object, list[int]] | None:
         """(scorer, units) for the worker's batched scoring, or None."""

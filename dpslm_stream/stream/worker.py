@@ -21,6 +21,7 @@ import torch
 
 from dpslm_stream import hub
 from dpslm_stream.audio import check_sample_rate
+from dpslm_stream.device import DeviceTimer, setup_model_device
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models import wavlm as wavlm_module
 from dpslm_stream.models.wavlm import WavLM
@@ -45,9 +46,9 @@ class EncoderWorker:
     def __init__(self, models: hub.ModelSet | str = "release", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, pairs: Iterable[tuple[int, int]] | None = None, *,
                  max_hops_per_step: int = 8, wavlm: WavLM | None = None, codebooks: dict | None = None,
-                 ulms: dict | None = None):  # fmt: skip
+                 ulms: dict | None = None, allow_tf32: bool = False):  # fmt: skip
         self.models = hub.ModelSet(models) if isinstance(models, str) else models
-        self.device = torch.device(device)
+        self.device = setup_model_device(device, allow_tf32)  # TF32 off on CUDA: the exact paths stay exact
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise InvalidInput(f"dtype must be a floating-point torch dtype (e.g. torch.float32), got {dtype!r}")
         self.dtype = dtype
@@ -200,9 +201,9 @@ class EncoderWorker:
                 groups[(id(scorer.ulm), scorer.max_context)].append((s, scorer, units))
         out = {}
         for group in groups.values():
-            started = time.perf_counter()
-            logprobs = score_blocks([g[1] for g in group], [g[2] for g in group])
-            share = (time.perf_counter() - started) / len(group)
+            with DeviceTimer(self.device) as timer:  # synchronizes on CUDA
+                logprobs = score_blocks([g[1] for g in group], [g[2] for g in group])
+            share = timer.seconds / len(group)
             for (s, _, _), lp in zip(group, logprobs):
                 out[s.id] = (lp, share)
         return out

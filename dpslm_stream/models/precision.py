@@ -1,0 +1,194 @@
+"""Numeric precision of the model paths: `exact` (the fp32 upstream numbers) or `fast` (what runs faster here).
+
+`exact` changes nothing: weights and activations in float32, bit for bit what the parity tests check. `fast` picks,
+per model and per machine, the kernels that measured faster (README "Precision"; `dpslm-stream bench ellav
+--precision exact,fast` re-measures them):
+
+- transformers (ELLA-V, ULM), matmuls of few rows (batched decode steps, <= DECODE_ROWS rows): weight-only int8,
+  one scale per output channel, through torch's CPU kernel `aten._weight_int8pack_mm` (activations rounded to
+  bfloat16 for the kernel, output back in float32). Batch-1 decode reads every weight once per token, so it is bound
+  by weight bytes over memory bandwidth: int8 reads a quarter of fp32's bytes. On a GPU: bfloat16 weights.
+- matmuls of many rows (prompt prefill, vocoder windows): bfloat16 where the hardware has bf16 matmul units (AMX or
+  AVX512-BF16 CPUs, GPUs), else float32 (without bf16 units a bf16 or int8 GEMM is slower than fp32's at these
+  sizes). A fast transformer keeps both weight copies: int8 for decode, bulk dtype for prefill (ELLA-V at released
+  size: 0.21 GB + 0.84 GB fp32 or 0.42 GB bf16).
+- what stays float32 whatever the plan: the residual stream, RMSNorms, RoPE, attention (softmax and KV cache), the
+  output projection and logits, the vocoder's FFTs and every normalisation.
+
+Fused projections: in a fast model q/k/v are one [3 H D, dim] matmul and the SwiGLU's w1/w3 one [2 hidden, dim]
+matmul, built from the upstream keys after strict loading (per-output-channel scales make the fusion exact for the
+int8 weights). A fast model is for inference: its state dict no longer has the upstream keys (save the exact one).
+
+Hand-written because no kept library does weight-only int8 for these modules on CPU without a dependency stack
+(torchao's CPU path calls the same aten kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpslm_stream.errors import InvalidInput
+
+PRECISIONS = ("exact", "fast")
+# Rows up to which the int8 weight-only kernel beats fp32 GEMM (measured on AMD AVX-512 and Intel AMX CPUs: ~2.6x at
+# 1 row, ~1.3x at 16; at 64 rows it is 2-3x slower).
+DECODE_ROWS = 16
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def machine_summary(device: torch.device | str = "cpu") -> str:
+    """One line saying what a fast plan depends on: the device and the CPU's bf16/AMX flags."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    flags = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512f", "avx2") if f in cpu_flags()]
+    return f"cpu, flags: {' '.join(flags) or 'none of amx/avx512/avx2'}"
+
+
+def has_bf16_units(device: torch.device | str) -> bool:
+    """bf16 matmuls run faster than fp32 ones: a GPU, or a CPU with AMX-BF16 or AVX512-BF16."""
+    device = torch.device(device)
+    return device.type == "cuda" or bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def has_int8_weight_kernel(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a model runs its matmuls in: `decode` for few-row matmuls, `bulk` for many-row ones."""
+
+    precision: str  # "exact" or "fast"
+    model: str  # "ellav", "ulm" or "wavtokenizer"
+    decode: str  # "fp32", "bf16" or "int8" (weight-only, per output channel)
+    bulk: str  # "fp32" or "bf16"
+
+    def describe(self) -> str:
+        if self.precision == "exact":
+            return f"{self.model}: exact (float32)"
+        if self.model == "wavtokenizer":
+            return f"{self.model}: fast = backbone {self.bulk} (FFTs and norms float32)"
+        decode = "int8 weight-only (bf16 activations)" if self.decode == "int8" else self.decode
+        return (f"{self.model}: fast = decode matmuls {decode}, prefill {self.bulk}; norms, RoPE, attention, "
+                "logits float32")  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_precision(precision: object) -> str:
+    if precision not in PRECISIONS:
+        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+def plan_for(model: str, precision: str, device: torch.device | str = "cpu") -> Plan:
+    """The plan `precision` gives `model` ("ellav", "ulm", "wavtokenizer") on `device` (this machine's CPU flags)."""
+    check_precision(precision)
+    if precision == "exact":
+        return Plan("exact", model, "fp32", "fp32")
+    bulk = "bf16" if has_bf16_units(device) else "fp32"
+    if model == "wavtokenizer":
+        return Plan("fast", model, bulk, bulk)
+    decode = "int8" if has_int8_weight_kernel(device) else bulk
+    return Plan("fast", model, decode, bulk)
+
+
+_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class FastLinear(nn.Module):
+    """y = x W^T (+ b), W the row-wise concatenation of one or more nn.Linear weights, stored for a fast plan.
+
+    int8: W = q * s (q int8, s float32 per output row; max |W| of the row maps to 127). Up to DECODE_ROWS input rows
+    run `aten._weight_int8pack_mm(x.bf16, q, 1)` and scale the output in float32; more rows run a plain GEMM on a
+    copy of W in the bulk dtype (kept: dequantizing per call, or the int8 kernel in row chunks, measured 2-5x slower
+    than fp32 GEMM at 64-256 rows, so prefill would get slower than exact). bf16/fp32: W stored in that dtype. Input
+    and output are float32 (the residual stream stays float32); a bias stays float32.
+    """
+
+    def __init__(self, linears: list[nn.Linear], decode: str, bulk: str):
+        super().__init__()
+        weight = torch.cat([lin.weight.detach().float() for lin in linears])
+        bias = None
+        if any(lin.bias is not None for lin in linears):
+            bias = torch.cat([torch.zeros(lin.out_features, device=weight.device) if lin.bias is None
+                              else lin.bias.detach().float() for lin in linears])  # fmt: skip
+        self.decode, self.bulk = decode, bulk
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("bias", bias)
+        if decode == "int8":
+            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+            self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            self.register_buffer("scale", scale)
+            self.register_buffer("_ones", torch.ones(self.out_features, dtype=torch.bfloat16, device=weight.device))
+            self.register_buffer("weight", weight.to(_DTYPE[bulk]))  # for many-row calls
+        else:
+            self.register_buffer("weight", weight.to(_DTYPE[decode]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.decode == "int8" and x2.shape[0] <= DECODE_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._ones)
+            y = y.float() * self.scale
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            dtype = _DTYPE[self.bulk]
+            y = F.linear(x2.to(dtype), self.weight.to(dtype)).float()
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, decode={self.decode}, bulk={self.bulk}"
+
+
+def apply_to_transformer(model: nn.Module, plan: Plan) -> Plan:
+    """Convert a (strictly loaded, float32) Transformer's block matmuls for `plan`, in place; returns the plan.
+
+    exact: nothing changes. fast: per block, q/k/v fused into `attention.wqkv`, w1/w3 into `feed_forward.w13`, and
+    wo, w2 converted; embeddings, norms and the output projection stay float32. Records `model.precision_plan`.
+    """
+    if plan.precision == "exact":
+        model.precision_plan = plan
+        return plan
+    if getattr(model, "precision_plan", None) is not None and model.precision_plan.precision != "exact":
+        raise InvalidInput("this model was already converted to a fast plan; load it again for another plan")
+    if model.tok_embeddings.weight.dtype != torch.float32:
+        raise InvalidInput(f"precision 'fast' converts a float32 model; this one is {model.tok_embeddings.weight.dtype}")
+    with torch.no_grad():
+        for block in model.layers:
+            attn, ffn = block.attention, block.feed_forward
+            attn.wqkv = FastLinear([attn.wq, attn.wk, attn.wv], plan.decode, plan.bulk)
+            attn.wo = FastLinear([attn.wo], plan.decode, plan.bulk)
+            del attn.wq, attn.wk, attn.wv
+            ffn.w13 = FastLinear([ffn.w1, ffn.w3], plan.decode, plan.bulk)
+            ffn.w2 = FastLinear([ffn.w2], plan.decode, plan.bulk)
+            del ffn.w1, ffn.w3
+    model.precision_plan = plan
+    return plan
+
+
+def transformer_precision(model: nn.Module, precision: str, kind: str) -> Plan:
+    """plan_for(kind, precision, model's device) applied to a Transformer (ELLA-V or ULM)."""
+    return apply_to_transformer(model, plan_for(kind, precision, model.tok_embeddings.weight.device))

@@ -1,0 +1,194 @@
+"""Device handling (dpslm_stream/device.py), the Ray GPU shares and the health of workers and deployments. These
+run on CPU; tests/test_cuda.py runs the models on a GPU."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from dpslm_stream import device as D
+from dpslm_stream.errors import InvalidInput
+from dpslm_stream.server.ray_backend import DeploymentWatch, gpu_fractions
+
+
+@pytest.mark.parametrize(
+    "device, visible, expected",
+    [
+        ("cuda:1", "1", "cuda:0"),  # Ray granted GPU 1: it is the only visible one
+        ("cuda:1", "0,1", "cuda:1"),
+        ("cuda:3", "2,3", "cuda:1"),
+        ("cuda:1", "0", "cuda:0"),  # Ray granted another GPU than the one named: the grant decides
+        ("cuda", "1", "cuda"),
+        ("cuda:1", "", "cuda:1"),  # no CUDA_VISIBLE_DEVICES: unchanged
+        ("cpu", "1", "cpu"),
+    ],
+)
+def test_replica_device_renumbers_to_the_visible_index(device, visible, expected):
+    assert D.replica_device(device, visible) == torch.device(expected)
+
+
+def test_replica_device_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert D.replica_device("cuda:5") == torch.device("cuda:0")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert D.replica_device("cuda:5") == torch.device("cuda:5")
+
+
+def test_cpu_helpers_are_no_ops():
+    D.synchronize("cpu")
+    with D.worker_stream("cpu", high_priority=True):
+        pass
+    with D.DeviceTimer("cpu") as t:
+        sum(range(1000))
+    assert t.seconds > 0
+    assert D.device_error("cpu") is None
+
+
+def test_setup_model_device_leaves_global_state_alone_on_cpu():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    assert D.setup_model_device("cpu", allow_tf32=True) == torch.device("cpu")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_exact_kernels_turns_tf32_off_and_on():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        D.exact_kernels(allow_tf32=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        D.exact_kernels()
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_device_error_reports_a_failing_device(monkeypatch):
+    def broken(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", broken)
+    assert D.device_error("cuda:0") == "CUDA error: an illegal memory access was encountered"
+
+
+# --- Ray GPU shares ------------------------------------------------------------------------------------------------
+
+
+def test_gpu_fractions_share_one_gpu_by_default():
+    assert gpu_fractions("cuda", "cuda", 1, 1) == (0.5, 0.5)
+    assert gpu_fractions("cuda:0", "cuda:0", 2, 2) == (0.25, 0.25)
+    assert gpu_fractions("cuda", "cpu", 1, 1) == (1.0, 0.0)
+    assert gpu_fractions("cpu", "cuda", 1, 1) == (0.0, 1.0)
+    assert gpu_fractions("cuda", None, 1, 1) == (1.0, 0.0)  # resynthesis off
+    assert gpu_fractions("cpu", "cpu", 1, 1) == (0.0, 0.0)
+
+
+def test_gpu_fractions_flags_override():
+    assert gpu_fractions("cuda", "cuda", 1, 1, encoder_gpus=0.25, resynth_gpus=0.75) == (0.25, 0.75)
+    assert gpu_fractions("cuda", "cuda", 1, 1, resynth_gpus=1) == (0.5, 1.0)
+    assert gpu_fractions("cpu", "cuda", 1, 1, encoder_gpus=0.5) == (0.0, 1.0)  # a CPU shard asks for no GPU
+    for bad in (-0.5, 1.5):
+        with pytest.raises(InvalidInput, match="encoder_gpus"):
+            gpu_fractions("cuda", "cuda", 1, 1, encoder_gpus=bad)
+
+
+# --- health --------------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_deployment_watch_reading_health_does_not_refresh_it():
+    clock = _Clock()
+    watch = DeploymentWatch(timeout_s=10.0, clock=clock)
+    never = asyncio.Event()
+
+    async def hung_call():
+        await never.wait()
+
+    async def scenario():
+        task = asyncio.ensure_future(watch.result(hung_call()))
+        await asyncio.sleep(0)
+        assert watch.pending == 1 and watch.healthy
+        clock.t = 11.0
+        for _ in range(3):  # reading health (as /healthz does) must not make a hung deployment look alive
+            assert not watch.healthy
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+
+
+def test_deployment_watch_timeout_marks_unhealthy_until_a_reply():
+    watch = DeploymentWatch(timeout_s=0.05)
+
+    async def slow():
+        await asyncio.sleep(5)
+
+    async def quick():
+        return 7
+
+    async def scenario():
+        with pytest.raises(TimeoutError):
+            await watch.result(asyncio.ensure_future(slow()))
+        assert not watch.healthy and watch.pending == 0
+        assert await watch.result(asyncio.ensure_future(quick())) == 7
+        assert watch.healthy
+
+    asyncio.run(scenario())
+
+
+def test_worker_thread_with_a_dead_device_is_not_alive(monkeypatch):
+    from dpslm_stream.server.worker import WorkerThread
+
+    class Idle(WorkerThread):
+        def _round(self):
+            return False
+
+    loop = asyncio.new_event_loop()
+    try:
+        worker = Idle(loop, device="cpu")
+        monkeypatch.setattr("dpslm_stream.server.worker.device_error", lambda device: "CUDA error: ECC")
+        worker.start()
+        for _ in range(40):  # the idle check runs once a second when nothing wakes the thread
+            if not worker.alive:
+                break
+            worker._thread.join(0.1)
+        assert worker.device_error == "CUDA error: ECC" and not worker.alive
+        worker.stop()
+    finally:
+        loop.close()
+
+
+def test_healthz_is_503_once_the_device_fails(monkeypatch):
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    from dpslm_stream import protocol as P
+    from dpslm_stream.server.app import ServerThread
+    from dpslm_stream.server.config import ServerConfig
+
+    failed = {"now": False}
+    monkeypatch.setattr("dpslm_stream.server.worker.device_error",
+                        lambda device: "CUDA error: unspecified launch failure" if failed["now"] else None)  # fmt: skip
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False, resynth=False)) as srv:
+        url = srv.http_url + P.HEALTH_PATH
+        assert json.loads(urllib.request.urlopen(url).read())["status"] == "ok"
+        failed["now"] = True  # a sticky CUDA error: every later call fails
+        status = None
+        for _ in range(50):  # the worker checks its device once a second
+            try:
+                urllib.request.urlopen(url)
+            except urllib.error.HTTPError as e:
+                status = (e.code, json.loads(e.read())["status"])
+                break
+            time.sleep(0.1)
+        assert status == (503, "worker down")

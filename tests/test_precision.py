@@ -1,0 +1,130 @@
+"""The precision knob (models/precision.py): `exact` changes nothing; `fast` picks kernels per machine and stays close
+to exact (tiny RANDOM-weight models: these bounds check the plumbing; quality on real checkpoints is measured by
+`dpslm-stream bench ellav --precision exact,fast`)."""
+
+import numpy as np
+import pytest
+import torch
+
+from dpslm_stream.errors import InvalidInput
+from dpslm_stream.models import ellav as E
+from dpslm_stream.models import precision as PR
+from dpslm_stream.models import ulm as U
+from dpslm_stream.models import wavtokenizer as W
+from dpslm_stream.pipeline import Pipeline
+from dpslm_stream.stream.resynth import AudioEvent, ResynthEndEvent, ResynthWorker
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+K, LMBDA = 500, 4500
+
+
+def tiny_ellav(seed=0) -> E.ELLAV:
+    torch.manual_seed(seed)
+    return E.random_model(K, E.TINY)
+
+
+def test_exact_changes_nothing():
+    model, ref = tiny_ellav(), tiny_ellav()
+    plan = PR.transformer_precision(model, "exact", "ellav")
+    assert plan.decode == plan.bulk == "fp32" and model.precision_plan is plan
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    tokens = torch.randint(0, 4600, (2, 30))
+    assert torch.equal(model(tokens), ref(tokens))
+    assert model.generate_ids([[1, 2, 3, 4]], 60, 10, 1.0, 0.0) == ref.generate_ids([[1, 2, 3, 4]], 60, 10, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("flags,device,expect", [
+    (frozenset(), "cpu", ("int8", "fp32", "fp32")),
+    (frozenset({"avx512f", "amx_bf16", "amx_int8"}), "cpu", ("int8", "bf16", "bf16")),
+    (frozenset({"avx512_bf16"}), "cpu", ("int8", "bf16", "bf16")),
+])  # fmt: skip
+def test_fast_plan_follows_the_machine(monkeypatch, flags, device, expect):
+    monkeypatch.setattr(PR, "cpu_flags", lambda: flags)
+    ellav, vocoder = PR.plan_for("ellav", "fast", device), PR.plan_for("wavtokenizer", "fast", device)
+    assert (ellav.decode, ellav.bulk, vocoder.bulk) == expect
+    assert "fast" in ellav.describe() and PR.plan_for("ulm", "exact", device).describe().endswith("exact (float32)")
+    with pytest.raises(InvalidInput, match="precision must be one of exact, fast"):
+        PR.plan_for("ellav", "fastest", device)
+
+
+@pytest.mark.parametrize("rows", [1, 5, PR.DECODE_ROWS, PR.DECODE_ROWS + 1, 40])
+def test_int8_linear_is_close_to_float32(rows):
+    """Both kernels of FastLinear (int8 weight-only for few rows, dequantized GEMM for many) against fp32: per-channel
+    int8 weights and bf16 activations keep the error around 1% of the output's scale."""
+    torch.manual_seed(rows)
+    a, b = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(64, 32, bias=True)
+    fused = PR.FastLinear([a, b], "int8", "fp32")
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        expected = torch.cat([a(x), b(x)], dim=-1)
+        got = fused(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert float((got - expected).abs().max()) <= 0.03 * float(expected.abs().max())
+
+
+def test_fast_transformer_stays_close_and_fuses_projections():
+    model, ref = tiny_ellav(), tiny_ellav()
+    PR.transformer_precision(model, "fast", "ellav")
+    block = model.layers[0]
+    assert block.attention.wqkv is not None and block.feed_forward.w13 is not None
+    assert not hasattr(block.attention, "wq") and isinstance(model.output, torch.nn.Linear)  # logits stay fp32
+    with torch.inference_mode():
+        tokens = torch.randint(0, 4600, (1, 40))
+        scale = float(ref(tokens).abs().max())
+        assert float((model(tokens) - ref(tokens)).abs().max()) <= 0.05 * scale  # bulk path
+        cache_a, cache_b = model.new_cache(1, 64), ref.new_cache(1, 64)
+        model(tokens[:, :30], cache_a), ref(tokens[:, :30], cache_b)
+        for t in range(30, 40):  # decode path, one row
+            got, want = model(tokens[:, t : t + 1], cache_a), ref(tokens[:, t : t + 1], cache_b)
+            assert float((got - want).abs().max()) <= 0.05 * scale
+    with pytest.raises(InvalidInput, match="already converted"):
+        PR.transformer_precision(model, "fast", "ellav")
+
+
+def test_fast_ulm_log_probs_are_close():
+    torch.manual_seed(1)
+    model = U.ULM(U.config_for_k(K, U.TINY)).eval()
+    ref = U.ULM(U.config_for_k(K, U.TINY)).eval()
+    ref.load_state_dict(model.state_dict())
+    PR.transformer_precision(model, "fast", "ulm")
+    ids = U.UnitTokenizer(K).encode(torch.randint(0, K, (50,)))
+    err = (model.unit_logprobs(ids) - ref.unit_logprobs(ids)).abs().max()
+    assert float(err) <= 0.05
+
+
+def test_fast_worker_streams_and_reports_its_plan(tiny_models):
+    worker = ResynthWorker(tiny_models, pairs=[(K, LMBDA)], precision="fast")
+    assert worker.precision_plans["precision"] == "fast" and "ellav: fast" in worker.precision_plans["ellav"]
+    s = worker.open_session(K, LMBDA, left_context=4, holdback=1)
+    assert s.settings()["precision"] == "fast"
+    rng = np.random.default_rng(0)
+    units = [int(u) for u in rng.integers(0, K, 20)]
+    units = [u for i, u in enumerate(units) if i == 0 or u != units[i - 1]]
+    for i in range(0, len(units), 4):
+        s.push_units(units[i : i + 4])
+        worker.step([s])
+    s.end()
+    worker.run_until_idle([s])
+    events = s.poll()
+    end = events[-1]
+    assert isinstance(end, ResynthEndEvent) and end.error is None and end.units == len(units)
+    audio = np.concatenate([e.pcm for e in events if isinstance(e, AudioEvent)])
+    assert len(audio) == 600 * end.codec_frames > 0 and np.isfinite(audio).all()
+
+
+def test_bad_precision_settings_are_clear_errors(tiny_models):
+    with pytest.raises(InvalidInput, match="precision must be one of"):
+        ResynthWorker(tiny_models, precision="turbo")
+    with pytest.raises(InvalidInput, match="picks the dtypes itself"):
+        ResynthWorker(tiny_models, dtype=torch.float64, precision="fast")
+    with pytest.raises(InvalidInput, match="precision must be one of"):
+        Pipeline(tiny_models, K, LMBDA, precision="int3")
+
+
+def test_fast_pipeline_resynthesizes_and_reports(tiny_models):
+    pipe = Pipeline(tiny_models, K, LMBDA, precision="fast")
+    (wav, codes, finished), = pipe.resynthesize([3, 7, 9, 11])
+    assert finished and wav.shape[-1] == 600 * len(codes) > 0
+    plans = pipe.precision_plans()
+    assert set(plans) == {"ellav", "wavtokenizer"} and all("fast" in p for p in plans.values())
+    assert W.apply_precision(W.WavTokenizer(W.TINY), "exact").bulk == "fp32"
