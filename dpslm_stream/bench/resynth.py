@@ -37,6 +37,7 @@ import torch
 
 from dpslm_stream import hub
 from dpslm_stream.models import ellav as E
+from dpslm_stream.device import setup_model_device
 from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as W
 from dpslm_stream.models.precision import PRECISIONS, machine_summary
@@ -336,7 +337,7 @@ def _run_size(args: argparse.Namespace, size: str, precision: str, options: dict
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = setup_model_device(args.device)  # TF32 off on CUDA, as the server
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     threads = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
     print("Live resynthesis (ELLA-V re-prompting + windowed WavTokenizer), RANDOM weights: speed and plumbing only")

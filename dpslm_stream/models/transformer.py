@@ -377,6 +377,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=config.output_bias)
+        self.precision_plan = None  # models/precision.py: the Plan this model was converted for (None: as loaded)
 
     @property
     def device(self) -> torch.device:

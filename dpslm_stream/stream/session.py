@@ -47,6 +47,8 @@ DEFAULT_MAX_LAG_FRAMES = 1500
 # ULM context in the windowed modes: the training chunks held <= 1023 tokens. Exact while the stream has at most
 # this many units; beyond, each unit sees only the most recent ones (Mistral sliding window, see IncrementalScorer).
 DEFAULT_SCORE_CONTEXT = 1023
+# Full mode feeds the whole stream's features to DPDP in blocks of this many frames (10 s), a bounded slice each.
+_DPDP_BLOCK = 500
 
 
 def bitrate_from_counts(counts: Counter, seconds: float) -> float:
@@ -143,8 +145,9 @@ class EncoderSession(EventQueue):
             self._scorer.reset()
         self._raw: list[np.ndarray] = []  # full mode: the whole input, kept for the offline computation at the end
         self._offline = None  # full mode after the end: the offline computation, a generator of bounded slices
-        self._offline_result: Tensor | None = None
+        self._offline_result: Tensor | None = None  # its features not yet in DPDP
         self._offline_done = False
+        self._offline_passes = 0
         self._ended = False  # end() called: no more audio
         self._input_done = False  # every pushed sample has gone through the resampler and front-end
         self.closed = False  # the EndEvent has been produced
@@ -273,35 +276,45 @@ class EncoderSession(EventQueue):
         self._take_features(self._encoder.complete(plan), plan.compute_s)
 
     def _encode_rest(self, budget_s: float) -> bool:
-        """After the end of the input: True once every feature is computed. Full mode runs the offline computation
-        here in slices (`extract_features_steps`), at least one and then more while less than `budget_s` has passed,
-        so that one long stream does not hold the worker; the windowed modes have nothing left (`_plan` did it)."""
+        """After the end of the input: True once every feature is computed and in DPDP. Full mode runs the offline
+        computation here in slices (`extract_features_steps`), then feeds its features to DPDP in blocks of
+        `_DPDP_BLOCK` frames (exact for any chunking), at least one slice per call and more while less than
+        `budget_s` has passed, so that one long stream does not hold the worker; the windowed modes have nothing
+        left (`_plan` did it)."""
         if self._encoder is not None or self._offline_done:
             return True
         started = time.perf_counter()
-        if self._offline is None:
-            self._offline = self._offline_steps(np.concatenate(self._raw) if self._raw else None)
-            self._raw = []  # the computation holds its own copy
-        try:
-            while True:
+        first = True
+        while first or time.perf_counter() - started < budget_s:
+            first = False
+            if self._offline_result is not None:  # features computed: the next block into DPDP
+                block, self._offline_result = self._offline_result[:_DPDP_BLOCK], self._offline_result[_DPDP_BLOCK:]
+                self._take_features(block)
+                if not self._offline_result.shape[0]:
+                    self._offline_result, self._offline_done = None, True
+                    return True
+                continue
+            t0 = time.perf_counter()
+            if self._offline is None:
+                self._offline = self._offline_steps(np.concatenate(self._raw) if self._raw else None)
+                self._raw = []  # the computation holds its own copy
+            try:
                 next(self._offline)
-                if time.perf_counter() - started >= budget_s:
-                    break
-        except StopIteration as done:
-            self._offline_result, self._offline, self._offline_done = done.value, None, True
-        self._compute_s += time.perf_counter() - started
-        return self._offline_done
+            except StopIteration as done:
+                self._offline, self._offline_result = None, done.value
+                self._offline_passes = int(done.value is not None)
+                if done.value is None or not done.value.shape[0]:
+                    self._offline_result, self._offline_done = None, True
+                    return True
+            finally:
+                self._compute_s += time.perf_counter() - t0
+        return False
 
     def _finish(self) -> int:
         """After the last window (and, in full mode, the offline computation): DPDP commits the rest. Returns the
         number of encoder passes run for it (1 for full mode with audio, else 0)."""
-        passes = 0
-        if self._offline_result is not None:
-            self._take_features(self._offline_result)
-            self._offline_result = None
-            passes = 1
         self._new_segments.extend(self._dpdp.flush())
-        return passes
+        return self._offline_passes
 
     def _offline_steps(self, raw: np.ndarray | None):
         """Full mode: exactly `Pipeline.features` on the whole input `raw`, as a generator of slices whose value is
