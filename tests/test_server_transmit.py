@@ -28,7 +28,8 @@ def server():
 
 
 async def _session(url: str, wav: np.ndarray, transmit: dict, listen: bool = True) -> dict:
-    sender = UnitsClient(url, sample_rate=16000, transmit=transmit)
+    # score=True: the server's worker batches the sessions' ULM scoring; the coder's own batch-1 steps must not care.
+    sender = UnitsClient(url, sample_rate=16000, transmit=transmit, score=True)
     ready = await sender.connect()
     out = {"units": [], "frames": [], "listener_frames": [], "stats": []}
     listener = None
@@ -40,6 +41,7 @@ async def _session(url: str, wav: np.ndarray, transmit: dict, listen: bool = Tru
         async for msg in sender.stream(chunked(wav, 16000, 100.0)):
             if isinstance(msg, P.Unit):
                 out["units"].append(int(msg.unit))
+                assert msg.logprob is not None
             elif isinstance(msg, P.BitstreamFrame):
                 out["frames"].append((msg, asyncio.get_running_loop().time()))
             elif isinstance(msg, P.Stats):
