@@ -158,3 +158,39 @@ def test_session_core_transmit_wiring_without_sockets():
     assert msgs[0] == P.encode_bitstream_frame("packet", b"END") and isinstance(msgs[-1], P.EndMessage)
     assert A.ListenersDone(gone=False) in out and msgs[-1].stats["transmit"] == {"payload_bps": 3.0}
     assert kinds(out)[-1] is A.Close
+
+
+def test_a_bitstream_listener_joining_late_decodes_from_the_next_resync_point(server):
+    wav = speech_like(4.0, seed=9).astype(np.float32)
+
+    async def main():
+        sender = UnitsClient(server.url, sample_rate=16000, transmit={"coder": "ulm", "packet_ms": 40, "resync_s": 0.5})
+        ready = await sender.connect()
+        sent: list[int] = []
+        heard: list = []
+
+        async def send():
+            async for msg in sender.stream(chunked(wav, 16000, 100.0), realtime=True):
+                if isinstance(msg, P.Unit):
+                    sent.append(int(msg.unit))
+
+        async def listen():
+            while len(sent) < 10:  # join once the stream is well under way
+                await asyncio.sleep(0.05)
+            listener = ListenerClient(server.url, session=ready.session, listen_token=ready.listen_token,
+                                      format="bitstream")  # fmt: skip
+            await listener.connect()
+            async for msg in listener:
+                if isinstance(msg, P.BitstreamFrame):
+                    heard.append(msg)
+
+        await asyncio.gather(send(), listen())
+        return sent, heard
+
+    sent, heard = asyncio.run(main())
+    assert heard[0].part == "header"
+    units, rx = _decode(heard)
+    assert 0 < len(units) < len(sent)
+    assert " ".join(map(str, units)) in " ".join(map(str, sent)) and sent[-len(units):] == units
+    assert rx.decoder.report.resyncs >= 1  # decoding began at a RESYNC packet (earlier ones, if any, were skipped)
+    assert rx.decoder.report.ended and rx.decoder.report.packets_damaged == 0
