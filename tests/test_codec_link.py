@@ -1,6 +1,5 @@
 """The live link without a server: Transmitter (wall-clock packets) -> channel -> Receiver."""
 
-import math
 
 import pytest
 

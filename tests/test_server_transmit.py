@@ -133,7 +133,7 @@ def test_session_core_transmit_wiring_without_sockets():
     back (and relays them), and ends only after the END packet; listeners hear of the end after it."""
     from dpslm_stream.server import actions as A
     from dpslm_stream.server.backends import Progress
-    from tests.test_session_core import CACHED, end_event, kinds, sent, session, start, unit
+    from tests.test_session_core import end_event, kinds, sent, session, start, unit
 
     s = session()
     out = start(s, transmit={"coder": "uniform", "packet_ms": 100})
