@@ -186,13 +186,8 @@ class Connection:
                 if self.sender is not None:
                     self.sender.listeners.discard(self)
                     self.sender.core.listeners = len(self.sender.listeners)
-            elif isinstance(a, A.Transmit):
-                self._transmit(lambda tx, a=a: tx.on_units(list(a.units), None if a.durations is None else
-                                                           list(a.durations), a.at), a.at)  # fmt: skip
-            elif isinstance(a, A.TransmitTick):
-                self._transmit(lambda tx, a=a: tx.tick(a.at), a.at)
-            elif isinstance(a, A.TransmitEnd):
-                self._transmit(lambda tx, a=a: tx.finish(a.at), a.at, done=True)
+            elif isinstance(a, (A.Transmit, A.TransmitTick, A.TransmitEnd)):
+                self._transmit(a)
             elif isinstance(a, A.RelayBits):
                 for listener in list(self.listeners):
                     listener.handle(listener.core.relay_bits, a.part, a.data)
@@ -205,13 +200,20 @@ class Connection:
             else:
                 raise TypeError(f"unknown action {a!r}")
 
-    def _transmit(self, call: Callable[[Any], list[bytes]], at: float, done: bool = False) -> None:
+    def _transmit(self, a: A.Transmit | A.TransmitTick | A.TransmitEnd) -> None:
         """Run one transmitter call on the codec thread; its packets come back to the core in order."""
         tx, codec = self.transmitter, self.server.codec
         if tx is None or codec is None:
             return
+        done = isinstance(a, A.TransmitEnd)
 
-        def back(future) -> None:
+        def call() -> list[bytes]:
+            assert tx is not None
+            if isinstance(a, A.Transmit):
+                return tx.on_units(list(a.units), None if a.durations is None else list(a.durations), a.at)
+            return tx.finish(a.at) if done else tx.tick(a.at)
+
+        def back(future: Any) -> None:
             if future.cancelled():
                 return
             if future.exception() is not None:
@@ -220,7 +222,7 @@ class Connection:
                 packets, deadline, stats = future.result()
                 self.handle(self.core.transmitted, packets, deadline, stats, done)
 
-        codec.submit(tx, lambda: call(tx), at, back)
+        codec.submit(tx, call, a.at, back)
 
     def _wake_encoder(self) -> None:
         if self.server.worker is not None:
@@ -236,7 +238,15 @@ class Connection:
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future) -> None:
+        """A helper task (opening the backends, a close) ended: a bug in it ends this session like any other."""
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("session %s: a task failed: %r", self.id, error)
+            self.handle(self.core.failed, error)
 
     # --- opening the backends ----------------------------------------------------------------------------------------
 

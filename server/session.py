@@ -397,7 +397,8 @@ class Session:
 
     def tick(self, now: float) -> list[A.Action]:
         """Apply the time rules; send stats when due; let a due packet leave."""
-        cfg, out = self.cfg, []
+        cfg = self.cfg
+        out: list[A.Action] = []
         if not self.tx_done and not self.finished and now >= self.tx_deadline:
             self.tx_deadline = math.inf  # until the transmitter reports its next one
             out.append(A.TransmitTick(now))
