@@ -49,7 +49,8 @@ class UnitsClient:
     def __init__(self, url: str, *, sample_rate: int, format: str = "pcm16", k: int | None = None,
                  lmbda: int | None = None, preset: str = "low-latency", score: bool = False,
                  options: dict | None = None, token: str | None = None, origin: str | None = None,
-                 open_timeout: float = 60.0, frame_ms: float = 100.0, resynth: dict | None = None):  # fmt: skip
+                 open_timeout: float = 60.0, frame_ms: float = 100.0, resynth: dict | None = None,
+                 transmit: dict | None = None):  # fmt: skip
         if format not in P.SAMPLE_FORMATS:
             raise InvalidInput(f"format must be one of {P.SAMPLE_FORMATS}, got {format!r}")
         self.url = url
@@ -59,6 +60,8 @@ class UnitsClient:
             self.start_msg.update(k=k, lmbda=lmbda)
         if resynth is not None:
             self.start_msg["resynth"] = dict(resynth)
+        if transmit is not None:  # the session's unit bitstream comes back as BitstreamFrame messages
+            self.start_msg["transmit"] = dict(transmit)
         self.sample_rate = sample_rate
         self.format = format
         self.token = token
@@ -114,8 +117,8 @@ class UnitsClient:
             code = e.rcvd.code if e.rcvd else 1006
             raise SessionError("connection_lost", f"the connection closed ({code} {reason}) before the session "
                                                   "ended") from None  # fmt: skip
-        if isinstance(text, bytes):  # resynthesized audio
-            return P.decode_audio_chunk(text)
+        if isinstance(text, bytes):  # resynthesized audio, or the unit bitstream (start.transmit)
+            return P.decode_server_binary(text)
         return P.parse_server_message(text)
 
     async def send(self, samples: np.ndarray) -> None:
@@ -210,10 +213,12 @@ class ListenerClient(UnitsClient):
     ``end()`` leaves: the audio of the units received so far still comes, then the end message."""
 
     def __init__(self, url: str, *, session: str, listen_token: str, audio: bool = True, resynth: dict | None = None,
-                 token: str | None = None, origin: str | None = None, open_timeout: float = 60.0):  # fmt: skip
+                 token: str | None = None, origin: str | None = None, open_timeout: float = 60.0,
+                 format: str = "units"):  # fmt: skip
         super().__init__(url, sample_rate=16000, token=token, origin=origin, open_timeout=open_timeout)
-        self.start_msg = {"type": "subscribe", "version": P.PROTOCOL_VERSION, "session": session,
-                          "token": listen_token, "resynth": dict(resynth or {}) if audio else None}  # fmt: skip
+        bits = format == "bitstream"  # the sender's BitstreamFrames instead of units; the receiver resynthesizes
+        self.start_msg = {"type": "subscribe", "version": P.PROTOCOL_VERSION, "session": session, "format": format,
+                          "token": listen_token, "resynth": dict(resynth or {}) if audio and not bits else None}  # fmt: skip
 
     async def send(self, samples: np.ndarray) -> None:
         raise InvalidInput("a listener sends no audio")

@@ -386,13 +386,14 @@ def _cmd_demo(args) -> int:
 
     models = args.models or _demo_models()
     print(f"== dpslm-stream demo: bundled sample {sample.name} (espeak-ng speech), models: {models}")
-    _cmd_encode(argparse.Namespace(files=[sample], models=models, k=hub.DEFAULT_K, lmbda=hub.DEFAULT_LMBDA,
-                                   device="cpu", num_neighbors=None, no_score=False, json=args.out / "units.json",
-                                   npy=None, quiet=False))  # fmt: skip
-    return _cmd_resynth(argparse.Namespace(input=sample, output=args.out / "resynth.wav", models=models,
-                                           k=hub.DEFAULT_K, lmbda=hub.DEFAULT_LMBDA, device="cpu", from_units=False,
-                                           greedy=True, temperature=1.0, top_p=0.0, max_codec_tokens_per_phone=10,
-                                           num_samples=1, seed=0))  # fmt: skip
+    # The two steps exactly as a user would type them (parsed by the real parser, so every default applies).
+    parser = build_parser()
+    code = _cmd_encode(parser.parse_args(["encode", str(sample), "--models", models,
+                                          "--json", str(args.out / "units.json")]))  # fmt: skip
+    if code:
+        return code
+    return _cmd_resynth(parser.parse_args(["resynth", str(sample), "-o", str(args.out / "resynth.wav"),
+                                           "--models", models, "--greedy"]))  # fmt: skip
 
 
 # --- bench -----------------------------------------------------------------------------------------------------------
@@ -442,6 +443,7 @@ _EXTERNAL = {
     "mic": "dpslm_stream.client.mic",
     "encode-corpus": "dpslm_stream.corpus",
     "codec": "dpslm_stream.codec.cli",
+    "receive": "dpslm_stream.client.receive",
 }
 
 

@@ -394,8 +394,8 @@ def ellav_units_to_wavtokenizer(k=DEFAULT_K, lmbda=DEFAULT_LMBDA, map_location="
 
 def ellav_phones_to_wavtokenizer(map_location="cpu", progress=True, *, path=None, verbose=True):
     """ELLA-V acoustic model (US ARPAbet phones -> WavTokenizer codec ids): the paper's phone topline. It loads
-    strictly with its phone vocabulary (``model.tokenizer.token_to_id_dict``); ``generate`` here takes unit prompts
-    only, so phone-prompted generation is not wired yet (upstream's ELLA-V package does it)."""
+    strictly with its phone vocabulary; ``generate`` takes phone-string prompts (``[["HH", "AH0", "L", "OW1"]]``);
+    SIL and UNK are dropped from prompts as upstream does, and a phone outside the vocabulary is an error."""
     return _ellav(ELLAV_PHONES if path is None else None, path, map_location, progress, verbose)
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from dpslm_stream.audio import check_finite, check_sample_rate, float32le_to_float, float_to_pcm16, pcm16_to_float
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.codec.link import TransmitOptions
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
 PROTOCOL_VERSION = 2
@@ -98,6 +99,7 @@ class ErrorCode(str, Enum):
     INTERNAL_ERROR = "internal_error"  # a bug or a model failure in this session; other sessions are unaffected
     SENDER_GONE = "sender_gone"  # listener: the sender's connection ended before its stream did
     RESYNTH_BEHIND = "resynth_behind"  # the session's resynthesis fell too far behind and was stopped (units go on)
+    RESYNTH_LIMIT = "resynth_limit"  # resynthesis with unbounded context reached max_exact_resynth_s (units go on)
     # Handshake refusals: HTTP status codes, no WebSocket (named here for the metrics).
     UNAUTHORIZED = "unauthorized"  # HTTP 401: missing or wrong token
     FORBIDDEN_ORIGIN = "forbidden_origin"  # HTTP 403: a browser Origin not in the allowlist
@@ -152,6 +154,7 @@ class Start:
     options: dict = field(default_factory=dict)  # encoder overrides: mode, left, hop, lookahead, max_lag
     resynth: dict | None = None  # live resynthesis: audio back from the units (RESYNTH_OPTIONS); None = off
     version: int = PROTOCOL_VERSION
+    transmit: dict | None = None  # the unit bitstream as binary frames (TRANSMIT_OPTIONS; BitstreamFrame); None = off
 
 
 # Encoder overrides accepted in start.options, with their JSON types (None = keep the preset's value).
@@ -174,6 +177,7 @@ class Subscribe:
     token: str  # the sender's ready.listen_token
     resynth: dict | None = field(default_factory=dict)  # RESYNTH_OPTIONS for the listener's own resynthesis; None = units only
     version: int = PROTOCOL_VERSION
+    format: str = "units"  # "units" (JSON unit messages) or "bitstream" (the sender's BitstreamFrames; resynth must be null)
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,7 @@ class Stats:
     resynth_lag_s: float | None = None  # how long the oldest unit without audio has waited (grows if not real time)
     resynth_rtf: float | None = None  # resynthesis compute per second of audio made (> 1: slower than real time)
     listeners: int = 0  # sender: listeners subscribed now
+    transmit: dict | None = None  # start.transmit: packets, payload_bps, on_wire_bps, ideal_bps, authors_bitrate...
 
 
 @dataclass(frozen=True)
@@ -418,8 +423,15 @@ def _parse_subscribe(obj: dict) -> Subscribe:
         if name not in obj:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"subscribe needs {name!r} (from the sender's ready message)")
         _check_type(name, obj[name], str)
+    fmt = _check_type("format", obj.get("format", "units"), str)
+    if fmt not in SUBSCRIBE_FORMATS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"subscribe.format {fmt!r}: expected one of {SUBSCRIBE_FORMATS}")
+    resynth = _parse_resynth("subscribe.resynth", obj.get("resynth", {}), version)
+    if fmt == "bitstream" and obj.get("resynth") is not None:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a bitstream listener resynthesizes on its own side: send "
+                                                   "\"resynth\": null with \"format\": \"bitstream\"")  # fmt: skip
     return Subscribe(session=obj["session"], token=obj["token"], version=version,
-                     resynth=_parse_resynth("subscribe.resynth", obj.get("resynth", {}), version))  # fmt: skip
+                     resynth=None if fmt == "bitstream" else resynth, format=fmt)  # fmt: skip
 
 
 def _parse_start(obj: dict) -> Start:
@@ -456,6 +468,7 @@ def _parse_start(obj: dict) -> Start:
         options={name: value for name, value in options.items() if value is not None},
         resynth=_parse_resynth("start.resynth", obj.get("resynth"), version),
         version=version,
+        transmit=_parse_transmit(obj.get("transmit")),
     )
 
 
@@ -535,3 +548,47 @@ def encode_audio(samples: np.ndarray, fmt: str) -> bytes:
     if fmt == "float32":
         return np.asarray(samples, dtype="<f4").tobytes()
     raise InvalidInput(f"format must be one of {SAMPLE_FORMATS}, got {fmt!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The unit bitstream (start.transmit, subscribe.format = "bitstream"): binary frames, server -> client.
+#   kind (uint8, BITSTREAM_FRAME_KIND) | part (uint8: 0 the stream header, 1 a packet) | the .dpsu bytes
+# docs/bitstream.md defines the header and packet bytes. A transmitting sender gets its own session's frames; a
+# bitstream listener gets the header first, then every packet from its subscription on (it decodes from the next
+# RESYNC packet: dpslm_stream.codec.PacketDecoder skips what comes before).
+
+BITSTREAM_FRAME_KIND = 2
+BITSTREAM_PARTS = ("header", "packet")
+SUBSCRIBE_FORMATS = ("units", "bitstream")
+
+
+@dataclass(frozen=True)
+class BitstreamFrame:
+    part: str  # "header" or "packet"
+    data: bytes
+
+
+def encode_bitstream_frame(part: str, data: bytes) -> bytes:
+    return bytes((BITSTREAM_FRAME_KIND, BITSTREAM_PARTS.index(part))) + data
+
+
+def decode_bitstream_frame(data: bytes) -> BitstreamFrame:
+    if len(data) < 3 or data[0] != BITSTREAM_FRAME_KIND or data[1] >= len(BITSTREAM_PARTS):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"binary server frame of {len(data)} bytes is not a bitstream frame")
+    return BitstreamFrame(BITSTREAM_PARTS[data[1]], bytes(data[2:]))
+
+
+def decode_server_binary(data: bytes) -> "AudioChunk | BitstreamFrame":
+    """A binary server frame of either kind: resynthesized audio or the unit bitstream."""
+    if len(data) and data[0] == BITSTREAM_FRAME_KIND:
+        return decode_bitstream_frame(data)
+    return decode_audio_chunk(data)
+
+
+def _parse_transmit(value: Any) -> dict | None:
+    if value is None:
+        return None
+    try:
+        return TransmitOptions.from_json(value).to_json()
+    except InvalidInput as e:
+        raise ProtocolError(ErrorCode.BAD_SETTINGS, f"start.transmit: {e}") from None

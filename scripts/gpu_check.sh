@@ -26,10 +26,19 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ] || ! command -v nvidia-smi >/dev/null 2>&1 \
   DRY=1
   echo "gpu-check: no CUDA device here (nvidia-smi and torch.cuda): DRY RUN, nothing is run or written."
   echo "On a machine with one NVIDIA GPU: make gpu-wheels (here, with a network), then make gpu-check there."
+  # The benchmarks' flags are checked with a Python that has the project (this one, or the repository's .venv).
+  CHECK_PY=
+  for candidate in "$PY" .venv/bin/python; do
+    if "$candidate" -c "import torch, dpslm_stream.bench.wavlm" >/dev/null 2>&1; then CHECK_PY=$candidate; break; fi
+  done
+  [ -n "$CHECK_PY" ] || echo "gpu-check: no Python here imports dpslm_stream (make install): flags not checked"
 else
   DRY=0
   mkdir -p "$OUT"
 fi
+
+PLANNED=$(mktemp)
+trap 'rm -f "$PLANNED"' EXIT
 
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 
@@ -56,14 +65,7 @@ bench() {
   local name=$1 secs=$2
   shift 2
   if [ "$DRY" = 1 ]; then
-    "$PY" - "$name" "$@" <<'EOF' || { echo "gpu-check: bench $1: flags rejected" >&2; exit 1; }
-import argparse, importlib, sys
-name, *rest = sys.argv[1:]
-module = importlib.import_module(f"dpslm_stream.bench.{name}")
-parser = argparse.ArgumentParser(prog=f"bench {name}")
-module.add_arguments(parser)
-parser.parse_args(rest)
-EOF
+    printf '%s\n' "$name $*" >>"$PLANNED"  # checked together at the end
   fi
   local tag
   tag=bench_${name}$(printf '%s\n' "$@" | grep -A1 -x -- '--dtype' | tail -n 1 | sed -n 's/^/_/p' | grep -v -- '--dtype')
@@ -101,14 +103,25 @@ done
 bench encoder 45 --device cuda --sessions 1 2 4 8 16 32 --seconds 6 --no-tiny
 for dtype in float32 bfloat16; do
   bench ulm 20 --device cuda --dtype $dtype --lengths 100 500 --blocks 1 4 16 --sessions 4 16 32 --repeats 3
-  bench ellav 25 --device cuda --dtype $dtype --batch 1 2 4 8 16 32
   bench wavtokenizer 15 --device cuda --dtype $dtype --seconds 2 5 10 --repeats 3
   bench resynth 30 --device cuda --dtype $dtype --sizes full --full-streams 1 4 16 32 --full-seconds 2 --threads 4
 done
+bench ellav 45 --device cuda --precision exact,fast --batch 1 2 4 8 16 32 --steps 32
 bench server 40 --device cuda --models full --clients 1 4 16 32 --seconds 8
 
+if [ "$DRY" = 1 ] && [ -n "$CHECK_PY" ]; then
+  "$CHECK_PY" - "$PLANNED" <<'EOF' || { echo "gpu-check: a benchmark rejected its flags" >&2; exit 1; }
+import argparse, importlib, sys
+for line in open(sys.argv[1]):
+    name, *args = line.split()
+    module = importlib.import_module(f"dpslm_stream.bench.{name}")
+    parser = argparse.ArgumentParser(prog=f"bench {name}")
+    module.add_arguments(parser)
+    parser.parse_args(args)
+EOF
+fi
 if [ "$DRY" = 1 ]; then
-  echo "gpu-check: dry run done (every benchmark accepted its flags); budget ${BUDGET_S}s on a GPU machine."
+  echo "gpu-check: dry run done${CHECK_PY:+ (every benchmark accepted its flags)}; budget ${BUDGET_S}s on a GPU machine."
 else
   echo "gpu-check: done in $(($(date +%s) - START))s; raw output in $OUT/"
 fi

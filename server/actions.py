@@ -59,6 +59,7 @@ class Subscribe:
     session: str
     token: str
     resynth: ResynthOptions | None
+    bitstream: bool = False  # the listener takes the sender's bitstream frames (its start.transmit) instead of units
 
 
 @dataclass(frozen=True)
@@ -122,5 +123,38 @@ class Register:
     listen_token: str
 
 
+@dataclass(frozen=True)
+class Transmit:
+    """start.transmit: hand committed units to the session's transmitter (codec thread, in order); its packets come
+    back as ``Session.transmitted``."""
+
+    units: tuple[int, ...]
+    durations: tuple[int, ...] | None
+    at: float
+
+
+@dataclass(frozen=True)
+class TransmitTick:
+    """The open packet is due: advance the transmitter's clock to ``at``."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class TransmitEnd:
+    """Every unit is out: the transmitter sends its last packet (END flag); ``Session.transmitted(done=True)``."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class RelayBits:
+    """Give one bitstream frame's bytes (part "header" or "packet") to this sender's bitstream listeners."""
+
+    part: str
+    data: bytes
+
+
 Action = Union[Send, Close, Abort, OpenSession, Subscribe, FeedAudio, RequestEnd, CancelSlot, PushUnits, EndResynth,
-               CloseResynth, Relay, ListenersDone, Unsubscribe, Register]  # fmt: skip
+               CloseResynth, Relay, ListenersDone, Unsubscribe, Register, Transmit, TransmitTick, TransmitEnd,
+               RelayBits]  # fmt: skip

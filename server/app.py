@@ -49,6 +49,7 @@ from .connection import Connection
 from .metrics import Metrics
 from .resynth import InProcessResynth
 from .session import ServerInfo
+from .transmit import CodecService
 from .worker import InProcessEncoder
 
 __all__ = ["Server", "ServerConfig", "ServerThread", "build_encoder", "build_resynth"]
@@ -117,6 +118,8 @@ class Server:
         self.info = ServerInfo(self.models_name, self.random_weights, tuple(self.pairs), self.default_pair,
                                self.resynth is not None)  # fmt: skip
         self.connections: set[Connection] = set()
+        # start.transmit: the sessions' bitstream coders, on one codec thread (models loaded when first asked for)
+        self.codec: CodecService | None = CodecService(models if models is not None else config.models)
         self.draining = False
         self.worker: EncoderBackend | None = None
         self.resynth_backend: ResynthBackend | None = None
@@ -174,6 +177,8 @@ class Server:
             self.worker.stop()
         if self.resynth_backend is not None:
             self.resynth_backend.stop()
+        if self.codec is not None:
+            self.codec.stop()
         self._closed.set()
 
     # --- HTTP ----------------------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ class EncoderSlot(Protocol):
 class EncoderBackend(Protocol):
     """Runs every encoder session of the server (ModelWorker: a thread; RayModelWorker: Serve deployments)."""
 
-    heartbeat: float  # monotonic time of the backend's last round (health)
+    @property
+    def heartbeat(self) -> float: ...  # monotonic time of the backend's last round (health)
 
     @property
     def alive(self) -> bool: ...
@@ -141,7 +142,8 @@ class ResynthStream(Protocol):
 class ResynthBackend(Protocol):
     """Runs every resynthesis stream (ResynthThread: a thread; RayResynthThread: Serve deployments)."""
 
-    heartbeat: float
+    @property
+    def heartbeat(self) -> float: ...
 
     def start(self) -> None: ...
 

@@ -21,6 +21,8 @@ from websockets.exceptions import ConnectionClosed
 from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput, UnknownModel
 
+from dpslm_stream.codec.link import Transmitter
+
 from . import actions as A
 from .backends import EncoderSlot, Progress, ResynthStream
 from .session import Session
@@ -50,6 +52,7 @@ class Connection:
         self.core = Session(self.id, server.config, server.info, self.loop.time(), server.metrics)
         self.slot: EncoderSlot | None = None
         self.rstream: ResynthStream | None = None
+        self.transmitter: Transmitter | None = None  # start.transmit (runs on the server's codec thread)
         self.listeners: set[Connection] = set()  # sender: its listeners
         self.sender: Connection | None = None  # listener: its sender
         self.out: asyncio.Queue = asyncio.Queue()
@@ -183,6 +186,11 @@ class Connection:
                 if self.sender is not None:
                     self.sender.listeners.discard(self)
                     self.sender.core.listeners = len(self.sender.listeners)
+            elif isinstance(a, (A.Transmit, A.TransmitTick, A.TransmitEnd)):
+                self._transmit(a)
+            elif isinstance(a, A.RelayBits):
+                for listener in list(self.listeners):
+                    listener.handle(listener.core.relay_bits, a.part, a.data)
             elif isinstance(a, A.Register):
                 self.server.senders[self.id] = self
             elif isinstance(a, A.OpenSession):
@@ -191,6 +199,30 @@ class Connection:
                 self._spawn(self._subscribe(a))
             else:
                 raise TypeError(f"unknown action {a!r}")
+
+    def _transmit(self, a: A.Transmit | A.TransmitTick | A.TransmitEnd) -> None:
+        """Run one transmitter call on the codec thread; its packets come back to the core in order."""
+        tx, codec = self.transmitter, self.server.codec
+        if tx is None or codec is None:
+            return
+        done = isinstance(a, A.TransmitEnd)
+
+        def call() -> list[bytes]:
+            assert tx is not None
+            if isinstance(a, A.Transmit):
+                return tx.on_units(list(a.units), None if a.durations is None else list(a.durations), a.at)
+            return tx.finish(a.at) if done else tx.tick(a.at)
+
+        def back(future: Any) -> None:
+            if future.cancelled():
+                return
+            if future.exception() is not None:
+                self.handle(self.core.transmit_failed, future.exception())
+            else:
+                packets, deadline, stats = future.result()
+                self.handle(self.core.transmitted, packets, deadline, stats, done)
+
+        codec.submit(tx, call, a.at, back)
 
     def _wake_encoder(self) -> None:
         if self.server.worker is not None:
@@ -206,15 +238,29 @@ class Connection:
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future) -> None:
+        """A helper task (opening the backends, a close) ended: a bug in it ends this session like any other."""
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("session %s: a task failed: %r", self.id, error)
+            self.handle(self.core.failed, error)
 
     # --- opening the backends ----------------------------------------------------------------------------------------
 
-    async def _opening(self, what: str, opener: Callable[[], Awaitable[Any]]) -> tuple[Any, tuple | None]:
+    async def _opening(self, what: str, opener: Callable[[], Awaitable[Any]],
+                       release: Callable[[Any], None]) -> tuple[Any, tuple | None]:  # fmt: skip
         """Await one backend open: (its result, None), or (None, (error code, message)) when it is refused (unknown
-        model, bad settings) or fails (a failing model load must not take the server down)."""
+        model, bad settings) or fails (a failing model load must not take the server down). When the connection
+        gives up first (gone, or the core's open deadline closed it), what opens later is ``release``d."""
+        opening = asyncio.ensure_future(opener())
         try:
-            return await opener(), None
+            return await asyncio.shield(opening), None
+        except asyncio.CancelledError:  # the connection went away (e.g. after the open deadline): release it later
+            opening.add_done_callback(lambda f: None if f.cancelled() or f.exception() else release(f.result()))
+            raise
         except UnknownModel as e:
             return None, (E.UNKNOWN_MODEL, f"{what}: {e}")
         except InvalidInput as e:
@@ -235,11 +281,13 @@ class Connection:
         try:
             if a.resynth is not None and resynth is not None:
                 options = a.resynth
-                rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self))
+                rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self),
+                                                 self._close_resynth)  # fmt: skip
                 if refused:
                     return self.handle(self.core.open_failed, *refused)
             slot, refused = await self._opening("encoder session",
-                                                lambda: worker.open_slot(self.id, a.sample_rate, a.settings, self))  # fmt: skip
+                                                lambda: worker.open_slot(self.id, a.sample_rate, a.settings, self),
+                                                lambda slot: slot.cancel())  # fmt: skip
             if refused:
                 self._close_resynth(rstream)
                 return self.handle(self.core.open_failed, *refused)
@@ -250,6 +298,13 @@ class Connection:
             raise
         self.slot, self.rstream = slot, rstream
         self.handle(self.core.opened, slot.info, rstream)
+        transmit = self.core.transmit
+        if transmit is not None and self.server.codec is not None and not self.core.finished:
+            try:  # the first use of a (k, lambda) loads its ULM on the codec thread; units queue behind it
+                self.transmitter = await self.server.codec.open(transmit, slot.info.k, slot.info.lmbda, self.loop.time())
+            except Exception as e:  # noqa: BLE001 - the bitstream is lost, not the session
+                return self.handle(self.core.transmit_failed, e)
+            self.handle(self.core.transmit_opened, self.transmitter.header_bytes())
 
     async def _subscribe(self, a: A.Subscribe) -> None:
         """Listener mode: receive a running sender's units, and audio made from those units alone."""
@@ -269,9 +324,13 @@ class Connection:
         resynth = self.server.resynth_backend
         if a.resynth is not None and resynth is not None:
             options = a.resynth
-            rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self))
+            rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self),
+                                                 self._close_resynth)  # fmt: skip
             if refused:
                 return self.handle(self.core.subscribe_failed, *refused)
+        if a.bitstream and sender.core.transmit is None:
+            return self.handle(self.core.subscribe_failed, E.UNSUPPORTED_OPTION,
+                               f"session {a.session} does not transmit a bitstream (its start has no transmit)")  # fmt: skip
         if not sender.core.accepts_listeners or self.server.senders.get(a.session) is not sender:
             self._close_resynth(rstream)
             return self.handle(self.core.subscribe_failed, E.SENDER_GONE,
@@ -280,6 +339,8 @@ class Connection:
         sender.listeners.add(self)
         sender.core.listeners = len(sender.listeners)
         self.handle(self.core.subscribed, sender.id, k, lmbda, rstream)
+        if a.bitstream and sender.core.tx_header is not None:  # the header first; packets follow as they are made
+            self.handle(self.core.relay_bits, "header", sender.core.tx_header)
 
     # --- sinks (called on the loop by the backends) -------------------------------------------------------------------
 

@@ -639,7 +639,7 @@ class GatewayReplica:
             server.stop()
 
 
-def service_app(config, *, encoder_shards: int = 1, resynth_shards: int = 1, shard_cpus: float | None = 1.0,
+def service_app(config, *, encoder_shards: int = 1, resynth_shards: int = 1, shard_cpus: float = 1.0,
                 gateway_cpus: float = 0.5, gateway_resource: str | None = None, call_timeout_s: float = 60.0,
                 encoder_gpus: float | None = None, resynth_gpus: float | None = None):  # fmt: skip
     """The Serve application: Gateway(config) bound to ``encoder_shards`` Encoder and ``resynth_shards`` Resynth

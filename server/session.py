@@ -14,7 +14,8 @@ Lifecycle (``State``)::
 
 Every limit is one rule, in ``Limits`` order below, each tested alone (tests/test_session_core.py):
 start deadline, idle, session time, buffer (seconds and bytes, including hops waiting inside the encoder), stall,
-outgoing bytes, message and text sizes, window sizes and max_lag, full-mode audio, resynthesis lag.
+outgoing bytes, message and text sizes, window sizes and max_lag, full-mode audio, resynthesis lag, exact
+(unbounded-context) resynthesis length, the open deadline (backends that do not open in time).
 The I/O layer reads frames only while ``reading`` is true: the core stops reading while its backends open and while
 the audio buffer is full (TCP back-pressure); that time is not the client's, so it counts toward neither the idle
 nor the start deadline.
@@ -107,6 +108,17 @@ class Session:
         # Resynthesis.
         self.resynth: ResynthStream | None = None
         self.resynth_settings: dict | None = None
+        self.resynth_options: ResynthOptions | None = None
+        self._resynth_from: float | None = None  # end_s of the first unit resynthesized (the exact-resynthesis rule)
+        self._resynth_cut: str | None = None  # why the resynthesis was ended early (its pushed units still get audio)
+        self._open_deadline = math.inf
+        # Transmission (start.transmit / a bitstream listener); the transmitter itself runs on the codec thread.
+        self.transmit: dict | None = None  # the sender's validated TransmitOptions (JSON form)
+        self.bitstream_listener = False
+        self.tx_deadline = math.inf  # when the open packet is due (reported by the transmitter)
+        self.tx_done = True  # no transmitter, or its END packet is out
+        self.tx_header: bytes | None = None  # the stream header (new bitstream listeners get it first)
+        self.tx_stats: dict | None = None
         self.resynth_end: ResynthEndEvent | None = None
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -132,6 +144,8 @@ class Session:
         if self.state in (State.CONNECTED,):
             times.append(self.connected_at + self._paused_total + cfg.start_timeout_s)
             times.append(self._client_clock_from + cfg.idle_timeout_s)
+        elif self.state == State.OPENING:
+            times.append(self._open_deadline)
         elif self.state == State.STREAMING:
             if self._held is not None:
                 times.append(self._held[1] + cfg.stall_timeout_s)
@@ -139,6 +153,8 @@ class Session:
                 times.append(self._client_clock_from + cfg.idle_timeout_s)
         if self.state in (State.STREAMING, State.LISTENING):
             times.append(self.started_at + cfg.max_session_s)
+        if not self.tx_done and not self.finished:
+            times.append(self.tx_deadline)
         return min(times)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -312,7 +328,7 @@ class Session:
                 if ev.num_samples > 0:
                     out += self._send_bytes(self.report.audio_chunk(ev))
             elif isinstance(ev, ResynthEndEvent):
-                self.resynth_end = ev
+                self.resynth_end = ev if self._resynth_cut is None else dataclasses.replace(ev, error=self._resynth_cut)
                 if ev.error is not None:
                     out += self._error(E.INTERNAL_ERROR, f"resynthesis stopped: {ev.error}; units are unaffected")
                 out += self._maybe_finish(now)
@@ -325,6 +341,9 @@ class Session:
         """Listener: one of the sender's units (only units cross from sender to listener)."""
         if self.state != State.LISTENING:
             return []
+        if self.bitstream_listener:  # it gets the bits only, and counts the units for its stats
+            self.report.relayed(msg)
+            return []
         self.report.relayed(msg)
         return self._send(msg) + self._resynthesize(int(msg.unit), float(msg.end_s))
 
@@ -332,27 +351,72 @@ class Session:
         """Listener: the sender's stream is over (gone: its connection ended before its last unit)."""
         if self.state != State.LISTENING:
             return []
+        self.reason, self.state = (E.SENDER_GONE.value if gone else "end"), State.ENDING
         out: list[A.Action] = []
         if gone:
             out += self._error(E.SENDER_GONE, "the sender's connection ended; the audio of the units received follows, "
                                               "then end", fatal=True)  # fmt: skip
-        self.reason = E.SENDER_GONE.value if gone else "end"
-        self.state = State.ENDING
         return out + self._units_over(now)
+
+    def transmit_opened(self, header: bytes, now: float) -> list[A.Action]:
+        """The sender's transmitter is ready: the stream header goes out first (to the sender and its listeners)."""
+        if self.finished or self.transmit is None:
+            return []
+        self.tx_header, self.tx_done = header, False
+        return self._send_bytes(P.encode_bitstream_frame("header", header)) + [A.RelayBits("header", header)]
+
+    def transmitted(self, packets: list[bytes], deadline: float, stats: dict, done: bool, now: float) -> list[A.Action]:
+        """Packets the transmitter made (in order): to the sender and its bitstream listeners."""
+        if self.finished or self.tx_done:
+            return []
+        out: list[A.Action] = []
+        for packet in packets:
+            out += self._send_bytes(P.encode_bitstream_frame("packet", packet))
+            out.append(A.RelayBits("packet", packet))
+        self.tx_deadline, self.tx_stats = deadline, stats
+        if done:
+            self.tx_done = True
+            out += [A.ListenersDone(gone=False)] if self.role == "sender" and self.units_done else []
+            out += self._maybe_finish(now)
+        return out
+
+    def transmit_failed(self, error: BaseException, now: float) -> list[A.Action]:
+        """The transmitter failed (or could not open): the units go on without the bitstream."""
+        if self.finished or (self.tx_done and self.tx_header is not None):
+            return []
+        log.error("session %s: transmission failed: %s: %s", self.id, type(error).__name__, error)
+        was_transmitting = not self.tx_done and self.tx_header is not None
+        self.tx_done = True
+        out = self._error(E.INTERNAL_ERROR, f"the bitstream stopped ({type(error).__name__}: {error}); units go on")
+        if was_transmitting and self.units_done and self.role == "sender":
+            out.append(A.ListenersDone(gone=False))  # _units_over left it to the last packet
+        return out + self._maybe_finish(now)
+
+    def relay_bits(self, part: str, data: bytes, now: float) -> list[A.Action]:
+        """Bitstream listener: one of the sender's frames."""
+        if self.state != State.LISTENING or not self.bitstream_listener:
+            return []
+        return self._send_bytes(P.encode_bitstream_frame(part, data))
 
     def sent(self, nbytes: int) -> None:
         """The I/O layer wrote ``nbytes`` of queued frames to the socket."""
         self.outgoing_bytes = max(0, self.outgoing_bytes - nbytes)
 
     def tick(self, now: float) -> list[A.Action]:
-        """Apply the time rules; send stats when due."""
-        cfg, out = self.cfg, []
+        """Apply the time rules; send stats when due; let a due packet leave."""
+        cfg = self.cfg
+        out: list[A.Action] = []
+        if not self.tx_done and not self.finished and now >= self.tx_deadline:
+            self.tx_deadline = math.inf  # until the transmitter reports its next one
+            out.append(A.TransmitTick(now))
         if self.state == State.CONNECTED:
             if now >= self.connected_at + self._paused_total + cfg.start_timeout_s:
                 return self._limit(E.START_TIMEOUT, f"no start or subscribe within {cfg.start_timeout_s:g} s of "
                                                     "connecting", now)  # fmt: skip
             if now >= self._client_clock_from + cfg.idle_timeout_s:
                 return self._limit(E.IDLE_TIMEOUT, f"no message for {cfg.idle_timeout_s:g} s", now)
+        if self.state == State.OPENING and now >= self._open_deadline:
+            return self._open_expired(now)
         if self.state in (State.STREAMING, State.LISTENING) and now >= self.started_at + cfg.max_session_s:
             out += self._limit(E.SESSION_TIME_LIMIT, f"the session reached the {cfg.max_session_s:g} s limit", now)
         if self.state == State.STREAMING:
@@ -414,7 +478,13 @@ class Session:
         resynth, refused = self._resynth_options(msg.resynth)
         if refused:
             return refused
+        if msg.transmit is not None and msg.transmit["coder"] == "table":
+            return self._error(E.UNSUPPORTED_OPTION, "this server has no unit table; transmit with coder 'uniform' or "
+                                                     "'ulm'")  # fmt: skip
+        self.transmit = msg.transmit
+        self.tx_done = msg.transmit is None  # with a transmitter, end waits for its END packet
         self.start, self.role, self.state = msg, "sender", State.OPENING
+        self.resynth_options, self._open_deadline = resynth, now + cfg.open_timeout_s
         self._pause(now)
         settings = dict(k=k, lmbda=lmbda, mode=mode, preset=msg.preset, score=msg.score, **opts)
         return [A.OpenSession(msg.sample_rate, settings, resynth)]
@@ -426,17 +496,21 @@ class Session:
             return None, self._error(E.UNSUPPORTED_OPTION, "this server runs without resynthesis (started with "
                                                            "--no-resynth); ask for units only")  # fmt: skip
         try:
-            return limits.resynth_options(given), []
+            options = limits.resynth_options(given)
         except P.ProtocolError as e:
             return None, self._error(e.code, str(e))
+        refusal = limits.exact_resynth_refusal(self.cfg, options)
+        return (None, self._error(E.UNSUPPORTED_OPTION, refusal)) if refusal else (options, [])
 
     def _on_subscribe(self, msg: P.Subscribe, now: float) -> list[A.Action]:
         resynth, refused = self._resynth_options(msg.resynth)
         if refused:
             return refused
         self.role, self.state = "listener", State.OPENING
+        self.resynth_options, self._open_deadline = resynth, now + self.cfg.open_timeout_s
         self._pause(now)
-        return [A.Subscribe(msg.session, msg.token, resynth)]
+        self.bitstream_listener = msg.format == "bitstream"
+        return [A.Subscribe(msg.session, msg.token, resynth, bitstream=self.bitstream_listener)]
 
     def _ready(self, settings: dict, role: str, listen_token: str | None) -> P.Ready:
         return P.Ready(session=self.id, settings=settings, limits=self.cfg.limits(), models=self.server.models,
@@ -482,12 +556,27 @@ class Session:
         out = self._send(msg)
         if self.finished:  # dropped (client_too_slow): its backends are released
             return out
+        if self.transmit is not None and not self.tx_done:
+            durations = (int(ev.duration),) if self.transmit["durations"] else None
+            out.append(A.Transmit((int(ev.unit),), durations, now))
         return [*out, A.Relay(msg), *self._resynthesize(int(ev.unit), float(ev.end_s))]
 
     def _resynthesize(self, unit: int, end_s: float) -> list[A.Action]:
-        if self.resynth is None or self.resynth_end is not None:
+        if self.resynth is None or self.resynth_end is not None or self._resynth_cut is not None:
             return []
+        self._resynth_from = end_s if self._resynth_from is None else self._resynth_from
+        if limits.exact_resynth_exceeded(self.cfg, self.resynth_options, self._resynth_from, end_s):
+            return self._cut_exact_resynth()
         return [A.PushUnits((unit,), (end_s,))]
+
+    def _cut_exact_resynth(self) -> list[A.Action]:
+        """The exact-resynthesis rule: unbounded context keeps the whole stream in every pass, so it ends after
+        max_exact_resynth_s of input; the audio of the units pushed so far still comes, the units go on."""
+        limit = self.cfg.max_exact_resynth_s
+        self._resynth_cut = (f"unbounded context (left_context or vocoder_left_context null) is limited to {limit:g} s "
+                             "of input on this server (serve --max-exact-resynth); give a number for longer streams")  # fmt: skip
+        return [A.EndResynth(), *self._error(E.RESYNTH_LIMIT, f"resynthesis ended: {self._resynth_cut}; the audio of "
+                                                              "the units before it follows; units are unaffected")]  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------------------
     # Endings
@@ -495,6 +584,8 @@ class Session:
     def _end(self, reason: str) -> list[A.Action]:
         """Sender: stop taking audio; the encoder finishes and its end event brings the end message. No deadline: a
         full-mode flush of a long stream legitimately takes a while; a drain has its own."""
+        if self.finished:
+            return []
         self.reason, self.state = reason, State.ENDING
         return [A.RequestEnd()]
 
@@ -504,17 +595,27 @@ class Session:
         if self.finished or self.state == State.ENDING:
             return []
         if self.state == State.LISTENING:
-            out = self._error(code, f"{why}; the audio of the units received follows, then end", fatal=True)
             self.reason, self.state = code.value, State.ENDING
+            out = self._error(code, f"{why}; the audio of the units received follows, then end", fatal=True)
             return out + [A.Unsubscribe()] + self._units_over(now)
         if self.state == State.STREAMING:
-            out = self._error(code, f"{why}; the units of the audio received so far follow, then end", fatal=True)
             if self._held is not None:
                 self._held = None
                 self._resume(now)
-            return out + self._end(code.value)
+            end = self._end(code.value)
+            return self._error(code, f"{why}; the units of the audio received so far follow, then end", fatal=True) + end
         self.outcome = code.value
         return self._error(code, f"{why}; closing", fatal=True) + self._close(P.CLOSE_CODES[code], code.value)
+
+    def _open_expired(self, now: float) -> list[A.Action]:
+        """The open deadline: backends that did not open within open_timeout_s (a stuck model load) end the session
+        with internal_error and an end; what opens later is released (``opened`` / ``subscribed`` undo it)."""
+        self._resume(now)
+        self.reason, self.units_done = E.INTERNAL_ERROR.value, True
+        out = self._error(E.INTERNAL_ERROR, f"the server could not open this session's models within "
+                                            f"{self.cfg.open_timeout_s:g} s (serve --open-timeout); try again later",
+                          fatal=True)  # fmt: skip
+        return out + self._maybe_finish(now)
 
     def _leave(self, now: float) -> list[A.Action]:
         """Listener sent end: stop receiving units, finish the audio of those received, then end."""
@@ -528,16 +629,24 @@ class Session:
         if self.units_done:
             return []
         self.units_done = True
+        if self.finished:  # dropped meanwhile: its backends are already released
+            return []
         if self.state == State.STREAMING:
             self.state = State.ENDING
-        out: list[A.Action] = [A.ListenersDone(gone=False)] if self.role == "sender" else []
-        if self.resynth is not None and self.resynth_end is None:
+        out: list[A.Action] = []
+        transmitting = not self.tx_done and self.tx_header is not None
+        if transmitting:  # listeners are told once the last packet is out (transmitted, done)
+            out.append(A.TransmitEnd(now))
+        elif self.role == "sender":
+            out.append(A.ListenersDone(gone=False))
+        if self.resynth is not None and self.resynth_end is None and self._resynth_cut is None:
             out.append(A.EndResynth())
         return out + self._maybe_finish(now)
 
     def _maybe_finish(self, now: float) -> list[A.Action]:
         """Send the end message once every unit and every audio chunk of the session is out, then close."""
-        if self.finished or not self.units_done or (self.resynth is not None and self.resynth_end is None):
+        if self.finished or not self.units_done or (self.resynth is not None and self.resynth_end is None) or (
+                not self.tx_done and self.tx_header is not None):
             return []
         reason = self.reason or "end"
         self.outcome = reason
@@ -630,4 +739,5 @@ class Session:
         if self.role == "sender" and self.start is not None:
             sender = {"sample_rate": self.start.sample_rate, "received": self.received_samples,
                       "queued": self.queued_samples, "progress": self.progress, "listeners": self.listeners}  # fmt: skip
-        return self.report.stats(now - self.started_at, sender, self.outgoing_bytes, lag)
+        stats = self.report.stats(now - self.started_at, sender, self.outgoing_bytes, lag)
+        return dataclasses.replace(stats, transmit=self.tx_stats) if self.tx_stats is not None else stats

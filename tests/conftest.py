@@ -55,6 +55,10 @@ def device():
     dev = _test_device()
     if dev.type == "cuda" and not torch.cuda.is_available():
         pytest.skip(f"DPSLM_TEST_DEVICE={dev} but torch sees no CUDA device")
+    if dev.type == "cuda":
+        from dpslm_stream.device import exact_kernels
+
+        exact_kernels()  # TF32 off, as every model worker sets up: the fp32 tolerances assume it
     yield dev
 
 

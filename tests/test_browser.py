@@ -224,3 +224,25 @@ def test_unit_tiles_are_readable_and_the_readme_screenshot(tmp_path):
             assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 10_000
         finally:
             close_browser(proc)
+
+
+def test_browser_page_shows_the_bitstream_payload_next_to_the_authors_bitrate(tmp_path):
+    """transmit=ulm: the start carries transmit {coder: "ulm"}, bitstream frames arrive (counted, not errors) and the
+    meters show the measured payload bit/s beside the authors' bitrate."""
+    capture = speech_capture(tmp_path)
+    with ServerThread(ServerConfig(port=0, models="tiny")) as srv:
+        url = f"{srv.http_url}/?autostart=1&mode=cached&resynth=0&transmit=ulm"
+        proc, page = open_page(url, str(tmp_path / "profile"), capture)
+        try:
+            page.wait_for("window.dpslmState && window.dpslmState.bitstreamFrames >= 3")
+            page.wait_for("document.getElementById('m-payload').textContent !== '\\u2013'")  # stats with transmit
+            state = page.eval("window.dpslmState")
+            assert state["errors"] == [] and state["transmit"]["payload_bps"] > 0
+            conn = next(c for c in srv.server.connections if c.id == state["session"])
+            assert conn.core.transmit["coder"] == "ulm"
+            assert page.eval("document.getElementById('m-bitrate').textContent") != "\u2013"
+            page.eval("document.getElementById('stop').click()")
+            page.wait_for("window.dpslmState.ended")
+            assert page.eval("window.dpslmState")["errors"] == []
+        finally:
+            close_browser(proc)

@@ -157,3 +157,16 @@ def test_bad_options_fail_before_any_work(argv, needle, capsys, monkeypatch):
     monkeypatch.setattr(hub.ModelSet, "wavlm", lambda *a: pytest.fail("models loaded before the options were checked"))
     assert main(argv) == 1
     _one_line_error(capsys, needle)
+
+
+def test_demo_runs_encode_then_resynth(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`dpslm-stream demo` (on a 1 s cut of the sample, to keep it short): both steps parsed by the real parser."""
+    import dpslm_stream
+
+    wav, sr = sf.read(SAMPLE, dtype="float32")
+    short = tmp_path / "sample.wav"
+    sf.write(short, wav[:sr], sr)
+    monkeypatch.setattr(dpslm_stream, "SAMPLE_WAV", short)
+    assert main(["demo", "--models", str(tiny_dir), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "units.json").is_file() and (tmp_path / "out" / "resynth.wav").is_file()
+    assert "Traceback" not in capsys.readouterr().err

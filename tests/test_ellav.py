@@ -24,16 +24,17 @@ def tok() -> ELLAVTokenizer:
 
 
 @pytest.fixture(scope="module")
-def model() -> ELLAV:
+def model(device) -> ELLAV:
+    """The model under test, on the test device (DPSLM_TEST_DEVICE)."""
     torch.manual_seed(0)
-    return ellav.random_model(K, ellav.TINY)
+    return ellav.random_model(K, ellav.TINY).to(device)
 
 
 @pytest.fixture(scope="module")
-def model64(model) -> ELLAV:
+def model64(model, device) -> ELLAV:
     # float64 for exact-equality checks between code paths that round differently (prefill vs decode, batch sizes)
     torch.manual_seed(0)
-    return ellav.random_model(K, ellav.TINY).to(torch.float64)
+    return ellav.random_model(K, ellav.TINY).to(device, torch.float64)
 
 
 # ----- vocabulary and sequence format, against builds written here from the spec's rules (ellav.md §3) -----
@@ -148,7 +149,7 @@ class Scripted(ELLAV):
     def forward(self, tokens, cache=None, valid=None):
         B, T = tokens.shape
         valid = [T] * B if valid is None else valid.tolist()
-        logits = torch.full((B, T, self.config.vocab_size), -30.0)
+        logits = torch.full((B, T, self.config.vocab_size), -30.0, device=tokens.device)
         for b in range(B):
             for t in range(valid[b]):
                 self.history[b].append(int(tokens[b, t]))
@@ -189,9 +190,15 @@ def codec(c):
     return 4 + K + c
 
 
-def test_per_unit_cap_and_forced_units(tok):
+@pytest.fixture(scope="module")
+def scripted(device):
+    """Scripted(policy) on the test device: generate's control flow runs there (its logits are built there)."""
+    return lambda policy: Scripted(policy).to(device)
+
+
+def test_per_unit_cap_and_forced_units(tok, scripted):
     M = 2
-    m = Scripted(lambda b, h: codec(7))  # the model never ends a unit by itself
+    m = scripted(lambda b, h: codec(7))  # the model never ends a unit by itself
     raw, fin = m.generate_tokens([[5, 9, 9, 1]], 100, M, 1.0, 0.8)
     u9, u1 = tok.unit_token_ids([9, 1])
     c7 = codec(7)
@@ -200,27 +207,27 @@ def test_per_unit_cap_and_forced_units(tok):
     assert codes == [[7] * (3 * M + 4)] and fin == [True]
 
 
-def test_zero_length_units_and_model_eos_does_not_stop(tok):
-    m = Scripted(lambda b, h: EOP)
+def test_zero_length_units_and_model_eos_does_not_stop(tok, scripted):
+    m = scripted(lambda b, h: EOP)
     raw, fin = m.generate_tokens([[4, 8, 15]], 100, 10, 1.0, 0.8)
     assert raw == [[EOP] + tok.unit_token_ids([8]) + [EOP] + tok.unit_token_ids([15])] and fin == [True]
-    m = Scripted(lambda b, h: EOS)
+    m = scripted(lambda b, h: EOS)
     raw, fin = m.generate_tokens([[4, 8]], 100, 1, 1.0, 0.8)
     assert raw == [[EOS, EOS, EOS, EOP] + tok.unit_token_ids([8]) + [EOS, EOS]] and fin == [True]
 
 
-def test_max_tokens_cuts_and_flags_unfinished():
-    m = Scripted(lambda b, h: codec(1))
+def test_max_tokens_cuts_and_flags_unfinished(scripted):
+    m = scripted(lambda b, h: codec(1))
     codes, fin = m.generate_ids([[1, 2, 3]], 5, 10, 1.0, 0.8)
     assert codes == [[1] * 5] and fin == [False]
     codes, fin = m.generate_ids([[1, 2, 3]], 0, 10, 1.0, 0.8)
     assert codes == [[]] and fin == [False]
     # a single unit whose first token is EOP: nothing is generated, the row is finished (upstream: ([], []))
-    codes, fin = Scripted(lambda b, h: EOP).generate_ids([[3]], 10, 10, 1.0, 0.8)
+    codes, fin = scripted(lambda b, h: EOP).generate_ids([[3]], 10, 10, 1.0, 0.8)
     assert codes == [[]] and fin == [True]
 
 
-def test_control_flow_matches_reference_on_random_policies(tok):
+def test_control_flow_matches_reference_on_random_policies(tok, scripted):
     for seed in range(12):
         rng = random.Random(seed)
         choices = [codec(rng.randint(0, C - 1)) for _ in range(5)] + [EOP] * 2
@@ -231,15 +238,15 @@ def test_control_flow_matches_reference_on_random_policies(tok):
 
         prompts = [[rng.randint(0, K - 1) for _ in range(rng.randint(1, 6))] for _ in range(rng.randint(1, 4))]
         M, max_tokens = rng.randint(0, 4), rng.randint(0, 40)
-        raw, fin = Scripted(policy).generate_tokens(prompts, max_tokens, M, 1.0, 0.8)
+        raw, fin = scripted(policy).generate_tokens(prompts, max_tokens, M, 1.0, 0.8)
         enc = [tok.encode_prompt(p) for p in prompts]
         ref_raw, ref_fin = reference_generate(enc, policy, M, max_tokens)
         assert raw == ref_raw and fin == ref_fin
 
 
-def test_teacher_forced_prefix_restarts_counter_and_unit_index(tok):
+def test_teacher_forced_prefix_restarts_counter_and_unit_index(tok, scripted):
     M = 3
-    m = Scripted(lambda b, h: codec(5))
+    m = scripted(lambda b, h: codec(5))
     raw, fin = m.generate_tokens([[1, 2, 3]], 100, M, 1.0, 0.8, codec_prefix=[[[9, 9]]])
     u3 = tok.unit_token_ids([3])[0]
     assert raw == [[codec(5)] * (M + 1) + [EOP, u3] + [codec(5)] * (M + 1)] and fin == [True]
@@ -247,10 +254,10 @@ def test_teacher_forced_prefix_restarts_counter_and_unit_index(tok):
     assert m.history[0][:8] == prompt
 
 
-def test_generation_step_on_hand_built_logits(tok):
+def test_generation_step_on_hand_built_logits(tok, device):
     V = tok.vocab_size
-    state = GenerationState.start([tok.unit_token_ids([1, 2]), tok.unit_token_ids([3])], [0, 0])
-    logits = torch.full((2, V), -1e4)
+    state = GenerationState.start([tok.unit_token_ids([1, 2]), tok.unit_token_ids([3])], [0, 0], device=device)
+    logits = torch.full((2, V), -1e4, device=device)
     logits[0, EOP] = 0  # row 0 ends unit 1
     logits[1, codec(4)] = 0
     t = generation_step(logits, state, max_codec_tokens_per_phone=0, temperature=0.0, top_p=1.0)
@@ -261,8 +268,8 @@ def test_generation_step_on_hand_built_logits(tok):
     assert state.since_eop.tolist() == [1, 2] and state.forced.tolist() == [-1, EOP]  # M+2 = 2 for the first unit
 
 
-def test_sample_nucleus_and_greedy():
-    probs = torch.tensor([[0.2, 0.5, 0.3]])
+def test_sample_nucleus_and_greedy(device):
+    probs = torch.tensor([[0.2, 0.5, 0.3]], device=device)
     logits = probs.log()
     assert sample(logits, 1.0, 0.0).tolist() == [1]
     assert sample(logits, 0.0, 0.9).tolist() == [1]
@@ -316,12 +323,13 @@ def test_generation_positions_continue_per_row(model64):
     # A prompt padded in a batch must see exactly the positions it sees alone: compare the first-step logits.
     tok = model64.tokenizer
     short, long_ = tok.encode_prompt([5]), tok.encode_prompt(PROMPTS[0])
+    dev = model64.device
     with torch.no_grad():
-        alone = model64(torch.tensor([short]))[0, -1]
+        alone = model64(torch.tensor([short], device=dev))[0, -1]
         cache = model64.new_cache(2, len(long_) + 1)
-        tokens = torch.zeros((2, len(long_)), dtype=torch.long)
-        tokens[0, : len(short)], tokens[1] = torch.tensor(short), torch.tensor(long_)
-        both = model64(tokens, cache, torch.tensor([len(short), len(long_)]))
+        tokens = torch.zeros((2, len(long_)), dtype=torch.long, device=dev)
+        tokens[0, : len(short)], tokens[1] = torch.tensor(short, device=dev), torch.tensor(long_, device=dev)
+        both = model64(tokens, cache, torch.tensor([len(short), len(long_)], device=dev))
     torch.testing.assert_close(both[0, len(short) - 1], alone, rtol=1e-9, atol=1e-9)
 
 
@@ -353,7 +361,7 @@ def test_checkpoint_round_trip_in_upstream_format(model):
     assert ckpt["tokenizer"]["tokens_not_to_sandwich"] == [] and ckpt["tokenizer"]["phone_token_rate"] == 50
     assert sorted(ckpt["model_state"]) == sorted(upstream_keys(model.config.n_layers))
     assert all(v.dtype == torch.float32 for v in ckpt["model_state"].values())
-    loaded = ellav.load_checkpoint(io.BytesIO(buf.getvalue()))
+    loaded = ellav.load_checkpoint(io.BytesIO(buf.getvalue())).to(model.device)  # same kernels: same greedy ids
     assert not loaded.training and loaded.tokenizer.token_to_id_dict == model.tokenizer.token_to_id_dict
     assert loaded.generate_ids(PROMPTS, 30, 4, 1.0, 0.0) == model.generate_ids(PROMPTS, 30, 4, 1.0, 0.0)
     with torch.device("meta"):

@@ -17,7 +17,7 @@ import torch
 
 import hubconf as local_hubconf  # noqa: F401  (the repo root is on sys.path under pytest's rootdir)
 from dpslm_stream import hub
-from dpslm_stream.errors import CheckpointError, DeviceError
+from dpslm_stream.errors import CheckpointError, DeviceError, InvalidInput
 from dpslm_stream.models import wavtokenizer as W
 from dpslm_stream.tiny import speech_like
 
@@ -179,6 +179,15 @@ def test_ellav_hubconf_calls(release_cache):
     phones = local_hubconf.ellav_phones_to_wavtokenizer()
     assert "EY1" in phones.tokenizer.token_to_id_dict and phones.tokenizer.num_units == 0
     assert load("ellav_phones_to_wavtokenizer").config == phones.config
+    # Phone prompts: the prompt is upstream's encode_infer of the phone strings (dedup, SIL dropped, BOS, first).
+    prompt = ["SIL", "HH", "HH", "AH0", "L", "OW1", "SIL"]
+    ranks = [phones.tokenizer.prompt_index(p) for p in prompt]
+    assert phones.tokenizer.encode_prompt(ranks) == phones.tokenizer.encode_infer(prompt)
+    torch.manual_seed(0)
+    codes, finished = phones.generate([prompt], max_tokens=40, max_codec_tokens_per_phone=3, temperature=1.0, top_p=0.0)
+    assert codes[0].dtype == torch.long and len(finished) == 1
+    with pytest.raises(InvalidInput, match="phone 'XX' is not in this model's vocabulary"):
+        phones.generate([["HH", "XX"]], max_tokens=5, max_codec_tokens_per_phone=3, temperature=1.0, top_p=0.0)
 
 
 def test_wavtokenizer_readme_calls(release_cache, capsys):

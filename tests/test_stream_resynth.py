@@ -538,3 +538,32 @@ def test_a_decode_step_reads_back_once(ellav64, monkeypatch):
             steps += 1
     assert left == 3 and steps > 20
     assert counter.count == steps
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_batched_decoder_continues_generate_exactly(ellav64, merge):
+    """BatchDecoder (rows of different lengths leaving at their own time) emits each pass's offline token stream
+    (generate_tokens) plus the final EOP. merge_forced feeds the unit forced after an EOP in the EOP's forward (the
+    fast precision's step saving): same tokens (float64, so the other matmul shapes cannot flip a greedy choice),
+    fewer steps."""
+    from dpslm_stream.stream.resynth import BatchDecoder
+
+    unit_lists = [random_units(n, seed=40 + n) for n in (4, 9, 6)]
+    decoder = BatchDecoder(ellav64, max_batch=3, max_codec_tokens_per_phone=M, merge_forced=merge)
+    stages = [IncrementalELLAV(ellav64, left_context=None, holdback=None) for _ in unit_lists]
+    for stage, units in zip(stages, unit_lists):
+        stage.add(units)
+        stage.end()
+    decoder.admit([(stage, stage.next_pass()) for stage in stages])
+    emitted = {id(s): [] for s in stages}
+    steps = 0
+    while decoder.rows and steps < 1000:
+        for stage, token, _ in decoder.step():
+            emitted[id(stage)].append(token)
+        steps += 1
+    total = 0
+    for stage, units in zip(stages, unit_lists):
+        (expected,), _ = ellav64.generate_tokens([units], 10_000, M, 1.0, 0.0)
+        assert emitted[id(stage)] == expected + [EOP]
+        total = max(total, len(expected) + 1)
+    assert steps == total if not merge else steps < total

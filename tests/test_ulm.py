@@ -28,13 +28,8 @@ def random_ulm(seed=0, config=ulm.TINY) -> ULM:
 
 
 @pytest.fixture(scope="module")
-def model() -> ULM:
-    return random_ulm()
-
-
-@pytest.fixture(scope="module")
-def device_model(device) -> ULM:
-    """The same model on the test device (DPSLM_TEST_DEVICE), for the tests whose oracle runs on that device too."""
+def model(device) -> ULM:
+    """The model under test, on the test device (DPSLM_TEST_DEVICE); the transformers oracle runs on the CPU."""
     return random_ulm().to(device)
 
 
@@ -78,7 +73,7 @@ def hf_mistral(model: ULM, sliding_window=None, permute=True):
             v = rope_permute(v, c.n_heads)
         if permute and k.endswith("attention.wk.weight"):
             v = rope_permute(v, c.n_kv_heads)
-        sd[k2] = v.clone()
+        sd[k2] = v.detach().cpu().clone()
     hf.load_state_dict(sd, strict=True)
     return hf
 
@@ -97,7 +92,7 @@ def test_logits_and_loglikelihood_match_hf_mistral(model):
     hf = hf_mistral(model)
     ids = UnitTokenizer(K).encode(random_units(120, 1))
     with torch.no_grad():
-        ours = model(ids[None])[0]
+        ours = model(ids[None].to(model.device))[0].cpu()
         ref = hf(ids[None]).logits[0].float()
     assert rel_err(ours, ref) <= 1e-4
     ll_ref = float(hf_unit_logprobs(hf, ids).sum())
@@ -115,7 +110,7 @@ def test_unit_logprobs_are_per_unit_terms_of_loglikelihood(model):
     assert float(lp.sum()) == pytest.approx(model.loglikelihood(ids), rel=1e-6)
     # log p(u1 | BOS) by hand: softmax over all V tokens after BOS alone
     with torch.no_grad():
-        first = torch.log_softmax(model(torch.tensor([[0]]))[0, 0], -1)[ids[1]]
+        first = torch.log_softmax(model(torch.tensor([[0]], device=model.device))[0, 0], -1).cpu()[ids[1]]
     assert float(lp[0]) == pytest.approx(float(first), abs=1e-5)
     assert model.loglikelihood(UnitTokenizer(K).encode([])) == 0.0
 
@@ -159,8 +154,7 @@ def test_sliding_window_matches_hf_mistral_sliding_window(model):
     assert float((got[W + 5 :] - full[W + 5 :]).abs().max()) > 1e-3  # and it does differ later
 
 
-def test_window_state_is_bounded_and_positions_past_8000_are_relative(device_model):
-    model = device_model
+def test_window_state_is_bounded_and_positions_past_8000_are_relative(model):
     W, tail = 16, 60
     shifted = IncrementalScorer(model, max_context=W, chunk=512)
     for start in range(0, 8200, 512):
@@ -178,8 +172,7 @@ def test_window_state_is_bounded_and_positions_past_8000_are_relative(device_mod
     assert float((late[:far] - start[:far]).abs().max()) > 1e-2  # before that, the different histories show
 
 
-def test_score_blocks_equals_one_by_one(device_model):
-    model = device_model
+def test_score_blocks_equals_one_by_one(model):
     streams = [random_units(60, 20 + s) for s in range(4)]
     for max_context in (None, 9):
         solo = [IncrementalScorer(model, max_context=max_context) for _ in streams]
@@ -255,7 +248,8 @@ def test_checkpoint_round_trip_in_upstream_format(model):
     assert sorted(ckpt["model_state_dict"]) == sorted(upstream_keys(model.config.n_layers))
     assert all(v.dtype == torch.float32 for v in ckpt["model_state_dict"].values())
     loaded = ulm.load_checkpoint(io.BytesIO(data))
-    assert not loaded.training and loaded.dtype == torch.float32
+    assert not loaded.training and loaded.dtype == torch.float32 and loaded.device.type == "cpu"
+    loaded = loaded.to(model.device)  # same kernels as the model: the same result, bit for bit
     ids = UnitTokenizer(K).encode(random_units(30, 4))
     assert loaded.loglikelihood(ids) == model.loglikelihood(ids)
     assert ulm.ULMConfig.from_dict(ckpt["model_args"]) == model.config
@@ -318,9 +312,9 @@ def test_half_precision_weights_load_as_fp32(model):
 
 def test_bf16_model_runs_with_fp32_rotary_and_logits(model):
     ids = UnitTokenizer(K).encode(random_units(50, 6))
-    m16 = random_ulm().to(torch.bfloat16)
+    m16 = random_ulm().to(model.device, torch.bfloat16)
     with torch.no_grad():
-        assert m16(ids[None]).dtype == torch.float32
+        assert m16(ids[None].to(model.device)).dtype == torch.float32
     assert m16.loglikelihood(ids) == pytest.approx(model.loglikelihood(ids), rel=3e-2)
     scorer = IncrementalScorer(m16)
     got = torch.cat([scorer.push(random_units(50, 6)[i : i + 10]) for i in range(0, 50, 10)])

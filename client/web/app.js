@@ -2,7 +2,11 @@
 // suite checks that the constants below match it): start (JSON) -> ready; binary PCM16 frames up; end -> remaining
 // units (and audio), end message, close. With "audio back" the start carries resynth: {} and the server streams
 // the units resynthesized into 24 kHz speech as binary frames (AUDIO_HEADER, then PCM16), played here gaplessly.
-// Query parameters: token, k, lmbda, preset, mode, score=1, resynth=0 (no audio back), autostart=1.
+// With "transmit" the start carries transmit: {coder} and the server also sends the session's unit bitstream as
+// binary frames (BITSTREAM_FRAME_KIND): the page counts their bytes and shows the link's payload bit/s (from stats)
+// next to the authors' unigram-entropy bitrate.
+// Query parameters: token, k, lmbda, preset, mode, score=1, resynth=0 (no audio back), transmit=uniform|ulm,
+// autostart=1.
 
 const PROTOCOL_VERSION = 2;
 const WS_PATH = "/v1/stream";
@@ -11,6 +15,7 @@ const STRIP_MAX = 400; // unit elements kept in the scrolling strip
 // Binary server frames (protocol.AUDIO_HEADER, "<B3xIQ"): kind u8 | 3 zero bytes | seq u32 | start_sample u64, then
 // little-endian PCM16 mono at RESYNTH_SAMPLE_RATE. 16 bytes keep the samples 2-byte aligned for an Int16Array view.
 const AUDIO_FRAME_KIND = 1;
+const BITSTREAM_FRAME_KIND = 2; // kind u8 | part u8 (0 header, 1 packet) | .dpsu bytes (docs/bitstream.md)
 const AUDIO_HEADER_BYTES = 16;
 const RESYNTH_SAMPLE_RATE = 24000;
 const PLAYBACK_SAFETY_S = 0.05; // schedule a chunk no earlier than this ahead of the playback clock
@@ -23,7 +28,8 @@ const state = { phase: "idle", session: null, listenToken: null, units: 0, lastU
                 audioSent: 0, sampleRate: null, resynth: false,
                 // Resynthesized audio received (counted on arrival, whether or not the AudioContext can play it).
                 audioChunks: 0, audioSamples: 0, audioSeconds: 0, audioAfterEnd: 0, audioChunksAtEnd: null,
-                playback: null, playbackGaps: 0, playbackAheadS: 0, resynthLag: null };
+                playback: null, playbackGaps: 0, playbackAheadS: 0, resynthLag: null,
+                bitstreamFrames: 0, bitstreamBytes: 0, transmit: null };
 window.dpslmState = state;
 
 let ws = null, ctx = null, stream = null, node = null;
@@ -78,6 +84,9 @@ function showStats(s) {
   if (state.listenToken && s.listeners !== undefined) showShare(s.listeners);
   $("m-rtf").textContent = fmt(s.rtf, 2);
   $("m-bitrate").textContent = fmt(s.bitrate, 0);
+  state.transmit = s.transmit || null; // the link's own figures (start.transmit): measured payload bit/s
+  $("m-payload").textContent = state.transmit ? fmt(state.transmit.payload_bps, 0) : fmt(null);
+  $("m-wire").textContent = state.transmit ? fmt(state.transmit.on_wire_bps, 0) : fmt(null);
   $("m-ups").textContent = fmt(s.units_per_s, 1);
   if (s.buffered_s > 0.5) setStatus(`streaming (server behind by ${s.buffered_s.toFixed(1)} s)`);
 }
@@ -106,6 +115,14 @@ function resetAudio() {
 
 // One binary server frame: a resynthesized audio chunk. Counted on arrival, then scheduled right after the previous
 // chunk on the playback clock (or as soon as possible when playback fell behind): gapless while chunks keep up.
+function onBinaryFrame(buf) {
+  if (buf.byteLength >= 2 && new DataView(buf).getUint8(0) === BITSTREAM_FRAME_KIND) {
+    state.bitstreamFrames += 1; state.bitstreamBytes += buf.byteLength - 2; // the .dpsu bytes only
+    return;
+  }
+  onAudioFrame(buf);
+}
+
 function onAudioFrame(buf) {
   if (buf.byteLength < AUDIO_HEADER_BYTES || (buf.byteLength - AUDIO_HEADER_BYTES) % 2) {
     logError(`binary frame of ${buf.byteLength} bytes is not an audio chunk`);
@@ -144,7 +161,7 @@ function onAudioFrame(buf) {
 }
 
 function onMessage(ev) {
-  if (typeof ev.data !== "string") { onAudioFrame(ev.data); return; } // binaryType "arraybuffer"
+  if (typeof ev.data !== "string") { onBinaryFrame(ev.data); return; } // binaryType "arraybuffer"
   const msg = JSON.parse(ev.data);
   switch (msg.type) {
     case "ready":
@@ -191,6 +208,7 @@ async function start() {
   $("guide").className = "started";
   state.units = 0; state.ended = null; state.errors = []; state.audioSent = 0;
   state.session = null; state.listenToken = null; state.resynth = $("resynth").checked;
+  state.bitstreamFrames = 0; state.bitstreamBytes = 0; state.transmit = null;
   resetAudio();
   $("strip").textContent = ""; $("log").textContent = ""; $("share").textContent = ""; showAudio();
   if (state.resynth) {
@@ -226,9 +244,11 @@ async function start() {
   ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
   ws.onopen = () => {
+    const coder = $("transmit").value; // "" (off), "uniform" or "ulm"
     const start = { type: "start", version: PROTOCOL_VERSION, sample_rate: ctx.sampleRate, format: "pcm16",
                     preset: $("preset").value, score: $("score").checked, options: { mode: $("mode").value },
-                    resynth: state.resynth ? {} : null }; // {}: the server's resynthesis defaults
+                    resynth: state.resynth ? {} : null, // {}: the server's resynthesis defaults
+                    transmit: coder ? { coder } : null };
     if (k !== null) { start.k = k; start.lmbda = lmbda; }
     ws.send(JSON.stringify(start));
     setStatus("connecting");
@@ -262,6 +282,7 @@ $("stop").onclick = stop;
 if (params.has("preset")) $("preset").value = params.get("preset");
 if (params.has("mode")) $("mode").value = params.get("mode");
 $("score").checked = params.get("score") === "1";
+if (params.has("transmit")) $("transmit").value = params.get("transmit");
 $("resynth").checked = params.get("resynth") !== "0";
 $("resynth").onchange = () => { // between sessions: show whether the next one asks for audio back
   if (!ws || ws.readyState > WebSocket.OPEN) { state.resynth = $("resynth").checked; showAudio(); }

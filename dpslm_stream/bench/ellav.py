@@ -27,6 +27,7 @@ import torch
 
 from dpslm_stream import hub
 from dpslm_stream.bench.ulm import random_model, sync
+from dpslm_stream.device import setup_model_device
 from dpslm_stream.models import ellav
 from dpslm_stream.models.precision import PRECISIONS, machine_summary, transformer_precision
 from dpslm_stream.stream.resynth import BatchDecoder, IncrementalELLAV
@@ -54,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--units", type=int, default=25, help="deduplicated units per prompt (default 25)")
     parser.add_argument("--steps", type=int, default=48, help="decode steps timed per repeat (default 48)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per row; medians reported (default 3)")
+    parser.add_argument("--agreement-steps", type=int, default=96, help="greedy tokens compared (default 96)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -91,16 +93,17 @@ def time_steps(model: ellav.ELLAV, prompts: list[list[int]], steps: int, device:
     decoder.admit([admit(u) for u in prompts])
     sync(device)
     prefill = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = decoder.step()
         sync(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         again = [prompts[i % len(prompts)] for i, (_, _, over) in enumerate(out) if over]
         if again:
             decoder.admit([admit(u) for u in again])
-    return {"prefill": prefill, "step": statistics.median(times)}
+    return {"prefill": prefill, "step": statistics.median(times), "cpu": statistics.median(cpu)}
 
 
 def matmul_share(model: ellav.ELLAV, prompts: list[list[int]], device: torch.device, steps: int = 8) -> float:
@@ -152,7 +155,7 @@ def agreement(exact: ellav.ELLAV, fast: ellav.ELLAV, prompt: list[int], steps: i
 def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = setup_model_device(args.device)  # TF32 off on CUDA, as the server
     precisions = list(dict.fromkeys(args.precision))
     models = {p: load(args, p, device) for p in precisions}
     with torch.device("meta"):
@@ -164,8 +167,8 @@ def run(args: argparse.Namespace) -> None:
           f"{args.steps} live decode steps x {args.repeats} repeats (medians), greedy, M = 10")
     for p in precisions:
         print(f"  {p}: {models[p].precision_plan.describe()}")
-    header = (f"{'precision':>9} {'batch':>5} {'prefill s':>9} {'ms/step':>8} {'x exact':>7} {'non-matmul ms':>13} "
-              f"{'reads/step':>10} {'tokens/s':>9}")  # fmt: skip
+    header = (f"{'precision':>9} {'batch':>5} {'prefill s':>9} {'ms/step':>8} {'x exact':>7} {'CPU ms/step':>11} "
+              f"{'x exact':>7} {'non-matmul ms':>13} {'reads/step':>10}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for batch in args.batch:
@@ -174,13 +177,14 @@ def run(args: argparse.Namespace) -> None:
         for _ in range(max(1, args.repeats)):
             for p in precisions:  # interleaved: contention from other processes hits every precision alike
                 runs[p].append(time_steps(models[p], prompts, args.steps, device))
-        base = statistics.median(r["step"] for r in runs["exact" if "exact" in runs else precisions[0]])
+        ref = runs["exact" if "exact" in runs else precisions[0]]
+        base, base_cpu = (statistics.median(r[key] for r in ref) for key in ("step", "cpu"))
         for p in precisions:
-            step = statistics.median(r["step"] for r in runs[p])
+            step, cpu = (statistics.median(r[key] for r in runs[p]) for key in ("step", "cpu"))
             prefill = statistics.median(r["prefill"] for r in runs[p])
             share = matmul_share(models[p], prompts, device) if device.type == "cpu" else float("nan")
-            print(f"{p:>9} {batch:>5} {prefill:>9.3f} {1e3 * step:>8.1f} {step / base:>7.2f} "
-                  f"{1e3 * step * (1 - share):>13.1f} {1:>10} {batch / step:>9.1f}")  # fmt: skip
+            print(f"{p:>9} {batch:>5} {prefill:>9.3f} {1e3 * step:>8.1f} {step / base:>7.2f} {1e3 * cpu:>11.1f} "
+                  f"{cpu / base_cpu:>7.2f} {1e3 * cpu * (1 - share):>13.1f} {1:>10}")  # fmt: skip
     if "exact" in models and len(models) > 1:
         prompt = prompts_for(args, 1)[0]
         print("\nagreement with exact (batch 1, greedy, the same prompt; RANDOM weights: plumbing)" if
@@ -188,13 +192,14 @@ def run(args: argparse.Namespace) -> None:
         for p in precisions:
             if p == "exact":
                 continue
-            a = agreement(models["exact"], models[p], prompt, max(args.steps, 96))
+            a = agreement(models["exact"], models[p], prompt, args.agreement_steps)
             print(f"  {p}: identical greedy tokens for the first {a['first_diff']} of {a['tokens']}, "
                   f"{100 * a['agree']:.1f}% position-wise; max |logit error| / max |logit|: decode "
                   f"{a['decode_err']:.4f}, prefill {a['prefill_err']:.4f}")  # fmt: skip
-    print("\nreads/step: device -> host reads per live decode step (tests/test_stream_resynth.py counts them); "
-          "non-matmul: step time outside the weight matmuls (profiler share); a trained model needs 40 + 2U steps "
-          "per second of audio.")
+    print("\nms/step: wall time (inflated when other processes share the cores); CPU ms/step: this process's CPU "
+          "time per step (with --threads 1 about the uncontended wall time); non-matmul: CPU time outside the weight "
+          "matmuls (profiler share); reads/step: device -> host reads per live decode step (counted by "
+          "tests/test_stream_resynth.py). A trained model needs 40 + 2U steps per second of audio.")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpslm_stream.device import setup_model_device
 from dpslm_stream.stream.encoder import PRESETS, window_config
 from dpslm_stream.stream.events import UnitEvent
 
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = setup_model_device(args.device)  # TF32 off on CUDA, as the server
     wav = _audio(args.seconds)
     print(f"streaming encoder bench: WavLM-Large dimensions, RANDOM weights (speed only); device {args.device}"
           f"{f', {torch.get_num_threads()} CPU threads' if device.type == 'cpu' else ''}; torch {torch.__version__}; "

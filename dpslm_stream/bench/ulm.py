@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from dpslm_stream.device import setup_model_device
 from dpslm_stream.device import synchronize as sync
 from dpslm_stream.models import ulm
 
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time score_blocks over this many sessions at each block size (default: 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per loglikelihood row; median reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--precision", default="exact",
+                        help="exact, or exact,fast: also time incremental scoring with the fast plan side by side and "
+                             "measure its log-prob error against exact (default exact)")
 
 
 def random_model(build: Callable[[], torch.nn.Module], device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -59,7 +63,7 @@ def random_model(build: Callable[[], torch.nn.Module], device: torch.device, dty
 def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), _DTYPES[args.dtype]
+    device, dtype = setup_model_device(args.device), _DTYPES[args.dtype]  # TF32 off on CUDA, as the server
     config = ulm.config_for_k(args.k)
     model = random_model(lambda: ulm.ULM(config), device, dtype)
     tok = ulm.UnitTokenizer(args.k)
@@ -115,6 +119,45 @@ def run(args: argparse.Namespace) -> None:
     print()
     print("units/s counts all sessions together; one live session needs ~5-10 units/s. "
           "state MiB: KV cache per session.")
+    if "fast" in args.precision.split(","):
+        compare_precisions(args, model, config, device, units)
+
+
+def compare_precisions(args, exact: ulm.ULM, config, device, units) -> None:
+    """Incremental scoring, exact and fast interleaved (medians), and fast's log-prob error against exact."""
+    from dpslm_stream.models.precision import machine_summary, transformer_precision
+
+    fast = random_model(lambda: ulm.ULM(config), device, torch.float32)  # same seed: the same weights
+    plan = transformer_precision(fast, "fast", "ulm")
+    print(f"\nPrecision ({machine_summary(device)}): {plan.describe()}")
+    header = f"{'block':>6} {'exact ms/unit':>13} {'fast ms/unit':>12} {'x exact':>7}"
+    print(header)
+    print("-" * len(header))
+    for block in args.blocks:
+        times = {"exact": [], "fast": []}
+        for _ in range(max(1, args.repeats)):
+            for name, model in (("exact", exact), ("fast", fast)):
+                scorer = ulm.IncrementalScorer(model, max_context=args.max_context)
+                scorer.push(units(args.context))
+                n_blocks = max(1, args.units // block)
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(n_blocks):
+                    scorer.push(units(block))
+                sync(device)
+                times[name].append((time.perf_counter() - t0) / (n_blocks * block))
+        e, f = (statistics.median(times[k]) for k in ("exact", "fast"))
+        print(f"{block:>6} {1e3 * e:>13.2f} {1e3 * f:>12.2f} {f / e:>7.2f}")
+    seq = units(200)
+    errs = []
+    for block in (1, 16):
+        a, b = ulm.IncrementalScorer(exact), ulm.IncrementalScorer(fast)
+        for i in range(0, len(seq), block):
+            errs.append(float((a.push(seq[i : i + block]) - b.push(seq[i : i + block])).abs().max()))
+    whole = float((exact.unit_logprobs(ulm.UnitTokenizer(args.k).encode(seq).to(device))
+                   - fast.unit_logprobs(ulm.UnitTokenizer(args.k).encode(seq).to(device))).abs().max())  # fmt: skip
+    print(f"fast vs exact, 200 units (RANDOM weights: plumbing): max |log-prob error| {max(errs):.4f} nats "
+          f"incremental (blocks of 1 and 16), {whole:.4f} whole-utterance")
 
 
 if __name__ == "__main__":

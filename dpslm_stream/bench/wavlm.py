@@ -17,7 +17,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from dpslm_stream.device import DeviceTimer
+from dpslm_stream.device import DeviceTimer, setup_model_device
 from dpslm_stream.models import wavlm
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,7 +44,7 @@ def _timed(fn, device: torch.device) -> tuple[float, object]:
 def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = setup_model_device(args.device)  # TF32 off on CUDA, as the server
     dtype = _DTYPES[args.dtype]
     cfg = dataclasses.replace(wavlm.FULL, encoder_layers=args.layer)
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from dpslm_stream.device import setup_model_device
 from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as wt
 
@@ -67,7 +68,7 @@ def _chunked(voc: wt.IncrementalVocoder, codes: torch.Tensor, push: int) -> torc
 def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), _DTYPES[args.dtype]
+    device, dtype = setup_model_device(args.device), _DTYPES[args.dtype]  # TF32 off on CUDA, as the server
     cfg = _CONFIGS[args.model]
     torch.manual_seed(0)
     with torch.device(device):

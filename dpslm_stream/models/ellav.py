@@ -95,6 +95,11 @@ class ELLAVTokenizer:
         for i in range(first_codec, len(d)):
             self._codec_of_id[i] = int(id_to_token[i])
         self._unit_ids = {int(t[1:]): i for t, i in d.items() if t[:1] == "u" and t[1:].isdigit()}
+        # A phone vocabulary (no "u{n}" tokens): its phones are addressed by rank (id - 4) where units go, so the
+        # same prompt, generation and teacher-forcing code serves both; `phone_ranks` maps phone strings to ranks.
+        self.phone_ranks = {} if self._unit_ids else {t: i - self.num_special_types for t, i in d.items()
+                                                      if self.num_special_types <= i < first_codec}  # fmt: skip
+        self._prompt_ids = self._unit_ids or {r: r + self.num_special_types for r in range(P)}
 
     # ----- construction and (de)serialisation -----
 
@@ -176,15 +181,26 @@ class ELLAVTokenizer:
         return len(self._unit_ids)
 
     def unit_token_ids(self, units: Sequence[int]) -> list[int]:
-        """Token ids of unit ids (validated: each must be one of the vocabulary's "u{n}")."""
+        """Token ids of unit ids (validated: each must be one of the vocabulary's "u{n}"; for a phone vocabulary,
+        phone ranks, see `phone_ranks`)."""
         out = []
         for u in units:
-            if isinstance(u, bool) or not isinstance(u, int) or u not in self._unit_ids:
+            if isinstance(u, bool) or not isinstance(u, int) or u not in self._prompt_ids:
                 raise InvalidInput(
-                    f"unit {u!r} is not in the vocabulary: units must be integers in 0..{self.num_units - 1}"
+                    f"unit {u!r} is not in the vocabulary: units must be integers in 0..{len(self._prompt_ids) - 1}"
                 )
-            out.append(self._unit_ids[u])
+            out.append(self._prompt_ids[u])
         return out
+
+    def prompt_index(self, token: object) -> object:
+        """A prompt entry as generate takes it -> the integer encode_prompt takes: 'u12' -> 12 for a unit model, a
+        phone string -> its rank for a phone model (unknown phones are an error; upstream would map them to UNK);
+        anything else is passed on for validation."""
+        if isinstance(token, str) and self.phone_ranks:
+            if token not in self.phone_ranks:
+                raise InvalidInput(f"phone {token!r} is not in this model's vocabulary ({len(self.phone_ranks)} phones)")
+            return self.phone_ranks[token]
+        return _unit_id(token)
 
     def codec_token_ids(self, codes: Sequence[int]) -> list[int]:
         """Token ids of codec indices 0..num_codec_types-1."""
@@ -262,7 +278,7 @@ class ELLAVTokenizer:
         if not units:
             raise InvalidInput("the unit list is empty; ELLA-V needs at least one unit")
         ids = self.unit_token_ids(units)
-        ids = [i for u, i in zip(units, ids) if f"u{u}" not in self.tokens_not_to_sandwich]
+        ids = [i for i in ids if self._id_to_token[i] not in self.tokens_not_to_sandwich]
         if codec_prefix is not None:
             runs = [self.codec_token_ids(_int_list(codes, "codec_prefix entries")) for codes in codec_prefix]
         elif token_prefix is not None:
@@ -510,11 +526,12 @@ class ELLAV(Transformer):
         generator: torch.Generator | None = None,
         **prefixes,
     ) -> tuple[list[torch.Tensor], list[bool]]:
-        """Upstream-compatible call: prompts of unit tokens as upstream writes them (``[f"u{unit}" ...]``) or plain
+        """Upstream-compatible call: prompts of unit tokens as upstream writes them (``[f"u{unit}" ...]``; phone strings
+        such as ``["HH", "AH0", "L", "OW1"]`` for a phone model) or plain
         unit ids; returns B int64 tensors of codec ids on the model's device (upstream's return type, so
         ``vocode(wavtokenizer, codec_ids[None, None, :])`` works unchanged) and the finished flags.
         See `generate_ids` for the semantics and the teacher-forcing prefixes."""
-        prompts = [[_unit_id(u) for u in p] if isinstance(p, (list, tuple)) else p for p in prompts]
+        prompts = [[self.tokenizer.prompt_index(u) for u in p] if isinstance(p, (list, tuple)) else p for p in prompts]
         codes, finished = self.generate_ids(prompts, max_tokens, max_codec_tokens_per_phone, temperature, top_p,
                                             generator, **prefixes)  # fmt: skip
         return [torch.tensor(c, dtype=torch.long, device=self.device) for c in codes], finished

@@ -172,7 +172,7 @@ def apply_to_transformer(model: nn.Module, plan: Plan) -> Plan:
     if plan.precision == "exact":
         model.precision_plan = plan
         return plan
-    if getattr(model, "precision_plan", None) is not None and model.precision_plan.precision != "exact":
+    if model.precision_plan is not None and model.precision_plan.precision != "exact":
         raise InvalidInput("this model was already converted to a fast plan; load it again for another plan")
     if model.tok_embeddings.weight.dtype != torch.float32:
         raise InvalidInput(f"precision 'fast' converts a float32 model; this one is {model.tok_embeddings.weight.dtype}")

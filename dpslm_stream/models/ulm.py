@@ -305,10 +305,10 @@ class IncrementalScorer:
         cache = self.cache
         if self.max_context is not None:
             # The next query sits at the current position; it still needs the W - 1 tokens before it.
-            if int(cache.length[0]) + num_tokens > cache.capacity:
+            if int(cache.lengths[0]) + num_tokens > cache.capacity:
                 cache.drop_oldest(self.max_context - 1)
         else:
-            needed = int(cache.length[0]) + num_tokens
+            needed = int(cache.lengths[0]) + num_tokens
             if needed > cache.capacity:
                 cache.grow(max(needed, 2 * cache.capacity))
 
@@ -348,7 +348,7 @@ def score_blocks(
         tokens = torch.zeros((len(rows), width), dtype=torch.long, device=model.device)
         for j, piece in enumerate(pieces):
             tokens[j, : len(piece)] = torch.tensor(piece, dtype=torch.long)
-        valid = torch.tensor([len(p) for p in pieces], dtype=torch.long, device=model.device)
+        valid = [len(p) for p in pieces]  # host counts: the cache keeps its lengths on the host
         if len(rows) == 1:
             logits = model(tokens, scorers[rows[0]].cache, valid)
         else:

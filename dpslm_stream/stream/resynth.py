@@ -366,8 +366,10 @@ class IncrementalELLAV:
     @torch.inference_mode()
     def _run_passes(self) -> list[int]:
         if self._decoder is None:
+            plan = self.model.precision_plan
             self._decoder = BatchDecoder(self.model, max_batch=1,
-                                         max_codec_tokens_per_phone=self.max_codec_tokens_per_phone)  # fmt: skip
+                                         max_codec_tokens_per_phone=self.max_codec_tokens_per_phone,
+                                         merge_forced=plan is not None and plan.precision == "fast")  # fmt: skip
         out: list[int] = []
         while True:
             if not self._decoder.rows:
@@ -409,12 +411,22 @@ class BatchDecoder:
     Active passes occupy rows 0..A-1. `admit` prefills new passes into the next free rows in one padded forward;
     `step` picks every row's next token with upstream's control loop (`generation_step`), lets rows whose pass is
     over leave (the last row moves into the hole, copying only its filled slots) and forwards the rest in one
-    batched 1-token forward. Each row's positions start at 0 with its prompt. The cache grows (never shrinks) to the
-    largest pass admitted: bounded by the streams' C, P and M, not by stream length.
+    batched 1-token forward (2 tokens for rows whose EOP is followed by a forced unit, with `merge_forced`). Each
+    row's positions start at 0 with its prompt. The cache grows (never shrinks) to the largest pass admitted:
+    bounded by the streams' C, P and M, not by stream length.
+
+    Device hygiene: a step reads the device once (tokens, pass-over flags and next forced tokens in one `tolist`);
+    sampling rows draw on the device from per-stream uniform numbers sent in one transfer; cache lengths live on the
+    host (KVCache.lengths).
     """
 
-    def __init__(self, model: ELLAV, max_batch: int, max_codec_tokens_per_phone: int, capacity: int = 256):
+    def __init__(self, model: ELLAV, max_batch: int, max_codec_tokens_per_phone: int, capacity: int = 256,
+                 merge_forced: bool = False):
         self.model = model
+        # Feed the unit token forced after an EOP in the same forward as the EOP (a 2-token append for that row):
+        # U fewer forwards per second of audio. Not bit-identical to one token per forward (the matmuls see other
+        # shapes), so only for precision "fast".
+        self.merge_forced = merge_forced
         self.max_batch = _check_count(max_batch, "max_batch", 1)
         self.max_codec_tokens_per_phone = max_codec_tokens_per_phone
         self._initial_capacity = capacity
@@ -452,7 +464,7 @@ class BatchDecoder:
         M = self.max_codec_tokens_per_phone
         plans = [plan for _, plan in jobs]
         need = [len(p.prompt) + p.max_new_tokens(M) for p in plans]
-        self._reserve(max(need))
+        self._reserve(max(need) + 1)  # + 1: a merged step pads the other rows by one slot
         device = self.model.device
         a, b = len(self.rows), len(self.rows) + len(jobs)
         view = self.cache.rows(a, b)
@@ -502,14 +514,32 @@ class BatchDecoder:
         token = generation_step(self.logits, self.state, max_codec_tokens_per_phone=self.max_codec_tokens_per_phone,
                                 temperature=0.0, top_p=0.0, eop_id=tok.EOP_id, eos_id=tok.EOS_id,
                                 sampled=sampled)  # fmt: skip
-        # The step's one device -> host transfer: every row's token and whether its pass is over.
-        tokens, over = torch.stack([token, self.state.finished.long()]).tolist()
-        out = [(r, t, bool(o)) for r, t, o in zip(self.rows, tokens, over)]
+        # The step's one device -> host transfer: every row's token, whether its pass is over, its next forced token.
+        tokens, over, forced = torch.stack([token, self.state.finished.long(), self.state.forced]).tolist()
+        merge = [self.merge_forced and t == tok.EOP_id and not o and f >= 0 for t, o, f in zip(tokens, over, forced)]
+        out = []
+        for r, t, o, f, m in zip(self.rows, tokens, over, forced, merge):
+            out.append((r, t, bool(o)))
+            if m:  # the forced next unit, fed in this step's forward together with the EOP
+                out.append((r, f, False))
         keep = [i for i, o in enumerate(over) if not o]
         if len(keep) < len(over):
-            token = token[self._compact(keep)]
-        if self.rows:
-            self.logits = self.model(token[:, None], self.cache.rows(0, len(self.rows)))[:, 0]
+            order = self._compact(keep)
+            token, merge = token[order], [merge[i] for i in order]
+        if not self.rows:
+            return out
+        view = self.cache.rows(0, len(self.rows))
+        if not any(merge):
+            self.logits = self.model(token[:, None], view)[:, 0]
+            return out
+        merged = torch.tensor(merge, device=token.device)
+        pairs = torch.stack([token, torch.where(merged, self.state.forced, 0)], dim=1)
+        valid = [1 + m for m in merge]
+        logits = self.model(pairs, view, valid)
+        self.logits = logits[torch.arange(len(valid), device=token.device), merged.long()]
+        # generation_step's update for the forced unit token: it counts towards the cap, and nothing is forced next.
+        self.state.since_eop = torch.where(merged, self.state.since_eop + 1, self.state.since_eop)
+        self.state.forced = torch.where(merged, -1, self.state.forced)
         return out
 
     def _sample(self) -> Tensor:
@@ -935,7 +965,8 @@ class ResynthWorker:
 
     def _decoder(self, key: tuple[int, int]) -> BatchDecoder:
         if key not in self._decoders:
-            self._decoders[key] = BatchDecoder(self._ellav(key), self.max_batch, self.max_codec_tokens_per_phone)
+            self._decoders[key] = BatchDecoder(self._ellav(key), self.max_batch, self.max_codec_tokens_per_phone,
+                                               merge_forced=self.precision == "fast")  # fmt: skip
         return self._decoders[key]
 
     @property

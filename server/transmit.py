@@ -1,0 +1,47 @@
+"""The server's codec thread: every session's `Transmitter` (start.transmit) runs here, off the event loop.
+
+The `ulm` coder steps the unit LM once per unit (batch 1, its own KV cache, see dpslm_stream.codec.models): model
+code, so it must not run on the event loop, and it must not be batched with other sessions (decodability needs the
+receiver's batch-1 step shape). One thread for all sessions keeps each session's jobs in order (a single-worker
+executor runs them first in, first out) and shares one ULM per (k, lambda) between the sessions; it is separate from
+the scorer's ULM, whose batched floats are never used for coding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from dpslm_stream import hub
+from dpslm_stream.codec.cli import ModelCache
+from dpslm_stream.codec.link import TransmitOptions, Transmitter
+
+
+class CodecService:
+    def __init__(self, models: hub.ModelSet | str):
+        self.models = ModelCache(hub.ModelSet(models) if isinstance(models, str) else models)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpslm-codec")
+
+    def _open(self, options: dict, k: int, lmbda: int, t0: float) -> Transmitter:
+        opts = TransmitOptions.from_json(options)
+        model = self.models.model(opts.coder, k, lmbda)
+        return Transmitter(opts.header(k, lmbda, model), model, t0)
+
+    async def open(self, options: dict, k: int, lmbda: int, t0: float) -> Transmitter:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._open, options, k, lmbda, t0)
+
+    def submit(self, tx: Transmitter, job: Callable[[], list[bytes]], at: float,
+               done: Callable[[Any], None]) -> None:  # fmt: skip
+        """Run `job` (a call on `tx`) on the codec thread; `done(future)` is called on the loop with
+        (packets, next deadline, stats) or the exception."""
+
+        def run() -> tuple[list[bytes], float, dict]:
+            packets = job()
+            return packets, tx.next_deadline(), tx.stats(at)
+
+        future = asyncio.get_running_loop().run_in_executor(self._pool, run)
+        future.add_done_callback(done)
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
