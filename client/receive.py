@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dpslm_stream import protocol as P
-from dpslm_stream.errors import DPSLMError, InvalidInput
+from dpslm_stream.errors import InvalidInput
 
 from .api import ListenerClient, UnitsClient, chunked
 from .stream import DEFAULT_URL
@@ -135,10 +135,7 @@ def run(args) -> int:
     models = hub.ModelSet(args.models)
     channel = Channel(args.loss, args.burst, args.jitter_ms, args.seed) if (args.loss or args.jitter_ms) else None
     receiver = Receiver(ModelCache(models).for_header, channel)
-    try:
-        out = asyncio.run(_run(args, receiver))
-    except DPSLMError:
-        raise
+    out = asyncio.run(_run(args, receiver))  # a refused or lost session is a SessionError: one line, exit 1
     print()
     if receiver.header is None:
         raise InvalidInput("no bitstream arrived (is the sender's session transmitting? start.transmit)")

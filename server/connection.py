@@ -186,13 +186,8 @@ class Connection:
                 if self.sender is not None:
                     self.sender.listeners.discard(self)
                     self.sender.core.listeners = len(self.sender.listeners)
-            elif isinstance(a, A.Transmit):
-                self._transmit(lambda tx, a=a: tx.on_units(list(a.units), None if a.durations is None else
-                                                           list(a.durations), a.at), a.at)  # fmt: skip
-            elif isinstance(a, A.TransmitTick):
-                self._transmit(lambda tx, a=a: tx.tick(a.at), a.at)
-            elif isinstance(a, A.TransmitEnd):
-                self._transmit(lambda tx, a=a: tx.finish(a.at), a.at, done=True)
+            elif isinstance(a, (A.Transmit, A.TransmitTick, A.TransmitEnd)):
+                self._transmit(a)
             elif isinstance(a, A.RelayBits):
                 for listener in list(self.listeners):
                     listener.handle(listener.core.relay_bits, a.part, a.data)
@@ -205,13 +200,20 @@ class Connection:
             else:
                 raise TypeError(f"unknown action {a!r}")
 
-    def _transmit(self, call: Callable[[Any], list[bytes]], at: float, done: bool = False) -> None:
+    def _transmit(self, a: A.Transmit | A.TransmitTick | A.TransmitEnd) -> None:
         """Run one transmitter call on the codec thread; its packets come back to the core in order."""
         tx, codec = self.transmitter, self.server.codec
         if tx is None or codec is None:
             return
+        done = isinstance(a, A.TransmitEnd)
 
-        def back(future) -> None:
+        def call() -> list[bytes]:
+            assert tx is not None
+            if isinstance(a, A.Transmit):
+                return tx.on_units(list(a.units), None if a.durations is None else list(a.durations), a.at)
+            return tx.finish(a.at) if done else tx.tick(a.at)
+
+        def back(future: Any) -> None:
             if future.cancelled():
                 return
             if future.exception() is not None:
@@ -220,7 +222,7 @@ class Connection:
                 packets, deadline, stats = future.result()
                 self.handle(self.core.transmitted, packets, deadline, stats, done)
 
-        codec.submit(tx, lambda: call(tx), at, back)
+        codec.submit(tx, call, a.at, back)
 
     def _wake_encoder(self) -> None:
         if self.server.worker is not None:
@@ -236,15 +238,29 @@ class Connection:
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future) -> None:
+        """A helper task (opening the backends, a close) ended: a bug in it ends this session like any other."""
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("session %s: a task failed: %r", self.id, error)
+            self.handle(self.core.failed, error)
 
     # --- opening the backends ----------------------------------------------------------------------------------------
 
-    async def _opening(self, what: str, opener: Callable[[], Awaitable[Any]]) -> tuple[Any, tuple | None]:
+    async def _opening(self, what: str, opener: Callable[[], Awaitable[Any]],
+                       release: Callable[[Any], None]) -> tuple[Any, tuple | None]:  # fmt: skip
         """Await one backend open: (its result, None), or (None, (error code, message)) when it is refused (unknown
-        model, bad settings) or fails (a failing model load must not take the server down)."""
+        model, bad settings) or fails (a failing model load must not take the server down). When the connection
+        gives up first (gone, or the core's open deadline closed it), what opens later is ``release``d."""
+        opening = asyncio.ensure_future(opener())
         try:
-            return await opener(), None
+            return await asyncio.shield(opening), None
+        except asyncio.CancelledError:  # the connection went away (e.g. after the open deadline): release it later
+            opening.add_done_callback(lambda f: None if f.cancelled() or f.exception() else release(f.result()))
+            raise
         except UnknownModel as e:
             return None, (E.UNKNOWN_MODEL, f"{what}: {e}")
         except InvalidInput as e:
@@ -265,11 +281,13 @@ class Connection:
         try:
             if a.resynth is not None and resynth is not None:
                 options = a.resynth
-                rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self))
+                rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self),
+                                                 self._close_resynth)  # fmt: skip
                 if refused:
                     return self.handle(self.core.open_failed, *refused)
             slot, refused = await self._opening("encoder session",
-                                                lambda: worker.open_slot(self.id, a.sample_rate, a.settings, self))  # fmt: skip
+                                                lambda: worker.open_slot(self.id, a.sample_rate, a.settings, self),
+                                                lambda slot: slot.cancel())  # fmt: skip
             if refused:
                 self._close_resynth(rstream)
                 return self.handle(self.core.open_failed, *refused)
@@ -306,7 +324,8 @@ class Connection:
         resynth = self.server.resynth_backend
         if a.resynth is not None and resynth is not None:
             options = a.resynth
-            rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self))
+            rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self),
+                                                 self._close_resynth)  # fmt: skip
             if refused:
                 return self.handle(self.core.subscribe_failed, *refused)
         if a.bitstream and sender.core.transmit is None:

@@ -1,7 +1,5 @@
 """The live link without a server: Transmitter (wall-clock packets) -> channel -> Receiver."""
 
-import math
-
 import pytest
 
 from dpslm_stream.codec import TableModel, UniformModel, fit_table

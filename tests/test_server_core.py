@@ -221,3 +221,68 @@ def test_a_dropped_connection_frees_its_slot_at_once():
 
         attempt, session = asyncio.run(main())
         assert session and attempt < 30
+
+
+def test_a_bug_while_opening_ends_that_session_with_internal_error(monkeypatch):
+    """Any exception in one session's handling, even in the task that opens its backends, ends that session with a
+    coded error and a close (never a hang in the opening state); the server goes on."""
+    from dpslm_stream.server import connection
+
+    real_open = connection.Connection._open
+
+    async def broken_open(self, action):
+        if action.sample_rate == 12345:
+            raise RuntimeError("injected bug")
+        return await real_open(self, action)
+
+    monkeypatch.setattr(connection.Connection, "_open", broken_open)
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False)) as srv:
+
+        async def main():
+            async with websockets.connect(srv.url, compression=None) as ws:
+                await ws.send(json.dumps({"type": "start", "sample_rate": 12345}))
+                msgs = await messages(ws, timeout=30)
+                code = ws.close_code
+            ok = await stream_audio(srv.url, speech_like(0.5, SR, seed=3), SR, chunk_ms=100)
+            return msgs, code, ok
+
+        msgs, code, ok = asyncio.run(main())
+    assert [m.code for m in msgs] == [E.INTERNAL_ERROR.value] and msgs[0].fatal and "injected bug" in msgs[0].message
+    assert code == P.CLOSE_INTERNAL and ok.end.reason == "end"
+
+
+def test_a_disconnect_storm_leaves_the_canary_exact_and_frees_every_slot():
+    wav = speech_like(3.0, SR, seed=35)
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False, max_sessions=40)) as srv:
+
+        async def vanish(i: int):
+            ws = await websockets.connect(srv.url, compression=None)
+            try:
+                if i % 4 >= 1:
+                    await ws.send(json.dumps({"type": "start", "sample_rate": SR, "resynth": {} if i % 2 else None}))
+                if i % 4 >= 2:
+                    await ws.recv()
+                    for chunk in chunked(speech_like(0.6, SR, seed=i), SR, 100):
+                        await ws.send(P.encode_audio(chunk, "pcm16"))
+                if i % 4 == 3:
+                    await ws.send('{"type":"end"}')
+                await asyncio.sleep(0.01 * (i % 5))
+            finally:
+                ws.transport.abort()  # no close handshake
+
+        async def main():
+            canary = asyncio.create_task(stream_audio(srv.url, wav, SR, options={"mode": "full"}, chunk_ms=100,
+                                                      realtime=True))  # fmt: skip
+            for wave in range(3):
+                await asyncio.gather(*(vanish(10 * wave + i) for i in range(10)))
+            res = await canary
+            for _ in range(100):  # every dropped connection is released (bounded: 5 s)
+                health = json.loads(urllib.request.urlopen(srv.http_url + P.HEALTH_PATH).read())
+                if health["sessions"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return res, health
+
+        res, health = asyncio.run(main())
+    assert [u.unit for u in res.units] == offline_units(pcm16(wav)) and not res.errors
+    assert health["sessions"] == 0 and health["status"] == "ok"

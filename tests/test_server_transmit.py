@@ -28,7 +28,8 @@ def server():
 
 
 async def _session(url: str, wav: np.ndarray, transmit: dict, listen: bool = True) -> dict:
-    sender = UnitsClient(url, sample_rate=16000, transmit=transmit)
+    # score=True: the server's worker batches the sessions' ULM scoring; the coder's own batch-1 steps must not care.
+    sender = UnitsClient(url, sample_rate=16000, transmit=transmit, score=True)
     ready = await sender.connect()
     out = {"units": [], "frames": [], "listener_frames": [], "stats": []}
     listener = None
@@ -40,6 +41,7 @@ async def _session(url: str, wav: np.ndarray, transmit: dict, listen: bool = Tru
         async for msg in sender.stream(chunked(wav, 16000, 100.0)):
             if isinstance(msg, P.Unit):
                 out["units"].append(int(msg.unit))
+                assert msg.logprob is not None
             elif isinstance(msg, P.BitstreamFrame):
                 out["frames"].append((msg, asyncio.get_running_loop().time()))
             elif isinstance(msg, P.Stats):
@@ -100,3 +102,95 @@ def test_transmit_options_and_bitstream_subscriptions_are_checked(server):
         await plain.close()
 
     asyncio.run(main())
+
+
+def test_receive_cli_decodes_and_resynthesizes_on_its_side_with_and_without_loss(server, tmp_path, tiny_dir, capsys):
+    import soundfile as sf
+
+    from dpslm_stream.cli import main
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, speech_like(3.0, seed=5).astype(np.float32), 16000)
+    common = ["receive", "--url", server.url, "--send", str(clip), "--pace", "fast", "--models", str(tiny_dir),
+              "--coder", "ulm", "--packet-ms", "40", "--resync-s", "0.5"]  # fmt: skip
+    out = tmp_path / "clean.json"
+    assert main([*common, "--json", str(out), "--audio-out", str(tmp_path / "rx.wav")]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["exact"] and doc["units_lost"] == 0 and doc["receiver"]["packets_lost"] == 0
+    wav, sr = sf.read(tmp_path / "rx.wav")
+    assert sr == 24000 and len(wav) > 0
+    lossy = tmp_path / "lossy.json"
+    assert main([*common, "--json", str(lossy), "--loss", "0.3", "--burst", "2", "--jitter-ms", "30", "--seed", "4"]) == 0
+    doc = json.loads(lossy.read_text())
+    assert doc["channel"]["packets_dropped"] > 0 and doc["segments_match_sender"]
+    assert doc["units_lost"] > 0 and not doc["exact"]
+    said = capsys.readouterr().out
+    assert "lost" in said and "channel:" in said
+
+
+def test_session_core_transmit_wiring_without_sockets():
+    """The core hands units to the transmitter, asks for a tick at the packet deadline, sends the frames it gets
+    back (and relays them), and ends only after the END packet; listeners hear of the end after it."""
+    from dpslm_stream.server import actions as A
+    from dpslm_stream.server.backends import Progress
+    from tests.test_session_core import end_event, kinds, sent, session, start, unit
+
+    s = session()
+    out = start(s, transmit={"coder": "uniform", "packet_ms": 100})
+    assert s.transmit["coder"] == "uniform"
+    out = s.transmit_opened(b"HDR", 0.1)
+    assert sent(out) == [P.encode_bitstream_frame("header", b"HDR")] and A.RelayBits("header", b"HDR") in out
+    out = s.encoder_events([unit(0, 10)], Progress(), 0.2)
+    tx = [a for a in out if isinstance(a, A.Transmit)]
+    assert len(tx) == 1 and tx[0].units == (0,) and tx[0].durations is None and tx[0].at == 0.2
+    out = s.transmitted([], 0.3, {"payload_bps": 1.0}, False, 0.2)  # the transmitter says: packet due at 0.3
+    assert s.next_deadline() == 0.3
+    assert [a for a in s.tick(0.3) if isinstance(a, A.TransmitTick)] == [A.TransmitTick(0.3)]
+    out = s.transmitted([b"P0"], float("inf"), {"payload_bps": 2.0}, False, 0.31)
+    assert sent(out) == [P.encode_bitstream_frame("packet", b"P0")] and A.RelayBits("packet", b"P0") in out
+    # The stream ends: the transmitter finishes first; end and ListenersDone wait for its last packet.
+    s.receive_text('{"type": "end"}', 0.4)
+    out = s.encoder_events([end_event(10)], Progress(finished=True), 0.5)
+    assert A.TransmitEnd(0.5) in out and A.ListenersDone(gone=False) not in out
+    assert not any(isinstance(m, P.EndMessage) for m in sent(out))
+    out = s.transmitted([b"END"], float("inf"), {"payload_bps": 3.0}, True, 0.6)
+    msgs = sent(out)
+    assert msgs[0] == P.encode_bitstream_frame("packet", b"END") and isinstance(msgs[-1], P.EndMessage)
+    assert A.ListenersDone(gone=False) in out and msgs[-1].stats["transmit"] == {"payload_bps": 3.0}
+    assert kinds(out)[-1] is A.Close
+
+
+def test_a_bitstream_listener_joining_late_decodes_from_the_next_resync_point(server):
+    wav = speech_like(4.0, seed=9).astype(np.float32)
+
+    async def main():
+        sender = UnitsClient(server.url, sample_rate=16000, transmit={"coder": "ulm", "packet_ms": 40, "resync_s": 0.5})
+        ready = await sender.connect()
+        sent: list[int] = []
+        heard: list = []
+
+        async def send():
+            async for msg in sender.stream(chunked(wav, 16000, 100.0), realtime=True):
+                if isinstance(msg, P.Unit):
+                    sent.append(int(msg.unit))
+
+        async def listen():
+            while len(sent) < 10:  # join once the stream is well under way
+                await asyncio.sleep(0.05)
+            listener = ListenerClient(server.url, session=ready.session, listen_token=ready.listen_token,
+                                      format="bitstream")  # fmt: skip
+            await listener.connect()
+            async for msg in listener:
+                if isinstance(msg, P.BitstreamFrame):
+                    heard.append(msg)
+
+        await asyncio.gather(send(), listen())
+        return sent, heard
+
+    sent, heard = asyncio.run(main())
+    assert heard[0].part == "header"
+    units, rx = _decode(heard)
+    assert 0 < len(units) < len(sent)
+    assert " ".join(map(str, units)) in " ".join(map(str, sent)) and sent[-len(units):] == units
+    assert rx.decoder.report.resyncs >= 1  # decoding began at a RESYNC packet (earlier ones, if any, were skipped)
+    assert rx.decoder.report.ended and rx.decoder.report.packets_damaged == 0

@@ -197,7 +197,8 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     label = {"full": "WavLM-Large dimensions, RANDOM weights", "tiny": "tiny set, RANDOM weights"}.get(args.models,
                                                                                                         args.models)
-    print(f"flood bench: {label}; CPU: {cpu_description()}; {torch.get_num_threads()} torch threads")
+    print(f"flood bench: {label}; CPU: {cpu_description()}; {torch.get_num_threads()} torch threads; load average "
+          f"before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (a shared machine inflates every figure)")
     result: dict = {"label": label, "cpu": cpu_description(), "args": {k: str(v) for k, v in vars(args).items()}}
     if not args.skip_lag:
         cfg = ServerConfig(port=0, models=args.models if args.models != "full" else "tiny", max_sessions=4,
@@ -214,7 +215,8 @@ def run(args: argparse.Namespace) -> None:
                     rows.append(r)
                     walls = " ".join(f"{w:.1f}" for w in r["flood_wall_s"]) or "-"
                     print(f"{'flooded' if flood else 'alone':>10} {rep:3d} {r['units']:5d} {r['lag_p50']:8.3f} "
-                          f"{r['lag_p95']:6.3f} {r['lag_max']:6.2f} {r['floods_done']:6d} {walls:>12}", flush=True)
+                          f"{r['lag_p95']:6.3f} {r['lag_max']:6.2f} {r['floods_done']:6d} {walls:>12}"
+                          f"   load {os.getloadavg()[0]:.1f}", flush=True)
         med = {f: statistics.median(r["lag_p95"] for r in rows if r["flood"] is f) for f in (False, True)}
         same = all(r["unit_ids"] == rows[0]["unit_ids"] for r in rows)
         print(f"canary p95 (median of {args.repeats}): alone {med[False]:.3f} s, flooded {med[True]:.3f} s, "

@@ -137,15 +137,16 @@ def _random_full_wavtokenizer() -> W.WavTokenizer:
     return model
 
 
-def make_worker(size: str, args: argparse.Namespace, max_batch: int, precision: str = "exact") -> ResynthWorker:
+def make_worker(size: str, args: argparse.Namespace, max_batch: int, precision: str = "exact",
+                clock=time.perf_counter) -> ResynthWorker:  # fmt: skip
     device = torch.device(args.device)
     dtype, vdtype = _DTYPES[args.dtype], _DTYPES[args.vocoder_dtype]
     if size == "tiny":
         return ResynthWorker("tiny", device, dtype, pairs=[(K, LMBDA)], vocoder_dtype=vdtype, max_batch=max_batch,
-                             precision=precision)  # fmt: skip
+                             precision=precision, clock=clock)  # fmt: skip
     return ResynthWorker("tiny", device, dtype, pairs=[(K, LMBDA)], vocoder_dtype=vdtype, max_batch=max_batch,
                          ellavs={(K, LMBDA): _random_full_ellav(device, dtype)},
-                         wavtokenizer=_random_full_wavtokenizer(), precision=precision)  # fmt: skip
+                         wavtokenizer=_random_full_wavtokenizer(), precision=precision, clock=clock)  # fmt: skip
 
 
 def session_options(args: argparse.Namespace) -> dict:
@@ -163,7 +164,7 @@ def replay(worker: ResynthWorker, streams: list[list[tuple[int, float]]], option
     sessions = [worker.open_session(K, LMBDA, **options) for _ in streams]
     nxt = [0] * len(streams)
     ends: list[ResynthEndEvent] = []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     ticks = int(math.ceil(seconds / TICK_S))
     for tick in range(1, ticks + 1):
         for i, (s, units) in enumerate(zip(sessions, streams)):
@@ -178,11 +179,13 @@ def replay(worker: ResynthWorker, streams: list[list[tuple[int, float]]], option
         ends += [e for s in sessions for e in s.poll() if isinstance(e, ResynthEndEvent)]
     _sync(worker.device)
     wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     audio_s = float(np.mean([e.audio_seconds for e in ends]))
     return {"wall": wall, "rtf": wall / seconds, "audio_s": audio_s, "rtf_audio": wall / audio_s,
+            "cpu_rtf": cpu / seconds, "cpu_rtf_audio": cpu / audio_s,
             "rows": worker.tokens_decoded / max(1, worker.decode_steps),
             "ms_per_step": 1e3 * worker.decode_seconds / max(1, worker.decode_steps),
-            "split": [t / wall for t in (worker.prefill_seconds, worker.decode_seconds, worker.vocoder_seconds)]}
+            "split": [t / cpu for t in (worker.prefill_seconds, worker.decode_seconds, worker.vocoder_seconds)]}
 
 
 def live(worker: ResynthWorker, streams: list[list[tuple[int, float]]], options: dict) -> dict:
@@ -294,12 +297,14 @@ def _run_size(args: argparse.Namespace, size: str, precision: str, options: dict
     plans = make_worker("tiny", args, 1, precision).precision_plans
     print(f"precision {precision}: {plans['ellav']}; {plans['wavtokenizer']}")
     header = (f"{'streams':>7} {'units/stream':>12} {'audio s/stream':>14} {'wall s':>8} {'RTF input':>9} "
-              f"{'RTF audio':>9} {'rows/step':>9} {'ms/step':>8} {'prefill/decode/vocoder':>22}")  # fmt: skip
+              f"{'RTF audio':>9} {'CPU RTF in':>10} {'CPU RTF au':>10} {'rows/step':>9} {'CPU ms/step':>11} "
+              f"{'prefill/decode/vocoder':>22}")  # fmt: skip
     print(header)
     print("-" * len(header))
     sweep = []
     for n in counts:
-        worker = make_worker(size, args, max_batch=max(counts), precision=precision)
+        # CPU-time clock: the worker's ms/step and shares count this process's CPU time, not time it was descheduled
+        worker = make_worker(size, args, max_batch=max(counts), precision=precision, clock=time.process_time)
         streams = streams_for(n, seconds)
         r = replay(worker, streams, options, seconds)
         del worker
@@ -307,7 +312,8 @@ def _run_size(args: argparse.Namespace, size: str, precision: str, options: dict
         sweep.append((n, r))
         split = "/".join(f"{100 * x:.0f}%" for x in r["split"])
         print(f"{n:>7} {r['units']:>12.1f} {r['audio_s']:>14.2f} {r['wall']:>8.2f} {r['rtf']:>9.3f} "
-              f"{r['rtf_audio']:>9.3f} {r['rows']:>9.2f} {r['ms_per_step']:>8.2f} {split:>22}")  # fmt: skip
+              f"{r['rtf_audio']:>9.3f} {r['cpu_rtf']:>10.3f} {r['cpu_rtf_audio']:>10.3f} {r['rows']:>9.2f} "
+              f"{r['ms_per_step']:>11.2f} {split:>22}")  # fmt: skip
     live_ok = [n for n, r in sweep if r["rtf"] <= 1.0]
     audio_ok = [n for n, r in sweep if r["rtf_audio"] <= 1.0]
     print(f"real-time streams on this worker (of {max(counts)} tried): {max(live_ok, default=0)} for this "

@@ -3,8 +3,8 @@ silence are not sent. Off by default (`codec encode --dtx`).
 
 The VAD is webrtcvad (the `webrtcvad-wheels` package, a small C extension; the `dtx` extra): it decides per 10/20/30
 ms frame of 16 kHz PCM16, and 20 ms is exactly one DPDP frame. A hangover keeps a few frames after speech (word
-endings, short closures) so only real pauses are dropped. The receiver learns the pause from the packets (with the
-header's DTX flag each packet says how many packet intervals passed without a packet) and renders silence there.
+endings, short closures) so only real pauses are dropped. The receiver learns each pause from the packets (in a DTX
+stream the packet after a pause carries its length in packet intervals) and renders silence there.
 """
 
 from __future__ import annotations
@@ -46,13 +46,16 @@ def speech_frames(wav: np.ndarray, sr: int, num_frames: int, mode: int = 2, hang
 
 
 def drop_silence(commits: list, speech: np.ndarray) -> tuple[list, int]:
-    """(commits whose unit touches a speech frame, number of units dropped); commits are ([u], [d], t_ms) in order."""
-    kept, dropped, start = [], 0, 0
+    """(the commits whose unit touches a speech frame, each with the milliseconds of silence dropped just before it as
+    a 4th element; the number of units dropped). Commits are ([u], [d], t_ms) in order."""
+    kept, dropped, start, pause = [], 0, 0, 0
     for units, durations, t in commits:
         d = int(durations[0])
         if speech[start : start + d].any():
-            kept.append((units, durations, t))
+            kept.append((units, durations, t, pause))
+            pause = 0
         else:
             dropped += 1
+            pause += 20 * d  # 20 ms frames
         start += d
     return kept, dropped

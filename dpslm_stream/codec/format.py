@@ -27,10 +27,11 @@ MAX_TABLE_BYTES = 16 << 20
 # Header flags
 FLAG_DURATIONS = 1  # packets carry a second payload: the units' durations (run lengths in 20 ms frames)
 FLAG_TABLE_INLINE = 2  # the table coder's table follows the fixed header
-FLAG_DTX = 4  # discontinuous transmission: packets say how many packet intervals passed without a packet
+FLAG_DTX = 4  # discontinuous transmission: a packet after a pause says how many packet intervals it skipped
 # Packet flags
 PKT_RESYNC = 1  # the coder context is reset before this packet: decodable without any earlier packet
 PKT_END = 2  # the last packet of the stream
+PKT_SKIPPED = 4  # a `skipped` varint follows the lengths (DTX streams, after a pause only)
 
 _HEADER = struct.Struct(">4sBBBBHIHI16s")  # magic version flags coder reserved k lmbda packet_ms resync_ms hash
 
@@ -148,7 +149,7 @@ class Packet:
     num_units: int
     payload: bytes  # the units
     duration_payload: bytes = b""  # their durations (only with FLAG_DURATIONS)
-    skipped: int = 0  # packet intervals without a packet since the previous packet (only with FLAG_DTX)
+    skipped: int = 0  # DTX: the silence not sent just before this packet, in packet intervals (flag PKT_SKIPPED)
     crc: int = field(default=0)  # CRC-16 over the packet's header bytes, payloads and the decoded unit ids
 
     @property
@@ -164,7 +165,7 @@ class Packet:
         head += write_varint(len(self.payload))
         if header.durations:
             head += write_varint(len(self.duration_payload))
-        if header.dtx:
+        if self.flags & PKT_SKIPPED:
             head += write_varint(self.skipped)
         return head
 
@@ -187,14 +188,14 @@ class Packet:
         if pos + 3 > len(buf):
             raise BitstreamError("truncated stream: a packet header is incomplete")
         seq, flags = struct.unpack_from(">HB", buf, pos)
-        if flags & ~(PKT_RESYNC | PKT_END):
+        if flags & ~(PKT_RESYNC | PKT_END | PKT_SKIPPED) or (flags & PKT_SKIPPED and not header.dtx):
             raise BitstreamError(f"corrupted packet: unknown flags {flags:#x}")
         n, p = read_varint(buf, pos + 3, MAX_UNITS_PER_PACKET)
         plen, p = read_varint(buf, p, MAX_PAYLOAD_BYTES)
         dlen = skipped = 0
         if header.durations:
             dlen, p = read_varint(buf, p, MAX_PAYLOAD_BYTES)
-        if header.dtx:
+        if flags & PKT_SKIPPED:
             skipped, p = read_varint(buf, p)
         end = p + plen + dlen + 2
         if end > len(buf):

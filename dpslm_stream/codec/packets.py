@@ -20,7 +20,7 @@ import numpy as np
 
 from dpslm_stream.codec.entropy import RangeReader, encode_packet, frequencies_from_weights
 from dpslm_stream.codec.format import (
-    MAX_UNITS_PER_PACKET, PKT_END, PKT_RESYNC, BitstreamError, Header, Packet,
+    MAX_UNITS_PER_PACKET, PKT_END, PKT_RESYNC, PKT_SKIPPED, BitstreamError, Header, Packet,
 )  # fmt: skip
 from dpslm_stream.codec.models import UnitModel
 from dpslm_stream.errors import InvalidInput
@@ -104,14 +104,15 @@ class PacketEncoder:
         self._durations: list[int] = []
         self._last_t = 0
         self._next_resync: int | None = None  # ms; None: the next packet resyncs
-        self._last_interval = -1  # interval of the last packet sent
+        self._pause_ms = 0  # DTX: silence not sent since the last packet
         self.finished = False
 
     def header_bytes(self) -> bytes:
         return self.header.to_bytes()
 
-    def push(self, units: Sequence[int], durations: Sequence[int] | None, t_ms: int) -> list[bytes]:
-        """Units committed at stream time t_ms (ms, non-decreasing; earlier times count as the last one)."""
+    def push(self, units: Sequence[int], durations: Sequence[int] | None, t_ms: int, pause_ms: int = 0) -> list[bytes]:
+        """Units committed at stream time t_ms (ms, non-decreasing; earlier times count as the last one).
+        `pause_ms` (DTX streams): silence the sender did not send just before these units."""
         if self.finished:
             raise InvalidInput("the stream is finished; start a new encoder")
         if self.header.durations and (durations is None or len(durations) != len(units)):
@@ -120,6 +121,8 @@ class PacketEncoder:
             if not 0 <= int(u) < self.header.k:
                 raise InvalidInput(f"unit {u} outside 0..{self.header.k - 1}")
         out = self.advance(t_ms)
+        if pause_ms and self.header.dtx:
+            self._pause_ms += int(pause_ms)
         if units:
             self._interval = max(self._last_t, int(t_ms)) // self.header.packet_ms
             self._units += [int(u) for u in units]
@@ -165,10 +168,12 @@ class PacketEncoder:
             freqs.append(self.model.frequencies())
             self.stats.ideal_bits += self.model.ideal_bits(u)
             self.model.advance(u)
-        interval = start_ms // self.header.packet_ms
+        skipped = round(self._pause_ms / self.header.packet_ms)  # the pause, in packet intervals
+        self._pause_ms = 0
+        if skipped:
+            flags |= PKT_SKIPPED
         packet = Packet(seq=self._seq, flags=flags, num_units=len(units), payload=encode_packet(freqs, units),
-                        skipped=max(0, interval - self._last_interval - 1))  # fmt: skip
-        self._last_interval = max(self._last_interval, interval)
+                        skipped=skipped)  # fmt: skip
         if self.header.durations:
             packet.duration_payload = encode_packet(*_duration_symbols(durations))
         data = packet.seal(units, self.header).to_bytes(self.header)
@@ -191,7 +196,7 @@ class DecodedPacket:
     lost_before: int = 0  # packets missing (sequence gap) just before this one
     resync: bool = False
     end: bool = False
-    skipped: int = 0  # packet intervals the sender sent nothing in before this packet (DTX streams only)
+    skipped: int = 0  # DTX: packet intervals of silence the sender did not send just before this packet
 
 
 @dataclass
@@ -294,13 +299,12 @@ class PacketDecoder:
 # --- whole streams (files) --------------------------------------------------------------------------------------------
 
 
-def encode_stream(header: Header, model: UnitModel, commits: Iterable[tuple[Sequence[int], Sequence[int] | None, int]]
-                  ) -> tuple[bytes, EncoderStats]:  # fmt: skip
-    """A whole `.dpsu` stream from (units, durations, commit_ms) events."""
+def encode_stream(header: Header, model: UnitModel, commits: Iterable[tuple]) -> tuple[bytes, EncoderStats]:
+    """A whole `.dpsu` stream from (units, durations, commit_ms[, pause_ms]) events."""
     enc = PacketEncoder(header, model)
     parts = [enc.header_bytes()]
-    for units, durations, t_ms in commits:
-        parts += enc.push(units, durations, t_ms)
+    for commit in commits:
+        parts += enc.push(*commit)
     parts += enc.finish()
     return b"".join(parts), enc.stats
 

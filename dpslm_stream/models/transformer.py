@@ -128,6 +128,7 @@ class KVCache:
         self.lengths = np.zeros(batch_size, dtype=np.int64)  # the same on the host
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # position of the next token
         # Set by begin() for the forward in flight.
+        self._rows: torch.Tensor | None = None
         self._slots: torch.Tensor | None = None
         self._extent = 0
 
@@ -170,15 +171,14 @@ class KVCache:
         mask = (key_pos >= 0) & (key_pos <= query_pos)
         if self.window is not None:
             mask &= key_pos > query_pos - self.window
-        self._slots, self._extent = slots, extent
+        self._rows, self._slots, self._extent = rows, slots, extent
         return positions, mask[:, None]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new keys/values [B, H_kv, T, D]; return that layer's keys/values over [0, extent)."""
-        rows = torch.arange(self.batch_size, device=k.device)[:, None]
         # Advanced indices (rows, slots) around a slice put the [B, T] index dims first: [B, T, H_kv, D].
-        self.k[layer][rows, :, self._slots] = k.transpose(1, 2)
-        self.v[layer][rows, :, self._slots] = v.transpose(1, 2)
+        self.k[layer][self._rows, :, self._slots] = k.transpose(1, 2)
+        self.v[layer][self._rows, :, self._slots] = v.transpose(1, 2)
         return self.k[layer, :, :, : self._extent], self.v[layer, :, :, : self._extent]
 
     def end(self, valid: Sequence[int] | None = None) -> None:
@@ -197,7 +197,7 @@ class KVCache:
             self.length += add
             self.next_pos += add
             self.lengths += np.asarray(valid, dtype=np.int64)
-        self._slots, self._extent = None, 0
+        self._rows, self._slots, self._extent = None, None, 0
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A KVCache over rows [start, stop), sharing this cache's storage and host lengths (basic slices are

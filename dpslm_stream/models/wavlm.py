@@ -603,7 +603,7 @@ class WavLM(nn.Module):
             return x
         x = yield from self._positional_steps(x)
         by_distance = self.relative_bias_by_distance(T)
-        rows = max(1, ATTENTION_ELEMENTS // (heads * T))
+        rows = max(MIN_ROWS, ATTENTION_ELEMENTS // (heads * T))
         for block in blocks:
             attn = block.self_attn
             h = block.attention_input(x)
@@ -648,9 +648,11 @@ class WavLM(nn.Module):
             else None
 
 
-# Bias elements (heads x query rows x keys) of one attention block; a whole input up to this runs dense. 2^23 floats
-# are 32 MB: 1448 frames (29 s) dense for 4 heads (tiny), 724 frames (14 s) for 16 (Large).
-ATTENTION_ELEMENTS = 1 << 23
+# Bias elements (heads x query rows x keys) of one attention block (at least MIN_ROWS rows); a whole input up to this
+# runs dense. 2^21 floats are 8 MB, a block of ~40 ms on one core: 724 frames (14 s) run dense with 4 heads (tiny),
+# 362 frames (7 s) with 16 (Large).
+ATTENTION_ELEMENTS = 1 << 21
+MIN_ROWS = 16
 ROW_BLOCK = 512  # frames per slice of the row-wise pieces (front-end, pos_conv, key/value projections) of long inputs
 
 

@@ -47,8 +47,8 @@ DEFAULT_MAX_LAG_FRAMES = 1500
 # ULM context in the windowed modes: the training chunks held <= 1023 tokens. Exact while the stream has at most
 # this many units; beyond, each unit sees only the most recent ones (Mistral sliding window, see IncrementalScorer).
 DEFAULT_SCORE_CONTEXT = 1023
-# Full mode feeds the whole stream's features to DPDP in blocks of this many frames (10 s), a bounded slice each.
-_DPDP_BLOCK = 500
+# Full mode feeds the whole stream's features to DPDP in blocks of this many frames (3 s), a bounded slice each.
+_DPDP_BLOCK = 150
 
 
 def bitrate_from_counts(counts: Counter, seconds: float) -> float:
