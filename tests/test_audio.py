@@ -1,5 +1,9 @@
 """Tests for dpslm_stream.audio: resampling (offline vs a direct float64 oracle, streaming vs offline), PCM
-conversions, file I/O and input validation."""
+conversions, file I/O and input validation.
+
+CPU by design, whatever DPSLM_TEST_DEVICE says: the library resamples on the CPU on every path (docs/gpu.md) and
+converts PCM and files there, so these tests take no `device` and run, unchanged, in a GPU run too. None is
+`cpu_only`: nothing here depends on which CPU kernels run (the tolerances hold for any x86 CPU)."""
 
 import math
 
