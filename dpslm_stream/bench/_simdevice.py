@@ -217,6 +217,13 @@ class SimulatedCuda(TorchFunctionMode):
             unwrap = lambda x: x.elem if isinstance(x, SimTensor) else x  # noqa: E731
             self_t.elem.__setitem__(*tree_map(unwrap, args[1:]))
             return None
+        if on_sim and name == "__getitem__":  # t[[3, 1]]: torch builds list indices on t's device (real meta here)
+            def as_index(i):  # a CPU index tensor (CUDA accepts those); [] is an empty long index, as torch reads it
+                return (torch.tensor(i) if i else torch.zeros(0, dtype=torch.long)) if isinstance(i, list) else i
+
+            index = args[1]
+            index = tuple(map(as_index, index)) if isinstance(index, tuple) else as_index(index)
+            return func(self_t, index)
         if func in _RUN_UNWRAPPED and any(isinstance(a, SimTensor) for a in _leaves((args, kwargs))):
             if any(isinstance(a, torch.Tensor) and not isinstance(a, SimTensor) and a.dim() > 0
                    for a in _leaves((args, kwargs))):  # fmt: skip
