@@ -115,6 +115,17 @@ def _sinc_kernel(orig: int, new: int, dtype: torch.dtype, device: torch.device) 
     return kernel, width
 
 
+def resampler_kernel_size(orig_sr: int, new_sr: int = 16000) -> int:
+    """Elements of the polyphase kernel that resampling ``orig_sr -> new_sr`` builds (``_sinc_kernel``), computed
+    without building it. It grows with the gcd-reduced rates: 76k at 44.1 kHz, but 769M at 47999 Hz (3 GB of float32
+    and tens of seconds to build), so a server bounds it before it opens a stream (``serve --max-resampler-taps``)."""
+    orig, new = _reduced_rates(_check_rate(orig_sr, "orig_sr"), _check_rate(new_sr, "new_sr"))
+    if orig == new:
+        return 0
+    width = math.ceil(LOWPASS_FILTER_WIDTH * orig / (min(orig, new) * ROLLOFF))
+    return new * (2 * width + orig)
+
+
 def _apply_kernel(padded: Tensor, kernel: Tensor, orig: int) -> Tensor:
     """Run the polyphase kernel over already-padded input ``[B, L]``; return ``[B, n_blocks * new]``.
 

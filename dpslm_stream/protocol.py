@@ -76,7 +76,7 @@ class ErrorCode(str, Enum):
     BAD_MESSAGE = "bad_message"  # a JSON message with a missing, misspelled, mistyped or out-of-range field
     UNKNOWN_TYPE = "unknown_type"  # a "type" this protocol version does not define
     UNSUPPORTED_VERSION = "unsupported_version"
-    BAD_SAMPLE_RATE = "bad_sample_rate"  # not an integer in [8000, 48000] Hz
+    BAD_SAMPLE_RATE = "bad_sample_rate"  # not an integer in [8000, 48000] Hz, or one whose resampler is too costly
     UNKNOWN_MODEL = "unknown_model"  # a (k, lambda) pair the server has not loaded
     BAD_SETTINGS = "bad_settings"  # an unknown preset or mode, or window options the encoder refuses
     UNSUPPORTED_OPTION = "unsupported_option"  # an option this server does not offer (e.g. resynth when disabled)

@@ -54,6 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds of audio per session in mode full (which keeps the whole stream in memory)")
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                    help=f"largest audio frame (default {d.max_message_bytes})")
+    p.add_argument("--max-resampler-taps", type=int, default=d.max_resampler_taps,
+                   help="largest resampling kernel a client's sample rate may need (elements; odd rates such as "
+                        f"47999 Hz need hundreds of millions; default {d.max_resampler_taps:,} admits every common rate)")
     p.add_argument("--max-text-bytes", type=int, default=d.max_text_bytes,
                    help=f"largest text (JSON) frame, refused before parsing (default {d.max_text_bytes})")
     p.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
@@ -131,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=tuple(args.allowed_origins), start_timeout_s=args.start_timeout,
         idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_time, max_full_s=args.max_full_audio,
         max_message_bytes=args.max_message_bytes, max_text_bytes=args.max_text_bytes,
+        max_resampler_taps=args.max_resampler_taps,
         max_json_depth=args.max_json_depth, max_buffer_s=args.max_buffer, max_buffer_bytes=args.max_buffer_bytes,
         max_outgoing_bytes=args.max_outgoing_bytes, max_left=args.max_left, min_hop=args.min_hop,
         max_hop=args.max_hop, max_lookahead=args.max_lookahead, max_lag=args.max_lag,

@@ -63,9 +63,13 @@ class ServerConfig:
     # unit / codec frame of the stream in each pass: it is ended after this many seconds of input (0: refused at start).
     max_exact_resynth_s: float = 60.0
     allow_tf32: bool = False  # CUDA: TF32 matmuls/convolutions (faster, not exact; see dpslm_stream.device)
+    # Resampling kernel of a client's sample rate (elements, audio.resampler_kernel_size): an odd rate such as 47999 Hz
+    # needs a 3 GB kernel that takes tens of seconds to build. 4M (16 MB) admits every common rate (44.1 kHz: 76k).
+    max_resampler_taps: int = 4_000_000
 
     def __post_init__(self) -> None:
         positive_ints = ("max_sessions", "max_message_bytes", "max_text_bytes", "max_json_depth", "max_buffer_bytes",
+                         "max_resampler_taps",
                          "max_outgoing_bytes", "min_hop", "max_hop", "max_lag", "max_listeners")  # fmt: skip
         for name in positive_ints:
             value = getattr(self, name)
@@ -103,7 +107,8 @@ class ServerConfig:
                 "max_buffer_bytes": self.max_buffer_bytes, "stall_timeout_s": self.stall_timeout_s,
                 "max_outgoing_bytes": self.max_outgoing_bytes, "max_left": self.max_left, "min_hop": self.min_hop,
                 "max_hop": self.max_hop, "max_lookahead": self.max_lookahead, "max_lag": self.max_lag,
-                "open_timeout_s": self.open_timeout_s, "max_exact_resynth_s": self.max_exact_resynth_s}  # fmt: skip
+                "open_timeout_s": self.open_timeout_s, "max_exact_resynth_s": self.max_exact_resynth_s,
+                "max_resampler_taps": self.max_resampler_taps}  # fmt: skip
 
 
 def _flag(name: str) -> str:

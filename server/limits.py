@@ -6,6 +6,7 @@ idle, session time, stall) are deadlines in ``Session.next_deadline`` / ``Sessio
 from __future__ import annotations
 
 from dpslm_stream import protocol as P
+from dpslm_stream.audio import resampler_kernel_size
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.stream.encoder import window_config
 from dpslm_stream.stream.resynth_options import ResynthOptionError, ResynthOptions
@@ -36,6 +37,17 @@ def window_refusal(cfg: ServerConfig, mode: str, preset: str, options: dict) -> 
     if max_lag is not None and not 1 <= max_lag <= cfg.max_lag:
         return f"options.max_lag = {max_lag} frames is outside this server's range 1..{cfg.max_lag} (serve --max-lag)"
     return None
+
+
+def sample_rate_refusal(cfg: ServerConfig, sample_rate: int) -> str | None:
+    """The resampler a sample rate needs within ``cfg.max_resampler_taps`` (its kernel grows with the gcd-reduced
+    rates: 47999 Hz would cost 3 GB and tens of seconds of one core). Returns why it is refused, or None."""
+    taps = resampler_kernel_size(sample_rate, 16000)  # the encoder runs at 16 kHz
+    if taps <= cfg.max_resampler_taps:
+        return None
+    return (f"sample rate {sample_rate} Hz needs a resampling kernel of {taps:,} taps, more than this server's "
+            f"{cfg.max_resampler_taps:,} (serve --max-resampler-taps); send a common rate (8000, 11025, 16000, 22050, "
+            "24000, 32000, 44100 or 48000 Hz) or resample on the client")
 
 
 def resynth_options(given: dict) -> ResynthOptions:

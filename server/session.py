@@ -475,6 +475,9 @@ class Session:
         refusal = limits.window_refusal(cfg, mode, msg.preset, opts)
         if refusal is not None:
             return self._error(E.BAD_SETTINGS, refusal)
+        refusal = limits.sample_rate_refusal(cfg, msg.sample_rate)
+        if refusal is not None:
+            return self._error(E.BAD_SAMPLE_RATE, refusal)
         resynth, refused = self._resynth_options(msg.resynth)
         if refused:
             return refused

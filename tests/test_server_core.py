@@ -231,7 +231,7 @@ def test_a_bug_while_opening_ends_that_session_with_internal_error(monkeypatch):
     real_open = connection.Connection._open
 
     async def broken_open(self, action):
-        if action.sample_rate == 12345:
+        if action.sample_rate == 12000:
             raise RuntimeError("injected bug")
         return await real_open(self, action)
 
@@ -240,7 +240,7 @@ def test_a_bug_while_opening_ends_that_session_with_internal_error(monkeypatch):
 
         async def main():
             async with websockets.connect(srv.url, compression=None) as ws:
-                await ws.send(json.dumps({"type": "start", "sample_rate": 12345}))
+                await ws.send(json.dumps({"type": "start", "sample_rate": 12000}))
                 msgs = await messages(ws, timeout=30)
                 code = ws.close_code
             ok = await stream_audio(srv.url, speech_like(0.5, SR, seed=3), SR, chunk_ms=100)

@@ -333,6 +333,7 @@ BAD_STARTS: dict[str, dict] = {
     "sample_rate_zero": {"sample_rate": 0},
     "sample_rate_negative": {"sample_rate": -16000},
     "sample_rate_huge": {"sample_rate": 10**30},
+    "sample_rate_costly_resampler": {"sample_rate": 47999},  # 769M-tap kernel: refused before anything is built
     "sample_rate_missing": {},
     "format_unknown": {"sample_rate": SR, "format": "mp3"},
     "format_number": {"sample_rate": SR, "format": 16},

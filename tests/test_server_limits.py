@@ -252,7 +252,7 @@ class StuckOpenEncoder(InProcessEncoder):
     """The tiny encoder, except that opening a session at STUCK_RATE never returns (a model load that hangs) and one
     at LATE_RATE returns only LATE_S after it was asked for (after its connection gave up on it)."""
 
-    STUCK_RATE, LATE_RATE, LATE_S = 12346, 12347, 2.0
+    STUCK_RATE, LATE_RATE, LATE_S = 9000, 10000, 2.0  # odd rates, whose resamplers are cheap
 
     def __init__(self, real):
         super().__init__(real)

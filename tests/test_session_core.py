@@ -245,6 +245,27 @@ def test_caps_follow_the_config():
     assert codes(out) == [E.BAD_SETTINGS.value] and "--max-left" in errors(out)[0].message
 
 
+@pytest.mark.parametrize("rate", [8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000])
+def test_every_common_sample_rate_passes_the_resampler_rule(rate):
+    assert kinds(session().receive_text(json.dumps({"type": "start", "sample_rate": rate}), 0.0)) == [A.OpenSession]
+
+
+def test_a_sample_rate_whose_resampler_is_too_costly_is_refused():
+    from dpslm_stream.audio import StreamingResampler, resampler_kernel_size
+
+    for rate in (8000, 11025, 44100, 16001):  # the size the rule checks is the kernel the resampler builds
+        expected = 0 if rate == 16000 else StreamingResampler(rate)._kernel.numel()
+        assert resampler_kernel_size(rate) == expected
+    assert resampler_kernel_size(47999) > 700_000_000
+    s = session()
+    out = s.receive_text(json.dumps({"type": "start", "sample_rate": 47999}), 0.0)
+    assert codes(out) == [E.BAD_SAMPLE_RATE.value] and "--max-resampler-taps" in errors(out)[0].message
+    assert A.OpenSession not in kinds(out) and s.state == State.CONNECTED  # nothing built; the client may start again
+    assert kinds(s.receive_text(json.dumps({"type": "start", "sample_rate": 48000}), 0.1)) == [A.OpenSession]
+    s = session(max_resampler_taps=50_000)  # the bound follows the config: 44.1 kHz (76k taps) refused
+    assert codes(s.receive_text(json.dumps({"type": "start", "sample_rate": 44100}), 0.0)) == [E.BAD_SAMPLE_RATE.value]
+
+
 def test_full_mode_audio_is_capped():
     s = session(max_full_s=1.0)
     start(s, info=FULL, options={"mode": "full"})
@@ -513,15 +534,17 @@ def test_every_limit_has_a_serve_flag_and_is_documented():
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--max-left", "60", "--min-hop", "3", "--max-outgoing-bytes", "5000",
                               "--start-timeout", "2", "--max-text-bytes", "999", "--max-lag", "10",
-                              "--open-timeout", "7", "--max-exact-resynth", "0"])  # fmt: skip
+                              "--open-timeout", "7", "--max-exact-resynth", "0",
+                              "--max-resampler-taps", "1000"])  # fmt: skip
     cfg = config_from_args(args)
     assert (cfg.max_left, cfg.min_hop, cfg.max_outgoing_bytes, cfg.start_timeout_s, cfg.max_text_bytes, cfg.max_lag) == \
         (60, 3, 5000, 2.0, 999, 10)  # fmt: skip
-    assert (cfg.open_timeout_s, cfg.max_exact_resynth_s) == (7.0, 0.0)
+    assert (cfg.open_timeout_s, cfg.max_exact_resynth_s, cfg.max_resampler_taps) == (7.0, 0.0, 1000)
     readme = (ROOT / "README.md").read_text()
     for flag in ("--max-left", "--min-hop", "--max-hop", "--max-lookahead", "--max-lag", "--max-full-audio",
                  "--max-message-bytes", "--max-text-bytes", "--max-outgoing-bytes", "--max-buffer-bytes",
-                 "--start-timeout", "--allow-origin", "--open-timeout", "--max-exact-resynth"):  # fmt: skip
+                 "--start-timeout", "--allow-origin", "--open-timeout", "--max-exact-resynth",
+                 "--max-resampler-taps"):  # fmt: skip
         assert flag in readme, flag
 
 
