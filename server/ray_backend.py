@@ -2,7 +2,7 @@
 
     dpslm-stream serve --backend ray [--ray-address auto] [--encoder-shards N]
 
-Shape (shared/spec/scale-out.md): the WebSocket sessions and all their protocol state stay in the gateway (the same
+Shape (docs/references.md §Serving): the WebSocket sessions and all their protocol state stay in the gateway (the same
 asyncio ``Server`` as the in-process backend, so the same clients, page and protocol; with ``serve --backend ray`` it
 runs as the ``Gateway`` deployment of one Serve application, see ``service_app``), and each
 session's encoder state (resampler tail, window caches, DPDP survivors) lives in the ``Encoder`` deployment and its

@@ -5,7 +5,7 @@
       -> IncrementalVocoder   windowed backbone + exact iSTFT stitching            (dpslm_stream.models.wavtokenizer)
       -> AudioEvent           24 kHz float32 chunks, sequence-numbered and timestamped
 
-Why re-prompting (shared/spec/ellav.md §5): ELLA-V's prompt starts with the whole unit list, so a new unit changes
+Why re-prompting (docs/references.md §ELLA-V): ELLA-V's prompt starts with the whole unit list, so a new unit changes
 tokens *before* every cached key and a running cache cannot be extended. Each *pass* therefore builds a fresh prompt
 
     [u_s .. u_{e-1}]  BOS  (u_i run_i EOP) for s <= i < c  u_c
