@@ -64,10 +64,6 @@ class AudioQueue:
     def queued_samples(self) -> int:
         return self._queued_samples
 
-    @property
-    def queued_nbytes(self) -> int:
-        return self._queued_samples * 4  # float32
-
     def add_audio(self, samples: np.ndarray) -> None:
         with self._lock:
             self._queued.append(samples)

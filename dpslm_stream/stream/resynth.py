@@ -34,7 +34,7 @@ import math
 import numbers
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
@@ -602,11 +602,6 @@ class AudioEvent:
         """Little-endian 16-bit PCM of the chunk, clipped to [-1, 1) first (the decoder output is not bounded)."""
         return float_to_pcm16(np.clip(self.pcm, -1.0, 1.0))
 
-    def to_dict(self) -> dict:
-        """The metadata (samples excluded: send them as binary PCM16)."""
-        return {"type": "audio", "seq": self.seq, "start_s": self.start_s, "num_samples": self.num_samples,
-                "sample_rate": self.sample_rate, "units_done": self.units_done, "lag_s": self.lag_s}  # fmt: skip
-
 
 @dataclass(frozen=True)
 class ResynthEndEvent:
@@ -622,9 +617,6 @@ class ResynthEndEvent:
     latency_max_s: float | None
     real_time_factor: float  # compute seconds / audio seconds (> 1: slower than real time)
     error: str | None = None  # why the stream stopped early; None for a normal end
-
-    def to_dict(self) -> dict:
-        return {"type": "resynth_end", **asdict(self)}
 
 
 ResynthEvent = Union[AudioEvent, ResynthEndEvent]
