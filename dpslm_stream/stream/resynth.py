@@ -752,12 +752,15 @@ class ResynthSession(EventQueue):
         )  # fmt: skip
 
     def settings(self) -> dict:
-        """The options this stream actually uses, every default filled in (what the server reports in ready)."""
+        """The options this stream actually uses, every default filled in (every `open_session` option, plus the
+        worker's `max_codec_tokens_per_phone`, `precision` and the output `sample_rate`; what the server reports in
+        ready)."""
         e, v = self.ellav, self.vocoder
         return {"left_context": e.left_context, "holdback": e.holdback, "greedy": e.greedy, "seed": e.seed,
                 "temperature": e.temperature, "top_p": e.top_p, "trigger_units": e.trigger_units,
-                "trigger_s": e.trigger_s, "max_codec_tokens_per_phone": e.max_codec_tokens_per_phone,
-                "vocoder_left_context": v.left_context, "vocoder_lookahead": v.lookahead, "sample_rate": SAMPLE_RATE,
+                "trigger_s": e.trigger_s, "max_pass_units": e.max_pass_units,
+                "max_codec_tokens_per_phone": e.max_codec_tokens_per_phone, "vocoder_left_context": v.left_context,
+                "vocoder_lookahead": v.lookahead, "vocoder_min_step": v.min_step, "sample_rate": SAMPLE_RATE,
                 "precision": self.worker.precision}  # fmt: skip
 
     def __repr__(self) -> str:
