@@ -102,6 +102,7 @@ class ErrorCode(str, Enum):
     INTERNAL_ERROR = "internal_error"  # a bug or a model failure in this session; other sessions are unaffected
     SENDER_GONE = "sender_gone"  # listener: the sender's connection ended before its stream did
     RESYNTH_BEHIND = "resynth_behind"  # the session's resynthesis fell too far behind and was stopped (units go on)
+    RESYNTH_LIMIT = "resynth_limit"  # resynthesis with unbounded context reached max_exact_resynth_s (units go on)
     # Handshake refusals: HTTP status codes, no WebSocket (named here for the metrics).
     UNAUTHORIZED = "unauthorized"  # HTTP 401: missing or wrong token
     FORBIDDEN_ORIGIN = "forbidden_origin"  # HTTP 403: a browser Origin not in the allowlist

@@ -85,6 +85,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-listeners", type=int, default=d.max_listeners, help="listeners per sender session")
     p.add_argument("--max-resynth-lag", type=float, default=d.max_resynth_lag_s,
                    help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
+    p.add_argument("--max-exact-resynth", type=float, default=d.max_exact_resynth_s,
+                   help="seconds of input a resynthesis with unbounded context (resynth.left_context or "
+                        "vocoder_left_context null, the exact setting) may cover before it is ended (the units go on; "
+                        f"0 = refuse it at start; default {d.max_exact_resynth_s:g})")
+    p.add_argument("--open-timeout", type=float, default=d.open_timeout_s,
+                   help="seconds a session's models may take to open before it ends with internal_error "
+                        f"(default {d.open_timeout_s:g})")
     p.add_argument("--allow-tf32", action="store_true",
                    help="CUDA: let matmuls and convolutions use TF32 (faster on Ampere and later; results then "
                         "differ from the exact fp32 path at ~1e-3; default off)")  # fmt: skip
@@ -131,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         resynth=not args.no_resynth, resynth_device=args.resynth_device, resynth_dtype=args.resynth_dtype,
         precision=args.precision, allow_tf32=args.allow_tf32,
         max_listeners=args.max_listeners, max_resynth_lag_s=args.max_resynth_lag,
+        max_exact_resynth_s=args.max_exact_resynth, open_timeout_s=args.open_timeout,
     )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ class ServerConfig:
     start_timeout_s: float = 10.0  # a connection must send start (or subscribe) within this (time reading its frames)
     idle_timeout_s: float = 30.0  # a started sender that could send and sent nothing for this long is ended
     max_session_s: float = 3600.0
+    open_timeout_s: float = 60.0  # opening a session's backends (encoder slot, resynthesis) must finish within this
     # Sizes a client controls.
     max_full_s: float = 120.0  # audio per session in mode full, which keeps the whole stream until its end
     max_message_bytes: int = 1 << 20  # larger audio frames are refused with message_too_large
@@ -58,6 +59,9 @@ class ServerConfig:
     precision: str = "exact"  # resynthesis models: "exact" (float32) or "fast" (models/precision.py picks per machine)
     max_listeners: int = 4  # listeners per sender session
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
+    # Resynthesis with unbounded context (left_context or vocoder_left_context null, the exact setting) keeps every
+    # unit / codec frame of the stream in each pass: it is ended after this many seconds of input (0: refused at start).
+    max_exact_resynth_s: float = 60.0
     allow_tf32: bool = False  # CUDA: TF32 matmuls/convolutions (faster, not exact; see dpslm_stream.device)
 
     def __post_init__(self) -> None:
@@ -73,14 +77,16 @@ class ServerConfig:
                 raise InvalidInput(f"{_flag(name)} must be an integer >= 0, got {value!r}")
         if self.min_hop > self.max_hop:
             raise InvalidInput(f"--min-hop ({self.min_hop}) must not exceed --max-hop ({self.max_hop})")
-        positive = ("start_timeout_s", "idle_timeout_s", "max_session_s", "max_full_s", "max_buffer_s",
-                    "stats_interval_s", "drain_timeout_s", "quantum_s", "busy_retry_after_s", "max_resynth_lag_s")  # fmt: skip
+        positive = ("start_timeout_s", "idle_timeout_s", "max_session_s", "open_timeout_s", "max_full_s",
+                    "max_buffer_s", "stats_interval_s", "drain_timeout_s", "quantum_s", "busy_retry_after_s", "max_resynth_lag_s")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
                 raise InvalidInput(f"{_flag(name)} must be a positive number of seconds, got {value!r}")
-        if not (isinstance(self.stall_timeout_s, (int, float)) and 0 <= self.stall_timeout_s < math.inf):
-            raise InvalidInput(f"--stall-timeout must be >= 0, got {self.stall_timeout_s!r}")
+        for name in ("stall_timeout_s", "max_exact_resynth_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                raise InvalidInput(f"{_flag(name)} must be a number >= 0, got {value!r}")
         unknown = sorted(set(self.modes) - set(P.ENCODER_MODES))
         if unknown or not self.modes:
             raise InvalidInput(f"modes must be some of {P.ENCODER_MODES}, got {self.modes!r}")
@@ -96,7 +102,8 @@ class ServerConfig:
                 "max_text_bytes": self.max_text_bytes, "max_buffer_s": self.max_buffer_s,
                 "max_buffer_bytes": self.max_buffer_bytes, "stall_timeout_s": self.stall_timeout_s,
                 "max_outgoing_bytes": self.max_outgoing_bytes, "max_left": self.max_left, "min_hop": self.min_hop,
-                "max_hop": self.max_hop, "max_lookahead": self.max_lookahead, "max_lag": self.max_lag}  # fmt: skip
+                "max_hop": self.max_hop, "max_lookahead": self.max_lookahead, "max_lag": self.max_lag,
+                "open_timeout_s": self.open_timeout_s, "max_exact_resynth_s": self.max_exact_resynth_s}  # fmt: skip
 
 
 def _flag(name: str) -> str:
@@ -108,6 +115,7 @@ def _flag(name: str) -> str:
 FLAGS = {"start_timeout_s": "--start-timeout", "idle_timeout_s": "--idle-timeout", "max_session_s": "--max-session-time",
          "max_full_s": "--max-full-audio", "max_buffer_s": "--max-buffer", "stall_timeout_s": "--stall-timeout",
          "drain_timeout_s": "--drain-timeout", "max_resynth_lag_s": "--max-resynth-lag",
+         "open_timeout_s": "--open-timeout", "max_exact_resynth_s": "--max-exact-resynth",
          "stats_interval_s": "stats_interval_s", "quantum_s": "quantum_s",
          "busy_retry_after_s": "busy_retry_after_s"}  # fmt: skip
 

@@ -274,11 +274,17 @@ class Connection:
 
     # --- opening the backends ----------------------------------------------------------------------------------------
 
-    async def _opening(self, what: str, opener: Callable[[], Awaitable[Any]]) -> tuple[Any, tuple | None]:
+    async def _opening(self, what: str, opener: Callable[[], Awaitable[Any]],
+                       release: Callable[[Any], None]) -> tuple[Any, tuple | None]:  # fmt: skip
         """Await one backend open: (its result, None), or (None, (error code, message)) when it is refused (unknown
-        model, bad settings) or fails (a failing model load must not take the server down)."""
+        model, bad settings) or fails (a failing model load must not take the server down). When the connection
+        gives up first (gone, or the core's open deadline closed it), what opens later is ``release``d."""
+        opening = asyncio.ensure_future(opener())
         try:
-            return await opener(), None
+            return await asyncio.shield(opening), None
+        except asyncio.CancelledError:  # the connection went away (e.g. after the open deadline): release it later
+            opening.add_done_callback(lambda f: None if f.cancelled() or f.exception() else release(f.result()))
+            raise
         except UnknownModel as e:
             return None, (E.UNKNOWN_MODEL, f"{what}: {e}")
         except InvalidInput as e:
@@ -299,11 +305,13 @@ class Connection:
         try:
             if a.resynth is not None and resynth is not None:
                 options = a.resynth
-                rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self))
+                rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self),
+                                                 self._close_resynth)  # fmt: skip
                 if refused:
                     return self.handle(self.core.open_failed, *refused)
             slot, refused = await self._opening("encoder session",
-                                                lambda: worker.open_slot(self.id, a.sample_rate, a.settings, self))  # fmt: skip
+                                                lambda: worker.open_slot(self.id, a.sample_rate, a.settings, self),
+                                                lambda slot: slot.cancel())  # fmt: skip
             if refused:
                 self._close_resynth(rstream)
                 return self.handle(self.core.open_failed, *refused)
@@ -340,7 +348,8 @@ class Connection:
         resynth = self.server.resynth_backend
         if a.resynth is not None and resynth is not None:
             options = a.resynth
-            rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self))
+            rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self),
+                                                 self._close_resynth)  # fmt: skip
             if refused:
                 return self.handle(self.core.subscribe_failed, *refused)
         if a.bitstream and sender.core.transmit is None:

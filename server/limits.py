@@ -73,3 +73,23 @@ def full_mode_exceeded(cfg: ServerConfig, received: int, n: int, sample_rate: in
 def outgoing_exceeded(cfg: ServerConfig, queued_bytes: int) -> bool:
     """A client that does not read: more than max_outgoing_bytes queued for it."""
     return queued_bytes > cfg.max_outgoing_bytes
+
+
+def unbounded_resynth(options: ResynthOptions | None) -> bool:
+    """Resynthesis whose per-pass memory and compute grow with the stream: ELLA-V's prompt keeps every unit
+    (left_context null, the exact setting) or the vocoder every codec frame (vocoder_left_context null)."""
+    return options is not None and (options.left_context is None or options.vocoder_left_context is None)
+
+
+def exact_resynth_refusal(cfg: ServerConfig, options: ResynthOptions | None) -> str | None:
+    """The exact-resynthesis rule at start: with max_exact_resynth_s = 0 the server offers bounded context only."""
+    if not unbounded_resynth(options) or cfg.max_exact_resynth_s > 0:
+        return None
+    return ("resynth.left_context / vocoder_left_context null (unbounded context) is disabled on this server "
+            "(serve --max-exact-resynth); give a number of units / codec frames")  # fmt: skip
+
+
+def exact_resynth_exceeded(cfg: ServerConfig, options: ResynthOptions | None, first_end_s: float, end_s: float) -> bool:
+    """The exact-resynthesis rule while streaming: unbounded context covers at most max_exact_resynth_s of input,
+    counted from the end of the first unit resynthesized (a listener's from when it joined)."""
+    return unbounded_resynth(options) and end_s - first_end_s > cfg.max_exact_resynth_s

@@ -14,7 +14,8 @@ Lifecycle (``State``)::
 
 Every limit is one rule, in ``Limits`` order below, each tested alone (tests/test_session_core.py):
 start deadline, idle, session time, buffer (seconds and bytes, including hops waiting inside the encoder), stall,
-outgoing bytes, message and text sizes, window sizes and max_lag, full-mode audio, resynthesis lag.
+outgoing bytes, message and text sizes, window sizes and max_lag, full-mode audio, resynthesis lag, exact
+(unbounded-context) resynthesis length, the open deadline (backends that do not open in time).
 The I/O layer reads frames only while ``reading`` is true: the core stops reading while its backends open and while
 the audio buffer is full (TCP back-pressure); that time is not the client's, so it counts toward neither the idle
 nor the start deadline.
@@ -107,6 +108,10 @@ class Session:
         # Resynthesis.
         self.resynth: ResynthStream | None = None
         self.resynth_settings: dict | None = None
+        self.resynth_options: ResynthOptions | None = None
+        self._resynth_from: float | None = None  # end_s of the first unit resynthesized (the exact-resynthesis rule)
+        self._resynth_cut: str | None = None  # why the resynthesis was ended early (its pushed units still get audio)
+        self._open_deadline = math.inf
         # Transmission (start.transmit / a bitstream listener); the transmitter itself runs on the codec thread.
         self.transmit: dict | None = None  # the sender's validated TransmitOptions (JSON form)
         self.bitstream_listener = False
@@ -139,6 +144,8 @@ class Session:
         if self.state in (State.CONNECTED,):
             times.append(self.connected_at + self._paused_total + cfg.start_timeout_s)
             times.append(self._client_clock_from + cfg.idle_timeout_s)
+        elif self.state == State.OPENING:
+            times.append(self._open_deadline)
         elif self.state == State.STREAMING:
             if self._held is not None:
                 times.append(self._held[1] + cfg.stall_timeout_s)
@@ -321,7 +328,7 @@ class Session:
                 if ev.num_samples > 0:
                     out += self._send_bytes(self.report.audio_chunk(ev))
             elif isinstance(ev, ResynthEndEvent):
-                self.resynth_end = ev
+                self.resynth_end = ev if self._resynth_cut is None else dataclasses.replace(ev, error=self._resynth_cut)
                 if ev.error is not None:
                     out += self._error(E.INTERNAL_ERROR, f"resynthesis stopped: {ev.error}; units are unaffected")
                 out += self._maybe_finish(now)
@@ -408,6 +415,8 @@ class Session:
                                                     "connecting", now)  # fmt: skip
             if now >= self._client_clock_from + cfg.idle_timeout_s:
                 return self._limit(E.IDLE_TIMEOUT, f"no message for {cfg.idle_timeout_s:g} s", now)
+        if self.state == State.OPENING and now >= self._open_deadline:
+            return self._open_expired(now)
         if self.state in (State.STREAMING, State.LISTENING) and now >= self.started_at + cfg.max_session_s:
             out += self._limit(E.SESSION_TIME_LIMIT, f"the session reached the {cfg.max_session_s:g} s limit", now)
         if self.state == State.STREAMING:
@@ -475,6 +484,7 @@ class Session:
         self.transmit = msg.transmit
         self.tx_done = msg.transmit is None  # with a transmitter, end waits for its END packet
         self.start, self.role, self.state = msg, "sender", State.OPENING
+        self.resynth_options, self._open_deadline = resynth, now + cfg.open_timeout_s
         self._pause(now)
         settings = dict(k=k, lmbda=lmbda, mode=mode, preset=msg.preset, score=msg.score, **opts)
         return [A.OpenSession(msg.sample_rate, settings, resynth)]
@@ -486,15 +496,18 @@ class Session:
             return None, self._error(E.UNSUPPORTED_OPTION, "this server runs without resynthesis (started with "
                                                            "--no-resynth); ask for units only")  # fmt: skip
         try:
-            return limits.resynth_options(given), []
+            options = limits.resynth_options(given)
         except P.ProtocolError as e:
             return None, self._error(e.code, str(e))
+        refusal = limits.exact_resynth_refusal(self.cfg, options)
+        return (None, self._error(E.UNSUPPORTED_OPTION, refusal)) if refusal else (options, [])
 
     def _on_subscribe(self, msg: P.Subscribe, now: float) -> list[A.Action]:
         resynth, refused = self._resynth_options(msg.resynth)
         if refused:
             return refused
         self.role, self.state = "listener", State.OPENING
+        self.resynth_options, self._open_deadline = resynth, now + self.cfg.open_timeout_s
         self._pause(now)
         self.bitstream_listener = msg.format == "bitstream"
         return [A.Subscribe(msg.session, msg.token, resynth, bitstream=self.bitstream_listener)]
@@ -549,9 +562,21 @@ class Session:
         return [*out, A.Relay(msg), *self._resynthesize(int(ev.unit), float(ev.end_s))]
 
     def _resynthesize(self, unit: int, end_s: float) -> list[A.Action]:
-        if self.resynth is None or self.resynth_end is not None:
+        if self.resynth is None or self.resynth_end is not None or self._resynth_cut is not None:
             return []
+        self._resynth_from = end_s if self._resynth_from is None else self._resynth_from
+        if limits.exact_resynth_exceeded(self.cfg, self.resynth_options, self._resynth_from, end_s):
+            return self._cut_exact_resynth()
         return [A.PushUnits((unit,), (end_s,))]
+
+    def _cut_exact_resynth(self) -> list[A.Action]:
+        """The exact-resynthesis rule: unbounded context keeps the whole stream in every pass, so it ends after
+        max_exact_resynth_s of input; the audio of the units pushed so far still comes, the units go on."""
+        limit = self.cfg.max_exact_resynth_s
+        self._resynth_cut = (f"unbounded context (left_context or vocoder_left_context null) is limited to {limit:g} s "
+                             "of input on this server (serve --max-exact-resynth); give a number for longer streams")  # fmt: skip
+        return [A.EndResynth(), *self._error(E.RESYNTH_LIMIT, f"resynthesis ended: {self._resynth_cut}; the audio of "
+                                                              "the units before it follows; units are unaffected")]  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------------------
     # Endings
@@ -582,6 +607,16 @@ class Session:
         self.outcome = code.value
         return self._error(code, f"{why}; closing", fatal=True) + self._close(P.CLOSE_CODES[code], code.value)
 
+    def _open_expired(self, now: float) -> list[A.Action]:
+        """The open deadline: backends that did not open within open_timeout_s (a stuck model load) end the session
+        with internal_error and an end; what opens later is released (``opened`` / ``subscribed`` undo it)."""
+        self._resume(now)
+        self.reason, self.units_done = E.INTERNAL_ERROR.value, True
+        out = self._error(E.INTERNAL_ERROR, f"the server could not open this session's models within "
+                                            f"{self.cfg.open_timeout_s:g} s (serve --open-timeout); try again later",
+                          fatal=True)  # fmt: skip
+        return out + self._maybe_finish(now)
+
     def _leave(self, now: float) -> list[A.Action]:
         """Listener sent end: stop receiving units, finish the audio of those received, then end."""
         if self.state != State.LISTENING:
@@ -604,7 +639,7 @@ class Session:
             out.append(A.TransmitEnd(now))
         elif self.role == "sender":
             out.append(A.ListenersDone(gone=False))
-        if self.resynth is not None and self.resynth_end is None:
+        if self.resynth is not None and self.resynth_end is None and self._resynth_cut is None:
             out.append(A.EndResynth())
         return out + self._maybe_finish(now)
 

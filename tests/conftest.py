@@ -4,6 +4,7 @@ DPSLM_TEST_DEVICE (default cpu) is the device that tests taking the `device` fix
 `DPSLM_TEST_DEVICE=cuda make test` on a GPU machine. Tests marked `cpu_only` (oneDNN kernels, bitwise claims that
 hold for CPU kernels) are skipped on any other device."""
 
+import contextlib
 import os
 
 import pytest
@@ -60,6 +61,15 @@ def device():
 
         exact_kernels()  # TF32 off, as every model worker sets up: the fp32 tolerances assume it
     yield dev
+
+
+@pytest.fixture(scope="session")
+def on_host(device):
+    """``with on_host(): ...`` for CPU work amid device-aware tests: loading checkpoints (the loaders build skeletons
+    on torch's meta device, which DPSLM_TEST_DEVICE=sim takes for its simulated accelerator). A no-op otherwise."""
+    from dpslm_stream.bench._simdevice import active
+
+    return lambda: active().paused() if active() is not None else contextlib.nullcontext()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -96,6 +96,32 @@ def random_data(seed, num_frames, num_codes, dim, dtype=torch.float64):
     return torch.randn(num_frames, dim, generator=g, dtype=dtype), torch.randn(num_codes, dim, generator=g, dtype=dtype)
 
 
+class OnDevice:
+    """The quantizer on the test device (DPSLM_TEST_DEVICE): inputs built on the CPU (seeded) are moved there, units
+    come back to the CPU, where the oracles run. Streams take CPU frames (push moves them to the codebook's device)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def dpdp(self, x, c, *args):
+        return dpdp(x.to(self.device), c.to(self.device), *args).cpu()
+
+    def batch(self, seqs, c, *args):
+        if isinstance(seqs, tuple):
+            seqs = (seqs[0].to(self.device), seqs[1])
+        else:
+            seqs = [s.to(self.device) for s in seqs]
+        return [u.cpu() for u in dpdp_batch(seqs, c.to(self.device), *args)]
+
+    def stream(self, c, *args, **kwargs):
+        return StreamingDPDP(c.to(self.device), *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def dq(device):
+    return OnDevice(device)
+
+
 def small_speech(seed, num_frames, num_codes=12, dim=8, noise=0.9, dtype=torch.float32):
     """Speech-like data at small dimensions: codes on a 3-D manifold, runs of 1..7 frames, noise that confuses ~10%
     of nearest-code decisions. Squared gaps between neighbouring codes are ~10, so lambda in 0..30 matters."""
@@ -144,10 +170,10 @@ def run_stream(stream, x, chunk_sizes):
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("lmbda", [0.0, 0.7, 3.0, 50.0])
 @pytest.mark.parametrize("n", [None, 1, 2])
-def test_matches_brute_force(seed, lmbda, n):
+def test_matches_brute_force(seed, lmbda, n, dq):
     x, c = random_data(seed, 6, 4, 3)
     best, optimal = brute_force(x, c, lmbda, n)
-    units = dpdp(x, c, lmbda, n)
+    units = dq.dpdp(x, c, lmbda, n)
     assert dpdp_cost(x, c, units, lmbda) == pytest.approx(best, rel=1e-12, abs=1e-12)
     assert units.tolist() in optimal
 
@@ -155,10 +181,10 @@ def test_matches_brute_force(seed, lmbda, n):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("lmbda", [0.0, 2.0, 8.0, 30.0])
 @pytest.mark.parametrize("n", [None, 1, 3])
-def test_matches_segmental_reference(seed, lmbda, n):
+def test_matches_segmental_reference(seed, lmbda, n, dq):
     x, c = small_speech(seed, 45, dtype=torch.float64)
     ref_units, ref_cost = segmental_float64(x, c, lmbda, n)
-    units = dpdp(x, c, lmbda, n)
+    units = dq.dpdp(x, c, lmbda, n)
     assert dpdp_cost(x, c, units, lmbda) == pytest.approx(ref_cost, rel=1e-12)
     # Continuous random data in float64: exact cost ties do not occur, so the optimum is unique.
     assert torch.equal(units, ref_units)
@@ -167,59 +193,59 @@ def test_matches_segmental_reference(seed, lmbda, n):
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("lmbda", [0.0, 600.0, 4500.0])
 @pytest.mark.parametrize("n", [None, 5])
-def test_matches_upstream_segmental_algorithm(seed, lmbda, n):
+def test_matches_upstream_segmental_algorithm(seed, lmbda, n, dq):
     """Against the float32 segmental algorithm as upstream runs it; units may differ only on cost-equal near-ties."""
     x, c, _ = speech_like_features(70, 40, 64, latent_dim=4, code_scale=2.0, noise=6.0, walk_neighbors=5, seed=seed)
     ref_units = segmental_dpdp_reference(x, c, lmbda, n)
-    units = dpdp(x, c, lmbda, n)
+    units = dq.dpdp(x, c, lmbda, n)
     if not torch.equal(units, ref_units):
         ref_cost = dpdp_cost(x, c, ref_units, lmbda)
         assert dpdp_cost(x, c, units, lmbda) == pytest.approx(ref_cost, rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lambda_zero_is_nearest_centroid(dtype):
+def test_lambda_zero_is_nearest_centroid(dtype, dq):
     x, c = random_data(7, 300, 20, 16, dtype)
     expected = torch.from_numpy(exact_distances(x, c).argmin(axis=1))
-    assert torch.equal(dpdp(x, c, 0.0), expected)
-    assert torch.equal(dpdp(x, c, 0.0, 3), expected)  # the nearest code is always allowed
+    assert torch.equal(dq.dpdp(x, c, 0.0), expected)
+    assert torch.equal(dq.dpdp(x, c, 0.0, 3), expected)  # the nearest code is always allowed
 
 
-def test_one_neighbor_is_nearest_centroid_for_any_lambda():
+def test_one_neighbor_is_nearest_centroid_for_any_lambda(dq):
     x, c = random_data(8, 200, 20, 16)
     expected = torch.from_numpy(exact_distances(x, c).argmin(axis=1))
-    assert torch.equal(dpdp(x, c, 1e6, 1), expected)
+    assert torch.equal(dq.dpdp(x, c, 1e6, 1), expected)
 
 
-def test_all_neighbors_equals_unrestricted():
+def test_all_neighbors_equals_unrestricted(dq):
     x, c = small_speech(3, 200)
     for lmbda in (0.0, 5.0, 40.0):
-        assert torch.equal(dpdp(x, c, lmbda, c.shape[0]), dpdp(x, c, lmbda, None))
+        assert torch.equal(dq.dpdp(x, c, lmbda, c.shape[0]), dq.dpdp(x, c, lmbda, None))
 
 
-def test_units_stay_within_each_frames_neighbors():
+def test_units_stay_within_each_frames_neighbors(dq):
     x, c = small_speech(4, 300, noise=1.5, dtype=torch.float64)
     n = 3
     mask = allowed_mask(exact_distances(x, c), n)
-    restricted = dpdp(x, c, 30.0, n)
+    restricted = dq.dpdp(x, c, 30.0, n)
     assert mask[np.arange(len(x)), restricted.numpy()].all()
     # ...and the restriction matters here: the unrestricted optimum uses codes outside some frame's 3 nearest.
-    unrestricted = dpdp(x, c, 30.0)
+    unrestricted = dq.dpdp(x, c, 30.0)
     assert not mask[np.arange(len(x)), unrestricted.numpy()].all()
 
 
-def test_lambda_reduces_changes():
+def test_lambda_reduces_changes(dq):
     x, c = small_speech(5, 400)
-    changes = [len(deduplicate(dpdp(x, c, lmbda))[0]) for lmbda in (0.0, 3.0, 10.0, 30.0, 1e9)]
+    changes = [len(deduplicate(dq.dpdp(x, c, lmbda))[0]) for lmbda in (0.0, 3.0, 10.0, 30.0, 1e9)]
     assert changes == sorted(changes, reverse=True) and changes[0] > changes[-2] and changes[-1] == 1
 
 
-def test_exact_ties_resolve_to_the_lowest_index():
+def test_exact_ties_resolve_to_the_lowest_index(dq):
     c = torch.tensor([[0.0], [2.0]], dtype=torch.float64)
-    assert dpdp(torch.tensor([[1.0]], dtype=torch.float64), c, 0.0).tolist() == [0]  # equidistant lone frame
+    assert dq.dpdp(torch.tensor([[1.0]], dtype=torch.float64), c, 0.0).tolist() == [0]  # equidistant lone frame
     dup = torch.tensor([[1.0], [1.0], [1.0]], dtype=torch.float64)  # duplicate codes, also at the N-th place
-    assert dpdp(torch.tensor([[1.0], [1.0]], dtype=torch.float64), dup, 5.0, 1).tolist() == [0, 0]
-    assert dpdp(torch.tensor([[1.0], [1.0]], dtype=torch.float64), dup, 0.0).tolist() == [0, 0]
+    assert dq.dpdp(torch.tensor([[1.0], [1.0]], dtype=torch.float64), dup, 5.0, 1).tolist() == [0, 0]
+    assert dq.dpdp(torch.tensor([[1.0], [1.0]], dtype=torch.float64), dup, 0.0).tolist() == [0, 0]
 
 
 @settings(max_examples=40, deadline=None)
@@ -230,15 +256,15 @@ def test_exact_ties_resolve_to_the_lowest_index():
     lmbda=st.sampled_from([0.0, 1.0, 2.0, 4.0]),
     n=st.sampled_from([None, 1, 2, 5]),
 )
-def test_exact_ties_are_resolved_alike_offline_and_streaming(seed, num_frames, chunk_sizes, lmbda, n):
+def test_exact_ties_are_resolved_alike_offline_and_streaming(seed, num_frames, chunk_sizes, lmbda, n, dq):
     """Small-integer data: distances and path costs tie exactly all the time (duplicate codes too)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 3, (num_frames, 2), generator=g).float()
     c = torch.randint(0, 3, (5, 2), generator=g).float()
-    units = dpdp(x, c, lmbda, n)
+    units = dq.dpdp(x, c, lmbda, n)
     _, best = segmental_float64(x, c, lmbda, n)
     assert dpdp_cost(x, c, units, lmbda) == best  # integers: exact
-    assert torch.equal(expand(run_stream(StreamingDPDP(c, lmbda, n), x, chunk_sizes)), units)
+    assert torch.equal(expand(run_stream(dq.stream(c, lmbda, n), x, chunk_sizes)), units)
 
 
 def test_cost_matches_definition():
@@ -251,18 +277,18 @@ def test_cost_matches_definition():
 # Batch, module, deduplication
 
 
-def test_batch_equals_one_by_one():
+def test_batch_equals_one_by_one(dq):
     x, c = small_speech(11, 3 * BLOCK_FRAMES + 5)
     seqs = [x[:1], x[:BLOCK_FRAMES], x[3 : 2 * BLOCK_FRAMES + 10], x]
-    expected = [dpdp(s, c, 7.0, 4) for s in seqs]
-    got = dpdp_batch(seqs, c, 7.0, 4)
+    expected = [dq.dpdp(s, c, 7.0, 4) for s in seqs]
+    got = dq.batch(seqs, c, 7.0, 4)
     assert len(got) == len(expected)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=float("nan"))
     lengths = torch.tensor([len(s) for s in seqs])
-    got = dpdp_batch((padded, lengths), c, 7.0, 4)
+    got = dq.batch((padded, lengths), c, 7.0, 4)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
-    assert dpdp_batch([], c, 7.0) == []
+    assert dq.batch([], c, 7.0) == []
 
 
 def test_quantizer_module_matches_upstream_call_shape():
@@ -300,13 +326,14 @@ def test_deduplicate_and_segments(units):
 # Streaming
 
 
-def test_distances_do_not_depend_on_chunking():
+def test_distances_do_not_depend_on_chunking(device):
     """Full-size shapes, where float32 GEMM rounding really does depend on the row count: every frame's distances
-    must be bitwise the same whether computed alone, in odd chunks, or in one call."""
+    must be bitwise the same whether computed alone, in odd chunks, or in one call (on the test device; the frames
+    are pushed from the CPU, as a session does)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2 * BLOCK_FRAMES + 7, 1024, generator=g)
     c = torch.randn(500, 1024, generator=g)
-    distances = _Distances(c)
+    distances = _Distances(c.to(device))
     q, offset = distances(x, 0)
     whole = q[offset : offset + len(x)]
     pos = 0
@@ -334,36 +361,36 @@ def test_distances_do_not_depend_on_chunking():
     n=st.sampled_from([None, 1, 3, 12]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
-def test_streaming_equals_offline_for_any_chunking(seed, num_frames, chunk_sizes, lmbda, n, dtype):
+def test_streaming_equals_offline_for_any_chunking(seed, num_frames, chunk_sizes, lmbda, n, dtype, dq):
     x, c = small_speech(seed, num_frames, dtype=dtype)
-    offline = dpdp(x, c, lmbda, n)
-    segments = run_stream(StreamingDPDP(c, lmbda, n), x, chunk_sizes)
+    offline = dq.dpdp(x, c, lmbda, n)
+    segments = run_stream(dq.stream(c, lmbda, n), x, chunk_sizes)
     assert torch.equal(expand(segments), offline)
     assert segments == segments_from_units(offline)
 
 
 @pytest.mark.parametrize("lmbda", [0.0, 10.0, 40.0])
-def test_streaming_one_frame_chunks_and_one_chunk(lmbda):
+def test_streaming_one_frame_chunks_and_one_chunk(lmbda, dq):
     x, c = small_speech(21, 500, noise=1.2)
-    offline = dpdp(x, c, lmbda, 4)
+    offline = dq.dpdp(x, c, lmbda, 4)
     for sizes in ([1], [len(x)]):
-        segments = run_stream(StreamingDPDP(c, lmbda, 4), x, sizes)
+        segments = run_stream(dq.stream(c, lmbda, 4), x, sizes)
         assert torch.equal(expand(segments), offline)
 
 
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 1000), chunk_sizes=st.lists(st.integers(1, 80), min_size=1, max_size=5))
-def test_streaming_equals_offline_full_size_gemm(seed, chunk_sizes):
+def test_streaming_equals_offline_full_size_gemm(seed, chunk_sizes, dq):
     """D=1024, K=500, N=25, lambda=4500 (DP-SLM's defaults), where float32 GEMM rounding is shape-dependent."""
     x, c, _ = speech_like_features(150, seed=seed)
-    offline = dpdp(x, c, 4500.0, 25)
-    assert torch.equal(expand(run_stream(StreamingDPDP(c, 4500.0, 25), x, chunk_sizes)), offline)
+    offline = dq.dpdp(x, c, 4500.0, 25)
+    assert torch.equal(expand(run_stream(dq.stream(c, 4500.0, 25), x, chunk_sizes)), offline)
 
 
-def test_commits_happen_early_and_state_stays_bounded():
+def test_commits_happen_early_and_state_stays_bounded(dq):
     """A long stream: commits keep up (frames are decided within a few frames), and the state does not grow."""
     x, c = small_speech(31, 20_000, noise=1.2)
-    stream = StreamingDPDP(c, 12.0, 4)
+    stream = dq.stream(c, 12.0, 4)
     base = stream.state_nbytes
     segments = []
     worst_excess = -math.inf
@@ -375,15 +402,15 @@ def test_commits_happen_early_and_state_stays_bounded():
     assert worst_excess <= 0
     assert stream.state_nbytes < base + 64 * 1000 < 16 * len(x)
     segments += stream.flush()
-    assert torch.equal(expand(segments), dpdp(x, c, 12.0, 4))
+    assert torch.equal(expand(segments), dq.dpdp(x, c, 12.0, 4))
 
 
 @pytest.mark.parametrize("max_lag", [0, 1, 3, 8])
-def test_max_lag_bounds_the_undecided_stretch(max_lag):
+def test_max_lag_bounds_the_undecided_stretch(max_lag, dq):
     x, c = small_speech(41, 600, noise=1.5)
     lmbda = 40.0
-    offline = dpdp(x, c, lmbda, None)
-    stream = StreamingDPDP(c, lmbda, None, max_lag=max_lag)
+    offline = dq.dpdp(x, c, lmbda, None)
+    stream = dq.stream(c, lmbda, None, max_lag=max_lag)
     segments = []
     arrival_lag = []
     committed = 0
@@ -400,22 +427,22 @@ def test_max_lag_bounds_the_undecided_stretch(max_lag):
     # Forced decisions can only cost more than the exact optimum.
     assert dpdp_cost(x, c, units, lmbda) >= dpdp_cost(x, c, offline, lmbda) - 1e-6
     # Decisions are taken per frame, so the chunking still does not matter.
-    again = StreamingDPDP(c, lmbda, None, max_lag=max_lag)
+    again = dq.stream(c, lmbda, None, max_lag=max_lag)
     assert torch.equal(expand(run_stream(again, x, [len(x)])), units)
     assert again.forced_commits == stream.forced_commits
 
 
-def test_max_lag_without_forced_commits_equals_offline():
+def test_max_lag_without_forced_commits_equals_offline(dq):
     x, c = small_speech(42, 400)
-    stream = StreamingDPDP(c, 4.0, 4, max_lag=len(x))
-    assert torch.equal(expand(run_stream(stream, x, [3])), dpdp(x, c, 4.0, 4))
+    stream = dq.stream(c, 4.0, 4, max_lag=len(x))
+    assert torch.equal(expand(run_stream(stream, x, [3])), dq.dpdp(x, c, 4.0, 4))
     assert stream.forced_commits == 0
 
 
-def test_zero_length_chunk_flush_and_reset():
+def test_zero_length_chunk_flush_and_reset(dq):
     x, c = small_speech(51, 100)
-    offline = dpdp(x, c, 10.0)
-    stream = StreamingDPDP(c, 10.0)
+    offline = dq.dpdp(x, c, 10.0)
+    stream = dq.stream(c, 10.0)
     assert stream.flush() == []  # nothing pushed: nothing to emit
     stream.reset()
     assert stream.push(x[:0]) == [] and stream.frames_seen == 0
@@ -431,21 +458,21 @@ def test_zero_length_chunk_flush_and_reset():
     assert torch.equal(expand(run_stream(stream, x, [9])), offline)
 
 
-def test_inference_mode_on_either_side():
+def test_inference_mode_on_either_side(dq):
     x, c = small_speech(52, 90)
-    offline = dpdp(x, c, 10.0)
+    offline = dq.dpdp(x, c, 10.0)
     with torch.inference_mode():
-        stream = StreamingDPDP(c, 10.0)
-        assert torch.equal(dpdp(x, c, 10.0), offline)
+        stream = dq.stream(c, 10.0)
+        assert torch.equal(dq.dpdp(x, c, 10.0), offline)
         segments = stream.push(x[:40])
     segments += stream.push(x[40:]) + stream.flush()
     assert torch.equal(expand(segments), offline)
 
 
-def test_bad_chunk_raises_and_leaves_the_state_intact():
+def test_bad_chunk_raises_and_leaves_the_state_intact(dq):
     x, c = small_speech(61, 150, dtype=torch.float64)
-    offline = dpdp(x, c, 10.0, 3)
-    stream = StreamingDPDP(c, 10.0, 3)
+    offline = dq.dpdp(x, c, 10.0, 3)
+    stream = dq.stream(c, 10.0, 3)
     segments = stream.push(x[:70])
     seen, committed, nbytes = stream.frames_seen, stream.frames_committed, stream.state_nbytes
     bad = x[70:80].clone()

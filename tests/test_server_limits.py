@@ -23,6 +23,7 @@ from dpslm_stream.client.stream import stream_audio
 from dpslm_stream.hub import ModelSet
 from dpslm_stream.pipeline import Pipeline
 from dpslm_stream.server.app import ServerConfig, ServerThread, build_encoder
+from dpslm_stream.server.worker import InProcessEncoder, ModelWorker
 from dpslm_stream.tiny import speech_like
 
 E = P.ErrorCode
@@ -245,6 +246,61 @@ def test_a_failing_session_does_not_stall_or_break_the_others():
             check_complete(res.units, res.end)
             assert [u.unit for u in res.units] == offline_units(pcm16(wav))
         assert json.loads(_get(srv.http_url + P.HEALTH_PATH))["status"] == "ok"
+
+
+class StuckOpenEncoder(InProcessEncoder):
+    """The tiny encoder, except that opening a session at STUCK_RATE never returns (a model load that hangs) and one
+    at LATE_RATE returns only LATE_S after it was asked for (after its connection gave up on it)."""
+
+    STUCK_RATE, LATE_RATE, LATE_S = 12346, 12347, 2.0
+
+    def __init__(self, real):
+        super().__init__(real)
+        self.late_slots: list = []
+
+    def make_backend(self, loop, metrics, quantum_s):
+        outer = self
+
+        class Worker(ModelWorker):
+            never = asyncio.Event()  # held here, as a real stuck load is held by its thread
+
+            async def open_slot(self, session_id, sample_rate, settings, sink):
+                if sample_rate == outer.STUCK_RATE:
+                    await self.never.wait()
+                if sample_rate == outer.LATE_RATE:
+                    await asyncio.sleep(outer.LATE_S)
+                slot = await super().open_slot(session_id, sample_rate, settings, sink)
+                if sample_rate == outer.LATE_RATE:
+                    outer.late_slots.append(slot)
+                return slot
+
+        return Worker(self.worker, loop, metrics, quantum_s)
+
+
+def test_an_open_that_never_returns_ends_its_session_and_frees_its_slot():
+    cfg = ServerConfig(port=0, models="tiny", warmup=False, open_timeout_s=0.5, max_sessions=1)
+    encoder = StuckOpenEncoder(build_encoder(cfg))
+    wav = speech_like(1.0, SR, seed=3)
+    with ServerThread(cfg, encoder=encoder) as srv:
+
+        async def opening(rate):
+            async with websockets.connect(srv.url) as ws:
+                await ws.send(json.dumps({"type": "start", "sample_rate": rate}))
+                msgs, _, end = await collect(ws)
+                return msgs, end, ws.close_code
+
+        for rate in (StuckOpenEncoder.STUCK_RATE, StuckOpenEncoder.LATE_RATE):
+            msgs, end, close_code = asyncio.run(opening(rate))
+            assert [(m.code, m.fatal) for m in msgs if isinstance(m, P.Error)] == [(E.INTERNAL_ERROR.value, True)]
+            assert "--open-timeout" in msgs[0].message and close_code == P.CLOSE_INTERNAL
+            assert end is not None and end.reason == E.INTERNAL_ERROR.value and end.units == 0
+            # Its session slot is free again (max_sessions=1): the next client is served, exactly.
+            res = asyncio.run(stream_audio(srv.url, wav, SR, options={"mode": "full"}, chunk_ms=100))
+            assert [u.unit for u in res.units] == offline_units(pcm16(wav))
+        deadline = time.monotonic() + 10 * StuckOpenEncoder.LATE_S
+        while not encoder.late_slots and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(encoder.late_slots) == 1 and encoder.late_slots[0].cancelled  # opened too late: released
 
 
 def _get(url: str) -> str:

@@ -287,3 +287,21 @@ def test_a_resynthesis_that_falls_behind_is_stopped_and_the_units_go_on():
     end = msgs[-1]
     assert end.reason == "end" and end.units == len(units) > 0  # every unit still arrived
     assert "behind" in end.resynth["error"] and end.resynth["chunks"] == len(chunks)
+
+
+def test_exact_resynthesis_ends_after_max_exact_resynth_s_and_the_units_go_on():
+    cfg = ServerConfig(port=0, models="tiny", warmup=False, max_exact_resynth_s=1.0)
+    with ServerThread(cfg) as srv:
+
+        async def main():
+            async with UnitsClient(srv.url, sample_rate=SR, resynth={"left_context": None}) as c:
+                return await collect(c, speech_like(3.0, SR, seed=5))
+
+        msgs, units, chunks, _ = run(main())
+    errors = [m for m in msgs if isinstance(m, P.Error)]
+    assert [e.code for e in errors] == [E.RESYNTH_LIMIT.value] and not errors[0].fatal
+    end = msgs[-1]
+    assert end.reason == "end" and end.units == len(units)  # every unit still arrived
+    resynthesized = [u for u in units if u.end_s - units[0].end_s <= 1.0]  # the rule counts from the first unit
+    assert end.resynth["units"] == len(resynthesized) < len(units)  # the audio of those units came, whole
+    assert "--max-exact-resynth" in end.resynth["error"] and end.resynth["chunks"] == len(chunks) > 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +22,7 @@ from dpslm_stream.server.backends import EncoderSessionInfo, Progress
 from dpslm_stream.server.config import ServerConfig
 from dpslm_stream.server.session import ServerInfo, Session, State
 from dpslm_stream.stream.events import EndEvent, UnitEvent
+from dpslm_stream.stream.resynth import ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptionError, ResynthOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -305,6 +307,76 @@ def test_resynth_behind_stops_the_audio_and_the_units_go_on():
     assert end.reason == "end" and end.units == 2 and "behind" in end.resynth["error"]
 
 
+class RecordingStream(FakeStream):
+    """A FakeStream that records the units pushed and whether it was ended."""
+
+    def __init__(self):
+        super().__init__()
+        self.ended = False
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_exact_resynthesis_is_ended_after_max_exact_resynth_s_and_the_units_go_on():
+    s = session(max_exact_resynth_s=2.0)
+    start(s, rstream=FakeStream(), resynth={"left_context": None, "holdback": None})
+    s.receive_binary(pcm(0.5), 0.1)
+    first = s.encoder_events([unit(0, 10), unit(1, 60), unit(2, 110)], Progress(), 0.2)  # ends 0.2 s, 1.2 s, 2.2 s
+    assert [a for a in first if isinstance(a, A.PushUnits)] == [A.PushUnits((0,), (0.2,)), A.PushUnits((1,), (1.2,)),
+                                                                A.PushUnits((2,), (2.2,))] and codes(first) == []  # fmt: skip
+    out = s.encoder_events([unit(3, 111)], Progress(), 0.3)  # 2.22 s: more than 2 s after the first unit's end
+    assert A.EndResynth() in out and not any(isinstance(a, (A.PushUnits, A.CloseResynth)) for a in out)
+    assert codes(out) == [E.RESYNTH_LIMIT.value] and not errors(out)[0].fatal and "--max-exact-resynth" in errors(out)[0].message
+    assert [m.unit for m in sent(out) if isinstance(m, P.Unit)] == [3]  # the unit itself goes on
+    out = s.encoder_events([unit(4, 120)], Progress(), 0.4)
+    assert [m.unit for m in sent(out) if isinstance(m, P.Unit)] == [4] and kinds(out) == [A.Send, A.Relay]
+    s.receive_text('{"type":"end"}', 0.5)
+    out = s.encoder_events([end_event(120, 5)], Progress(finished=True), 0.6)
+    assert A.EndResynth() not in out and not any(isinstance(m, P.EndMessage) for m in sent(out))  # its audio first
+    rend = ResynthEndEvent(units=3, codec_frames=90, audio_seconds=2.2, chunks=3, passes=1, first_audio_latency_s=0.1,
+                           latency_mean_s=0.1, latency_max_s=0.2, real_time_factor=0.5)  # fmt: skip
+    end = sent(s.resynth_events([rend], None, 0.7))[-1]
+    assert end.reason == "end" and end.units == 5 and "--max-exact-resynth" in end.resynth["error"]
+    # Bounded context (the default options) is not limited by this rule.
+    s = session(max_exact_resynth_s=2.0)
+    start(s, rstream=FakeStream(), resynth={})
+    out = s.encoder_events([unit(0, 10), unit(1, 500)], Progress(), 0.2)
+    assert A.PushUnits((1,), (10.0,)) in out and codes(out) == []
+
+
+def test_exact_resynthesis_is_refused_at_start_when_disabled():
+    s = session(max_exact_resynth_s=0.0)
+    for given in ({"left_context": None}, {"vocoder_left_context": None}):
+        out = s.receive_text(json.dumps({"type": "start", "sample_rate": SR, "resynth": given}), 0.0)
+        assert codes(out) == [E.UNSUPPORTED_OPTION.value] and not errors(out)[0].fatal and s.state == State.CONNECTED
+        out = s.receive_text(json.dumps({"type": "subscribe", "session": "abc", "token": "t", "resynth": given}), 0.1)
+        assert codes(out) == [E.UNSUPPORTED_OPTION.value] and s.state == State.CONNECTED
+    assert kinds(s.receive_text(json.dumps({"type": "start", "sample_rate": SR, "resynth": {"left_context": 8}}),
+                                0.2)) == [A.OpenSession]  # fmt: skip
+
+
+def test_open_deadline_ends_a_session_whose_backends_never_open():
+    s = session(open_timeout_s=5.0, start_timeout_s=1.0, idle_timeout_s=2.0)
+    out = s.receive_text(json.dumps({"type": "start", "sample_rate": SR, "resynth": {}}), 0.5)
+    assert kinds(out) == [A.OpenSession] and not s.reading
+    assert s.next_deadline() == pytest.approx(5.5) and s.tick(5.4) == []  # neither start nor idle deadline meanwhile
+    out = s.tick(5.5)
+    msgs = sent(out)
+    assert codes(out) == [E.INTERNAL_ERROR.value] and msgs[0].fatal and "--open-timeout" in msgs[0].message
+    assert isinstance(msgs[-1], P.EndMessage) and msgs[-1].reason == E.INTERNAL_ERROR.value and msgs[-1].units == 0
+    assert out[-1] == A.Close(P.CLOSE_INTERNAL, "internal_error") and s.finished and s.next_deadline() == math.inf
+    assert s.opened(CACHED, FakeStream(), 60.0) == [A.CancelSlot(), A.CloseResynth()]  # released when they come
+    s = session(open_timeout_s=5.0)  # a listener's open too
+    s.receive_text(json.dumps({"type": "subscribe", "session": "abc", "token": "t", "resynth": {}}), 0.0)
+    out = s.tick(5.0)
+    assert codes(out) == [E.INTERNAL_ERROR.value] and isinstance(sent(out)[-1], P.EndMessage)
+    assert s.subscribed("abc", 500, 4500, FakeStream(), 9.0) == [A.Unsubscribe(), A.CloseResynth()]
+    s = session(open_timeout_s=5.0)  # an open in time is not affected
+    start(s, now=4.9)
+    assert s.tick(5.0) == [] and s.state == State.STREAMING
+
+
 def test_connection_lost_releases_every_backend_at_once():
     s = session()
     start(s, rstream=FakeStream(), resynth={})
@@ -423,7 +495,10 @@ def test_resynth_settings_report_every_option():
 @pytest.mark.parametrize("field, value, flag", [("min_hop", 0, "--min-hop"), ("max_outgoing_bytes", 0, "--max-outgoing-bytes"),
                                                 ("start_timeout_s", 0.0, "--start-timeout"), ("max_left", -1, "--max-left"),
                                                 ("stall_timeout_s", -1.0, "--stall-timeout"), ("max_hop", 2, "--min-hop"),
-                                                ("max_message_bytes", 10 << 20, "--max-message-bytes")])  # fmt: skip
+                                                ("max_message_bytes", 10 << 20, "--max-message-bytes"),
+                                                ("open_timeout_s", 0.0, "--open-timeout"),
+                                                ("max_exact_resynth_s", -1.0, "--max-exact-resynth"),
+                                                ("max_exact_resynth_s", float("inf"), "--max-exact-resynth")])  # fmt: skip
 def test_config_is_validated_naming_the_flag(field, value, flag):
     with pytest.raises(InvalidInput) as info:
         ServerConfig(**{field: value})
@@ -437,14 +512,16 @@ def test_every_limit_has_a_serve_flag_and_is_documented():
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--max-left", "60", "--min-hop", "3", "--max-outgoing-bytes", "5000",
-                              "--start-timeout", "2", "--max-text-bytes", "999", "--max-lag", "10"])  # fmt: skip
+                              "--start-timeout", "2", "--max-text-bytes", "999", "--max-lag", "10",
+                              "--open-timeout", "7", "--max-exact-resynth", "0"])  # fmt: skip
     cfg = config_from_args(args)
     assert (cfg.max_left, cfg.min_hop, cfg.max_outgoing_bytes, cfg.start_timeout_s, cfg.max_text_bytes, cfg.max_lag) == \
         (60, 3, 5000, 2.0, 999, 10)  # fmt: skip
+    assert (cfg.open_timeout_s, cfg.max_exact_resynth_s) == (7.0, 0.0)
     readme = (ROOT / "README.md").read_text()
     for flag in ("--max-left", "--min-hop", "--max-hop", "--max-lookahead", "--max-lag", "--max-full-audio",
                  "--max-message-bytes", "--max-text-bytes", "--max-outgoing-bytes", "--max-buffer-bytes",
-                 "--start-timeout", "--allow-origin"):  # fmt: skip
+                 "--start-timeout", "--allow-origin", "--open-timeout", "--max-exact-resynth"):  # fmt: skip
         assert flag in readme, flag
 
 

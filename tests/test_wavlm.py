@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def model() -> W.WavLM:
+def model(device) -> W.WavLM:
+    """The model under test, on the test device (DPSLM_TEST_DEVICE); transformers' twin runs on the CPU."""
     torch.manual_seed(0)
     m = W.WavLM(W.TINY).eval()
     # Default init leaves LayerNorms at (1, 0), many biases at 0 and the gate constant at 1, so that e.g. swapping
@@ -37,7 +38,12 @@ def model() -> W.WavLM:
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.fc1, layer.self_attn.grep_linear):
                 lin.bias.normal_(0.0, 0.5)
         m.encoder.layers[0].self_attn.relative_attention_bias.weight.mul_(3.0)
-    return m
+    return m.to(device)
+
+
+def _on(model: W.WavLM, x: torch.Tensor) -> torch.Tensor:
+    """`x` on `model`'s device (the tests build their inputs on the CPU, seeded)."""
+    return x.to(next(model.parameters()).device)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -103,6 +109,7 @@ def _wav(n: int, seed: int) -> torch.Tensor:
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.cpu(), b.cpu()  # ours on the test device, the oracle's on the CPU
     return ((a - b).norm() / b.norm()).item()
 
 
@@ -139,23 +146,25 @@ def test_long_inputs_run_in_blocks_and_still_match_transformers(model, hf_model,
     assert _rel_err(W.extract_features(model, wav, 16000, layer=None), out.last_hidden_state.squeeze(0)) <= 1e-4
     # The plain dense computation (one bias table for all frames) agrees to float rounding.
     with torch.no_grad():
-        x = model.positional(model.frontend(torch.nn.functional.pad(wav, (40, 40))))
+        x = model.positional(model.frontend(_on(model, torch.nn.functional.pad(wav, (40, 40)))))
         bias = model.relative_bias(x.shape[1], x.shape[1])
         for i in range(11):
             x, _ = model.layer(i, x, bias)
     torch.testing.assert_close(blocked, x[0], rtol=1e-5, atol=1e-4)
     # The work comes in slices: front-end, pos_conv and key/value projections per 64 rows, attention per block.
-    slices = sum(1 for _ in model.forward_steps(torch.nn.functional.pad(wav, (40, 40)), 11))
+    slices = sum(1 for _ in model.forward_steps(_on(model, torch.nn.functional.pad(wav, (40, 40))), 11))
     assert slices == 5 + 1 + 5 + 11 * (5 + 4)  # front-end 5 x 64 rows, +1, pos_conv 5, per layer 5 k/v + 4 attention
 
 
-def test_blocked_base_style_variant_matches_transformers(small_blocks):
+def test_blocked_base_style_variant_matches_transformers(small_blocks, device):
     torch.manual_seed(3)
     cfg = dataclasses.replace(W.TINY, extractor_mode="default", layer_norm_first=False, encoder_layers=4)
     m = W.WavLM(cfg).eval()
+    hf = _hf_twin(m)
+    m.to(device)
     wav = _wav(64000, seed=12)  # 200 frames: blocked (GroupNorm front-end in one piece, post-LN blocks)
     with torch.no_grad():
-        out = _hf_twin(m)(torch.nn.functional.pad(wav, (40, 40)), output_hidden_states=True)
+        out = hf(torch.nn.functional.pad(wav, (40, 40)), output_hidden_states=True)
     assert _rel_err(W.extract_features(m, wav, 16000, layer=3), out.hidden_states[3].squeeze(0)) <= 1e-4
 
 
@@ -179,12 +188,13 @@ def test_full_depth_default_path_matches_transformers(model, hf_model):
         assert torch.allclose(model.encoder.layer_norm(last), ours, atol=1e-5)
 
 
-def test_base_style_variant_matches_transformers():
+def test_base_style_variant_matches_transformers(device):
     # WavLM-Base's options (GroupNorm in conv block 0, post-LN blocks) are supported too; transformers has both.
     torch.manual_seed(3)
     cfg = dataclasses.replace(W.TINY, extractor_mode="default", layer_norm_first=False, encoder_layers=4)
     m = W.WavLM(cfg).eval()
     hf = _hf_twin(m)
+    m.to(device)
     wav = _wav(9000, seed=11)
     with torch.no_grad():
         out = hf(torch.nn.functional.pad(wav, (40, 40)), output_hidden_states=True)
@@ -197,7 +207,7 @@ def test_frontend_matches_transformers(model, hf_model):
     with torch.no_grad():
         hf_feats = hf_model.feature_extractor(wav).transpose(1, 2)
         ref, _ = hf_model.feature_projection(hf_feats)
-        ours = model.frontend(wav)
+        ours = model.frontend(_on(model, wav))
     assert _rel_err(ours, ref) <= 1e-5
 
 
@@ -254,7 +264,7 @@ def test_frame_count_is_floor_t_over_320(model):
 def test_frontend_chunk_with_40_sample_overlap_is_exact(model, m, n):
     total = 16000 * 2 + 77
     wav = _wav(total, seed=3)
-    padded = torch.nn.functional.pad(wav, (40, 40))
+    padded = _on(model, torch.nn.functional.pad(wav, (40, 40)))
     with torch.no_grad():
         whole = model.frontend(padded)
         # frames m..m+n-1 need original samples [320m - 40, 320(m+n) + 40) = padded [320m, 320(m+n) + 80)
@@ -265,7 +275,7 @@ def test_frontend_chunk_with_40_sample_overlap_is_exact(model, m, n):
 
 def test_layer_with_cached_kv_equals_full_layer(model):
     torch.manual_seed(1)
-    x = torch.randn(2, 90, model.cfg.encoder_embed_dim)
+    x = _on(model, torch.randn(2, 90, model.cfg.encoder_embed_dim))
     p = 60  # cached left-context frames
     with torch.no_grad():
         bias = model.relative_bias(90, 90)
@@ -279,7 +289,7 @@ def test_layer_with_cached_kv_equals_full_layer(model):
 
 
 def test_encode_pieces_compose_to_forward(model):
-    wav = torch.nn.functional.pad(_wav(9000, seed=4), (40, 40))
+    wav = _on(model, torch.nn.functional.pad(_wav(9000, seed=4), (40, 40)))
     with torch.no_grad():
         x = model.positional(model.frontend(wav))
         bias = model.relative_bias(x.shape[1], x.shape[1])
@@ -290,7 +300,7 @@ def test_encode_pieces_compose_to_forward(model):
 
 
 def test_batched_equals_one_by_one(model):
-    wavs = torch.nn.functional.pad(torch.cat([_wav(4000, 5), _wav(4000, 6)]), (40, 40))
+    wavs = _on(model, torch.nn.functional.pad(torch.cat([_wav(4000, 5), _wav(4000, 6)]), (40, 40)))
     with torch.no_grad():
         both = model(wavs, 11)
         for b in range(2):
@@ -310,7 +320,7 @@ def test_extract_features_resamples_through_audio_module(model):
 
 
 @pytest.mark.parametrize("style", ["parametrizations", "legacy"])
-def test_checkpoint_round_trip(model, style):
+def test_checkpoint_round_trip(model, style, on_host):
     ckpt = W.checkpoint_dict(model, weight_norm_style=style)
     keys = set(ckpt["model"])
     if style == "legacy":
@@ -324,10 +334,12 @@ def test_checkpoint_round_trip(model, style):
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     buf.seek(0)
-    loaded = W.load_checkpoint_dict(torch.load(buf, weights_only=True))
+    with on_host():
+        loaded = W.load_checkpoint_dict(torch.load(buf, weights_only=True))
     assert not loaded.training and loaded.cfg == model.cfg
     for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert k1 == k2 and torch.equal(v1, v2)
+        assert k1 == k2 and torch.equal(v1.cpu(), v2)
+    loaded.to(next(model.parameters()).device)  # same kernels as the model under test: the same features, bit for bit
     wav = _wav(3000, seed=8)
     assert torch.equal(W.extract_features(loaded, wav, 16000), W.extract_features(model, wav, 16000))
 
@@ -467,10 +479,12 @@ def test_numpy_int_sample_rate_is_accepted(model):
     assert W.extract_features(model, _wav(1000, 9), np.int64(16000)).shape == (3, 64)
 
 
-def test_half_precision_keeps_conv_layernorm_in_fp32(model):
-    # bf16 runs on CPU; the conv-block LayerNorm computes in fp32 and the result stays close to fp32's.
+def test_half_precision_keeps_conv_layernorm_in_fp32(model, on_host):
+    # bf16 on the test device; the conv-block LayerNorm computes in fp32 and the result stays close to fp32's.
     ckpt = W.checkpoint_dict(model)
-    half = W.load_checkpoint_dict(ckpt, dtype=torch.bfloat16)
+    with on_host():
+        half = W.load_checkpoint_dict(ckpt, dtype=torch.bfloat16)
+    half.to(next(model.parameters()).device)
     assert half.feature_extractor.conv_layers[0][0].weight.dtype == torch.bfloat16
     wav = _wav(8000, seed=10)
     out = W.extract_features(half, wav, 16000, layer=11)

@@ -34,8 +34,15 @@ def random_tiny(seed: int = 0) -> W.WavTokenizer:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> W.WavTokenizer:
-    return random_tiny()
+def tiny(device) -> W.WavTokenizer:
+    """The model under test, on the test device (DPSLM_TEST_DEVICE); the float64 references run on the CPU."""
+    return random_tiny().to(device)
+
+
+@pytest.fixture(scope="module")
+def on_device(device):
+    """Move a tensor to the test device (the iSTFT tests build their inputs on the CPU, seeded)."""
+    return lambda t: t.to(device)
 
 
 def random_codes(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -65,7 +72,7 @@ def naive_istft_same(spec: np.ndarray, window: np.ndarray, hop: int) -> np.ndarr
 
 def reference_decode(sd: dict, codes: torch.Tensor) -> np.ndarray:
     """Decoder math from docs/references.md §WavTokenizer, functional, float64, from the raw state dict."""
-    p = {k: v.double() for k, v in sd.items()}
+    p = {k: v.detach().cpu().double() for k, v in sd.items()}
     conv = torch.nn.functional.conv1d
 
     def gn(x, pre):  # GroupNorm(32): statistics over (channels of the group x all frames)
@@ -136,7 +143,7 @@ def test_decode_length_and_vocode(tiny, length):
 @pytest.mark.parametrize("length", [1, 3, 29])
 def test_decode_matches_float64_reference(tiny, length):
     codes = random_codes(length, seed=100 + length, batch=2)
-    ours = W.decode(tiny, codes).double().numpy()
+    ours = W.decode(tiny, codes).double().cpu().numpy()
     ref = reference_decode(tiny.state_dict(), codes)
     assert ours.shape == ref.shape == (2, HOP * length)
     assert np.abs(ref).max() > 1e-3  # a non-trivial signal
@@ -159,6 +166,7 @@ def test_bandwidth_row_zero_is_used(tiny):
         for name, t in other.state_dict().items():
             if name.endswith(("scale.weight", "shift.weight")):
                 t[1:] = 7.0
+    other.to(before.device)
     assert torch.equal(W.decode(other, codes), before)
 
 
@@ -166,19 +174,19 @@ def test_bandwidth_row_zero_is_used(tiny):
 
 
 @pytest.mark.parametrize("frames", [1, 2, 3, 4, 5, 23])
-def test_istft_matches_naive_loop(frames):
+def test_istft_matches_naive_loop(frames, on_device):
     spec = random_spectra(2, frames, seed=frames)
     window = torch.hann_window(N_FFT)
-    ours = W.istft(spec, window, HOP)
+    ours = W.istft(on_device(spec), on_device(window), HOP)
     ref = naive_istft_same(spec.numpy().astype(np.complex128), window.double().numpy(), HOP)
     assert ours.shape == (2, HOP * frames)
-    np.testing.assert_allclose(ours.double().numpy(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(ours.double().cpu().numpy(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
-def test_istft_interior_matches_torch_istft():
+def test_istft_interior_matches_torch_istft(on_device):
     """torch.istft(center=True) trims n_fft/2 instead of (n_fft-hop)/2: same signal shifted by hop/2."""
-    spec = random_spectra(1, 30, seed=7)
-    window = torch.hann_window(N_FFT)
+    spec = on_device(random_spectra(1, 30, seed=7))
+    window = on_device(torch.hann_window(N_FFT))
     ref = torch.istft(spec, N_FFT, HOP, N_FFT, window, center=True)
     ours = W.istft(spec, window, HOP)
     torch.testing.assert_close(ours[:, HOP // 2 : HOP // 2 + ref.shape[1]], ref, rtol=0, atol=1e-5 * ref.abs().max())
@@ -190,10 +198,10 @@ def test_istft_interior_matches_torch_istft():
     batch=st.integers(min_value=1, max_value=2),
     seed=st.integers(min_value=0, max_value=10_000),
 )
-def test_streaming_istft_equals_whole_sequence(chunks, batch, seed):
+def test_streaming_istft_equals_whole_sequence(on_device, chunks, batch, seed):
     frames = sum(chunks)
-    spec = random_spectra(batch, max(frames, 1), seed)[:, :, :frames]
-    window = torch.hann_window(N_FFT)
+    spec = on_device(random_spectra(batch, max(frames, 1), seed)[:, :, :frames])
+    window = on_device(torch.hann_window(N_FFT))
     stream = W.StreamingISTFT(window, HOP)
     outs, pushed, sizes = [], 0, set()
     for c in chunks:
@@ -213,17 +221,17 @@ def test_streaming_istft_equals_whole_sequence(chunks, batch, seed):
         torch.testing.assert_close(audio, whole, rtol=0, atol=1e-5 * whole.abs().max())
 
 
-def test_streaming_istft_reset_and_errors():
-    window = torch.hann_window(N_FFT)
+def test_streaming_istft_reset_and_errors(on_device):
+    window = on_device(torch.hann_window(N_FFT))
     stream = W.StreamingISTFT(window, HOP)
-    spec = random_spectra(1, 6, seed=1)
+    spec = on_device(random_spectra(1, 6, seed=1))
     first = torch.cat([stream.push(spec), stream.flush()], dim=1)
     assert stream.state_nbytes == 0 and stream.frames_pushed == 0  # flush resets
     again = torch.cat([stream.push(spec[:, :, :2]), stream.push(spec[:, :, 2:]), stream.flush()], dim=1)
     torch.testing.assert_close(again, first, rtol=0, atol=1e-6)
     stream.push(spec)
     with pytest.raises(InvalidInput, match="batch size"):
-        stream.push(random_spectra(2, 1, seed=2))
+        stream.push(on_device(random_spectra(2, 1, seed=2)))
     with pytest.raises(InvalidInput, match="complex"):
         stream.push(spec.real)
     with pytest.raises(InvalidInput):
@@ -315,8 +323,9 @@ def test_checkpoint_round_trip_upstream_format(tiny):
     loaded = W.load_checkpoint_dict(ckpt)
     assert loaded.config == W.TINY and not loaded.training
     assert set(loaded.state_dict()) == set(tiny.state_dict())
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in tiny.state_dict().items())
+    assert all(torch.equal(loaded.state_dict()[k], v.cpu()) for k, v in tiny.state_dict().items())
     codes = random_codes(13, seed=5)
+    loaded.to(tiny.head.out.weight.device)  # same kernels as the model under test: the same audio, bit for bit
     assert torch.equal(W.decode(loaded, codes), W.decode(tiny, codes))
 
 
