@@ -127,7 +127,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from dpslm_stream import hub
     from dpslm_stream.codec.channel import Channel
-    from dpslm_stream.codec.cli import ModelCache
+    from dpslm_stream.codec.models import ModelCache
     from dpslm_stream.codec.link import Receiver
 
     if args.session is not None and not args.listen_token:

@@ -387,7 +387,7 @@ def _cmd_demo(args) -> int:
     models = args.models or _demo_models()
     print(f"== dpslm-stream demo: bundled sample {sample.name} (espeak-ng speech), models: {models}")
     # The two steps exactly as a user would type them (parsed by the real parser, so every default applies).
-    parser = build_parser()
+    parser = build_parser("demo")  # encode and resynth are this module's: no other module is imported
     code = _cmd_encode(parser.parse_args(["encode", str(sample), "--models", models,
                                           "--json", str(args.out / "units.json")]))  # fmt: skip
     if code:
@@ -434,8 +434,9 @@ def _cmd_bench(args) -> int:
 
 # --- main ------------------------------------------------------------------------------------------------------------
 
-# Subcommands that live in other modules: name -> module with add_parser(subparsers) and run(args). They are imported
-# only when the command line is parsed, so `dpslm-stream encode` never pays for the server's imports.
+# Subcommands that live in other modules: name -> module with add_parser(subparsers) and run(args). `main` imports
+# only the module of the command on its command line (`build_parser(command)`), so `dpslm-stream encode` does not pay
+# for the server's imports; the other external commands get a placeholder parser (so the list of choices stays whole).
 _EXTERNAL = {
     "live": "dpslm_stream.client.live",
     "serve": "dpslm_stream.server.cli",
@@ -447,19 +448,31 @@ _EXTERNAL = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser (every external command's module imported), or with `command` (a subcommand name) one that
+    parses that command fully and imports no other external command's module."""
     parser = argparse.ArgumentParser(prog="dpslm-stream", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dpslm-stream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("demo", "download", "encode", "score", "resynth", "bench"):
         globals()[f"_add_{name}"](sub)
     for name, module in _EXTERNAL.items():
-        importlib.import_module(module).add_parser(sub)
+        if command is None or command == name:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=f"see `dpslm-stream {name} --help`")
     return parser
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named on a command line (its first word that is not an option), if it is one; else None."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in _EXTERNAL or f"_cmd_{word}" in globals() else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_in(argv)).parse_args(argv)
     try:
         for name in ("device", "resynth_device"):  # torch devices (mic's --device is an audio device: its own check)
             if args.command != "mic" and isinstance(getattr(args, name, None), str):

@@ -23,7 +23,10 @@ a non-fatal error rejects one message and the session goes on; after a fatal one
 can still produce, sends ``end`` and closes with the close code of ``CLOSE_CODES``.
 
 Version 2 added live resynthesis (``start.resynth``, binary audio frames, the resynth fields of ``stats`` and
-``end``) and listener mode (``subscribe``). A version-1 client never asks for either and sees the version-1 protocol.
+``end``) and listener mode (``subscribe``). The parser checks ``version`` (``SUPPORTED_VERSIONS``; any other value is
+``unsupported_version``) and refuses a resynthesis request in a version-1 message (``unsupported_option``); beyond
+that the server answers both versions with the same messages (``ready.version`` is the server's), so a version-1
+client ignores the fields it does not know.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpslm_stream import releases
+from dpslm_stream.signals import speech_like  # noqa: F401  (re-exported for existing callers)
+
 # (k, lambda) pairs that get a tiny ULM and ELLA-V; k=500, lambda=4500 is the default everywhere.
 TINY_PAIRS: tuple[tuple[int, int], ...] = ((100, 0), (100, 600), (500, 0), (500, 4500))
 TINY_CODEBOOK_KS: tuple[int, ...] = (100, 500)
@@ -46,43 +49,6 @@ def default_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dpslm_stream"
     )
     return Path(root) / f"tiny-v{TINY_VERSION}"
-
-
-def speech_like(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
-    """Deterministic speech-LIKE audio (not speech): a sequence of 40-160 ms 'phones', each either voiced (harmonics
-    of a gliding f0 under a random spectral envelope) or fricative (shaped noise), with onsets, offsets and pauses."""
-    rng = np.random.default_rng(seed)
-    n = int(round(seconds * sr))
-    out = np.zeros(n, dtype=np.float64)
-    t0 = 0
-    f0 = 120.0
-    while t0 < n:
-        dur = int(rng.uniform(0.04, 0.16) * sr)
-        seg = np.arange(min(dur, n - t0))
-        kind = rng.choice(["voiced", "voiced", "voiced", "fricative", "pause"])
-        if kind == "voiced":
-            f0 = float(np.clip(f0 * np.exp(rng.normal(0, 0.08)), 80, 260))
-            f0_end = float(np.clip(f0 * np.exp(rng.normal(0, 0.05)), 80, 260))
-            freq = np.linspace(f0, f0_end, len(seg))
-            phase = 2 * np.pi * np.cumsum(freq) / sr
-            formants = rng.uniform([250, 800, 2000], [900, 2300, 3200])
-            x = np.zeros(len(seg))
-            for h in range(1, int(4000 / max(f0, f0_end))):
-                fh = h * (f0 + f0_end) / 2
-                gain = sum(np.exp(-((fh - f) ** 2) / (2 * 120.0**2)) for f in formants) + 0.02
-                x += gain * np.sin(h * phase) / h**0.5
-            x *= 0.1
-        elif kind == "fricative":
-            noise = rng.normal(0, 1, len(seg) + 64)
-            taps = np.hanning(rng.integers(3, 16))  # hanning(n<3) is all zeros
-            taps = taps * np.cos(np.pi * rng.uniform(0.3, 1.0) * np.arange(len(taps)))
-            x = np.convolve(noise, taps / np.abs(taps).sum(), mode="same")[: len(seg)] * 0.05
-        else:
-            x = rng.normal(0, 1e-3, len(seg))
-        env = np.minimum(1.0, np.minimum(seg + 1, len(seg) - seg) / (0.01 * sr))
-        out[t0 : t0 + len(seg)] = x * env
-        t0 += len(seg)
-    return out.astype(np.float32)
 
 
 def _kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
@@ -119,13 +85,12 @@ def _scale_residual_stream(state: dict, scale: float) -> None:
 
 def build_tiny_set(directory: str | os.PathLike, pairs=TINY_PAIRS, codebook_ks=TINY_CODEBOOK_KS) -> Path:
     """Write the tiny set into `directory` (created). Deterministic: the same files every time."""
-    from dpslm_stream import hub
     from dpslm_stream.models import ellav, ulm, wavlm, wavtokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
-    def name(release: hub.Release) -> Path:
+    def name(release: releases.Release) -> Path:
         stem, ext = release.filename.rsplit(".", 1)
         return directory / f"{stem[:-9]}-tiny.{ext}"  # drop "-<8 hex>" / "_<8 hex>"
 
@@ -140,34 +105,34 @@ def build_tiny_set(directory: str | os.PathLike, pairs=TINY_PAIRS, codebook_ks=T
         _scale_residual_stream(state, math.sqrt(_TARGET_FRAME_DISTANCE / max(typical, 1e-9)))
         model.load_state_dict(state)
         feats = wavlm.extract_features(model, audio, 16000, layer=11)
-    torch.save(wavlm.checkpoint_dict(model), name(hub.WAVLM_LARGE))
+    torch.save(wavlm.checkpoint_dict(model), name(releases.WAVLM_LARGE))
 
     gen = torch.Generator().manual_seed(_SEED)
     for k in codebook_ks:
-        torch.save({"codebook": _kmeans(feats, k, iters=8, generator=gen)}, name(hub.CODEBOOKS[k]))
+        torch.save({"codebook": _kmeans(feats, k, iters=8, generator=gen)}, name(releases.CODEBOOKS[k]))
 
     for k, lmbda in pairs:
         torch.manual_seed(_SEED + k + lmbda)
         lm = ulm.ULM(ulm.config_for_k(k, ulm.TINY)).eval()
-        torch.save(ulm.checkpoint_dict(lm), name(hub.ULM_1K[(k, lmbda)]))
+        torch.save(ulm.checkpoint_dict(lm), name(releases.ULM_1K[(k, lmbda)]))
         torch.manual_seed(_SEED + 7 * k + lmbda)
-        torch.save(ellav.checkpoint_dict(ellav.random_model(k, ellav.TINY)), name(hub.ELLAV[(k, lmbda)]))
+        torch.save(ellav.checkpoint_dict(ellav.random_model(k, ellav.TINY)), name(releases.ELLAV[(k, lmbda)]))
 
     # The phone topline: phone LM (the ULM architecture over a phone vocabulary), its tokenizer JSON, phone ELLA-V.
     phone_to_id = {p: i for i, p in enumerate(["BOS", "UNK", *TINY_PHONES])}
-    (directory / hub.PHONE_TOKENIZER.filename).write_text(
+    (directory / releases.PHONE_TOKENIZER.filename).write_text(
         json.dumps(ulm.PhonemeTokenizer(phone_to_id).to_dict(), indent=1))
     torch.manual_seed(_SEED + 1)
     plm = ulm.ULM(dataclasses.replace(ulm.TINY, vocab_size=len(phone_to_id))).eval()
-    torch.save(ulm.checkpoint_dict(plm), name(hub.PLM))
+    torch.save(ulm.checkpoint_dict(plm), name(releases.PLM))
     torch.manual_seed(_SEED + 2)
     phone_tok = ellav.ELLAVTokenizer.from_phone_vocab(TINY_PHONES, 50, 4096, 40)
     phone_cfg = dataclasses.replace(ellav.TINY, vocab_size=phone_tok.vocab_size)
-    torch.save(ellav.checkpoint_dict(ellav.ELLAV(phone_cfg, phone_tok).eval()), name(hub.ELLAV_PHONES))
+    torch.save(ellav.checkpoint_dict(ellav.ELLAV(phone_cfg, phone_tok).eval()), name(releases.ELLAV_PHONES))
 
     torch.manual_seed(_SEED)
     torch.save(wavtokenizer.checkpoint_dict(wavtokenizer.WavTokenizer(wavtokenizer.TINY).eval()),
-               name(hub.WAVTOKENIZER[600]))  # fmt: skip
+               name(releases.WAVTOKENIZER[600]))  # fmt: skip
 
     (directory / "RANDOM_WEIGHTS").write_text(
         "This folder holds dpslm-stream's tiny model set: small networks with RANDOM weights in the upstream file\n"

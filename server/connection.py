@@ -13,7 +13,7 @@ import asyncio
 import hmac
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -28,7 +28,11 @@ from .backends import EncoderSlot, Progress, ResynthStream
 from .session import Session
 
 if TYPE_CHECKING:
-    from .app import Server
+    from .backends import EncoderBackend, ResynthBackend
+    from .config import ServerConfig
+    from .metrics import Metrics
+    from .session import ServerInfo
+    from .transmit import CodecService
 
 log = logging.getLogger("dpslm_stream.server")
 E = P.ErrorCode
@@ -41,10 +45,30 @@ class _Close:
         self.code, self.reason = code, reason
 
 
+class ConnectionHost(Protocol):
+    """What a connection uses of the server that holds it (server/app.py's ``Server`` implements it); declared here
+    so this module does not import the app that imports it."""
+
+    @property
+    def config(self) -> ServerConfig: ...
+    @property
+    def info(self) -> ServerInfo: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def senders(self) -> dict[str, Connection]: ...  # started sender sessions by id
+    @property
+    def worker(self) -> EncoderBackend | None: ...
+    @property
+    def resynth_backend(self) -> ResynthBackend | None: ...
+    @property
+    def codec(self) -> CodecService | None: ...
+
+
 class Connection:
     """Implements SlotSink and ResynthSink (server/backends.py) for its session."""
 
-    def __init__(self, server: "Server", ws: ServerConnection):
+    def __init__(self, server: ConnectionHost, ws: ServerConnection):
         self.server = server
         self.ws = ws
         self.loop = asyncio.get_running_loop()

@@ -2,7 +2,7 @@
 
     dpslm-stream serve --backend ray [--ray-address auto] [--encoder-shards N]
 
-Shape (shared/spec/scale-out.md): the WebSocket sessions and all their protocol state stay in the gateway (the same
+Shape (docs/references.md §Serving): the WebSocket sessions and all their protocol state stay in the gateway (the same
 asyncio ``Server`` as the in-process backend, so the same clients, page and protocol; with ``serve --backend ray`` it
 runs as the ``Gateway`` deployment of one Serve application, see ``service_app``), and each
 session's encoder state (resampler tail, window caches, DPDP survivors) lives in the ``Encoder`` deployment and its
@@ -15,8 +15,9 @@ Sessions are stateful and a Serve handle routes each call to any replica of a de
 *shards*: N Serve applications of one replica each (GPU-sized); the gateway pins each session to the shard with the
 fewest sessions when it opens and talks to that shard's handle for the rest of the session. More gateways (each with
 its shards) scale past one gateway's event loop, behind a WebSocket-aware load balancer.
-Ray is an optional extra (``pip install -e '.[ray]' in the dpslm-stream checkout``): this module imports it only when a Ray backend is
-made, and nothing else in the package imports this module.
+Ray is an optional extra (``pip install -e '.[ray]' in the dpslm-stream checkout``): this module imports it only when a
+Ray backend is made, and the rest of the package imports this module only inside the functions that ask for Ray
+(``serve --backend ray`` in server/cli.py, ``bench server --backend ray``), never at import time.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from dpslm_stream import hub
-from dpslm_stream.codec.cli import ModelCache
+from dpslm_stream.codec.models import ModelCache
 from dpslm_stream.codec.link import TransmitOptions, Transmitter
 
 

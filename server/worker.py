@@ -64,10 +64,6 @@ class AudioQueue:
     def queued_samples(self) -> int:
         return self._queued_samples
 
-    @property
-    def queued_nbytes(self) -> int:
-        return self._queued_samples * 4  # float32
-
     def add_audio(self, samples: np.ndarray) -> None:
         with self._lock:
             self._queued.append(samples)
@@ -322,7 +318,7 @@ class ModelWorker(WorkerThread):
 
 def warm_up(encoder: Any, k: int, lmbda: int, seconds: float = 1.0) -> None:
     """One short stream through an EncoderWorker (first calls allocate and pick kernels); its output is discarded."""
-    from dpslm_stream.tiny import speech_like
+    from dpslm_stream.signals import speech_like
 
     session = encoder.open_session(16000, k, lmbda)
     session.push(speech_like(seconds, 16000, seed=1))

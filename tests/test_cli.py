@@ -183,3 +183,17 @@ def test_encode_reports_a_bad_file_and_still_encodes_the_others(tiny_dir, clip, 
     assert list(doc["files"]) == [str(clip)] and doc["files"][str(clip)]["units"]
     assert set(doc["errors"]) == {str(short), str(missing)} and "too short" in doc["errors"][str(short)]
     assert "2 of 3 file(s) failed" in capsys.readouterr().err
+
+
+def test_a_command_imports_no_other_commands_module():
+    """`dpslm-stream encode` parses without importing the server, the clients, the corpus or the codec CLI (a fresh
+    interpreter: this process has imported them all already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dpslm_stream import cli\nargv = ['encode', 'x.wav', '--no-score']\n"
+            "assert cli.build_parser(cli._command_in(argv)).parse_args(argv).command == 'encode'\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('dpslm_stream.server', 'dpslm_stream.client', "
+            "'dpslm_stream.corpus', 'dpslm_stream.codec', 'websockets'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

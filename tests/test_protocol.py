@@ -186,8 +186,18 @@ def test_error_and_close_codes_are_consistent():
     values = [c.value for c in E]
     assert len(values) == len(set(values))
     assert all(re.fullmatch(r"[a-z_]+", v) for v in values)
-    for code, close in P.CLOSE_CODES.items():
-        assert code in P.FATAL_CODES and 1000 <= close <= 1015 and close not in (1004, 1005, 1006, 1015)
+    for close in P.CLOSE_CODES.values():  # a close code a server may send (RFC 6455 §7.4.1)
+        assert 1000 <= close <= 1015 and close not in (1004, 1005, 1006, 1015)
+    # docs/protocol.md's table of error codes says which are fatal and with which close code: the two must agree,
+    # both ways (a fatal code missing from CLOSE_CODES, or documented with another close code, fails).
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| (yes|no) \|\s*(\d*)\s*\|", doc, re.M)
+    assert {code for code, _, _ in rows} >= {c.value for c in P.CLOSE_CODES}
+    assert len(rows) >= len(E) - 2  # every code but the two HTTP refusals has a row with a fatal column
+    for code, fatal, close in rows:
+        assert (E(code) in P.CLOSE_CODES) == (fatal == "yes"), code
+        if fatal == "yes":
+            assert close == str(P.CLOSE_CODES[E(code)]), code
 
 
 def test_browser_page_mirrors_the_protocol():

@@ -100,22 +100,21 @@ def test_sessions_are_batched_together_and_a_full_server_is_busy(ray_encoder):
     assert max(h.describe.remote().result()["max_batch"] for h in encoder.handles) >= 2
 
 
-def test_a_session_whose_replica_goes_away_ends_with_internal_error():
-    """Last in this module: it deletes the deployment."""
-    import ray
+def test_a_session_whose_replica_goes_away_ends_with_internal_error(ray_encoder):
+    """Runs on the module's local Ray (the fixture starts it, so the test also runs alone) with an encoder of its
+    own, whose Serve applications it deletes mid-session."""
     from ray import serve
 
     from dpslm_stream.server.ray_backend import start_ray_encoder
 
-    if not ray.is_initialized():
-        pytest.skip("needs the module's Ray")
     cfg = ServerConfig(port=0, models="tiny", max_sessions=2, warmup=False, resynth=False)
     encoder = start_ray_encoder(cfg, replica_cpus=0.4, call_timeout_s=10)
 
     async def main(url):
         async with UnitsClient(url, sample_rate=SR) as c:
             await c.send(WAV[:SR])
-            serve.delete(sorted(a for a in serve.status().applications if a.startswith("dpslm-encoder"))[-1])
+            for handle in encoder.handles:  # this encoder's applications only (the fixture's stay up)
+                serve.delete(handle.app_name)
             await c.send(WAV[SR:])
             await c.end()
             with pytest.raises(SessionError) as err:

@@ -301,6 +301,18 @@ def test_empty_stream_ends_cleanly(tiny_models, ellav64, wt):
     assert isinstance(end, ResynthEndEvent) and end.units == 0 and end.chunks == 0 and end.error is None
 
 
+def test_settings_report_every_open_session_option(tiny_models, ellav64, wt):
+    """settings() (ready.settings.resynth) holds every option of open_session as the stream uses it."""
+    import inspect
+
+    worker = make_worker(tiny_models, ellav64, wt)
+    options = dict(left_context=5, holdback=2, greedy=False, seed=3, temperature=0.7, top_p=0.5, trigger_units=2,
+                   trigger_s=0.4, max_pass_units=9, vocoder_left_context=7, vocoder_lookahead=3, vocoder_min_step=2)
+    assert set(options) == set(inspect.signature(worker.open_session).parameters) - {"k", "lmbda"}
+    settings = worker.open_session(K, LMBDA, **options).settings()
+    assert {name: settings[name] for name in options} == options
+    assert settings["sample_rate"] == 24000 and settings["max_codec_tokens_per_phone"] >= 1
+
 # ----- batching, sampling, isolation --------------------------------------------------------------------------------
 
 SETTINGS = [

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpslm_stream import audio
 from dpslm_stream.errors import CheckpointError, InvalidInput
 from dpslm_stream.models import wavlm as W
 
@@ -307,7 +308,6 @@ def test_batched_equals_one_by_one(model):
 
 
 def test_extract_features_resamples_through_audio_module(model):
-    audio = pytest.importorskip("dpslm_stream.audio")
     wav = _wav(24000, seed=7)
     expected = W.extract_features(model, audio.resample(wav, 24000, 16000), 16000)
     got = W.extract_features(model, wav, 24000)
@@ -465,7 +465,6 @@ def test_bad_inputs_raise_invalid_input(model, wav, sr, match):
 
 
 def test_too_short_after_resampling(model):
-    pytest.importorskip("dpslm_stream.audio")
     with pytest.raises(InvalidInput, match="too short"):
         W.extract_features(model, torch.zeros(1, 400), 48000)  # 400 samples at 48 kHz -> 134 at 16 kHz
 

@@ -71,7 +71,7 @@ def naive_istft_same(spec: np.ndarray, window: np.ndarray, hop: int) -> np.ndarr
 
 
 def reference_decode(sd: dict, codes: torch.Tensor) -> np.ndarray:
-    """Decoder math from shared/spec/wavtokenizer.md §2, functional, float64, from the raw state dict."""
+    """Decoder math from docs/references.md §WavTokenizer, functional, float64, from the raw state dict."""
     p = {k: v.detach().cpu().double() for k, v in sd.items()}
     conv = torch.nn.functional.conv1d
 

@@ -13,7 +13,7 @@ def full_size_encoder_worker(device: str = "cpu", **worker_kwargs):
     codebook of 500 of the model's own layer-11 frames so that DPDP sees distances of the features' own scale."""
     from dpslm_stream.models import wavlm
     from dpslm_stream.stream.worker import EncoderWorker
-    from dpslm_stream.tiny import speech_like
+    from dpslm_stream.signals import speech_like
 
     torch.manual_seed(0)
     model = wavlm.WavLM(dataclasses.replace(wavlm.FULL, encoder_layers=11)).eval()

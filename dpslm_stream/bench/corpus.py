@@ -2,7 +2,7 @@
 Ray and with Ray Data at 1 and 2 encoder actors, at WavLM-Large dimensions with RANDOM weights (speed does not depend
 on the weight values; the units are meaningless).
 
-The corpus is synthetic speech-like audio (dpslm_stream.tiny.speech_like), utterances of about --utterance-seconds
+The corpus is synthetic speech-like audio (dpslm_stream.signals.speech_like), utterances of about --utterance-seconds
 (lengths vary +-30 %), a quarter of them at 22.05 kHz so that resampling is part of the work. Each configuration
 encodes the whole corpus into a fresh output folder through `dpslm_stream.corpus.encode_corpus`, the same code as
 the command. The model is WavLM-Large's 11 first blocks with seeded random weights and a codebook of 500 of its own
@@ -49,7 +49,7 @@ def full_size_pipeline(device: str = "cpu"):
     if used, is the tiny set's. Module-level so Ray actors can build it; every call builds the same weights."""
     from dpslm_stream.models import wavlm
     from dpslm_stream.pipeline import Pipeline
-    from dpslm_stream.tiny import speech_like
+    from dpslm_stream.signals import speech_like
 
     torch.manual_seed(0)
     model = wavlm.WavLM(dataclasses.replace(wavlm.FULL, encoder_layers=11)).eval().to(device)
@@ -65,7 +65,7 @@ def full_size_pipeline(device: str = "cpu"):
 def _make_corpus(root: Path, total_s: float, utt_s: float) -> float:
     import soundfile as sf
 
-    from dpslm_stream.tiny import speech_like
+    from dpslm_stream.signals import speech_like
 
     rng = np.random.default_rng(0)
     done, i = 0.0, 0

@@ -62,7 +62,7 @@ def cpu_description() -> str:
 
 
 def _speech(seconds: float, seed: int) -> np.ndarray:
-    from dpslm_stream.tiny import speech_like
+    from dpslm_stream.signals import speech_like
 
     return speech_like(seconds, 16000, seed=seed).astype(np.float32)
 

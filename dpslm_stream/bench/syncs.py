@@ -18,7 +18,7 @@ import torch
 
 from dpslm_stream import hub
 from dpslm_stream.bench._simdevice import SIM, SYNC_KINDS, SimulatedCuda, active
-from dpslm_stream.tiny import speech_like
+from dpslm_stream.signals import speech_like
 
 K, LMBDA = 500, 4500
 

@@ -14,70 +14,16 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpslm_stream import hub
-from dpslm_stream.codec.format import CODERS, BitstreamError, Header
-from dpslm_stream.codec.models import TableModel, ULMModel, UniformModel, UnitModel, ulm_hash
-from dpslm_stream.codec.packets import decode_stream, encode_stream
+from dpslm_stream.codec.format import CODERS, Header
+from dpslm_stream.codec.models import ModelCache, UnitModel  # noqa: F401  (ModelCache re-exported)
+from dpslm_stream.codec.packets import (  # noqa: F401  (commits_* re-exported)
+    commits_offline, commits_streamed, decode_stream, encode_stream,
+)
 from dpslm_stream.codec.tables import UnitTable, fit_table, read_unit_sequences
 from dpslm_stream.errors import InvalidInput
-
-FRAME_MS = 20  # one DPDP frame
-
-
-@dataclass
-class ModelCache:
-    """Loads each model once per process (and hashes each ULM once): decoders and the resync scan reuse them."""
-
-    models: hub.ModelSet
-    device: str = "cpu"
-    table: UnitTable | None = None
-    _ulms: dict = field(default_factory=dict)
-
-    def ulm(self, k: int, lmbda: int):
-        if (k, lmbda) not in self._ulms:
-            ulm, _ = self.models.ulm(k, lmbda, self.device)
-            self._ulms[(k, lmbda)] = (ulm, ulm_hash(ulm))
-        return self._ulms[(k, lmbda)]
-
-    def model(self, coder: str, k: int, lmbda: int, table: UnitTable | None = None) -> UnitModel:
-        if coder == "uniform":
-            return UniformModel(k)
-        if coder == "table":
-            table = table or self.table
-            if table is None:
-                raise InvalidInput("the table coder needs a table: --table FILE (make one with `codec fit`)")
-            if table.k != k:
-                raise BitstreamError(f"the table is for k={table.k} units, the stream has k={k}")
-            return TableModel(table)
-        ulm, digest = self.ulm(k, lmbda)
-        return ULMModel(ulm, model_hash=digest)
-
-    def for_header(self, header: Header) -> UnitModel:
-        table = UnitTable.from_bytes(header.table) if header.table is not None else None
-        return self.model(header.coder, header.k, header.lmbda, table)
-
-
-def commits_offline(units, durations) -> list[tuple[list[int], list[int], int]]:
-    """Offline, a unit is taken as committed when its last frame ends."""
-    out, end = [], 0
-    for u, d in zip(units, durations):
-        end += int(d)
-        out.append(([int(u)], [int(d)], end * FRAME_MS))
-    return out
-
-
-def commits_streamed(res) -> list[tuple[list[int], list[int], int]]:
-    """The streaming encoder's own commit times (audio received when each unit was committed)."""
-    lags = res.commit_lags_s
-    out, end = [], 0
-    for u, d, lag in zip(res.units, res.durations, lags):
-        end += int(d)
-        out.append(([int(u)], [int(d)], int(round((end * FRAME_MS / 1000 + lag) * 1000))))
-    return out
-
 
 # --- encode ----------------------------------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from dpslm_stream import hub
 from dpslm_stream.codec.format import Header
-from dpslm_stream.codec.packets import encode_stream
+from dpslm_stream.codec.models import ModelCache
+from dpslm_stream.codec.packets import commits_offline, encode_stream
 from dpslm_stream.codec.tables import UnitTable, fit_table
 
 CODER_ROWS = ("uniform", "table-unigram", "table-bigram", "ulm")
@@ -35,7 +36,6 @@ def _run(header: Header, model, streams) -> dict:
 def evaluate(models: hub.ModelSet, files: list[Path], pairs, *, packet_ms: int = 100, resync_s: float = 5.0,
              tables: dict[int, UnitTable] | None = None, device: str = "cpu", durations: bool = True) -> dict:  # fmt: skip
     from dpslm_stream.audio import load_audio
-    from dpslm_stream.codec.cli import ModelCache, commits_offline
     from dpslm_stream.pipeline import Pipeline, bitrate
 
     tables = tables or {}

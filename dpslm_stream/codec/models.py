@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from dpslm_stream.codec.entropy import frequencies_from_logits, frequencies_from_weights
+from dpslm_stream.codec.format import BitstreamError, Header
 from dpslm_stream.codec.tables import UnitTable
 from dpslm_stream.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from dpslm_stream.hub import ModelSet
 
 MODEL_HASH_BYTES = 16
 
@@ -195,3 +200,36 @@ class ULMModel:
             raise InvalidInput(f"more than {self.max_units} units in one resync segment; lower the resync interval")
         self._step()
         self._pending = int(unit) + 1
+
+
+@dataclass
+class ModelCache:
+    """Loads each model once per process (and hashes each ULM once): decoders and the resync scan reuse them."""
+
+    models: ModelSet
+    device: str = "cpu"
+    table: UnitTable | None = None
+    _ulms: dict = field(default_factory=dict)
+
+    def ulm(self, k: int, lmbda: int):
+        if (k, lmbda) not in self._ulms:
+            ulm, _ = self.models.ulm(k, lmbda, self.device)
+            self._ulms[(k, lmbda)] = (ulm, ulm_hash(ulm))
+        return self._ulms[(k, lmbda)]
+
+    def model(self, coder: str, k: int, lmbda: int, table: UnitTable | None = None) -> UnitModel:
+        if coder == "uniform":
+            return UniformModel(k)
+        if coder == "table":
+            table = table or self.table
+            if table is None:
+                raise InvalidInput("the table coder needs a table: --table FILE (make one with `codec fit`)")
+            if table.k != k:
+                raise BitstreamError(f"the table is for k={table.k} units, the stream has k={k}")
+            return TableModel(table)
+        ulm, digest = self.ulm(k, lmbda)
+        return ULMModel(ulm, model_hash=digest)
+
+    def for_header(self, header: Header) -> UnitModel:
+        table = UnitTable.from_bytes(header.table) if header.table is not None else None
+        return self.model(header.coder, header.k, header.lmbda, table)

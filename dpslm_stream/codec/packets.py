@@ -398,3 +398,25 @@ def _scan_for_resync(data: bytes, pos: int, header: Header, model_for: Callable[
         if probe.push_packet(packet).status == "ok":
             return start
     return len(data)
+
+
+FRAME_MS = 20  # one DPDP frame
+
+
+def commits_offline(units, durations) -> list[tuple[list[int], list[int], int]]:
+    """Offline, a unit is taken as committed when its last frame ends."""
+    out, end = [], 0
+    for u, d in zip(units, durations):
+        end += int(d)
+        out.append(([int(u)], [int(d)], end * FRAME_MS))
+    return out
+
+
+def commits_streamed(res) -> list[tuple[list[int], list[int], int]]:
+    """The streaming encoder's own commit times (audio received when each unit was committed)."""
+    lags = res.commit_lags_s
+    out, end = [], 0
+    for u, d, lag in zip(res.units, res.durations, lags):
+        end += int(d)
+        out.append(([int(u)], [int(d)], int(round((end * FRAME_MS / 1000 + lag) * 1000))))
+    return out

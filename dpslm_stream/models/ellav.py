@@ -1,7 +1,7 @@
 """ELLA-V: deduplicated units -> WavTokenizer codec ids (40 Hz, 4096 codes), the acoustic model of DP-SLM.
 
 Upstream: nicolvisser/ELLA-V (`ellav/model.py`, `ellav/tokenizer.py`, `ellav/generate.py`,
-`ellav/transformer/*.py`, `hubconf.py`); facts in shared/spec/ellav.md. The network is the shared Mistral-style
+`ellav/transformer/*.py`, `hubconf.py`); facts in docs/references.md §ELLA-V. The network is the shared Mistral-style
 transformer (transformer.py) with a bias on the output layer. Checkpoint file:
 `{"model_args": {...}, "tokenizer": {...}, "model_state": {...}}` (state keys without prefix).
 

@@ -1,7 +1,7 @@
 """The unit language model (ULM) of DP-SLM: a Mistral-style transformer over deduplicated DPDP units.
 
 Upstream: nicolvisser/Mistral-ULM (`ulm/transformer.py`, `ulm/units/tokenizer.py`, `hubconf.py`); facts in
-shared/spec/ulm.md. Tokens: BOS = 0, unit u -> u + 1, so vocab_size = K + 1. Checkpoint file:
+docs/references.md §ULM. Tokens: BOS = 0, unit u -> u + 1, so vocab_size = K + 1. Checkpoint file:
 `{"model_args": {...}, "model_state_dict": {...}}`.
 
 Scoring:

@@ -4,7 +4,7 @@ The released file `wavlm-large-6fb4b3c3.pt` is `{"cfg": dict, "model": state_dic
 from that cfg and loads the state dict strictly. Parameter names mirror the upstream module tree (including the
 nn.Sequential indices of the conv blocks and of `encoder.pos_conv`), so loading is a plain `load_state_dict`.
 
-The forward pass is split into the pieces a streaming encoder needs (facts: /work/shared/spec/wavlm.md §2, §4):
+The forward pass is split into the pieces a streaming encoder needs (facts: docs/references.md §WavLM):
 
     wav (16 kHz, padded 40 zeros each side)
       -> frontend()      conv stack (LayerNorm per frame) + LN(512) + Linear 512->D      exact per 20 ms frame

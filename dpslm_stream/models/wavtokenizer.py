@@ -1,7 +1,7 @@
 """WavTokenizer decoder: codec ids -> 24 kHz audio (DP-SLM's vocoder), checkpoint-compatible with the releases.
 
 Releases (nicolvisser/WavTokenizer hubconf): `small_600_24k_4096` (40 codes/s, hop 600, n_fft 2400) and
-`small_320_24k_4096` (75 codes/s, hop 320, n_fft 1280). Spec: shared/spec/wavtokenizer.md.
+`small_320_24k_4096` (75 codes/s, hop 320, n_fft 1280). Facts: docs/references.md §WavTokenizer.
 
 Decode path, top to bottom:
     codes (K=1, B, L) -> codebook rows (B, 512, L)                         [feature_extractor...._codebook.embed]

@@ -7,7 +7,7 @@ Frames are WavLM's 20 ms frames counted from the start of the stream; times are 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Union
 
 FRAME_SECONDS = 0.02  # one WavLM frame: 320 samples at 16 kHz
@@ -36,9 +36,6 @@ class UnitEvent:
         """Audio received after the unit's last frame before it was committed (algorithmic + DPDP lag, no compute)."""
         return self.commit_audio_s - self.end_s
 
-    def to_dict(self) -> dict:
-        return {"type": "unit", **asdict(self)}
-
 
 @dataclass(frozen=True)
 class EndEvent:
@@ -50,9 +47,6 @@ class EndEvent:
     bitrate: float  # authors' definition: units * unigram entropy / seconds, in bit/s
     loglikelihood: float | None = None  # sum of the units' logprobs when scoring is on
     forced_commits: int = 0  # DPDP decisions forced by max_lag (0: the units are exactly offline DPDP's)
-
-    def to_dict(self) -> dict:
-        return {"type": "end", **asdict(self)}
 
 
 Event = Union[UnitEvent, EndEvent]

@@ -5,7 +5,7 @@
       -> IncrementalVocoder   windowed backbone + exact iSTFT stitching            (dpslm_stream.models.wavtokenizer)
       -> AudioEvent           24 kHz float32 chunks, sequence-numbered and timestamped
 
-Why re-prompting (shared/spec/ellav.md §5): ELLA-V's prompt starts with the whole unit list, so a new unit changes
+Why re-prompting (docs/references.md §ELLA-V): ELLA-V's prompt starts with the whole unit list, so a new unit changes
 tokens *before* every cached key and a running cache cannot be extended. Each *pass* therefore builds a fresh prompt
 
     [u_s .. u_{e-1}]  BOS  (u_i run_i EOP) for s <= i < c  u_c
@@ -34,7 +34,7 @@ import math
 import numbers
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
@@ -602,11 +602,6 @@ class AudioEvent:
         """Little-endian 16-bit PCM of the chunk, clipped to [-1, 1) first (the decoder output is not bounded)."""
         return float_to_pcm16(np.clip(self.pcm, -1.0, 1.0))
 
-    def to_dict(self) -> dict:
-        """The metadata (samples excluded: send them as binary PCM16)."""
-        return {"type": "audio", "seq": self.seq, "start_s": self.start_s, "num_samples": self.num_samples,
-                "sample_rate": self.sample_rate, "units_done": self.units_done, "lag_s": self.lag_s}  # fmt: skip
-
 
 @dataclass(frozen=True)
 class ResynthEndEvent:
@@ -622,9 +617,6 @@ class ResynthEndEvent:
     latency_max_s: float | None
     real_time_factor: float  # compute seconds / audio seconds (> 1: slower than real time)
     error: str | None = None  # why the stream stopped early; None for a normal end
-
-    def to_dict(self) -> dict:
-        return {"type": "resynth_end", **asdict(self)}
 
 
 ResynthEvent = Union[AudioEvent, ResynthEndEvent]
@@ -760,12 +752,15 @@ class ResynthSession(EventQueue):
         )  # fmt: skip
 
     def settings(self) -> dict:
-        """The options this stream actually uses, every default filled in (what the server reports in ready)."""
+        """The options this stream actually uses, every default filled in (every `open_session` option, plus the
+        worker's `max_codec_tokens_per_phone`, `precision` and the output `sample_rate`; what the server reports in
+        ready)."""
         e, v = self.ellav, self.vocoder
         return {"left_context": e.left_context, "holdback": e.holdback, "greedy": e.greedy, "seed": e.seed,
                 "temperature": e.temperature, "top_p": e.top_p, "trigger_units": e.trigger_units,
-                "trigger_s": e.trigger_s, "max_codec_tokens_per_phone": e.max_codec_tokens_per_phone,
-                "vocoder_left_context": v.left_context, "vocoder_lookahead": v.lookahead, "sample_rate": SAMPLE_RATE,
+                "trigger_s": e.trigger_s, "max_pass_units": e.max_pass_units,
+                "max_codec_tokens_per_phone": e.max_codec_tokens_per_phone, "vocoder_left_context": v.left_context,
+                "vocoder_lookahead": v.lookahead, "vocoder_min_step": v.min_step, "sample_rate": SAMPLE_RATE,
                 "precision": self.worker.precision}  # fmt: skip
 
     def __repr__(self) -> str:

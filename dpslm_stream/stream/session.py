@@ -24,7 +24,7 @@ import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -33,12 +33,12 @@ from torch import Tensor
 from dpslm_stream.audio import StreamingResampler, check_finite
 from dpslm_stream.dpdp import Segment, StreamingDPDP
 from dpslm_stream.errors import InvalidInput
-from dpslm_stream.stream.encoder import HopPlan, WindowConfig, WindowedEncoder
+from dpslm_stream.stream.encoder import HopPlan, WindowConfig, WindowedEncoder, WindowRunner
 from dpslm_stream.stream.events import FRAME_SECONDS, EndEvent, Event, EventQueue, UnitEvent
 from dpslm_stream.stream.frontend import StreamingFrontend
 
 if TYPE_CHECKING:
-    from dpslm_stream.stream.worker import EncoderWorker
+    from dpslm_stream.models.wavlm import WavLM
 
 SAMPLE_RATE = 16000
 # DPDP decisions may wait at most this many frames (30 s) in the windowed modes: a hard bound on its state that real
@@ -105,12 +105,18 @@ class EncoderSession(EventQueue):
     thread-safe queues (deque append / popleft), so an event loop may push and poll while a worker thread steps.
     """
 
-    def __init__(self, worker: EncoderWorker, *, session_id: int, sample_rate: int, k: int, lmbda: int,
-                 config: WindowConfig, codebook: Tensor, num_neighbors: int, max_lag: int | None,
-                 ulm=None, score_context: int | None = None, keep_features: bool = False):  # fmt: skip
+    def __init__(self, *, wavlm: WavLM, runner: WindowRunner, extract_features_steps: Callable, session_id: int,
+                 sample_rate: int, k: int, lmbda: int, config: WindowConfig, codebook: Tensor, num_neighbors: int,
+                 max_lag: int | None, ulm=None, score_context: int | None = None, keep_features: bool = False,
+                 owner: object = None):  # fmt: skip
+        """Built with what it needs: the WavLM, the `WindowRunner` that runs its windows (shared, batched, by the
+        worker's `step`) and the slice-wise feature function of full mode (`models.wavlm.extract_features_steps`),
+        so a session can be made and tested without an `EncoderWorker`. `owner` only marks which worker may step it."""
         from dpslm_stream.models.ulm import IncrementalScorer
 
-        self.worker = worker
+        self.owner = owner
+        self._wavlm = wavlm
+        self._extract_features_steps = extract_features_steps
         self.id = session_id
         self.sample_rate = sample_rate
         self.k, self.lmbda = k, lmbda
@@ -121,10 +127,10 @@ class EncoderSession(EventQueue):
         self.score_context = score_context
         # Analysis only (`encode --stream --compare`): keep every layer-11 frame, so state grows with the stream.
         self.keep_features = keep_features
-        model = worker.wavlm
+        model = wavlm
         self._resampler = StreamingResampler(sample_rate, SAMPLE_RATE, dtype=torch.float32)
         self._frontend = StreamingFrontend(model)
-        self._encoder = None if self.mode == "full" else WindowedEncoder(worker.runner, config)
+        self._encoder = None if self.mode == "full" else WindowedEncoder(runner, config)
         self._dpdp = StreamingDPDP(codebook, lmbda, num_neighbors, max_lag)
         # Small blocks: a step commits a few units; longer blocks (at the end of a file) are split into 64s.
         self._scorer = None if ulm is None else IncrementalScorer(ulm, max_context=score_context, chunk=64)
@@ -233,7 +239,7 @@ class EncoderSession(EventQueue):
         """Layer-11 features [T, D] computed so far (only with keep_features=True; for offline comparisons)."""
         if not self.keep_features:
             raise InvalidInput("this session was opened without keep_features=True")
-        return torch.cat(self._kept_features) if self._kept_features else torch.zeros(0, self.worker.wavlm.cfg.encoder_embed_dim)
+        return torch.cat(self._kept_features) if self._kept_features else torch.zeros(0, self._wavlm.cfg.encoder_embed_dim)
 
     def __repr__(self) -> str:
         return (f"EncoderSession(id={self.id}, {self.config.describe()}, {self.sample_rate} Hz, k={self.k}, "
@@ -323,11 +329,11 @@ class EncoderSession(EventQueue):
             return None
         wav = torch.from_numpy(raw)
         n16 = -(-wav.numel() * SAMPLE_RATE // self.sample_rate)  # resampled length, ceil(T * 16000 / sr)
-        if n16 < self.worker.wavlm.samples_per_frame:
+        if n16 < self._wavlm.samples_per_frame:
             return None  # upstream raises here; a stream this short simply has no units
-        model = self.worker.wavlm
+        model = self._wavlm
         # CPU audio in: resampled on the CPU, then moved to the model (as Pipeline.features)
-        return (yield from self.worker.extract_features_steps(model, wav[None], self.sample_rate, layer=11))
+        return (yield from self._extract_features_steps(model, wav[None], self.sample_rate, layer=11))
 
     def _score_block(self) -> tuple[object, list[int]] | None:
         """(scorer, units) for the worker's batched scoring, or None."""

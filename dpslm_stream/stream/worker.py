@@ -131,7 +131,8 @@ class EncoderWorker:
         if num_neighbors is None:
             num_neighbors = default_num_neighbors(key[0])
         return EncoderSession(
-            self, session_id=next(self._ids), sample_rate=sample_rate, k=key[0], lmbda=key[1], config=config,
+            wavlm=self.wavlm, runner=self.runner, extract_features_steps=self.extract_features_steps, owner=self,
+            session_id=next(self._ids), sample_rate=sample_rate, k=key[0], lmbda=key[1], config=config,
             codebook=codebook, num_neighbors=num_neighbors, max_lag=max_lag,
             ulm=self._ulm(*key) if score else None, score_context=score_context, keep_features=bool(keep_features),
         )  # fmt: skip
@@ -151,7 +152,7 @@ class EncoderWorker:
         started = time.perf_counter()
         sessions = [s for s in dict.fromkeys(sessions) if not s.closed]
         for s in sessions:
-            if s.worker is not self:
+            if s.owner is not self:
                 raise InvalidInput(f"session {s.id} belongs to another worker")
             s._ingest()
 
