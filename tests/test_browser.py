@@ -236,6 +236,8 @@ def test_browser_page_shows_the_bitstream_payload_next_to_the_authors_bitrate(tm
         try:
             page.wait_for("window.dpslmState && window.dpslmState.bitstreamFrames >= 3")
             page.wait_for("document.getElementById('m-payload').textContent !== '\\u2013'")  # stats with transmit
+            # The first stats may come before the first packet's bits are counted (payload 0): wait for a positive one.
+            page.wait_for("window.dpslmState.transmit && window.dpslmState.transmit.payload_bps > 0")
             state = page.eval("window.dpslmState")
             assert state["errors"] == [] and state["transmit"]["payload_bps"] > 0
             conn = next(c for c in srv.server.connections if c.id == state["session"])

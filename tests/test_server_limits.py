@@ -200,10 +200,10 @@ def test_buffer_full_when_the_client_outruns_a_server_that_will_not_wait():
 
 
 class FaultyEncoder:
-    """The real EncoderWorker, except that a session opened at 12345 Hz makes the batched step raise once it holds
+    """The real EncoderWorker, except that a session opened at POISON_RATE makes the batched step raise once it holds
     0.3 s of audio: a bug triggered by one stream's data. The server must fail that session alone."""
 
-    POISON_RATE = 12345
+    POISON_RATE = 11000  # an odd rate with a cheap resampler (serve --max-resampler-taps)
 
     def __init__(self, real):
         self.real = real
