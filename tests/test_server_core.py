@@ -10,28 +10,20 @@ import socket
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 import websockets
 
 from dpslm_stream import protocol as P
 from dpslm_stream.client import ListenerClient, UnitsClient, chunked
 from dpslm_stream.client.stream import stream_audio
-from dpslm_stream.hub import ModelSet
-from dpslm_stream.pipeline import Pipeline
 from dpslm_stream.server.app import ServerConfig, ServerThread, build_encoder
 from dpslm_stream.tiny import speech_like
+from server_oracle import offline_units, pcm16
 
 E = P.ErrorCode
 SR = 16000
 
 
-def pcm16(wav: np.ndarray) -> np.ndarray:
-    return np.frombuffer(P.encode_audio(wav, "pcm16"), "<i2") / np.float32(32768)
-
-
-def offline_units(wav: np.ndarray) -> list[int]:
-    return Pipeline(ModelSet("tiny"), 500, 4500).encode(wav, SR, score=False).units
 
 
 async def messages(ws, timeout: float = 60.0) -> list:

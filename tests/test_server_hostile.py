@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
-import os
 import random
 import re
 import signal
@@ -33,27 +31,14 @@ import websockets
 from dpslm_stream import protocol as P
 from dpslm_stream.client import SessionError
 from dpslm_stream.client.stream import stream_audio
-from dpslm_stream.hub import ModelSet
-from dpslm_stream.pipeline import Pipeline
 from dpslm_stream.server.app import ServerConfig, ServerThread
 from dpslm_stream.tiny import speech_like
+from server_oracle import offline_units, pcm16
 
 SR = 16000
 CODES = {c.value for c in P.ErrorCode}
 LIBRARY_CLOSES = {1002, 1007, 1009}  # protocol error, invalid UTF-8, frame too big: closed by websockets itself
 
-_pipeline: list[Pipeline] = []
-
-
-def pcm16(wav: np.ndarray) -> np.ndarray:
-    """What the server decodes from the PCM16 frames of ``wav``."""
-    return np.frombuffer(P.encode_audio(wav, "pcm16"), "<i2") / np.float32(32768)
-
-
-def offline_units(wav: np.ndarray) -> list[int]:
-    if not _pipeline:
-        _pipeline.append(Pipeline(ModelSet("tiny"), 500, 4500))
-    return _pipeline[0].encode(wav, SR, score=False).units
 
 
 # --- canaries ---------------------------------------------------------------------------------------------------------
