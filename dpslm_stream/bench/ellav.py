@@ -30,7 +30,8 @@ from dpslm_stream.bench.ulm import random_model, sync
 from dpslm_stream.device import setup_model_device
 from dpslm_stream.models import ellav
 from dpslm_stream.models.precision import PRECISIONS, machine_summary, transformer_precision
-from dpslm_stream.stream.resynth import BatchDecoder, IncrementalELLAV
+from dpslm_stream.stream.ellav_batch import BatchDecoder
+from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 
 MATMUL_OPS = ("aten::_weight_int8pack_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm")
 
