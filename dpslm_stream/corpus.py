@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from dpslm_stream import hub
+from dpslm_stream import hub, raycluster
 from dpslm_stream.errors import DPSLMError, InvalidInput
 
 DEFAULT_EXTS = ("wav", "flac", "ogg")
@@ -470,9 +470,9 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as e:
-        raise RayUnavailable(f"--ray needs Ray Data ({e}): pip install -e '.[ray]' in the dpslm-stream checkout") from e
+        raise RayUnavailable(f"--ray needs Ray Data ({e}): {raycluster.INSTALL_HINT}") from e
     if not have_pyarrow():
-        raise RayUnavailable("--ray needs pyarrow: pip install -e '.[ray]' in the dpslm-stream checkout")
+        raise RayUnavailable(f"--ray needs pyarrow: {raycluster.INSTALL_HINT}")
     return ray
 
 
@@ -552,13 +552,8 @@ class _EncodeActor:
 
 def init_ray(address: str | None = None) -> None:
     """Join $RAY_ADDRESS / `address` if given, else start a local Ray on 127.0.0.1 (no dashboard)."""
-    ray = _import_ray()
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+    _import_ray()
+    raycluster.init_ray(address, log_to_driver=True)
 
 
 def _ray_rows(todo: list[Utterance], make_pipeline, score: bool, *, workers: int, batch_size: int, device: str,

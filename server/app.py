@@ -11,7 +11,7 @@ Layers: each WebSocket is a ``Connection`` (server/connection.py), the asyncio s
 work runs on the backends declared in server/backends.py: in-process, the ModelWorker thread (server/worker.py),
 which batches all sessions into one forward per round, and the ResynthThread (server/resynth.py), which turns
 committed units into 24 kHz audio without ever delaying the units; or Ray Serve deployments
-(server/ray_backend.py). This module holds the HTTP side (health, metrics, page, token and Origin checks), the
+(server/ray_gateway.py, deployed by server/ray_backend.py). This module holds the HTTP side (health, metrics, page, token and Origin checks), the
 admission of connections (one slot of ``max_sessions`` each; a full server answers ``busy`` at once) and the drain.
 """
 
@@ -92,7 +92,7 @@ def _response(status: int, body: bytes, content_type: str, extra_headers: tuple 
 class Server:
     """The server app. ``await start()``, then ``await wait_closed()``; ``request_shutdown()`` (SIGTERM) drains.
 
-    ``encoder``: an EncoderProvider (server/backends.py, e.g. server/ray_backend.py's RayEncoder) or an EncoderWorker,
+    ``encoder``: an EncoderProvider (server/backends.py, e.g. server/ray_gateway.py's RayEncoder) or an EncoderWorker,
     which runs in-process (built from the config when not given; tests may pass a wrapped one). ``resynth``: a
     ResynthProvider or a ResynthWorker (default: built from the config; None: no resynthesis).
     """
@@ -297,9 +297,10 @@ def build_encoder(config: ServerConfig) -> Any:
                          pairs=list(config.pairs) if config.pairs else None, allow_tf32=config.allow_tf32)  # fmt: skip
 
 
-def build_resynth(config: ServerConfig, models: Any = None) -> Any:
-    """The ResynthWorker for a config, or None when resynthesis is off. Nothing is loaded here: ELLA-V and
-    WavTokenizer load on the resynthesis thread when the first session asks for audio."""
+def build_resynth(config: ServerConfig, models: Any = None, **options: Any) -> Any:
+    """The ResynthWorker for a config, or None when resynthesis is off (``options``: more ResynthWorker arguments).
+    Nothing is loaded here: ELLA-V and WavTokenizer load on the resynthesis thread when the first session asks for
+    audio."""
     import torch
 
     from dpslm_stream.stream.resynth_worker import ResynthWorker
@@ -311,7 +312,7 @@ def build_resynth(config: ServerConfig, models: Any = None) -> Any:
         raise InvalidInput(f"unknown resynth dtype {config.resynth_dtype!r}; expected float32, bfloat16 or float16")
     worker = ResynthWorker(models if models is not None else hub.ModelSet(config.models),
                            device=config.resynth_device or config.device, dtype=dtype, precision=config.precision,
-                           allow_tf32=config.allow_tf32)  # fmt: skip
+                           allow_tf32=config.allow_tf32, **options)  # fmt: skip
     if config.precision != "exact":
         plans = worker.precision_plans
         log.info("resynthesis precision %s: %s; %s", config.precision, plans["ellav"], plans["wavtokenizer"])

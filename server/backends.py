@@ -1,7 +1,7 @@
 """The interfaces between the server's I/O layer and its model backends, declared (mypy checks them, see
 pyproject's [tool.mypy]) and implemented twice: in-process threads (server/worker.py ModelWorker and Slot,
-server/resynth.py ResynthThread) and Ray Serve deployments (server/ray_backend.py RayModelWorker/RaySlot,
-RayResynthThread/RemoteResynthSession).
+server/resynth.py ResynthThread) and Ray Serve deployments (server/ray_gateway.py RayEncoderBackend/RaySlot,
+RayResynthBackend/RayResynthStream).
 
 Every method here is called on the event loop; results come back through the sinks, also on the event loop.
 """
@@ -78,7 +78,7 @@ class EncoderSlot(Protocol):
 
 
 class EncoderBackend(Protocol):
-    """Runs every encoder session of the server (ModelWorker: a thread; RayModelWorker: Serve deployments)."""
+    """Runs every encoder session of the server (ModelWorker: a thread; RayEncoderBackend: Serve deployments)."""
 
     @property
     def heartbeat(self) -> float: ...  # monotonic time of the backend's last round (health)
@@ -140,7 +140,7 @@ class ResynthStream(Protocol):
 
 
 class ResynthBackend(Protocol):
-    """Runs every resynthesis stream (ResynthThread: a thread; RayResynthThread: Serve deployments)."""
+    """Runs every resynthesis stream (ResynthThread: a thread; RayResynthBackend: Serve deployments)."""
 
     @property
     def heartbeat(self) -> float: ...

@@ -210,17 +210,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve_on_ray(config: ServerConfig, args: argparse.Namespace) -> int:
-    """--backend ray: the whole service as one Ray Serve application (Gateway + Encoder and Resynth shards); this
-    process only deploys it, waits for SIGTERM/SIGINT, and then deletes it (the Gateway drains its sessions)."""
+    """--backend ray: the whole service on Ray Serve (server/ray_backend.py ``deploy``: the Gateway application and
+    its Encoder and Resynth shards); this process only deploys it, waits for SIGTERM/SIGINT, and then deletes it (the
+    Gateway drains its sessions)."""
     import threading
 
-    from .ray_backend import import_ray, run_service
+    from .ray_backend import deploy
 
-    _, serve = import_ray()  # a clear error (DPSLMError) when the ray extra is not installed
-
-    handle, address = run_service(config, address=args.ray_address, encoder_shards=args.encoder_shards,
-                                  resynth_shards=args.resynth_shards, gateway_resource=args.gateway_resource,
-                                  encoder_gpus=args.encoder_gpus, resynth_gpus=args.resynth_gpus)  # fmt: skip
+    service = deploy(config, address=args.ray_address, encoder_shards=args.encoder_shards,
+                     resynth_shards=args.resynth_shards, gateway_resource=args.gateway_resource,
+                     encoder_gpus=args.encoder_gpus, resynth_gpus=args.resynth_gpus)  # fmt: skip
+    address = service.address
+    assert address is not None  # deployed with its Gateway
     print(f"dpslm-stream serving on Ray Serve (application 'dpslm-stream': Gateway, {args.encoder_shards} encoder "
           f"and {args.resynth_shards if config.resynth else 0} resynthesis shard(s))\n"
           f"  WebSocket  {address['url']}\n  page       {address['http_url']}{P.PAGE_PATH}", flush=True)  # fmt: skip
@@ -229,7 +230,7 @@ def serve_on_ray(config: ServerConfig, args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):  # short waits: the handler runs between them
         pass
-    serve.delete("dpslm-stream")
+    service.delete()  # the Gateway first: it drains its sessions, then the shards go
     print("dpslm-stream: drained and stopped", file=sys.stderr, flush=True)
     return 0
 

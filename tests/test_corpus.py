@@ -259,7 +259,9 @@ def ray_local():
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # no token file under $HOME for a throw-away local cluster
     try:
-        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        from dpslm_stream.raycluster import init_ray
+
+        init_ray(num_cpus=2)
         yield ray
     finally:
         ray.shutdown()

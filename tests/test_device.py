@@ -10,7 +10,8 @@ import torch
 
 from dpslm_stream import device as D
 from dpslm_stream.errors import InvalidInput
-from dpslm_stream.server.ray_backend import DeploymentWatch, gpu_fractions
+from dpslm_stream.server.ray_backend import gpu_fractions
+from dpslm_stream.server.ray_gateway import DeploymentWatch
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The live server with its encoder on Ray Serve (--backend ray), on a local Ray bound to 127.0.0.1 with the tiny set:
 the same protocol and clients give the same units as the in-process server, sessions share batched steps, a full
-server answers busy, and a session whose replica goes away ends with internal_error (close 1011).
+server answers busy, and a session whose replica goes away ends with internal_error (close 1011). Every test deploys
+through server/ray_backend.py ``deploy``, the path `serve --backend ray` takes (two of them with its Gateway).
 Needs the optional extra (pip install -e '.[ray]' in the dpslm-stream checkout); skipped without it."""
 
 from __future__ import annotations
@@ -23,16 +24,53 @@ SR = 16000
 WAV = speech_like(2.0, SR, seed=21)
 
 
+def with_held_steps(body: type) -> type:
+    """A replica body whose steps can be held (test-only hooks; a local class, so Ray ships it by value).
+
+    Hold and release are async: they run on the replica's event loop, as `step` does. While held, calls wait and are
+    counted; on release they all join the batch queue in one loop iteration, so they form one batch: the tests prove
+    batching with this, independently of how fast the machine delivers the calls."""
+
+    class HeldSteps(body):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._steps_open = asyncio.Event()  # cleared by hold_steps: calls wait before they join a batch
+            self._steps_open.set()
+            self._steps_waiting = 0
+
+        async def step(self, item):
+            if not self._steps_open.is_set():
+                self._steps_waiting += 1
+                try:
+                    await self._steps_open.wait()
+                finally:
+                    self._steps_waiting -= 1
+            return await super().step(item)
+
+        async def hold_steps(self) -> None:
+            self._steps_open.clear()
+
+        async def release_steps(self) -> None:
+            self._steps_open.set()
+
+        async def steps_waiting(self) -> int:
+            return self._steps_waiting
+
+    return HeldSteps
+
+
 @pytest.fixture(scope="module")
 def ray_encoder():
     import ray
     from ray import serve
 
-    from dpslm_stream.server.ray_backend import start_ray_encoder
+    from dpslm_stream.server.ray_backend import deploy
+    from dpslm_stream.server.ray_replicas import EncoderReplica
 
     cfg = ServerConfig(port=0, models="tiny", max_sessions=3, warmup=False, resynth=False, idle_timeout_s=30)
-    encoder = start_ray_encoder(cfg, num_cpus=2, replica_cpus=0.4, shards=2)
-    yield cfg, encoder
+    service = deploy(cfg, name="dpslm-test-shards", gateway=False, num_cpus=2, shard_cpus=0.4, encoder_shards=2,
+                     encoder_replica=with_held_steps(EncoderReplica))  # fmt: skip
+    yield cfg, service.encoder
     serve.shutdown()
     ray.shutdown()
 
@@ -101,19 +139,19 @@ def test_sessions_are_batched_together_and_a_full_server_is_busy(ray_encoder):
 
 
 def test_a_session_whose_replica_goes_away_ends_with_internal_error(ray_encoder):
-    """Runs on the module's local Ray (the fixture starts it, so the test also runs alone) with an encoder of its
-    own, whose Serve applications it deletes mid-session."""
+    """Runs on the module's local Ray (the fixture starts it, so the test also runs alone) with a service of its own
+    as `serve --backend ray` deploys it (Gateway and encoder shard), whose shard it deletes mid-session."""
     from ray import serve
 
-    from dpslm_stream.server.ray_backend import start_ray_encoder
+    from dpslm_stream.server.ray_backend import deploy
 
     cfg = ServerConfig(port=0, models="tiny", max_sessions=2, warmup=False, resynth=False)
-    encoder = start_ray_encoder(cfg, replica_cpus=0.4, call_timeout_s=10)
+    service = deploy(cfg, name="dpslm-test-loss", shard_cpus=0.3, gateway_cpus=0.1, call_timeout_s=10)
 
     async def main(url):
         async with UnitsClient(url, sample_rate=SR) as c:
             await c.send(WAV[:SR])
-            for handle in encoder.handles:  # this encoder's applications only (the fixture's stay up)
+            for handle in service.encoder.handles:  # this service's shards only (the fixture's stay up)
                 serve.delete(handle.app_name)
             await c.send(WAV[SR:])
             await c.end()
@@ -122,18 +160,21 @@ def test_a_session_whose_replica_goes_away_ends_with_internal_error(ray_encoder)
                     pass
             return err.value.code
 
-    with ServerThread(cfg, encoder=encoder) as srv:
-        assert run(main(srv.url)) == P.ErrorCode.INTERNAL_ERROR.value
+    try:
+        assert service.address is not None
+        assert run(main(service.address["url"])) == P.ErrorCode.INTERNAL_ERROR.value
+    finally:
+        service.delete()
 
 
 def test_resynthesis_and_a_listener_through_ray_equal_the_in_process_server(ray_encoder):
     from dpslm_stream.client import ListenerClient
-    from dpslm_stream.server.ray_backend import start_ray_resynth
+    from dpslm_stream.server.ray_backend import deploy
 
-    cfg, encoder = ray_encoder
     cfg = ServerConfig(port=0, models="tiny", max_sessions=4, warmup=False, idle_timeout_s=30)
     # One pass per decode step on both sides: batch shapes then match, so greedy decoding is bitwise reproducible
-    resynth = start_ray_resynth(cfg, replica_cpus=0.4, worker_options={"max_batch": 1})
+    service = deploy(cfg, name="dpslm-test-resynth", gateway=False, shard_cpus=0.4, resynth_options={"max_batch": 1})
+    encoder, resynth = service.encoder, service.resynth
 
     async def main(url):
         # The exact settings: one pass and one vocoder window at the end, so the audio does not depend on timing
@@ -152,8 +193,11 @@ def test_resynthesis_and_a_listener_through_ray_equal_the_in_process_server(ray_
         audio = np.concatenate([m.samples for m in msgs if isinstance(m, P.AudioChunk)])
         return units, audio, msgs[-1]
 
-    with ServerThread(cfg, encoder=encoder, resynth=resynth) as srv:
-        ray_sent, ray_heard = run(main(srv.url))
+    try:
+        with ServerThread(cfg, encoder=encoder, resynth=resynth) as srv:
+            ray_sent, ray_heard = run(main(srv.url))
+    finally:
+        service.delete()
     from dpslm_stream.hub import ModelSet
     from dpslm_stream.stream.resynth_worker import ResynthWorker
 
@@ -172,14 +216,14 @@ async def _collect(client):
 def test_the_whole_service_as_one_serve_application(ray_encoder):
     """`serve --backend ray`: Gateway deployment (the live server) bound to Encoder and Resynth shards; a client of
     the gateway gets the offline units in full mode and audio back."""
-    from ray import serve
-
     from dpslm_stream.hub import ModelSet
     from dpslm_stream.pipeline import Pipeline
-    from dpslm_stream.server.ray_backend import run_service
+    from dpslm_stream.server.ray_backend import deploy
 
     cfg = ServerConfig(port=0, models="tiny", max_sessions=2, warmup=False, idle_timeout_s=30)
-    _, address = run_service(cfg, name="dpslm-test-service", shard_cpus=0.3, gateway_cpus=0.1)
+    service = deploy(cfg, name="dpslm-test-service", shard_cpus=0.3, gateway_cpus=0.1)
+    address = service.address
+    assert address is not None
     try:
 
         async def main(url):
@@ -189,7 +233,7 @@ def test_the_whole_service_as_one_serve_application(ray_encoder):
 
         msgs = run(main(address["url"]))
     finally:
-        serve.delete("dpslm-test-service")
+        service.delete()
     units = [m.unit for m in msgs if isinstance(m, P.Unit)]
     assert units == Pipeline(ModelSet("tiny"), 500, 4500).encode(WAV, SR, score=False).units
     assert any(isinstance(m, P.AudioChunk) for m in msgs) and msgs[-1].resynth["error"] is None

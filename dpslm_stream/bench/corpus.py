@@ -126,15 +126,16 @@ def run(args: argparse.Namespace) -> None:
         ray_init_s = None
         if workers:
             try:
-                import ray
+                import ray  # noqa: F401
             except ImportError:
                 print("  (Ray not installed: pip install -e '.[ray]' in the dpslm-stream checkout to time the Ray rows)")
                 workers = []
             else:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                from dpslm_stream.raycluster import init_ray
+
                 t0 = time.perf_counter()
-                if not ray.is_initialized():
-                    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+                init_ray()
                 ray_init_s = time.perf_counter() - t0
         for w in workers:
             # Each actor gets an equal share of the CPUs (minus a quarter CPU for the decode tasks) as torch threads.

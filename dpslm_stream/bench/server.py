@@ -175,11 +175,11 @@ def run(args: argparse.Namespace) -> None:
     if args.backend == "ray":
         import dataclasses
 
-        from dpslm_stream.server.ray_backend import start_ray_encoder
+        from dpslm_stream.server.ray_backend import deploy
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        encoder = start_ray_encoder(dataclasses.replace(cfg, models=args.models, pairs=((500, 4500),)),
-                                    num_cpus=os.cpu_count(), replica_cpus=1.0)  # fmt: skip
+        encoder = deploy(dataclasses.replace(cfg, models=args.models, pairs=((500, 4500),), resynth=False),
+                         name="dpslm-bench", gateway=False, num_cpus=os.cpu_count(), shard_cpus=1.0).encoder  # fmt: skip
         label += ", encoder on Ray Serve (local, one replica)"
     else:
         encoder = encoder_worker(args.models, args.device)
