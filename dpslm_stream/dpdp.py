@@ -40,6 +40,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.validate import is_int
 
 __all__ = [
     "BLOCK_FRAMES",
@@ -142,7 +143,7 @@ def _check_num_neighbors(num_neighbors: int | None, num_codes: int) -> int:
     """The effective neighbour count: num_codes when None."""
     if num_neighbors is None:
         return num_codes
-    if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, numbers.Integral):
+    if not is_int(num_neighbors):
         raise InvalidInput(f"num_neighbors must be None or an int in 1..{num_codes}, got {num_neighbors!r}")
     if not 1 <= int(num_neighbors) <= num_codes:
         raise InvalidInput(
@@ -603,7 +604,7 @@ def _split_batch(features: Sequence[Tensor] | tuple[Tensor, Tensor | Sequence[in
         if len(lengths_list) != padded.shape[0]:
             raise InvalidInput(f"got {len(lengths_list)} lengths for a padded batch of {padded.shape[0]} sequences")
         for i, length in enumerate(lengths_list):
-            if isinstance(length, bool) or not isinstance(length, numbers.Integral) \
+            if not is_int(length) \
                     or not 1 <= length <= padded.shape[1]:
                 raise InvalidInput(f"lengths[{i}] = {length!r}; expected an int in 1..T={padded.shape[1]}")
         return [padded[i, : int(length)] for i, length in enumerate(lengths_list)]
@@ -679,7 +680,7 @@ class StreamingDPDP:
         _check_codebook(codebook)
         self.lmbda = _check_lmbda(lmbda)
         self.num_neighbors = _check_num_neighbors(num_neighbors, codebook.shape[0])
-        if max_lag is not None and (isinstance(max_lag, bool) or not isinstance(max_lag, numbers.Integral)
+        if max_lag is not None and (not is_int(max_lag)
                                     or max_lag < 0):
             raise InvalidInput(f"max_lag must be None or an int >= 0 (frames a decision may wait), got {max_lag!r}")
         self.max_lag = None if max_lag is None else int(max_lag)
