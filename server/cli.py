@@ -49,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     field("host", help=f"interface to listen on (default {d.host}; 0.0.0.0 for all)")
     field("port", type=int, help=f"TCP port (default {d.port}; 0 = any free port)")
     field("models", metavar="release|tiny|DIR", help="model set (default release)")
-    field("device", help="torch device of the model worker (cpu, cuda, ...)")
+    field("device", help="torch device of the encoder (and of resynthesis without --resynth-device): cpu, cuda, ...")
     field("dtype", choices=DTYPES)
     field("pairs", type=_pair, nargs="+", metavar="K:LAMBDA",
           help="(k, lambda) pairs sessions may choose (default: the encoder's default set)")
