@@ -128,7 +128,6 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.UNKNOWN_SESSION: CLOSE_POLICY,
     ErrorCode.SENDER_GONE: CLOSE_GOING_AWAY,
 }
-FATAL_CODES = frozenset(CLOSE_CODES)
 
 
 class ProtocolError(InvalidInput):
