@@ -21,7 +21,6 @@ Also here: PCM byte <-> float conversions for the wire protocol, a finiteness ch
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from typing import Union
 
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.validate import is_int
 
 # Range of input sample rates the product accepts (telephone band to studio rate).
 MIN_SAMPLE_RATE = 8000
@@ -51,7 +51,7 @@ ArrayLike = Union[Tensor, np.ndarray]
 def _check_rate(sr: object, what: str) -> int:
     """Return ``sr`` as an int if it is a positive integer (Python or numpy), else raise InvalidInput."""
     # bool is an Integral subclass, but True is certainly not a sample rate.
-    if isinstance(sr, bool) or not isinstance(sr, numbers.Integral):
+    if not is_int(sr):
         raise InvalidInput(f"{what} must be an integer number of samples per second, got {sr!r} ({type(sr).__name__})")
     if sr <= 0:
         raise InvalidInput(f"{what} must be a positive integer, got {sr}")

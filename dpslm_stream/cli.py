@@ -17,6 +17,7 @@ from pathlib import Path
 from dpslm_stream import __version__, hub
 from dpslm_stream.errors import DPSLMError, InvalidInput
 from dpslm_stream.tiny import TINY_PAIRS
+from dpslm_stream.validate import is_int
 
 
 def _add_model_args(p: argparse.ArgumentParser, pair: bool = True) -> None:
@@ -283,7 +284,7 @@ def _units_json(path: Path) -> dict:
             isinstance(e, dict) and isinstance(e.get("units"), list) for e in entries.values()):  # fmt: skip
         raise InvalidInput(f"{path} holds no units; expected the output of `dpslm-stream encode --json`")
     for name, entry in entries.items():
-        if not all(isinstance(u, int) and not isinstance(u, bool) for u in entry["units"]):
+        if not all(is_int(u, int) for u in entry["units"]):
             raise InvalidInput(f"{path}: the units of {name} must be integers")
     return entries
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import struct
 from dataclasses import dataclass, field
 from enum import Enum
@@ -45,6 +44,7 @@ from dpslm_stream.audio import check_finite, check_sample_rate, float32le_to_flo
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.codec.link import TransmitOptions
 from dpslm_stream.stream.resynth_options import ResynthOptions
+from dpslm_stream.validate import is_int, is_number
 
 PROTOCOL_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
@@ -128,7 +128,6 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.UNKNOWN_SESSION: CLOSE_POLICY,
     ErrorCode.SENDER_GONE: CLOSE_GOING_AWAY,
 }
-FATAL_CODES = frozenset(CLOSE_CODES)
 
 
 class ProtocolError(InvalidInput):
@@ -362,9 +361,9 @@ def _check_type(name: str, value: Any, kind: type, optional: bool = False) -> An
     """Check one JSON field's type (bool is not an int; ints are accepted where floats are)."""
     if value is None and optional:
         return None
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    ok = is_int(value, int) if kind is int else isinstance(value, kind)
     if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = is_number(value)
     if not ok:
         names = {int: "an integer", str: "a string", bool: "true or false", float: "a number", dict: "an object"}
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {name!r} must be {names[kind]}"

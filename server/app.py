@@ -8,7 +8,7 @@ On one port:
 
 Layers: each WebSocket is a ``Connection`` (server/connection.py), the asyncio shell around its sans-I/O session core
 (server/session.py), which holds the protocol, the lifecycle and every limit (server/config.py sets them). Model
-work runs on the backends declared in server/backends.py: in-process, the ModelWorker thread (server/worker.py),
+work runs on the backends declared in server/backends.py: in-process, the EncoderThread thread (server/encoder_thread.py),
 which batches all sessions into one forward per round, and the ResynthThread (server/resynth.py), which turns
 committed units into 24 kHz audio without ever delaying the units; or Ray Serve deployments
 (server/ray_gateway.py, deployed by server/ray_backend.py). This module holds the HTTP side (health, metrics, page, token and Origin checks), the
@@ -50,7 +50,7 @@ from .metrics import Metrics
 from .resynth import InProcessResynth
 from .session import ServerInfo
 from .transmit import CodecService
-from .worker import InProcessEncoder
+from .encoder_thread import InProcessEncoder
 
 __all__ = ["Server", "ServerConfig", "ServerThread", "build_encoder", "build_resynth"]
 
@@ -121,7 +121,7 @@ class Server:
         # start.transmit: the sessions' bitstream coders, on one codec thread (models loaded when first asked for)
         self.codec: CodecService | None = CodecService(models if models is not None else config.models)
         self.draining = False
-        self.worker: EncoderBackend | None = None
+        self.encoder_backend: EncoderBackend | None = None
         self.resynth_backend: ResynthBackend | None = None
         self._ws_server: Any = None
         self._closed = asyncio.Event()  # binds to the loop on first use
@@ -130,14 +130,14 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.worker = self.encoder.make_backend(loop, self.metrics, self.config.quantum_s)
-        self.worker.start()
+        self.encoder_backend = self.encoder.make_backend(loop, self.metrics, self.config.quantum_s)
+        self.encoder_backend.start()
         if self.resynth is not None:
             self.resynth_backend = self.resynth.make_backend(loop, self.metrics)
             self.resynth_backend.start()
         if self.config.warmup:
             started = time.perf_counter()
-            await self.worker.warm_up(*self.default_pair)
+            await self.encoder_backend.warm_up(*self.default_pair)
             log.info("warm-up took %.2f s", time.perf_counter() - started)
         cfg = self.config
         self._ws_server = await websockets.serve(
@@ -173,8 +173,8 @@ class Server:
             await asyncio.sleep(0.05)
         self._ws_server.close(close_connections=True)
         await self._ws_server.wait_closed()
-        if self.worker is not None:
-            self.worker.stop()
+        if self.encoder_backend is not None:
+            self.encoder_backend.stop()
         if self.resynth_backend is not None:
             self.resynth_backend.stop()
         if self.codec is not None:
@@ -234,7 +234,8 @@ class Server:
         return self._static(path)
 
     def _health(self) -> Response:
-        ok = self.worker is not None and self.worker.alive and not self.draining
+        backend = self.encoder_backend
+        ok = backend is not None and backend.alive and not self.draining
         body = {"status": "ok" if ok else ("draining" if self.draining else "worker down"), "version": __version__,
                 "protocol": P.PROTOCOL_VERSION, "sessions": len(self.connections),
                 "max_sessions": self.config.max_sessions, "models": self.models_name,
@@ -242,7 +243,7 @@ class Server:
                 "default_pair": list(self.default_pair), "modes": list(self.config.modes),
                 "resynth": self.resynth is not None,
                 "presets": list(self.config.presets or PRESETS),
-                "worker_round_age_s": round(time.monotonic() - self.worker.heartbeat, 3) if self.worker else None}  # fmt: skip
+                "worker_round_age_s": round(time.monotonic() - backend.heartbeat, 3) if backend else None}  # fmt: skip
         return _json_response(200 if ok else 503, body)
 
     def _static(self, path: str) -> Response:

@@ -1,5 +1,5 @@
 """The interfaces between the server's I/O layer and its model backends, declared (mypy checks them, see
-pyproject's [tool.mypy]) and implemented twice: in-process threads (server/worker.py ModelWorker and Slot,
+pyproject's [tool.mypy]) and implemented twice: in-process threads (server/encoder_thread.py EncoderThread and Slot,
 server/resynth.py ResynthThread) and Ray Serve deployments (server/ray_gateway.py RayEncoderBackend/RaySlot,
 RayResynthBackend/RayResynthStream).
 
@@ -78,7 +78,7 @@ class EncoderSlot(Protocol):
 
 
 class EncoderBackend(Protocol):
-    """Runs every encoder session of the server (ModelWorker: a thread; RayEncoderBackend: Serve deployments)."""
+    """Runs every encoder session of the server (EncoderThread: a thread; RayEncoderBackend: Serve deployments)."""
 
     @property
     def heartbeat(self) -> float: ...  # monotonic time of the backend's last round (health)
@@ -108,7 +108,7 @@ class ModelsInfo(Protocol):
 @runtime_checkable
 class EncoderProvider(Protocol):
     """What ``Server`` is given as its encoder: the served pairs, the model set, and the backend to make on the
-    server's loop. (A bare EncoderWorker is wrapped in server.worker.InProcessEncoder.)"""
+    server's loop. (A bare EncoderWorker is wrapped in server.encoder_thread.InProcessEncoder.)"""
 
     @property
     def models(self) -> Any: ...

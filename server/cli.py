@@ -14,7 +14,7 @@ from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
 
 from .app import Server
-from .config import ServerConfig
+from .config import CONFIG_FIELDS, DTYPES, PRECISIONS, ServerConfig, flag
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -25,79 +25,98 @@ def _pair(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected K:LAMBDA such as 500:4500, got {text!r}") from None
 
 
+# Older spellings of config flags, still accepted (the flag of a config field is its name with dashes).
+ALIASES = {"start_timeout_s": ("--start-timeout",), "idle_timeout_s": ("--idle-timeout",),
+           "max_session_s": ("--max-session-time",), "max_full_s": ("--max-full-audio",),
+           "max_buffer_s": ("--max-buffer",), "stall_timeout_s": ("--stall-timeout",),
+           "drain_timeout_s": ("--drain-timeout",), "max_resynth_lag_s": ("--max-resynth-lag",),
+           "open_timeout_s": ("--open-timeout",), "max_exact_resynth_s": ("--max-exact-resynth",),
+           "allowed_origins": ("--allow-origin",)}  # fmt: skip
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     d = ServerConfig()
     p = subparsers.add_parser("serve", help="live units server: WebSocket sessions, /healthz, /metrics, browser page",
                               description=__doc__)  # fmt: skip
-    p.add_argument("--host", default=d.host, help=f"interface to listen on (default {d.host}; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 = any free port)")
-    p.add_argument("--models", default=d.models, metavar="release|tiny|DIR", help="model set (default release)")
-    p.add_argument("--device", default=d.device, help="torch device of the model worker (cpu, cuda, ...)")
-    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--pairs", type=_pair, nargs="+", default=None, metavar="K:LAMBDA",
-                   help="(k, lambda) pairs sessions may choose (default: the encoder's default set)")
-    p.add_argument("--presets", nargs="+", default=None, metavar="PRESET",
-                   help="window presets clients may choose (default: all: low-latency balanced quality)")
-    p.add_argument("--modes", nargs="+", default=list(d.modes), choices=P.ENCODER_MODES,
-                   help="encoder modes clients may choose (default: all; sliding costs several times cached)")
-    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="concurrent sessions; more get 'busy'")
-    p.add_argument("--token", default=None, help="require this token from clients (?token= or Authorization: "
-                                                 "Bearer); default $DPSLM_STREAM_TOKEN, unset = no token")  # fmt: skip
-    p.add_argument("--allow-origin", dest="allowed_origins", action="append", default=[], metavar="ORIGIN",
-                   help="browser Origin allowed to connect besides this server's own page (repeatable; '*' = any)")
-    p.add_argument("--start-timeout", type=float, default=d.start_timeout_s,
-                   help=f"seconds a connection may take to send start or subscribe (default {d.start_timeout_s:g})")
-    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
-                   help="seconds a started client may send nothing (time the server does not read is not counted)")
-    p.add_argument("--max-session-time", type=float, default=d.max_session_s, help="seconds per session")
-    p.add_argument("--max-full-audio", type=float, default=d.max_full_s,
-                   help="seconds of audio per session in mode full (which keeps the whole stream in memory)")
-    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
-                   help=f"largest audio frame (default {d.max_message_bytes})")
-    p.add_argument("--max-resampler-taps", type=int, default=d.max_resampler_taps,
-                   help="largest resampling kernel a client's sample rate may need (elements; odd rates such as "
-                        f"47999 Hz need hundreds of millions; default {d.max_resampler_taps:,} admits every common rate)")
-    p.add_argument("--max-text-bytes", type=int, default=d.max_text_bytes,
-                   help=f"largest text (JSON) frame, refused before parsing (default {d.max_text_bytes})")
-    p.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
-                   help=f"deepest JSON nesting, refused before parsing (default {d.max_json_depth})")
-    p.add_argument("--max-buffer", type=float, default=d.max_buffer_s,
-                   help=f"seconds of received, not yet encoded audio per session (default {d.max_buffer_s:g})")
-    p.add_argument("--max-buffer-bytes", type=int, default=d.max_buffer_bytes,
-                   help=f"the same buffer in bytes of float32 samples (default {d.max_buffer_bytes})")
-    p.add_argument("--max-outgoing-bytes", type=int, default=d.max_outgoing_bytes,
-                   help=f"bytes queued for a client that does not read before it is dropped (default {d.max_outgoing_bytes})")
-    p.add_argument("--max-left", type=int, default=d.max_left, help=f"largest options.left, frames (default {d.max_left})")
-    p.add_argument("--min-hop", type=int, default=d.min_hop, help=f"smallest options.hop, frames (default {d.min_hop})")
-    p.add_argument("--max-hop", type=int, default=d.max_hop, help=f"largest options.hop, frames (default {d.max_hop})")
-    p.add_argument("--max-lookahead", type=int, default=d.max_lookahead,
-                   help=f"largest options.lookahead, frames (default {d.max_lookahead})")
-    p.add_argument("--max-lag", type=int, default=d.max_lag, help=f"largest options.max_lag, frames (default {d.max_lag})")
-    p.add_argument("--stall-timeout", type=float, default=d.stall_timeout_s,
-                   help="seconds a full buffer may stay full before buffer_full (0 = refuse at once)")
-    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, help="SIGTERM: seconds to finish sessions")
-    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up stream at start-up")
-    p.add_argument("--no-resynth", action="store_true",
-                   help="offer no live resynthesis (start.resynth and listeners get units only / an error)")
-    p.add_argument("--resynth-device", default=None, help="device of the resynthesis worker (default: --device)")
-    p.add_argument("--resynth-dtype", default=d.resynth_dtype, choices=("float32", "bfloat16", "float16"),
-                   help="ELLA-V dtype on the resynthesis worker (bf16/fp16 for a GPU)")
-    p.add_argument("--precision", default=d.precision, choices=("exact", "fast"),
-                   help="resynthesis models: exact (float32, default) or fast (int8/bf16 kernels picked for this "
-                        "machine; printed at start-up and reported in ready.settings.resynth.precision)")
-    p.add_argument("--max-listeners", type=int, default=d.max_listeners, help="listeners per sender session")
-    p.add_argument("--max-resynth-lag", type=float, default=d.max_resynth_lag_s,
-                   help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
-    p.add_argument("--max-exact-resynth", type=float, default=d.max_exact_resynth_s,
-                   help="seconds of input a resynthesis with unbounded context (resynth.left_context or "
-                        "vocoder_left_context null, the exact setting) may cover before it is ended (the units go on; "
-                        f"0 = refuse it at start; default {d.max_exact_resynth_s:g})")
-    p.add_argument("--open-timeout", type=float, default=d.open_timeout_s,
-                   help="seconds a session's models may take to open before it ends with internal_error "
-                        f"(default {d.open_timeout_s:g})")
-    p.add_argument("--allow-tf32", action="store_true",
-                   help="CUDA: let matmuls and convolutions use TF32 (faster on Ampere and later; results then "
-                        "differ from the exact fp32 path at ~1e-3; default off)")  # fmt: skip
+
+    def field(name: str, **kwargs) -> None:
+        """The flag of config field ``name`` (and its older spellings); ``--no-NAME`` too for a bool field."""
+        if isinstance(getattr(d, name), bool):
+            kwargs.setdefault("action", argparse.BooleanOptionalAction)
+        p.add_argument(flag(name), *ALIASES.get(name, ()), dest=name, default=kwargs.pop("default", getattr(d, name)),
+                       **kwargs)  # fmt: skip
+
+    field("host", help=f"interface to listen on (default {d.host}; 0.0.0.0 for all)")
+    field("port", type=int, help=f"TCP port (default {d.port}; 0 = any free port)")
+    field("models", metavar="release|tiny|DIR", help="model set (default release)")
+    field("device", help="torch device of the encoder (and of resynthesis without --resynth-device): cpu, cuda, ...")
+    field("dtype", choices=DTYPES)
+    field("pairs", type=_pair, nargs="+", metavar="K:LAMBDA",
+          help="(k, lambda) pairs sessions may choose (default: the encoder's default set)")
+    field("presets", nargs="+", metavar="PRESET",
+          help="window presets clients may choose (default: all: low-latency balanced quality)")
+    field("modes", nargs="+", default=list(d.modes), choices=P.ENCODER_MODES,
+          help="encoder modes clients may choose (default: all; sliding costs several times cached)")
+    field("max_sessions", type=int, help="concurrent sessions; more get 'busy'")
+    field("token", help="require this token from clients (?token= or Authorization: Bearer); default "
+                        "$DPSLM_STREAM_TOKEN, unset = no token")  # fmt: skip
+    field("allowed_origins", action="append", default=[], metavar="ORIGIN",
+          help="browser Origin allowed to connect besides this server's own page (repeatable; '*' = any)")
+    field("start_timeout_s", type=float,
+          help=f"seconds a connection may take to send start or subscribe (default {d.start_timeout_s:g})")
+    field("idle_timeout_s", type=float,
+          help="seconds a started client may send nothing (time the server does not read is not counted)")
+    field("max_session_s", type=float, help="seconds per session")
+    field("max_full_s", type=float,
+          help="seconds of audio per session in mode full (which keeps the whole stream in memory)")
+    field("max_message_bytes", type=int, help=f"largest audio frame (default {d.max_message_bytes})")
+    field("max_resampler_taps", type=int,
+          help="largest resampling kernel a client's sample rate may need (elements; odd rates such as 47999 Hz "
+               f"need hundreds of millions; default {d.max_resampler_taps:,} admits every common rate)")
+    field("max_text_bytes", type=int,
+          help=f"largest text (JSON) frame, refused before parsing (default {d.max_text_bytes})")
+    field("max_json_depth", type=int, help=f"deepest JSON nesting, refused before parsing (default {d.max_json_depth})")
+    field("max_buffer_s", type=float,
+          help=f"seconds of received, not yet encoded audio per session (default {d.max_buffer_s:g})")
+    field("max_buffer_bytes", type=int,
+          help=f"the same buffer in bytes of float32 samples (default {d.max_buffer_bytes})")
+    field("max_outgoing_bytes", type=int,
+          help=f"bytes queued for a client that does not read before it is dropped (default {d.max_outgoing_bytes})")
+    field("max_left", type=int, help=f"largest options.left, frames (default {d.max_left})")
+    field("min_hop", type=int, help=f"smallest options.hop, frames (default {d.min_hop})")
+    field("max_hop", type=int, help=f"largest options.hop, frames (default {d.max_hop})")
+    field("max_lookahead", type=int, help=f"largest options.lookahead, frames (default {d.max_lookahead})")
+    field("max_lag", type=int, help=f"largest options.max_lag, frames (default {d.max_lag})")
+    field("stall_timeout_s", type=float,
+          help="seconds a full buffer may stay full before buffer_full (0 = refuse at once)")
+    field("stats_interval_s", type=float, help=f"seconds between a session's stats messages (default "
+                                               f"{d.stats_interval_s:g})")  # fmt: skip
+    field("drain_timeout_s", type=float, help="SIGTERM: seconds to finish sessions")
+    field("quantum_s", type=float,
+          help=f"seconds of audio per session per encoder round, for fairness (default {d.quantum_s:g})")
+    field("warmup", help="run a short stream through the models before accepting clients (default on; --no-warmup "
+                         "skips it)")  # fmt: skip
+    field("busy_retry_after_s", type=float,
+          help=f"seconds a client told 'busy' is asked to wait before retrying (default {d.busy_retry_after_s:g})")
+    field("resynth", help="offer live resynthesis (default on; with --no-resynth start.resynth and listeners get "
+                          "units only / an error)")  # fmt: skip
+    field("resynth_device", help="device of the resynthesis worker (default: --device)")
+    field("resynth_dtype", choices=DTYPES, help="ELLA-V dtype on the resynthesis worker (bf16/fp16 for a GPU)")
+    field("precision", choices=PRECISIONS,
+          help="resynthesis models: exact (float32, default) or fast (int8/bf16 kernels picked for this machine; "
+               "printed at start-up and reported in ready.settings.resynth.precision)")
+    field("max_listeners", type=int, help="listeners per sender session")
+    field("max_resynth_lag_s", type=float,
+          help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
+    field("max_exact_resynth_s", type=float,
+          help="seconds of input a resynthesis with unbounded context (resynth.left_context or vocoder_left_context "
+               "null, the exact setting) may cover before it is ended (the units go on; 0 = refuse it at start; "
+               f"default {d.max_exact_resynth_s:g})")
+    field("open_timeout_s", type=float,
+          help=f"seconds a session's models may take to open before it ends with internal_error "
+               f"(default {d.open_timeout_s:g})")
+    field("allow_tf32", help="CUDA: let matmuls and convolutions use TF32 (faster on Ampere and later; results then "
+                             "differ from the exact fp32 path at ~1e-3; default off)")  # fmt: skip
     p.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"),
                    help="inprocess (default): this process serves, models on worker threads; ray: the service as a "
                         "Ray Serve application (pip install -e '.[ray]' in the dpslm-stream checkout)")  # fmt: skip
@@ -121,29 +140,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig of parsed flags (ServerConfig validates every value and names the flag)."""
-    from dpslm_stream.stream.encoder import PRESETS
-
-    unknown = sorted(set(args.presets or ()) - set(PRESETS))
-    if unknown:
-        raise InvalidInput(f"unknown preset(s) {unknown}; expected some of {sorted(PRESETS)}")
-    return ServerConfig(
-        host=args.host, port=args.port, models=args.models, device=args.device, dtype=args.dtype,
-        pairs=tuple(args.pairs) if args.pairs else None, max_sessions=args.max_sessions,
-        presets=tuple(args.presets) if args.presets else None, modes=tuple(args.modes),
-        token=args.token or os.environ.get("DPSLM_STREAM_TOKEN") or None,
-        allowed_origins=tuple(args.allowed_origins), start_timeout_s=args.start_timeout,
-        idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_time, max_full_s=args.max_full_audio,
-        max_message_bytes=args.max_message_bytes, max_text_bytes=args.max_text_bytes,
-        max_resampler_taps=args.max_resampler_taps,
-        max_json_depth=args.max_json_depth, max_buffer_s=args.max_buffer, max_buffer_bytes=args.max_buffer_bytes,
-        max_outgoing_bytes=args.max_outgoing_bytes, max_left=args.max_left, min_hop=args.min_hop,
-        max_hop=args.max_hop, max_lookahead=args.max_lookahead, max_lag=args.max_lag,
-        stall_timeout_s=args.stall_timeout, drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup,
-        resynth=not args.no_resynth, resynth_device=args.resynth_device, resynth_dtype=args.resynth_dtype,
-        precision=args.precision, allow_tf32=args.allow_tf32,
-        max_listeners=args.max_listeners, max_resynth_lag_s=args.max_resynth_lag,
-        max_exact_resynth_s=args.max_exact_resynth, open_timeout_s=args.open_timeout,
-    )  # fmt: skip
+    values = {name: getattr(args, name) for name in CONFIG_FIELDS}
+    for name in ("pairs", "presets"):
+        values[name] = tuple(values[name]) if values[name] else None
+    values["modes"], values["allowed_origins"] = tuple(values["modes"]), tuple(values["allowed_origins"])
+    values["token"] = values["token"] or os.environ.get("DPSLM_STREAM_TOKEN") or None
+    return ServerConfig(**values)
 
 
 async def serve(config: ServerConfig) -> None:

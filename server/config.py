@@ -1,17 +1,17 @@
 """The server's configuration: everything `dpslm-stream serve` can set, validated once.
 
 Every size and rate a client controls is bounded by one field here (the session core, server/session.py, applies
-them; each has a `serve` flag, see server/cli.py). The defaults suit a server reachable by anyone: a client can ask
-for at most these, whatever it sends.
+them; each field has a `serve` flag named after it, see server/cli.py). The defaults suit a server reachable by
+anyone: a client can ask for at most these, whatever it sends.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.validate import check_int, check_number, is_int
 
 
 @dataclass(frozen=True)
@@ -68,36 +68,48 @@ class ServerConfig:
     max_resampler_taps: int = 4_000_000
 
     def __post_init__(self) -> None:
+        """Every entry point (the CLI, ServerThread, the Ray gateway and its replicas) builds a ServerConfig, so
+        every one of them gets these checks; errors name the field's `serve` flag."""
         positive_ints = ("max_sessions", "max_message_bytes", "max_text_bytes", "max_json_depth", "max_buffer_bytes",
                          "max_resampler_taps",
                          "max_outgoing_bytes", "min_hop", "max_hop", "max_lag", "max_listeners")  # fmt: skip
         for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInput(f"{_flag(name)} must be an integer >= 1, got {value!r}")
+            check_int(flag(name), getattr(self, name), minimum=1, kind=int)
         for name in ("max_left", "max_lookahead"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidInput(f"{_flag(name)} must be an integer >= 0, got {value!r}")
+            check_int(flag(name), getattr(self, name), minimum=0, kind=int)
+        check_int(flag("port"), self.port, minimum=0, maximum=65535, kind=int)
         if self.min_hop > self.max_hop:
-            raise InvalidInput(f"--min-hop ({self.min_hop}) must not exceed --max-hop ({self.max_hop})")
+            raise InvalidInput(f"{flag('min_hop')} ({self.min_hop}) must not exceed {flag('max_hop')} ({self.max_hop})")
         positive = ("start_timeout_s", "idle_timeout_s", "max_session_s", "open_timeout_s", "max_full_s",
                     "max_buffer_s", "stats_interval_s", "drain_timeout_s", "quantum_s", "busy_retry_after_s", "max_resynth_lag_s")  # fmt: skip
         for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-                raise InvalidInput(f"{_flag(name)} must be a positive number of seconds, got {value!r}")
+            check_number(flag(name), getattr(self, name), 0, above=True, what="number of seconds")
         for name in ("stall_timeout_s", "max_exact_resynth_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < math.inf):
-                raise InvalidInput(f"{_flag(name)} must be a number >= 0, got {value!r}")
+            check_number(flag(name), getattr(self, name), 0)
+        for name in ("warmup", "resynth", "allow_tf32"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInput(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("dtype", "resynth_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise InvalidInput(f"{flag(name)} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise InvalidInput(f"{flag('precision')} must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         unknown = sorted(set(self.modes) - set(P.ENCODER_MODES))
         if unknown or not self.modes:
             raise InvalidInput(f"modes must be some of {P.ENCODER_MODES}, got {self.modes!r}")
+        if self.presets is not None:
+            from dpslm_stream.stream.encoder import PRESETS
+
+            unknown = sorted(set(self.presets) - set(PRESETS))
+            if unknown or not self.presets:
+                raise InvalidInput(f"unknown preset(s) {unknown}; expected some of {sorted(PRESETS)}")
+        for pair in self.pairs or ():
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(is_int(v, int) for v in pair)):
+                raise InvalidInput(f"{flag('pairs')} must be (k, lambda) pairs of integers, got {pair!r}")
         # A server cannot take a frame whose bytes exceed what its audio buffer holds.
         if self.max_message_bytes > self.max_buffer_bytes:
-            raise InvalidInput(f"--max-message-bytes ({self.max_message_bytes}) must not exceed --max-buffer-bytes "
-                               f"({self.max_buffer_bytes})")  # fmt: skip
+            raise InvalidInput(f"{flag('max_message_bytes')} ({self.max_message_bytes}) must not exceed "
+                               f"{flag('max_buffer_bytes')} ({self.max_buffer_bytes})")  # fmt: skip
 
     def limits(self) -> dict:
         """The limits every client is told in ``ready``."""
@@ -111,17 +123,13 @@ class ServerConfig:
                 "max_resampler_taps": self.max_resampler_taps}  # fmt: skip
 
 
-def _flag(name: str) -> str:
-    """The serve flag of a config field (what the user typed)."""
-    return FLAGS.get(name, "--" + name.replace("_", "-"))
+DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("exact", "fast")
 
 
-# Config fields whose flag is not simply the field's name with dashes.
-FLAGS = {"start_timeout_s": "--start-timeout", "idle_timeout_s": "--idle-timeout", "max_session_s": "--max-session-time",
-         "max_full_s": "--max-full-audio", "max_buffer_s": "--max-buffer", "stall_timeout_s": "--stall-timeout",
-         "drain_timeout_s": "--drain-timeout", "max_resynth_lag_s": "--max-resynth-lag",
-         "open_timeout_s": "--open-timeout", "max_exact_resynth_s": "--max-exact-resynth",
-         "stats_interval_s": "stats_interval_s", "quantum_s": "quantum_s",
-         "busy_retry_after_s": "busy_retry_after_s"}  # fmt: skip
+def flag(name: str) -> str:
+    """The serve flag of a config field: its name with dashes (server/cli.py also keeps older spellings as aliases)."""
+    return "--" + name.replace("_", "-")
+
 
 CONFIG_FIELDS = tuple(f.name for f in fields(ServerConfig))

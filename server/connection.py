@@ -58,7 +58,7 @@ class ConnectionHost(Protocol):
     @property
     def senders(self) -> dict[str, Connection]: ...  # started sender sessions by id
     @property
-    def worker(self) -> EncoderBackend | None: ...
+    def encoder_backend(self) -> EncoderBackend | None: ...
     @property
     def resynth_backend(self) -> ResynthBackend | None: ...
     @property
@@ -249,8 +249,8 @@ class Connection:
         codec.submit(tx, call, a.at, back)
 
     def _wake_encoder(self) -> None:
-        if self.server.worker is not None:
-            self.server.worker.wake()
+        if self.server.encoder_backend is not None:
+            self.server.encoder_backend.wake()
 
     def _abort(self, code: int, reason: str) -> None:
         while not self.out.empty():
@@ -300,8 +300,8 @@ class Connection:
     async def _open(self, a: A.OpenSession) -> None:
         k, lmbda = a.settings["k"], a.settings["lmbda"]
         rstream, slot = None, None
-        resynth, worker = self.server.resynth_backend, self.server.worker
-        assert worker is not None and (a.resynth is None or resynth is not None)
+        resynth, encoder = self.server.resynth_backend, self.server.encoder_backend
+        assert encoder is not None and (a.resynth is None or resynth is not None)
         try:
             if a.resynth is not None and resynth is not None:
                 options = a.resynth
@@ -310,7 +310,7 @@ class Connection:
                 if refused:
                     return self.handle(self.core.open_failed, *refused)
             slot, refused = await self._opening("encoder session",
-                                                lambda: worker.open_slot(self.id, a.sample_rate, a.settings, self),
+                                                lambda: encoder.open_slot(self.id, a.sample_rate, a.settings, self),
                                                 lambda slot: slot.cancel())  # fmt: skip
             if refused:
                 self._close_resynth(rstream)

@@ -13,7 +13,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 
 
 class Metrics:
-    """Every metric the server exports. prometheus_client objects are thread-safe: the model worker thread and the
+    """Every metric the server exports. prometheus_client objects are thread-safe: the encoder thread and the
     event loop both update them."""
 
     content_type = CONTENT_TYPE_LATEST

@@ -26,7 +26,7 @@ from dpslm_stream.stream.resynth_options import ResynthOptions
 
 from .backends import (EncoderBackend, EncoderProvider, EncoderSessionInfo, EncoderSlot, Progress, ResynthBackend,
                        ResynthProvider, ResynthSink, ResynthStream, SlotSink)
-from .worker import AudioQueue
+from .encoder_thread import AudioQueue
 
 log = logging.getLogger("dpslm_stream.server")
 

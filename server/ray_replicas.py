@@ -77,7 +77,7 @@ class EncoderReplica(ShardReplica):
         else:
             self.worker = build_encoder(config)
         if config.warmup:
-            from .worker import warm_up
+            from .encoder_thread import warm_up
 
             warm_up(self.worker, *self.default_pair())
 

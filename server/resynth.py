@@ -1,6 +1,6 @@
 """The resynthesis worker thread: ELLA-V + WavTokenizer for every session that asked for audio back.
 
-It is a separate thread from the encoder's ModelWorker so that units are never delayed by audio: the encoder
+It is a separate thread from the encoder's EncoderThread so that units are never delayed by audio: the encoder
 thread commits units at its own pace, the event loop forwards them here, and this thread turns them into audio
 (batched across sessions: one ELLA-V decode step serves every running pass, see dpslm_stream.stream.resynth_worker).
 
@@ -22,7 +22,7 @@ from dpslm_stream.stream.resynth_events import ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
 from .backends import ResynthBackend, ResynthProvider, ResynthSink
-from .worker import WorkerThread
+from .encoder_thread import ModelThread
 
 log = logging.getLogger("dpslm_stream.server")
 
@@ -37,7 +37,7 @@ class InProcessResynth:
         return ResynthThread(self.worker, loop, metrics)
 
 
-class ResynthThread(WorkerThread):
+class ResynthThread(ModelThread):
     """Owns a ResynthWorker and the ResynthSessions of all connections; steps them in one loop (a ResynthBackend,
     server/backends.py)."""
 

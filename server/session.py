@@ -256,7 +256,7 @@ class Session:
             return []
         self._resume(now)
         self.state, self.role = State.CONNECTED, None
-        if code in P.FATAL_CODES:
+        if code in P.CLOSE_CODES:
             return self._limit(code, message, now)
         return self._error(code, message)
 

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from dpslm_stream import corpus as C
+from dpslm_stream import corpus_output
 from dpslm_stream.audio import load_audio
 from dpslm_stream.cli import main
 from dpslm_stream.pipeline import Pipeline, bitrate
@@ -230,7 +231,7 @@ def test_broken_and_missing_files_are_logged_and_the_rest_encoded(tiny_dir, corp
 
 
 def test_without_pyarrow_the_parts_are_json_lines(tiny_dir, corpus_dir, reference, tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "have_pyarrow", lambda: False)
+    monkeypatch.setattr(corpus_output, "have_pyarrow", lambda: False)  # where the output folder asks
     out = tmp_path / "out"
     assert _run(corpus_dir, "--out", out, "--models", tiny_dir, *PAIR, "--ext", "flac") == 0
     assert {p.suffix for p in C.CorpusOutput(out).parts()} == {".jsonl"}

@@ -21,7 +21,7 @@ from dpslm_stream import protocol as P
 from dpslm_stream.client import SessionError, UnitsClient, chunked
 from dpslm_stream.client.stream import stream_audio
 from dpslm_stream.server.app import ServerConfig, ServerThread, build_encoder
-from dpslm_stream.server.worker import InProcessEncoder, ModelWorker
+from dpslm_stream.server.encoder_thread import InProcessEncoder, EncoderThread
 from dpslm_stream.tiny import speech_like
 from server_oracle import offline_units, pcm16
 
@@ -253,7 +253,7 @@ class StuckOpenEncoder(InProcessEncoder):
     def make_backend(self, loop, metrics, quantum_s):
         outer = self
 
-        class Worker(ModelWorker):
+        class Worker(EncoderThread):
             never = asyncio.Event()  # held here, as a real stuck load is held by its thread
 
             async def open_slot(self, session_id, sample_rate, settings, sink):

@@ -548,6 +548,57 @@ def test_every_limit_has_a_serve_flag_and_is_documented():
         assert flag in readme, flag
 
 
+def _serve_parser():
+    import argparse
+
+    from dpslm_stream.server.cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    return parser, add_parser(parser.add_subparsers(dest="command"))
+
+
+def _serve_args(*argv: str):
+    return _serve_parser()[0].parse_args(["serve", *argv])
+
+
+def test_every_config_field_has_a_serve_flag_named_after_it_and_the_old_flags_still_parse():
+    from dpslm_stream.server.cli import ALIASES, config_from_args
+    from dpslm_stream.server.config import CONFIG_FIELDS
+
+    parser_flags = {option: action.dest for action in _serve_parser()[1]._actions for option in action.option_strings}
+    for name in CONFIG_FIELDS:
+        assert parser_flags.get("--" + name.replace("_", "-")) == name, name
+        for alias in ALIASES.get(name, ()):
+            assert parser_flags[alias] == name, alias
+    assert config_from_args(_serve_args()) == ServerConfig()  # the flags' defaults are the config's
+    old = config_from_args(_serve_args("--max-buffer", "2", "--start-timeout", "3", "--idle-timeout", "4",
+                                       "--max-session-time", "5", "--max-full-audio", "6", "--stall-timeout", "7",
+                                       "--drain-timeout", "8", "--max-resynth-lag", "9", "--open-timeout", "10",
+                                       "--max-exact-resynth", "11", "--allow-origin", "https://a.example",
+                                       "--no-warmup", "--no-resynth", "--allow-tf32"))  # fmt: skip
+    new = config_from_args(_serve_args("--max-buffer-s", "2", "--start-timeout-s", "3", "--idle-timeout-s", "4",
+                                       "--max-session-s", "5", "--max-full-s", "6", "--stall-timeout-s", "7",
+                                       "--drain-timeout-s", "8", "--max-resynth-lag-s", "9", "--open-timeout-s", "10",
+                                       "--max-exact-resynth-s", "11", "--allowed-origins", "https://a.example",
+                                       "--no-warmup", "--no-resynth", "--allow-tf32"))  # fmt: skip
+    assert old == new == ServerConfig(max_buffer_s=2, start_timeout_s=3, idle_timeout_s=4, max_session_s=5,
+                                      max_full_s=6, stall_timeout_s=7, drain_timeout_s=8, max_resynth_lag_s=9,
+                                      open_timeout_s=10, max_exact_resynth_s=11, allowed_origins=("https://a.example",),
+                                      warmup=False, resynth=False, allow_tf32=True)  # fmt: skip
+    assert config_from_args(_serve_args("--quantum-s", "0.25", "--stats-interval-s", "2")).quantum_s == 0.25
+
+
+@pytest.mark.parametrize("field, value", [("presets", ("nope",)), ("dtype", "float64"), ("resynth_dtype", "int8"),
+                                          ("precision", "turbo"), ("port", 70000), ("port", -1), ("warmup", 1),
+                                          ("max_sessions", True), ("quantum_s", True), ("idle_timeout_s", float("nan")),
+                                          ("pairs", ((500, "4500"),)), ("max_left", 1.5)])  # fmt: skip
+def test_config_is_validated_where_it_is_defined(field, value):
+    """What the CLI's parser used to check alone (choices, presets) is checked by ServerConfig itself, so ServerThread
+    and the Ray gateway and replicas, which are given a ServerConfig, refuse the same values."""
+    with pytest.raises(InvalidInput):
+        ServerConfig(**{field: value})
+
+
 def _origin_ok(origin: str | None, host: str, token: str | None = None, allowed: tuple = ()) -> bool:
     from dpslm_stream.server.app import Server
 

@@ -135,7 +135,7 @@ def _full_main(models: str, seconds: float, threads: int | None, conn) -> None:
     if threads:
         torch.set_num_threads(threads)
     worker = encoder_worker(models)
-    from dpslm_stream.server.worker import warm_up
+    from dpslm_stream.server.encoder_thread import warm_up
 
     warm_up(worker, 500, 4500)
     audio = _speech(seconds, seed=13)

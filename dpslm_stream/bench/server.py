@@ -7,7 +7,7 @@ second of audio), the worker's load (busy fraction of wall time), the mean batch
 seconds per second of audio per session, and memory per session (encoder state, and RSS growth of the server
 process / N). A load is "real time" when every session's p95 commit lag stays under --lag-budget.
 
-The server (and its model worker thread) runs in this process; the clients run in a child process, so their
+The server (and its encoder thread) runs in this process; the clients run in a child process, so their
 event loop does not compete with the server's for the GIL.
 
     dpslm-stream bench server                                    # tiny set (random weights), N = 1 2 4 8 16 24

@@ -34,6 +34,7 @@ from dpslm_stream.models.transformer import (
     read_checkpoint_file,
     read_config_fields,
 )
+from dpslm_stream.validate import is_int
 
 
 @dataclass
@@ -132,7 +133,7 @@ class ELLAVTokenizer:
         cls, k: int, num_codec_types: int = 4096, phone_token_rate: float = 50, codec_token_rate: float = 40
     ) -> "ELLAVTokenizer":
         """The tokenizer of the released unit models (upstream example_train_script_units.py)."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        if not is_int(k, int) or k < 1:
             raise InvalidInput(f"k must be a positive integer number of units, got {k!r}")
         units = [f"u{i}" for i in range(k)]
         return cls.from_phone_vocab(units, phone_token_rate, num_codec_types, codec_token_rate, [])
@@ -185,7 +186,7 @@ class ELLAVTokenizer:
         phone ranks, see `phone_ranks`)."""
         out = []
         for u in units:
-            if isinstance(u, bool) or not isinstance(u, int) or u not in self._prompt_ids:
+            if not is_int(u, int) or u not in self._prompt_ids:
                 raise InvalidInput(
                     f"unit {u!r} is not in the vocabulary: units must be integers in 0..{len(self._prompt_ids) - 1}"
                 )
@@ -206,7 +207,7 @@ class ELLAVTokenizer:
         """Token ids of codec indices 0..num_codec_types-1."""
         out = []
         for c in codes:
-            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.num_codec_types:
+            if not is_int(c, int) or not 0 <= c < self.num_codec_types:
                 raise InvalidInput(f"codec id {c!r} out of range: expected an integer in 0..{self.num_codec_types - 1}")
             out.append(self.token_to_id_dict[str(c)])
         return out
@@ -372,7 +373,7 @@ TINY = dataclasses.replace(FULL, dim=64, n_layers=2, head_dim=16, hidden_dim=160
 
 def config_for_k(k: int, base: ELLAVConfig = FULL, num_codec_types: int = 4096) -> ELLAVConfig:
     """`base` with the vocabulary of K units: 4 special + K unit + num_codec_types codec tokens."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not is_int(k, int) or k < 1:
         raise InvalidInput(f"k must be a positive integer number of units, got {k!r}")
     return dataclasses.replace(base, vocab_size=4 + k + num_codec_types)
 
@@ -646,7 +647,7 @@ def _unit_id(token: object) -> object:
 
 
 def _check_int(value: object, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value, int) or value < minimum:
         raise InvalidInput(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -662,7 +663,7 @@ def _int_list(values: object, what: str) -> list[int]:
     for v in values:
         if hasattr(v, "item") and not isinstance(v, (list, tuple)):
             v = v.item()  # numpy / 0-d tensor scalars
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not is_int(v, int):
             raise InvalidInput(f"{what} must contain integers, got {v!r}")
         out.append(v)
     return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -31,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpslm_stream.errors import CheckpointError, InvalidInput
+from dpslm_stream.validate import is_int, is_number
 
 
 @dataclass
@@ -426,7 +426,7 @@ def validate_config(config: TransformerConfig) -> None:
     """Raise CheckpointError for hyper-parameters no network can be built from."""
     for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size"):
         value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value, int) or value < 1:
             raise CheckpointError(f"model config field {name!r} must be a positive integer, got {value!r}")
     if config.head_dim % 2:
         raise CheckpointError(f"head_dim must be even for rotary pairs, got {config.head_dim}")
@@ -436,7 +436,7 @@ def validate_config(config: TransformerConfig) -> None:
         )
     for name in ("norm_eps", "rope_theta"):
         value = getattr(config, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        if not is_number(value) or value <= 0:
             raise CheckpointError(f"model config field {name!r} must be a positive number, got {value!r}")
 
 

@@ -31,6 +31,7 @@ from dpslm_stream.models.transformer import (
     read_checkpoint_file,
     read_config_fields,
 )
+from dpslm_stream.validate import is_int
 
 BOS_ID = 0
 
@@ -79,7 +80,7 @@ TINY = dataclasses.replace(FULL, dim=64, n_layers=2, head_dim=16, hidden_dim=160
 
 def config_for_k(k: int, base: ULMConfig = FULL) -> ULMConfig:
     """`base` with the vocabulary of a K-unit codebook (K + 1 tokens: BOS and the K units)."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not is_int(k, int) or k < 1:
         raise InvalidInput(f"k must be a positive integer number of units, got {k!r}")
     return dataclasses.replace(base, vocab_size=k + 1)
 
@@ -120,7 +121,7 @@ class PhonemeTokenizer:
 
     def __init__(self, phoneme_to_id: dict[str, int], delimiter: str = " "):
         if not isinstance(phoneme_to_id, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in phoneme_to_id.items()
+            isinstance(k, str) and is_int(v, int) for k, v in phoneme_to_id.items()
         ):
             raise CheckpointError("phone tokenizer: phoneme_to_id must map phone strings to integer ids")
         if len(set(phoneme_to_id.values())) != len(phoneme_to_id):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpslm_stream.errors import CheckpointError, InvalidInput
+from dpslm_stream.validate import is_int
 
 SAMPLE_RATE = 16000
 
@@ -124,7 +124,7 @@ class WavLMConfig:
         # f.type is the annotation as a string ("int", "bool") because of `from __future__ import annotations`.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if f.type == "int" and (not is_int(value, int) or value < 1):
                 raise InvalidInput(f"WavLM config field {f.name} must be a positive int, got {value!r}")
             if f.type == "bool" and not isinstance(value, bool):
                 raise InvalidInput(f"WavLM config field {f.name} must be a bool, got {value!r}")
@@ -702,13 +702,13 @@ def extract_features_steps(model: WavLM, wav: Tensor, sr: int, layer: int | None
         raise InvalidInput(f"wav must be mono audio of shape (1, T), got shape {tuple(wav.shape)}{hint}")
     if not wav.is_floating_point():
         raise InvalidInput(f"wav must be floating point in [-1, 1], got dtype {wav.dtype}")
-    if isinstance(sr, bool) or not isinstance(sr, numbers.Integral) or sr <= 0:
+    if not is_int(sr) or sr <= 0:
         raise InvalidInput(f"sample rate must be a positive int (e.g. 16000), got {sr!r}")
     if wav.shape[1] == 0:
         raise InvalidInput("wav is empty (0 samples); need at least one 20 ms frame (320 samples at 16 kHz)")
     if not bool(torch.isfinite(wav).all()):
         raise InvalidInput("wav contains NaN or Inf samples")
-    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
+    if layer is not None and (not is_int(layer, int)
                               or not 1 <= layer <= model.cfg.encoder_layers):
         raise InvalidInput(f"layer must be None or an int in 1..{model.cfg.encoder_layers}, got {layer!r}")
 

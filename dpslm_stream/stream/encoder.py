@@ -25,7 +25,6 @@ frames at that same layer, so the result equals running the hops one after the o
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from dpslm_stream.models.wavlm import WavLM
 from dpslm_stream.stream.events import FRAME_SECONDS
 from dpslm_stream.device import DeviceTimer, synchronize
 from dpslm_stream.stream.onednn import PackedConv1d, PackedLinear
+from dpslm_stream.validate import is_int
 
 MODES = ("full", "sliding", "cached")
 # Samples past a frame's own hop that its 400-sample window reads: 40 samples = 2.5 ms.
@@ -68,7 +68,7 @@ class WindowConfig:
             raise InvalidInput(f"window mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         for name, lowest in (("left", 0), ("hop", 1), ("lookahead", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if not is_int(value):
                 raise InvalidInput(f"{name} must be an integer number of 20 ms frames, got {value!r}")
             if not lowest <= value <= _MAX_FRAMES:
                 raise InvalidInput(f"{name} must be in {lowest}..{_MAX_FRAMES} frames, got {value}")

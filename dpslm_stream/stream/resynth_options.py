@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.validate import is_int, is_number
 
 # Units of one ELLA-V pass after the committed ones (the server's fixed P, see stream/ellav_stage.py): the hold-back
 # must fit in a pass.
@@ -92,7 +92,7 @@ def _count(opts: ResynthOptions, name: str, minimum: int, maximum: int = MAX_SEE
     value = getattr(opts, name)
     if value is None and name in ResynthOptions.NULLABLE:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not minimum <= int(value) <= maximum:
+    if not is_int(value) or not minimum <= int(value) <= maximum:
         also = " or null (unlimited)" if name in ResynthOptions.NULLABLE else ""
         raise ResynthOptionError(name, f"{name} must be an integer >= {minimum}{also}, got {value!r}")
 
@@ -101,7 +101,7 @@ def _number(opts: ResynthOptions, name: str, lo: float, hi: float = math.inf) ->
     value = getattr(opts, name)
     if value is None and name in ResynthOptions.NULLABLE:
         return
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_number(value)
     ok = ok and lo <= float(value) <= hi
     if not ok:
         upper = f" and <= {hi:g}" if hi < math.inf else ""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import time
 from collections import defaultdict
 from typing import Iterable
@@ -28,6 +27,7 @@ from dpslm_stream.models.wavlm import WavLM
 from dpslm_stream.pipeline import default_num_neighbors
 from dpslm_stream.stream.encoder import MODES, WindowRunner, window_config
 from dpslm_stream.stream.session import DEFAULT_MAX_LAG_FRAMES, DEFAULT_SCORE_CONTEXT, EncoderSession
+from dpslm_stream.validate import is_int
 
 _DEFAULT = object()  # "not given" for arguments whose default depends on the mode
 
@@ -52,7 +52,7 @@ class EncoderWorker:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise InvalidInput(f"dtype must be a floating-point torch dtype (e.g. torch.float32), got {dtype!r}")
         self.dtype = dtype
-        if isinstance(max_hops_per_step, bool) or not isinstance(max_hops_per_step, int) or max_hops_per_step < 1:
+        if not is_int(max_hops_per_step, int) or max_hops_per_step < 1:
             raise InvalidInput(f"max_hops_per_step must be a positive int, got {max_hops_per_step!r}")
         self.max_hops_per_step = max_hops_per_step
         if wavlm is None:
@@ -120,11 +120,11 @@ class EncoderWorker:
             raise InvalidInput(f"score must be True or False, got {score!r}")
         if max_lag is None:
             max_lag = None if mode == "full" else DEFAULT_MAX_LAG_FRAMES
-        elif isinstance(max_lag, bool) or not isinstance(max_lag, numbers.Integral) or max_lag < 1:
+        elif not is_int(max_lag) or max_lag < 1:
             raise InvalidInput(f"max_lag must be None or a positive number of frames, got {max_lag!r}")
         if score_context is _DEFAULT:
             score_context = None if mode == "full" else DEFAULT_SCORE_CONTEXT
-        elif score_context is not None and (isinstance(score_context, bool) or not isinstance(score_context, int)
+        elif score_context is not None and (not is_int(score_context, int)
                                             or score_context < 1):
             raise InvalidInput(f"score_context must be None or a positive number of tokens, got {score_context!r}")
         codebook = self._codebook(key[0])

@@ -1,4 +1,4 @@
-"""The model worker thread: the only place where the server runs model code.
+"""The encoder thread: the only place where the in-process server runs encoder model code.
 
 One thread owns the EncoderWorker (WavLM shared by every (k, lambda); codebooks, ULMs and DPDP state per pair and
 session) and every EncoderSession. The event loop never calls into them: it hands audio over through a ``Slot``
@@ -106,7 +106,7 @@ class Slot(AudioQueue):
         self.info = EncoderSessionInfo.of(encoder_session)
 
 
-class WorkerThread:
+class ModelThread:
     """A thread that owns models and runs all their calls, driven by the event loop: commands (``call``) and wake-ups
     go in, results come back through ``loop.call_soon_threadsafe``. Subclasses implement ``_round``: one pass over
     their sessions; it returns True when more work is already waiting."""
@@ -189,7 +189,7 @@ class WorkerThread:
 
 
 class InProcessEncoder:
-    """An EncoderWorker served by a ModelWorker thread in this process (an EncoderProvider, server/backends.py)."""
+    """An EncoderWorker served by a EncoderThread thread in this process (an EncoderProvider, server/backends.py)."""
 
     def __init__(self, encoder_worker: Any):
         self.worker = encoder_worker
@@ -198,11 +198,11 @@ class InProcessEncoder:
     def available_pairs(self) -> list[tuple[int, int]]:
         return list(self.worker.available_pairs())
 
-    def make_backend(self, loop: asyncio.AbstractEventLoop, metrics: Any, quantum_s: float) -> "ModelWorker":
-        return ModelWorker(self.worker, loop, metrics, quantum_s)
+    def make_backend(self, loop: asyncio.AbstractEventLoop, metrics: Any, quantum_s: float) -> "EncoderThread":
+        return EncoderThread(self.worker, loop, metrics, quantum_s)
 
 
-class ModelWorker(WorkerThread):
+class EncoderThread(ModelThread):
     """The thread that runs every encoder model call of the server (see the module docstring); an EncoderBackend
     (server/backends.py)."""
 
@@ -311,7 +311,7 @@ class ModelWorker(WorkerThread):
                         slot.finished)  # fmt: skip
 
     def _fail(self, slot: Slot, error: BaseException) -> None:
-        log.error("session %s failed in the model worker", slot.id, exc_info=error)
+        log.error("session %s failed in the encoder thread", slot.id, exc_info=error)
         slot.finished = True
         self._post(slot.sink.on_failure, error)
 
@@ -331,5 +331,5 @@ def warm_up(encoder: Any, k: int, lmbda: int, seconds: float = 1.0) -> None:
 
 if TYPE_CHECKING:  # mypy checks that the in-process classes implement the declared interfaces
 
-    def _implements(provider: InProcessEncoder, backend: ModelWorker, slot: Slot) -> tuple[EncoderProvider, EncoderBackend, EncoderSlot]:
+    def _implements(provider: InProcessEncoder, backend: EncoderThread, slot: Slot) -> tuple[EncoderProvider, EncoderBackend, EncoderSlot]:
         return provider, backend, slot
