@@ -37,7 +37,7 @@ from torch import Tensor
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.models.ellav import ELLAV
 from dpslm_stream.stream.checks import check_count, check_number
-from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan
+from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan, Sampling
 
 # Defaults, in deduplicated units (DP-SLM k=500, lambda=4500 gives ~10-25 units/s) and codec frames (25 ms).
 DEFAULT_LEFT_CONTEXT = 32  # C: committed units kept in the prompt (about 1.5-3 s of speech: the voice)
@@ -237,7 +237,8 @@ class IncrementalELLAV:
         window_units = self._units[: e - s]
         prompt = self.tokenizer.encode_prompt(window_units, token_prefix=self._runs[: c - s])
         self._plan = PassPlan(prompt=prompt, unit_tokens=prompt[: len(window_units)], start=c - s, stop=stop - s,
-                              counter=int(c > 0))  # fmt: skip
+                              counter=int(c > 0),
+                              sampling=Sampling(self.greedy, self.temperature, self.top_p, self.generator))  # fmt: skip
         self._pass_end = e
         self._run, self._expect_unit = [], False
         self.passes += 1
