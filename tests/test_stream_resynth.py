@@ -315,6 +315,30 @@ def test_settings_report_every_open_session_option(tiny_models, ellav64, wt):
     assert {name: settings[name] for name in options} == options
     assert settings["sample_rate"] == 24000 and settings["max_codec_tokens_per_phone"] >= 1
 
+def test_one_set_of_defaults_per_knob():
+    """The bare stages, the worker's open_session and the server's ResynthOptions default every knob alike (all
+    from stream/resynth_defaults.py; the vocoder's once were 120/8/1 bare and 48/4/4 live)."""
+    import inspect
+
+    from dpslm_stream.stream import resynth_defaults as D
+    from dpslm_stream.stream.resynth_options import ResynthOptions
+    from dpslm_stream.stream.vocoder import IncrementalVocoder
+
+    def defaults(fn):
+        return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+    opened = defaults(ResynthWorker.open_session)
+    stage = defaults(IncrementalELLAV.__init__)
+    vocoder = {f"vocoder_{n}": v for n, v in defaults(IncrementalVocoder.__init__).items()}
+    assert {n: opened[n] for n in stage if n in opened} == {n: stage[n] for n in stage if n in opened}
+    assert len(set(stage) & set(opened)) == 9 and vocoder == {n: opened[n] for n in vocoder}
+    assert vocoder == {"vocoder_left_context": D.DEFAULT_VOCODER_LEFT_CONTEXT,
+                       "vocoder_lookahead": D.DEFAULT_VOCODER_LOOKAHEAD, "vocoder_min_step": D.DEFAULT_VOCODER_MIN_STEP}
+    assert stage["max_codec_tokens_per_phone"] == defaults(ResynthWorker.__init__)["max_codec_tokens_per_phone"]
+    options = ResynthOptions()
+    assert all(getattr(options, n) == opened[n] for n in vars(options))
+
+
 # ----- batching, sampling, isolation --------------------------------------------------------------------------------
 
 SETTINGS = [

@@ -23,14 +23,14 @@ from dpslm_stream.models.precision import Plan, check_precision, plan_for, trans
 from dpslm_stream.models.wavtokenizer import WavTokenizer
 from dpslm_stream.stream.checks import check_count
 from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan
-from dpslm_stream.stream.ellav_stage import (
+from dpslm_stream.stream.ellav_stage import IncrementalELLAV
+from dpslm_stream.stream.resynth_defaults import (
     DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_MAX_CODEC_TOKENS_PER_PHONE, DEFAULT_MAX_PASS_UNITS,
-    IncrementalELLAV,
+    DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD,
+    DEFAULT_VOCODER_MIN_STEP,
 )
 from dpslm_stream.stream.resynth_session import ResynthSession
-from dpslm_stream.stream.vocoder import (
-    DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP, IncrementalVocoder,
-)
+from dpslm_stream.stream.vocoder import IncrementalVocoder
 
 _DTYPES_OK = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -148,7 +148,8 @@ class ResynthWorker:
 
     def open_session(self, k: int = hub.DEFAULT_K, lmbda: int = hub.DEFAULT_LMBDA, *,
                      left_context: int | None = DEFAULT_LEFT_CONTEXT, holdback: int | None = DEFAULT_HOLDBACK,
-                     greedy: bool = True, seed: int | None = None, temperature: float = 1.0, top_p: float = 0.8,
+                     greedy: bool = True, seed: int | None = None, temperature: float = DEFAULT_TEMPERATURE,
+                     top_p: float = DEFAULT_TOP_P,
                      trigger_units: int = 1, trigger_s: float | None = None,
                      max_pass_units: int | None = DEFAULT_MAX_PASS_UNITS,
                      vocoder_left_context: int | None = DEFAULT_VOCODER_LEFT_CONTEXT,
