@@ -163,8 +163,8 @@ class ResynthReplica(ShardReplica):
     def close(self, session_id: str) -> None:
         with self.lock:
             s = self.sessions.pop(session_id, None)
-            if s is not None and not s.closed:
-                self.worker._forget(s)
+            if s is not None:
+                s.close()
 
     def step_many(self, items: list[tuple[str, list, list, bool]]) -> list[tuple[list, Any, bool]]:
         """Each item: (session id, new units, their end times, end). One batched ResynthWorker.step for all of them;

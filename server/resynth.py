@@ -70,8 +70,8 @@ class ResynthThread(ModelThread):
     # --- this thread ------------------------------------------------------------------------------------------------
 
     def _drop(self, session: Any) -> None:
-        if self._streams.pop(session, None) is not None and not session.closed:
-            self.worker._forget(session)  # free its row in the batched decoder
+        if self._streams.pop(session, None) is not None:
+            session.close()  # frees its row in the batched decoder
 
     def _round(self) -> bool:
         work = [s for s in self._streams if s.has_work]
@@ -100,7 +100,7 @@ class ResynthThread(ModelThread):
                 except Exception as e:  # this session alone is dropped
                     log.error("resynthesis of one session failed", exc_info=e)
                     sink = self._streams.pop(s, None)
-                    self.worker._forget(s)
+                    s.close()
                     if sink is not None:
                         self._post(sink.on_resynth_failure, e)
         if self.metrics is not None:

@@ -315,6 +315,30 @@ def test_settings_report_every_open_session_option(tiny_models, ellav64, wt):
     assert {name: settings[name] for name in options} == options
     assert settings["sample_rate"] == 24000 and settings["max_codec_tokens_per_phone"] >= 1
 
+def test_one_set_of_defaults_per_knob():
+    """The bare stages, the worker's open_session and the server's ResynthOptions default every knob alike (all
+    from stream/resynth_defaults.py; the vocoder's once were 120/8/1 bare and 48/4/4 live)."""
+    import inspect
+
+    from dpslm_stream.stream import resynth_defaults as D
+    from dpslm_stream.stream.resynth_options import ResynthOptions
+    from dpslm_stream.stream.vocoder import IncrementalVocoder
+
+    def defaults(fn):
+        return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+    opened = defaults(ResynthWorker.open_session)
+    stage = defaults(IncrementalELLAV.__init__)
+    vocoder = {f"vocoder_{n}": v for n, v in defaults(IncrementalVocoder.__init__).items()}
+    assert {n: opened[n] for n in stage if n in opened} == {n: stage[n] for n in stage if n in opened}
+    assert len(set(stage) & set(opened)) == 9 and vocoder == {n: opened[n] for n in vocoder}
+    assert vocoder == {"vocoder_left_context": D.DEFAULT_VOCODER_LEFT_CONTEXT,
+                       "vocoder_lookahead": D.DEFAULT_VOCODER_LOOKAHEAD, "vocoder_min_step": D.DEFAULT_VOCODER_MIN_STEP}
+    assert stage["max_codec_tokens_per_phone"] == defaults(ResynthWorker.__init__)["max_codec_tokens_per_phone"]
+    options = ResynthOptions()
+    assert all(getattr(options, n) == opened[n] for n in vars(options))
+
+
 # ----- batching, sampling, isolation --------------------------------------------------------------------------------
 
 SETTINGS = [
@@ -415,11 +439,75 @@ def test_one_failing_stream_leaves_the_others_running(tiny_models, ellav64, wt):
     end = events[1][-1]
     assert isinstance(end, ResynthEndEvent) and "vocoder exploded" in end.error
     assert sum(isinstance(e, ResynthEndEvent) for e in events[1]) == 1
-    assert not worker._running and not any(d.rows for d in worker._decoders.values())  # its pass left the batch
+    assert not any(d.rows for d in worker._decoders.values())  # its pass left the batch
     for i in (0, 2):
         (alone,) = run_sessions(make_worker(tiny_models, ellav64, wt), [settings[i]], [unit_lists[i]])
         assert events[i][-1].error is None
         np.testing.assert_allclose(audio_of(events[i]), audio_of(alone), rtol=0, atol=1e-6)
+
+
+def test_close_frees_the_row_and_the_others_carry_on(tiny_models, ellav64, wt):
+    """close() (the client is gone) takes the stream's pass out of the batch at once, queues no event, and leaves
+    the other stream's output exactly what it is alone (the same pushes and step calls, float64)."""
+    units = [random_units(30, seed=50), random_units(30, seed=51)]
+
+    def run(with_gone: bool):
+        worker = make_worker(tiny_models, ellav64, wt, max_decode_steps=2)
+        kept = worker.open_session(K, LMBDA, left_context=4, holdback=1)
+        gone = worker.open_session(K, LMBDA, left_context=4, holdback=1) if with_gone else None
+        kept.push_units(units[1])
+        if gone is not None:
+            gone.push_units(units[0])
+        for step in range(8):
+            worker.step([s for s in (gone, kept) if s is not None])
+            if step == 4 and gone is not None:
+                assert gone.decoder is kept.decoder and gone.decoder.has_pass(gone) and kept.decoder.has_pass(kept)
+                gone.poll()
+                gone.close()
+                assert not gone.decoder.has_pass(gone) and gone.decoder.rows == [kept]
+                assert gone.closed and not gone.has_work and gone.poll() == []
+                gone.close()  # idempotent
+        kept.end()
+        events = kept.poll()
+        while kept.has_work:
+            worker.step([s for s in (gone, kept) if s is not None])  # a closed stream listed is skipped
+            events += kept.poll()
+        if gone is not None:
+            assert gone.poll() == [] and not gone.decoder.rows
+            gone.reset()  # reopens it: a fresh stream
+            assert not gone.closed and gone.stats.units == 0
+        return events
+
+    batched, alone = run(True), run(False)
+    assert batched[-1].error is None and len(audio_of(alone)) > 0
+    np.testing.assert_allclose(audio_of(batched), audio_of(alone), rtol=0, atol=1e-6)
+
+
+def test_session_is_built_without_a_worker(ellav64, wt):
+    """A ResynthSession takes its stages, decoder, clock and precision as arguments: no worker needed to make one,
+    push to it, read its lag on an injected clock or close it; a worker refuses to step another worker's session."""
+    from dpslm_stream.stream.ellav_batch import BatchDecoder
+    from dpslm_stream.stream.resynth_session import ResynthSession
+    from dpslm_stream.stream.vocoder import IncrementalVocoder
+
+    now = [10.0]
+    decoder = BatchDecoder(ellav64, max_batch=2, max_codec_tokens_per_phone=M)
+    s = ResynthSession(ellav=IncrementalELLAV(ellav64, 4, 1), vocoder=IncrementalVocoder(wt), decoder=decoder,
+                       clock=lambda: now[0], precision="exact")  # fmt: skip
+    s.push_units([1, 2, 3])
+    now[0] = 12.5
+    s._ingest()
+    assert s.lag_s == pytest.approx(2.5) and s.settings()["precision"] == "exact"
+    plan = s._start_pass()
+    decoder.admit([(s, plan)])
+    assert decoder.has_pass(s)
+    with pytest.raises(InvalidInput, match="at most one pass"):
+        decoder.admit([(s, plan)])
+    s.close()
+    assert decoder.rows == []
+    with pytest.raises(InvalidInput, match="own ELLA-V model"):
+        ResynthSession(ellav=IncrementalELLAV(E.random_model(K, E.TINY), 4, 1), vocoder=IncrementalVocoder(wt),
+                       decoder=decoder)  # fmt: skip
 
 
 # ----- bounded state, triggers, options -------------------------------------------------------------------------------
@@ -435,8 +523,8 @@ def test_state_is_flat_over_a_long_stream(tiny_models, ellav64, wt):
         s.push_units([u])
         worker.step([s])
         sizes.append(s.state_nbytes)
-        decoder = worker._decoders.get((K, LMBDA))
-        if decoder is not None:
+        decoder = s.decoder
+        if decoder.cache is not None:  # allocated with the first pass
             caps.append(decoder.cache.capacity)
             positions.append(int(decoder.cache.next_pos.max()))
         window.append((len(s.ellav._units), len(s.ellav._runs)))

@@ -149,6 +149,28 @@ def test_full_mode_end_runs_in_slices_beside_a_live_session_and_still_gives_the_
     assert [e.unit for e in units] == ref.units and [e.duration for e in units] == ref.durations
 
 
+def test_sessions_read_time_from_the_injected_clock(models, device):
+    """A worker's clock reaches its sessions: full mode's slice budget is measured on it. A clock that jumps 10 s
+    per reading makes a 5 s budget run one slice per step, exactly as a zero budget does on the real clock."""
+
+    def steps_to_finish(worker, budget_s):
+        s = worker.open_session(16000, K, LMBDA, mode="full")
+        s.push(audio(2.0, 16000, 5))
+        s.end()
+        steps = 0
+        while not s.closed and steps < 500:
+            worker.step([s], full_slice_s=budget_s)
+            steps += 1
+        return steps, s
+
+    ticks = iter(range(0, 10**9, 10))
+    jumpy = EncoderWorker(models, device, pairs=[(K, LMBDA)], clock=lambda: float(next(ticks)))
+    real = EncoderWorker(models, device, pairs=[(K, LMBDA)])
+    (n_jumpy, s), (n_zero, _), (n_real, _) = (steps_to_finish(jumpy, 5.0), steps_to_finish(real, 0.0),
+                                              steps_to_finish(real, 5.0))  # fmt: skip
+    assert s.clock is jumpy.clock and n_jumpy == n_zero > n_real == 1
+
+
 @pytest.mark.parametrize("sr", [16000, 22050])
 def test_sliding_and_cached_reduce_to_offline_when_the_window_covers_the_input(worker, pipe, sr):
     ref = offline(pipe, 3.0, sr, 2)

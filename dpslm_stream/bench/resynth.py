@@ -41,12 +41,14 @@ from dpslm_stream.device import setup_model_device
 from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as W
 from dpslm_stream.models.precision import PRECISIONS, machine_summary
-from dpslm_stream.stream.ellav_stage import DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, IncrementalELLAV
+from dpslm_stream.stream.ellav_stage import IncrementalELLAV
+from dpslm_stream.stream.resynth_defaults import (
+    DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD,
+    DEFAULT_VOCODER_MIN_STEP,
+)
 from dpslm_stream.stream.resynth_events import AudioEvent, ResynthEndEvent
 from dpslm_stream.stream.resynth_worker import ResynthWorker
-from dpslm_stream.stream.vocoder import (
-    DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP, IncrementalVocoder,
-)  # fmt: skip
+from dpslm_stream.stream.vocoder import IncrementalVocoder
 
 K, LMBDA = 500, 4500
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

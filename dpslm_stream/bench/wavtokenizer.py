@@ -5,7 +5,7 @@ chunked output's deviation from the whole-sequence decode.
 RANDOM weights with the real dimensions (small_600_24k_4096 by default): speed does not depend on the weight values,
 but the deviation (SNR) of random weights says nothing about the released model's; it is plumbing only.
 
-    dpslm-stream bench wavtokenizer [--model 600|320] [--seconds 2 5 10] [--left-context 120] [--lookahead 8]
+    dpslm-stream bench wavtokenizer [--model 600|320] [--seconds 2 5 10] [--left-context 48] [--lookahead 4]
                                     [--push 4] [--min-step 4] [--device cuda] [--dtype bfloat16]
     python -m dpslm_stream.bench.wavtokenizer
 """
@@ -22,6 +22,9 @@ import torch
 from dpslm_stream.device import setup_model_device
 from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as wt
+from dpslm_stream.stream.resynth_defaults import (
+    DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP,
+)
 from dpslm_stream.stream.vocoder import IncrementalVocoder
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,11 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, nargs="+", default=[2.0, 5.0, 10.0],
                         help="lengths of code sequences to decode, in seconds of audio (default: 2 5 10)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per length; the median is reported")
-    parser.add_argument("--left-context", type=int, default=120,
-                        help="chunked: codes of left context per window (default 120 = 3 s, the training crop)")
-    parser.add_argument("--lookahead", type=int, default=8, help="chunked: codes of lookahead (default 8 = 200 ms)")
+    parser.add_argument("--left-context", type=int, default=DEFAULT_VOCODER_LEFT_CONTEXT,
+                        help=f"chunked: codes of left context per window (default {DEFAULT_VOCODER_LEFT_CONTEXT}, the "
+                             "live default; 120 = 3 s is the training crop)")  # fmt: skip
+    parser.add_argument("--lookahead", type=int, default=DEFAULT_VOCODER_LOOKAHEAD,
+                        help=f"chunked: codes of lookahead (default {DEFAULT_VOCODER_LOOKAHEAD})")
     parser.add_argument("--push", type=int, default=4, help="chunked: codes per push (default 4 = 100 ms at 40 Hz)")
-    parser.add_argument("--min-step", type=int, default=4, help="chunked: frames committed per backbone run")
+    parser.add_argument("--min-step", type=int, default=DEFAULT_VOCODER_MIN_STEP,
+                        help=f"chunked: frames committed per backbone run (default {DEFAULT_VOCODER_MIN_STEP})")
     parser.add_argument("--no-chunked", action="store_true", help="time only the whole-sequence decode")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 

@@ -1,10 +1,16 @@
 """BatchDecoder: the decode steps of many streams' ELLA-V passes in lockstep over one preallocated KV cache
-(continuous batching), and PassPlan, the pass a stream hands it (stream/ellav_stage.py makes them)."""
+(continuous batching), and PassPlan, the pass a stream hands it (stream/ellav_stage.py makes them).
+
+The decoder is the one owner of every pass in flight: a row holds its owner (any hashable object: the
+ResynthSession in a worker, the IncrementalELLAV itself standalone), its plan and its slice of the cache and
+generation state; a pass leaves by ending (`step` reports it) or by `remove(owner)`. Nothing else keeps a registry
+of running passes.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Hashable
 
 import torch
 from torch import Tensor
@@ -13,6 +19,17 @@ from dpslm_stream.errors import InvalidInput
 from dpslm_stream.models.ellav import ELLAV, GenerationState, generation_step, sample_rows
 from dpslm_stream.models.transformer import KVCache
 from dpslm_stream.stream.checks import check_count
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a stream picks its tokens: greedy (argmax), or nucleus sampling with `temperature` / `top_p` drawn from
+    the stream's own `generator` (so its output does not depend on other streams sharing a batch)."""
+
+    greedy: bool
+    temperature: float
+    top_p: float
+    generator: torch.Generator
 
 
 @dataclass
@@ -24,20 +41,12 @@ class PassPlan:
     start: int  # window index of the first unit this pass generates (= number of teacher-forced units)
     stop: int  # window index of the last unit it commits: the pass ends with that unit's EOP
     counter: int  # upstream's tokens-since-EOP counter at the start: 0 at the stream's first unit, else 1
+    sampling: Sampling  # how the pass picks its tokens
 
     def max_new_tokens(self, max_codec_tokens_per_phone: int) -> int:
         """Tokens the pass can feed back at most: per unit its forced token, M+1 codec tokens and the EOP (the first
         unit of the stream M+2 codec tokens and no forced token)."""
         return (self.stop - self.start + 1) * (max_codec_tokens_per_phone + 3)
-
-
-class PassOwner(Protocol):
-    """What BatchDecoder reads of the stream that owns a row (IncrementalELLAV): its sampling settings."""
-
-    greedy: bool
-    temperature: float
-    top_p: float
-    generator: torch.Generator
 
 
 _STATE_FIELDS = ("unit_tokens", "num_units", "unit_idx", "since_eop", "forced", "finished")
@@ -85,7 +94,8 @@ class BatchDecoder:
 
     def clear(self) -> None:
         """Drop every pass (the cache stays allocated)."""
-        self.rows: list[PassOwner] = []  # owner of each active row
+        self.rows: list[Hashable] = []  # owner of each active row
+        self._plans: list[PassPlan] = []  # its pass
         self._need: list[int] = []  # cache slots each row may fill
         self.state: GenerationState | None = None
         self.logits: Tensor | None = None  # [A, V] next-token logits of the active rows
@@ -105,12 +115,14 @@ class BatchDecoder:
             self.cache.grow(-(-slots // 64) * 64)
 
     @torch.inference_mode()
-    def admit(self, jobs: list[tuple[PassOwner, PassPlan]]) -> None:
+    def admit(self, jobs: list[tuple[Hashable, PassPlan]]) -> None:
         """Prefill new passes into free rows (one padded forward); their first tokens come from the next step()."""
         if not jobs:
             return
         if len(jobs) > self.free:
             raise InvalidInput(f"{len(jobs)} passes do not fit: {self.free} of {self.max_batch} rows are free")
+        if len({*self.rows, *(owner for owner, _ in jobs)}) < len(self.rows) + len(jobs):
+            raise InvalidInput("an owner has at most one pass in flight")
         M = self.max_codec_tokens_per_phone
         plans = [plan for _, plan in jobs]
         need = [len(p.prompt) + p.max_new_tokens(M) for p in plans]
@@ -135,10 +147,11 @@ class BatchDecoder:
         self.state = state if self.state is None else _cat_states(self.state, state)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         self.rows += [owner for owner, _ in jobs]
+        self._plans += plans
         self._need += need
 
     @torch.inference_mode()
-    def set_stop(self, owner: PassOwner, stop: int) -> None:
+    def set_stop(self, owner: Hashable, stop: int) -> None:
         """Move the stop unit of `owner`'s pass (window-relative); the prompt already holds the units up to it."""
         i = self.rows.index(owner)
         added = (stop + 1 - int(self.state.num_units[i])) * (self.max_codec_tokens_per_phone + 3)
@@ -146,19 +159,23 @@ class BatchDecoder:
         self._reserve(self._need[i])
         self.state.num_units[i] = stop + 1
 
+    def has_pass(self, owner: Hashable) -> bool:
+        """`owner` has a pass in flight here."""
+        return any(r is owner for r in self.rows)
+
     @torch.inference_mode()
-    def remove(self, owner: PassOwner) -> None:
+    def remove(self, owner: Hashable) -> None:
         """Drop `owner`'s pass (a stream that failed or was reset)."""
         if owner in self.rows:
             self._compact([i for i, r in enumerate(self.rows) if r is not owner])
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[PassOwner, int, bool]]:
+    def step(self) -> list[tuple[Hashable, int, bool]]:
         """One token for every active pass: [(owner, token, pass_over)]. Rows whose pass is over leave."""
         if not self.rows:
             return []
         sampled = None
-        if not all(r.greedy for r in self.rows):
+        if not all(p.sampling.greedy for p in self._plans):
             sampled = self._sample()
         tok = self.model.tokenizer
         token = generation_step(self.logits, self.state, max_codec_tokens_per_phone=self.max_codec_tokens_per_phone,
@@ -196,7 +213,7 @@ class BatchDecoder:
         """Every row's drawn token, on the device (`sample_rows`): each sampling stream draws one uniform number
         from its own generator per step (on the host, whether or not the row's token is then forced), so its
         output does not depend on its batch neighbours; one host -> device transfer carries them."""
-        rows = self.rows
+        rows = [p.sampling for p in self._plans]
         uniform = torch.stack([torch.zeros(()) if r.greedy else torch.rand((), generator=r.generator) for r in rows])
         settings = torch.tensor([(float(r.greedy), r.temperature if r.temperature > 0 else 1.0, r.top_p)
                                  for r in rows], dtype=torch.float32)  # fmt: skip
@@ -216,6 +233,7 @@ class BatchDecoder:
                 self.cache.move_row(old, new)
         self.rows = [self.rows[i] for i in order]
         self._need = [self._need[i] for i in order]
+        self._plans = [self._plans[i] for i in order]
         if n:
             index = torch.tensor(order, device=self.logits.device)
             self.state = _select_state(self.state, index)

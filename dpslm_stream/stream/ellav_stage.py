@@ -37,13 +37,12 @@ from torch import Tensor
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.models.ellav import ELLAV
 from dpslm_stream.stream.checks import check_count, check_number
-from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan
+from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan, Sampling
+from dpslm_stream.stream.resynth_defaults import (
+    DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_MAX_CODEC_TOKENS_PER_PHONE, DEFAULT_MAX_PASS_UNITS,
+    DEFAULT_TEMPERATURE, DEFAULT_TOP_P,
+)
 
-# Defaults, in deduplicated units (DP-SLM k=500, lambda=4500 gives ~10-25 units/s) and codec frames (25 ms).
-DEFAULT_LEFT_CONTEXT = 32  # C: committed units kept in the prompt (about 1.5-3 s of speech: the voice)
-DEFAULT_HOLDBACK = 3  # L: units of lookahead the last committed unit sees (spec §5 expects 2-4 to be close)
-DEFAULT_MAX_PASS_UNITS = 32  # P: units after the committed ones that one prompt holds (bounds a backlog's prompt)
-DEFAULT_MAX_CODEC_TOKENS_PER_PHONE = 10  # M, as dp-slm's example
 
 
 class IncrementalELLAV:
@@ -69,7 +68,8 @@ class IncrementalELLAV:
                  holdback: int | None = DEFAULT_HOLDBACK, *, max_pass_units: int | None = DEFAULT_MAX_PASS_UNITS,
                  trigger_units: int = 1, trigger_s: float | None = None,
                  max_codec_tokens_per_phone: int = DEFAULT_MAX_CODEC_TOKENS_PER_PHONE, greedy: bool = True,
-                 temperature: float = 1.0, top_p: float = 0.8, seed: int | None = None):  # fmt: skip
+                 temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
+                 seed: int | None = None):  # fmt: skip
         if not isinstance(model, ELLAV):
             raise InvalidInput(f"model must be an ELLAV model, got {type(model).__name__}")
         self.model = model
@@ -237,7 +237,8 @@ class IncrementalELLAV:
         window_units = self._units[: e - s]
         prompt = self.tokenizer.encode_prompt(window_units, token_prefix=self._runs[: c - s])
         self._plan = PassPlan(prompt=prompt, unit_tokens=prompt[: len(window_units)], start=c - s, stop=stop - s,
-                              counter=int(c > 0))  # fmt: skip
+                              counter=int(c > 0),
+                              sampling=Sampling(self.greedy, self.temperature, self.top_p, self.generator))  # fmt: skip
         self._pass_end = e
         self._run, self._expect_unit = [], False
         self.passes += 1

@@ -6,7 +6,7 @@ to ``ResynthWorker.open_session(k, lmbda, **options.kwargs())``, and the stream'
 back in ``ready.settings.resynth``. docs/protocol.md lists exactly these fields (a test checks it).
 
 No torch here: the protocol module (imported by clients) takes the JSON types from ``ResynthOptions.json_types``.
-The defaults equal ``ResynthWorker.open_session``'s (a test checks that too).
+The defaults are ``ResynthWorker.open_session``'s, both read from stream/resynth_defaults.py (a test checks it).
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ from typing import Any, ClassVar
 
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.validate import is_int, is_number
+from dpslm_stream.stream.resynth_defaults import (
+    DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_MAX_PASS_UNITS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,
+    DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD,
+)
 
 # Units of one ELLA-V pass after the committed ones (the server's fixed P, see stream/ellav_stage.py): the hold-back
 # must fit in a pass.
-MAX_PASS_UNITS = 32
+MAX_PASS_UNITS = DEFAULT_MAX_PASS_UNITS
 MAX_SEED = 2**63 - 1
 
 
@@ -30,16 +34,16 @@ class ResynthOptions:
     """Units are deduplicated units (left_context C, holdback L; None = unlimited, the exact setting); vocoder_* are
     25 ms codec frames. Construction validates every field (InvalidInput naming it); ``field`` says which."""
 
-    left_context: int | None = 32  # C: committed units kept in each ELLA-V prompt (the voice); None = all
-    holdback: int | None = 3  # L: units of lookahead before a unit's codec tokens are final; None = none before end
+    left_context: int | None = DEFAULT_LEFT_CONTEXT  # C: committed units kept in each ELLA-V prompt; None = all
+    holdback: int | None = DEFAULT_HOLDBACK  # L: units of lookahead before a unit's tokens are final; None = to end
     greedy: bool = True  # greedy decoding (DP-SLM's top_p = 0); False = nucleus sampling
     seed: int | None = None  # sampling seed (reproducible runs); None = random
-    temperature: float = 1.0
-    top_p: float = 0.8
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
     trigger_units: int = 1  # start a pass once this many units can be committed
     trigger_s: float | None = None  # or once the committable units cover this many seconds of input
-    vocoder_left_context: int | None = 48  # WavTokenizer window left context; None = all
-    vocoder_lookahead: int = 4  # codec frames decoded past the committed ones
+    vocoder_left_context: int | None = DEFAULT_VOCODER_LEFT_CONTEXT  # WavTokenizer window left context; None = all
+    vocoder_lookahead: int = DEFAULT_VOCODER_LOOKAHEAD  # codec frames decoded past the committed ones
 
     NULLABLE: ClassVar[tuple[str, ...]] = ("left_context", "holdback", "seed", "trigger_s", "vocoder_left_context")
 

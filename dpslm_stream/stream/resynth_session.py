@@ -7,14 +7,16 @@ one ResynthEndEvent.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan
 from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 from dpslm_stream.stream.events import EventQueue
 from dpslm_stream.stream.resynth_events import SAMPLE_RATE, AudioEvent, ResynthEndEvent, ResynthEvent
@@ -56,20 +58,33 @@ class ResynthSession(EventQueue):
     bound when the worker cannot keep up, which is what a client is told instead of silently falling behind.
     """
 
-    def __init__(self, worker: Any, session_id: int, k: int, lmbda: int, ellav: IncrementalELLAV,
-                 vocoder: IncrementalVocoder):  # fmt: skip
-        self.worker = worker
+    def __init__(self, *, ellav: IncrementalELLAV, vocoder: IncrementalVocoder, decoder: BatchDecoder,
+                 session_id: int = 0, k: int | None = None, lmbda: int | None = None,
+                 clock: Callable[[], float] = time.perf_counter, precision: str = "exact",
+                 owner: object = None):  # fmt: skip
+        """Built with what it needs, so it can be made and tested without a ResynthWorker: its two stages, the
+        BatchDecoder that runs its passes (shared with the other streams of the same ELLA-V model; the worker's
+        `step` drives it), the clock of its latencies (seconds, monotonic) and the precision it reports. `owner`
+        only marks which worker may step it; k, lmbda and session_id are labels."""
+        if decoder.model is not ellav.model:
+            raise InvalidInput("the decoder must run the stream's own ELLA-V model")
+        self.owner = owner
         self.id = session_id
         self.k, self.lmbda = k, lmbda
         self.ellav = ellav
         self.vocoder = vocoder
+        self.decoder = decoder
+        self.clock = clock
+        self.precision = precision
+        self.closed = False
         self.reset()
 
     # -- the caller's side -------------------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """A fresh stream with the same settings (pending units and unpolled events are dropped)."""
-        self.worker._forget(self)
+        """A fresh stream with the same settings (pending units and unpolled events are dropped; a pass in flight
+        leaves the batch)."""
+        self.decoder.remove(self)
         self.ellav.reset()
         self.vocoder.reset()
         self._pending: deque[tuple[list[int], list[float | None], float]] = deque()
@@ -97,11 +112,19 @@ class ResynthSession(EventQueue):
             raise InvalidInput("this stream has ended (end() was called); call reset() to start a new stream")
         units, ends = self.ellav.check_units(units, end_s)
         if units:
-            self._pending.append((units, ends, self.worker.clock()))
+            self._pending.append((units, ends, self.clock()))
 
     def end(self) -> None:
         """End of stream: the worker commits and vocodes everything left, then sends the ResynthEndEvent."""
         self._ended = True
+
+    def close(self) -> None:
+        """Stop the stream now, without an end event (its client is gone): a pass in flight leaves the batch, so its
+        row is free for other streams at once, and pending units are dropped. Idempotent; reset() reopens it."""
+        self.decoder.remove(self)
+        self._pending.clear()
+        self._codes = []
+        self.closed = True
 
     @property
     def ended(self) -> bool:
@@ -121,7 +144,7 @@ class ResynthSession(EventQueue):
             oldest = self._arrivals[0]
         except IndexError:  # none waits (or the worker thread just emptied the queue)
             return 0.0
-        return self.worker.clock() - oldest
+        return self.clock() - oldest
 
     @property
     def audio_seconds(self) -> float:
@@ -130,7 +153,7 @@ class ResynthSession(EventQueue):
     @property
     def state_nbytes(self) -> int:
         """Bytes of stream state: queued units, ELLA-V window and pass, codes waiting for the vocoder, the vocoder's
-        window and iSTFT carry, latency bookkeeping. (The pass's KV row lives in the worker: `cache_nbytes`.)"""
+        window and iSTFT carry, latency bookkeeping. (The pass's KV row lives in the decoder: `cache_nbytes`.)"""
         n = 16 * sum(len(u) for u, _, _ in self._pending) + 8 * len(self._codes)
         n += 8 * (len(self._arrivals) + len(self._unit_frames))
         return n + self.ellav.state_nbytes + self.vocoder.state_nbytes
@@ -157,7 +180,7 @@ class ResynthSession(EventQueue):
                 "trigger_s": e.trigger_s, "max_pass_units": e.max_pass_units,
                 "max_codec_tokens_per_phone": e.max_codec_tokens_per_phone, "vocoder_left_context": v.left_context,
                 "vocoder_lookahead": v.lookahead, "vocoder_min_step": v.min_step, "sample_rate": SAMPLE_RATE,
-                "precision": self.worker.precision}  # fmt: skip
+                "precision": self.precision}  # fmt: skip
 
     def __repr__(self) -> str:
         e = self.ellav
@@ -185,6 +208,19 @@ class ResynthSession(EventQueue):
         if ended and not self.ellav.ended:
             self.ellav.end()
 
+    def _start_pass(self) -> PassPlan | None:
+        """The plan of this stream's next pass (the worker admits it into `decoder` with this session as owner)."""
+        plan = self.ellav.next_pass()
+        if plan is not None:
+            self._due_since = None
+        return plan
+
+    def _extend_pass(self) -> None:
+        """After end(): let the pass in flight run on to the last unit (IncrementalELLAV.extend_stop)."""
+        stop = self.ellav.extend_stop()
+        if stop is not None:
+            self.decoder.set_stop(self, stop)
+
     def _take(self, token: int, over: bool, compute_s: float) -> None:
         """One generated token of this stream's pass."""
         committed = self.ellav.committed
@@ -197,7 +233,7 @@ class ResynthSession(EventQueue):
 
     def _vocode(self) -> None:
         """New codes -> vocoder -> AudioEvent; at the very end flush the vocoder and close the stream."""
-        started = self.worker.clock()
+        started = self.clock()
         finishing = self.ellav.done and not self._pending
         if self._codes:
             audio = self.vocoder.push(torch.tensor(self._codes, dtype=torch.long))
@@ -206,7 +242,7 @@ class ResynthSession(EventQueue):
             audio = torch.zeros(0)
         if finishing:
             audio = torch.cat([audio.cpu(), self.vocoder.flush().cpu()])
-        now = self.worker.clock()
+        now = self.clock()
         self._compute_s += now - started
         self._emit(audio, now)
         if finishing:
@@ -243,7 +279,9 @@ class ResynthSession(EventQueue):
         self.closed = True
 
     def _fail(self, exc: BaseException) -> None:
-        """Stop this stream after an error in its own processing; the other streams carry on."""
+        """Stop this stream after an error in its own processing; the other streams carry on (its pass in flight
+        leaves the batch)."""
+        self.decoder.remove(self)
         self.error = f"{type(exc).__name__}: {exc}"
         self._events.append(self._end_event(self.error))
         self.closed = True

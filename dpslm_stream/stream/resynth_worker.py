@@ -23,14 +23,14 @@ from dpslm_stream.models.precision import Plan, check_precision, plan_for, trans
 from dpslm_stream.models.wavtokenizer import WavTokenizer
 from dpslm_stream.stream.checks import check_count
 from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan
-from dpslm_stream.stream.ellav_stage import (
+from dpslm_stream.stream.ellav_stage import IncrementalELLAV
+from dpslm_stream.stream.resynth_defaults import (
     DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_MAX_CODEC_TOKENS_PER_PHONE, DEFAULT_MAX_PASS_UNITS,
-    IncrementalELLAV,
+    DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD,
+    DEFAULT_VOCODER_MIN_STEP,
 )
 from dpslm_stream.stream.resynth_session import ResynthSession
-from dpslm_stream.stream.vocoder import (
-    DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP, IncrementalVocoder,
-)
+from dpslm_stream.stream.vocoder import IncrementalVocoder
 
 _DTYPES_OK = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -87,7 +87,6 @@ class ResynthWorker:
             for key in self._pairs:
                 self._ellav(key)
         self._decoders: dict[tuple[int, int], BatchDecoder] = {}
-        self._running: dict[int, ResynthSession] = {}  # id(session.ellav) -> session, for passes in flight
         self._next_id = 0
         self.compute_seconds = 0.0  # total wall time of step()
         self.prefill_seconds = 0.0  # of which ELLA-V prompt prefills
@@ -149,7 +148,8 @@ class ResynthWorker:
 
     def open_session(self, k: int = hub.DEFAULT_K, lmbda: int = hub.DEFAULT_LMBDA, *,
                      left_context: int | None = DEFAULT_LEFT_CONTEXT, holdback: int | None = DEFAULT_HOLDBACK,
-                     greedy: bool = True, seed: int | None = None, temperature: float = 1.0, top_p: float = 0.8,
+                     greedy: bool = True, seed: int | None = None, temperature: float = DEFAULT_TEMPERATURE,
+                     top_p: float = DEFAULT_TOP_P,
                      trigger_units: int = 1, trigger_s: float | None = None,
                      max_pass_units: int | None = DEFAULT_MAX_PASS_UNITS,
                      vocoder_left_context: int | None = DEFAULT_VOCODER_LEFT_CONTEXT,
@@ -174,15 +174,11 @@ class ResynthWorker:
         )  # fmt: skip
         vocoder = IncrementalVocoder(self.wavtokenizer, left_context=vocoder_left_context,
                                      lookahead=vocoder_lookahead, min_step=vocoder_min_step)  # fmt: skip
-        session = ResynthSession(self, self._next_id, key[0], key[1], ellav, vocoder)
+        session = ResynthSession(ellav=ellav, vocoder=vocoder, decoder=self._decoder(key), session_id=self._next_id,
+                                 k=key[0], lmbda=key[1], clock=self.clock, precision=self.precision,
+                                 owner=self)  # fmt: skip
         self._next_id += 1
         return session
-
-    def _forget(self, session: ResynthSession) -> None:
-        """Drop a session's pass from its decoder (reset or failure)."""
-        if id(session.ellav) in self._running:
-            del self._running[id(session.ellav)]
-            self._decoders[(session.k, session.lmbda)].remove(session.ellav)
 
     def _guard(self, session: ResynthSession, fn: Callable[[], object]) -> None:
         """Run one stream's own work; an error ends that stream (its end event says why), not the others."""
@@ -191,8 +187,7 @@ class ResynthWorker:
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - isolate streams; the message goes to that stream's client
-            self._forget(session)
-            session._fail(e)
+            session._fail(e)  # its pass leaves the batch
 
     # -- compute -----------------------------------------------------------------------------------------------------
 
@@ -208,7 +203,7 @@ class ResynthWorker:
         started = self.clock()
         sessions = [s for s in dict.fromkeys(sessions) if not s.closed]
         for s in sessions:
-            if s.worker is not self:
+            if s.owner is not self:
                 raise InvalidInput(f"session {s.id} belongs to another worker")
             self._guard(s, s._ingest)
         tokens = 0
@@ -223,10 +218,7 @@ class ResynthWorker:
                 elapsed = self.clock() - t0
                 self.decode_seconds += elapsed
                 share = elapsed / len(out)
-                for stage, token, over in out:
-                    s = self._running[id(stage)]
-                    if over:
-                        del self._running[id(stage)]
+                for s, token, over in out:  # the decoder's rows are owned by their sessions
                     self._guard(s, lambda: s._take(token, over, share))
                 tokens += len(out)
                 self.decode_steps += 1
@@ -245,26 +237,24 @@ class ResynthWorker:
         due = []
         for s in sessions:
             if s.ellav.running:
-                self._guard(s, lambda: self._extend(s))
+                self._guard(s, s._extend_pass)
             elif s.ellav.pass_due():
                 if s._due_since is None:
                     s._due_since = now
                 due.append(s)
         due.sort(key=lambda s: s._due_since)
-        jobs: dict[tuple[int, int], list[tuple[ResynthSession, PassPlan]]] = {}
+        jobs: dict[BatchDecoder, list[tuple[ResynthSession, PassPlan]]] = {}
         for s in due:
-            key = (s.k, s.lmbda)
-            if len(jobs.get(key, ())) >= self._decoder(key).free:
+            if len(jobs.get(s.decoder, ())) >= s.decoder.free:
                 continue  # waits for a free row, keeping its place in line
-            plans: list[PassPlan] = []
-            self._guard(s, lambda: plans.append(s.ellav.next_pass()))
-            if plans:
-                s._due_since = None
-                jobs.setdefault(key, []).append((s, plans[0]))
-        for key, items in jobs.items():
+            plans: list[PassPlan | None] = []
+            self._guard(s, lambda: plans.append(s._start_pass()))
+            if plans and plans[0] is not None:
+                jobs.setdefault(s.decoder, []).append((s, plans[0]))
+        for decoder, items in jobs.items():
             t0 = self.clock()
             try:
-                self._decoder(key).admit([(s.ellav, plan) for s, plan in items])
+                decoder.admit(items)  # each session owns its row
             except Exception as e:  # noqa: BLE001 - e.g. out of memory for a huge prompt: fail these streams only
                 for s, _ in items:
                     s._fail(e)
@@ -274,13 +264,7 @@ class ResynthWorker:
             self.prefill_seconds += elapsed
             share = elapsed / len(items)
             for s, _ in items:
-                self._running[id(s.ellav)] = s
                 s._compute_s += share
-
-    def _extend(self, session: ResynthSession) -> None:
-        stop = session.ellav.extend_stop()
-        if stop is not None:
-            self._decoders[(session.k, session.lmbda)].set_stop(session.ellav, stop)
 
     def run_until_idle(self, sessions: Iterable[ResynthSession]) -> int:
         """step() until no stream has work left; returns the tokens decoded."""

@@ -108,13 +108,15 @@ class EncoderSession(EventQueue):
     def __init__(self, *, wavlm: WavLM, runner: WindowRunner, extract_features_steps: Callable, session_id: int,
                  sample_rate: int, k: int, lmbda: int, config: WindowConfig, codebook: Tensor, num_neighbors: int,
                  max_lag: int | None, ulm=None, score_context: int | None = None, keep_features: bool = False,
-                 owner: object = None):  # fmt: skip
+                 owner: object = None, clock: Callable[[], float] = time.perf_counter):  # fmt: skip
         """Built with what it needs: the WavLM, the `WindowRunner` that runs its windows (shared, batched, by the
-        worker's `step`) and the slice-wise feature function of full mode (`models.wavlm.extract_features_steps`),
-        so a session can be made and tested without an `EncoderWorker`. `owner` only marks which worker may step it."""
+        worker's `step`), the slice-wise feature function of full mode (`models.wavlm.extract_features_steps`) and
+        the clock of its compute times and full mode's slice budget (seconds, monotonic), so a session can be made
+        and tested without an `EncoderWorker`. `owner` only marks which worker may step it."""
         from dpslm_stream.models.ulm import IncrementalScorer
 
         self.owner = owner
+        self.clock = clock
         self._wavlm = wavlm
         self._extract_features_steps = extract_features_steps
         self.id = session_id
@@ -249,7 +251,7 @@ class EncoderSession(EventQueue):
 
     def _ingest(self) -> None:
         """Move queued audio through the resampler and front-end into the window state (full mode: keep it)."""
-        started = time.perf_counter()
+        started = self.clock()
         while self._pending:
             chunk = self._pending.popleft()
             self._samples_ingested += chunk.size
@@ -262,7 +264,7 @@ class EncoderSession(EventQueue):
             if self._encoder is not None:
                 self._encoder.add(self._frontend.push(self._resampler.flush()))
                 self._encoder.add(self._frontend.flush())
-        self._compute_s += time.perf_counter() - started
+        self._compute_s += self.clock() - started
 
     def _plan(self, max_hops: int) -> HopPlan | None:
         if self._encoder is None:
@@ -271,12 +273,12 @@ class EncoderSession(EventQueue):
 
     def _take_features(self, features: Tensor, compute_s: float = 0.0) -> None:
         """Features of the next frames -> DPDP; the segments it commits wait for scoring and emission."""
-        started = time.perf_counter()
+        started = self.clock()
         if features.shape[0]:
             self._new_segments.extend(self._dpdp.push(features))
             if self.keep_features:
                 self._kept_features.append(features.detach().float().cpu())
-        self._compute_s += compute_s + time.perf_counter() - started
+        self._compute_s += compute_s + self.clock() - started
 
     def _complete(self, plan: HopPlan) -> None:
         self._take_features(self._encoder.complete(plan), plan.compute_s)
@@ -289,9 +291,9 @@ class EncoderSession(EventQueue):
         left (`_plan` did it)."""
         if self._encoder is not None or self._offline_done:
             return True
-        started = time.perf_counter()
+        started = self.clock()
         first = True
-        while first or time.perf_counter() - started < budget_s:
+        while first or self.clock() - started < budget_s:
             first = False
             if self._offline_result is not None:  # features computed: the next block into DPDP
                 block, self._offline_result = self._offline_result[:_DPDP_BLOCK], self._offline_result[_DPDP_BLOCK:]
@@ -300,7 +302,7 @@ class EncoderSession(EventQueue):
                     self._offline_result, self._offline_done = None, True
                     return True
                 continue
-            t0 = time.perf_counter()
+            t0 = self.clock()
             if self._offline is None:
                 self._offline = self._offline_steps(np.concatenate(self._raw) if self._raw else None)
                 self._raw = []  # the computation holds its own copy
@@ -313,7 +315,7 @@ class EncoderSession(EventQueue):
                     self._offline_result, self._offline_done = None, True
                     return True
             finally:
-                self._compute_s += time.perf_counter() - t0
+                self._compute_s += self.clock() - t0
         return False
 
     def _finish(self) -> int:

@@ -14,9 +14,9 @@ from torch import Tensor
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.models.wavtokenizer import WavTokenizer, check_codes, envelope, overlap_add, windowed_frames
 
-DEFAULT_VOCODER_LEFT_CONTEXT = 48  # codec frames of left context per vocoder window (1.2 s)
-DEFAULT_VOCODER_LOOKAHEAD = 4  # codec frames decoded past the committed ones (100 ms)
-DEFAULT_VOCODER_MIN_STEP = 4  # run the vocoder once this many new frames can be committed
+from dpslm_stream.stream.resynth_defaults import (
+    DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP,
+)
 
 
 class StreamingISTFT:
@@ -112,7 +112,8 @@ class IncrementalVocoder:
     left_context=None means unlimited (every window starts at code 0: cost and state grow with the stream).
     """
 
-    def __init__(self, model: WavTokenizer, left_context: int | None = 120, lookahead: int = 8, min_step: int = 1):
+    def __init__(self, model: WavTokenizer, left_context: int | None = DEFAULT_VOCODER_LEFT_CONTEXT,
+                 lookahead: int = DEFAULT_VOCODER_LOOKAHEAD, min_step: int = DEFAULT_VOCODER_MIN_STEP):
         if not isinstance(lookahead, int) or lookahead < 0:
             raise InvalidInput(f"lookahead must be an int >= 0 (frames), got {lookahead!r}")
         if not isinstance(min_step, int) or min_step < 1:

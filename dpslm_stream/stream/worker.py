@@ -14,7 +14,7 @@ import itertools
 import math
 import time
 from collections import defaultdict
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -40,13 +40,14 @@ class EncoderWorker:
     `wavlm`, `codebooks` ({k: Tensor[K, D]}) and `ulms` ({(k, lambda): ULM}) supply already-built models instead
     of loading them from the set (benchmarks with random full-size weights, tests).
     `max_hops_per_step` bounds how many pending hops of one session a single step runs, so that a session far
-    behind does not stall the others for long.
+    behind does not stall the others for long. clock: the time source of compute times (seconds, monotonic).
     """
 
     def __init__(self, models: hub.ModelSet | str = "release", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, pairs: Iterable[tuple[int, int]] | None = None, *,
                  max_hops_per_step: int = 8, wavlm: WavLM | None = None, codebooks: dict | None = None,
-                 ulms: dict | None = None, allow_tf32: bool = False):  # fmt: skip
+                 ulms: dict | None = None, allow_tf32: bool = False,
+                 clock: Callable[[], float] = time.perf_counter):  # fmt: skip
         self.models = hub.ModelSet(models) if isinstance(models, str) else models
         self.device = setup_model_device(device, allow_tf32)  # TF32 off on CUDA: the exact paths stay exact
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -55,6 +56,7 @@ class EncoderWorker:
         if not is_int(max_hops_per_step, int) or max_hops_per_step < 1:
             raise InvalidInput(f"max_hops_per_step must be a positive int, got {max_hops_per_step!r}")
         self.max_hops_per_step = max_hops_per_step
+        self.clock = clock
         if wavlm is None:
             wavlm, _ = self.models.wavlm(self.device)
         self.wavlm: WavLM = wavlm.to(device=self.device, dtype=dtype).eval()
@@ -132,6 +134,7 @@ class EncoderWorker:
             num_neighbors = default_num_neighbors(key[0])
         return EncoderSession(
             wavlm=self.wavlm, runner=self.runner, extract_features_steps=self.extract_features_steps, owner=self,
+            clock=self.clock,
             session_id=next(self._ids), sample_rate=sample_rate, k=key[0], lmbda=key[1], config=config,
             codebook=codebook, num_neighbors=num_neighbors, max_lag=max_lag,
             ulm=self._ulm(*key) if score else None, score_context=score_context, keep_features=bool(keep_features),
@@ -149,7 +152,7 @@ class EncoderWorker:
         it: a scheduler's bound on one step's time. Any other session gets at most `max_hops_per_step` hops, the rest
         in later steps. Results never depend on either bound.
         """
-        started = time.perf_counter()
+        started = self.clock()
         sessions = [s for s in dict.fromkeys(sessions) if not s.closed]
         for s in sessions:
             if s.owner is not self:
@@ -187,7 +190,7 @@ class EncoderWorker:
             s._emit(logprobs, score_s)
         for s in finishing:
             s._close()
-        self.compute_seconds += time.perf_counter() - started
+        self.compute_seconds += self.clock() - started
         return hops
 
     def _score(self, sessions: list[EncoderSession]) -> dict[int, tuple[torch.Tensor, float]]:
