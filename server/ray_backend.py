@@ -32,7 +32,7 @@ from dpslm_stream.raycluster import import_ray, init_ray
 from dpslm_stream.validate import check_int
 
 from .config import ServerConfig
-from .ray_gateway import RayEncoder, RayResynth
+from .ray_gateway import CALL_TIMEOUT_S, RayEncoder, RayResynth
 from .ray_replicas import EncoderReplica, ResynthReplica, serve_deployment
 
 
@@ -57,7 +57,7 @@ class GatewayReplica:
     backend) on its own thread and event loop in this replica, talking to the shards it was given."""
 
     async def __init__(self, config: ServerConfig, encoder_handles: list, resynth_handles: list,  # type: ignore[misc]
-                       call_timeout_s: float = 60.0):  # Serve awaits an async constructor
+                       call_timeout_s: float = CALL_TIMEOUT_S):  # Serve awaits an async constructor
         from .app import ServerThread
 
         describe = await encoder_handles[0].describe.remote()  # a replica's constructor runs on its event loop
@@ -95,7 +95,7 @@ class RayService:
 def deploy(config: ServerConfig, *, name: str = "dpslm-stream", gateway: bool = True, address: str | None = None,
            num_cpus: float | None = None, encoder_shards: int = 1, resynth_shards: int = 1,
            shard_cpus: float | None = None, gateway_cpus: float = 0.5, gateway_resource: str | None = None,
-           call_timeout_s: float = 60.0, encoder_gpus: float | None = None, resynth_gpus: float | None = None,
+           call_timeout_s: float = CALL_TIMEOUT_S, encoder_gpus: float | None = None, resynth_gpus: float | None = None,
            resynth_options: dict | None = None, encoder_replica: type = EncoderReplica,
            resynth_replica: type = ResynthReplica) -> RayService:  # fmt: skip
     """Start (or join: ``address``, $RAY_ADDRESS) Ray and deploy the service for ``config``: ``encoder_shards``

@@ -30,6 +30,10 @@ from .encoder_thread import AudioQueue
 
 log = logging.getLogger("dpslm_stream.server")
 
+# How long a gateway waits for a deployment's answer before the session fails (a replica that went away makes Serve
+# wait for a new one); `deploy` and the gateway's views of the shards take it as their default.
+CALL_TIMEOUT_S = 60.0
+
 
 async def call_result(response, timeout_s: float):
     """Await a deployment call for at most ``timeout_s``: a replica that went away makes Serve wait for a new one,
@@ -87,7 +91,7 @@ class ShardedBackend:
     each pinned to the shard that had the fewest sessions of this gateway when it opened (opens in flight included:
     sessions that open at once would otherwise all see the same counts and land on one shard)."""
 
-    def __init__(self, handles: list, loop: asyncio.AbstractEventLoop, metrics=None, call_timeout_s: float = 60.0):
+    def __init__(self, handles: list, loop: asyncio.AbstractEventLoop, metrics: Any, call_timeout_s: float):
         self.handles = list(handles)  # one per shard
         self.loop, self.metrics, self.call_timeout_s = loop, metrics, call_timeout_s
         self.watch = DeploymentWatch(call_timeout_s)
@@ -208,7 +212,7 @@ class RayEncoder:
     """The gateway's view of the Encoder shards, an EncoderProvider (server/backends.py): ``available_pairs``,
     ``models``, and ``make_backend``, the RayEncoderBackend whose per-session pumps talk to the shards."""
 
-    def __init__(self, handles: list, describe: dict, call_timeout_s: float = 60.0):
+    def __init__(self, handles: list, describe: dict, call_timeout_s: float = CALL_TIMEOUT_S):
         self.handles = list(handles)  # one per shard
         self.call_timeout_s = call_timeout_s
         self._pairs = [tuple(p) for p in describe["pairs"]]
@@ -217,7 +221,7 @@ class RayEncoder:
     def available_pairs(self) -> list[tuple[int, int]]:
         return list(self._pairs)
 
-    def make_backend(self, loop, metrics=None, quantum_s: float = 0.5) -> "RayEncoderBackend":
+    def make_backend(self, loop: asyncio.AbstractEventLoop, metrics: Any, quantum_s: float) -> "RayEncoderBackend":
         return RayEncoderBackend(self.handles, loop, metrics, quantum_s, self.call_timeout_s)
 
 
@@ -280,8 +284,8 @@ class RaySlot(AudioQueue, SessionPump):
 class RayEncoderBackend(ShardedBackend):
     """An EncoderBackend (server/backends.py) backed by the Encoder shards (no thread: every call is async)."""
 
-    def __init__(self, handles: list, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
-                 call_timeout_s: float = 60.0):  # fmt: skip
+    def __init__(self, handles: list, loop: asyncio.AbstractEventLoop, metrics: Any, quantum_s: float,
+                 call_timeout_s: float):  # fmt: skip
         super().__init__(handles, loop, metrics, call_timeout_s)
         self.quantum_s = quantum_s
 
@@ -372,7 +376,7 @@ class RayResynthStream(SessionPump):
 class RayResynthBackend(ShardedBackend):
     """A ResynthBackend (server/backends.py) backed by the Resynth shards."""
 
-    def __init__(self, handles: list, loop, metrics=None, call_timeout_s: float = 60.0):
+    def __init__(self, handles: list, loop: asyncio.AbstractEventLoop, metrics: Any, call_timeout_s: float):
         super().__init__(handles, loop, metrics, call_timeout_s)
         self._ids = itertools.count()
 
@@ -392,10 +396,10 @@ class RayResynthBackend(ShardedBackend):
 class RayResynth:
     """The gateway's view of the Resynth shards, a ResynthProvider (server/backends.py)."""
 
-    def __init__(self, handles: list, call_timeout_s: float = 60.0):
+    def __init__(self, handles: list, call_timeout_s: float = CALL_TIMEOUT_S):
         self.handles, self.call_timeout_s = list(handles), call_timeout_s
 
-    def make_backend(self, loop, metrics=None) -> RayResynthBackend:
+    def make_backend(self, loop: asyncio.AbstractEventLoop, metrics: Any) -> RayResynthBackend:
         return RayResynthBackend(self.handles, loop, metrics, self.call_timeout_s)
 
 
