@@ -40,7 +40,7 @@ from dpslm_stream.stream.resynth import AudioEvent, ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
 from . import actions as A
-from . import limits
+from . import limits, resume
 from . import start as start_rules
 from .backends import EncoderSessionInfo, Progress, ResynthStream
 from .config import ServerConfig
@@ -62,8 +62,10 @@ class State(enum.Enum):
 
 
 class Session:
-    def __init__(self, session_id: str, config: ServerConfig, server: ServerInfo, now: float, metrics: Any = None):
+    def __init__(self, session_id: str, config: ServerConfig, server: ServerInfo, now: float, metrics: Any = None,
+                 resume_only: bool = False):  # fmt: skip
         self.id = session_id
+        self.resume_only = resume_only  # admitted beyond max_sessions for a parked session: start/subscribe are busy
         self.cfg = config
         self.server = server
         self.metrics = metrics
@@ -110,6 +112,13 @@ class Session:
         self.tx_header: bytes | None = None  # the stream header (new bitstream listeners get it first)
         self.tx_stats: dict | None = None
         self.resynth_end: ResynthEndEvent | None = None
+        # Resume (server/resume.py): a sender with a token keeps what it sent; parked while its transport is lost.
+        self.resume_token: str | None = None
+        self.replay: resume.ReplayLog | None = None
+        self.parked: resume.Parked | None = None
+        self.acked = 0  # input samples the client was told (ack / resumed)
+        self._acked_at = -math.inf
+        self._skip_samples = 0  # resent audio the server already has (resume.resend_from below resumed.samples)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Queries
@@ -130,7 +139,12 @@ class Session:
     def next_deadline(self) -> float:
         """The earliest time at which ``tick`` has something to do (inf: nothing until the next event)."""
         cfg = self.cfg
+        if self.parked is not None:  # only the grace period and the session time run; no client, no stats
+            running = self.state in (State.STREAMING, State.ENDING)
+            return min(self.parked.deadline, self.started_at + cfg.max_session_s if running else math.inf)
         times = [self._next_stats]
+        if self.replay is not None and self.received_samples > self.acked and not self.finished:
+            times.append(self._acked_at + resume.ACK_INTERVAL_S)
         if self.state in (State.CONNECTED,):
             times.append(self.connected_at + self._paused_total + cfg.start_timeout_s)
             times.append(self._client_clock_from + cfg.idle_timeout_s)
@@ -162,6 +176,13 @@ class Session:
             if isinstance(msg, P.End):
                 return self._leave(now)
             return self._error(E.NOT_A_SENDER, f"a listener connection takes no {msg.TYPE}; send end to leave")
+        if isinstance(msg, P.Resume):
+            if self.role is not None:
+                return self._error(E.ALREADY_STARTED, "resume is the first message of a new connection")
+            self.role = "resuming"
+            return [A.Resume(msg)]
+        if self.resume_only and isinstance(msg, (P.Start, P.Subscribe)):
+            return self._limit(E.BUSY, "all session slots are in use (this connection may only resume)", now)
         if isinstance(msg, P.Subscribe):
             if self.role is not None:
                 return self._error(E.ALREADY_STARTED, "this connection is a sender; subscribe on a new connection")
@@ -196,6 +217,11 @@ class Session:
             samples = P.decode_audio(data, self.start.format)
         except P.ProtocolError as e:
             return self._error(e.code, str(e))
+        if self._skip_samples:  # audio resent after a resume that the server had already accepted
+            skipped = min(self._skip_samples, len(samples))
+            samples, self._skip_samples = samples[skipped:], self._skip_samples - skipped
+            if not len(samples):
+                return []
         sr = self.start.sample_rate
         assert self.info is not None
         if self.info.mode == "full" and limits.full_mode_exceeded(self.cfg, self.received_samples, len(samples), sr):
@@ -225,8 +251,12 @@ class Session:
         self._next_stats = now + self.cfg.stats_interval_s
         self.listen_token = secrets.token_urlsafe(16)
         assert self.start is not None
+        if self.cfg.resume_grace_s > 0 and self.start.transmit is None:  # a bitstream is not replayable
+            self.resume_token = secrets.token_urlsafe(16)
+            self.replay = resume.ReplayLog(self.cfg.resume_outbox_bytes)
         settings = start_rules.sender_settings(self.start, info, self.resynth_settings)
-        return [A.Register(self.listen_token), *self._send(self._ready(settings, "sender", self.listen_token))]
+        ready = self._ready(settings, "sender", self.listen_token)
+        return [A.Register(self.listen_token, self.resume_token), *self._send(ready)]
 
     def open_failed(self, code: P.ErrorCode, message: str, now: float) -> list[A.Action]:
         """Opening failed (the backend refused the settings or failed): the connection may start again."""
@@ -310,7 +340,11 @@ class Session:
         for ev in events:
             if isinstance(ev, AudioEvent):
                 if ev.num_samples > 0:
-                    out += self._send_bytes(self.report.audio_chunk(ev))
+                    start = self.report.audio_samples
+                    frame = self.report.audio_chunk(ev)
+                    if self.replay is not None:
+                        self.replay.audio(start, ev.num_samples, frame)
+                    out += self._send_bytes(frame, logged=self.replay is not None)
             elif isinstance(ev, ResynthEndEvent):
                 self.resynth_end = ev if self._resynth_cut is None else dataclasses.replace(ev, error=self._resynth_cut)
                 if ev.error is not None:
@@ -389,7 +423,16 @@ class Session:
     def tick(self, now: float) -> list[A.Action]:
         """Apply the time rules; send stats when due; let a due packet leave."""
         cfg = self.cfg
+        if self.parked is not None:
+            if now >= self.parked.deadline:
+                return self._expire_park("resume_expired")
+            if self.state in (State.STREAMING, State.ENDING) and now >= self.started_at + cfg.max_session_s:
+                return self._limit(E.SESSION_TIME_LIMIT, f"the session reached the {cfg.max_session_s:g} s limit", now)
+            return []
         out: list[A.Action] = []
+        if self.replay is not None and self.received_samples > self.acked and not self.finished and (
+                now >= self._acked_at + resume.ACK_INTERVAL_S):
+            out += self._ack(now)
         if not self.tx_done and not self.finished and now >= self.tx_deadline:
             self.tx_deadline = math.inf  # until the transmitter reports its next one
             out.append(A.TransmitTick(now))
@@ -418,7 +461,9 @@ class Session:
         return out
 
     def shutdown(self, now: float) -> list[A.Action]:
-        """The server drains: finish this session (units, audio, end), close 1001."""
+        """The server drains: finish this session (units, audio, end), close 1001; a parked one ends now."""
+        if self.parked is not None:
+            return self._expire_park(E.SHUTTING_DOWN.value)
         return self._limit(E.SHUTTING_DOWN, "the server is shutting down", now)
 
     def connection_lost(self, now: float) -> list[A.Action]:
@@ -438,6 +483,79 @@ class Session:
             self.outcome = "disconnected" if self.role is not None else "no_session"
         self.state, self._held = State.GONE, None
         return out
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Resume (server/resume.py)
+
+    def transport_lost(self, clean: bool, now: float) -> list[A.Action]:
+        """The transport is gone; without a close handshake (``clean``) a resumable sender is parked for
+        resume_grace_s (its backends go on, its output waits), otherwise ``connection_lost``."""
+        parkable = self.role == "sender" and self.replay is not None and self.state != State.GONE
+        if clean or not parkable or self.parked is not None or self.outcome == E.CLIENT_TOO_SLOW.value or (
+                self.reason == E.SHUTTING_DOWN.value):
+            return self.connection_lost(now) if self.parked is None else []
+        assert self.replay is not None
+        self._held, self._paused_since = None, None  # a frame held for buffer room was not accepted: it is resent
+        self.parked = resume.Parked(now, now + self.cfg.resume_grace_s, self.cfg.resume_outbox_bytes)
+        self.replay.holding = True
+        return []
+
+    def resume_refusal(self, msg: P.Resume) -> str | None:
+        """Why this session cannot take ``msg`` (None: it can): not resumable, gone, or offsets it cannot replay."""
+        if self.replay is None or self.state == State.GONE:
+            return "the session is gone or cannot resume"
+        if msg.resend_from is not None and msg.resend_from > self.received_samples:
+            return (f"resend_from {msg.resend_from} is past the {self.received_samples} samples the server accepted: "
+                    "the audio between would be lost")  # fmt: skip
+        return self.replay.refusal(msg.next_seq, msg.audio_samples)
+
+    def resume(self, msg: P.Resume, now: float) -> list[A.Action]:
+        """A new connection took this session over (the I/O layer checked ``resume_refusal`` and dropped the old
+        transport, if any): resumed, the replay from the client's offsets, what was produced while parked."""
+        assert self.replay is not None
+        outbox = list(self.parked.outbox) if self.parked is not None else []
+        if self.state == State.CLOSED and not any(isinstance(a, A.Close) for a in outbox):
+            outbox += self.replay.final  # it ended on the transport that broke: its end again
+        self.parked, self.replay.holding = None, False
+        self._held, self._paused_since = None, None  # a takeover: the old transport's held frame is resent
+        self.outgoing_bytes = 0  # the old transport's queue is gone
+        self._client_clock_from = max(self._client_clock_from, now)
+        self._skip_samples = 0 if msg.resend_from is None else self.received_samples - msg.resend_from
+        self.acked, self._acked_at = self.received_samples, now
+        if self.metrics is not None:
+            self.metrics.resumes_total.inc()
+        resumed = P.to_json(P.Resumed(samples=self.received_samples, next_seq=msg.next_seq))
+        # The replay (at most twice resume_outbox_bytes, its own bound) does not count against max_outgoing_bytes.
+        frames = [resumed, *(data for data, _ in self.replay.replay(msg.next_seq, msg.audio_samples))]
+        out: list[A.Action] = [A.Send(data, 0) for data in frames]
+        out += [A.Send(a.data, 0) if isinstance(a, A.Send) else a for a in outbox]
+        return out
+
+    def resume_failed(self, message: str, now: float) -> list[A.Action]:
+        """This connection's resume found no session to take over (or offsets it cannot replay): fatal."""
+        self.role = None
+        return self._limit(E.RESUME_FAILED, message, now)
+
+    def handed_over(self, now: float) -> list[A.Action]:
+        """This connection's transport now carries the session it resumed: this core is done, silently."""
+        self.state, self.outcome = State.GONE, "handed_over"
+        return []
+
+    def _ack(self, now: float) -> list[A.Action]:
+        if self.replay is None or self.received_samples <= self.acked:
+            return []
+        self.acked, self._acked_at = self.received_samples, now
+        return self._send(P.Ack(samples=self.received_samples))
+
+    def _expire_park(self, why: str) -> list[A.Action]:
+        """The parked session ends (grace period over, outbox full, drain): its backends are released."""
+        assert self.parked is not None
+        now = self.parked.deadline
+        self.parked = None
+        if self.metrics is not None:
+            self.metrics.parks_expired_total.labels(why).inc()
+        self.outcome = why
+        return self.connection_lost(now)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Start and subscribe
@@ -466,7 +584,8 @@ class Session:
     def _ready(self, settings: dict, role: str, listen_token: str | None) -> P.Ready:
         return P.Ready(session=self.id, settings=settings, limits=self.cfg.limits(), models=self.server.models,
                        random_weights=self.server.random_weights, server=f"dpslm-stream {__version__}", role=role,
-                       listen_token=listen_token)  # fmt: skip
+                       listen_token=listen_token, resume_token=self.resume_token,
+                       resume_grace_s=self.cfg.resume_grace_s if self.resume_token else 0.0)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------------------
     # Audio in, units out
@@ -504,7 +623,10 @@ class Session:
 
     def _on_unit(self, ev: UnitEvent, now: float) -> list[A.Action]:
         msg = self.report.unit(ev, now, self.id)
-        out = self._send(msg)
+        text = P.to_json(msg)
+        if self.replay is not None:
+            self.replay.unit(msg.seq, text, len(text.encode("utf-8")))
+        out = self._send_bytes(text, logged=self.replay is not None)
         if self.finished:  # dropped (client_too_slow): its backends are released
             return out
         if self.transmit is not None and not self.tx_done:
@@ -603,13 +725,19 @@ class Session:
         self.outcome = reason
         end = self.report.end_message(reason, self.stats(now), self.forced_commits, self.resynth_end)
         code = P.CLOSE_NORMAL if reason == "end" else P.CLOSE_CODES[P.ErrorCode(reason)]
-        return self._send(end) + self._close(code, reason)
+        if self.replay is not None:  # a resume after the end was sent (and lost) gets it again
+            self.replay.final = [A.Send(P.to_json(end), 0), A.Close(code, reason[:120])]
+        return self._ack(now) + self._send(end) + self._close(code, reason)
 
     def _close(self, code: int, reason: str) -> list[A.Action]:
         if self.finished:  # already closed (e.g. dropped as client_too_slow while its last frame was queued)
             return []
         self.state = State.CLOSED
-        return [A.Close(code, reason[:120])]  # a close reason must fit in 123 bytes
+        close = A.Close(code, reason[:120])  # a close reason must fit in 123 bytes
+        if self.parked is not None:
+            self.parked.outbox.append(close)
+            return []
+        return [close]
 
     # ---------------------------------------------------------------------------------------------------------------
     # Resynthesis limits
@@ -639,12 +767,17 @@ class Session:
     def _send(self, msg: Any) -> list[A.Action]:
         return self._send_bytes(P.to_json(msg))
 
-    def _send_bytes(self, data: str | bytes) -> list[A.Action]:
+    def _send_bytes(self, data: str | bytes, logged: bool = False) -> list[A.Action]:
         """The outgoing rule: a client that does not read is dropped once max_outgoing_bytes are queued for it (units
-        are never dropped while the connection lives: the connection is)."""
+        are never dropped while the connection lives: the connection is). Parked, the frame waits for a resume (in
+        the replay log when ``logged``, else in the parked outbox), within resume_outbox_bytes."""
         if self.finished:
             return []
         nbytes = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
+        if self.parked is not None:
+            if not logged:
+                self.parked.outbox.append(A.Send(data, nbytes))
+            return [] if self.parked.produced(nbytes) else self._expire_park("resume_outbox_full")
         self.outgoing_bytes += nbytes
         if not limits.outgoing_exceeded(self.cfg, self.outgoing_bytes):
             return [A.Send(data, nbytes)]
