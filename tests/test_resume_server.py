@@ -166,3 +166,27 @@ def test_a_parked_session_keeps_its_slot_and_a_resume_only_connection_takes_it_o
     assert resumed == P.Resumed(samples=SR // 2, next_seq=0)
     assert [m.unit for m in rest if isinstance(m, P.Unit)] == ref and isinstance(rest[-1], P.EndMessage)
     assert health["sessions"] == 0
+
+
+def test_without_reconnect_a_cut_is_a_session_error_and_the_session_is_parked_then_released():
+    from dpslm_stream.client import SessionError
+
+    wav = speech_like(2.0, SR, seed=43)
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False, resume_grace_s=0.5)) as srv:
+
+        async def main():
+            proxy = CuttingProxy(srv.port, [("up", 20000)])
+            port = await proxy.start()
+            with pytest.raises(SessionError) as info:
+                await session(f"ws://127.0.0.1:{port}{P.WS_PATH}", wav, reconnect=False)
+            for _ in range(100):  # the parked session is released after its 0.5 s grace (bounded: 10 s)
+                health = json.loads(urllib.request.urlopen(srv.http_url + P.HEALTH_PATH).read())
+                if health["sessions"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            metrics = urllib.request.urlopen(srv.http_url + P.METRICS_PATH).read().decode()
+            return info.value, proxy, health, metrics
+
+        error, proxy, health, metrics = asyncio.run(main())
+    assert error.code == "connection_lost" and proxy.cuts == 1 and health["sessions"] == 0
+    assert 'dpslm_parks_expired_total{reason="resume_expired"} 1.0' in metrics
