@@ -110,6 +110,9 @@ class Connection:
     async def serve(self, ws: ServerConnection, resume: P.Resume | None) -> None:
         """Carry this session over ``ws`` until it closes. ``resume``: ``ws`` takes the session over (from a parked
         state, or from an older transport, which is closed)."""
+        if resume is not None and self.core.resume_refusal(resume) is not None:
+            await ws.close(P.CLOSE_POLICY, E.RESUME_FAILED.value)  # it ended since the check: the client retries
+            return
         old, self.ws = self.ws, ws
         self._transport += 1
         transport = self._transport
