@@ -31,6 +31,7 @@ ALIASES = {"start_timeout_s": ("--start-timeout",), "idle_timeout_s": ("--idle-t
            "max_buffer_s": ("--max-buffer",), "stall_timeout_s": ("--stall-timeout",),
            "drain_timeout_s": ("--drain-timeout",), "max_resynth_lag_s": ("--max-resynth-lag",),
            "open_timeout_s": ("--open-timeout",), "max_exact_resynth_s": ("--max-exact-resynth",),
+           "resume_grace_s": ("--resume-grace",),
            "allowed_origins": ("--allow-origin",)}  # fmt: skip
 
 
@@ -115,6 +116,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     field("open_timeout_s", type=float,
           help=f"seconds a session's models may take to open before it ends with internal_error "
                f"(default {d.open_timeout_s:g})")
+    field("resume_grace_s", type=float,
+          help="seconds a sender session whose connection dropped without end is kept for the client to "
+               f"resume it (its slot stays taken; 0 = no resume; default {d.resume_grace_s:g})")
+    field("resume_outbox_bytes", type=int,
+          help="per resumable session: bytes of recent units/audio kept for a replay, and bytes it may "
+               "produce while parked before it ends (at most half of --max-outgoing-bytes; default "
+               f"{d.resume_outbox_bytes})")  # fmt: skip
     field("allow_tf32", help="CUDA: let matmuls and convolutions use TF32 (faster on Ampere and later; results then "
                              "differ from the exact fp32 path at ~1e-3; default off)")  # fmt: skip
     p.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"),
