@@ -17,7 +17,7 @@ from dpslm_stream.server import actions as A
 from dpslm_stream.server.config import ServerConfig
 from dpslm_stream.server.metrics import Metrics
 from dpslm_stream.server.session import Session, State
-from dpslm_stream.stream.resynth import AudioEvent
+from dpslm_stream.stream.resynth_events import AudioEvent
 
 from test_session_core import CACHED, SERVER, SR, FakeStream, codes, end_event, errors, kinds, pcm, sent, unit
 
