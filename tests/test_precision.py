@@ -33,27 +33,33 @@ def test_exact_changes_nothing():
     assert model.generate_ids([[1, 2, 3, 4]], 60, 10, 1.0, 0.0) == ref.generate_ids([[1, 2, 3, 4]], 60, 10, 1.0, 0.0)
 
 
-@pytest.mark.parametrize("flags,device,expect", [
-    (frozenset(), "cpu", ("int8", "fp32", "fp32")),
-    (frozenset({"avx512f", "amx_bf16", "amx_int8"}), "cpu", ("int8", "bf16", "bf16")),
-    (frozenset({"avx512_bf16"}), "cpu", ("int8", "bf16", "bf16")),
+@pytest.mark.parametrize("flags,fbgemm,expect", [
+    (frozenset(), False, ("int8", "fp32", "fp32")),
+    (frozenset({"avx512f", "avx512_vnni"}), True, ("int8dyn", "fp32", "fp32")),
+    (frozenset({"avx512f", "amx_bf16", "amx_int8"}), False, ("int8", "bf16", "bf16")),
+    (frozenset({"avx512_bf16"}), True, ("int8dyn", "bf16", "bf16")),
 ])  # fmt: skip
-def test_fast_plan_follows_the_machine(monkeypatch, flags, device, expect):
+def test_fast_plan_follows_the_machine(monkeypatch, flags, fbgemm, expect):
     monkeypatch.setattr(PR, "cpu_flags", lambda: flags)
-    ellav, vocoder = PR.plan_for("ellav", "fast", device), PR.plan_for("wavtokenizer", "fast", device)
+    monkeypatch.setattr(PR, "_fbgemm_dynamic_linear", lambda: fbgemm)
+    ellav, vocoder = PR.plan_for("ellav", "fast", "cpu"), PR.plan_for("wavtokenizer", "fast", "cpu")
     assert (ellav.decode, ellav.bulk, vocoder.bulk) == expect
-    assert "fast" in ellav.describe() and PR.plan_for("ulm", "exact", device).describe().endswith("exact (float32)")
+    assert "fast" in ellav.describe() and PR.plan_for("ulm", "exact", "cpu").describe().endswith("exact (float32)")
     with pytest.raises(InvalidInput, match="precision must be one of exact, fast"):
-        PR.plan_for("ellav", "fastest", device)
+        PR.plan_for("ellav", "fastest", "cpu")
 
 
+@pytest.mark.parametrize("decode", ["int8", "int8dyn"])
 @pytest.mark.parametrize("rows", [1, 5, PR.DECODE_ROWS, PR.DECODE_ROWS + 1, 40])
-def test_int8_linear_is_close_to_float32(rows):
-    """Both kernels of FastLinear (int8 weight-only for few rows, dequantized GEMM for many) against fp32: per-channel
-    int8 weights and bf16 activations keep the error around 1% of the output's scale."""
+def test_int8_linear_is_close_to_float32(rows, decode):
+    """Both kernels of FastLinear (int8 for few rows: weight-only, or with dynamically quantized activations; the
+    bulk GEMM for many) against fp32: per-channel int8 weights and bf16 or 8-bit activations keep the error around
+    1% of the output's scale."""
+    if decode == "int8dyn" and not PR.has_int8_dynamic_kernel("cpu"):
+        pytest.skip("torch has no fbgemm here")
     torch.manual_seed(rows)
     a, b = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(64, 32, bias=True)
-    fused = PR.FastLinear([a, b], "int8", "fp32")
+    fused = PR.FastLinear([a, b], decode, "fp32")
     x = torch.randn(rows, 64)
     with torch.no_grad():
         expected = torch.cat([a(x), b(x)], dim=-1)
@@ -128,3 +134,20 @@ def test_fast_pipeline_resynthesizes_and_reports(tiny_models):
     plans = pipe.precision_plans()
     assert set(plans) == {"ellav", "wavtokenizer"} and all("fast" in p for p in plans.values())
     assert W.apply_precision(W.WavTokenizer(W.TINY), "exact").bulk == "fp32"
+
+
+def test_fused_ops_compute_the_upstream_functions():
+    """Transformer.use_fused_ops (a fast plan's F.rms_norm, complex RoPE on q and k together, additive mask) on
+    float32 weights against upstream's op order: the same functions up to float rounding, cached decode included."""
+    model, ref = tiny_ellav(), tiny_ellav()
+    PR.apply_to_transformer(model, PR.Plan("fast", "ellav", "fp32", "fp32"))
+    assert model.fused_ops and not ref.fused_ops
+    with torch.inference_mode():
+        tokens = torch.randint(0, 4600, (2, 40))
+        scale = float(ref(tokens).abs().max())
+        torch.testing.assert_close(model(tokens), ref(tokens), rtol=0, atol=1e-5 * scale)
+        cache_a, cache_b = model.new_cache(2, 64), ref.new_cache(2, 64)
+        model(tokens[:, :30], cache_a, [30, 25]), ref(tokens[:, :30], cache_b, [30, 25])
+        for t in range(30, 40):
+            torch.testing.assert_close(model(tokens[:, t : t + 1], cache_a), ref(tokens[:, t : t + 1], cache_b),
+                                       rtol=0, atol=1e-5 * scale)  # fmt: skip
