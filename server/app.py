@@ -302,7 +302,7 @@ def build_resynth(config: ServerConfig, models: Any = None) -> Any:
     WavTokenizer load on the resynthesis thread when the first session asks for audio."""
     import torch
 
-    from dpslm_stream.stream.resynth import ResynthWorker
+    from dpslm_stream.stream.resynth_worker import ResynthWorker
 
     if not config.resynth:
         return None

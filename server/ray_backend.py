@@ -453,7 +453,7 @@ class ResynthReplica:
 
         from dpslm_stream import hub
         from dpslm_stream.device import replica_device
-        from dpslm_stream.stream.resynth import ResynthWorker
+        from dpslm_stream.stream.resynth_worker import ResynthWorker
 
         device = str(replica_device(device))  # Ray renumbers the GPUs it grants (CUDA_VISIBLE_DEVICES)
         self.worker = ResynthWorker(hub.ModelSet(models), device=device, dtype=getattr(torch, dtype),
@@ -486,7 +486,7 @@ class ResynthReplica:
     def step_many(self, items: list[tuple[str, list, list, bool]]) -> list[tuple[list, Any, bool]]:
         """Each item: (session id, new units, their end times, end). One batched ResynthWorker.step for all of them;
         per item (events, stats, more work pending)."""
-        from dpslm_stream.stream.resynth import ResynthEndEvent
+        from dpslm_stream.stream.resynth_events import ResynthEndEvent
 
         with self.lock:
             self.max_batch = max(self.max_batch, len(items))
@@ -550,7 +550,7 @@ class RemoteResynthSession:
         self._wake.set()
 
     async def _pump(self) -> None:
-        from dpslm_stream.stream.resynth import ResynthEndEvent
+        from dpslm_stream.stream.resynth_events import ResynthEndEvent
 
         more = False
         try:

@@ -12,7 +12,7 @@ from typing import Any
 
 from dpslm_stream import protocol as P
 from dpslm_stream.stream.events import UnitEvent
-from dpslm_stream.stream.resynth import AudioEvent, ResynthEndEvent
+from dpslm_stream.stream.resynth_events import AudioEvent, ResynthEndEvent
 
 from .backends import Progress
 from .meters import ArrivalClock, BitrateMeter, LagHistogram

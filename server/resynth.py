@@ -2,7 +2,7 @@
 
 It is a separate thread from the encoder's ModelWorker so that units are never delayed by audio: the encoder
 thread commits units at its own pace, the event loop forwards them here, and this thread turns them into audio
-(batched across sessions: one ELLA-V decode step serves every running pass, see dpslm_stream.stream.resynth).
+(batched across sessions: one ELLA-V decode step serves every running pass, see dpslm_stream.stream.resynth_worker).
 
 The event loop calls only ``ResynthSession.push_units`` / ``end`` (deque appends, thread-safe by design) and
 ``open``/``close`` (commands run on this thread); events come back through ``loop.call_soon_threadsafe`` to the
@@ -18,7 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from dpslm_stream.stream.resynth import ResynthEndEvent
+from dpslm_stream.stream.resynth_events import ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
 from .backends import ResynthBackend, ResynthProvider, ResynthSink

@@ -37,7 +37,7 @@ from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.pipeline import default_num_neighbors
 from dpslm_stream.stream.events import EndEvent, UnitEvent
-from dpslm_stream.stream.resynth import AudioEvent, ResynthEndEvent
+from dpslm_stream.stream.resynth_events import AudioEvent, ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
 from . import actions as A

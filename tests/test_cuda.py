@@ -148,7 +148,7 @@ def test_dpdp_streaming_equals_offline(cuda, chunk):
 
 
 def test_resynthesis_with_unlimited_context_equals_offline_greedy(tiny_models, cuda):
-    from dpslm_stream.stream.resynth import ResynthWorker
+    from dpslm_stream.stream.resynth_worker import ResynthWorker
 
     units = Pipeline(tiny_models, K, LMBDA).encode(speech_like(2.0, 16000, seed=6), 16000, score=False).units
     worker = ResynthWorker(tiny_models, cuda, pairs=[(K, LMBDA)])

@@ -12,7 +12,8 @@ from dpslm_stream.models import precision as PR
 from dpslm_stream.models import ulm as U
 from dpslm_stream.models import wavtokenizer as W
 from dpslm_stream.pipeline import Pipeline
-from dpslm_stream.stream.resynth import AudioEvent, ResynthEndEvent, ResynthWorker
+from dpslm_stream.stream.resynth_events import AudioEvent, ResynthEndEvent
+from dpslm_stream.stream.resynth_worker import ResynthWorker
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 K, LMBDA = 500, 4500

@@ -155,7 +155,7 @@ def test_resynthesis_and_a_listener_through_ray_equal_the_in_process_server(ray_
     with ServerThread(cfg, encoder=encoder, resynth=resynth) as srv:
         ray_sent, ray_heard = run(main(srv.url))
     from dpslm_stream.hub import ModelSet
-    from dpslm_stream.stream.resynth import ResynthWorker
+    from dpslm_stream.stream.resynth_worker import ResynthWorker
 
     with ServerThread(cfg, resynth=ResynthWorker(ModelSet("tiny"), max_batch=1)) as srv:
         local_sent, _ = run(main(srv.url))

@@ -19,7 +19,7 @@ from dpslm_stream.client import ListenerClient, SessionError, UnitsClient, chunk
 from dpslm_stream.hub import ModelSet
 from dpslm_stream.pipeline import Pipeline
 from dpslm_stream.server.app import ServerConfig, ServerThread
-from dpslm_stream.stream.resynth import ResynthWorker
+from dpslm_stream.stream.resynth_worker import ResynthWorker
 from dpslm_stream.tiny import speech_like
 
 E = P.ErrorCode

@@ -22,7 +22,7 @@ from dpslm_stream.server.backends import EncoderSessionInfo, Progress
 from dpslm_stream.server.config import ServerConfig
 from dpslm_stream.server.session import ServerInfo, Session, State
 from dpslm_stream.stream.events import EndEvent, UnitEvent
-from dpslm_stream.stream.resynth import ResynthEndEvent
+from dpslm_stream.stream.resynth_events import ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptionError, ResynthOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -433,7 +433,7 @@ def test_a_listener_under_its_senders_disconnect_and_its_own_leaving():
 
 
 def _resynth_end():
-    from dpslm_stream.stream.resynth import ResynthEndEvent
+    from dpslm_stream.stream.resynth_events import ResynthEndEvent
 
     return ResynthEndEvent(units=1, codec_frames=8, audio_seconds=0.2, chunks=1, passes=1, first_audio_latency_s=0.1,
                            latency_mean_s=0.1, latency_max_s=0.1, real_time_factor=0.5, error=None)  # fmt: skip
@@ -471,7 +471,7 @@ def test_ready_reports_limits_and_resolved_settings():
 
 
 def test_resynth_options_defaults_equal_the_workers():
-    from dpslm_stream.stream.resynth import ResynthWorker
+    from dpslm_stream.stream.resynth_worker import ResynthWorker
 
     params = inspect.signature(ResynthWorker.open_session).parameters
     for f in dataclasses.fields(ResynthOptions):
@@ -503,7 +503,7 @@ def test_protocol_docs_list_exactly_the_resynth_options():
 
 def test_resynth_settings_report_every_option():
     from dpslm_stream.hub import ModelSet
-    from dpslm_stream.stream.resynth import ResynthWorker
+    from dpslm_stream.stream.resynth_worker import ResynthWorker
 
     opts = ResynthOptions(holdback=2, seed=5, greedy=False, trigger_s=0.5)
     settings = ResynthWorker(ModelSet("tiny")).open_session(500, 4500, **opts.kwargs()).settings()

@@ -17,7 +17,9 @@ from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models import ellav as E
 from dpslm_stream.models import wavtokenizer as W
 from dpslm_stream.pipeline import Pipeline
-from dpslm_stream.stream.resynth import AudioEvent, IncrementalELLAV, ResynthEndEvent, ResynthWorker
+from dpslm_stream.stream.ellav_stage import IncrementalELLAV
+from dpslm_stream.stream.resynth_events import AudioEvent, ResynthEndEvent
+from dpslm_stream.stream.resynth_worker import ResynthWorker
 
 K, LMBDA = 500, 4500
 EOP = 2
@@ -526,7 +528,7 @@ class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
 def test_a_decode_step_reads_back_once(ellav64, monkeypatch):
     """The device-hygiene budget: one batched decode step (greedy and sampling rows, rows leaving) makes exactly one
     device -> host read (the tokens and pass-over flags together); the KV cache keeps its lengths on the host."""
-    from dpslm_stream.stream.resynth import BatchDecoder
+    from dpslm_stream.stream.ellav_batch import BatchDecoder
 
     decoder = BatchDecoder(ellav64, max_batch=4, max_codec_tokens_per_phone=M)
     stages = [IncrementalELLAV(ellav64, left_context=None, holdback=None, greedy=g, seed=1) for g in (True, False, True)]
@@ -558,7 +560,7 @@ def test_batched_decoder_continues_generate_exactly(ellav64, merge):
     (generate_tokens) plus the final EOP. merge_forced feeds the unit forced after an EOP in the EOP's forward (the
     fast precision's step saving): same tokens (float64, so the other matmul shapes cannot flip a greedy choice),
     fewer steps."""
-    from dpslm_stream.stream.resynth import BatchDecoder
+    from dpslm_stream.stream.ellav_batch import BatchDecoder
 
     unit_lists = [random_units(n, seed=40 + n) for n in (4, 9, 6)]
     decoder = BatchDecoder(ellav64, max_batch=3, max_codec_tokens_per_phone=M, merge_forced=merge)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from dpslm_stream.errors import CheckpointError, InvalidInput
 from dpslm_stream.models import wavtokenizer as W
+from dpslm_stream.stream.vocoder import IncrementalVocoder, StreamingISTFT
 
 HOP, N_FFT = 600, 2400
 
@@ -202,7 +203,7 @@ def test_streaming_istft_equals_whole_sequence(on_device, chunks, batch, seed):
     frames = sum(chunks)
     spec = on_device(random_spectra(batch, max(frames, 1), seed)[:, :, :frames])
     window = on_device(torch.hann_window(N_FFT))
-    stream = W.StreamingISTFT(window, HOP)
+    stream = StreamingISTFT(window, HOP)
     outs, pushed, sizes = [], 0, set()
     for c in chunks:
         out = stream.push(spec[:, :, pushed : pushed + c])
@@ -223,7 +224,7 @@ def test_streaming_istft_equals_whole_sequence(on_device, chunks, batch, seed):
 
 def test_streaming_istft_reset_and_errors(on_device):
     window = on_device(torch.hann_window(N_FFT))
-    stream = W.StreamingISTFT(window, HOP)
+    stream = StreamingISTFT(window, HOP)
     spec = on_device(random_spectra(1, 6, seed=1))
     first = torch.cat([stream.push(spec), stream.flush()], dim=1)
     assert stream.state_nbytes == 0 and stream.frames_pushed == 0  # flush resets
@@ -235,7 +236,7 @@ def test_streaming_istft_reset_and_errors(on_device):
     with pytest.raises(InvalidInput, match="complex"):
         stream.push(spec.real)
     with pytest.raises(InvalidInput):
-        W.StreamingISTFT(torch.hann_window(1000), HOP)
+        StreamingISTFT(torch.hann_window(1000), HOP)
 
 
 # ---------------------------------------------------------------- incremental vocoder
@@ -243,7 +244,7 @@ def test_streaming_istft_reset_and_errors(on_device):
 
 def test_incremental_vocoder_unlimited_lookahead_equals_decode(tiny):
     codes = random_codes(40, seed=9)[0, 0]
-    voc = W.IncrementalVocoder(tiny, left_context=None, lookahead=1000)
+    voc = IncrementalVocoder(tiny, left_context=None, lookahead=1000)
     parts = [voc.push(codes[:5]), voc.push(codes[5:5]), voc.push(codes[5:33]), voc.push(codes[33:]), voc.flush()]
     assert all(p.numel() == 0 for p in parts[:-1])
     audio = torch.cat(parts)
@@ -257,7 +258,7 @@ def test_incremental_vocoder_windows(tiny, left_context, lookahead):
     Oracle: those window spectra, built here, put through the whole-sequence iSTFT."""
     length = 24
     codes = random_codes(length, seed=11)[0, 0]
-    voc = W.IncrementalVocoder(tiny, left_context=left_context, lookahead=lookahead)
+    voc = IncrementalVocoder(tiny, left_context=left_context, lookahead=lookahead)
     audio = torch.cat([voc.push(codes[i : i + 1]) for i in range(length)] + [voc.flush()])
     assert audio.shape == (HOP * length,)
 
@@ -276,7 +277,7 @@ def test_incremental_vocoder_windows(tiny, left_context, lookahead):
 
 
 def test_incremental_vocoder_state_is_bounded(tiny):
-    voc = W.IncrementalVocoder(tiny, left_context=8, lookahead=3, min_step=4)
+    voc = IncrementalVocoder(tiny, left_context=8, lookahead=3, min_step=4)
     codes = random_codes(200, seed=12)[0, 0]
     sizes, total = [], 0
     for i in range(0, 200, 5):
@@ -291,8 +292,8 @@ def test_incremental_vocoder_state_is_bounded(tiny):
 def test_incremental_vocoder_bad_options(tiny):
     for kwargs in ({"lookahead": -1}, {"min_step": 0}, {"left_context": -2}, {"lookahead": 1.5}):
         with pytest.raises(InvalidInput):
-            W.IncrementalVocoder(tiny, **kwargs)
-    voc = W.IncrementalVocoder(tiny)
+            IncrementalVocoder(tiny, **kwargs)
+    voc = IncrementalVocoder(tiny)
     with pytest.raises(InvalidInput, match="1-D"):
         voc.push(random_codes(3))
     with pytest.raises(InvalidInput, match="out of range"):

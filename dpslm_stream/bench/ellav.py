@@ -33,7 +33,8 @@ from dpslm_stream.bench.ulm import random_model, sync
 from dpslm_stream.device import setup_model_device
 from dpslm_stream.models import ellav
 from dpslm_stream.models.precision import PRECISIONS, FastLinear, machine_summary, transformer_precision
-from dpslm_stream.stream.resynth import BatchDecoder, IncrementalELLAV
+from dpslm_stream.stream.ellav_batch import BatchDecoder
+from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 
 
 

@@ -41,9 +41,11 @@ from dpslm_stream.device import setup_model_device
 from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as W
 from dpslm_stream.models.precision import PRECISIONS, machine_summary
-from dpslm_stream.stream.resynth import (
-    DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD,
-    DEFAULT_VOCODER_MIN_STEP, AudioEvent, IncrementalELLAV, ResynthEndEvent, ResynthWorker,
+from dpslm_stream.stream.ellav_stage import DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, IncrementalELLAV
+from dpslm_stream.stream.resynth_events import AudioEvent, ResynthEndEvent
+from dpslm_stream.stream.resynth_worker import ResynthWorker
+from dpslm_stream.stream.vocoder import (
+    DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP, IncrementalVocoder,
 )  # fmt: skip
 
 K, LMBDA = 500, 4500
@@ -257,7 +259,7 @@ def deviation(args: argparse.Namespace, wt: W.WavTokenizer) -> list[dict]:
     rows = []
     for C, L in args.deviation:
         stage = IncrementalELLAV(model, C, L, max_pass_units=None if C is None else max(32, (L or 0) + 1))
-        vocoder = W.IncrementalVocoder(wt, left_context=args.vocoder_left_context, lookahead=args.vocoder_lookahead,
+        vocoder = IncrementalVocoder(wt, left_context=args.vocoder_left_context, lookahead=args.vocoder_lookahead,
                                        min_step=args.vocoder_min_step)  # fmt: skip
         codes, chunks = [], []
         for i, u in enumerate(units):  # one unit at a time, the worker caught up after each

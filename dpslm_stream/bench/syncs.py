@@ -99,7 +99,7 @@ def run_encoder(sim: SimulatedCuda, models: hub.ModelSet, seconds: float, stream
 def run_resynth(sim: SimulatedCuda, models: hub.ModelSet, streams: int) -> dict:
     import random
 
-    from dpslm_stream.stream.resynth import ResynthWorker
+    from dpslm_stream.stream.resynth_worker import ResynthWorker
 
     worker = ResynthWorker(models, SIM, pairs=[(K, LMBDA)])
     sessions = [worker.open_session(K, LMBDA) for _ in range(streams)]

@@ -22,6 +22,7 @@ import torch
 from dpslm_stream.device import setup_model_device
 from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as wt
+from dpslm_stream.stream.vocoder import IncrementalVocoder
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CONFIGS = {"600": wt.FULL, "320": wt.FULL_320}
@@ -59,7 +60,7 @@ def _time(fn, device: torch.device, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def _chunked(voc: wt.IncrementalVocoder, codes: torch.Tensor, push: int) -> torch.Tensor:
+def _chunked(voc: IncrementalVocoder, codes: torch.Tensor, push: int) -> torch.Tensor:
     parts = [voc.push(codes[i : i + push]) for i in range(0, codes.numel(), push)]
     parts.append(voc.flush())
     return torch.cat(parts)
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
         t_whole, whole = _time(lambda c=codes: wt.decode(model, c[None, None].to(device)), device, args.repeats)
         line = f"{audio_s:8.2f} {n:6d} {t_whole:8.3f} {t_whole / audio_s:10.3f} {audio_s / t_whole:12.1f}"
         if not args.no_chunked:
-            voc = wt.IncrementalVocoder(model, args.left_context, args.lookahead, args.min_step)
+            voc = IncrementalVocoder(model, args.left_context, args.lookahead, args.min_step)
             t_chunk, chunked = _time(lambda v=voc, c=codes: _chunked(v, c, args.push), device, args.repeats)
             runs = _count_runs(n, args)
             ref = whole[0].float()

@@ -14,9 +14,8 @@ Only the decode path is built: the SEANet encoder/decoder that upstream also kee
 never used to turn codes into audio, so loading drops them (see KEPT_KEYS_DOC / `load_checkpoint_dict`).
 
 The GroupNorms and the attention see the whole sequence, so the decoder cannot be streamed exactly; the iSTFT can.
-`StreamingISTFT` reproduces the whole-sequence iSTFT chunk by chunk (bit-equal on CPU: same summation order), and
-`IncrementalVocoder` decodes overlapping windows of codes and stitches their spectra through it; its deviation from
-the whole-sequence decode is a property of the backbone and is measured, never zero by construction.
+The streaming vocoder (`StreamingISTFT`, `IncrementalVocoder`) lives in dpslm_stream/stream/vocoder.py and builds on
+`windowed_frames`, `overlap_add` and `envelope` here, the one overlap-add routine both paths share.
 """
 
 from __future__ import annotations
@@ -326,14 +325,14 @@ class Backbone(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _windowed_frames(spec: Tensor, window: Tensor, hop: int) -> Tensor:
+def windowed_frames(spec: Tensor, window: Tensor, hop: int) -> Tensor:
     """Complex spectra (B, n_fft/2+1, T) -> windowed time frames (B, T, overlap, hop), float32 or float64."""
     n_fft = window.shape[0]
     frames = torch.fft.irfft(spec.transpose(1, 2), n=n_fft, dim=-1, norm="backward") * window
     return frames.reshape(frames.shape[0], frames.shape[1], n_fft // hop, hop)
 
 
-def _overlap_add(frames: Tensor, carry: Tensor | None = None) -> Tensor:
+def overlap_add(frames: Tensor, carry: Tensor | None = None) -> Tensor:
     """Overlap-add windowed frames (B, T, R, hop) into T + R - 1 blocks of `hop` samples, (B, T+R-1, hop).
 
     Frame t's part k lands in block t + k. `carry` (B, R-1, hop) holds the partial sums of blocks 0..R-2 left by
@@ -349,11 +348,11 @@ def _overlap_add(frames: Tensor, carry: Tensor | None = None) -> Tensor:
     return out
 
 
-def _envelope(window: Tensor, hop: int, num_frames: int) -> Tensor:
+def envelope(window: Tensor, hop: int, num_frames: int) -> Tensor:
     """Sum of squared windows over the frames covering each block, (T+R-1, hop), in the same order as the audio."""
     r = window.shape[0] // hop
     sq = window.square().reshape(1, 1, r, hop).expand(1, num_frames, r, hop)
-    return _overlap_add(sq)[0]
+    return overlap_add(sq)[0]
 
 
 def istft(spec: Tensor, window: Tensor, hop_length: int) -> Tensor:
@@ -365,7 +364,7 @@ def istft(spec: Tensor, window: Tensor, hop_length: int) -> Tensor:
     n_fft = window.shape[0]
     pad = (n_fft - hop_length) // 2
     t = spec.shape[-1]
-    audio = _overlap_add(_windowed_frames(spec, window, hop_length)) / _envelope(window, hop_length, t)
+    audio = overlap_add(windowed_frames(spec, window, hop_length)) / envelope(window, hop_length, t)
     return audio.flatten(1)[:, pad : pad + hop_length * t]
 
 
@@ -442,7 +441,7 @@ class WavTokenizer(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_codes(model: WavTokenizer, codes: Tensor) -> Tensor:
+def check_codes(model: WavTokenizer, codes: Tensor) -> Tensor:
     """Validate codes like upstream's codes_to_features accepts them: (K, B, L) or (K, L) -> int64 (K, B, L)."""
     cfg = model.config
     if not isinstance(codes, Tensor):
@@ -469,182 +468,18 @@ def _check_codes(model: WavTokenizer, codes: Tensor) -> Tensor:
 @torch.inference_mode()
 def spectra(model: WavTokenizer, codes: Tensor) -> Tensor:
     """Codes (K=1, B, L) -> complex64 spectra (B, n_fft/2+1, L) from backbone + head (bandwidth_id 0)."""
-    return model.spectra(_check_codes(model, codes))
+    return model.spectra(check_codes(model, codes))
 
 
 @torch.inference_mode()
 def decode(model: WavTokenizer, codes: Tensor) -> Tensor:
     """Codes (K=1, B, L) int64 in [0, vq_bins) -> float32 audio (B, hop*L) at 24 kHz (not clipped to [-1, 1])."""
-    return model(_check_codes(model, codes))
+    return model(check_codes(model, codes))
 
 
 def vocode(model: WavTokenizer, codes: Tensor) -> tuple[Tensor, int]:
     """Upstream hubconf `decode`: codes (K=1, B, L) -> (audio (B, hop*L), 24000)."""
     return decode(model, codes), model.config.sample_rate
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Streaming
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class StreamingISTFT:
-    """Chunk-wise iSTFT whose concatenated output equals `istft` of all frames at once.
-
-    push() takes the next spectral frames (B, n_fft/2+1, T) and returns every sample that no later frame can
-    change: after N frames, output samples [0, hop*N - pad) are final (pad = (n_fft - hop) / 2, the iSTFT's
-    algorithmic delay: 900 samples = 37.5 ms at hop 600). flush() returns the last `pad` samples, normalised by the
-    partial end envelope, and resets. State: R-1 partial blocks of `hop` samples (R = n_fft / hop), bounded.
-    """
-
-    def __init__(self, window: Tensor, hop_length: int):
-        n_fft = window.shape[0]
-        if n_fft % hop_length != 0 or (n_fft - hop_length) % 2 != 0:
-            raise InvalidInput(f"window length {n_fft} must be a multiple of hop {hop_length} with even difference")
-        self.window = window.float() if window.dtype not in (torch.float32, torch.float64) else window
-        self.hop = hop_length
-        self.overlap = n_fft // hop_length
-        self.pad = (n_fft - hop_length) // 2
-        # Envelope of the first R blocks (the first R-1 are partial, block R-1 and later are full), summed in
-        # exactly the order `istft` uses, so the division is bit-identical too.
-        self._env_start = _envelope(self.window, hop_length, self.overlap)[: self.overlap]
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget all frames; the next push starts a new signal."""
-        self._carry: Tensor | None = None  # (B, R-1, hop) partial sums of the not-yet-final blocks
-        self._batch: int | None = None
-        self.frames_pushed = 0
-        self.samples_emitted = 0
-
-    @property
-    def state_nbytes(self) -> int:
-        """Bytes held between calls (the carried partial blocks); constant for a fixed batch size."""
-        return 0 if self._carry is None else self._carry.numel() * self._carry.element_size()
-
-    def push(self, spec: Tensor) -> Tensor:
-        """Add frames (B, n_fft/2+1, T) complex; return the newly final samples (B, n) real (n may be 0)."""
-        n_bins = self.window.shape[0] // 2 + 1
-        if spec.dim() != 3 or spec.shape[1] != n_bins or not spec.is_complex():
-            raise InvalidInput(
-                f"spectra must be complex of shape (B, {n_bins}, T), got {spec.dtype} {tuple(spec.shape)}"
-            )
-        if self._batch is not None and spec.shape[0] != self._batch:
-            raise InvalidInput(f"batch size changed from {self._batch} to {spec.shape[0]}; call reset()")
-        self._batch = spec.shape[0]
-        t = spec.shape[2]
-        if t == 0:
-            return self.window.new_zeros(spec.shape[0], 0)
-        blocks = _overlap_add(_windowed_frames(spec, self.window, self.hop), self._carry)
-        self._carry = blocks[:, t:].clone()  # a copy, so the state does not pin the whole chunk's storage
-        j0 = self.frames_pushed  # absolute index of the first block finalised now
-        env = self._start_envelope(j0, t)
-        self.frames_pushed += t
-        return self._emit((blocks[:, :t] / env).flatten(1), first_sample=j0 * self.hop)
-
-    def flush(self) -> Tensor:
-        """Return the remaining samples (normalised by the end envelope) and reset. Total output = hop * frames."""
-        if self._carry is None:  # no frames: nothing to say
-            out = self.window.new_zeros(self._batch or 1, 0)
-            self.reset()
-            return out
-        t = self.frames_pushed
-        # The last R-1 blocks depend only on the last min(T, R) frames: shift-invariance of the envelope.
-        env = _envelope(self.window, self.hop, min(t, self.overlap))[-(self.overlap - 1):]
-        out = self._emit((self._carry / env).flatten(1), first_sample=t * self.hop)
-        self.reset()
-        return out
-
-    def _start_envelope(self, j0: int, t: int) -> Tensor:
-        """Envelope of blocks j0 .. j0+t-1 as long as no end is known (start partial, then full)."""
-        idx = torch.arange(j0, j0 + t, device=self.window.device).clamp(max=self.overlap - 1)
-        return self._env_start[idx]
-
-    def _emit(self, samples: Tensor, first_sample: int) -> Tensor:
-        """Map pre-trim samples starting at `first_sample` to output: drop the leading pad, cap at hop*frames."""
-        start = self.samples_emitted + self.pad - first_sample  # output index n is pre-trim sample n + pad
-        stop = start + self.hop * self.frames_pushed - self.samples_emitted
-        out = samples[:, start:stop]
-        self.samples_emitted += out.shape[1]
-        return out
-
-
-class IncrementalVocoder:
-    """Codes in, audio out, for one stream: windowed decoding with exact iSTFT stitching.
-
-    To commit frames [a, b) it decodes codes [max(0, a - left_context), n) where n = codes received and
-    b = n - lookahead, keeps the spectra of [a, b) and pushes them into a StreamingISTFT. The backbone runs only
-    once at least `min_step` frames can be committed. flush() commits the rest with the final window. With
-    lookahead >= the stream length (nothing committed before flush) the output equals `decode` of the whole stream.
-    Otherwise GroupNorm statistics and attention see a window instead of the whole sequence, so it deviates from
-    `decode` (measure it; the model was trained on 3 s = 120-frame crops). Latency: (lookahead + 1.5) hops.
-    left_context=None means unlimited (every window starts at code 0: cost and state grow with the stream).
-    """
-
-    def __init__(self, model: WavTokenizer, left_context: int | None = 120, lookahead: int = 8, min_step: int = 1):
-        if not isinstance(lookahead, int) or lookahead < 0:
-            raise InvalidInput(f"lookahead must be an int >= 0 (frames), got {lookahead!r}")
-        if not isinstance(min_step, int) or min_step < 1:
-            raise InvalidInput(f"min_step must be an int >= 1 (frames), got {min_step!r}")
-        if left_context is not None and (not isinstance(left_context, int) or left_context < 0):
-            raise InvalidInput(f"left_context must be an int >= 0 or None (unlimited), got {left_context!r}")
-        self.model = model
-        self.left_context = left_context
-        self.lookahead = lookahead
-        self.min_step = min_step
-        self.istft = StreamingISTFT(model.head.istft.window, model.config.hop_length)
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new stream."""
-        self._codes = torch.zeros(0, dtype=torch.long)  # codes from absolute index self._base on
-        self._base = 0
-        self.committed = 0  # frames whose spectra are in the iSTFT
-        self.istft.reset()
-
-    @property
-    def received(self) -> int:
-        return self._base + self._codes.numel()
-
-    @property
-    def state_nbytes(self) -> int:
-        """Bytes held between calls: retained codes (<= left_context + lookahead + min_step + last push) + iSTFT."""
-        return self._codes.numel() * self._codes.element_size() + self.istft.state_nbytes
-
-    def push(self, codes: Tensor) -> Tensor:
-        """Append 1-D codes; return the audio samples (1-D, float32) that became final."""
-        if not isinstance(codes, Tensor) or codes.dim() != 1:
-            raise InvalidInput(f"push() takes a 1-D integer tensor of new codes, got {getattr(codes, 'shape', codes)}")
-        if codes.numel():
-            _check_codes(self.model, codes[None, None, :])  # validates dtype and range
-            self._codes = torch.cat([self._codes, codes.to("cpu", torch.long)])
-        if self.received - self.lookahead - self.committed < self.min_step:
-            return self.istft.window.new_zeros(0)
-        return self._commit(self.received - self.lookahead)
-
-    def flush(self) -> Tensor:
-        """Commit every remaining frame, return the rest of the audio (1-D) and reset."""
-        out = [self._commit(self.received)] if self.received > self.committed else []
-        out.append(self.istft.flush()[0])
-        self.reset()
-        return torch.cat(out)
-
-    @torch.inference_mode()
-    def _commit(self, stop: int) -> Tensor:
-        start = self._window_start()
-        window = self._codes[start - self._base :].to(self.model.head.out.weight.device)
-        spec = self.model.spectra(window[None, None, :])  # (1, F, received - start)
-        audio = self.istft.push(spec[:, :, self.committed - start : stop - start])[0]
-        self.committed = stop
-        # Drop the codes no later window reads (none when the left context is unlimited)
-        keep_from = self._window_start()
-        self._codes = self._codes[keep_from - self._base :]
-        self._base = keep_from
-        return audio
-
-    def _window_start(self) -> int:
-        """First code of the next window: `left_context` codes before the first uncommitted frame."""
-        return 0 if self.left_context is None else max(0, self.committed - self.left_context)
 
 
 # --------------------------------------------------------------------------------------------------------------------

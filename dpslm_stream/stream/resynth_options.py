@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from dpslm_stream.errors import InvalidInput
 
-# Units of one ELLA-V pass after the committed ones (the server's fixed P, see stream/resynth.py): the hold-back
+# Units of one ELLA-V pass after the committed ones (the server's fixed P, see stream/ellav_stage.py): the hold-back
 # must fit in a pass.
 MAX_PASS_UNITS = 32
 MAX_SEED = 2**63 - 1

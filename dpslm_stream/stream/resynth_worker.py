@@ -1,0 +1,291 @@
+"""ResynthWorker: the resynthesis models (ELLA-V per (k, lambda), WavTokenizer) and batched execution of many
+streams: committed units -> ELLA-V codec ids (stream/ellav_stage.py) -> WavTokenizer audio (stream/vocoder.py).
+
+`ResynthWorker` owns the models and runs the decode steps of every active pass in lockstep over one preallocated
+KV cache per ELLA-V model (continuous batching, stream/ellav_batch.py: passes join with a batched prefill and leave
+when their last unit's EOP is out, between decode steps). Sessions (stream/resynth_session.py) are sans-I/O like the
+encoder's: `push_units`/`end` queue input, `worker.step(sessions)` computes, `poll()` returns AudioEvents and one
+ResynthEndEvent.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import torch
+
+from dpslm_stream import hub
+from dpslm_stream.device import setup_model_device, synchronize
+from dpslm_stream.errors import InvalidInput, UnknownModel
+from dpslm_stream.models.ellav import ELLAV
+from dpslm_stream.models.precision import Plan, check_precision, plan_for, transformer_precision
+from dpslm_stream.models.wavtokenizer import WavTokenizer
+from dpslm_stream.stream.checks import check_count
+from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan
+from dpslm_stream.stream.ellav_stage import (
+    DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_MAX_CODEC_TOKENS_PER_PHONE, DEFAULT_MAX_PASS_UNITS,
+    IncrementalELLAV,
+)
+from dpslm_stream.stream.resynth_session import ResynthSession
+from dpslm_stream.stream.vocoder import (
+    DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP, IncrementalVocoder,
+)
+
+_DTYPES_OK = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class ResynthWorker:
+    """The resynthesis models and batched execution of many streams' ELLA-V decode steps and vocoder windows.
+
+    `models` is a hub.ModelSet (or its source: "release", "tiny", a folder). `pairs` limits the worker to these
+    (k, lambda) pairs and loads their ELLA-V up front; None allows every pair the set holds, loaded on first use.
+    `ellavs` ({(k, lambda): ELLAV}) and `wavtokenizer` supply already-built models (random full-size weights for
+    benchmarks, tests); they are moved to `device`/`dtype` in place.
+    dtype: ELLA-V weights and activations (bf16/fp16 are meant for a GPU); vocoder_dtype: the WavTokenizer backbone
+    (its FFTs always run in float32). precision: "exact" (default: the float32 path, or the dtypes given) or "fast":
+    the plan models/precision.py picks for this device (then dtype and vocoder_dtype must stay float32; ELLA-V's
+    block matmuls become int8 weight-only or bf16, the vocoder bf16 where the hardware has bf16 units);
+    `precision_plans` says what was picked. max_batch: passes decoded together per ELLA-V model (rows of the preallocated
+    KV cache); further due passes wait, oldest first. max_decode_steps: batched decode steps per step() call, so one
+    call stays short and a stream with a long pass never holds the others: they join and leave between steps.
+    max_codec_tokens_per_phone: upstream's M, the per-unit cap (M+1 codec tokens per unit). clock: the time source
+    for latencies (seconds, monotonic).
+    """
+
+    def __init__(self, models: hub.ModelSet | str = "release", device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, pairs: Iterable[tuple[int, int]] | None = None, *,
+                 vocoder_dtype: torch.dtype = torch.float32, precision: str = "exact", max_batch: int = 16,
+                 max_decode_steps: int = 16,
+                 max_codec_tokens_per_phone: int = DEFAULT_MAX_CODEC_TOKENS_PER_PHONE,
+                 ellavs: dict[tuple[int, int], ELLAV] | None = None, wavtokenizer: WavTokenizer | None = None,
+                 clock: Callable[[], float] = time.perf_counter, allow_tf32: bool = False):  # fmt: skip
+        self.models = hub.ModelSet(models) if isinstance(models, str) else models
+        self.device = setup_model_device(device, allow_tf32)  # TF32 off on CUDA: the exact paths stay exact
+        for name, value in (("dtype", dtype), ("vocoder_dtype", vocoder_dtype)):
+            if value not in _DTYPES_OK:
+                raise InvalidInput(f"{name} must be one of torch.float32, float64, bfloat16, float16; got {value!r}")
+        self.precision = check_precision(precision)
+        if precision == "fast" and (dtype, vocoder_dtype) != (torch.float32, torch.float32):
+            raise InvalidInput("precision 'fast' picks the dtypes itself: leave dtype and vocoder_dtype at float32")
+        self.ellav_plan: Plan = plan_for("ellav", precision, self.device)
+        self.vocoder_plan: Plan = plan_for("wavtokenizer", precision, self.device)
+        if self.vocoder_plan.bulk == "bf16":
+            vocoder_dtype = torch.bfloat16
+        self.dtype, self.vocoder_dtype = dtype, vocoder_dtype
+        self.max_batch = check_count(max_batch, "max_batch", 1)
+        self.max_decode_steps = check_count(max_decode_steps, "max_decode_steps", 1)
+        self.max_codec_tokens_per_phone = check_count(max_codec_tokens_per_phone, "max_codec_tokens_per_phone", 0)
+        self.clock = clock
+        self._ellavs: dict[tuple[int, int], ELLAV] = {}
+        for key, model in (ellavs or {}).items():
+            self._ellavs[key] = self._prepare_ellav(model)
+        self._wavtokenizer = None if wavtokenizer is None else self._prepare_vocoder(wavtokenizer)
+        self._pairs: list[tuple[int, int]] | None = None
+        if pairs is not None:
+            self._pairs = [hub.check_pair(k, lmbda, hub.ELLAV) for k, lmbda in pairs]
+            for key in self._pairs:
+                self._ellav(key)
+        self._decoders: dict[tuple[int, int], BatchDecoder] = {}
+        self._running: dict[int, ResynthSession] = {}  # id(session.ellav) -> session, for passes in flight
+        self._next_id = 0
+        self.compute_seconds = 0.0  # total wall time of step()
+        self.prefill_seconds = 0.0  # of which ELLA-V prompt prefills
+        self.decode_seconds = 0.0  # ELLA-V decode steps
+        self.vocoder_seconds = 0.0  # WavTokenizer windows and iSTFT
+        self.decode_steps = 0  # batched decode steps run
+        self.tokens_decoded = 0  # rows x steps
+
+    # -- models ------------------------------------------------------------------------------------------------------
+
+    def available_pairs(self) -> list[tuple[int, int]]:
+        """(k, lambda) pairs sessions may use."""
+        if self._pairs is not None:
+            return list(self._pairs)
+        return sorted(set(self.models.pairs()) | set(self._ellavs))
+
+    def _ellav(self, key: tuple[int, int]) -> ELLAV:
+        if key not in self._ellavs:
+            self._ellavs[key] = self._prepare_ellav(self.models.ellav(*key, map_location=self.device))
+        return self._ellavs[key]
+
+    def _prepare_ellav(self, model: ELLAV) -> ELLAV:
+        """On this worker's device and dtype, converted for its precision (in place)."""
+        model = model.to(device=self.device, dtype=self.dtype).eval()
+        transformer_precision(model, self.precision, "ellav")
+        return model
+
+    @property
+    def precision_plans(self) -> dict:
+        """What this worker's precision runs each model in (reported in the server's ready/stats)."""
+        return {"precision": self.precision, "ellav": self.ellav_plan.describe(),
+                "wavtokenizer": self.vocoder_plan.describe()}  # fmt: skip
+
+    def _prepare_vocoder(self, model: WavTokenizer) -> WavTokenizer:
+        window = model.head.istft.window.detach().float().clone()
+        model = model.to(device=self.device, dtype=self.vocoder_dtype).eval()
+        model.head.istft.window = window.to(self.device)  # the iSTFT runs in float32: keep the window unrounded
+        return model
+
+    @property
+    def wavtokenizer(self) -> WavTokenizer:
+        if self._wavtokenizer is None:
+            model, _, _ = self.models.wavtokenizer(map_location=self.device)
+            self._wavtokenizer = self._prepare_vocoder(model)
+        return self._wavtokenizer
+
+    def _decoder(self, key: tuple[int, int]) -> BatchDecoder:
+        if key not in self._decoders:
+            self._decoders[key] = BatchDecoder(self._ellav(key), self.max_batch, self.max_codec_tokens_per_phone,
+                                               merge_forced=self.precision == "fast")  # fmt: skip
+        return self._decoders[key]
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes of the preallocated ELLA-V KV caches (all models)."""
+        return sum(d.cache_nbytes for d in self._decoders.values())
+
+    # -- sessions ----------------------------------------------------------------------------------------------------
+
+    def open_session(self, k: int = hub.DEFAULT_K, lmbda: int = hub.DEFAULT_LMBDA, *,
+                     left_context: int | None = DEFAULT_LEFT_CONTEXT, holdback: int | None = DEFAULT_HOLDBACK,
+                     greedy: bool = True, seed: int | None = None, temperature: float = 1.0, top_p: float = 0.8,
+                     trigger_units: int = 1, trigger_s: float | None = None,
+                     max_pass_units: int | None = DEFAULT_MAX_PASS_UNITS,
+                     vocoder_left_context: int | None = DEFAULT_VOCODER_LEFT_CONTEXT,
+                     vocoder_lookahead: int = DEFAULT_VOCODER_LOOKAHEAD,
+                     vocoder_min_step: int = DEFAULT_VOCODER_MIN_STEP) -> ResynthSession:  # fmt: skip
+        """A new stream for ELLA-V (k, lambda). Validates everything; raises InvalidInput or UnknownModel.
+
+        left_context C, holdback L (units; None: unlimited, the exact setting), greedy or sampling (temperature,
+        top_p, seed), trigger_units / trigger_s (when a pass starts), max_pass_units P: see IncrementalELLAV.
+        vocoder_left_context / vocoder_lookahead / vocoder_min_step (codec frames of 25 ms): see IncrementalVocoder;
+        vocoder_left_context=None with a lookahead longer than the stream gives the whole-sequence decode.
+        """
+        key = hub.check_pair(k, lmbda, hub.ELLAV)
+        if key not in self.available_pairs():
+            pairs = ", ".join(f"({a}, {b})" for a, b in self.available_pairs())
+            raise UnknownModel(f"(k, lambda) = {key} is not available in this worker (model set "
+                               f"{self.models.source!r}); available pairs: {pairs}")  # fmt: skip
+        ellav = IncrementalELLAV(
+            self._ellav(key), left_context, holdback, max_pass_units=max_pass_units, trigger_units=trigger_units,
+            trigger_s=trigger_s, max_codec_tokens_per_phone=self.max_codec_tokens_per_phone, greedy=greedy,
+            temperature=temperature, top_p=top_p, seed=seed,
+        )  # fmt: skip
+        vocoder = IncrementalVocoder(self.wavtokenizer, left_context=vocoder_left_context,
+                                     lookahead=vocoder_lookahead, min_step=vocoder_min_step)  # fmt: skip
+        session = ResynthSession(self, self._next_id, key[0], key[1], ellav, vocoder)
+        self._next_id += 1
+        return session
+
+    def _forget(self, session: ResynthSession) -> None:
+        """Drop a session's pass from its decoder (reset or failure)."""
+        if id(session.ellav) in self._running:
+            del self._running[id(session.ellav)]
+            self._decoders[(session.k, session.lmbda)].remove(session.ellav)
+
+    def _guard(self, session: ResynthSession, fn: Callable[[], object]) -> None:
+        """Run one stream's own work; an error ends that stream (its end event says why), not the others."""
+        if session.closed:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - isolate streams; the message goes to that stream's client
+            self._forget(session)
+            session._fail(e)
+
+    # -- compute -----------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, sessions: Iterable[ResynthSession]) -> int:
+        """Run up to `max_decode_steps` batched ELLA-V decode steps, then the vocoders of these streams; returns the
+        number of tokens decoded (rows x steps). Streams that ended and are fully resynthesized are closed (their
+        ResynthEndEvent queued) within this call.
+
+        Passes already in flight advance whether or not their session is listed (a batch moves together); only
+        the listed sessions take in units, start passes and run their vocoders.
+        """
+        started = self.clock()
+        sessions = [s for s in dict.fromkeys(sessions) if not s.closed]
+        for s in sessions:
+            if s.worker is not self:
+                raise InvalidInput(f"session {s.id} belongs to another worker")
+            self._guard(s, s._ingest)
+        tokens = 0
+        for _ in range(self.max_decode_steps):
+            self._admit([s for s in sessions if not s.closed])
+            busy = [d for d in self._decoders.values() if d.rows]
+            if not busy:
+                break
+            for decoder in busy:
+                t0 = self.clock()
+                out = decoder.step()
+                elapsed = self.clock() - t0
+                self.decode_seconds += elapsed
+                share = elapsed / len(out)
+                for stage, token, over in out:
+                    s = self._running[id(stage)]
+                    if over:
+                        del self._running[id(stage)]
+                    self._guard(s, lambda: s._take(token, over, share))
+                tokens += len(out)
+                self.decode_steps += 1
+        t0 = self.clock()
+        for s in sessions:
+            self._guard(s, s._vocode)
+        self.vocoder_seconds += self.clock() - t0
+        self.tokens_decoded += tokens
+        self.compute_seconds += self.clock() - started
+        return tokens
+
+    def _admit(self, sessions: list[ResynthSession]) -> None:
+        """Start the due passes of these streams in free rows, oldest-due first, one batched prefill per model;
+        let a pass in flight run on to the last unit once its stream has ended (IncrementalELLAV.extend_stop)."""
+        now = self.clock()
+        due = []
+        for s in sessions:
+            if s.ellav.running:
+                self._guard(s, lambda: self._extend(s))
+            elif s.ellav.pass_due():
+                if s._due_since is None:
+                    s._due_since = now
+                due.append(s)
+        due.sort(key=lambda s: s._due_since)
+        jobs: dict[tuple[int, int], list[tuple[ResynthSession, PassPlan]]] = {}
+        for s in due:
+            key = (s.k, s.lmbda)
+            if len(jobs.get(key, ())) >= self._decoder(key).free:
+                continue  # waits for a free row, keeping its place in line
+            plans: list[PassPlan] = []
+            self._guard(s, lambda: plans.append(s.ellav.next_pass()))
+            if plans:
+                s._due_since = None
+                jobs.setdefault(key, []).append((s, plans[0]))
+        for key, items in jobs.items():
+            t0 = self.clock()
+            try:
+                self._decoder(key).admit([(s.ellav, plan) for s, plan in items])
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory for a huge prompt: fail these streams only
+                for s, _ in items:
+                    s._fail(e)
+                continue
+            synchronize(self.device)  # CUDA: the prefill's kernels, not their launch (decode steps sync on their ids)
+            elapsed = self.clock() - t0
+            self.prefill_seconds += elapsed
+            share = elapsed / len(items)
+            for s, _ in items:
+                self._running[id(s.ellav)] = s
+                s._compute_s += share
+
+    def _extend(self, session: ResynthSession) -> None:
+        stop = session.ellav.extend_stop()
+        if stop is not None:
+            self._decoders[(session.k, session.lmbda)].set_stop(session.ellav, stop)
+
+    def run_until_idle(self, sessions: Iterable[ResynthSession]) -> int:
+        """step() until no stream has work left; returns the tokens decoded."""
+        sessions = list(sessions)
+        tokens = 0
+        while any(s.has_work for s in sessions):
+            tokens += self.step(sessions)
+        return tokens
