@@ -37,7 +37,6 @@ from dpslm_stream.stream.ellav_batch import BatchDecoder
 from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 
 
-
 def _precisions(text: str) -> list[str]:
     out = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in out if p not in PRECISIONS]
