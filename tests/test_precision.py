@@ -36,7 +36,7 @@ def test_exact_changes_nothing():
 
 @pytest.mark.parametrize("flags,fbgemm,expect", [
     (frozenset(), False, ("int8", "fp32", "fp32")),
-    (frozenset({"avx512f", "avx512_vnni"}), True, ("int8dyn", "fp32", "fp32")),
+    (frozenset({"avx512f", "avx512_vnni"}), True, ("int8dyn", "int8dyn", "fp32")),
     (frozenset({"avx512f", "amx_bf16", "amx_int8"}), False, ("int8", "bf16", "bf16")),
     (frozenset({"avx512_bf16"}), True, ("int8dyn", "bf16", "bf16")),
 ])  # fmt: skip
@@ -50,9 +50,9 @@ def test_fast_plan_follows_the_machine(monkeypatch, flags, fbgemm, expect):
         PR.plan_for("ellav", "fastest", "cpu")
 
 
-@pytest.mark.parametrize("decode", ["int8", "int8dyn"])
+@pytest.mark.parametrize("decode,bulk", [("int8", "fp32"), ("int8dyn", "fp32"), ("int8dyn", "int8dyn")])
 @pytest.mark.parametrize("rows", [1, 5, PR.DECODE_ROWS, PR.DECODE_ROWS + 1, 40])
-def test_int8_linear_is_close_to_float32(rows, decode):
+def test_int8_linear_is_close_to_float32(rows, decode, bulk):
     """Both kernels of FastLinear (int8 for few rows: weight-only, or with dynamically quantized activations; the
     bulk GEMM for many) against fp32: per-channel int8 weights and bf16 or 8-bit activations keep the error around
     1% of the output's scale."""
@@ -60,7 +60,8 @@ def test_int8_linear_is_close_to_float32(rows, decode):
         pytest.skip("torch has no fbgemm here")
     torch.manual_seed(rows)
     a, b = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(64, 32, bias=True)
-    fused = PR.FastLinear([a, b], decode, "fp32")
+    fused = PR.FastLinear([a, b], decode, bulk)
+    assert hasattr(fused, "weight") == (bulk != "int8dyn")  # no float copy where every row count runs int8
     x = torch.randn(rows, 64)
     with torch.no_grad():
         expected = torch.cat([a(x), b(x)], dim=-1)

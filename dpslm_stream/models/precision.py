@@ -12,9 +12,10 @@ per model and per machine, the kernels that measured faster (README "Precision";
   weight-only kernel `aten._weight_int8pack_mm` (bf16 activations, "int8", kept where fbgemm is missing) and 70 ms
   in fp32, and stayed the fastest up to 64 rows. On a GPU: bfloat16 weights.
 - matmuls of many rows (prompt prefill, vocoder windows): bfloat16 where the hardware has bf16 matmul units (AMX or
-  AVX512-BF16 CPUs, GPUs), else float32 (without bf16 units a bf16 or int8 GEMM is slower than fp32's at these
-  sizes). A fast transformer keeps both weight copies: int8 for decode, bulk dtype for prefill (ELLA-V at released
-  size: 0.21 GB + 0.84 GB fp32 or 0.42 GB bf16).
+  AVX512-BF16 CPUs, GPUs); else, for the transformers, fbgemm's int8 ("int8dyn", 3x faster than fp32 at 64 rows
+  on the Xeon above; no float copy of the weights is kept), and float32 for the vocoder. A transformer whose
+  decode and prefill kernels differ keeps both weight copies (ELLA-V at released size: 0.21 GB int8 + 0.42 GB
+  bf16).
 - what stays float32 whatever the plan: the residual stream, RMSNorms, RoPE, attention (softmax and KV cache), the
   output projection and logits, the vocoder's FFTs and every normalisation.
 
@@ -62,7 +63,7 @@ def machine_summary(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    flags = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512f", "avx2") if f in cpu_flags()]
+    flags = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni", "avx2") if f in cpu_flags()]
     return f"cpu, flags: {' '.join(flags) or 'none of amx/avx512/avx2'}"
 
 
@@ -100,17 +101,19 @@ class Plan:
     precision: str  # "exact" or "fast"
     model: str  # "ellav", "ulm" or "wavtokenizer"
     decode: str  # "fp32", "bf16", "int8" (weight-only, per output channel) or "int8dyn" (int8 activations too)
-    bulk: str  # "fp32" or "bf16"
+    bulk: str  # "fp32", "bf16" or "int8dyn"
 
     def describe(self) -> str:
         if self.precision == "exact":
             return f"{self.model}: exact (float32)"
         if self.model == "wavtokenizer":
             return f"{self.model}: fast = backbone {self.bulk} (FFTs and norms float32)"
-        decode = {"int8": "int8 weight-only (bf16 activations)",
-                  "int8dyn": "int8 (weights per channel, activations dynamic, fbgemm)"}.get(self.decode, self.decode)
-        return (f"{self.model}: fast = decode matmuls {decode}, prefill {self.bulk}; norms, RoPE, attention, "
-                "logits float32")  # fmt: skip
+        names = {"int8": "int8 weight-only (bf16 activations)",
+                 "int8dyn": "int8 (weights per channel, activations dynamic, fbgemm)"}
+        decode, bulk = names.get(self.decode, self.decode), names.get(self.bulk, self.bulk)
+        if decode == bulk:
+            return f"{self.model}: fast = matmuls {decode}; norms, RoPE, attention, logits float32"
+        return f"{self.model}: fast = decode matmuls {decode}, prefill {bulk}; norms, RoPE, attention, logits float32"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,10 +134,9 @@ def plan_for(model: str, precision: str, device: torch.device | str = "cpu") -> 
     if model == "wavtokenizer":
         return Plan("fast", model, bulk, bulk)
     if has_int8_dynamic_kernel(device):
-        decode = "int8dyn"
-    else:
-        decode = "int8" if has_int8_weight_kernel(device) else bulk
-    return Plan("fast", model, decode, bulk)
+        # fbgemm's int8 GEMM also beat fp32 at prompt sizes (64 rows: 3x) where there are no bf16 units
+        return Plan("fast", model, "int8dyn", bulk if bulk == "bf16" else "int8dyn")
+    return Plan("fast", model, "int8" if has_int8_weight_kernel(device) else bulk, bulk)
 
 
 _DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -167,7 +169,8 @@ class FastLinear(nn.Module):
     - int8: weight-only, `aten._weight_int8pack_mm(x.bf16, q, 1)` with the output scaled in float32 (activations
       rounded to bfloat16); rows are independent. Used where fbgemm is missing.
     - bf16/fp32: a plain GEMM on W stored in that dtype. Many-row calls of an int8 plan use a copy of W in the bulk
-      dtype (the int8 kernels in row chunks measured slower than fp32 GEMM at 64-256 rows on AMX machines).
+      dtype (the weight-only int8 kernel in row chunks measured slower than fp32 GEMM at 64-256 rows on AMX
+      machines); a bulk "int8dyn" keeps no copy (int8 at every row count: a quarter of fp32's memory).
     Input and output are float32 (the residual stream stays float32); a bias stays float32.
     """
 
@@ -187,7 +190,8 @@ class FastLinear(nn.Module):
             self.register_buffer("qweight", qweight)
             self.register_buffer("scale", scale)
             self.register_buffer("_ones", torch.ones(self.out_features, dtype=torch.bfloat16, device=weight.device))
-            self.register_buffer("weight", weight.to(_DTYPE[bulk]))  # for many-row calls
+            if bulk != "int8dyn":
+                self.register_buffer("weight", weight.to(_DTYPE[bulk]))  # for many-row calls
             if decode == "int8dyn":
                 self.packed = _fbgemm_pack(qweight, scale, bias)
                 # Without VNNI fbgemm multiplies int8 pairs with int16 saturation: 7-bit activations avoid it.
@@ -198,10 +202,11 @@ class FastLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= DECODE_ROWS and self.decode == "int8dyn":
+        kernel = self.decode if x2.shape[0] <= DECODE_ROWS else self.bulk
+        if kernel == "int8dyn":
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, self.reduce_range)
             return y.reshape(*shape[:-1], self.out_features)
-        if x2.shape[0] <= DECODE_ROWS and self.decode == "int8":
+        if kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._ones)
             y = y.float() * self.scale
         else:
