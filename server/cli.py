@@ -85,6 +85,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--precision", default=d.precision, choices=("exact", "fast"),
                    help="resynthesis models: exact (float32, default) or fast (int8/bf16 kernels picked for this "
                         "machine; printed at start-up and reported in ready.settings.resynth.precision)")
+    p.add_argument("--encoder-precision", default=d.encoder_precision, choices=("exact", "fast"),
+                   help="streaming encoder (cached/sliding modes): exact (float32, default) or fast (its block "
+                        "linears in int8 through fbgemm on x86 CPUs without bf16 units, bf16 where there are; "
+                        "printed at start-up); units then differ slightly from offline")
     p.add_argument("--max-listeners", type=int, default=d.max_listeners, help="listeners per sender session")
     p.add_argument("--max-resynth-lag", type=float, default=d.max_resynth_lag_s,
                    help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
@@ -140,7 +144,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_hop=args.max_hop, max_lookahead=args.max_lookahead, max_lag=args.max_lag,
         stall_timeout_s=args.stall_timeout, drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup,
         resynth=not args.no_resynth, resynth_device=args.resynth_device, resynth_dtype=args.resynth_dtype,
-        precision=args.precision, allow_tf32=args.allow_tf32,
+        precision=args.precision, encoder_precision=args.encoder_precision, allow_tf32=args.allow_tf32,
         max_listeners=args.max_listeners, max_resynth_lag_s=args.max_resynth_lag,
         max_exact_resynth_s=args.max_exact_resynth, open_timeout_s=args.open_timeout,
     )  # fmt: skip
