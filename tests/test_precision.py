@@ -186,3 +186,17 @@ def test_server_builds_its_encoder_in_the_configured_precision(tiny_dir):
     assert worker.runner.precision_plan.precision == "fast"
     assert build_encoder(ServerConfig(models=str(tiny_dir), pairs=((K, LMBDA),))).runner.precision_plan.precision \
         == "exact"  # fmt: skip
+
+
+@pytest.mark.parametrize("decode,bulk", [("int8", "fp32"), ("int8dyn", "int8dyn")])
+def test_fast_linear_takes_empty_and_non_finite_rows(decode, bulk):
+    """fbgemm refuses to pick an activation scale for no rows or all-NaN rows: FastLinear answers like a float layer
+    (an empty output; NaN out) instead of raising."""
+    if decode == "int8dyn" and not PR.has_int8_dynamic_kernel("cpu"):
+        pytest.skip("torch has no fbgemm here")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    fast = PR.FastLinear([lin], decode, bulk)
+    with torch.no_grad():
+        assert fast(torch.zeros(0, 64)).shape == (0, 32) and fast(torch.zeros(2, 0, 64)).shape == (2, 0, 32)
+        assert torch.isnan(fast(torch.full((2, 64), float("nan")))).all()

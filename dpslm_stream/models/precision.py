@@ -173,7 +173,8 @@ class FastLinear(nn.Module):
       and zero point over the call's rows, as torch's dynamic quantization does), int8 x int8 products accumulated
       in int32 by fbgemm (`quantized::linear_dynamic`; AVX512-VNNI or AVX2), output float32. Fastest on x86 CPUs
       without bf16 units at every row count measured (1-64), but a row's rounding depends on the other rows of
-      the call (the shared activation scale).
+      the call (the shared activation scale), and a NaN among finite activations comes out finite (fbgemm's
+      scale ignores it; calls with no rows or no finite value run the float32 fallback).
     - int8: weight-only, `aten._weight_int8pack_mm(x.bf16, q, 1)` with the output scaled in float32 (activations
       rounded to bfloat16); rows are independent. Used where fbgemm is missing.
     - bf16/fp32: a plain GEMM on W stored in that dtype. Many-row calls of an int8 plan use a copy of W in the bulk
@@ -212,9 +213,12 @@ class FastLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         kernel = self.decode if x2.shape[0] <= DECODE_ROWS else self.bulk
         if kernel == "int8dyn":
-            y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, self.reduce_range)
-            return y.reshape(*shape[:-1], self.out_features)
-        if kernel == "int8":
+            try:
+                y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, self.reduce_range)
+                return y.reshape(*shape[:-1], self.out_features)
+            except RuntimeError:  # no rows, or a NaN/inf: fbgemm cannot pick an activation scale
+                y = F.linear(x2, self.qweight.float() * self.scale[:, None])  # the same weights, in float32
+        elif kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._ones)
             y = y.float() * self.scale
         else:
