@@ -301,8 +301,12 @@ def build_encoder(config: ServerConfig) -> Any:
     dtype = getattr(torch, config.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput(f"unknown dtype {config.dtype!r}; expected float32, bfloat16 or float16")
-    return EncoderWorker(hub.ModelSet(config.models), device=config.device, dtype=dtype,
-                         pairs=list(config.pairs) if config.pairs else None, allow_tf32=config.allow_tf32)  # fmt: skip
+    worker = EncoderWorker(hub.ModelSet(config.models), device=config.device, dtype=dtype,
+                           pairs=list(config.pairs) if config.pairs else None, allow_tf32=config.allow_tf32,
+                           precision=config.encoder_precision)  # fmt: skip
+    if config.encoder_precision != "exact":
+        log.info("encoder precision %s: %s", config.encoder_precision, worker.runner.precision_plan.describe())
+    return worker
 
 
 def build_resynth(config: ServerConfig, models: Any = None, **options: Any) -> Any:

@@ -106,6 +106,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     field("precision", choices=PRECISIONS,
           help="resynthesis models: exact (float32, default) or fast (int8/bf16 kernels picked for this machine; "
                "printed at start-up and reported in ready.settings.resynth.precision)")
+    field("encoder_precision", choices=PRECISIONS,
+          help="streaming encoder (cached/sliding modes): exact (float32, default) or fast (its block "
+               "linears in int8 through fbgemm on x86 CPUs without bf16 units, bf16 where there are; "
+               "printed at start-up); units then differ slightly from offline")
     field("max_listeners", type=int, help="listeners per sender session")
     field("max_resynth_lag_s", type=float,
           help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
