@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
