@@ -95,6 +95,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--open-timeout", type=float, default=d.open_timeout_s,
                    help="seconds a session's models may take to open before it ends with internal_error "
                         f"(default {d.open_timeout_s:g})")
+    p.add_argument("--transmit-table", action="append", default=None, metavar="FILE",
+                   help="a unit table (`codec fit`) for start.transmit coder 'table', shipped inside each stream's "
+                        "header; repeatable, one per k; its k must be a served pair's")  # fmt: skip
     p.add_argument("--allow-tf32", action="store_true",
                    help="CUDA: let matmuls and convolutions use TF32 (faster on Ampere and later; results then "
                         "differ from the exact fp32 path at ~1e-3; default off)")  # fmt: skip
@@ -143,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         precision=args.precision, allow_tf32=args.allow_tf32,
         max_listeners=args.max_listeners, max_resynth_lag_s=args.max_resynth_lag,
         max_exact_resynth_s=args.max_exact_resynth, open_timeout_s=args.open_timeout,
+        transmit_tables=tuple(str(t) for t in args.transmit_table or ()),
     )  # fmt: skip
 
 

@@ -66,6 +66,8 @@ class ServerConfig:
     # Resampling kernel of a client's sample rate (elements, audio.resampler_kernel_size): an odd rate such as 47999 Hz
     # needs a 3 GB kernel that takes tens of seconds to build. 4M (16 MB) admits every common rate (44.1 kHz: 76k).
     max_resampler_taps: int = 4_000_000
+    # Unit tables (`codec fit` files) for start.transmit coder "table", at most one per K; each K must be served.
+    transmit_tables: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         positive_ints = ("max_sessions", "max_message_bytes", "max_text_bytes", "max_json_depth", "max_buffer_bytes",

@@ -69,6 +69,7 @@ class ServerInfo:
     pairs: tuple[tuple[int, int], ...]
     default_pair: tuple[int, int]
     resynth: bool  # resynthesis offered
+    transmit_table_ks: tuple[int, ...] = ()  # K of each unit table the server codes start.transmit "table" with
 
 
 class Session:
@@ -481,9 +482,11 @@ class Session:
         resynth, refused = self._resynth_options(msg.resynth)
         if refused:
             return refused
-        if msg.transmit is not None and msg.transmit["coder"] == "table":
-            return self._error(E.UNSUPPORTED_OPTION, "this server has no unit table; transmit with coder 'uniform' or "
-                                                     "'ulm'")  # fmt: skip
+        if msg.transmit is not None and msg.transmit["coder"] == "table" and k not in self.server.transmit_table_ks:
+            have = f"tables for k={', '.join(map(str, self.server.transmit_table_ks))}" if self.server.transmit_table_ks \
+                else "no unit table (serve --transmit-table FILE)"
+            return self._error(E.UNSUPPORTED_OPTION, f"this server has {have}, none for k={k}; transmit with coder "
+                                                     f"'uniform' or 'ulm'")  # fmt: skip
         self.transmit = msg.transmit
         self.tx_done = msg.transmit is None  # with a transmitter, end waits for its END packet
         self.start, self.role, self.state = msg, "sender", State.OPENING
