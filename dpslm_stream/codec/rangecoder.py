@@ -10,7 +10,8 @@ is the classic carry-propagating range coder (the LZMA scheme: a cached byte plu
 a carry may still turn into 0x00), with a 64-bit window in Python integers:
 
     encode (cum, f) of total T = 2^24:  r = range >> 24; low += r*cum; range = r*f
-    normalize: while range < 2^56: shift the top byte of low out (settled unless a carry can still reach it)
+    normalize: while range < 2^56: shift the top byte of low out (settled unless a carry can still reach it;
+               the held bytes are released as soon as the interval cannot carry any more)
 
 so r >= 2^32 and the truncation of r costs < 2^-32 of the interval a symbol (nothing measurable). A segment ends with
 the shortest value in the final interval that has the most trailing zero bytes (at most one byte past the settled
@@ -79,7 +80,13 @@ class RangeEncoder:
         self._low = (low << 8) & _MASK
 
     def take_settled(self) -> bytes:
-        """The bytes settled since the last call (final: a decoder may use them at once)."""
+        """The bytes settled since the last call (final: a decoder may use them at once). The held bytes go too
+        once no carry can reach them: when the interval no longer crosses the window's top (it only shrinks)."""
+        if self._low + self._range <= _MASK + 1 and (self._cache is not None or self._ff):
+            if self._cache is not None:
+                self._out.append(self._cache)
+            self._out += b"\xff" * self._ff
+            self._cache, self._ff = None, 0
         out = bytes(self._out)
         self._out.clear()
         return out
