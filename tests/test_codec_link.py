@@ -64,9 +64,10 @@ def test_units_cross_the_link_exactly_and_within_one_packet_interval(packet_ms, 
     assert stats["units"] == 300 and stats["payload_bps"] > 0 and stats["authors_bitrate"] > 0
 
 
-def test_a_lossy_jittery_channel_loses_only_whole_segments_and_says_so():
+@pytest.mark.parametrize("termination", ["packet", "segment"])
+def test_a_lossy_jittery_channel_loses_only_whole_segments_and_says_so(termination):
     units = _markov_units(2000, seed=2)
-    opts = TransmitOptions(coder="uniform", packet_ms=60, resync_s=0.5)
+    opts = TransmitOptions(coder="uniform", packet_ms=60, resync_s=0.5, termination=termination)
     channel = Channel(loss=0.05, burst=2.0, jitter_ms=80, seed=3)
     tx, rx, _, _ = _run(lambda: UniformModel(K), opts, units, channel)
     rep = rx.report()
@@ -77,3 +78,4 @@ def test_a_lossy_jittery_channel_loses_only_whole_segments_and_says_so():
         assert " " + " ".join(map(str, seg)) + " " in text
     assert 0 < len(rx.stream.units) < len(units)
     assert len(rx.stream.segments) > 1 and sum(rx.stream.gaps_before[1:]) > 0
+    assert rep["receiver"]["units_decoded"] == len(rx.stream.units) and rep["receiver"]["units_lost_known"] > 0

@@ -172,12 +172,14 @@ class Receiver:
         got = self.decoder.push(data)
         s = self.stream
         self._gap += got.lost_before
+        if got.lost_before:  # (a packet after a gap may decode no unit yet: the next one must still start anew)
+            self._open = False
         if got.status != "ok":
             self._gap += 1
             self._open = False
             return got
         if got.units:
-            if not self._open or got.lost_before:
+            if not self._open:
                 s.segments.append([])
                 s.gaps_before.append(self._gap)
                 self._gap = 0
