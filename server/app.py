@@ -49,8 +49,8 @@ from .connection import Connection
 from .metrics import Metrics
 from .resynth import InProcessResynth
 from .session import ServerInfo
-from .transmit import CodecService
 from .encoder_thread import InProcessEncoder
+from .transmit import CodecService, load_transmit_tables
 
 __all__ = ["Server", "ServerConfig", "ServerThread", "build_encoder", "build_resynth"]
 
@@ -116,11 +116,12 @@ class Server:
         self.pairs: list[tuple[int, int]] = [(int(k), int(lm)) for k, lm in self.encoder.available_pairs()]
         default = (hub.DEFAULT_K, hub.DEFAULT_LMBDA)
         self.default_pair = default if default in self.pairs or not self.pairs else self.pairs[0]
+        tables = load_transmit_tables(config.transmit_tables, self.pairs)
         self.info = ServerInfo(self.models_name, self.random_weights, tuple(self.pairs), self.default_pair,
-                               self.resynth is not None)  # fmt: skip
+                               self.resynth is not None, tuple(sorted(tables)))  # fmt: skip
         self.connections: set[Connection] = set()
         # start.transmit: the sessions' bitstream coders, on one codec thread (models loaded when first asked for)
-        self.codec: CodecService | None = CodecService(models if models is not None else config.models)
+        self.codec: CodecService | None = CodecService(models if models is not None else config.models, tables)
         self.draining = False
         self.encoder_backend: EncoderBackend | None = None
         self.resynth_backend: ResynthBackend | None = None

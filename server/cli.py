@@ -31,7 +31,7 @@ ALIASES = {"start_timeout_s": ("--start-timeout",), "idle_timeout_s": ("--idle-t
            "max_buffer_s": ("--max-buffer",), "stall_timeout_s": ("--stall-timeout",),
            "drain_timeout_s": ("--drain-timeout",), "max_resynth_lag_s": ("--max-resynth-lag",),
            "open_timeout_s": ("--open-timeout",), "max_exact_resynth_s": ("--max-exact-resynth",),
-           "resume_grace_s": ("--resume-grace",),
+           "resume_grace_s": ("--resume-grace",), "transmit_tables": ("--transmit-table",),
            "allowed_origins": ("--allow-origin",)}  # fmt: skip
 
 
@@ -110,6 +110,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
           help="streaming encoder (cached/sliding modes): exact (float32, default) or fast (its block "
                "linears in int8 through fbgemm on x86 CPUs without bf16 units, bf16 where there are; "
                "printed at start-up); units then differ slightly from offline")
+    field("transmit_tables", action="append", default=[], metavar="FILE",
+          help="a unit table (`codec fit`) for start.transmit coder 'table', shipped inside each stream's "
+               "header; repeatable, one per k; its k must be a served pair's")  # fmt: skip
     field("max_listeners", type=int, help="listeners per sender session")
     field("max_resynth_lag_s", type=float,
           help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
@@ -156,6 +159,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for name in ("pairs", "presets"):
         values[name] = tuple(values[name]) if values[name] else None
     values["modes"], values["allowed_origins"] = tuple(values["modes"]), tuple(values["allowed_origins"])
+    values["transmit_tables"] = tuple(str(t) for t in values["transmit_tables"])
     values["token"] = values["token"] or os.environ.get("DPSLM_STREAM_TOKEN") or None
     return ServerConfig(**values)
 

@@ -73,6 +73,8 @@ class ServerConfig:
     # is bounded by this rule, not counted against max_outgoing_bytes.
     resume_grace_s: float = 30.0
     resume_outbox_bytes: int = 2 << 20
+    # Unit tables (`codec fit` files) for start.transmit coder "table", at most one per K; each K must be served.
+    transmit_tables: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Every entry point (the CLI, ServerThread, the Ray gateway and its replicas) builds a ServerConfig, so
