@@ -35,16 +35,17 @@ import numpy as np
 from dpslm_stream import __version__
 from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
-from dpslm_stream.pipeline import default_num_neighbors
 from dpslm_stream.stream.events import EndEvent, UnitEvent
 from dpslm_stream.stream.resynth import AudioEvent, ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
 from . import actions as A
 from . import limits
+from . import start as start_rules
 from .backends import EncoderSessionInfo, Progress, ResynthStream
 from .config import ServerConfig
 from .report import Report
+from .start import ServerInfo
 
 log = logging.getLogger("dpslm_stream.server")
 E = P.ErrorCode
@@ -58,17 +59,6 @@ class State(enum.Enum):
     ENDING = "ending"  # no more input: the remaining units and audio are finished, then end
     CLOSED = "closed"  # the last frame (end, or a fatal error) is queued and the close requested
     GONE = "gone"  # the transport is gone
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerInfo:
-    """What a session tells its client about the server (ready) and which models it may choose."""
-
-    models: str
-    random_weights: bool
-    pairs: tuple[tuple[int, int], ...]
-    default_pair: tuple[int, int]
-    resynth: bool  # resynthesis offered
 
 
 class Session:
@@ -235,13 +225,7 @@ class Session:
         self._next_stats = now + self.cfg.stats_interval_s
         self.listen_token = secrets.token_urlsafe(16)
         assert self.start is not None
-        s = self.start
-        full = info.mode == "full"
-        settings = {"sample_rate": s.sample_rate, "format": s.format, "k": info.k, "lmbda": info.lmbda,
-                    "preset": s.preset, "score": s.score, "frame_rate": P.FRAME_RATE, "mode": info.mode,
-                    "left": None if full else info.left, "hop": None if full else info.hop,
-                    "lookahead": None if full else info.lookahead, "max_lag": info.max_lag,
-                    "num_neighbors": default_num_neighbors(info.k), "resynth": self.resynth_settings}  # fmt: skip
+        settings = start_rules.sender_settings(self.start, info, self.resynth_settings)
         return [A.Register(self.listen_token), *self._send(self._ready(settings, "sender", self.listen_token))]
 
     def open_failed(self, code: P.ErrorCode, message: str, now: float) -> list[A.Action]:
@@ -459,56 +443,20 @@ class Session:
     # Start and subscribe
 
     def _on_start(self, msg: P.Start, now: float) -> list[A.Action]:
-        cfg = self.cfg
-        if (msg.k is None) != (msg.lmbda is None):
-            return self._error(E.BAD_MESSAGE, "give both k and lmbda, or neither (the server's default pair)")
-        k, lmbda = (msg.k, msg.lmbda) if msg.k is not None and msg.lmbda is not None else self.server.default_pair
-        if (k, lmbda) not in self.server.pairs:
-            served = ", ".join(f"(k={a}, lmbda={b})" for a, b in self.server.pairs)
-            return self._error(E.UNKNOWN_MODEL, f"(k={k}, lmbda={lmbda}) is not served here; served: {served}")
-        opts = dict(msg.options)
-        mode = opts.pop("mode", "cached")
-        if mode not in cfg.modes or (cfg.presets is not None and msg.preset not in cfg.presets):
-            presets = "any" if cfg.presets is None else ", ".join(cfg.presets)
-            return self._error(E.BAD_SETTINGS, f"mode {mode!r} / preset {msg.preset!r} is not offered here; modes: "
-                                               f"{', '.join(cfg.modes)}; presets: {presets}")  # fmt: skip
-        refusal = limits.window_refusal(cfg, mode, msg.preset, opts)
-        if refusal is not None:
-            return self._error(E.BAD_SETTINGS, refusal)
-        refusal = limits.sample_rate_refusal(cfg, msg.sample_rate)
-        if refusal is not None:
-            return self._error(E.BAD_SAMPLE_RATE, refusal)
-        resynth, refused = self._resynth_options(msg.resynth)
-        if refused:
-            return refused
-        if msg.transmit is not None and msg.transmit["coder"] == "table":
-            return self._error(E.UNSUPPORTED_OPTION, "this server has no unit table; transmit with coder 'uniform' or "
-                                                     "'ulm'")  # fmt: skip
+        plan = start_rules.check_start(self.cfg, self.server, msg)
+        if isinstance(plan, start_rules.Refusal):
+            return self._error(plan.code, plan.message)
         self.transmit = msg.transmit
         self.tx_done = msg.transmit is None  # with a transmitter, end waits for its END packet
         self.start, self.role, self.state = msg, "sender", State.OPENING
-        self.resynth_options, self._open_deadline = resynth, now + cfg.open_timeout_s
+        self.resynth_options, self._open_deadline = plan.resynth, now + self.cfg.open_timeout_s
         self._pause(now)
-        settings = dict(k=k, lmbda=lmbda, mode=mode, preset=msg.preset, score=msg.score, **opts)
-        return [A.OpenSession(msg.sample_rate, settings, resynth)]
-
-    def _resynth_options(self, given: dict | None) -> tuple[ResynthOptions | None, list[A.Action]]:
-        if given is None:
-            return None, []
-        if not self.server.resynth:
-            return None, self._error(E.UNSUPPORTED_OPTION, "this server runs without resynthesis (started with "
-                                                           "--no-resynth); ask for units only")  # fmt: skip
-        try:
-            options = limits.resynth_options(given)
-        except P.ProtocolError as e:
-            return None, self._error(e.code, str(e))
-        refusal = limits.exact_resynth_refusal(self.cfg, options)
-        return (None, self._error(E.UNSUPPORTED_OPTION, refusal)) if refusal else (options, [])
+        return [A.OpenSession(msg.sample_rate, plan.settings, plan.resynth)]
 
     def _on_subscribe(self, msg: P.Subscribe, now: float) -> list[A.Action]:
-        resynth, refused = self._resynth_options(msg.resynth)
-        if refused:
-            return refused
+        resynth = start_rules.check_resynth(self.cfg, self.server, msg.resynth)
+        if isinstance(resynth, start_rules.Refusal):
+            return self._error(resynth.code, resynth.message)
         self.role, self.state = "listener", State.OPENING
         self.resynth_options, self._open_deadline = resynth, now + self.cfg.open_timeout_s
         self._pause(now)
