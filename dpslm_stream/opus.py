@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 
 from dpslm_stream import protocol as P
+from dpslm_stream.audio import StreamingResampler
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.opus_framing import (OPUS_RATE, Demuxer, FramingError, OggDemuxer, OpusHead, OpusPacket,
                                        WebmDemuxer, sniff_container)  # fmt: skip
 
-OPUS_CONTAINERS = ("auto", "ogg", "webm", "raw")
+OPUS_CONTAINERS = P.OPUS_CONTAINERS
 OPUS_BITRATES = (6000, 510000)  # libopus' range of target bitrates (bit/s)
 INSTALL_HINT = "the Opus uplink needs PyAV: pip install 'dpslm-stream[opus]' (or pip install av)"
 
@@ -88,8 +89,15 @@ class OpusUplinkDecoder:
     def state_nbytes(self) -> int:
         return len(self._sniffed) + (self._demuxer.pending_bytes if self._demuxer is not None else 0)
 
+    def truncation(self) -> str | None:
+        """At the end of the stream: what an unfinished page or block leaves undecoded (a truncated stream), or None."""
+        pending = self.state_nbytes if self.failed is None else 0
+        return (f"the Opus stream ended inside a page or block: its last {pending} bytes were dropped (a truncated "
+                "stream)") if pending else None  # fmt: skip
+
     def take_dropped(self) -> list[str]:
-        """What was dropped since the last call (damaged pages, undecodable packets), one line each."""
+        """What was dropped since the last call (damaged pages, undecodable packets), one line each; each ends with
+        "the stream goes on"."""
         dropped = self._dropped + (self._demuxer.dropped if self._demuxer is not None else [])
         self._dropped = []
         if self._demuxer is not None:
@@ -118,7 +126,8 @@ class OpusUplinkDecoder:
             self._sniffed.clear()
         if self.container == "raw":
             if not data:
-                self._dropped.append("an empty Opus packet was dropped; send one packet per binary message")
+                self._dropped.append("an empty Opus packet was dropped (send one packet per binary message); the "
+                                     "stream goes on")  # fmt: skip
                 return np.zeros(0, np.float32)
             if self._decoder is None:
                 self._open(OpusHead.make(2 if data[0] & 0x04 else 1))
@@ -144,7 +153,7 @@ class OpusUplinkDecoder:
                 frames = self._decoder.decode(self._av.Packet(packet.data))
             except self._av.FFmpegError as e:
                 self._dropped.append(f"an Opus packet of {len(packet.data)} bytes could not be decoded and was "
-                                     f"dropped ({e.strerror or e})")  # fmt: skip
+                                     f"dropped ({e.strerror or e}); the stream goes on")  # fmt: skip
                 continue
             audio = [f.to_ndarray().reshape(f.layout.nb_channels, -1).mean(axis=0, dtype=np.float32) for f in frames]
             samples = np.concatenate(audio) if audio else np.zeros(0, np.float32)
@@ -161,10 +170,12 @@ class OpusUplinkDecoder:
 
 
 class OpusUplinkEncoder:
-    """A client's streaming Opus encoder: ``push(float32 samples at 48 kHz)`` -> the messages to send now (bytes of
-    an Ogg or WebM stream, or raw packets, one per message); ``finish()`` -> the rest."""
+    """A client's streaming Opus encoder: ``push(float32 samples at input_rate)`` -> the messages to send now (bytes
+    of an Ogg or WebM stream, or raw packets, one per message); ``finish()`` -> the rest. Input at another rate than
+    48 kHz goes through the project's streaming resampler first (the same sinc kernel the server uses)."""
 
-    def __init__(self, bitrate: int = 24000, container: str = "ogg", frame_ms: float = 20.0, page_ms: float = 100.0):
+    def __init__(self, bitrate: int = 24000, container: str = "ogg", frame_ms: float = 20.0, page_ms: float = 100.0,
+                 input_rate: int = OPUS_RATE):  # fmt: skip
         if container not in ("ogg", "webm", "raw"):
             raise InvalidInput(f"container must be ogg, webm or raw, got {container!r}")
         if isinstance(bitrate, bool) or not isinstance(bitrate, int) or not OPUS_BITRATES[0] <= bitrate <= OPUS_BITRATES[1]:
@@ -178,17 +189,25 @@ class OpusUplinkEncoder:
         if container == "raw":
             self._stream = av.CodecContext.create("libopus", "w")
         else:
-            # page_duration: the Ogg muxer closes a page every page_ms (its default, 1 s, would hold audio back).
-            options = {"page_duration": str(int(page_ms * 1000))} if container == "ogg" else {"live": "1"}
+            # The Ogg muxer closes a page, the WebM muxer a cluster, every page_ms (their defaults, about 1 s, would
+            # hold the audio back that long).
+            options = {"page_duration": str(int(page_ms * 1000))} if container == "ogg" else {"live": "1", "cluster_time_limit": str(int(page_ms))}
             self._out = av.open(self._sink, "w", format=container, options=options)
             self._stream = self._out.add_stream("libopus", rate=OPUS_RATE, layout="mono").codec_context
         ctx = self._stream
         ctx.sample_rate, ctx.layout, ctx.format, ctx.bit_rate = OPUS_RATE, "mono", "flt", bitrate
         ctx.options = {"frame_duration": f"{frame_ms:g}", "application": "voip"}
         self._pts = 0
+        self._resampler = StreamingResampler(input_rate, OPUS_RATE) if input_rate != OPUS_RATE else None
 
     def push(self, samples: np.ndarray) -> list[bytes]:
-        x = np.ascontiguousarray(np.asarray(samples, dtype=np.float32).reshape(1, -1))
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if self._resampler is not None:
+            samples = self._resampler.push(samples).numpy()
+        return self._encode(samples)
+
+    def _encode(self, samples: np.ndarray) -> list[bytes]:
+        x = np.ascontiguousarray(samples.reshape(1, -1))
         if x.shape[1] == 0:
             return []
         frame = self._av.AudioFrame.from_ndarray(x, format="flt", layout="mono")
@@ -197,7 +216,8 @@ class OpusUplinkEncoder:
         return self._emit(self._stream.encode(frame))
 
     def finish(self) -> list[bytes]:
-        out = self._emit(self._stream.encode(None))
+        out = self._encode(self._resampler.flush().numpy()) if self._resampler is not None else []
+        out += self._emit(self._stream.encode(None))
         if self._out is not None:
             self._out.close()
             out += self._drain()

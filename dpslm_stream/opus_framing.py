@@ -163,7 +163,7 @@ class OggDemuxer:
                 raise FramingError("lost Ogg page sync: the data is not at an Ogg page")
             return None
         if buf[:4] != OGG_MAGIC:
-            raise FramingError("lost Ogg page sync: expected an Ogg page ('OggS') here (truncated or damaged data)")  # fmt: skip
+            raise FramingError("lost Ogg page sync: expected an Ogg page ('OggS') here (truncated or damaged data)")
         if len(buf) < _OGG_HEADER.size:
             return None
         _, version, flags, granule, serial, _, crc, nsegs = _OGG_HEADER.unpack_from(buf)
@@ -180,7 +180,8 @@ class OggDemuxer:
         del buf[:size]
         if ogg_crc(page[:22] + b"\0\0\0\0" + page[26:]) != crc:
             self._packet.clear()  # a packet continued from the dropped page is incomplete
-            self.dropped.append(f"an Ogg page of {size} bytes failed its CRC check and was dropped (damaged data)")
+            self.dropped.append(f"an Ogg page of {size} bytes failed its CRC check and was dropped (damaged data); "
+                                "the stream goes on")  # fmt: skip
             return "damaged"
         return flags, granule, serial, lacing, page[head_len:]
 
@@ -327,14 +328,14 @@ class WebmDemuxer:
             del buf[:head]
             return []
         if size[0] < 0:
-            raise FramingError(f"a WebM element 0x{ident[0]:X} of unknown size (only segments and clusters may be)")  # fmt: skip
+            raise FramingError(f"a WebM element 0x{ident[0]:X} of unknown size (only segments and clusters may be)")
         if ident[0] not in _READ_WHOLE:
             n = min(len(buf), head + size[0])
             self._skip = head + size[0] - n
             del buf[:n]
             return []
         if size[0] > MAX_ELEMENT_BYTES:
-            raise FramingError(f"a WebM element of {size[0]} bytes (at most {MAX_ELEMENT_BYTES} are read whole)")  # fmt: skip
+            raise FramingError(f"a WebM element of {size[0]} bytes (at most {MAX_ELEMENT_BYTES} are read whole)")
         if len(buf) < head + size[0]:
             return None
         payload = bytes(buf[head : head + size[0]])
@@ -374,7 +375,7 @@ class WebmDemuxer:
             raise FramingError(f"a WebM stream without an Opus track (tracks: {self._codecs or 'none'})")
         track = _vint(block, 0, False)
         if track is None or len(block) < track[1] + 3:
-            self.dropped.append(f"a WebM block of {len(block)} bytes is too short and was dropped")
+            self.dropped.append(f"a WebM block of {len(block)} bytes is too short and was dropped; the stream goes on")
             return []
         if track[0] != self._track:
             return []

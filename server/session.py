@@ -35,6 +35,7 @@ import numpy as np
 from dpslm_stream import __version__
 from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.opus import OpusDataError, OpusUplinkDecoder
 from dpslm_stream.stream.events import EndEvent, UnitEvent
 from dpslm_stream.stream.resynth import AudioEvent, ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
@@ -86,6 +87,7 @@ class Session:
         self.queued_samples = 0  # fed, not yet taken by the encoder (an upper bound between reports)
         self.progress = Progress()
         self._held: tuple[np.ndarray, float] | None = None  # a frame waiting for buffer room, and when it arrived
+        self.opus: OpusUplinkDecoder | None = None  # format opus: the stream's decoder (48 kHz out)
         self.units_done = False  # every unit of the stream has been sent
         self.forced_commits = 0
         self.listeners = 0
@@ -174,7 +176,8 @@ class Session:
         if self.start is None:
             return self._error(E.NOT_STARTED, "end before start: send a start message first")
         if self.state == State.STREAMING:
-            return self._end("end")
+            truncated = self.opus.truncation() if self.opus is not None else None
+            return (self._error(E.BAD_AUDIO, truncated) if truncated else []) + self._end("end")
         return []
 
     def receive_binary(self, data: bytes, now: float) -> list[A.Action]:
@@ -193,22 +196,27 @@ class Session:
                                                     f"{self.cfg.max_message_bytes}; split it (e.g. 20-100 ms per "
                                                     "frame); the frame was dropped")  # fmt: skip
         try:
-            samples = P.decode_audio(data, self.start.format)
+            samples = P.decode_audio(data, self.start.format) if self.opus is None else self.opus.push(data)
+        except OpusDataError as e:  # the Opus stream cannot go on: the units of the audio decoded so far follow
+            return self._limit(E.BAD_AUDIO, f"{e}", now)
         except P.ProtocolError as e:
             return self._error(e.code, str(e))
+        dropped = [] if self.opus is None else [a for why in self.opus.take_dropped() for a in self._error(E.BAD_AUDIO, why)]
+        if len(samples) == 0:  # Opus headers, or a page not yet complete
+            return dropped
         sr = self.start.sample_rate
         assert self.info is not None
         if self.info.mode == "full" and limits.full_mode_exceeded(self.cfg, self.received_samples, len(samples), sr):
-            return self._limit(E.SESSION_TIME_LIMIT, f"mode full keeps the whole stream until the end: at most "
-                                                     f"{self.cfg.max_full_s:g} s of audio (use cached or sliding for "
-                                                     "longer streams)", now)  # fmt: skip
+            return dropped + self._limit(E.SESSION_TIME_LIMIT, f"mode full keeps the whole stream until the end: at "
+                                                               f"most {self.cfg.max_full_s:g} s of audio (use cached or "
+                                                               "sliding for longer streams)", now)  # fmt: skip
         if not self._has_room(len(samples)):
             self._held = (samples, now)
             self._pause(now)
             if self.cfg.stall_timeout_s == 0:
-                return self._buffer_full(now)
-            return []
-        return self._accept(samples, now)
+                return dropped + self._buffer_full(now)
+            return dropped
+        return dropped + self._accept(samples, now)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Events from the backends and the I/O layer
@@ -219,6 +227,10 @@ class Session:
             return [A.CancelSlot(), *([A.CloseResynth()] if resynth is not None else [])]
         self._resume(now)
         self.info, self.resynth = info, resynth
+        assert self.start is not None
+        if self.start.format == "opus":  # a message decodes to at most the buffer's worth of audio (Opus bombs)
+            max_samples = int(max(self.cfg.max_buffer_s, 0.5) * P.OPUS_SAMPLE_RATE)
+            self.opus = OpusUplinkDecoder(self.start.container or "auto", max_samples)
         self.resynth_settings = resynth.settings() if resynth is not None else None
         self.state = State.STREAMING
         self.started_at = now
@@ -556,7 +568,7 @@ class Session:
             end = self._end(code.value)
             return self._error(code, f"{why}; the units of the audio received so far follow, then end", fatal=True) + end
         self.outcome = code.value
-        return self._error(code, f"{why}; closing", fatal=True) + self._close(P.CLOSE_CODES[code], code.value)
+        return self._error(code, f"{why}; closing", fatal=True) + self._close(P.close_code(code), code.value)
 
     def _open_expired(self, now: float) -> list[A.Action]:
         """The open deadline: backends that did not open within open_timeout_s (a stuck model load) end the session
@@ -602,7 +614,7 @@ class Session:
         reason = self.reason or "end"
         self.outcome = reason
         end = self.report.end_message(reason, self.stats(now), self.forced_commits, self.resynth_end)
-        code = P.CLOSE_NORMAL if reason == "end" else P.CLOSE_CODES[P.ErrorCode(reason)]
+        code = P.CLOSE_NORMAL if reason == "end" else P.close_code(P.ErrorCode(reason))
         return self._send(end) + self._close(code, reason)
 
     def _close(self, code: int, reason: str) -> list[A.Action]:

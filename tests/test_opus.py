@@ -16,6 +16,7 @@ import pytest
 
 av = pytest.importorskip("av", reason="the Opus uplink needs PyAV (pip install 'dpslm-stream[opus]')")
 
+from dpslm_stream import protocol as P  # noqa: E402
 from dpslm_stream.opus import OpusDataError, OpusUplinkDecoder, decode_opus_file, encode_opus  # noqa: E402
 from dpslm_stream.opus_framing import OGG_MAGIC, OggDemuxer, ogg_crc, packet_samples, sniff_container  # noqa: E402
 from dpslm_stream.tiny import speech_like  # noqa: E402
@@ -237,3 +238,18 @@ def test_demuxer_buffer_is_bounded():
     assert demuxer.pending_bytes == len(header) + 65000  # the page (65 307 bytes) is not complete yet
     assert demuxer.push(bytes(25)) == [] and demuxer.pending_bytes == 0  # complete: it fails its CRC, dropped
     assert demuxer.dropped
+
+
+def test_start_of_an_opus_stream():
+    start = P.parse_client_message('{"type": "start", "format": "opus"}')
+    assert start.format == "opus" and start.container == "auto" and start.sample_rate == P.OPUS_SAMPLE_RATE
+    # A sample rate given with opus is checked, then the decoded rate counts.
+    assert P.parse_client_message('{"type":"start","format":"opus","sample_rate":44100,"container":"webm"}') == \
+        P.Start(sample_rate=48000, format="opus", container="webm")
+    for bad, code in (('"format":"opus","container":"mp4"', "bad_message"), ('"container":"ogg","sample_rate":16000',
+                      "bad_message"), ('"format":"opus","sample_rate":1', "bad_sample_rate")):  # fmt: skip
+        with pytest.raises(P.ProtocolError) as e:
+            P.parse_client_message('{"type":"start",' + bad + "}")
+        assert e.value.code.value == code, bad
+    assert P.parse_client_message('{"type":"start","sample_rate":16000}').container is None
+    assert P.close_code(P.ErrorCode.BAD_AUDIO) == 1007 and P.close_code(P.ErrorCode.BUSY) == 1013
