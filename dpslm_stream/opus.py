@@ -34,7 +34,7 @@ from dpslm_stream.opus_framing import (OPUS_RATE, Demuxer, FramingError, OggDemu
                                        WebmDemuxer, sniff_container)  # fmt: skip
 
 OPUS_CONTAINERS = P.OPUS_CONTAINERS
-OPUS_BITRATES = (6000, 510000)  # libopus' range of target bitrates (bit/s)
+OPUS_BITRATES = (6000, 256000)  # libopus' range of target bitrates for mono (bit/s)
 INSTALL_HINT = "the Opus uplink needs PyAV: pip install 'dpslm-stream[opus]' (or pip install av)"
 
 
@@ -134,7 +134,8 @@ class OpusUplinkDecoder:
             return self._decode([OpusPacket(data)])
         if self._demuxer is None:
             self._demuxer = OggDemuxer() if self.container == "ogg" else WebmDemuxer()
-        packets = self._demuxer.push(data)
+        # Parsing work per message: as many packets as max_samples of audio could hold at 2.5 ms each, at least 64.
+        packets = self._demuxer.push(data, max(64, self.max_samples // 120))
         if packets and self._decoder is None:
             assert self._demuxer.head is not None  # the demuxers return packets only after the head
             self._open(self._demuxer.head)

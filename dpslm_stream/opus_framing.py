@@ -9,7 +9,8 @@ elements around ``SimpleBlock``s), and only packet boundaries, the ``OpusHead`` 
 Opus packets themselves are decoded by PyAV's libavcodec (dpslm_stream/opus.py).
 
 Every size the client controls is bounded: a demuxer buffers at most one Ogg page (< 64 KiB) or one EBML element it
-must read whole (``MAX_ELEMENT_BYTES``); elements it does not need are skipped without being buffered.
+must read whole (``MAX_ELEMENT_BYTES``); elements it does not need are skipped without being buffered; ``max_items``
+bounds the pages, packets and elements one push may parse (a megabyte of empty packets is half a million of them).
 A ``FramingError`` means the stream cannot go on (lost sync, another codec, more than two channels); damage the
 demuxer can step over (a page whose CRC fails, a truncated block) is dropped and described in ``dropped``, and the
 packets around it still come out.
@@ -18,6 +19,7 @@ packets around it still come out.
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,7 +90,9 @@ class Demuxer(Protocol):
     head: OpusHead | None
     dropped: list[str]  # damage stepped over since the caller last cleared it
 
-    def push(self, data: bytes) -> list[OpusPacket]: ...
+    def push(self, data: bytes, max_items: int = 1 << 30) -> list[OpusPacket]:
+        """The packets ``data`` completes; FramingError past ``max_items`` pages, elements or packets in one push."""
+        ...
 
     @property
     def pending_bytes(self) -> int: ...
@@ -98,26 +102,16 @@ class Demuxer(Protocol):
 # Ogg
 
 
-def _ogg_crc_table() -> tuple[int, ...]:
-    table = []
-    for i in range(256):
-        r = i << 24
-        for _ in range(8):
-            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else r << 1
-        table.append(r & 0xFFFFFFFF)
-    return tuple(table)
-
-
-_CRC_TABLE = _ogg_crc_table()
+_REVERSED_BITS = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
 def ogg_crc(data: bytes) -> int:
-    """Ogg's page checksum: CRC-32, polynomial 0x04c11db7, not reflected, initial value 0 (not zlib's crc32)."""
-    crc = 0
-    table = _CRC_TABLE
-    for b in data:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ b]
-    return crc
+    """Ogg's page checksum: CRC-32 with polynomial 0x04c11db7, not reflected, initial value 0, no final xor. zlib's
+    crc32 (C speed; a Python loop over a megabyte would hold the event loop for a third of a second) computes the
+    reflected CRC, so it is fed the bytes bit-reversed and its result is bit-reversed back; zlib's own initial and
+    final inversions are undone through its start value."""
+    reflected = zlib.crc32(bytes(data).translate(_REVERSED_BITS), 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int(f"{reflected:032b}"[::-1], 2)
 
 
 _OGG_HEADER = struct.Struct("<4sBBqIIIB")  # magic, version, flags, granule, serial, page seq, crc, segment count
@@ -140,13 +134,17 @@ class OggDemuxer:
     def pending_bytes(self) -> int:
         return len(self._buf) + len(self._packet)
 
-    def push(self, data: bytes) -> list[OpusPacket]:
+    def push(self, data: bytes, max_items: int = 1 << 30) -> list[OpusPacket]:
         self._buf += data
         out: list[OpusPacket] = []
+        items = 0
         while True:
             page = self._next_page()
             if page is None:
                 return out
+            items += 1 + len(page[3])  # the page and its segments: the parsing work, bounded per message
+            if items > max_items:
+                raise FramingError(f"more than {max_items} Ogg pages and packets in one message")
             out += self._page_packets(*page)
 
     def _next_page(self) -> tuple[int, int, int, list[int], bytes] | None:
@@ -293,17 +291,21 @@ class WebmDemuxer:
     def pending_bytes(self) -> int:
         return len(self._buf)
 
-    def push(self, data: bytes) -> list[OpusPacket]:
+    def push(self, data: bytes, max_items: int = 1 << 30) -> list[OpusPacket]:
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
             data = data[n:]
         self._buf += data
         out: list[OpusPacket] = []
+        items = 0
         while self._buf and not self._skip:
             element = self._next_element()
             if element is None:
                 break
+            items += 1
+            if items > max_items:
+                raise FramingError(f"more than {max_items} WebM elements in one message")
             out += element
         return out
 

@@ -248,3 +248,105 @@ def test_browser_page_shows_the_bitstream_payload_next_to_the_authors_bitrate(tm
             assert page.eval("window.dpslmState")["errors"] == []
         finally:
             close_browser(proc)
+
+
+WEB = Path(__file__).parents[1] / "client" / "web"
+
+
+def page_offers_opus() -> bool:
+    """Whether the page's sources take ?format=opus and show #uplink-bytes (the page of the TypeScript client)."""
+    sources = [p.read_text(errors="replace") for p in WEB.rglob("*") if p.suffix in (".js", ".html", ".mjs")]
+    return any("uplink-bytes" in s for s in sources) and any("opus_bitrate" in s for s in sources)
+
+
+def test_browser_page_streams_opus_at_24_kbit_s_with_units_and_audio_back(tmp_path):
+    """?format=opus&opus_bitrate=24000: the page records the fake microphone with MediaRecorder
+    (audio/webm;codecs=opus), the server decodes the WebM stream (start.format opus), units and resynthesized audio
+    come back, and the page shows the uplink bytes it sent: about 24 kbit/s instead of PCM16's 256 kbit/s at 16 kHz
+    (768 kbit/s at Chromium's 48 kHz)."""
+    if not page_offers_opus():
+        pytest.skip("the page has no Opus uplink yet: no ?format=opus / opus_bitrate or #uplink-bytes in client/web "
+                    "(the TypeScript client's page brings them)")  # fmt: skip
+    capture = speech_capture(tmp_path)
+    with ServerThread(ServerConfig(port=0, models="tiny")) as srv:
+        url = f"{srv.http_url}/?autostart=1&mode=cached&format=opus&opus_bitrate=24000"
+        proc, page = open_page(url, str(tmp_path / "profile"), capture)
+        try:
+            page.wait_for("window.dpslmState && window.dpslmState.units >= 5 && window.dpslmState.audioChunks >= 2",
+                          timeout=90)  # fmt: skip
+            state = page.eval("window.dpslmState")
+            assert state["errors"] == [], state["errors"]
+            conn = next(c for c in srv.server.connections if c.id == state["session"])
+            assert conn.core.start.format == "opus" and conn.core.start.resynth == {}
+            decoder = conn.core.opus
+            assert decoder is not None and decoder.container in ("webm", "ogg", "raw") and decoder.packets > 0
+            page.wait_for("Number(document.getElementById('uplink-bytes').textContent) > 0")
+            page.eval("document.getElementById('stop').click()")
+            ended = page.wait_for("window.dpslmState.ended", timeout=90)
+            final = page.eval("window.dpslmState")
+            assert final["errors"] == [], final["errors"]
+            assert ended["reason"] == "end" and ended["units"] == final["units"] >= 5
+            assert ended["resynth"] is not None and ended["resynth"]["chunks"] == final["audioChunks"] > 0
+            uplink = int(page.eval("document.getElementById('uplink-bytes').textContent").strip())
+            # What the server decoded is what the page sent: 48 kHz audio covering the stream, from about
+            # 24 kbit/s of Opus (VBR and the container's overhead: a generous band, far below PCM's).
+            assert decoder.samples > 0 and ended["audio_s"] == pytest.approx(decoder.samples / 48000, abs=1e-6)
+            kbps = 8 * uplink / ended["audio_s"] / 1000
+            assert 8 < kbps < 64, kbps
+        finally:
+            close_browser(proc)
+
+
+def test_mediarecorder_webm_opus_decodes_like_pyav_does(tmp_path):
+    """What Chromium's MediaRecorder (audio/webm;codecs=opus at 24 kbit/s, 100 ms timeslices) writes for the fake
+    microphone: the server's streaming decoder, fed the blobs as they came and split at random points, returns what
+    PyAV's own demuxer and decoder give for the whole file, bit for bit."""
+    av = pytest.importorskip("av", reason="the Opus uplink needs PyAV")
+    import random
+
+    import numpy as np
+
+    from dpslm_stream.opus import OpusUplinkDecoder, decode_opus_file
+
+    capture = speech_capture(tmp_path)
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False)) as srv:
+        proc, page = open_page(f"{srv.http_url}/", str(tmp_path / "profile"), capture)
+        try:
+            page.wait_for("document.getElementById('pair') && document.getElementById('pair').options.length > 0")
+            assert page.eval("window.isSecureContext")
+            blobs = page.eval("""(async () => {
+                const stream = await navigator.mediaDevices.getUserMedia({audio: true});
+                const rec = new MediaRecorder(stream, {mimeType: 'audio/webm;codecs=opus', audioBitsPerSecond: 24000});
+                const parts = [];
+                rec.ondataavailable = (e) => parts.push(e.data);
+                rec.start(100);
+                await new Promise((r) => setTimeout(r, 3000));
+                const stopped = new Promise((r) => rec.onstop = r);
+                rec.stop();
+                await stopped;
+                const out = [];
+                for (const p of parts) {
+                    const bytes = new Uint8Array(await p.arrayBuffer());
+                    let s = '';
+                    for (const b of bytes) s += String.fromCharCode(b);
+                    out.push(btoa(s));
+                }
+                return out;
+            })()""")
+        finally:
+            close_browser(proc)
+    parts = [base64.b64decode(b) for b in blobs]
+    data = b"".join(parts)
+    assert len(parts) > 10 and data[:4] == b"\x1a\x45\xdf\xa3"
+    reference = decode_opus_file(data)
+    assert 2.0 * 48000 < len(reference) < 4.0 * 48000 and np.abs(reference).max() > 0.01  # the capture, not silence
+    decoder = OpusUplinkDecoder("auto")
+    got = np.concatenate([decoder.push(p) for p in parts])
+    assert decoder.container == "webm" and decoder.take_dropped() == []
+    assert np.array_equal(got, reference)
+    rng = random.Random(0)
+    decoder = OpusUplinkDecoder("webm")
+    cuts = sorted(rng.sample(range(1, len(data)), 40))
+    got = np.concatenate([decoder.push(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)])])
+    assert np.array_equal(got, reference)
+    del av

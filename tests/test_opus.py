@@ -82,7 +82,21 @@ def test_stereo_is_averaged_to_mono():
     assert np.array_equal(got, decode_opus_file(data)) and len(got) == SR
 
 
+def slow_ogg_crc(data: bytes) -> int:
+    """RFC 3533's CRC, bit by bit: polynomial 0x04c11db7, MSB first, initial value 0, no final xor."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) & 0xFFFFFFFF if crc & 0x80000000 else (crc << 1) & 0xFFFFFFFF
+    return crc
+
+
 def test_ogg_crc_is_the_ogg_polynomial():
+    rng = random.Random(0)
+    for n in (0, 1, 2, 27, 1000):
+        data = rng.randbytes(n)
+        assert ogg_crc(data) == slow_ogg_crc(data), n
     # A page written by libavformat's muxer carries the checksum our function computes.
     page = b"".join(encode_opus(np.zeros(4800, np.float32), 24000, "ogg"))
     size = 27 + page[26] + sum(page[27 : 27 + page[26]])
@@ -142,7 +156,7 @@ def test_an_opus_bomb_is_bounded_per_message():
     bomb_packet = bytes([3 << 3])  # config 3 (SILK NB 60 ms), code 0: one frame, no bytes
     assert packet_samples(bomb_packet) == 2880
     data = ogg_page(0x02, 0, [opus_head]) + ogg_page(0, 0, [tags], seq=1)
-    data += b"".join(ogg_page(0, -1, [bomb_packet] * 255, seq=2 + i) for i in range(20))  # 20 * 255 * 60 ms = 306 s
+    data += b"".join(ogg_page(0, -1, [bomb_packet] * 255, seq=2 + i) for i in range(7))  # 7 * 255 * 60 ms = 107 s
     decoder = OpusUplinkDecoder("ogg", max_samples=5 * SR)
     with pytest.raises(OpusDataError, match="more than 5 s"):
         decoder.push(data)
@@ -253,3 +267,17 @@ def test_start_of_an_opus_stream():
         assert e.value.code.value == code, bad
     assert P.parse_client_message('{"type":"start","sample_rate":16000}').container is None
     assert P.close_code(P.ErrorCode.BAD_AUDIO) == 1007 and P.close_code(P.ErrorCode.BUSY) == 1013
+
+
+def test_parsing_work_per_message_is_bounded():
+    """Empty packets decode to nothing, so the samples bound does not stop them: a message of 100 pages of 255 empty
+    packets each (28 KB) is refused by the per-message bound on pages and packets instead of parsed to the end."""
+    opus_head = b"OpusHead" + struct.pack("<BBHIhB", 1, 1, 0, SR, 0, 0)
+    tags = b"OpusTags" + struct.pack("<II", 0, 0)
+    data = ogg_page(0x02, 0, [opus_head]) + ogg_page(0, 0, [tags], seq=1)
+    data += b"".join(ogg_page(0, -1, [b""] * 255, seq=2 + i) for i in range(100))
+    decoder = OpusUplinkDecoder("ogg", max_samples=SR)  # 1 s: at most 400 pages and packets per message
+    with pytest.raises(OpusDataError, match="more than 400 Ogg pages and packets"):
+        decoder.push(data)
+    ok = OpusUplinkDecoder("ogg", max_samples=SR)
+    assert len(ok.push(data[: len(data) // 100 * 1])) == 0  # a few pages of it are fine

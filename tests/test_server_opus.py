@@ -181,12 +181,12 @@ def _ogg_page(flags: int, granule: int, packets: list[bytes], seq: int = 0) -> b
 
 
 def _bomb() -> bytes:
-    """1-byte packets of 60 ms each (SILK, no payload): 255 of them per page, 100 pages = 25 s of packets in 26 KB,
-    in one message: more than the server's max_buffer_s (5 s) decoded from one message."""
+    """1-byte packets of 60 ms each (SILK, no payload): 255 of them per page, 7 pages = 107 s of audio in 3.8 KB, in
+    one message: more than the server's max_buffer_s (5 s) decoded from one message."""
     head = b"OpusHead" + struct.pack("<BBHIhB", 1, 1, 0, OPUS_SR, 0, 0)
     tags = b"OpusTags" + struct.pack("<II", 0, 0)
     pages = [_ogg_page(2, 0, [head]), _ogg_page(0, 0, [tags], 1)]
-    pages += [_ogg_page(0, -1, [bytes([3 << 3])] * 255, 2 + i) for i in range(100)]
+    pages += [_ogg_page(0, -1, [bytes([3 << 3])] * 255, 2 + i) for i in range(7)]
     return b"".join(pages)
 
 
