@@ -113,9 +113,12 @@ def render() -> str:
     out += _const("METRICS_PATH", P.METRICS_PATH)
     out += _const("PAGE_PATH", P.PAGE_PATH)
     out += _const("TOKEN_QUERY_PARAM", P.TOKEN_QUERY_PARAM, "browsers cannot set WebSocket headers: ?token=...")
-    out += _const("SAMPLE_FORMATS", list(P.SAMPLE_FORMATS))
+    out += _const("PCM_FORMATS", list(P.PCM_FORMATS), "samples in binary frames at start.sample_rate")
+    out += _const("SAMPLE_FORMATS", list(P.SAMPLE_FORMATS), "every start.format (opus: compressed, sendEncoded)")
     out += ["export type SampleFormat = (typeof SAMPLE_FORMATS)[number];"]
     out += _const("BYTES_PER_SAMPLE", dict(P.BYTES_PER_SAMPLE))
+    out += _const("OPUS_CONTAINERS", list(P.OPUS_CONTAINERS), "start.container of format opus")
+    out += _const("OPUS_SAMPLE_RATE", P.OPUS_SAMPLE_RATE, "Opus is decoded at this rate whatever start.sample_rate says")
     out += _const("FRAME_RATE", P.FRAME_RATE, "WavLM frames (and unit boundaries) per second of audio")
     out += _const("ENCODER_MODES", list(P.ENCODER_MODES))
     out += _const("SUBSCRIBE_FORMATS", list(P.SUBSCRIBE_FORMATS))
@@ -140,7 +143,10 @@ def render() -> str:
     out += ["/** The WebSocket close code of each fatal error code (the others are not fatal). */",
             "export const CLOSE_CODES: Readonly<Partial<Record<ErrorCode, number>>> = {"]
     out += [f'  {code.value}: {close},' for code, close in P.CLOSE_CODES.items()] + ["};"]
-    out += ["export const FATAL_CODES: ReadonlySet<string> = new Set(Object.keys(CLOSE_CODES));", ""]
+    out += ["export const FATAL_CODES: ReadonlySet<string> = new Set(Object.keys(CLOSE_CODES));"]
+    out += ["/** Codes that are fatal only sometimes (the error message's `fatal` says), with their close code. */",
+            "export const CLOSE_CODES_WHEN_FATAL: Readonly<Partial<Record<ErrorCode, number>>> = {"]
+    out += [f'  {code.value}: {close},' for code, close in P.CLOSE_CODES_WHEN_FATAL.items()] + ["};", ""]
 
     out += _options("StartOptions", "start.options: encoder overrides (null = the preset's value).",
                     P.START_OPTIONS, P.START_OPTIONS)

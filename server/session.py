@@ -35,16 +35,18 @@ import numpy as np
 from dpslm_stream import __version__
 from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
-from dpslm_stream.pipeline import default_num_neighbors
+from dpslm_stream.opus import OpusDataError, OpusUplinkDecoder
 from dpslm_stream.stream.events import EndEvent, UnitEvent
 from dpslm_stream.stream.resynth import AudioEvent, ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
 from . import actions as A
 from . import limits
+from . import start as start_rules
 from .backends import EncoderSessionInfo, Progress, ResynthStream
 from .config import ServerConfig
 from .report import Report
+from .start import ServerInfo
 
 log = logging.getLogger("dpslm_stream.server")
 E = P.ErrorCode
@@ -58,17 +60,6 @@ class State(enum.Enum):
     ENDING = "ending"  # no more input: the remaining units and audio are finished, then end
     CLOSED = "closed"  # the last frame (end, or a fatal error) is queued and the close requested
     GONE = "gone"  # the transport is gone
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerInfo:
-    """What a session tells its client about the server (ready) and which models it may choose."""
-
-    models: str
-    random_weights: bool
-    pairs: tuple[tuple[int, int], ...]
-    default_pair: tuple[int, int]
-    resynth: bool  # resynthesis offered
 
 
 class Session:
@@ -96,6 +87,7 @@ class Session:
         self.queued_samples = 0  # fed, not yet taken by the encoder (an upper bound between reports)
         self.progress = Progress()
         self._held: tuple[np.ndarray, float] | None = None  # a frame waiting for buffer room, and when it arrived
+        self.opus: OpusUplinkDecoder | None = None  # format opus: the stream's decoder (48 kHz out)
         self.units_done = False  # every unit of the stream has been sent
         self.forced_commits = 0
         self.listeners = 0
@@ -184,7 +176,8 @@ class Session:
         if self.start is None:
             return self._error(E.NOT_STARTED, "end before start: send a start message first")
         if self.state == State.STREAMING:
-            return self._end("end")
+            truncated = self.opus.truncation() if self.opus is not None else None
+            return (self._error(E.BAD_AUDIO, truncated) if truncated else []) + self._end("end")
         return []
 
     def receive_binary(self, data: bytes, now: float) -> list[A.Action]:
@@ -203,22 +196,27 @@ class Session:
                                                     f"{self.cfg.max_message_bytes}; split it (e.g. 20-100 ms per "
                                                     "frame); the frame was dropped")  # fmt: skip
         try:
-            samples = P.decode_audio(data, self.start.format)
+            samples = P.decode_audio(data, self.start.format) if self.opus is None else self.opus.push(data)
+        except OpusDataError as e:  # the Opus stream cannot go on: the units of the audio decoded so far follow
+            return self._limit(E.BAD_AUDIO, f"{e}", now)
         except P.ProtocolError as e:
             return self._error(e.code, str(e))
+        dropped = [] if self.opus is None else [a for why in self.opus.take_dropped() for a in self._error(E.BAD_AUDIO, why)]
+        if len(samples) == 0:  # Opus headers, or a page not yet complete
+            return dropped
         sr = self.start.sample_rate
         assert self.info is not None
         if self.info.mode == "full" and limits.full_mode_exceeded(self.cfg, self.received_samples, len(samples), sr):
-            return self._limit(E.SESSION_TIME_LIMIT, f"mode full keeps the whole stream until the end: at most "
-                                                     f"{self.cfg.max_full_s:g} s of audio (use cached or sliding for "
-                                                     "longer streams)", now)  # fmt: skip
+            return dropped + self._limit(E.SESSION_TIME_LIMIT, f"mode full keeps the whole stream until the end: at "
+                                                               f"most {self.cfg.max_full_s:g} s of audio (use cached or "
+                                                               "sliding for longer streams)", now)  # fmt: skip
         if not self._has_room(len(samples)):
             self._held = (samples, now)
             self._pause(now)
             if self.cfg.stall_timeout_s == 0:
-                return self._buffer_full(now)
-            return []
-        return self._accept(samples, now)
+                return dropped + self._buffer_full(now)
+            return dropped
+        return dropped + self._accept(samples, now)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Events from the backends and the I/O layer
@@ -229,19 +227,17 @@ class Session:
             return [A.CancelSlot(), *([A.CloseResynth()] if resynth is not None else [])]
         self._resume(now)
         self.info, self.resynth = info, resynth
+        assert self.start is not None
+        if self.start.format == "opus":  # a message decodes to at most the buffer's worth of audio (Opus bombs)
+            max_samples = int(max(self.cfg.max_buffer_s, 0.5) * P.OPUS_SAMPLE_RATE)
+            self.opus = OpusUplinkDecoder(self.start.container or "auto", max_samples)
         self.resynth_settings = resynth.settings() if resynth is not None else None
         self.state = State.STREAMING
         self.started_at = now
         self._next_stats = now + self.cfg.stats_interval_s
         self.listen_token = secrets.token_urlsafe(16)
         assert self.start is not None
-        s = self.start
-        full = info.mode == "full"
-        settings = {"sample_rate": s.sample_rate, "format": s.format, "k": info.k, "lmbda": info.lmbda,
-                    "preset": s.preset, "score": s.score, "frame_rate": P.FRAME_RATE, "mode": info.mode,
-                    "left": None if full else info.left, "hop": None if full else info.hop,
-                    "lookahead": None if full else info.lookahead, "max_lag": info.max_lag,
-                    "num_neighbors": default_num_neighbors(info.k), "resynth": self.resynth_settings}  # fmt: skip
+        settings = start_rules.sender_settings(self.start, info, self.resynth_settings)
         return [A.Register(self.listen_token), *self._send(self._ready(settings, "sender", self.listen_token))]
 
     def open_failed(self, code: P.ErrorCode, message: str, now: float) -> list[A.Action]:
@@ -459,56 +455,20 @@ class Session:
     # Start and subscribe
 
     def _on_start(self, msg: P.Start, now: float) -> list[A.Action]:
-        cfg = self.cfg
-        if (msg.k is None) != (msg.lmbda is None):
-            return self._error(E.BAD_MESSAGE, "give both k and lmbda, or neither (the server's default pair)")
-        k, lmbda = (msg.k, msg.lmbda) if msg.k is not None and msg.lmbda is not None else self.server.default_pair
-        if (k, lmbda) not in self.server.pairs:
-            served = ", ".join(f"(k={a}, lmbda={b})" for a, b in self.server.pairs)
-            return self._error(E.UNKNOWN_MODEL, f"(k={k}, lmbda={lmbda}) is not served here; served: {served}")
-        opts = dict(msg.options)
-        mode = opts.pop("mode", "cached")
-        if mode not in cfg.modes or (cfg.presets is not None and msg.preset not in cfg.presets):
-            presets = "any" if cfg.presets is None else ", ".join(cfg.presets)
-            return self._error(E.BAD_SETTINGS, f"mode {mode!r} / preset {msg.preset!r} is not offered here; modes: "
-                                               f"{', '.join(cfg.modes)}; presets: {presets}")  # fmt: skip
-        refusal = limits.window_refusal(cfg, mode, msg.preset, opts)
-        if refusal is not None:
-            return self._error(E.BAD_SETTINGS, refusal)
-        refusal = limits.sample_rate_refusal(cfg, msg.sample_rate)
-        if refusal is not None:
-            return self._error(E.BAD_SAMPLE_RATE, refusal)
-        resynth, refused = self._resynth_options(msg.resynth)
-        if refused:
-            return refused
-        if msg.transmit is not None and msg.transmit["coder"] == "table":
-            return self._error(E.UNSUPPORTED_OPTION, "this server has no unit table; transmit with coder 'uniform' or "
-                                                     "'ulm'")  # fmt: skip
+        plan = start_rules.check_start(self.cfg, self.server, msg)
+        if isinstance(plan, start_rules.Refusal):
+            return self._error(plan.code, plan.message)
         self.transmit = msg.transmit
         self.tx_done = msg.transmit is None  # with a transmitter, end waits for its END packet
         self.start, self.role, self.state = msg, "sender", State.OPENING
-        self.resynth_options, self._open_deadline = resynth, now + cfg.open_timeout_s
+        self.resynth_options, self._open_deadline = plan.resynth, now + self.cfg.open_timeout_s
         self._pause(now)
-        settings = dict(k=k, lmbda=lmbda, mode=mode, preset=msg.preset, score=msg.score, **opts)
-        return [A.OpenSession(msg.sample_rate, settings, resynth)]
-
-    def _resynth_options(self, given: dict | None) -> tuple[ResynthOptions | None, list[A.Action]]:
-        if given is None:
-            return None, []
-        if not self.server.resynth:
-            return None, self._error(E.UNSUPPORTED_OPTION, "this server runs without resynthesis (started with "
-                                                           "--no-resynth); ask for units only")  # fmt: skip
-        try:
-            options = limits.resynth_options(given)
-        except P.ProtocolError as e:
-            return None, self._error(e.code, str(e))
-        refusal = limits.exact_resynth_refusal(self.cfg, options)
-        return (None, self._error(E.UNSUPPORTED_OPTION, refusal)) if refusal else (options, [])
+        return [A.OpenSession(msg.sample_rate, plan.settings, plan.resynth)]
 
     def _on_subscribe(self, msg: P.Subscribe, now: float) -> list[A.Action]:
-        resynth, refused = self._resynth_options(msg.resynth)
-        if refused:
-            return refused
+        resynth = start_rules.check_resynth(self.cfg, self.server, msg.resynth)
+        if isinstance(resynth, start_rules.Refusal):
+            return self._error(resynth.code, resynth.message)
         self.role, self.state = "listener", State.OPENING
         self.resynth_options, self._open_deadline = resynth, now + self.cfg.open_timeout_s
         self._pause(now)
@@ -608,7 +568,7 @@ class Session:
             end = self._end(code.value)
             return self._error(code, f"{why}; the units of the audio received so far follow, then end", fatal=True) + end
         self.outcome = code.value
-        return self._error(code, f"{why}; closing", fatal=True) + self._close(P.CLOSE_CODES[code], code.value)
+        return self._error(code, f"{why}; closing", fatal=True) + self._close(P.close_code(code), code.value)
 
     def _open_expired(self, now: float) -> list[A.Action]:
         """The open deadline: backends that did not open within open_timeout_s (a stuck model load) end the session
@@ -654,7 +614,7 @@ class Session:
         reason = self.reason or "end"
         self.outcome = reason
         end = self.report.end_message(reason, self.stats(now), self.forced_commits, self.resynth_end)
-        code = P.CLOSE_NORMAL if reason == "end" else P.CLOSE_CODES[P.ErrorCode(reason)]
+        code = P.CLOSE_NORMAL if reason == "end" else P.close_code(P.ErrorCode(reason))
         return self._send(end) + self._close(code, reason)
 
     def _close(self, code: int, reason: str) -> list[A.Action]:

@@ -222,5 +222,6 @@ def test_docs_cover_every_code_and_message():
     for cls in (P.Start, P.Subscribe, P.Ready, P.Unit, P.Stats, P.Error, P.EndMessage):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in doc, f"docs/protocol.md does not document {cls.TYPE}.{f.name}"
-    for close in set(P.CLOSE_CODES.values()) | {P.CLOSE_NORMAL, P.CLOSE_TOO_BIG}:
+    for close in set(P.CLOSE_CODES.values()) | set(P.CLOSE_CODES_WHEN_FATAL.values()) | {P.CLOSE_NORMAL,
+                                                                                           P.CLOSE_TOO_BIG}:
         assert str(close) in doc

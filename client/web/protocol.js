@@ -10,8 +10,15 @@ export const METRICS_PATH = "/metrics";
 export const PAGE_PATH = "/";
 /** browsers cannot set WebSocket headers: ?token=... */
 export const TOKEN_QUERY_PARAM = "token";
-export const SAMPLE_FORMATS = ["pcm16", "float32"];
+/** samples in binary frames at start.sample_rate */
+export const PCM_FORMATS = ["pcm16", "float32"];
+/** every start.format (opus: compressed, sendEncoded) */
+export const SAMPLE_FORMATS = ["pcm16", "float32", "opus"];
 export const BYTES_PER_SAMPLE = { "pcm16": 2, "float32": 4 };
+/** start.container of format opus */
+export const OPUS_CONTAINERS = ["auto", "ogg", "webm", "raw"];
+/** Opus is decoded at this rate whatever start.sample_rate says */
+export const OPUS_SAMPLE_RATE = 48000;
 /** WavLM frames (and unit boundaries) per second of audio */
 export const FRAME_RATE = 50;
 export const ENCODER_MODES = ["full", "sliding", "cached"];
@@ -66,6 +73,7 @@ export const CLOSE_POLICY = 1008;
 export const CLOSE_TOO_BIG = 1009;
 export const CLOSE_INTERNAL = 1011;
 export const CLOSE_TRY_AGAIN = 1013;
+export const CLOSE_INVALID_DATA = 1007;
 /** The WebSocket close code of each fatal error code (the others are not fatal). */
 export const CLOSE_CODES = {
     buffer_full: 1008,
@@ -80,6 +88,10 @@ export const CLOSE_CODES = {
     sender_gone: 1001,
 };
 export const FATAL_CODES = new Set(Object.keys(CLOSE_CODES));
+/** Codes that are fatal only sometimes (the error message's `fatal` says), with their close code. */
+export const CLOSE_CODES_WHEN_FATAL = {
+    bad_audio: 1007,
+};
 export const SERVER_MESSAGE_TYPES = ["ready", "unit", "stats", "error", "end"];
 /** fields every server message of a type carries (a parser checks them) */
 export const SERVER_REQUIRED_FIELDS = { "ready": ["session", "settings", "limits", "models", "random_weights", "server"], "unit": ["seq", "unit", "start_frame", "end_frame", "start_s", "end_s", "commit_audio_s", "lag_s"], "stats": ["elapsed_s", "audio_s", "processed_s", "buffered_s", "units", "units_per_s", "bitrate", "rtf", "lag_s", "lag_p95_s", "loglikelihood", "state_nbytes"], "error": ["code", "message"], "end": ["reason", "units", "num_frames", "audio_s", "stats"] };

@@ -391,7 +391,7 @@ export class UnitsClient extends Session {
 
   constructor(url: string, opts: UnitsClientOptions) {
     const format = opts.format ?? "pcm16";
-    const start: Start & { container?: string } = {
+    const start: Start = {
       type: "start", version: PROTOCOL_VERSION, sample_rate: opts.sampleRate, format,
       preset: opts.preset ?? "low-latency", score: opts.score ?? false, options: { ...(opts.options ?? {}) },
     };

@@ -11,9 +11,16 @@ export const METRICS_PATH = "/metrics";
 export const PAGE_PATH = "/";
 /** browsers cannot set WebSocket headers: ?token=... */
 export const TOKEN_QUERY_PARAM = "token";
-export const SAMPLE_FORMATS = ["pcm16", "float32"] as const;
+/** samples in binary frames at start.sample_rate */
+export const PCM_FORMATS = ["pcm16", "float32"] as const;
+/** every start.format (opus: compressed, sendEncoded) */
+export const SAMPLE_FORMATS = ["pcm16", "float32", "opus"] as const;
 export type SampleFormat = (typeof SAMPLE_FORMATS)[number];
 export const BYTES_PER_SAMPLE = {"pcm16": 2, "float32": 4} as const;
+/** start.container of format opus */
+export const OPUS_CONTAINERS = ["auto", "ogg", "webm", "raw"] as const;
+/** Opus is decoded at this rate whatever start.sample_rate says */
+export const OPUS_SAMPLE_RATE = 48000;
 /** WavLM frames (and unit boundaries) per second of audio */
 export const FRAME_RATE = 50;
 export const ENCODER_MODES = ["full", "sliding", "cached"] as const;
@@ -73,6 +80,7 @@ export const CLOSE_POLICY = 1008;
 export const CLOSE_TOO_BIG = 1009;
 export const CLOSE_INTERNAL = 1011;
 export const CLOSE_TRY_AGAIN = 1013;
+export const CLOSE_INVALID_DATA = 1007;
 /** The WebSocket close code of each fatal error code (the others are not fatal). */
 export const CLOSE_CODES: Readonly<Partial<Record<ErrorCode, number>>> = {
   buffer_full: 1008,
@@ -87,6 +95,10 @@ export const CLOSE_CODES: Readonly<Partial<Record<ErrorCode, number>>> = {
   sender_gone: 1001,
 };
 export const FATAL_CODES: ReadonlySet<string> = new Set(Object.keys(CLOSE_CODES));
+/** Codes that are fatal only sometimes (the error message's `fatal` says), with their close code. */
+export const CLOSE_CODES_WHEN_FATAL: Readonly<Partial<Record<ErrorCode, number>>> = {
+  bad_audio: 1007,
+};
 
 /** start.options: encoder overrides (null = the preset's value). */
 export interface StartOptions {
@@ -120,9 +132,9 @@ export interface TransmitOptions {
 /** Client -> server, first message: the stream's format and the model/encoder settings it wants. */
 export interface Start {
   type: "start";
-  /** input rate in Hz (any integer in [8000, 48000]; the server resamples to 16 kHz) */
+  /** input rate in Hz (any integer in [8000, 48000]; the server resamples to 16 kHz); opus: 48000 */
   sample_rate: number;
-  /** "pcm16" (int16 little-endian) or "float32" (IEEE little-endian), mono */
+  /** "pcm16" (int16 little-endian), "float32" (IEEE little-endian), mono; or "opus" */
   format?: string;
   /** codebook size; None = the server's default pair */
   k?: number | null;
@@ -139,6 +151,8 @@ export interface Start {
   version?: number;
   /** the unit bitstream as binary frames (TRANSMIT_OPTIONS; BitstreamFrame); None = off */
   transmit?: TransmitOptions | null;
+  /** format "opus" only: OPUS_CONTAINERS (default "auto") */
+  container?: string | null;
 }
 
 /** Client -> server: end of the audio stream. The server sends every remaining unit, then ``end``, then closes. */

@@ -97,3 +97,48 @@ test("resynthesized audio chunks arrive contiguous and add up to the end message
   assert.ok(got.length > 0);
   assert.deepEqual(got, sent.slice(sent.length - got.length)); // from its join point on: the same units
 });
+
+// Opus from node: a WebM Opus stream (as MediaRecorder sends it; encoded by the repository's PyAV encoder at
+// 24 kbit/s) in arbitrary pieces. Oracle (as tests/test_server_opus.py): the same bytes decoded offline by PyAV and
+// sent by the Python client as float32 PCM at 48 kHz give the same units (mode full).
+const PYTHON_OPUS = `
+import asyncio, json, sys
+import soundfile as sf
+from dpslm_stream import protocol as P
+from dpslm_stream.client.api import UnitsClient, chunked
+from dpslm_stream.opus import OpusUplinkEncoder, decode_opus_file
+url, seconds = sys.argv[1], float(sys.argv[2])
+x, sr = sf.read(${JSON.stringify(SAMPLE_WAV)}, dtype="float32")
+enc = OpusUplinkEncoder(24000, "webm", input_rate=sr)
+data = b"".join(enc.push(x[: int(seconds * sr)]) + enc.finish())
+decoded = decode_opus_file(data)
+async def main():
+    async with UnitsClient(url, sample_rate=P.OPUS_SAMPLE_RATE, format="float32", options={"mode": "full"}) as c:
+        units = [dict(seq=m.seq, unit=m.unit, start_frame=m.start_frame, end_frame=m.end_frame)
+                 async for m in c.stream(chunked(decoded, P.OPUS_SAMPLE_RATE)) if isinstance(m, P.Unit)]
+    print(json.dumps({"webm": data.hex(), "units": units}))
+asyncio.run(main())
+`;
+
+test("an Opus (WebM) stream sent from node gives the units of its decoded audio sent as PCM", { timeout: 400_000 },
+     async (t) => {
+  let py;
+  try {
+    py = runPython(PYTHON_OPUS, [server.url, String(SECONDS)]);
+  } catch (e) {
+    if (/No module named 'av'|import_av|PyAV/.test(String(e))) return t.skip("PyAV (the opus extra) is not installed");
+    throw e;
+  }
+  const webm = Buffer.from(py.webm, "hex");
+  const client = new UnitsClient(server.url, { sampleRate: 48000, format: "opus", container: "webm",
+                                               options: { mode: "full" } });
+  const ready = await client.connect();
+  assert.equal(ready.settings.format, "opus");
+  for (let i = 0; i < webm.length; i += 777) client.sendEncoded(webm.subarray(i, i + 777)); // split anywhere
+  client.end();
+  const messages = await collect(client);
+  assert.equal(messages.at(-1).reason, "end");
+  assert.equal(client.uplinkBytes, webm.length);
+  assert.ok(py.units.length >= 10);
+  assert.deepEqual(unitsOf(messages), py.units);
+});
