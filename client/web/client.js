@@ -102,10 +102,6 @@ export class Session {
         this.#queue.finish();
         this.ws?.close(1000);
     }
-    /** Test hook: close the socket as a network failure would (no end), so the client resumes. */
-    dropConnection() {
-        this.ws?.close(4000, "dropped by the client (test)");
-    }
     sendText(msg) {
         if (this.connected)
             this.ws.send(JSON.stringify(msg));
@@ -239,8 +235,6 @@ export class Session {
             case "error":
                 if (msg.fatal)
                     this.#fatal = msg;
-                if (msg.code === RESUME_FAILED)
-                    this.#fatal = msg;
                 break;
         }
     }
@@ -312,6 +306,9 @@ export class Session {
             this.#nextAudioSeq = null;
             this.resumes += 1;
             try {
+                if (msg.next_seq !== this.nextSeq) {
+                    throw new SessionError("protocol", `resumed at unit ${msg.next_seq}, the client lacks ${this.nextSeq} on`);
+                }
                 this.afterResume(msg);
             }
             catch (e) {

@@ -164,11 +164,6 @@ export class Session implements AsyncIterable<SessionMessage> {
     this.ws?.close(1000);
   }
 
-  /** Test hook: close the socket as a network failure would (no end), so the client resumes. */
-  dropConnection(): void {
-    this.ws?.close(4000, "dropped by the client (test)");
-  }
-
   protected sendText(msg: object): void {
     if (this.connected) this.ws!.send(JSON.stringify(msg));
   }
@@ -302,7 +297,6 @@ export class Session implements AsyncIterable<SessionMessage> {
         break;
       case "error":
         if (msg.fatal) this.#fatal = msg;
-        if (msg.code === RESUME_FAILED) this.#fatal = msg;
         break;
     }
   }
@@ -368,6 +362,9 @@ export class Session implements AsyncIterable<SessionMessage> {
       this.#nextAudioSeq = null;
       this.resumes += 1;
       try {
+        if (msg.next_seq !== this.nextSeq) {
+          throw new SessionError("protocol", `resumed at unit ${msg.next_seq}, the client lacks ${this.nextSeq} on`);
+        }
         this.afterResume(msg);
       } catch (e) {
         this.#abort(e);

@@ -105,3 +105,31 @@ export function chunked(samples, n) {
 
 export const unitsOf = (messages) => messages.filter((m) => m.type === "unit")
   .map(({ seq, unit, start_frame, end_frame }) => ({ seq, unit, start_frame, end_frame }));
+
+/** A TCP proxy on 127.0.0.1 in front of `target` (a ws:// URL): `url` is the target's URL through it, `cut()` drops
+ * every connection through it at once without a close handshake (a TCP reset), as a network failure does. */
+export async function startProxy(target) {
+  const { createServer, connect } = await import("node:net");
+  const t = new URL(target);
+  const pairs = new Set();
+  const server = createServer((client) => {
+    const upstream = connect(Number(t.port), t.hostname);
+    const pair = [client, upstream];
+    pairs.add(pair);
+    const drop = () => { pairs.delete(pair); client.destroy(); upstream.destroy(); };
+    client.on("error", drop).on("close", drop);
+    upstream.on("error", drop).on("close", drop);
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const port = server.address().port;
+  const cut = () => {
+    const n = pairs.size;
+    for (const [a, b] of [...pairs]) { a.resetAndDestroy(); b.resetAndDestroy(); } // TCP RST: no close frame, no FIN
+    pairs.clear();
+    return n;
+  };
+  return { url: `ws://127.0.0.1:${port}${t.pathname}`, connections: () => pairs.size, cut,
+           stop: () => new Promise((resolve) => { cut(); server.close(() => resolve()); }) };
+}
