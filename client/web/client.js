@@ -190,6 +190,10 @@ export class Session {
                 return;
             }
             if (msg.type === pending.kind) {
+                // Resumed: resend at once, before any later frame of this connection is handled (a WebSocket may hand over
+                // several in one task, ahead of the awaiting code).
+                if (msg.type === "resumed")
+                    this.#onResumed(msg);
                 pending.resolve(msg);
                 if (msg.type === "ready")
                     return; // connect() returns it; the iterator starts after it
@@ -265,6 +269,20 @@ export class Session {
             this.#queue.finish(lost);
         }
     }
+    #onResumed(msg) {
+        this.#reconnecting = false;
+        this.#nextAudioSeq = null;
+        this.resumes += 1;
+        try {
+            if (msg.next_seq !== this.nextSeq) {
+                throw new SessionError("protocol", `resumed at unit ${msg.next_seq}, the client lacks ${this.nextSeq} on`);
+            }
+            this.afterResume(msg);
+        }
+        catch (e) {
+            this.#abort(e);
+        }
+    }
     /** Reconnect with backoff within the server's grace period and resume the session (the resume contract). */
     async #resume(reason) {
         this.#reconnecting = true;
@@ -292,29 +310,15 @@ export class Session {
             const resume = { type: "resume", version: PROTOCOL_VERSION, token: this.ready.resume_token,
                 next_seq: this.nextSeq, audio_samples: this.audioSamples };
             ws.send(JSON.stringify(resume));
-            let msg;
             try {
-                msg = (await resumed);
+                await resumed; // #onResumed has run, synchronously with the message
+                return;
             }
             catch (e) {
                 error = e;
                 if (e instanceof SessionError && e.code === RESUME_FAILED)
                     break; // the server no longer has the session
-                continue;
             }
-            this.#reconnecting = false;
-            this.#nextAudioSeq = null;
-            this.resumes += 1;
-            try {
-                if (msg.next_seq !== this.nextSeq) {
-                    throw new SessionError("protocol", `resumed at unit ${msg.next_seq}, the client lacks ${this.nextSeq} on`);
-                }
-                this.afterResume(msg);
-            }
-            catch (e) {
-                this.#abort(e);
-            }
-            return;
         }
         this.#reconnecting = false;
         this.#queue.finish(error);

@@ -255,6 +255,9 @@ export class Session implements AsyncIterable<SessionMessage> {
         return;
       }
       if (msg.type === pending.kind) {
+        // Resumed: resend at once, before any later frame of this connection is handled (a WebSocket may hand over
+        // several in one task, ahead of the awaiting code).
+        if (msg.type === "resumed") this.#onResumed(msg);
         pending.resolve(msg as Ready | Resumed);
         if (msg.type === "ready") return; // connect() returns it; the iterator starts after it
       }
@@ -326,6 +329,20 @@ export class Session implements AsyncIterable<SessionMessage> {
     }
   }
 
+  #onResumed(msg: Resumed): void {
+    this.#reconnecting = false;
+    this.#nextAudioSeq = null;
+    this.resumes += 1;
+    try {
+      if (msg.next_seq !== this.nextSeq) {
+        throw new SessionError("protocol", `resumed at unit ${msg.next_seq}, the client lacks ${this.nextSeq} on`);
+      }
+      this.afterResume(msg);
+    } catch (e) {
+      this.#abort(e);
+    }
+  }
+
   /** Reconnect with backoff within the server's grace period and resume the session (the resume contract). */
   async #resume(reason: string): Promise<void> {
     this.#reconnecting = true;
@@ -350,26 +367,13 @@ export class Session implements AsyncIterable<SessionMessage> {
       const resume: Resume = { type: "resume", version: PROTOCOL_VERSION, token: this.ready!.resume_token!,
                                next_seq: this.nextSeq, audio_samples: this.audioSamples };
       ws.send(JSON.stringify(resume));
-      let msg: Resumed;
       try {
-        msg = (await resumed) as Resumed;
+        await resumed; // #onResumed has run, synchronously with the message
+        return;
       } catch (e) {
         error = e;
         if (e instanceof SessionError && e.code === RESUME_FAILED) break; // the server no longer has the session
-        continue;
       }
-      this.#reconnecting = false;
-      this.#nextAudioSeq = null;
-      this.resumes += 1;
-      try {
-        if (msg.next_seq !== this.nextSeq) {
-          throw new SessionError("protocol", `resumed at unit ${msg.next_seq}, the client lacks ${this.nextSeq} on`);
-        }
-        this.afterResume(msg);
-      } catch (e) {
-        this.#abort(e);
-      }
-      return;
     }
     this.#reconnecting = false;
     this.#queue.finish(error);
