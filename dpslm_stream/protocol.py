@@ -1,6 +1,7 @@
 """The one wire protocol of the live units server: every message, field, error code, close code and version, defined
-once. The server (dpslm_stream.server) and every client (dpslm_stream.client, the browser page mirrors it in
-client/web/app.js) use these definitions; docs/protocol.md explains them for people.
+once. The server (dpslm_stream.server) and every client (dpslm_stream.client; the TypeScript client and the browser page
+through clients/typescript/src/protocol.ts, generated from this module by dpslm_stream.protocol_ts) use these
+definitions; docs/protocol.md explains them for people.
 
 A session is one WebSocket connection to ``WS_PATH``:
 
