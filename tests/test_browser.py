@@ -250,57 +250,11 @@ def test_browser_page_shows_the_bitstream_payload_next_to_the_authors_bitrate(tm
             close_browser(proc)
 
 
-WEB = Path(__file__).parents[1] / "client" / "web"
-
-
-def page_offers_opus() -> bool:
-    """Whether the page's sources take ?format=opus and show #uplink-bytes (the page of the TypeScript client)."""
-    sources = [p.read_text(errors="replace") for p in WEB.rglob("*") if p.suffix in (".js", ".html", ".mjs")]
-    return any("uplink-bytes" in s for s in sources) and any("opus_bitrate" in s for s in sources)
-
-
-def test_browser_page_streams_opus_at_24_kbit_s_with_units_and_audio_back(tmp_path):
-    """?format=opus&opus_bitrate=24000: the page records the fake microphone with MediaRecorder
-    (audio/webm;codecs=opus), the server decodes the WebM stream (start.format opus), units and resynthesized audio
-    come back, and the page shows the uplink bytes it sent: about 24 kbit/s instead of PCM16's 256 kbit/s at 16 kHz
-    (768 kbit/s at Chromium's 48 kHz)."""
-    if not page_offers_opus():
-        pytest.skip("the page has no Opus uplink yet: no ?format=opus / opus_bitrate or #uplink-bytes in client/web "
-                    "(the TypeScript client's page brings them)")  # fmt: skip
-    capture = speech_capture(tmp_path)
-    with ServerThread(ServerConfig(port=0, models="tiny")) as srv:
-        url = f"{srv.http_url}/?autostart=1&mode=cached&format=opus&opus_bitrate=24000"
-        proc, page = open_page(url, str(tmp_path / "profile"), capture)
-        try:
-            page.wait_for("window.dpslmState && window.dpslmState.units >= 5 && window.dpslmState.audioChunks >= 2",
-                          timeout=90)  # fmt: skip
-            state = page.eval("window.dpslmState")
-            assert state["errors"] == [], state["errors"]
-            conn = next(c for c in srv.server.connections if c.id == state["session"])
-            assert conn.core.start.format == "opus" and conn.core.start.resynth == {}
-            decoder = conn.core.opus
-            assert decoder is not None and decoder.container in ("webm", "ogg", "raw") and decoder.packets > 0
-            page.wait_for("Number(document.getElementById('uplink-bytes').textContent) > 0")
-            page.eval("document.getElementById('stop').click()")
-            ended = page.wait_for("window.dpslmState.ended", timeout=90)
-            final = page.eval("window.dpslmState")
-            assert final["errors"] == [], final["errors"]
-            assert ended["reason"] == "end" and ended["units"] == final["units"] >= 5
-            assert ended["resynth"] is not None and ended["resynth"]["chunks"] == final["audioChunks"] > 0
-            uplink = int(page.eval("document.getElementById('uplink-bytes').textContent").strip())
-            # What the server decoded is what the page sent: 48 kHz audio covering the stream, from about
-            # 24 kbit/s of Opus (VBR and the container's overhead: a generous band, far below PCM's).
-            assert decoder.samples > 0 and ended["audio_s"] == pytest.approx(decoder.samples / 48000, abs=1e-6)
-            kbps = 8 * uplink / ended["audio_s"] / 1000
-            assert 8 < kbps < 64, kbps
-        finally:
-            close_browser(proc)
-
-
 def test_mediarecorder_webm_opus_decodes_like_pyav_does(tmp_path):
     """What Chromium's MediaRecorder (audio/webm;codecs=opus at 24 kbit/s, 100 ms timeslices) writes for the fake
     microphone: the server's streaming decoder, fed the blobs as they came and split at random points, returns what
-    PyAV's own demuxer and decoder give for the whole file, bit for bit."""
+    PyAV's own demuxer and decoder give for the whole file, bit for bit. (The page's own Opus session, end to end, is
+    tests/test_browser_client.py's.)"""
     av = pytest.importorskip("av", reason="the Opus uplink needs PyAV")
     import random
 
