@@ -702,5 +702,6 @@ class Session:
         if self.role == "sender" and self.start is not None:
             sender = {"sample_rate": self.start.sample_rate, "received": self.received_samples,
                       "queued": self.queued_samples, "progress": self.progress, "listeners": self.listeners}  # fmt: skip
-        stats = self.report.stats(now - self.started_at, sender, self.outgoing_bytes, lag)
+        buffers = self.outgoing_bytes + (self.opus.state_nbytes if self.opus is not None else 0)  # + partial Opus pages
+        stats = self.report.stats(now - self.started_at, sender, buffers, lag)
         return dataclasses.replace(stats, transmit=self.tx_stats) if self.tx_stats is not None else stats

@@ -260,3 +260,17 @@ def test_core_decodes_opus_at_48_khz_and_a_bomb_ends_the_session(wav):
     assert not any(isinstance(a, A.FeedAudio) for a in out) and A.RequestEnd in [type(a) for a in out]
     end = s2.encoder_events([EndEvent(units=0, seconds=0.0, frames=0, bitrate=0.0)], s2.progress, 0.2)
     assert [a.code for a in end if isinstance(a, A.Close)] == [P.CLOSE_INVALID_DATA]
+
+
+def test_core_counts_a_partial_page_in_its_state_and_reports_it_at_end(wav):
+    s = core()
+    s.receive_text('{"type": "start", "format": "opus"}', 0.0)
+    s.opened(FULL, None, 0.0)
+    data = b"".join(opus_messages(wav, "ogg"))
+    s.receive_binary(data[: len(data) // 2], 0.1)  # ends inside a page
+    pending = s.opus.state_nbytes
+    assert 0 < pending < 65307 and s.stats(0.2).state_nbytes >= pending
+    out = s.receive_text('{"type": "end"}', 0.3)
+    errors = [m for m in sent(out) if isinstance(m, P.Error)]
+    assert [(e.code, e.fatal) for e in errors] == [(E.BAD_AUDIO.value, False)]
+    assert f"last {pending} bytes" in errors[0].message and A.RequestEnd in [type(a) for a in out]
