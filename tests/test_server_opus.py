@@ -274,3 +274,57 @@ def test_core_counts_a_partial_page_in_its_state_and_reports_it_at_end(wav):
     errors = [m for m in sent(out) if isinstance(m, P.Error)]
     assert [(e.code, e.fatal) for e in errors] == [(E.BAD_AUDIO.value, False)]
     assert f"last {pending} bytes" in errors[0].message and A.RequestEnd in [type(a) for a in out]
+
+
+class FakeSoundDevice:
+    """sounddevice as the mic client uses it: one 48 kHz input device whose stream delivers ``wav`` in 20 ms blocks
+    (from a thread, as PortAudio's callback does), then silence is not sent: the stream just stops delivering."""
+
+    PortAudioError = RuntimeError
+
+    def __init__(self, wav: np.ndarray):
+        self.wav = wav
+
+    def query_devices(self, device=None, kind=None) -> dict:
+        return {"name": "fake", "index": 0, "max_input_channels": 1, "default_samplerate": float(OPUS_SR)}
+
+    def InputStream(self, *, device, channels, samplerate, dtype, blocksize, callback):  # noqa: N802 (the API's name)
+        import contextlib
+        import threading
+
+        wav = self.wav
+
+        def deliver() -> None:
+            for i in range(0, len(wav), blocksize):
+                block = wav[i : i + blocksize]
+                callback(block[:, None].copy(), len(block), None, None)
+
+        @contextlib.contextmanager
+        def stream():
+            thread = threading.Thread(target=deliver, daemon=True)
+            thread.start()
+            yield
+            thread.join()
+
+        return stream()
+
+
+def test_mic_command_sends_opus(server, wav, tmp_path, monkeypatch, capsys):
+    """`dpslm-stream mic --format opus` with a fake 48 kHz input device: the units are those of the captured audio
+    Opus-coded and decoded (the encoder's frames do not depend on the capture blocks), and the summary reports the
+    uplink bytes."""
+    from dpslm_stream.client import mic
+
+    captured = speech_like(2.0, OPUS_SR, seed=12).astype(np.float32)
+    monkeypatch.setattr(mic, "import_sounddevice", lambda: FakeSoundDevice(captured))
+    out = tmp_path / "mic.json"
+    args = Namespace(url=server.url, token=None, k=None, lmbda=None, preset="low-latency", mode="full", score=False,
+                     format="opus", opus_bitrate=24000, opus_container="ogg", reconnect=True, device=None,
+                     list_devices=False, seconds=3.0, block_ms=20.0, json=out, resynth=False, resynth_options=None,
+                     output_device=None, jitter_ms=150.0)  # fmt: skip
+    assert mic.run(args) == 0
+    enc = OpusUplinkEncoder(24000, "ogg")
+    decoded = decode_opus_file(b"".join(enc.push(captured) + enc.finish()))
+    assert json.loads(out.read_text())["files"]["microphone"]["units"] == offline_units(decoded, OPUS_SR)
+    summary = capsys.readouterr().out
+    assert "uplink" in summary and "bytes of opus audio" in summary
