@@ -1,5 +1,6 @@
-// The reconnect/resume messages, as agreed for the server side (docs/protocol.md, "Reconnect and resume"), written
-// here by hand until dpslm_stream/protocol.py defines them; then they come from the generated protocol.ts.
+// The reconnect/resume messages as agreed with the server side (COMMON.md's contract), written here by hand so that
+// the client works with a protocol.py with or without them. Their names differ from the generated ones (Ack, Resume,
+// Resumed in protocol.ts once protocol.py defines them), so both can be exported side by side.
 //
 //   ready gains resume_token (string, or null when the server cannot resume this session) and resume_grace_s.
 //   server -> client {"type": "ack", "samples": N}: input samples (at the client's rate) the server has accepted so

@@ -17,7 +17,7 @@
 
 import { PROTOCOL_VERSION, TOKEN_QUERY_PARAM, ErrorCode, BYTES_PER_SAMPLE, type ClientMessage } from "./protocol.js";
 import type { EndMessage, ErrorMessage, Ready, ResynthOptions, Start, StartOptions, TransmitOptions } from "./protocol.js";
-import { RESUME_FAILED, type ReadyResumeFields, type Resume, type Resumed } from "./contract.js";
+import { RESUME_FAILED, type ReadyResumeFields, type ResumeMessage, type ResumedMessage } from "./contract.js";
 import { AsyncQueue } from "./queue.js";
 import { RetainedAudio } from "./retained.js";
 import { decodeServerBinary, encodeAudio, parseServerMessage, ProtocolError, type SessionMessage } from "./wire.js";
@@ -95,7 +95,7 @@ const DEFAULT_RECONNECT: Required<ReconnectOptions> = {
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
-type Pending = { kind: "ready" | "resumed"; resolve: (msg: Ready | Resumed) => void; reject: (e: unknown) => void };
+type Pending = { kind: "ready" | "resumed"; resolve: (msg: Ready | ResumedMessage) => void; reject: (e: unknown) => void };
 
 /** What a sender and a listener share: the connection, the message checks, the iterator. */
 export class Session implements AsyncIterable<SessionMessage> {
@@ -180,7 +180,7 @@ export class Session implements AsyncIterable<SessionMessage> {
   }
 
   /** Resend what the server lacks after `resumed` (senders override). */
-  protected afterResume(_msg: Resumed): void {}
+  protected afterResume(_msg: ResumedMessage): void {}
 
   /** The audio the server acknowledged (senders override). */
   protected onAck(_samples: number): void {}
@@ -218,7 +218,7 @@ export class Session implements AsyncIterable<SessionMessage> {
     return this.#opts.openTimeoutMs ?? 60000;
   }
 
-  #await(kind: Pending["kind"], ws: WebSocket): Promise<Ready | Resumed> {
+  #await(kind: Pending["kind"], ws: WebSocket): Promise<Ready | ResumedMessage> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#pending = null;
@@ -258,7 +258,7 @@ export class Session implements AsyncIterable<SessionMessage> {
         // Resumed: resend at once, before any later frame of this connection is handled (a WebSocket may hand over
         // several in one task, ahead of the awaiting code).
         if (msg.type === "resumed") this.#onResumed(msg);
-        pending.resolve(msg as Ready | Resumed);
+        pending.resolve(msg as Ready | ResumedMessage);
         if (msg.type === "ready") return; // connect() returns it; the iterator starts after it
       }
     }
@@ -329,7 +329,7 @@ export class Session implements AsyncIterable<SessionMessage> {
     }
   }
 
-  #onResumed(msg: Resumed): void {
+  #onResumed(msg: ResumedMessage): void {
     this.#reconnecting = false;
     this.#nextAudioSeq = null;
     this.resumes += 1;
@@ -364,7 +364,7 @@ export class Session implements AsyncIterable<SessionMessage> {
         continue;
       }
       const resumed = this.#await("resumed", ws);
-      const resume: Resume = { type: "resume", version: PROTOCOL_VERSION, token: this.ready!.resume_token!,
+      const resume: ResumeMessage = { type: "resume", version: PROTOCOL_VERSION, token: this.ready!.resume_token!,
                                next_seq: this.nextSeq, audio_samples: this.audioSamples };
       ws.send(JSON.stringify(resume));
       try {
@@ -480,7 +480,7 @@ export class UnitsClient extends Session {
     this.#retained?.ack(samples);
   }
 
-  protected override afterResume(msg: Resumed): void {
+  protected override afterResume(msg: ResumedMessage): void {
     const frames = this.#retained?.from(msg.samples);
     if (!frames) throw new SessionError("protocol", `resumed at sample ${msg.samples}: that audio is no longer kept`);
     for (const bytes of frames) this.sendBinary(bytes);

@@ -1,5 +1,6 @@
-// The reconnect/resume messages, as agreed for the server side (docs/protocol.md, "Reconnect and resume"), written
-// here by hand until dpslm_stream/protocol.py defines them; then they come from the generated protocol.ts.
+// The reconnect/resume messages as agreed with the server side (COMMON.md's contract), written here by hand so that
+// the client works with a protocol.py with or without them. Their names differ from the generated ones (Ack, Resume,
+// Resumed in protocol.ts once protocol.py defines them), so both can be exported side by side.
 //
 //   ready gains resume_token (string, or null when the server cannot resume this session) and resume_grace_s.
 //   server -> client {"type": "ack", "samples": N}: input samples (at the client's rate) the server has accepted so
@@ -12,13 +13,13 @@
 //   An unknown or expired token is the fatal error resume_failed.
 
 /** Server -> client: the input samples the server has accepted so far. */
-export interface Ack {
+export interface AckMessage {
   type: "ack";
   samples: number;
 }
 
 /** Client -> server, first message of a reconnection. */
-export interface Resume {
+export interface ResumeMessage {
   type: "resume";
   version: number;
   token: string;
@@ -29,7 +30,7 @@ export interface Resume {
 }
 
 /** Server -> client, answer to resume: resend the input audio from `samples` on. */
-export interface Resumed {
+export interface ResumedMessage {
   type: "resumed";
   samples: number;
   next_seq: number;
@@ -43,5 +44,5 @@ export interface ReadyResumeFields {
 
 export const RESUME_FAILED = "resume_failed";
 
-export type ContractServerMessage = Ack | Resumed;
+export type ContractServerMessage = AckMessage | ResumedMessage;
 export const CONTRACT_REQUIRED_FIELDS = { ack: ["samples"], resumed: ["samples", "next_seq"] } as const;
