@@ -135,6 +135,10 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opus-container", default="ogg", choices=[c for c in P.OPUS_CONTAINERS if c != "auto"],
                    help="--format opus: how the stream is framed (ogg, as files; webm, as browsers' MediaRecorder; "
                         "raw: one packet per message, as WebCodecs)")  # fmt: skip
+    p.add_argument("--no-reconnect", dest="reconnect", action="store_false",
+                   help="do not reconnect and resume the session when the connection drops (default: reconnect with "
+                        "backoff, resending the audio the server has not acknowledged; an Opus session does not "
+                        "resume)")  # fmt: skip
 
 
 def client_kwargs(args: argparse.Namespace) -> dict:
@@ -147,7 +151,7 @@ def client_kwargs(args: argparse.Namespace) -> dict:
         raise InvalidInput(f"--url must be a WebSocket URL such as {DEFAULT_URL}, got {args.url!r}")
 
     kwargs = {"k": args.k, "lmbda": args.lmbda, "preset": args.preset, "score": args.score, "format": args.format,
-              "options": {"mode": args.mode} if args.mode else {},
+              "options": {"mode": args.mode} if args.mode else {}, "reconnect": args.reconnect,
               "token": args.token or os.environ.get("DPSLM_STREAM_TOKEN") or None}  # fmt: skip
     if args.format == "opus":
         kwargs.update(opus_bitrate=args.opus_bitrate, opus_container=args.opus_container)

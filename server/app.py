@@ -109,6 +109,7 @@ class Server:
         self.resynth: ResynthProvider | None = (
             None if resynth is None else resynth if isinstance(resynth, ResynthProvider) else InProcessResynth(resynth))
         self.senders: dict[str, Connection] = {}  # started sender sessions by id (listeners subscribe to them)
+        self.resumable: dict[str, Connection] = {}  # sender sessions by resume token (server/resume.py)
         models = self.encoder.models
         self.models_name = str(models.source) if models is not None else config.models
         self.random_weights = bool(models.is_random) if models is not None else False
@@ -259,7 +260,11 @@ class Server:
 
     async def _handle(self, ws: ServerConnection) -> None:
         m = self.metrics
-        if len(self.connections) >= self.config.max_sessions:
+        # A parked session keeps its slot; one more connection per parked session is let in to resume it (it may
+        # only resume: its start is refused with busy).
+        parked = sum(1 for c in self.connections if c.core.parked is not None)
+        resume_only = len(self.connections) >= self.config.max_sessions
+        if len(self.connections) >= self.config.max_sessions + parked:
             m.rejected_total.labels(P.ErrorCode.BUSY.value).inc()
             m.errors_total.labels(P.ErrorCode.BUSY.value).inc()
             err = P.Error(code=P.ErrorCode.BUSY.value, fatal=True, retry_after_s=self.config.busy_retry_after_s,
@@ -273,15 +278,17 @@ class Server:
         if self.draining:
             await ws.close(P.CLOSE_GOING_AWAY, "shutting_down")
             return
-        conn = Connection(self, ws)
+        conn = Connection(self, ws, resume_only)
         self.connections.add(conn)
         m.sessions_active.set(len(self.connections))
-        try:
-            await conn.run()
-        finally:
-            self.connections.discard(conn)
-            m.sessions_active.set(len(self.connections))
-            m.sessions_total.labels(conn.core.outcome or "disconnected").inc()
+        await conn.run()  # the connection releases itself (``release``) when its session is over, maybe later (parked)
+
+    def release(self, conn: Connection) -> None:
+        """A session is over: free its slot and count how it ended (a connection that resumed another is not one)."""
+        self.connections.discard(conn)
+        self.metrics.sessions_active.set(len(self.connections))
+        if conn.core.outcome != "handed_over":
+            self.metrics.sessions_total.labels(conn.core.outcome or "disconnected").inc()
 
 
 def build_encoder(config: ServerConfig) -> Any:

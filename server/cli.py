@@ -95,6 +95,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--open-timeout", type=float, default=d.open_timeout_s,
                    help="seconds a session's models may take to open before it ends with internal_error "
                         f"(default {d.open_timeout_s:g})")
+    p.add_argument("--resume-grace", type=float, default=d.resume_grace_s,
+                   help="seconds a sender session whose connection dropped without end is kept for the client to "
+                        f"resume it (its slot stays taken; 0 = no resume; default {d.resume_grace_s:g})")
+    p.add_argument("--resume-outbox-bytes", type=int, default=d.resume_outbox_bytes,
+                   help="per resumable session: bytes of recent units/audio kept for a replay, and bytes it may "
+                        "produce while parked before it ends (at most half of --max-outgoing-bytes; default "
+                        f"{d.resume_outbox_bytes})")  # fmt: skip
     p.add_argument("--allow-tf32", action="store_true",
                    help="CUDA: let matmuls and convolutions use TF32 (faster on Ampere and later; results then "
                         "differ from the exact fp32 path at ~1e-3; default off)")  # fmt: skip
@@ -143,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         precision=args.precision, allow_tf32=args.allow_tf32,
         max_listeners=args.max_listeners, max_resynth_lag_s=args.max_resynth_lag,
         max_exact_resynth_s=args.max_exact_resynth, open_timeout_s=args.open_timeout,
+        resume_grace_s=args.resume_grace, resume_outbox_bytes=args.resume_outbox_bytes,
     )  # fmt: skip
 
 

@@ -66,10 +66,16 @@ class ServerConfig:
     # Resampling kernel of a client's sample rate (elements, audio.resampler_kernel_size): an odd rate such as 47999 Hz
     # needs a 3 GB kernel that takes tens of seconds to build. 4M (16 MB) admits every common rate (44.1 kHz: 76k).
     max_resampler_taps: int = 4_000_000
+    # Resume (server/resume.py): a sender whose connection drops without end is kept this long for a resume (0: never;
+    # its slot stays taken meanwhile). What it sent (for the replay) and what it produces while parked are each kept
+    # up to resume_outbox_bytes (a parked session that produces more ends). The replay of both (at most twice this)
+    # is bounded by this rule, not counted against max_outgoing_bytes.
+    resume_grace_s: float = 30.0
+    resume_outbox_bytes: int = 2 << 20
 
     def __post_init__(self) -> None:
         positive_ints = ("max_sessions", "max_message_bytes", "max_text_bytes", "max_json_depth", "max_buffer_bytes",
-                         "max_resampler_taps",
+                         "max_resampler_taps", "resume_outbox_bytes",
                          "max_outgoing_bytes", "min_hop", "max_hop", "max_lag", "max_listeners")  # fmt: skip
         for name in positive_ints:
             value = getattr(self, name)
@@ -87,7 +93,7 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
                 raise InvalidInput(f"{_flag(name)} must be a positive number of seconds, got {value!r}")
-        for name in ("stall_timeout_s", "max_exact_resynth_s"):
+        for name in ("stall_timeout_s", "max_exact_resynth_s", "resume_grace_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < math.inf):
                 raise InvalidInput(f"{_flag(name)} must be a number >= 0, got {value!r}")
@@ -108,7 +114,8 @@ class ServerConfig:
                 "max_outgoing_bytes": self.max_outgoing_bytes, "max_left": self.max_left, "min_hop": self.min_hop,
                 "max_hop": self.max_hop, "max_lookahead": self.max_lookahead, "max_lag": self.max_lag,
                 "open_timeout_s": self.open_timeout_s, "max_exact_resynth_s": self.max_exact_resynth_s,
-                "max_resampler_taps": self.max_resampler_taps}  # fmt: skip
+                "max_resampler_taps": self.max_resampler_taps, "resume_grace_s": self.resume_grace_s,
+                "resume_outbox_bytes": self.resume_outbox_bytes}  # fmt: skip
 
 
 def _flag(name: str) -> str:
@@ -120,7 +127,7 @@ def _flag(name: str) -> str:
 FLAGS = {"start_timeout_s": "--start-timeout", "idle_timeout_s": "--idle-timeout", "max_session_s": "--max-session-time",
          "max_full_s": "--max-full-audio", "max_buffer_s": "--max-buffer", "stall_timeout_s": "--stall-timeout",
          "drain_timeout_s": "--drain-timeout", "max_resynth_lag_s": "--max-resynth-lag",
-         "open_timeout_s": "--open-timeout", "max_exact_resynth_s": "--max-exact-resynth",
+         "open_timeout_s": "--open-timeout", "resume_grace_s": "--resume-grace", "max_exact_resynth_s": "--max-exact-resynth",
          "stats_interval_s": "stats_interval_s", "quantum_s": "quantum_s",
          "busy_retry_after_s": "busy_retry_after_s"}  # fmt: skip
 

@@ -136,7 +136,7 @@ def test_stream_command_sends_opus_and_reports_the_uplink(server, wav, tmp_path,
     out = tmp_path / "units.json"
     args = Namespace(files=[path], url=server.url, token=None, k=None, lmbda=None, preset="low-latency", mode="full",
                      score=False, format="opus", opus_bitrate=24000, opus_container="ogg", pace="fast", chunk_ms=100.0,
-                     json=out, quiet=True, resynth=False, resynth_options=None, audio_out=None)  # fmt: skip
+                     json=out, quiet=True, resynth=False, resynth_options=None, audio_out=None, reconnect=True)  # fmt: skip
     assert stream_run(args) == 0
     doc = json.loads(out.read_text())
     decoded = decode_offline(opus_messages(wav, "ogg"), "ogg")
@@ -248,6 +248,7 @@ def test_core_decodes_opus_at_48_khz_and_a_bomb_ends_the_session(wav):
     assert [type(a) for a in out] == [A.OpenSession] and out[0].sample_rate == OPUS_SR
     ready = sent(s.opened(FULL, None, 0.0))[0]
     assert ready.settings["sample_rate"] == OPUS_SR and ready.settings["container"] == "ogg"
+    assert ready.resume_token is None  # an Opus stream cannot be resent from a sample offset
     data = b"".join(opus_messages(wav, "ogg"))
     fed = [a for a in s.receive_binary(data, 0.1) if isinstance(a, A.FeedAudio)]
     assert len(fed) == 1 and np.array_equal(fed[0].samples, decode_opus_file(data))

@@ -64,6 +64,7 @@ export const ErrorCode = {
     SENDER_GONE: "sender_gone",
     RESYNTH_BEHIND: "resynth_behind",
     RESYNTH_LIMIT: "resynth_limit",
+    RESUME_FAILED: "resume_failed",
     UNAUTHORIZED: "unauthorized",
     FORBIDDEN_ORIGIN: "forbidden_origin",
 };
@@ -86,12 +87,13 @@ export const CLOSE_CODES = {
     internal_error: 1011,
     unknown_session: 1008,
     sender_gone: 1001,
+    resume_failed: 1008,
 };
 export const FATAL_CODES = new Set(Object.keys(CLOSE_CODES));
 /** Codes that are fatal only sometimes (the error message's `fatal` says), with their close code. */
 export const CLOSE_CODES_WHEN_FATAL = {
     bad_audio: 1007,
 };
-export const SERVER_MESSAGE_TYPES = ["ready", "unit", "stats", "error", "end"];
+export const SERVER_MESSAGE_TYPES = ["ready", "unit", "stats", "error", "end", "resumed", "ack"];
 /** fields every server message of a type carries (a parser checks them) */
-export const SERVER_REQUIRED_FIELDS = { "ready": ["session", "settings", "limits", "models", "random_weights", "server"], "unit": ["seq", "unit", "start_frame", "end_frame", "start_s", "end_s", "commit_audio_s", "lag_s"], "stats": ["elapsed_s", "audio_s", "processed_s", "buffered_s", "units", "units_per_s", "bitrate", "rtf", "lag_s", "lag_p95_s", "loglikelihood", "state_nbytes"], "error": ["code", "message"], "end": ["reason", "units", "num_frames", "audio_s", "stats"] };
+export const SERVER_REQUIRED_FIELDS = { "ready": ["session", "settings", "limits", "models", "random_weights", "server"], "unit": ["seq", "unit", "start_frame", "end_frame", "start_s", "end_s", "commit_audio_s", "lag_s"], "stats": ["elapsed_s", "audio_s", "processed_s", "buffered_s", "units", "units_per_s", "bitrate", "rtf", "lag_s", "lag_p95_s", "loglikelihood", "state_nbytes"], "error": ["code", "message"], "end": ["reason", "units", "num_frames", "audio_s", "stats"], "resumed": ["samples", "next_seq"], "ack": ["samples"] };

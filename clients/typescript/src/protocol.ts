@@ -69,6 +69,7 @@ export const ErrorCode = {
   SENDER_GONE: "sender_gone",
   RESYNTH_BEHIND: "resynth_behind",
   RESYNTH_LIMIT: "resynth_limit",
+  RESUME_FAILED: "resume_failed",
   UNAUTHORIZED: "unauthorized",
   FORBIDDEN_ORIGIN: "forbidden_origin",
 } as const;
@@ -93,6 +94,7 @@ export const CLOSE_CODES: Readonly<Partial<Record<ErrorCode, number>>> = {
   internal_error: 1011,
   unknown_session: 1008,
   sender_gone: 1001,
+  resume_failed: 1008,
 };
 export const FATAL_CODES: ReadonlySet<string> = new Set(Object.keys(CLOSE_CODES));
 /** Codes that are fatal only sometimes (the error message's `fatal` says), with their close code. */
@@ -174,6 +176,20 @@ export interface Subscribe {
   format?: string;
 }
 
+/** Client -> server, first message of a new connection that takes over a session whose connection dropped. */
+export interface Resume {
+  type: "resume";
+  /** the session's ready.resume_token */
+  token: string;
+  /** the first unit seq the client has not received */
+  next_seq: number;
+  /** resynthesized 24 kHz samples the client has received */
+  audio_samples?: number;
+  /** input sample the client's resent audio starts at (<= resumed.samples); None: there */
+  resend_from?: number | null;
+  version?: number;
+}
+
 /** Server -> client, answer to start: the session id and every setting as resolved by the server. */
 export interface Ready {
   type: "ready";
@@ -193,6 +209,10 @@ export interface Ready {
   role: string;
   /** sender only: what a listener passes in subscribe (share it with the session id) */
   listen_token: string | null;
+  /** sender only: what a reconnecting client passes in resume; None: cannot resume */
+  resume_token: string | null;
+  /** how long the server keeps a session whose connection dropped (0: not at all) */
+  resume_grace_s: number;
 }
 
 /** Server -> client: one committed (final) deduplicated unit. ``seq`` counts 0, 1, 2, ... per session. */
@@ -283,10 +303,24 @@ export interface EndMessage {
   resynth: Record<string, unknown> | null;
 }
 
+/** Server -> client, answer to resume: units from ``next_seq`` and audio from resume.audio_samples follow; the client resends its input audio from sample ``samples`` on. */
+export interface Resumed {
+  type: "resumed";
+  /** input samples (per channel, at the start's sample rate) the server has accepted */
+  samples: number;
+  next_seq: number;
+}
+
+/** Server -> client: input samples accepted so far (the client may drop the audio it keeps for a resend below). */
+export interface Ack {
+  type: "ack";
+  samples: number;
+}
+
 /** The final stats inside the end message: the stats fields without their type. */
 export type StatsFields = Omit<Stats, "type">;
-export type ClientMessage = Start | End | Subscribe;
-export type ServerMessage = Ready | Unit | Stats | ErrorMessage | EndMessage;
-export const SERVER_MESSAGE_TYPES = ["ready", "unit", "stats", "error", "end"] as const;
+export type ClientMessage = Start | End | Subscribe | Resume;
+export type ServerMessage = Ready | Unit | Stats | ErrorMessage | EndMessage | Resumed | Ack;
+export const SERVER_MESSAGE_TYPES = ["ready", "unit", "stats", "error", "end", "resumed", "ack"] as const;
 /** fields every server message of a type carries (a parser checks them) */
-export const SERVER_REQUIRED_FIELDS = {"ready": ["session", "settings", "limits", "models", "random_weights", "server"], "unit": ["seq", "unit", "start_frame", "end_frame", "start_s", "end_s", "commit_audio_s", "lag_s"], "stats": ["elapsed_s", "audio_s", "processed_s", "buffered_s", "units", "units_per_s", "bitrate", "rtf", "lag_s", "lag_p95_s", "loglikelihood", "state_nbytes"], "error": ["code", "message"], "end": ["reason", "units", "num_frames", "audio_s", "stats"]} as const;
+export const SERVER_REQUIRED_FIELDS = {"ready": ["session", "settings", "limits", "models", "random_weights", "server"], "unit": ["seq", "unit", "start_frame", "end_frame", "start_s", "end_s", "commit_audio_s", "lag_s"], "stats": ["elapsed_s", "audio_s", "processed_s", "buffered_s", "units", "units_per_s", "bitrate", "rtf", "lag_s", "lag_p95_s", "loglikelihood", "state_nbytes"], "error": ["code", "message"], "end": ["reason", "units", "num_frames", "audio_s", "stats"], "resumed": ["samples", "next_seq"], "ack": ["samples"]} as const;
