@@ -4,9 +4,9 @@
 # multi-GB CUDA build. Override TORCH for another build, e.g. TORCH="torch==2.13.0 --index-url <cpu index>".
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
-# Optional extras the test run installs (dtx: the VAD of codec --dtx); CI adds ray so the Ray tests run (they are
+# Optional extras the test run installs (dtx: the VAD of codec --dtx; opus: PyAV for the Opus uplink); CI adds ray so the Ray tests run (they are
 # skipped without it).
-EXTRAS ?= test,plot,dtx
+EXTRAS ?= test,plot,dtx,opus
 VENV := .venv
 BIN := $(VENV)/bin
 

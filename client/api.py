@@ -8,7 +8,9 @@
 
 ``stream`` sends the chunks (paced in real time, or as fast as the server takes them), then ``end``, while it yields
 every server message: Unit, Stats, Error, AudioChunk (with ``resynth=``: 24 kHz audio made from the units) and
-finally the EndMessage. After a fatal Error the server still sends the
+finally the EndMessage. ``format="opus"`` encodes the audio on the client (PyAV, the ``opus`` extra;
+``opus_bitrate``, ``opus_container`` ogg/webm/raw); ``uplink_bytes`` counts the audio bytes sent, whatever the
+format. After a fatal Error the server still sends the
 units of the audio it received and an EndMessage whose reason is the error code; when it cannot (internal_error), the
 iterator raises SessionError. Lower level: ``send(samples)``, ``end()`` and ``async for msg in client``.
 The client checks the protocol's promise that units arrive as seq 0, 1, 2, ... and audio chunks contiguously, and
@@ -68,12 +70,20 @@ class UnitsClient:
                  options: dict | None = None, token: str | None = None, origin: str | None = None,
                  open_timeout: float = 60.0, frame_ms: float = 100.0, resynth: dict | None = None,
                  transmit: dict | None = None, reconnect: bool = True, max_reconnects: int = 8,
-                 max_retained_s: float = 60.0, seed: int | None = None):  # fmt: skip
+                 max_retained_s: float = 60.0, seed: int | None = None, opus_bitrate: int = 24000,
+                 opus_container: str = "ogg"):  # fmt: skip
         if format not in P.SAMPLE_FORMATS:
             raise InvalidInput(f"format must be one of {P.SAMPLE_FORMATS}, got {format!r}")
         self.url = url
         self.start_msg = {"type": "start", "version": P.PROTOCOL_VERSION, "sample_rate": sample_rate,
                           "format": format, "preset": preset, "score": score, "options": dict(options or {})}  # fmt: skip
+        self._opus = None  # format opus: the streaming encoder (the audio is resampled to 48 kHz, then encoded)
+        if format == "opus":
+            from dpslm_stream.opus import OpusUplinkEncoder
+
+            self._opus = OpusUplinkEncoder(opus_bitrate, opus_container, input_rate=sample_rate)
+            self.start_msg.pop("sample_rate")  # Opus decodes at 48 kHz
+            self.start_msg["container"] = opus_container
         if k is not None or lmbda is not None:
             self.start_msg.update(k=k, lmbda=lmbda)
         if resynth is not None:
@@ -89,6 +99,7 @@ class UnitsClient:
         self.ready: P.Ready | None = None
         self.end_message: P.EndMessage | None = None
         self.sent_samples = 0
+        self.uplink_bytes = 0  # bytes of the binary audio frames sent
         self._ws = None
         self._next_seq = 0
         self._next_audio_seq = 0
@@ -171,14 +182,24 @@ class UnitsClient:
 
     async def _send_frames(self, ws, samples: np.ndarray) -> None:
         for i in range(0, len(samples), self.frame_samples):
-            await ws.send(P.encode_audio(samples[i : i + self.frame_samples], self.format))
+            frame = samples[i : i + self.frame_samples]
+            encoded = self._opus.push(frame) if self._opus is not None else [P.encode_audio(frame, self.format)]
+            await self._send_bytes(ws, encoded)
+
+    async def _send_bytes(self, ws, frames: list[bytes]) -> None:
+        for frame in frames:
+            await ws.send(frame)
+            self.uplink_bytes += len(frame)
 
     async def end(self) -> None:
-        """End of audio: the server sends the remaining units, then the end message."""
+        """End of audio (an Opus stream's last bytes first): the server sends the remaining units, then the end
+        message."""
         waiting = self._new_transport
         async with self._send_lock:
             self._ended = True
             try:
+                if self._opus is not None:
+                    await self._send_bytes(self._ws, self._opus.finish())
                 await self._ws.send('{"type":"end"}')
                 return
             except ConnectionClosed:
@@ -188,7 +209,8 @@ class UnitsClient:
 
     @property
     def _resumable(self) -> bool:
-        return self.reconnect and self.ready is not None and self.ready.resume_token is not None
+        # (An Opus stream is never resumed: the server gives it no token, and its bytes cannot be resent by offset.)
+        return self.reconnect and self.ready is not None and self.ready.resume_token is not None and self._opus is None
 
     async def _resume(self, lost: SessionError) -> None:
         """Reconnect and resume after a drop (backoff with jitter, bounded attempts), then resend the audio from the

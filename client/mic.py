@@ -6,7 +6,12 @@ waits in the server's buffer. Ctrl-C (or --seconds) ends the stream; the remaini
 
 ``--resynth`` asks for audio back: the server resynthesizes the units into 24 kHz speech (ELLA-V + WavTokenizer)
 and streams it; it plays on the output device through a small jitter buffer (--jitter-ms), and the live line shows
-the audio received and the resynthesis lag. Use headphones: the microphone would otherwise hear the playback. After
+the audio received and the resynthesis lag.
+
+``--format opus`` (``--opus-bitrate``, default 24000) sends the microphone Opus-compressed, in 100 ms Ogg pages
+(PyAV, ``pip install -e '.[opus]'``); the summary reports the uplink bytes.
+
+Use headphones: the microphone would otherwise hear the playback. After
 the end message the remaining audio plays out; a second Ctrl-C cuts it short.
 
 Needs the optional ``sounddevice`` package and the PortAudio library:
@@ -32,7 +37,7 @@ from dpslm_stream import protocol as P
 from dpslm_stream.errors import DPSLMError
 
 from .api import SessionError, UnitsClient
-from .stream import add_connection_args, client_kwargs
+from .stream import add_connection_args, client_kwargs, uplink_summary
 
 INSTALL_HINT = ("the microphone client needs the 'sounddevice' package and the PortAudio library: "
                 "pip install sounddevice (from a checkout: pip install -e '.[mic]'), and PortAudio: "
@@ -330,7 +335,8 @@ async def _session(sd, device, sr: int, args: argparse.Namespace, resynth: dict 
                 elif isinstance(msg, P.EndMessage):
                     end = msg
                     print(f"\nended ({msg.reason}): {msg.units} units, {msg.audio_s:.1f} s of audio, "
-                          f"bitrate {msg.stats.get('bitrate', 0):.0f} bit/s, lag p95 {msg.stats.get('lag_p95_s')} s")  # fmt: skip
+                          f"bitrate {msg.stats.get('bitrate', 0):.0f} bit/s, lag p95 {msg.stats.get('lag_p95_s')} s; "
+                          f"uplink {uplink_summary(client.uplink_bytes, msg.audio_s, args.format)}")  # fmt: skip
                     if msg.resynth:
                         print(resynth_summary(msg.resynth, jitter), file=sys.stderr)
             if jitter is not None and jitter.buffered:  # the end comes after the last chunk: let it play out

@@ -4,7 +4,9 @@ Each file is one session, sent in chunks either paced in real time (``--pace rea
 fast as the server takes them (``--pace fast``, the default; the server's back-pressure sets the speed). Units are
 printed as they commit; ``--json`` writes the same document as ``dpslm-stream encode --json`` (so the two can be
 compared directly: in ``--mode full`` they are equal), with the stream's lag figures added per file.
-``--resynth`` asks for the units resynthesized back into speech (ELLA-V + WavTokenizer on the server) and
+``--format opus`` compresses the audio on the client (``--opus-bitrate``, default 24 kbit/s; ``--opus-container``
+ogg, webm or raw); the uplink bytes are printed per file. ``--resynth`` asks for the units resynthesized back into
+speech (ELLA-V + WavTokenizer on the server) and
 ``--audio-out OUT.wav`` writes that 24 kHz audio (one file per input: OUT_1.wav, ... after the first).
 """
 
@@ -40,6 +42,7 @@ class StreamResult:
     end: P.EndMessage | None = None
     seconds: float = 0.0  # duration of the input audio
     wall_s: float = 0.0  # connect to end message
+    uplink_bytes: int = 0  # audio bytes sent (PCM frames, or the Opus stream)
 
     @property
     def processed_seconds(self) -> float:
@@ -90,6 +93,7 @@ async def stream_audio(url: str, wav: np.ndarray, sr: int, *, realtime: bool = F
                 result.end = msg
             if on_message is not None:
                 on_message(msg)
+        result.uplink_bytes = client.uplink_bytes
     result.wall_s = time.monotonic() - started
     return result
 
@@ -123,10 +127,18 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default=None, choices=P.ENCODER_MODES,
                    help="encoder mode (default cached; full = exact offline units, all at the end)")
     p.add_argument("--score", action="store_true", help="ask for ULM log-probabilities per unit")
-    p.add_argument("--format", default="pcm16", choices=P.SAMPLE_FORMATS, help="wire sample format")
+    p.add_argument("--format", default="pcm16", choices=P.SAMPLE_FORMATS,
+                   help="wire audio format: pcm16, float32, or opus (compressed on the client; needs PyAV: "
+                        "pip install 'dpslm-stream[opus]')")  # fmt: skip
+    p.add_argument("--opus-bitrate", type=int, default=24000, help="--format opus: target bitrate (bit/s, default "
+                                                                   "24000)")  # fmt: skip
+    p.add_argument("--opus-container", default="ogg", choices=[c for c in P.OPUS_CONTAINERS if c != "auto"],
+                   help="--format opus: how the stream is framed (ogg, as files; webm, as browsers' MediaRecorder; "
+                        "raw: one packet per message, as WebCodecs)")  # fmt: skip
     p.add_argument("--no-reconnect", dest="reconnect", action="store_false",
                    help="do not reconnect and resume the session when the connection drops (default: reconnect with "
-                        "backoff, resending the audio the server has not acknowledged)")  # fmt: skip
+                        "backoff, resending the audio the server has not acknowledged; an Opus session does not "
+                        "resume)")  # fmt: skip
 
 
 def client_kwargs(args: argparse.Namespace) -> dict:
@@ -138,9 +150,12 @@ def client_kwargs(args: argparse.Namespace) -> dict:
 
         raise InvalidInput(f"--url must be a WebSocket URL such as {DEFAULT_URL}, got {args.url!r}")
 
-    return {"k": args.k, "lmbda": args.lmbda, "preset": args.preset, "score": args.score, "format": args.format,
-            "options": {"mode": args.mode} if args.mode else {}, "reconnect": args.reconnect,
-            "token": args.token or os.environ.get("DPSLM_STREAM_TOKEN") or None}  # fmt: skip
+    kwargs = {"k": args.k, "lmbda": args.lmbda, "preset": args.preset, "score": args.score, "format": args.format,
+              "options": {"mode": args.mode} if args.mode else {}, "reconnect": args.reconnect,
+              "token": args.token or os.environ.get("DPSLM_STREAM_TOKEN") or None}  # fmt: skip
+    if args.format == "opus":
+        kwargs.update(opus_bitrate=args.opus_bitrate, opus_container=args.opus_container)
+    return kwargs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path}: the connection closed before the session's end message", file=sys.stderr)
         print(f"{path}: {len(res.units)} units in {res.processed_seconds:.2f} s of audio, streamed in "
               f"{res.wall_s:.2f} s; commit lag {lag}; session {res.ready.session}", file=out)  # fmt: skip
+        print(f"{path}: uplink {uplink_summary(res.uplink_bytes, res.seconds, args.format)}", file=out)
         if "resynth" in kwargs and res.end is not None and res.end.resynth is not None:
             r = res.end.resynth
             audio = np.concatenate([c.samples for c in res.audio]) if res.audio else np.zeros(0, np.float32)
@@ -240,6 +256,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(failed)} of {len(args.files)} file(s) failed (see above)", file=sys.stderr)
         return 1
     return 0
+
+
+def uplink_summary(nbytes: int, seconds: float, fmt: str) -> str:
+    """The audio bytes a session sent, as a line: bytes, bit/s, and the ratio to PCM16 at 16 kHz (256 kbit/s)."""
+    bps = 8 * nbytes / seconds if seconds > 0 else 0.0
+    return f"{nbytes} bytes of {fmt} audio, {bps / 1000:.1f} kbit/s ({bps / 256000:.1%} of PCM16 at 16 kHz)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """The one wire protocol of the live units server: every message, field, error code, close code and version, defined
-once. The server (dpslm_stream.server) and every client (dpslm_stream.client, the browser page mirrors it in
-client/web/app.js) use these definitions; docs/protocol.md explains them for people.
+once. The server (dpslm_stream.server) and every client (dpslm_stream.client; the TypeScript client and the browser page
+through clients/typescript/src/protocol.ts, generated from this module by dpslm_stream.protocol_ts) use these
+definitions; docs/protocol.md explains them for people.
 
 A session is one WebSocket connection to ``WS_PATH``:
 
@@ -62,8 +63,14 @@ PAGE_PATH = "/"  # the browser page (client/web/index.html); its assets are serv
 
 TOKEN_QUERY_PARAM = "token"  # browsers cannot set headers on a WebSocket: the token may come as ?token=...
 
-SAMPLE_FORMATS = ("pcm16", "float32")
+PCM_FORMATS = ("pcm16", "float32")  # samples in binary frames at start.sample_rate
+SAMPLE_FORMATS = (*PCM_FORMATS, "opus")  # every start.format; "opus": compressed (dpslm_stream/opus.py decodes it)
 BYTES_PER_SAMPLE = {"pcm16": 2, "float32": 4}
+# start.container of format "opus": "auto" (told by the first bytes: Ogg pages, a WebM/EBML header, else raw), "ogg"
+# and "webm" (byte streams split anywhere, as MediaRecorder emits them), "raw" (one Opus packet per binary frame, as
+# WebCodecs' AudioEncoder emits them). Opus is decoded at OPUS_SAMPLE_RATE whatever start.sample_rate says.
+OPUS_CONTAINERS = ("auto", "ogg", "webm", "raw")
+OPUS_SAMPLE_RATE = 48000
 FRAME_RATE = 50  # WavLM frames (and unit boundaries) per second of audio
 
 # Resynthesized audio (server -> client binary frames): 24 kHz mono PCM16 after a 16-byte little-endian header
@@ -93,7 +100,7 @@ class ErrorCode(str, Enum):
     NOT_STARTED = "not_started"  # audio or end before start
     ALREADY_STARTED = "already_started"  # a second start on one connection
     AFTER_END = "after_end"  # audio after end
-    BAD_AUDIO = "bad_audio"  # an empty frame or a byte count that is not a whole number of samples
+    BAD_AUDIO = "bad_audio"  # an empty frame, a partial sample, or malformed Opus data (fatal when it cannot go on)
     NON_FINITE = "non_finite"  # NaN or Inf float32 samples
     MESSAGE_TOO_LARGE = "message_too_large"  # an audio frame above max_message_bytes, a text frame above max_text_bytes
     # Limits: fatal, the session ends (units received so far are still delivered, then end).
@@ -121,6 +128,7 @@ CLOSE_POLICY = 1008  # a limit was exceeded (idle, session time, buffer)
 CLOSE_TOO_BIG = 1009  # a frame above the hard size cap (the library closes before the server sees it)
 CLOSE_INTERNAL = 1011  # internal error
 CLOSE_TRY_AGAIN = 1013  # busy
+CLOSE_INVALID_DATA = 1007  # a fatal bad_audio: Opus data the decoder cannot go on from
 
 CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.BUFFER_FULL: CLOSE_POLICY,
@@ -135,6 +143,13 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.SENDER_GONE: CLOSE_GOING_AWAY,
     ErrorCode.RESUME_FAILED: CLOSE_POLICY,
 }
+# Codes that are fatal only sometimes (bad_audio: a damaged frame is dropped, an Opus stream that cannot go on ends).
+CLOSE_CODES_WHEN_FATAL: dict[ErrorCode, int] = {ErrorCode.BAD_AUDIO: CLOSE_INVALID_DATA}
+
+
+def close_code(code: ErrorCode) -> int:
+    """The close code of a session ended by a fatal ``code``."""
+    return CLOSE_CODES[code] if code in CLOSE_CODES else CLOSE_CODES_WHEN_FATAL[code]
 
 
 class ProtocolError(InvalidInput):
@@ -154,8 +169,8 @@ class Start:
     """Client -> server, first message: the stream's format and the model/encoder settings it wants."""
 
     TYPE: ClassVar[str] = "start"
-    sample_rate: int  # input rate in Hz (any integer in [8000, 48000]; the server resamples to 16 kHz)
-    format: str = "pcm16"  # "pcm16" (int16 little-endian) or "float32" (IEEE little-endian), mono
+    sample_rate: int  # input rate in Hz (any integer in [8000, 48000]; the server resamples to 16 kHz); opus: 48000
+    format: str = "pcm16"  # "pcm16" (int16 little-endian), "float32" (IEEE little-endian), mono; or "opus"
     k: int | None = None  # codebook size; None = the server's default pair
     lmbda: int | None = None  # DPDP duration penalty; None = the server's default pair
     preset: str = "low-latency"  # window preset of the streaming encoder (low-latency, balanced, quality)
@@ -164,6 +179,7 @@ class Start:
     resynth: dict | None = None  # live resynthesis: audio back from the units (RESYNTH_OPTIONS); None = off
     version: int = PROTOCOL_VERSION
     transmit: dict | None = None  # the unit bitstream as binary frames (TRANSMIT_OPTIONS; BitstreamFrame); None = off
+    container: str | None = None  # format "opus" only: OPUS_CONTAINERS (default "auto")
 
 
 # Encoder overrides accepted in start.options, with their JSON types (None = keep the preset's value).
@@ -504,15 +520,24 @@ def _parse_start(obj: dict) -> Start:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown start field(s) {unknown}{hint}; "
                                                    f"expected {sorted(allowed - {'type'})}")  # fmt: skip
     version = _check_version(obj)
-    if "sample_rate" not in obj:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "start needs 'sample_rate' (Hz of the audio you will send)")
-    try:
-        sample_rate = check_sample_rate(obj["sample_rate"])
-    except InvalidInput as e:
-        raise ProtocolError(ErrorCode.BAD_SAMPLE_RATE, str(e)) from None
     fmt = _check_type("format", obj.get("format", "pcm16"), str)
     if fmt not in SAMPLE_FORMATS:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"format {fmt!r} is not supported; expected one of {SAMPLE_FORMATS}")
+    container = _check_type("container", obj.get("container"), str, optional=True)
+    if fmt == "opus":
+        container = "auto" if container is None else container
+        if container not in OPUS_CONTAINERS:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"container {container!r}: expected one of {OPUS_CONTAINERS}")
+    elif container is not None:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"container applies to format \"opus\" only (format is {fmt!r})")
+    if "sample_rate" not in obj and fmt != "opus":
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "start needs 'sample_rate' (Hz of the audio you will send)")
+    try:  # Opus decodes at 48 kHz: a sample rate given with it is checked, then the decoded rate is what counts
+        sample_rate = check_sample_rate(obj.get("sample_rate", OPUS_SAMPLE_RATE))
+    except InvalidInput as e:
+        raise ProtocolError(ErrorCode.BAD_SAMPLE_RATE, str(e)) from None
+    if fmt == "opus":
+        sample_rate = OPUS_SAMPLE_RATE
     options = _check_type("options", obj.get("options", {}), dict)
     for name, value in options.items():
         if name not in START_OPTIONS:
@@ -531,6 +556,7 @@ def _parse_start(obj: dict) -> Start:
         resynth=_parse_resynth("start.resynth", obj.get("resynth"), version),
         version=version,
         transmit=_parse_transmit(obj.get("transmit")),
+        container=container,
     )
 
 
@@ -583,10 +609,11 @@ def parse_server_message(text: str | bytes) -> ServerMessage:
 
 
 def decode_audio(data: bytes, fmt: str) -> np.ndarray:
-    """A binary audio frame -> float32 samples; ProtocolError for empty frames, partial samples and NaN/Inf.
-    Finite float32 samples outside [-1, 1] are clipped to it (the range PCM16 covers; the models were trained on it)."""
+    """A binary PCM audio frame -> float32 samples; ProtocolError for empty frames, partial samples and NaN/Inf.
+    Finite float32 samples outside [-1, 1] are clipped to it (the range PCM16 covers; the models were trained on it).
+    Opus frames are a stream, not frames of samples: dpslm_stream.opus.OpusUplinkDecoder decodes them."""
     if fmt not in BYTES_PER_SAMPLE:
-        raise InvalidInput(f"format must be one of {SAMPLE_FORMATS}, got {fmt!r}")
+        raise InvalidInput(f"format must be one of {PCM_FORMATS}, got {fmt!r}")
     width = BYTES_PER_SAMPLE[fmt]
     if len(data) == 0:
         raise ProtocolError(ErrorCode.BAD_AUDIO, "empty audio frame; send at least one sample per binary frame")
@@ -609,7 +636,7 @@ def encode_audio(samples: np.ndarray, fmt: str) -> bytes:
         return float_to_pcm16(np.asarray(samples, dtype=np.float32))
     if fmt == "float32":
         return np.asarray(samples, dtype="<f4").tobytes()
-    raise InvalidInput(f"format must be one of {SAMPLE_FORMATS}, got {fmt!r}")
+    raise InvalidInput(f"format must be one of {PCM_FORMATS}, got {fmt!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 from dpslm_stream import __version__
 from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.opus import OpusDataError, OpusUplinkDecoder
 from dpslm_stream.stream.events import EndEvent, UnitEvent
 from dpslm_stream.stream.resynth_events import AudioEvent, ResynthEndEvent
 
@@ -88,7 +89,8 @@ class Session(SessionState):
         if self.start is None:
             return self._error(E.NOT_STARTED, "end before start: send a start message first")
         if self.state == State.STREAMING:
-            return self._end("end")
+            truncated = self.opus.truncation() if self.opus is not None else None
+            return (self._error(E.BAD_AUDIO, truncated) if truncated else []) + self._end("end")
         return []
 
     def receive_binary(self, data: bytes, now: float) -> list[A.Action]:
@@ -107,27 +109,32 @@ class Session(SessionState):
                                                     f"{self.cfg.max_message_bytes}; split it (e.g. 20-100 ms per "
                                                     "frame); the frame was dropped")  # fmt: skip
         try:
-            samples = P.decode_audio(data, self.start.format)
+            samples = P.decode_audio(data, self.start.format) if self.opus is None else self.opus.push(data)
+        except OpusDataError as e:  # the Opus stream cannot go on: the units of the audio decoded so far follow
+            return self._limit(E.BAD_AUDIO, f"{e}", now)
         except P.ProtocolError as e:
             return self._error(e.code, str(e))
+        dropped = [] if self.opus is None else [a for why in self.opus.take_dropped() for a in self._error(E.BAD_AUDIO, why)]
+        if len(samples) == 0:  # Opus headers, or a page not yet complete
+            return dropped
         if self._skip_samples:  # audio resent after a resume that the server had already accepted
             skipped = min(self._skip_samples, len(samples))
             samples, self._skip_samples = samples[skipped:], self._skip_samples - skipped
             if not len(samples):
-                return []
+                return dropped
         sr = self.start.sample_rate
         assert self.info is not None
         if self.info.mode == "full" and limits.full_mode_exceeded(self.cfg, self.received_samples, len(samples), sr):
-            return self._limit(E.SESSION_TIME_LIMIT, f"mode full keeps the whole stream until the end: at most "
-                                                     f"{self.cfg.max_full_s:g} s of audio (use cached or sliding for "
-                                                     "longer streams)", now)  # fmt: skip
+            return dropped + self._limit(E.SESSION_TIME_LIMIT, f"mode full keeps the whole stream until the end: at "
+                                                               f"most {self.cfg.max_full_s:g} s of audio (use cached or "
+                                                               "sliding for longer streams)", now)  # fmt: skip
         if not self._has_room(len(samples)):
             self._held = (samples, now)
             self._pause(now)
             if self.cfg.stall_timeout_s == 0:
-                return self._buffer_full(now)
-            return []
-        return self._accept(samples, now)
+                return dropped + self._buffer_full(now)
+            return dropped
+        return dropped + self._accept(samples, now)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Events from the backends and the I/O layer
@@ -138,13 +145,18 @@ class Session(SessionState):
             return [A.CancelSlot(), *([A.CloseResynth()] if resynth is not None else [])]
         self._resume(now)
         self.info, self.resynth = info, resynth
+        assert self.start is not None
+        if self.start.format == "opus":  # a message decodes to at most the buffer's worth of audio (Opus bombs)
+            max_samples = int(max(self.cfg.max_buffer_s, 0.5) * P.OPUS_SAMPLE_RATE)
+            self.opus = OpusUplinkDecoder(self.start.container or "auto", max_samples)
         self.resynth_settings = resynth.settings() if resynth is not None else None
         self.state = State.STREAMING
         self.started_at = now
         self._next_stats = now + self.cfg.stats_interval_s
         self.listen_token = secrets.token_urlsafe(16)
-        assert self.start is not None
-        if self.cfg.resume_grace_s > 0 and self.start.transmit is None:  # a bitstream is not replayable
+        # A bitstream is not replayable, and an Opus stream cannot be resent from a sample offset (its decoder state
+        # and container framing run on from the bytes already decoded): those sessions get no resume token.
+        if self.cfg.resume_grace_s > 0 and self.start.transmit is None and self.opus is None:
             self.resume_token = secrets.token_urlsafe(16)
             self.replay = resume.ReplayLog(self.cfg.resume_outbox_bytes)
         settings = start_rules.sender_settings(self.start, info, self.resynth_settings)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from dpslm_stream import protocol as P
+from dpslm_stream.opus import OpusUplinkDecoder
 from dpslm_stream.stream.resynth_events import ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
@@ -70,6 +71,7 @@ class SessionState:
         self.queued_samples = 0  # fed, not yet taken by the encoder (an upper bound between reports)
         self.progress = Progress()
         self._held: tuple[np.ndarray, float] | None = None  # a frame waiting for buffer room, and when it arrived
+        self.opus: OpusUplinkDecoder | None = None  # format opus: the stream's decoder (48 kHz out)
         self.units_done = False  # every unit of the stream has been sent
         self.forced_commits = 0
         self.listeners = 0
@@ -264,7 +266,7 @@ class SessionState:
             end = self._end(code.value)
             return self._error(code, f"{why}; the units of the audio received so far follow, then end", fatal=True) + end
         self.outcome = code.value
-        return self._error(code, f"{why}; closing", fatal=True) + self._close(P.CLOSE_CODES[code], code.value)
+        return self._error(code, f"{why}; closing", fatal=True) + self._close(P.close_code(code), code.value)
 
     def _open_expired(self, now: float) -> list[A.Action]:
         """The open deadline: backends that did not open within open_timeout_s (a stuck model load) end the session
@@ -310,7 +312,7 @@ class SessionState:
         reason = self.reason or "end"
         self.outcome = reason
         end = self.report.end_message(reason, self.stats(now), self.forced_commits, self.resynth_end)
-        code = P.CLOSE_NORMAL if reason == "end" else P.CLOSE_CODES[P.ErrorCode(reason)]
+        code = P.CLOSE_NORMAL if reason == "end" else P.close_code(P.ErrorCode(reason))
         if self.replay is not None:  # a resume after the end was sent (and lost) gets it again
             self.replay.final = [A.Send(P.to_json(end), 0), A.Close(code, reason[:120])]
         return self._ack(now) + self._send(end) + self._close(code, reason)
@@ -409,5 +411,6 @@ class SessionState:
         if self.role == "sender" and self.start is not None:
             sender = {"sample_rate": self.start.sample_rate, "received": self.received_samples,
                       "queued": self.queued_samples, "progress": self.progress, "listeners": self.listeners}  # fmt: skip
-        stats = self.report.stats(now - self.started_at, sender, self.outgoing_bytes, lag)
+        buffers = self.outgoing_bytes + (self.opus.state_nbytes if self.opus is not None else 0)  # + partial Opus pages
+        stats = self.report.stats(now - self.started_at, sender, buffers, lag)
         return dataclasses.replace(stats, transmit=self.tx_stats) if self.tx_stats is not None else stats

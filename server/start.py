@@ -11,6 +11,8 @@ import dataclasses
 from typing import Any
 
 from dpslm_stream import protocol as P
+from dpslm_stream.opus import INSTALL_HINT as OPUS_INSTALL_HINT
+from dpslm_stream.opus import opus_available
 from dpslm_stream.pipeline import default_num_neighbors
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
@@ -31,6 +33,7 @@ class ServerInfo:
     default_pair: tuple[int, int]
     resynth: bool  # resynthesis offered
     transmit_table_ks: tuple[int, ...] = ()  # K of each unit table the server codes start.transmit "table" with
+    opus: bool = dataclasses.field(default_factory=opus_available)  # start.format "opus" offered (PyAV installed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,9 @@ def check_start(cfg: ServerConfig, server: ServerInfo, msg: P.Start) -> StartPla
     refusal = limits.window_refusal(cfg, mode, msg.preset, opts)
     if refusal is not None:
         return Refusal(E.BAD_SETTINGS, refusal)
+    if msg.format == "opus" and not server.opus:
+        return Refusal(E.UNSUPPORTED_OPTION, f"this server cannot decode Opus ({OPUS_INSTALL_HINT} on the server); "
+                                             "send pcm16 or float32")  # fmt: skip
     refusal = limits.sample_rate_refusal(cfg, msg.sample_rate)
     if refusal is not None:
         return Refusal(E.BAD_SAMPLE_RATE, refusal)
@@ -104,4 +110,5 @@ def sender_settings(start: P.Start, info: EncoderSessionInfo, resynth: dict | No
             "preset": start.preset, "score": start.score, "frame_rate": P.FRAME_RATE, "mode": info.mode,
             "left": None if full else info.left, "hop": None if full else info.hop,
             "lookahead": None if full else info.lookahead, "max_lag": info.max_lag,
-            "num_neighbors": default_num_neighbors(info.k), "resynth": resynth}  # fmt: skip
+            "num_neighbors": default_num_neighbors(info.k), "resynth": resynth,
+            **({"container": start.container} if start.format == "opus" else {})}  # fmt: skip

@@ -248,3 +248,59 @@ def test_browser_page_shows_the_bitstream_payload_next_to_the_authors_bitrate(tm
             assert page.eval("window.dpslmState")["errors"] == []
         finally:
             close_browser(proc)
+
+
+def test_mediarecorder_webm_opus_decodes_like_pyav_does(tmp_path):
+    """What Chromium's MediaRecorder (audio/webm;codecs=opus at 24 kbit/s, 100 ms timeslices) writes for the fake
+    microphone: the server's streaming decoder, fed the blobs as they came and split at random points, returns what
+    PyAV's own demuxer and decoder give for the whole file, bit for bit. (The page's own Opus session, end to end, is
+    tests/test_browser_client.py's.)"""
+    av = pytest.importorskip("av", reason="the Opus uplink needs PyAV")
+    import random
+
+    import numpy as np
+
+    from dpslm_stream.opus import OpusUplinkDecoder, decode_opus_file
+
+    capture = speech_capture(tmp_path)
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False)) as srv:
+        proc, page = open_page(f"{srv.http_url}/", str(tmp_path / "profile"), capture)
+        try:
+            page.wait_for("document.getElementById('pair') && document.getElementById('pair').options.length > 0")
+            assert page.eval("window.isSecureContext")
+            blobs = page.eval("""(async () => {
+                const stream = await navigator.mediaDevices.getUserMedia({audio: true});
+                const rec = new MediaRecorder(stream, {mimeType: 'audio/webm;codecs=opus', audioBitsPerSecond: 24000});
+                const parts = [];
+                rec.ondataavailable = (e) => parts.push(e.data);
+                rec.start(100);
+                await new Promise((r) => setTimeout(r, 3000));
+                const stopped = new Promise((r) => rec.onstop = r);
+                rec.stop();
+                await stopped;
+                const out = [];
+                for (const p of parts) {
+                    const bytes = new Uint8Array(await p.arrayBuffer());
+                    let s = '';
+                    for (const b of bytes) s += String.fromCharCode(b);
+                    out.push(btoa(s));
+                }
+                return out;
+            })()""")
+        finally:
+            close_browser(proc)
+    parts = [base64.b64decode(b) for b in blobs]
+    data = b"".join(parts)
+    assert len(parts) > 10 and data[:4] == b"\x1a\x45\xdf\xa3"
+    reference = decode_opus_file(data)
+    assert 2.0 * 48000 < len(reference) < 4.0 * 48000 and np.abs(reference).max() > 0.01  # the capture, not silence
+    decoder = OpusUplinkDecoder("auto")
+    got = np.concatenate([decoder.push(p) for p in parts])
+    assert decoder.container == "webm" and decoder.take_dropped() == []
+    assert np.array_equal(got, reference)
+    rng = random.Random(0)
+    decoder = OpusUplinkDecoder("webm")
+    cuts = sorted(rng.sample(range(1, len(data)), 40))
+    got = np.concatenate([decoder.push(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)])])
+    assert np.array_equal(got, reference)
+    del av

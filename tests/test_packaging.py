@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PAGE = ("index.html", "app.js", "worklet.js")
+PAGE = ("index.html", "app.js", "worklet.js", "client.js", "protocol.js", "capture.js")
 
 setuptools = pytest.importorskip("setuptools")
 pytest.importorskip("build")
@@ -47,7 +47,7 @@ def dist(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pkg")
     src = tmp / "src"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "out", "build", "dist",
-                                                             "*.egg-info", "__pycache__", ".pytest_cache",
+                                                             "*.egg-info", "__pycache__", ".pytest_cache", "node_modules",
                                                              ".hypothesis", ".whl"))  # fmt: skip
     log = _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"), str(src)])
     return tmp / "dist", log

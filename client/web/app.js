@@ -1,41 +1,41 @@
-// The browser client of the live units server. It mirrors dpslm_stream/protocol.py (version 2; the Python test
-// suite checks that the constants below match it): start (JSON) -> ready; binary PCM16 frames up; end -> remaining
-// units (and audio), end message, close. With "audio back" the start carries resynth: {} and the server streams
-// the units resynthesized into 24 kHz speech as binary frames (AUDIO_HEADER, then PCM16), played here gaplessly.
-// With "transmit" the start carries transmit: {coder} and the server also sends the session's unit bitstream as
-// binary frames (BITSTREAM_FRAME_KIND): the page counts their bytes and shows the link's payload bit/s (from stats)
-// next to the authors' unigram-entropy bitrate.
+// The browser page of the live units server, built on the TypeScript client package (clients/typescript): its
+// compiled ES modules sit next to this file (`npm run sync-web` copies them; `npm test` checks the copies equal a
+// fresh build), so the page speaks exactly the protocol of dpslm_stream/protocol.py (protocol.js is generated from it).
+// UnitsClient sends start -> ready, the audio frames, end -> remaining units (and audio), end message; it checks the
+// units' seq and the audio's contiguity, and reconnects and resumes the session if the connection drops (when the
+// server offers it). The microphone: Pcm16Capture (AudioWorklet, PCM16 at the device's rate) or, with ?format=opus,
+// OpusCapture (MediaRecorder, audio/webm;codecs=opus at ?opus_bitrate= bit/s, default 24000).
+// With "audio back" the start carries resynth: {} and the server streams the units resynthesized into 24 kHz speech
+// as binary frames, played here gaplessly. With "transmit" the start carries transmit: {coder} and the server also
+// sends the session's unit bitstream as binary frames: the page counts their bytes and shows the link's payload
+// bit/s (from stats) next to the authors' unigram-entropy bitrate. #uplink-bytes shows the audio bytes sent.
 // Query parameters: token, k, lmbda, preset, mode, score=1, resynth=0 (no audio back), transmit=uniform|ulm,
-// autostart=1.
+// format=opus, opus_bitrate, autostart=1.
 
-const PROTOCOL_VERSION = 2;
-const WS_PATH = "/v1/stream";
-const HEALTH_PATH = "/healthz";
+import { HEALTH_PATH, WS_PATH, RESYNTH_SAMPLE_RATE } from "./protocol.js";
+import { UnitsClient } from "./client.js";
+import { OpusCapture, Pcm16Capture } from "./capture.js";
+
 const STRIP_MAX = 400; // unit elements kept in the scrolling strip
-// Binary server frames (protocol.AUDIO_HEADER, "<B3xIQ"): kind u8 | 3 zero bytes | seq u32 | start_sample u64, then
-// little-endian PCM16 mono at RESYNTH_SAMPLE_RATE. 16 bytes keep the samples 2-byte aligned for an Int16Array view.
-const AUDIO_FRAME_KIND = 1;
-const BITSTREAM_FRAME_KIND = 2; // kind u8 | part u8 (0 header, 1 packet) | .dpsu bytes (docs/bitstream.md)
-const AUDIO_HEADER_BYTES = 16;
-const RESYNTH_SAMPLE_RATE = 24000;
 const PLAYBACK_SAFETY_S = 0.05; // schedule a chunk no earlier than this ahead of the playback clock
+const DEFAULT_OPUS_BITRATE = 24000;
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 
 // Everything the page knows about the session, also read by the headless-browser test.
 const state = { phase: "idle", session: null, listenToken: null, units: 0, lastUnits: [], errors: [], ended: null,
-                audioSent: 0, sampleRate: null, resynth: false,
+                audioSent: 0, sampleRate: null, resynth: false, format: "pcm16", uplinkBytes: 0, resumes: 0,
                 // Resynthesized audio received (counted on arrival, whether or not the AudioContext can play it).
                 audioChunks: 0, audioSamples: 0, audioSeconds: 0, audioAfterEnd: 0, audioChunksAtEnd: null,
                 playback: null, playbackGaps: 0, playbackAheadS: 0, resynthLag: null,
                 bitstreamFrames: 0, bitstreamBytes: 0, transmit: null };
 window.dpslmState = state;
 
-let ws = null, ctx = null, stream = null, node = null;
-// Playback of the audio back: its own AudioContext (the capture one closes when the connection does, while the
-// last chunks may still be playing), kept across sessions. nextTime: where the next chunk starts on its clock.
-let playCtx = null, nextTime = 0, expectSeq = 0, expectSample = 0;
+let client = null, capture = null;
+// Playback of the audio back: its own AudioContext (the capture one closes when the session ends, while the last
+// chunks may still be playing), kept across sessions. nextTime: where the next chunk starts on its clock.
+let playCtx = null, nextTime = 0;
 
 function setStatus(text) { state.phase = text; $("status").textContent = text; }
 function logError(text) { state.errors.push(text); $("log").textContent += text + "\n"; }
@@ -109,35 +109,15 @@ function showAudio() {
 function resetAudio() {
   Object.assign(state, { audioChunks: 0, audioSamples: 0, audioSeconds: 0, audioAfterEnd: 0, audioChunksAtEnd: null,
                          playbackGaps: 0, playbackAheadS: 0, resynthLag: null });
-  expectSeq = 0; expectSample = 0; // nextTime stays: a new session's audio queues after the last one's tail
+  // nextTime stays: a new session's audio queues after the last one's tail
   $("m-rlag").textContent = fmt(null);
 }
 
-// One binary server frame: a resynthesized audio chunk. Counted on arrival, then scheduled right after the previous
-// chunk on the playback clock (or as soon as possible when playback fell behind): gapless while chunks keep up.
-function onBinaryFrame(buf) {
-  if (buf.byteLength >= 2 && new DataView(buf).getUint8(0) === BITSTREAM_FRAME_KIND) {
-    state.bitstreamFrames += 1; state.bitstreamBytes += buf.byteLength - 2; // the .dpsu bytes only
-    return;
-  }
-  onAudioFrame(buf);
-}
-
-function onAudioFrame(buf) {
-  if (buf.byteLength < AUDIO_HEADER_BYTES || (buf.byteLength - AUDIO_HEADER_BYTES) % 2) {
-    logError(`binary frame of ${buf.byteLength} bytes is not an audio chunk`);
-    return;
-  }
-  const view = new DataView(buf);
-  const kind = view.getUint8(0);
-  if (kind !== AUDIO_FRAME_KIND) { logError(`unknown binary frame kind ${kind}`); return; }
-  const seq = view.getUint32(4, true);
-  const startSample = Number(view.getBigUint64(8, true));
-  const pcm = new Int16Array(buf, AUDIO_HEADER_BYTES, (buf.byteLength - AUDIO_HEADER_BYTES) / 2); // little-endian hosts
-  if (seq !== expectSeq || startSample !== expectSample) {
-    logError(`audio chunk seq ${seq} at sample ${startSample}, expected seq ${expectSeq} at ${expectSample}`);
-  }
-  expectSeq = seq + 1; expectSample = startSample + pcm.length;
+// A resynthesized audio chunk (the client has checked that it follows the previous one). Counted on arrival, then
+// scheduled right after the previous chunk on the playback clock (or as soon as possible when playback fell behind):
+// gapless while chunks keep up.
+function onAudioChunk(chunk) {
+  const pcm = chunk.pcm;
   if (state.ended) state.audioAfterEnd += 1;
   state.audioChunks += 1;
   state.audioSamples += pcm.length;
@@ -160,30 +140,26 @@ function onAudioFrame(buf) {
   showAudio();
 }
 
-function onMessage(ev) {
-  if (typeof ev.data !== "string") { onBinaryFrame(ev.data); return; } // binaryType "arraybuffer"
-  const msg = JSON.parse(ev.data);
+function onReady(msg) {
+  state.session = msg.session;
+  state.listenToken = msg.listen_token === undefined ? null : msg.listen_token;
+  showShare();
+  showAudio();
+  $("m-units").textContent = "0";
+  $("m-audio").textContent = "0.0";
+  $("uplink-bytes").textContent = "0";
+  setStatus(`streaming: session ${msg.session}, k=${msg.settings.k}, \u03bb=${msg.settings.lmbda}, ` +
+            `${msg.settings.mode}/${msg.settings.preset}` + (state.format === "opus" ? ", opus" : ""));
+}
+
+function onMessage(msg) {
   switch (msg.type) {
-    case "ready":
-      state.session = msg.session;
-      state.listenToken = msg.listen_token === undefined ? null : msg.listen_token;
-      showShare();
-      showAudio();
-      $("m-units").textContent = "0";
-      $("m-audio").textContent = "0.0";
-      setStatus(`streaming: session ${msg.session}, k=${msg.settings.k}, \u03bb=${msg.settings.lmbda}, ` +
-                `${msg.settings.mode}/${msg.settings.preset}`);
-      node.port.onmessage = (e) => {  // audio flows only once the server is ready
-        if (ws && ws.readyState === WebSocket.OPEN) {
-          ws.send(e.data);
-          state.audioSent += e.data.byteLength / 2 / ctx.sampleRate;
-          $("m-audio").textContent = state.audioSent.toFixed(1);
-        }
-      };
-      break;
     case "unit": addUnit(msg); break;
     case "stats": showStats(msg); break;
     case "error": logError(`${msg.code}: ${msg.message}`); break;
+    case "audio": onAudioChunk(msg); break;
+    case "bitstream": state.bitstreamFrames += 1; state.bitstreamBytes += msg.data.length; break; // .dpsu bytes
+    case "resumed": state.resumes += 1; setStatus(`streaming: session ${state.session} (resumed)`); break;
     case "end":
       state.ended = msg;
       state.audioChunksAtEnd = state.audioChunks; // the end comes after the last audio chunk
@@ -192,7 +168,31 @@ function onMessage(ev) {
                 (msg.resynth ? `, ${state.audioSeconds.toFixed(2)} s of audio back` +
                                (msg.resynth.error ? ` (resynthesis stopped: ${msg.resynth.error})` : "") : ""));
       break;
+    // "ack": the client keeps the audio the server has not acknowledged, for a resume; nothing to show.
   }
+}
+
+// The microphone's data, once the session is ready: PCM16 frames, or pieces of the Opus container.
+function onCaptured(data) {
+  if (!client) return;
+  if (state.format === "opus") {
+    client.sendEncoded(data);
+    state.audioSent = capture.seconds;
+  } else {
+    client.send(data);
+    state.audioSent += data.length / state.sampleRate;
+  }
+  state.uplinkBytes = client.uplinkBytes;
+  $("m-audio").textContent = state.audioSent.toFixed(1);
+  $("uplink-bytes").textContent = String(client.uplinkBytes);
+}
+
+async function openCapture() {
+  if (state.format === "opus") {
+    const bitrate = Number(params.get("opus_bitrate") || DEFAULT_OPUS_BITRATE);
+    return OpusCapture.open({ bitsPerSecond: bitrate });
+  }
+  return Pcm16Capture.open({ workletUrl: "worklet.js" });
 }
 
 async function start() {
@@ -206,8 +206,9 @@ async function start() {
     return;
   }
   $("guide").className = "started";
-  state.units = 0; state.ended = null; state.errors = []; state.audioSent = 0;
+  state.units = 0; state.ended = null; state.errors = []; state.audioSent = 0; state.uplinkBytes = 0; state.resumes = 0;
   state.session = null; state.listenToken = null; state.resynth = $("resynth").checked;
+  state.format = params.get("format") === "opus" ? "opus" : "pcm16";
   state.bitstreamFrames = 0; state.bitstreamBytes = 0; state.transmit = null;
   resetAudio();
   $("strip").textContent = ""; $("log").textContent = ""; $("share").textContent = ""; showAudio();
@@ -220,61 +221,51 @@ async function start() {
     } catch (e) { logError(`audio playback unavailable: ${e}`); playCtx = null; state.playback = "unavailable"; }
   }
   try {
-    stream = await navigator.mediaDevices.getUserMedia({
-      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
-    ctx = new AudioContext(); // no sampleRate: capture at the device's native rate, the server resamples
-    await ctx.audioWorklet.addModule("worklet.js");
-    node = new AudioWorkletNode(ctx, "pcm16-capture");
-    ctx.createMediaStreamSource(stream).connect(node);
-    // Keep the graph pulled without playing the microphone back: a muted gain to the destination.
-    const mute = ctx.createGain(); mute.gain.value = 0; node.connect(mute).connect(ctx.destination);
-    if (ctx.state === "suspended") await ctx.resume();
+    capture = await openCapture();
   } catch (e) {
     logError(`microphone: ${e.name || e}: ${e.message || ""}`);
     setStatus("no microphone");
     $("start").disabled = false;
     return;
   }
-  state.sampleRate = ctx.sampleRate;
-  $("m-rate").textContent = ctx.sampleRate;
+  state.sampleRate = capture.sampleRate; // the device's native rate (pcm16: the server resamples); opus: 48000
+  $("m-rate").textContent = capture.sampleRate;
   const [k, lmbda] = ($("pair").value || ":").split(":").map((x) => (x === "" ? null : Number(x)));
-  const token = params.get("token");
-  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${WS_PATH}` +
-              (token ? `?token=${encodeURIComponent(token)}` : "");
-  ws = new WebSocket(url);
-  ws.binaryType = "arraybuffer";
-  ws.onopen = () => {
-    const coder = $("transmit").value; // "" (off), "uniform" or "ulm"
-    const start = { type: "start", version: PROTOCOL_VERSION, sample_rate: ctx.sampleRate, format: "pcm16",
-                    preset: $("preset").value, score: $("score").checked, options: { mode: $("mode").value },
-                    resynth: state.resynth ? {} : null, // {}: the server's resynthesis defaults
-                    transmit: coder ? { coder } : null };
-    if (k !== null) { start.k = k; start.lmbda = lmbda; }
-    ws.send(JSON.stringify(start));
-    setStatus("connecting");
-  };
-  ws.onmessage = onMessage;
-  ws.onclose = (e) => {
-    if (!state.ended) setStatus(`connection closed (${e.code}${e.reason ? " " + e.reason : ""})`);
-    stopCapture();
-  };
-  ws.onerror = () => logError("WebSocket error (see the browser console)");
+  const coder = $("transmit").value; // "" (off), "uniform" or "ulm"
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${WS_PATH}`;
+  client = new UnitsClient(url, {
+    token: params.get("token") || undefined, sampleRate: capture.sampleRate, format: state.format,
+    preset: $("preset").value, score: $("score").checked, options: { mode: $("mode").value },
+    resynth: state.resynth ? {} : null, // {}: the server's resynthesis defaults
+    transmit: coder ? { coder } : null, ...(k !== null ? { k, lmbda } : {}),
+    onReconnect: (e) => setStatus(`connection lost (${e.reason}): reconnecting, attempt ${e.attempt}`),
+  });
+  setStatus("connecting");
   $("stop").disabled = false;
+  try {
+    onReady(await client.connect());
+    capture.ondata = onCaptured; // audio flows only once the server is ready
+    if (state.format === "opus") capture.start(); // the container's header goes first
+    for await (const msg of client) onMessage(msg);
+  } catch (e) {
+    logError(e.message || String(e));
+    if (!state.ended) setStatus(`connection closed (${e.code || e})`);
+  }
+  stopCapture();
 }
 
 function stopCapture() {
-  if (stream) stream.getTracks().forEach((t) => t.stop());
-  if (ctx) ctx.close();
-  stream = null; ctx = null;
+  if (capture) capture.stop().catch(() => {});
+  capture = null; client = null;
   $("start").disabled = false;
   $("stop").disabled = true;
 }
 
-function stop() {
-  if (node) node.port.onmessage = null;
-  if (ws && ws.readyState === WebSocket.OPEN) { ws.send(JSON.stringify({ type: "end" })); setStatus("finishing"); }
-  if (stream) stream.getTracks().forEach((t) => t.stop());
+async function stop() {
   $("stop").disabled = true;
+  const session = client;
+  if (capture) await capture.stop().catch(() => {}); // an Opus recorder delivers its last piece first
+  if (session && session.ready && !session.endMessage) { session.end(); setStatus("finishing"); }
 }
 
 $("start").onclick = start;
@@ -285,7 +276,7 @@ $("score").checked = params.get("score") === "1";
 if (params.has("transmit")) $("transmit").value = params.get("transmit");
 $("resynth").checked = params.get("resynth") !== "0";
 $("resynth").onchange = () => { // between sessions: show whether the next one asks for audio back
-  if (!ws || ws.readyState > WebSocket.OPEN) { state.resynth = $("resynth").checked; showAudio(); }
+  if (!client) { state.resynth = $("resynth").checked; showAudio(); }
 };
 $("resynth").onchange();
 // A page opened with autostart=1 starts without a user gesture, so browsers may hold the playback context
