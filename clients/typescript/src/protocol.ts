@@ -129,6 +129,7 @@ export interface TransmitOptions {
   packet_ms?: number;
   resync_s?: number;
   durations?: boolean;
+  termination?: string;
 }
 
 /** Client -> server, first message: the stream's format and the model/encoder settings it wants. */
