@@ -45,6 +45,8 @@ export interface ReconnectOptions {
   maxAttempts?: number;
   /** seconds of unacknowledged audio kept for a resend; more and the session can no longer resume. Default 120. */
   maxRetainedSeconds?: number;
+  /** one reconnection attempt (the WebSocket handshake, then resumed) must complete within this. Default 10000 ms. */
+  attemptTimeoutMs?: number;
 }
 
 export interface ReconnectEvent {
@@ -91,6 +93,7 @@ const DEFAULT_RECONNECT: Required<ReconnectOptions> = {
   maxDelayMs: 5000,
   maxAttempts: 20,
   maxRetainedSeconds: 120,
+  attemptTimeoutMs: 10000,
 };
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
@@ -185,7 +188,9 @@ export class Session implements AsyncIterable<SessionMessage> {
   /** The audio the server acknowledged (senders override). */
   protected onAck(_samples: number): void {}
 
-  #open(): Promise<WebSocket> {
+  /** Open a WebSocket within `timeoutMs`: a handshake cut short may fire neither close nor error in every
+   * implementation, so the timer is what bounds it. */
+  #open(timeoutMs = this.#timeoutMs): Promise<WebSocket> {
     return new Promise((resolve, reject) => {
       let ws: WebSocket;
       try {
@@ -195,21 +200,30 @@ export class Session implements AsyncIterable<SessionMessage> {
         return;
       }
       ws.binaryType = "arraybuffer";
+      const fail = (error: SessionError) => {
+        clearTimeout(timer);
+        ws.onopen = ws.onerror = ws.onclose = null;
+        try {
+          ws.close();
+        } catch {
+          // already closed
+        }
+        reject(error);
+      };
       const timer = setTimeout(() => {
-        ws.close();
-        reject(new SessionError("timeout", `no connection to ${this.url} within ${this.#timeoutMs} ms`));
-      }, this.#timeoutMs);
+        fail(new SessionError("timeout", `no connection to ${this.url} within ${timeoutMs} ms`));
+      }, timeoutMs);
       ws.onopen = () => {
         clearTimeout(timer);
         this.ws = ws;
         ws.onmessage = (ev) => this.#onFrame(ws, ev.data);
+        ws.onerror = null;
         ws.onclose = (ev) => this.#onClose(ws, ev.code, ev.reason);
         resolve(ws);
       };
-      ws.onerror = () => {}; // the close event that follows says what happened
+      ws.onerror = () => fail(new SessionError("connection_failed", `cannot connect to ${this.url}`));
       ws.onclose = (ev) => {
-        clearTimeout(timer);
-        reject(new SessionError("connection_failed", `cannot connect to ${this.url} (close ${ev.code} ${ev.reason})`));
+        fail(new SessionError("connection_failed", `cannot connect to ${this.url} (close ${ev.code} ${ev.reason})`));
       };
     });
   }
@@ -218,13 +232,13 @@ export class Session implements AsyncIterable<SessionMessage> {
     return this.#opts.openTimeoutMs ?? 60000;
   }
 
-  #await(kind: Pending["kind"], ws: WebSocket): Promise<Ready | ResumedMessage> {
+  #await(kind: Pending["kind"], ws: WebSocket, timeoutMs = this.#timeoutMs): Promise<Ready | ResumedMessage> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#pending = null;
         ws.close();
-        reject(new SessionError("timeout", `no ${kind} message within ${this.#timeoutMs} ms`));
-      }, this.#timeoutMs);
+        reject(new SessionError("timeout", `no ${kind} message within ${timeoutMs} ms`));
+      }, timeoutMs);
       const done = (f: () => void) => {
         clearTimeout(timer);
         this.#pending = null;
@@ -358,12 +372,12 @@ export class Session implements AsyncIterable<SessionMessage> {
       if (this.#closedByUser || this.#queue.ended) return;
       let ws: WebSocket;
       try {
-        ws = await this.#open();
+        ws = await this.#open(Math.min(this.#timeoutMs, this.reconnect.attemptTimeoutMs));
       } catch (e) {
         error = e;
         continue;
       }
-      const resumed = this.#await("resumed", ws);
+      const resumed = this.#await("resumed", ws, Math.min(this.#timeoutMs, this.reconnect.attemptTimeoutMs));
       const resume: ResumeMessage = { type: "resume", version: PROTOCOL_VERSION, token: this.ready!.resume_token!,
                                next_seq: this.nextSeq, audio_samples: this.audioSamples };
       ws.send(JSON.stringify(resume));
