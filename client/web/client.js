@@ -15,7 +15,6 @@
 // unit seq and the audio samples it has, and resends its audio from the sample the server reports in `resumed`.
 // Until then it keeps every frame the server has not acknowledged (`ack`); send() goes on working meanwhile.
 import { PROTOCOL_VERSION, TOKEN_QUERY_PARAM, ErrorCode, BYTES_PER_SAMPLE } from "./protocol.js";
-import { RESUME_FAILED } from "./contract.js";
 import { AsyncQueue } from "./queue.js";
 import { RetainedAudio } from "./retained.js";
 import { decodeServerBinary, encodeAudio, parseServerMessage, ProtocolError } from "./wire.js";
@@ -329,7 +328,7 @@ export class Session {
             }
             catch (e) {
                 error = e;
-                if (e instanceof SessionError && e.code === RESUME_FAILED)
+                if (e instanceof SessionError && e.code === ErrorCode.RESUME_FAILED)
                     break; // the server no longer has the session
             }
         }
