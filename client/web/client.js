@@ -15,7 +15,6 @@
 // unit seq and the audio samples it has, and resends its audio from the sample the server reports in `resumed`.
 // Until then it keeps every frame the server has not acknowledged (`ack`); send() goes on working meanwhile.
 import { PROTOCOL_VERSION, TOKEN_QUERY_PARAM, ErrorCode, BYTES_PER_SAMPLE } from "./protocol.js";
-import { RESUME_FAILED } from "./contract.js";
 import { AsyncQueue } from "./queue.js";
 import { RetainedAudio } from "./retained.js";
 import { decodeServerBinary, encodeAudio, parseServerMessage, ProtocolError } from "./wire.js";
@@ -37,6 +36,7 @@ const DEFAULT_RECONNECT = {
     maxDelayMs: 5000,
     maxAttempts: 20,
     maxRetainedSeconds: 120,
+    attemptTimeoutMs: 10000,
 };
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 /** What a sender and a listener share: the connection, the message checks, the iterator. */
@@ -120,7 +120,9 @@ export class Session {
     afterResume(_msg) { }
     /** The audio the server acknowledged (senders override). */
     onAck(_samples) { }
-    #open() {
+    /** Open a WebSocket within `timeoutMs`: a handshake cut short may fire neither close nor error in every
+     * implementation, so the timer is what bounds it. */
+    #open(timeoutMs = this.#timeoutMs) {
         return new Promise((resolve, reject) => {
             let ws;
             try {
@@ -131,34 +133,44 @@ export class Session {
                 return;
             }
             ws.binaryType = "arraybuffer";
+            const fail = (error) => {
+                clearTimeout(timer);
+                ws.onopen = ws.onerror = ws.onclose = null;
+                try {
+                    ws.close();
+                }
+                catch {
+                    // already closed
+                }
+                reject(error);
+            };
             const timer = setTimeout(() => {
-                ws.close();
-                reject(new SessionError("timeout", `no connection to ${this.url} within ${this.#timeoutMs} ms`));
-            }, this.#timeoutMs);
+                fail(new SessionError("timeout", `no connection to ${this.url} within ${timeoutMs} ms`));
+            }, timeoutMs);
             ws.onopen = () => {
                 clearTimeout(timer);
                 this.ws = ws;
                 ws.onmessage = (ev) => this.#onFrame(ws, ev.data);
+                ws.onerror = null;
                 ws.onclose = (ev) => this.#onClose(ws, ev.code, ev.reason);
                 resolve(ws);
             };
-            ws.onerror = () => { }; // the close event that follows says what happened
+            ws.onerror = () => fail(new SessionError("connection_failed", `cannot connect to ${this.url}`));
             ws.onclose = (ev) => {
-                clearTimeout(timer);
-                reject(new SessionError("connection_failed", `cannot connect to ${this.url} (close ${ev.code} ${ev.reason})`));
+                fail(new SessionError("connection_failed", `cannot connect to ${this.url} (close ${ev.code} ${ev.reason})`));
             };
         });
     }
     get #timeoutMs() {
         return this.#opts.openTimeoutMs ?? 60000;
     }
-    #await(kind, ws) {
+    #await(kind, ws, timeoutMs = this.#timeoutMs) {
         return new Promise((resolve, reject) => {
             const timer = setTimeout(() => {
                 this.#pending = null;
                 ws.close();
-                reject(new SessionError("timeout", `no ${kind} message within ${this.#timeoutMs} ms`));
-            }, this.#timeoutMs);
+                reject(new SessionError("timeout", `no ${kind} message within ${timeoutMs} ms`));
+            }, timeoutMs);
             const done = (f) => {
                 clearTimeout(timer);
                 this.#pending = null;
@@ -300,13 +312,13 @@ export class Session {
                 return;
             let ws;
             try {
-                ws = await this.#open();
+                ws = await this.#open(Math.min(this.#timeoutMs, this.reconnect.attemptTimeoutMs));
             }
             catch (e) {
                 error = e;
                 continue;
             }
-            const resumed = this.#await("resumed", ws);
+            const resumed = this.#await("resumed", ws, Math.min(this.#timeoutMs, this.reconnect.attemptTimeoutMs));
             const resume = { type: "resume", version: PROTOCOL_VERSION, token: this.ready.resume_token,
                 next_seq: this.nextSeq, audio_samples: this.audioSamples };
             ws.send(JSON.stringify(resume));
@@ -316,7 +328,7 @@ export class Session {
             }
             catch (e) {
                 error = e;
-                if (e instanceof SessionError && e.code === RESUME_FAILED)
+                if (e instanceof SessionError && e.code === ErrorCode.RESUME_FAILED)
                     break; // the server no longer has the session
             }
         }

@@ -2,8 +2,7 @@
 // sends (resynthesized audio chunks, unit bitstream frames) and the parsing of the server's JSON messages. The
 // mirror of dpslm_stream/protocol.py's encode_audio / decode_audio_chunk / decode_bitstream_frame /
 // parse_server_message; written by hand because it is a few DataView reads (no library adds anything here).
-import { AUDIO_FRAME_KIND, AUDIO_HEADER_BYTES, BITSTREAM_FRAME_KIND, BITSTREAM_PARTS, ErrorCode, RESYNTH_SAMPLE_RATE, SERVER_MESSAGE_TYPES, SERVER_REQUIRED_FIELDS, } from "./protocol.js";
-import { CONTRACT_REQUIRED_FIELDS } from "./contract.js";
+import { AUDIO_FRAME_KIND, AUDIO_HEADER_BYTES, BITSTREAM_FRAME_KIND, BITSTREAM_PARTS, ErrorCode, RESYNTH_SAMPLE_RATE, SERVER_REQUIRED_FIELDS, } from "./protocol.js";
 /** A message that breaks the protocol; `code` is an ErrorCode value. */
 export class ProtocolError extends Error {
     code;
@@ -123,7 +122,7 @@ export function decodeServerBinary(data) {
     const bytes = asBytes(data);
     return bytes.length && bytes[0] === BITSTREAM_FRAME_KIND ? decodeBitstreamFrame(bytes) : decodeAudioChunk(bytes);
 }
-const REQUIRED = { ...SERVER_REQUIRED_FIELDS, ...CONTRACT_REQUIRED_FIELDS };
+const REQUIRED = SERVER_REQUIRED_FIELDS;
 /** Parse a server text frame. Unknown fields are kept (a newer server may add some), unknown types and missing
  * fields raise ProtocolError, as protocol.parse_server_message does. */
 export function parseServerMessage(text) {
@@ -145,5 +144,3 @@ export function parseServerMessage(text) {
     }
     return obj;
 }
-/** The server message types this client parses (the protocol's and the resume contract's). */
-export const KNOWN_SERVER_TYPES = [...SERVER_MESSAGE_TYPES, ...Object.keys(CONTRACT_REQUIRED_FIELDS)];

@@ -6,7 +6,7 @@ import { PACKAGE, REPO } from "./python.mjs";
 
 export const WEB = path.join(REPO, "client", "web");
 // index.js stays out: the page imports the modules it uses by name (an index.js beside index.html would confuse).
-export const WEB_MODULES = ["protocol.js", "contract.js", "wire.js", "queue.js", "retained.js", "client.js", "capture.js",
+export const WEB_MODULES = ["protocol.js", "wire.js", "queue.js", "retained.js", "client.js", "capture.js",
                             "worklet.js"];
 
 if (process.argv[1] && path.resolve(process.argv[1]) === path.join(PACKAGE, "scripts", "sync-web.mjs")) {

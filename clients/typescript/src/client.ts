@@ -16,8 +16,8 @@
 // Until then it keeps every frame the server has not acknowledged (`ack`); send() goes on working meanwhile.
 
 import { PROTOCOL_VERSION, TOKEN_QUERY_PARAM, ErrorCode, BYTES_PER_SAMPLE, type ClientMessage } from "./protocol.js";
-import type { EndMessage, ErrorMessage, Ready, ResynthOptions, Start, StartOptions, TransmitOptions } from "./protocol.js";
-import { RESUME_FAILED, type ReadyResumeFields, type ResumeMessage, type ResumedMessage } from "./contract.js";
+import type { EndMessage, ErrorMessage, Ready, Resume, Resumed, ResynthOptions, Start, StartOptions, TransmitOptions }
+  from "./protocol.js";
 import { AsyncQueue } from "./queue.js";
 import { RetainedAudio } from "./retained.js";
 import { decodeServerBinary, encodeAudio, parseServerMessage, ProtocolError, type SessionMessage } from "./wire.js";
@@ -45,6 +45,8 @@ export interface ReconnectOptions {
   maxAttempts?: number;
   /** seconds of unacknowledged audio kept for a resend; more and the session can no longer resume. Default 120. */
   maxRetainedSeconds?: number;
+  /** one reconnection attempt (the WebSocket handshake, then resumed) must complete within this. Default 10000 ms. */
+  attemptTimeoutMs?: number;
 }
 
 export interface ReconnectEvent {
@@ -91,16 +93,17 @@ const DEFAULT_RECONNECT: Required<ReconnectOptions> = {
   maxDelayMs: 5000,
   maxAttempts: 20,
   maxRetainedSeconds: 120,
+  attemptTimeoutMs: 10000,
 };
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
-type Pending = { kind: "ready" | "resumed"; resolve: (msg: Ready | ResumedMessage) => void; reject: (e: unknown) => void };
+type Pending = { kind: "ready" | "resumed"; resolve: (msg: Ready | Resumed) => void; reject: (e: unknown) => void };
 
 /** What a sender and a listener share: the connection, the message checks, the iterator. */
 export class Session implements AsyncIterable<SessionMessage> {
   readonly url: string;
-  ready: (Ready & ReadyResumeFields) | null = null;
+  ready: Ready | null = null;
   endMessage: EndMessage | null = null;
   /** bytes of binary (audio) frames sent, resends included */
   uplinkBytes = 0;
@@ -135,11 +138,11 @@ export class Session implements AsyncIterable<SessionMessage> {
   }
 
   /** Open the connection, send the first message, wait for ready; SessionError on refusal (busy, bad settings, ...). */
-  async connect(): Promise<Ready & ReadyResumeFields> {
+  async connect(): Promise<Ready> {
     const ws = await this.#open();
     const ready = this.#await("ready", ws);
     ws.send(JSON.stringify(this.firstMessage));
-    this.ready = (await ready) as Ready & ReadyResumeFields;
+    this.ready = (await ready) as Ready;
     return this.ready;
   }
 
@@ -180,12 +183,14 @@ export class Session implements AsyncIterable<SessionMessage> {
   }
 
   /** Resend what the server lacks after `resumed` (senders override). */
-  protected afterResume(_msg: ResumedMessage): void {}
+  protected afterResume(_msg: Resumed): void {}
 
   /** The audio the server acknowledged (senders override). */
   protected onAck(_samples: number): void {}
 
-  #open(): Promise<WebSocket> {
+  /** Open a WebSocket within `timeoutMs`: a handshake cut short may fire neither close nor error in every
+   * implementation, so the timer is what bounds it. */
+  #open(timeoutMs = this.#timeoutMs): Promise<WebSocket> {
     return new Promise((resolve, reject) => {
       let ws: WebSocket;
       try {
@@ -195,21 +200,30 @@ export class Session implements AsyncIterable<SessionMessage> {
         return;
       }
       ws.binaryType = "arraybuffer";
+      const fail = (error: SessionError) => {
+        clearTimeout(timer);
+        ws.onopen = ws.onerror = ws.onclose = null;
+        try {
+          ws.close();
+        } catch {
+          // already closed
+        }
+        reject(error);
+      };
       const timer = setTimeout(() => {
-        ws.close();
-        reject(new SessionError("timeout", `no connection to ${this.url} within ${this.#timeoutMs} ms`));
-      }, this.#timeoutMs);
+        fail(new SessionError("timeout", `no connection to ${this.url} within ${timeoutMs} ms`));
+      }, timeoutMs);
       ws.onopen = () => {
         clearTimeout(timer);
         this.ws = ws;
         ws.onmessage = (ev) => this.#onFrame(ws, ev.data);
+        ws.onerror = null;
         ws.onclose = (ev) => this.#onClose(ws, ev.code, ev.reason);
         resolve(ws);
       };
-      ws.onerror = () => {}; // the close event that follows says what happened
+      ws.onerror = () => fail(new SessionError("connection_failed", `cannot connect to ${this.url}`));
       ws.onclose = (ev) => {
-        clearTimeout(timer);
-        reject(new SessionError("connection_failed", `cannot connect to ${this.url} (close ${ev.code} ${ev.reason})`));
+        fail(new SessionError("connection_failed", `cannot connect to ${this.url} (close ${ev.code} ${ev.reason})`));
       };
     });
   }
@@ -218,13 +232,13 @@ export class Session implements AsyncIterable<SessionMessage> {
     return this.#opts.openTimeoutMs ?? 60000;
   }
 
-  #await(kind: Pending["kind"], ws: WebSocket): Promise<Ready | ResumedMessage> {
+  #await(kind: Pending["kind"], ws: WebSocket, timeoutMs = this.#timeoutMs): Promise<Ready | Resumed> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#pending = null;
         ws.close();
-        reject(new SessionError("timeout", `no ${kind} message within ${this.#timeoutMs} ms`));
-      }, this.#timeoutMs);
+        reject(new SessionError("timeout", `no ${kind} message within ${timeoutMs} ms`));
+      }, timeoutMs);
       const done = (f: () => void) => {
         clearTimeout(timer);
         this.#pending = null;
@@ -258,7 +272,7 @@ export class Session implements AsyncIterable<SessionMessage> {
         // Resumed: resend at once, before any later frame of this connection is handled (a WebSocket may hand over
         // several in one task, ahead of the awaiting code).
         if (msg.type === "resumed") this.#onResumed(msg);
-        pending.resolve(msg as Ready | ResumedMessage);
+        pending.resolve(msg as Ready | Resumed);
         if (msg.type === "ready") return; // connect() returns it; the iterator starts after it
       }
     }
@@ -329,7 +343,7 @@ export class Session implements AsyncIterable<SessionMessage> {
     }
   }
 
-  #onResumed(msg: ResumedMessage): void {
+  #onResumed(msg: Resumed): void {
     this.#reconnecting = false;
     this.#nextAudioSeq = null;
     this.resumes += 1;
@@ -358,13 +372,13 @@ export class Session implements AsyncIterable<SessionMessage> {
       if (this.#closedByUser || this.#queue.ended) return;
       let ws: WebSocket;
       try {
-        ws = await this.#open();
+        ws = await this.#open(Math.min(this.#timeoutMs, this.reconnect.attemptTimeoutMs));
       } catch (e) {
         error = e;
         continue;
       }
-      const resumed = this.#await("resumed", ws);
-      const resume: ResumeMessage = { type: "resume", version: PROTOCOL_VERSION, token: this.ready!.resume_token!,
+      const resumed = this.#await("resumed", ws, Math.min(this.#timeoutMs, this.reconnect.attemptTimeoutMs));
+      const resume: Resume = { type: "resume", version: PROTOCOL_VERSION, token: this.ready!.resume_token!,
                                next_seq: this.nextSeq, audio_samples: this.audioSamples };
       ws.send(JSON.stringify(resume));
       try {
@@ -372,7 +386,7 @@ export class Session implements AsyncIterable<SessionMessage> {
         return;
       } catch (e) {
         error = e;
-        if (e instanceof SessionError && e.code === RESUME_FAILED) break; // the server no longer has the session
+        if (e instanceof SessionError && e.code === ErrorCode.RESUME_FAILED) break; // the server no longer has the session
       }
     }
     this.#reconnecting = false;
@@ -406,7 +420,7 @@ export class UnitsClient extends Session {
     this.#frameSamples = Math.max(1, Math.floor((opts.sampleRate * (opts.frameMs ?? 100)) / 1000));
   }
 
-  override async connect(): Promise<Ready & ReadyResumeFields> {
+  override async connect(): Promise<Ready> {
     const ready = await super.connect();
     const width = (BYTES_PER_SAMPLE as Record<string, number>)[this.format];
     if (ready.resume_token && width !== undefined && this.reconnect.enabled) {
@@ -480,7 +494,7 @@ export class UnitsClient extends Session {
     this.#retained?.ack(samples);
   }
 
-  protected override afterResume(msg: ResumedMessage): void {
+  protected override afterResume(msg: Resumed): void {
     const frames = this.#retained?.from(msg.samples);
     if (!frames) throw new SessionError("protocol", `resumed at sample ${msg.samples}: that audio is no longer kept`);
     for (const bytes of frames) this.sendBinary(bytes);

@@ -10,12 +10,10 @@ import {
   BITSTREAM_PARTS,
   ErrorCode,
   RESYNTH_SAMPLE_RATE,
-  SERVER_MESSAGE_TYPES,
   SERVER_REQUIRED_FIELDS,
   type BitstreamPart,
   type ServerMessage,
 } from "./protocol.js";
-import { CONTRACT_REQUIRED_FIELDS, type ContractServerMessage } from "./contract.js";
 
 /** A message that breaks the protocol; `code` is an ErrorCode value. */
 export class ProtocolError extends Error {
@@ -48,7 +46,7 @@ export interface BitstreamFrame {
 
 export type ServerBinary = AudioChunk | BitstreamFrame;
 /** Everything a session yields: the server's JSON messages and its decoded binary frames. */
-export type SessionMessage = ServerMessage | ContractServerMessage | ServerBinary;
+export type SessionMessage = ServerMessage | ServerBinary;
 
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
@@ -162,11 +160,11 @@ export function decodeServerBinary(data: ArrayBuffer | ArrayBufferView): ServerB
   return bytes.length && bytes[0] === BITSTREAM_FRAME_KIND ? decodeBitstreamFrame(bytes) : decodeAudioChunk(bytes);
 }
 
-const REQUIRED: Record<string, readonly string[]> = { ...SERVER_REQUIRED_FIELDS, ...CONTRACT_REQUIRED_FIELDS };
+const REQUIRED: Record<string, readonly string[]> = SERVER_REQUIRED_FIELDS;
 
 /** Parse a server text frame. Unknown fields are kept (a newer server may add some), unknown types and missing
  * fields raise ProtocolError, as protocol.parse_server_message does. */
-export function parseServerMessage(text: string): ServerMessage | ContractServerMessage {
+export function parseServerMessage(text: string): ServerMessage {
   let obj: unknown;
   try {
     obj = JSON.parse(text);
@@ -182,8 +180,6 @@ export function parseServerMessage(text: string): ServerMessage | ContractServer
   if (missing.length) {
     throw new ProtocolError(ErrorCode.BAD_MESSAGE, `server message "${type}" is missing fields: ${missing.join(", ")}`);
   }
-  return obj as ServerMessage | ContractServerMessage;
+  return obj as ServerMessage;
 }
 
-/** The server message types this client parses (the protocol's and the resume contract's). */
-export const KNOWN_SERVER_TYPES: readonly string[] = [...SERVER_MESSAGE_TYPES, ...Object.keys(CONTRACT_REQUIRED_FIELDS)];
