@@ -154,8 +154,8 @@ def test_resynthesis_with_unlimited_context_equals_offline_greedy(tiny_models, c
     worker = ResynthWorker(tiny_models, cuda, pairs=[(K, LMBDA)])
     s = worker.open_session(K, LMBDA, left_context=None, holdback=None, max_pass_units=None,
                             vocoder_left_context=None, vocoder_lookahead=10**6)  # fmt: skip
-    codes, push = [], s.vocoder.push
-    s.vocoder.push = lambda c: (codes.extend(c.tolist()), push(c))[1]
+    codes, add = [], s.vocoder.add
+    s.vocoder.add = lambda c: (codes.extend(c.tolist()), add(c))[1]
     for a in range(0, len(units), 5):
         s.push_units(units[a : a + 5])
         worker.step([s])

@@ -43,8 +43,14 @@ def ellav64(device) -> E.ELLAV:
 
 @pytest.fixture(scope="module")
 def wt(device) -> W.WavTokenizer:
+    """Tiny random WavTokenizer. Its codebook is randomised too: a fresh model's codebook buffer is zeros, which
+    would make every code decode alike and every audio comparison here blind to the codes."""
     torch.manual_seed(0)
-    return W.WavTokenizer(W.TINY).eval().to(device)
+    model = W.WavTokenizer(W.TINY).eval()
+    with torch.no_grad():
+        for layer in model.feature_extractor.encodec.quantizer.vq.layers:
+            layer._codebook.embed.normal_()
+    return model.to(device)
 
 
 def dedup(units):
@@ -63,13 +69,13 @@ def make_worker(tiny_models, ellav64, wt, **kwargs) -> ResynthWorker:
 
 def record_codes(session) -> list[int]:
     """Spy on the codes the session hands to its vocoder."""
-    codes, push = [], session.vocoder.push
+    codes, add = [], session.vocoder.add
 
     def spy(c):
         codes.extend(c.tolist())
-        return push(c)
+        return add(c)
 
-    session.vocoder.push = spy
+    session.vocoder.add = spy
     return codes
 
 
@@ -236,8 +242,8 @@ def test_audio_is_the_whole_sequence_istft_of_the_window_spectra(tiny_models, el
     worker = make_worker(tiny_models, ellav64, wt)
     s = worker.open_session(K, LMBDA, left_context=4, holdback=2, vocoder_left_context=cv, vocoder_lookahead=rv,
                             vocoder_min_step=step)  # fmt: skip
-    chunks, push = [], s.vocoder.push
-    s.vocoder.push = lambda c: (chunks.append(c.clone()), push(c))[1]
+    chunks, add = [], s.vocoder.add
+    s.vocoder.add = lambda c: (chunks.append(c.clone()), add(c))[1]
     feed(worker, s, units, chunk=2)
     s.end()
     worker.run_until_idle([s])
@@ -353,15 +359,15 @@ def run_sessions(worker, settings, unit_lists, fail=None):
     sessions = [worker.open_session(K, LMBDA, **kw) for kw in settings]
     if fail is not None:
         calls = {"n": 0}
-        push = sessions[fail].vocoder.push
+        add = sessions[fail].vocoder.add
 
         def broken(c):
             calls["n"] += 1
             if calls["n"] > 2:
                 raise RuntimeError("vocoder exploded")
-            return push(c)
+            return add(c)
 
-        sessions[fail].vocoder.push = broken
+        sessions[fail].vocoder.add = broken
     events = [[] for _ in sessions]
     longest = max(len(u) for u in unit_lists)
     for i in range(0, longest, 3):  # streams push at their own pace: different lengths, joins and leaves
@@ -508,6 +514,60 @@ def test_session_is_built_without_a_worker(ellav64, wt):
     with pytest.raises(InvalidInput, match="own ELLA-V model"):
         ResynthSession(ellav=IncrementalELLAV(E.random_model(K, E.TINY), 4, 1), vocoder=IncrementalVocoder(wt),
                        decoder=decoder)  # fmt: skip
+
+
+def test_vocoder_windows_of_equal_length_share_one_forward(wt):
+    """VocoderRunner: equal-length windows of three streams run as one backbone forward (a window of another length
+    gets its own), and every stream's audio matches the stream run alone. Tolerance, not bit equality: at the tiny
+    widths oneDNN picks another convolution kernel for a batch (rows differ by ~3e-7 after the first conv); at the
+    released widths the measured rows are bit-equal (docs/design.md)."""
+    from dpslm_stream.stream.vocoder import IncrementalVocoder, VocoderRunner
+
+    rng = np.random.default_rng(3)
+    streams = [torch.from_numpy(rng.integers(0, 4096, 40)) for _ in range(4)]
+    cut = [0, 9, 17, 30, 40]
+    contexts = [6, 6, 6, 3]  # the fourth stream's windows are shorter once its left context fills
+
+    def make(left_context):
+        return IncrementalVocoder(wt, left_context=left_context, lookahead=2, min_step=2)
+
+    alone = []
+    for codes, c in zip(streams, contexts):
+        voc = make(c)
+        alone.append(torch.cat([voc.push(codes[a:b]) for a, b in zip(cut, cut[1:])] + [voc.flush()]))
+    vocoders = [make(c) for c in contexts]
+    runner = VocoderRunner(wt)
+    audio: list[list[torch.Tensor]] = [[] for _ in streams]
+    for r in range(4):
+        windows = []
+        for voc, codes in zip(vocoders, streams):
+            voc.add(codes[cut[r] : cut[r + 1]])
+            windows.append(voc.plan())
+        lengths = [w.codes.numel() for w in windows]
+        assert len(set(lengths[:3])) == 1 and (r == 0) == (lengths[3] == lengths[0])
+        forwards = runner.forwards
+        runner.run(windows)
+        assert runner.forwards - forwards == len(set(lengths))  # one forward per length
+        for voc, w, out in zip(vocoders, windows, audio):
+            out.append(voc.complete(w))
+    for voc, out, ref in zip(vocoders, audio, alone):
+        got = torch.cat(out + [voc.flush()])
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_the_worker_batches_equal_vocoder_windows(tiny_models, ellav64, wt):
+    """Three streams of the same units have equal windows at every step: the worker runs each round of them in one
+    backbone forward, and each stream's audio equals the stream run alone (to the tolerance above)."""
+    units = random_units(24, seed=61)
+    worker = make_worker(tiny_models, ellav64, wt)
+    (alone,) = run_sessions(make_worker(tiny_models, ellav64, wt), [SETTINGS[0]], [units])
+    together = run_sessions(worker, [SETTINGS[0]] * 3, [units] * 3)
+    runner = worker.vocoder_runner
+    assert runner.windows == 3 * runner.forwards and runner.forwards > 3
+    ref = audio_of(alone)
+    for events in together:
+        np.testing.assert_allclose(audio_of(events), ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
 
 
 # ----- bounded state, triggers, options -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ Sections:
    than input (units mostly get the capped M+1 = 11 frames), a trained one about as much as the input, so the
    compute per second of *audio* per stream (RTF audio) is the fairer estimate of a trained model's RTF.
    rows/step: passes per batched decode step; ms/step: one batched decode step; prefill/decode/vocoder: shares of
-   the wall time.
+   the wall time; voc rows: vocoder windows per backbone forward (streams whose windows had equal lengths share one).
 2. live: N streams in real time (units arrive on the wall clock); per-unit latency = arrival of a unit -> its
    audio complete (hold-back wait + vocoder lookahead + compute), first-audio latency, final resynthesis lag.
 3. deviation (tiny ELLA-V with an EOP bias so that durations vary, float32): per (C, L), the streamed codec ids
@@ -189,6 +189,7 @@ def replay(worker: ResynthWorker, streams: list[list[tuple[int, float]]], option
             "cpu_rtf": cpu / seconds, "cpu_rtf_audio": cpu / audio_s,
             "rows": worker.tokens_decoded / max(1, worker.decode_steps),
             "ms_per_step": 1e3 * worker.decode_seconds / max(1, worker.decode_steps),
+            "voc_rows": worker.vocoder_runner.windows / max(1, worker.vocoder_runner.forwards),
             "split": [t / cpu for t in (worker.prefill_seconds, worker.decode_seconds, worker.vocoder_seconds)]}
 
 
@@ -302,7 +303,7 @@ def _run_size(args: argparse.Namespace, size: str, precision: str, options: dict
     print(f"precision {precision}: {plans['ellav']}; {plans['wavtokenizer']}")
     header = (f"{'streams':>7} {'units/stream':>12} {'audio s/stream':>14} {'wall s':>8} {'RTF input':>9} "
               f"{'RTF audio':>9} {'CPU RTF in':>10} {'CPU RTF au':>10} {'rows/step':>9} {'CPU ms/step':>11} "
-              f"{'prefill/decode/vocoder':>22}")  # fmt: skip
+              f"{'prefill/decode/vocoder':>22} {'voc rows':>8}")  # fmt: skip
     print(header)
     print("-" * len(header))
     sweep = []
@@ -317,7 +318,7 @@ def _run_size(args: argparse.Namespace, size: str, precision: str, options: dict
         split = "/".join(f"{100 * x:.0f}%" for x in r["split"])
         print(f"{n:>7} {r['units']:>12.1f} {r['audio_s']:>14.2f} {r['wall']:>8.2f} {r['rtf']:>9.3f} "
               f"{r['rtf_audio']:>9.3f} {r['cpu_rtf']:>10.3f} {r['cpu_rtf_audio']:>10.3f} {r['rows']:>9.2f} "
-              f"{r['ms_per_step']:>11.2f} {split:>22}")  # fmt: skip
+              f"{r['ms_per_step']:>11.2f} {split:>22} {r['voc_rows']:>8.2f}")  # fmt: skip
     live_ok = [n for n, r in sweep if r["rtf"] <= 1.0]
     audio_ok = [n for n, r in sweep if r["rtf_audio"] <= 1.0]
     print(f"real-time streams on this worker (of {max(counts)} tried): {max(live_ok, default=0)} for this "

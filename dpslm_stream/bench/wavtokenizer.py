@@ -6,7 +6,8 @@ RANDOM weights with the real dimensions (small_600_24k_4096 by default): speed d
 but the deviation (SNR) of random weights says nothing about the released model's; it is plumbing only.
 
     dpslm-stream bench wavtokenizer [--model 600|320] [--seconds 2 5 10] [--left-context 48] [--lookahead 4]
-                                    [--push 4] [--min-step 4] [--device cuda] [--dtype bfloat16]
+                                    [--push 4] [--min-step 4] [--batch-streams 4 8] [--device cuda]
+                                    [--dtype bfloat16]
     python -m dpslm_stream.bench.wavtokenizer
 """
 
@@ -25,7 +26,7 @@ from dpslm_stream.models import wavtokenizer as wt
 from dpslm_stream.stream.resynth_defaults import (
     DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP,
 )
-from dpslm_stream.stream.vocoder import IncrementalVocoder
+from dpslm_stream.stream.vocoder import IncrementalVocoder, VocoderRunner, VocoderWindow
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CONFIGS = {"600": wt.FULL, "320": wt.FULL_320}
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-step", type=int, default=DEFAULT_VOCODER_MIN_STEP,
                         help=f"chunked: frames committed per backbone run (default {DEFAULT_VOCODER_MIN_STEP})")
     parser.add_argument("--no-chunked", action="store_true", help="time only the whole-sequence decode")
+    parser.add_argument("--batch-streams", type=int, nargs="*", default=[4, 8],
+                        help="streams whose equal-length windows (left context + min step + lookahead codes) run as "
+                             "one batched backbone forward, timed against one forward per stream (default: 4 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -63,6 +67,18 @@ def _time(fn, device: torch.device, repeats: int) -> tuple[float, object]:
         _sync(device)
         if i > 0:
             times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _thread_time(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median CPU time of this thread over `repeats` runs after one warm-up, and the last result (CPU only: the
+    figure a loaded machine does not inflate by waiting)."""
+    times, out = [], None
+    for i in range(repeats + 1):
+        t0 = time.thread_time()
+        out = fn()
+        if i > 0:
+            times.append(time.thread_time() - t0)
     return statistics.median(times), out
 
 
@@ -119,6 +135,48 @@ def run(args: argparse.Namespace) -> None:
             snr = 10 * math.log10(ref.square().sum().item() / err) if err > 0 else math.inf
             line += f" {t_chunk:10.3f} {t_chunk / audio_s:12.3f} {runs:5d} {1000 * t_chunk / runs:7.1f} {snr:7.1f}"
         print(line)
+    if args.batch_streams:
+        _batched_windows(model, cfg, device, args)
+
+
+def _batched_windows(model: wt.WavTokenizer, cfg: wt.WavTokenizerConfig, device: torch.device,
+                     args: argparse.Namespace) -> None:
+    """One live vocoder window per stream, all of equal length: N separate forwards (before) against one forward of
+    N rows (VocoderRunner, after), in the same run; and whether the batched rows equal the separate ones bit for bit.
+    The codebook is randomised here (a fresh model's is zeros, which would make every window alike)."""
+    with torch.no_grad():
+        for layer in model.feature_extractor.encodec.quantizer.vq.layers:
+            layer._codebook.embed.normal_(generator=torch.Generator().manual_seed(1))
+    length = args.left_context + args.min_step + args.lookahead
+    runner = VocoderRunner(model, max_batch=max(args.batch_streams))
+    what = "CPU time of this thread" if device.type == "cpu" else "wall time"
+    print(f"\nvocoder windows batched across streams ({what}; {length} codes each: left context {args.left_context} + "
+          f"min step {args.min_step} + lookahead {args.lookahead}); before = one forward per stream, after = one "
+          "forward for all (VocoderRunner)")
+    header = f"{'streams':>8} {'before ms':>10} {'after ms':>9} {'after/before':>13} {'bit-equal':>10} {'max |diff|':>11}"
+    print(header)
+    print("-" * len(header))
+    gen = torch.Generator().manual_seed(2)
+    for n in args.batch_streams:
+        windows = [VocoderWindow(codes=torch.randint(0, cfg.vq_bins, (length,), generator=gen), start=0,
+                                 commit_to=length) for _ in range(n)]  # fmt: skip
+
+        def separate() -> list[torch.Tensor]:
+            for w in windows:
+                runner.run([w])
+            return [w.spectra for w in windows]
+
+        def batched() -> list[torch.Tensor]:
+            runner.run(windows)
+            return [w.spectra for w in windows]
+
+        timer = _time if device.type != "cpu" else _thread_time  # CPU: this thread's CPU time (a loaded machine)
+        t_before, alone = timer(separate, device, args.repeats)
+        t_after, together = timer(batched, device, args.repeats)
+        equal = all(torch.equal(a, b) for a, b in zip(alone, together))
+        diff = max(float((a - b).abs().max()) for a, b in zip(alone, together))
+        print(f"{n:8d} {1e3 * t_before:10.1f} {1e3 * t_after:9.1f} {t_after / t_before:13.2f} {str(equal):>10} "
+              f"{diff:11.2e}")
 
 
 def _count_runs(n: int, args: argparse.Namespace) -> int:

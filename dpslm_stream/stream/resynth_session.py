@@ -20,7 +20,7 @@ from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan
 from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 from dpslm_stream.stream.events import EventQueue
 from dpslm_stream.stream.resynth_events import SAMPLE_RATE, AudioEvent, ResynthEndEvent, ResynthEvent
-from dpslm_stream.stream.vocoder import IncrementalVocoder
+from dpslm_stream.stream.vocoder import IncrementalVocoder, VocoderWindow
 
 
 @dataclass(frozen=True)
@@ -231,19 +231,24 @@ class ResynthSession(EventQueue):
             self._unit_frames.append(self.ellav.codes_out)
         self._compute_s += compute_s
 
-    def _vocode(self) -> None:
-        """New codes -> vocoder -> AudioEvent; at the very end flush the vocoder and close the stream."""
+    def _vocoder_window(self) -> VocoderWindow | None:
+        """New codes -> the vocoder; the backbone window due now, if any (the worker runs the windows of all streams
+        in batches: VocoderRunner)."""
+        if self._codes:
+            self.vocoder.add(torch.tensor(self._codes, dtype=torch.long))
+            self._codes = []
+        return self.vocoder.plan()
+
+    def _vocode(self, window: VocoderWindow | None, compute_s: float = 0.0) -> None:
+        """The window's audio (its spectra computed) -> AudioEvent; at the very end flush the vocoder (its last
+        window, run here alone) and close the stream."""
         started = self.clock()
         finishing = self.ellav.done and not self._pending
-        if self._codes:
-            audio = self.vocoder.push(torch.tensor(self._codes, dtype=torch.long))
-            self._codes = []
-        else:
-            audio = torch.zeros(0)
+        audio = torch.zeros(0) if window is None else self.vocoder.complete(window)
         if finishing:
             audio = torch.cat([audio.cpu(), self.vocoder.flush().cpu()])
         now = self.clock()
-        self._compute_s += now - started
+        self._compute_s += compute_s + now - started
         self._emit(audio, now)
         if finishing:
             self._close()

@@ -3,9 +3,10 @@ streams: committed units -> ELLA-V codec ids (stream/ellav_stage.py) -> WavToken
 
 `ResynthWorker` owns the models and runs the decode steps of every active pass in lockstep over one preallocated
 KV cache per ELLA-V model (continuous batching, stream/ellav_batch.py: passes join with a batched prefill and leave
-when their last unit's EOP is out, between decode steps). Sessions (stream/resynth_session.py) are sans-I/O like the
-encoder's: `push_units`/`end` queue input, `worker.step(sessions)` computes, `poll()` returns AudioEvents and one
-ResynthEndEvent.
+when their last unit's EOP is out, between decode steps), then the vocoder windows of all streams, those of equal
+length in one backbone forward (stream/vocoder.py VocoderRunner). Sessions (stream/resynth_session.py) are sans-I/O
+like the encoder's: `push_units`/`end` queue input, `worker.step(sessions)` computes, `poll()` returns AudioEvents
+and one ResynthEndEvent.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dpslm_stream.stream.resynth_defaults import (
     DEFAULT_VOCODER_MIN_STEP,
 )
 from dpslm_stream.stream.resynth_session import ResynthSession
-from dpslm_stream.stream.vocoder import IncrementalVocoder
+from dpslm_stream.stream.vocoder import IncrementalVocoder, VocoderRunner, VocoderWindow
 
 _DTYPES_OK = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -87,6 +88,7 @@ class ResynthWorker:
             for key in self._pairs:
                 self._ellav(key)
         self._decoders: dict[tuple[int, int], BatchDecoder] = {}
+        self._vocoder_runner: VocoderRunner | None = None
         self._next_id = 0
         self.compute_seconds = 0.0  # total wall time of step()
         self.prefill_seconds = 0.0  # of which ELLA-V prompt prefills
@@ -125,6 +127,13 @@ class ResynthWorker:
         model = model.to(device=self.device, dtype=self.vocoder_dtype).eval()
         model.head.istft.window = window.to(self.device)  # the iSTFT runs in float32: keep the window unrounded
         return model
+
+    @property
+    def vocoder_runner(self) -> VocoderRunner:
+        """Runs the vocoder windows of all streams, equal lengths batched (its counters: forwards, windows)."""
+        if self._vocoder_runner is None:
+            self._vocoder_runner = VocoderRunner(self.wavtokenizer, self.max_batch)
+        return self._vocoder_runner
 
     @property
     def wavtokenizer(self) -> WavTokenizer:
@@ -223,8 +232,7 @@ class ResynthWorker:
                 tokens += len(out)
                 self.decode_steps += 1
         t0 = self.clock()
-        for s in sessions:
-            self._guard(s, s._vocode)
+        self._vocode(sessions)
         self.vocoder_seconds += self.clock() - t0
         self.tokens_decoded += tokens
         self.compute_seconds += self.clock() - started
@@ -265,6 +273,23 @@ class ResynthWorker:
             share = elapsed / len(items)
             for s, _ in items:
                 s._compute_s += share
+
+    def _vocode(self, sessions: list[ResynthSession]) -> None:
+        """The vocoders of these streams: every due window planned, equal-length windows of all streams run in one
+        backbone forward (VocoderRunner), then each stream commits its frames and emits its audio."""
+        planned: dict[ResynthSession, VocoderWindow | None] = {}
+        for s in sessions:
+            self._guard(s, lambda: planned.__setitem__(s, s._vocoder_window()))
+        due = [(s, w) for s, w in planned.items() if w is not None and not s.closed]
+        t0 = self.clock()
+        try:
+            self.vocoder_runner.run([w for _, w in due])
+        except Exception:  # noqa: BLE001 - find the stream whose window fails: run each alone
+            for s, w in due:
+                self._guard(s, lambda: self.vocoder_runner.run([w]))
+        share = (self.clock() - t0) / len(due) if due else 0.0
+        for s, w in planned.items():
+            self._guard(s, lambda: s._vocode(w, 0.0 if w is None else share))
 
     def run_until_idle(self, sessions: Iterable[ResynthSession]) -> int:
         """step() until no stream has work left; returns the tokens decoded."""

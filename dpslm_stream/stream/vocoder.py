@@ -8,6 +8,8 @@ the whole-sequence decode is a property of the backbone and is measured, never z
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -100,6 +102,51 @@ class StreamingISTFT:
         return out
 
 
+@dataclass
+class VocoderWindow:
+    """One backbone run a stream needs: its codes from absolute index `start` on, and the frames up to `commit_to`
+    it commits; `spectra` (1, n_fft/2+1, len(codes)) is filled by VocoderRunner.run."""
+
+    codes: Tensor  # 1-D int64, on the CPU
+    start: int
+    commit_to: int
+    spectra: Tensor | None = None
+
+
+class VocoderRunner:
+    """Runs the backbone windows of many streams: windows of equal length share one forward (rows of one batch).
+
+    Only equal lengths batch: padding would change every frame, since the pos_net's GroupNorms and its attention
+    see the whole window. A batched row is the same arithmetic as a window run alone; on the CPU the result is
+    bit-equal at the released widths (measured: docs/design.md), while at small widths (the tiny test set) oneDNN
+    may pick another convolution kernel for a batch and rows differ in the last bits (~3e-7 after the first conv).
+    `max_batch` bounds the rows of one forward (memory and one forward's time).
+    """
+
+    def __init__(self, model: WavTokenizer, max_batch: int = 16):
+        self.model = model
+        self.max_batch = max_batch
+        self.forwards = 0  # backbone forwards run
+        self.windows = 0  # windows they computed
+
+    @torch.inference_mode()
+    def run(self, windows: list[VocoderWindow]) -> None:
+        """Fill every window's spectra, one forward per group of equal-length windows (at most max_batch each)."""
+        groups: dict[int, list[VocoderWindow]] = {}
+        for w in windows:
+            groups.setdefault(w.codes.numel(), []).append(w)
+        device = self.model.head.out.weight.device
+        for group in groups.values():
+            for i in range(0, len(group), self.max_batch):
+                rows = group[i : i + self.max_batch]
+                codes = torch.stack([w.codes for w in rows]).to(device)
+                spectra = self.model.spectra(codes[None])  # (B, F, L)
+                for j, w in enumerate(rows):
+                    w.spectra = spectra[j : j + 1]
+                self.forwards += 1
+                self.windows += len(rows)
+
+
 class IncrementalVocoder:
     """Codes in, audio out, for one stream: windowed decoding with exact iSTFT stitching.
 
@@ -145,29 +192,50 @@ class IncrementalVocoder:
 
     def push(self, codes: Tensor) -> Tensor:
         """Append 1-D codes; return the audio samples (1-D, float32) that became final."""
+        self.add(codes)
+        window = self.plan()
+        if window is None:
+            return self.istft.window.new_zeros(0)
+        VocoderRunner(self.model).run([window])
+        return self.complete(window)
+
+    def flush(self) -> Tensor:
+        """Commit every remaining frame, return the rest of the audio (1-D) and reset."""
+        window = self.plan(final=True)
+        out = []
+        if window is not None:
+            VocoderRunner(self.model).run([window])
+            out.append(self.complete(window))
+        out.append(self.istft.flush()[0])
+        self.reset()
+        return torch.cat(out)
+
+    # -- split form, for a worker that batches the windows of many streams (push = add + plan + run + complete) --
+
+    def add(self, codes: Tensor) -> None:
+        """Append 1-D codes (validated; no compute)."""
         if not isinstance(codes, Tensor) or codes.dim() != 1:
             raise InvalidInput(f"push() takes a 1-D integer tensor of new codes, got {getattr(codes, 'shape', codes)}")
         if codes.numel():
             check_codes(self.model, codes[None, None, :])  # validates dtype and range
             self._codes = torch.cat([self._codes, codes.to("cpu", torch.long)])
-        if self.received - self.lookahead - self.committed < self.min_step:
-            return self.istft.window.new_zeros(0)
-        return self._commit(self.received - self.lookahead)
 
-    def flush(self) -> Tensor:
-        """Commit every remaining frame, return the rest of the audio (1-D) and reset."""
-        out = [self._commit(self.received)] if self.received > self.committed else []
-        out.append(self.istft.flush()[0])
-        self.reset()
-        return torch.cat(out)
-
-    @torch.inference_mode()
-    def _commit(self, stop: int) -> Tensor:
+    def plan(self, final: bool = False) -> VocoderWindow | None:
+        """The backbone window to run now, or None: once at least `min_step` frames past the lookahead can be
+        committed, or with `final` (end of stream) whatever is left. Changes nothing until `complete`."""
+        stop = self.received if final else self.received - self.lookahead
+        if stop <= self.committed or (not final and stop - self.committed < self.min_step):
+            return None
         start = self._window_start()
-        window = self._codes[start - self._base :].to(self.model.head.out.weight.device)
-        spec = self.model.spectra(window[None, None, :])  # (1, F, received - start)
-        audio = self.istft.push(spec[:, :, self.committed - start : stop - start])[0]
-        self.committed = stop
+        return VocoderWindow(codes=self._codes[start - self._base :], start=start, commit_to=stop)
+
+    def complete(self, window: VocoderWindow) -> Tensor:
+        """Commit the planned frames from the window's spectra (VocoderRunner.run filled them); return the audio."""
+        if window.spectra is None or window.start != self._window_start():
+            raise InvalidInput("complete() takes this stream's last plan(), after VocoderRunner.run")
+        spec = window.spectra[:, :, self.committed - window.start : window.commit_to - window.start]
+        audio = self.istft.push(spec)[0]
+        self.committed = window.commit_to
         # Drop the codes no later window reads (none when the left context is unlimited)
         keep_from = self._window_start()
         self._codes = self._codes[keep_from - self._base :]
