@@ -34,7 +34,7 @@ from dpslm_stream.models.transformer import (
     read_checkpoint_file,
     read_config_fields,
 )
-from dpslm_stream.validate import is_int
+from dpslm_stream.validate import is_int, is_number
 
 BOS_ID = 0
 
@@ -54,7 +54,7 @@ class ULMConfig(TransformerConfig):
         """Read a checkpoint's "model_args" dict; unknown and training-only fields (dropout) are tolerated."""
         fields = read_config_fields(d, cls.REQUIRED, "ULM model_args")
         dropout = d.get("dropout", 0.15)
-        return cls(**fields, dropout=float(dropout) if isinstance(dropout, (int, float)) else 0.15)
+        return cls(**fields, dropout=float(dropout) if is_number(dropout) else 0.15)
 
     def to_dict(self) -> dict:
         """The upstream "model_args" dict (field order of the upstream dataclass)."""
