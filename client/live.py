@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
                 mic_args = argparse.Namespace(url=srv.url, token=None, k=None, lmbda=None, preset=args.preset,
                                               mode=args.mode, score=args.score, format="pcm16", device=None,
-                                              list_devices=False, seconds=args.seconds, block_ms=20.0, json=None)  # fmt: skip
+                                              list_devices=False, seconds=args.seconds, block_ms=20.0, json=None,
+                                              reconnect=True)  # fmt: skip
                 code = mic_run(mic_args)
             else:
                 end = asyncio.run(_stream_file(srv.url, path, args))

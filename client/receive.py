@@ -64,7 +64,8 @@ async def _run(args, receiver) -> dict:
     from dpslm_stream.audio import load_audio
 
     wav, sr = load_audio(args.send)
-    transmit = {"coder": args.coder, "packet_ms": args.packet_ms, "resync_s": args.resync_s}
+    transmit = {"coder": args.coder, "packet_ms": args.packet_ms, "resync_s": args.resync_s,
+                "termination": args.termination}
     sender = UnitsClient(args.url, sample_rate=sr, k=args.k, lmbda=args.lmbda, token=args.token, transmit=transmit)
     ready = await sender.connect()
     listener = ListenerClient(args.url, session=ready.session, listen_token=ready.listen_token, audio=False,
@@ -104,9 +105,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     who.add_argument("--send", type=Path, help="also be the sender: stream this audio file with start.transmit")
     p.add_argument("--listen-token", help="the sender's ready.listen_token (with --session)")
     g = p.add_argument_group("sender (with --send)")
-    g.add_argument("--coder", default="uniform", choices=("uniform", "table", "ulm"))
+    g.add_argument("--coder", default="uniform", choices=("uniform", "table", "ulm"),
+                   help="table: the server's --transmit-table for the pair's k (the table travels in the header)")
     g.add_argument("--packet-ms", type=int, default=100)
     g.add_argument("--resync-s", type=float, default=5.0)
+    g.add_argument("--termination", choices=("packet", "segment"), default="packet",
+                   help="packet (default): each packet decodes on arrival; segment: one range code per resync segment "
+                        "(fewer bits; a unit decodes once later bytes arrive)")  # fmt: skip
     g.add_argument("--k", type=int, default=None)
     g.add_argument("--lmbda", "--lambda", dest="lmbda", type=int, default=None)
     g.add_argument("--pace", choices=("realtime", "fast"), default="realtime")
@@ -150,7 +155,8 @@ def run(args) -> int:
         print(f"sender: {out['sender_units']} units; received {len(receiver.stream.units)}; exact: {out['exact']}; "
               f"every received segment matches the sender: {out['segments_match_sender']}")  # fmt: skip
     doc = {"header": {"k": receiver.header.k, "lmbda": receiver.header.lmbda, "coder": receiver.header.coder,
-                      "packet_ms": receiver.header.packet_ms, "resync_ms": receiver.header.resync_ms},
+                      "packet_ms": receiver.header.packet_ms, "resync_ms": receiver.header.resync_ms,
+                      "termination": receiver.header.termination},
            "units": receiver.stream.units, "segments": receiver.stream.segments, **report, **out}  # fmt: skip
     if args.audio_out or args.play:
         wav = _resynthesize(models, receiver.header, receiver.stream.segments, receiver.stream.gaps_before)

@@ -124,6 +124,9 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
                    help="encoder mode (default cached; full = exact offline units, all at the end)")
     p.add_argument("--score", action="store_true", help="ask for ULM log-probabilities per unit")
     p.add_argument("--format", default="pcm16", choices=P.SAMPLE_FORMATS, help="wire sample format")
+    p.add_argument("--no-reconnect", dest="reconnect", action="store_false",
+                   help="do not reconnect and resume the session when the connection drops (default: reconnect with "
+                        "backoff, resending the audio the server has not acknowledged)")  # fmt: skip
 
 
 def client_kwargs(args: argparse.Namespace) -> dict:
@@ -136,7 +139,7 @@ def client_kwargs(args: argparse.Namespace) -> dict:
         raise InvalidInput(f"--url must be a WebSocket URL such as {DEFAULT_URL}, got {args.url!r}")
 
     return {"k": args.k, "lmbda": args.lmbda, "preset": args.preset, "score": args.score, "format": args.format,
-            "options": {"mode": args.mode} if args.mode else {},
+            "options": {"mode": args.mode} if args.mode else {}, "reconnect": args.reconnect,
             "token": args.token or os.environ.get("DPSLM_STREAM_TOKEN") or None}  # fmt: skip
 
 

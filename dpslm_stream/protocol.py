@@ -14,6 +14,11 @@ A session is one WebSocket connection to ``WS_PATH``:
     end (JSON)                      ->
                                     <-       the remaining units (and audio), then end (JSON), then close 1000
 
+A sender's connection that drops without a close handshake is parked by the server for ``ready.resume_grace_s``;
+a new connection sends ``resume`` (token, the first unit seq and the audio sample it lacks), gets ``resumed`` (the
+input sample to resend from), the units and audio it missed, and the session goes on; ``ack`` tells the client
+which of its audio the server has accepted (docs/protocol.md).
+
 A listener (the low-bitrate link's receiving side) opens its own connection and sends ``subscribe`` with a sender's
 session id and listen token (both in the sender's ``ready``); it receives the sender's units from then on and audio
 resynthesized from those units alone, then ``end`` when the sender's stream is over.
@@ -103,6 +108,7 @@ class ErrorCode(str, Enum):
     SENDER_GONE = "sender_gone"  # listener: the sender's connection ended before its stream did
     RESYNTH_BEHIND = "resynth_behind"  # the session's resynthesis fell too far behind and was stopped (units go on)
     RESYNTH_LIMIT = "resynth_limit"  # resynthesis with unbounded context reached max_exact_resynth_s (units go on)
+    RESUME_FAILED = "resume_failed"  # resume: an unknown or expired token, or offsets the server cannot replay from
     # Handshake refusals: HTTP status codes, no WebSocket (named here for the metrics).
     UNAUTHORIZED = "unauthorized"  # HTTP 401: missing or wrong token
     FORBIDDEN_ORIGIN = "forbidden_origin"  # HTTP 403: a browser Origin not in the allowlist
@@ -127,6 +133,7 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.INTERNAL_ERROR: CLOSE_INTERNAL,
     ErrorCode.UNKNOWN_SESSION: CLOSE_POLICY,
     ErrorCode.SENDER_GONE: CLOSE_GOING_AWAY,
+    ErrorCode.RESUME_FAILED: CLOSE_POLICY,
 }
 
 
@@ -203,6 +210,38 @@ class Ready:
     version: int = PROTOCOL_VERSION
     role: str = "sender"  # "sender" (start) or "listener" (subscribe)
     listen_token: str | None = None  # sender only: what a listener passes in subscribe (share it with the session id)
+    resume_token: str | None = None  # sender only: what a reconnecting client passes in resume; None: cannot resume
+    resume_grace_s: float = 0.0  # how long the server keeps a session whose connection dropped (0: not at all)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Client -> server, first message of a new connection that takes over a session whose connection dropped."""
+
+    TYPE: ClassVar[str] = "resume"
+    token: str  # the session's ready.resume_token
+    next_seq: int  # the first unit seq the client has not received
+    audio_samples: int = 0  # resynthesized 24 kHz samples the client has received
+    resend_from: int | None = None  # input sample the client's resent audio starts at (<= resumed.samples); None: there
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Server -> client, answer to resume: units from ``next_seq`` and audio from resume.audio_samples follow; the
+    client resends its input audio from sample ``samples`` on."""
+
+    TYPE: ClassVar[str] = "resumed"
+    samples: int  # input samples (per channel, at the start's sample rate) the server has accepted
+    next_seq: int
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Server -> client: input samples accepted so far (the client may drop the audio it keeps for a resend below)."""
+
+    TYPE: ClassVar[str] = "ack"
+    samples: int
 
 
 @dataclass(frozen=True)
@@ -270,9 +309,10 @@ class EndMessage:
     resynth: dict | None = None  # resynthesis totals (units, codec_frames, audio_seconds, chunks, latencies, rtf, error)
 
 
-ClientMessage = Union[Start, End, Subscribe]
-ServerMessage = Union[Ready, Unit, Stats, Error, EndMessage]
-_SERVER_TYPES: dict[str, type] = {c.TYPE: c for c in (Ready, Unit, Stats, Error, EndMessage)}
+ClientMessage = Union[Start, End, Subscribe, Resume]
+ServerMessage = Union[Ready, Unit, Stats, Error, EndMessage, Resumed, Ack]
+_SERVER_TYPES: dict[str, type] = {c.TYPE: c for c in (Ready, Unit, Stats, Error, EndMessage, Resumed, Ack)}
+MAX_RESUME_TOKEN_CHARS = 64  # a resume token longer than this is refused unread (the server's are 22)
 
 
 def to_json(msg: Any) -> str:
@@ -386,8 +426,10 @@ def parse_client_message(text: str | bytes, max_bytes: int = MAX_TEXT_BYTES,
         return End()
     if kind == Subscribe.TYPE:
         return _parse_subscribe(obj)
+    if kind == Resume.TYPE:
+        return _parse_resume(obj)
     raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected one of "
-                                                f"{[Start.TYPE, End.TYPE, Subscribe.TYPE]} (audio goes in binary "
+                                                f"{[Start.TYPE, End.TYPE, Subscribe.TYPE, Resume.TYPE]} (audio goes in binary "
                                                 "frames)")  # fmt: skip
 
 
@@ -434,6 +476,24 @@ def _parse_subscribe(obj: dict) -> Subscribe:
                                                    "\"resynth\": null with \"format\": \"bitstream\"")  # fmt: skip
     return Subscribe(session=obj["session"], token=obj["token"], version=version,
                      resynth=None if fmt == "bitstream" else resynth, format=fmt)  # fmt: skip
+
+
+def _parse_resume(obj: dict) -> Resume:
+    allowed = {"type"} | {f.name for f in dataclasses.fields(Resume)}
+    unknown = sorted(set(obj) - allowed)
+    if unknown or "token" not in obj or "next_seq" not in obj:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"resume takes token and next_seq (and audio_samples, resend_from, "
+                                                   f"version); got {sorted(set(obj) - {'type'})}")  # fmt: skip
+    token = _check_type("token", obj["token"], str)
+    if len(token) > MAX_RESUME_TOKEN_CHARS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"resume token of {len(token)} characters is not one of ours")
+    numbers = {name: _check_type(name, obj.get(name), int, optional=True) for name in ("next_seq", "audio_samples",
+                                                                                       "resend_from")}  # fmt: skip
+    if numbers["next_seq"] is None or any(v is not None and not 0 <= v < 2**53 for v in numbers.values()):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"resume needs next_seq, audio_samples and resend_from as "
+                                                   f"integers in [0, 2**53), got {numbers}")  # fmt: skip
+    return Resume(token=token, next_seq=numbers["next_seq"], audio_samples=numbers["audio_samples"] or 0,
+                  resend_from=numbers["resend_from"], version=_check_version(obj))  # fmt: skip
 
 
 def _parse_start(obj: dict) -> Start:

@@ -22,7 +22,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dpslm_stream import releases

@@ -118,9 +118,20 @@ class Unsubscribe:
 
 @dataclass(frozen=True)
 class Register:
-    """Sender: make this session findable by listeners (``listen_token``) from now on."""
+    """Sender: make this session findable by listeners (``listen_token``) and, with a ``resume_token``, by a
+    reconnecting client (``Resume``) from now on."""
 
     listen_token: str
+    resume_token: str | None = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A new connection asks to take over the session with ``msg.token``: find it, check ``Session.resume_refusal``,
+    then ``Session.resume`` on it with this transport (and ``Session.handed_over`` here), or ``Session.resume_failed``
+    here."""
+
+    msg: Any  # protocol.Resume
 
 
 @dataclass(frozen=True)
@@ -157,4 +168,4 @@ class RelayBits:
 
 Action = Union[Send, Close, Abort, OpenSession, Subscribe, FeedAudio, RequestEnd, CancelSlot, PushUnits, EndResynth,
                CloseResynth, Relay, ListenersDone, Unsubscribe, Register, Transmit, TransmitTick, TransmitEnd,
-               RelayBits]  # fmt: skip
+               RelayBits, Resume]  # fmt: skip

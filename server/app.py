@@ -49,8 +49,8 @@ from .connection import Connection
 from .metrics import Metrics
 from .resynth import InProcessResynth
 from .session import ServerInfo
-from .transmit import CodecService
 from .encoder_thread import InProcessEncoder
+from .transmit import CodecService, load_transmit_tables
 
 __all__ = ["Server", "ServerConfig", "ServerThread", "build_encoder", "build_resynth"]
 
@@ -109,17 +109,19 @@ class Server:
         self.resynth: ResynthProvider | None = (
             None if resynth is None else resynth if isinstance(resynth, ResynthProvider) else InProcessResynth(resynth))
         self.senders: dict[str, Connection] = {}  # started sender sessions by id (listeners subscribe to them)
+        self.resumable: dict[str, Connection] = {}  # sender sessions by resume token (server/resume.py)
         models = self.encoder.models
         self.models_name = str(models.source) if models is not None else config.models
         self.random_weights = bool(models.is_random) if models is not None else False
         self.pairs: list[tuple[int, int]] = [(int(k), int(lm)) for k, lm in self.encoder.available_pairs()]
         default = (hub.DEFAULT_K, hub.DEFAULT_LMBDA)
         self.default_pair = default if default in self.pairs or not self.pairs else self.pairs[0]
+        tables = load_transmit_tables(config.transmit_tables, self.pairs)
         self.info = ServerInfo(self.models_name, self.random_weights, tuple(self.pairs), self.default_pair,
-                               self.resynth is not None)  # fmt: skip
+                               self.resynth is not None, tuple(sorted(tables)))  # fmt: skip
         self.connections: set[Connection] = set()
         # start.transmit: the sessions' bitstream coders, on one codec thread (models loaded when first asked for)
-        self.codec: CodecService | None = CodecService(models if models is not None else config.models)
+        self.codec: CodecService | None = CodecService(models if models is not None else config.models, tables)
         self.draining = False
         self.encoder_backend: EncoderBackend | None = None
         self.resynth_backend: ResynthBackend | None = None
@@ -260,7 +262,11 @@ class Server:
 
     async def _handle(self, ws: ServerConnection) -> None:
         m = self.metrics
-        if len(self.connections) >= self.config.max_sessions:
+        # A parked session keeps its slot; one more connection per parked session is let in to resume it (it may
+        # only resume: its start is refused with busy).
+        parked = sum(1 for c in self.connections if c.core.parked is not None)
+        resume_only = len(self.connections) >= self.config.max_sessions
+        if len(self.connections) >= self.config.max_sessions + parked:
             m.rejected_total.labels(P.ErrorCode.BUSY.value).inc()
             m.errors_total.labels(P.ErrorCode.BUSY.value).inc()
             err = P.Error(code=P.ErrorCode.BUSY.value, fatal=True, retry_after_s=self.config.busy_retry_after_s,
@@ -274,15 +280,17 @@ class Server:
         if self.draining:
             await ws.close(P.CLOSE_GOING_AWAY, "shutting_down")
             return
-        conn = Connection(self, ws)
+        conn = Connection(self, ws, resume_only)
         self.connections.add(conn)
         m.sessions_active.set(len(self.connections))
-        try:
-            await conn.run()
-        finally:
-            self.connections.discard(conn)
-            m.sessions_active.set(len(self.connections))
-            m.sessions_total.labels(conn.core.outcome or "disconnected").inc()
+        await conn.run()  # the connection releases itself (``release``) when its session is over, maybe later (parked)
+
+    def release(self, conn: Connection) -> None:
+        """A session is over: free its slot and count how it ended (a connection that resumed another is not one)."""
+        self.connections.discard(conn)
+        self.metrics.sessions_active.set(len(self.connections))
+        if conn.core.outcome != "handed_over":
+            self.metrics.sessions_total.labels(conn.core.outcome or "disconnected").inc()
 
 
 def build_encoder(config: ServerConfig) -> Any:
@@ -294,8 +302,12 @@ def build_encoder(config: ServerConfig) -> Any:
     dtype = getattr(torch, config.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput(f"unknown dtype {config.dtype!r}; expected float32, bfloat16 or float16")
-    return EncoderWorker(hub.ModelSet(config.models), device=config.device, dtype=dtype,
-                         pairs=list(config.pairs) if config.pairs else None, allow_tf32=config.allow_tf32)  # fmt: skip
+    worker = EncoderWorker(hub.ModelSet(config.models), device=config.device, dtype=dtype,
+                           pairs=list(config.pairs) if config.pairs else None, allow_tf32=config.allow_tf32,
+                           precision=config.encoder_precision)  # fmt: skip
+    if config.encoder_precision != "exact":
+        log.info("encoder precision %s: %s", config.encoder_precision, worker.runner.precision_plan.describe())
+    return worker
 
 
 def build_resynth(config: ServerConfig, models: Any = None, **options: Any) -> Any:

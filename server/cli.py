@@ -31,6 +31,7 @@ ALIASES = {"start_timeout_s": ("--start-timeout",), "idle_timeout_s": ("--idle-t
            "max_buffer_s": ("--max-buffer",), "stall_timeout_s": ("--stall-timeout",),
            "drain_timeout_s": ("--drain-timeout",), "max_resynth_lag_s": ("--max-resynth-lag",),
            "open_timeout_s": ("--open-timeout",), "max_exact_resynth_s": ("--max-exact-resynth",),
+           "resume_grace_s": ("--resume-grace",), "transmit_tables": ("--transmit-table",),
            "allowed_origins": ("--allow-origin",)}  # fmt: skip
 
 
@@ -105,6 +106,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     field("precision", choices=PRECISIONS,
           help="resynthesis models: exact (float32, default) or fast (int8/bf16 kernels picked for this machine; "
                "printed at start-up and reported in ready.settings.resynth.precision)")
+    field("encoder_precision", choices=PRECISIONS,
+          help="streaming encoder (cached/sliding modes): exact (float32, default) or fast (its block "
+               "linears in int8 through fbgemm on x86 CPUs without bf16 units, bf16 where there are; "
+               "printed at start-up); units then differ slightly from offline")
+    field("transmit_tables", action="append", default=[], metavar="FILE",
+          help="a unit table (`codec fit`) for start.transmit coder 'table', shipped inside each stream's "
+               "header; repeatable, one per k; its k must be a served pair's")  # fmt: skip
     field("max_listeners", type=int, help="listeners per sender session")
     field("max_resynth_lag_s", type=float,
           help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
@@ -115,6 +123,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     field("open_timeout_s", type=float,
           help=f"seconds a session's models may take to open before it ends with internal_error "
                f"(default {d.open_timeout_s:g})")
+    field("resume_grace_s", type=float,
+          help="seconds a sender session whose connection dropped without end is kept for the client to "
+               f"resume it (its slot stays taken; 0 = no resume; default {d.resume_grace_s:g})")
+    field("resume_outbox_bytes", type=int,
+          help="per resumable session: bytes of recent units/audio kept for a replay, and bytes it may "
+               "produce while parked before it ends (at most half of --max-outgoing-bytes; default "
+               f"{d.resume_outbox_bytes})")  # fmt: skip
     field("allow_tf32", help="CUDA: let matmuls and convolutions use TF32 (faster on Ampere and later; results then "
                              "differ from the exact fp32 path at ~1e-3; default off)")  # fmt: skip
     p.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"),
@@ -144,6 +159,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for name in ("pairs", "presets"):
         values[name] = tuple(values[name]) if values[name] else None
     values["modes"], values["allowed_origins"] = tuple(values["modes"]), tuple(values["allowed_origins"])
+    values["transmit_tables"] = tuple(str(t) for t in values["transmit_tables"])
     values["token"] = values["token"] or os.environ.get("DPSLM_STREAM_TOKEN") or None
     return ServerConfig(**values)
 

@@ -57,6 +57,7 @@ class ServerConfig:
     resynth_device: str | None = None  # device of the resynthesis worker (default: device)
     resynth_dtype: str = "float32"  # ELLA-V dtype (bfloat16/float16 are meant for a GPU)
     precision: str = "exact"  # resynthesis models: "exact" (float32) or "fast" (models/precision.py picks per machine)
+    encoder_precision: str = "exact"  # the streaming encoder's block linears: "exact" or "fast" (int8 on x86 CPUs)
     max_listeners: int = 4  # listeners per sender session
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
     # Resynthesis with unbounded context (left_context or vocoder_left_context null, the exact setting) keeps every
@@ -66,12 +67,20 @@ class ServerConfig:
     # Resampling kernel of a client's sample rate (elements, audio.resampler_kernel_size): an odd rate such as 47999 Hz
     # needs a 3 GB kernel that takes tens of seconds to build. 4M (16 MB) admits every common rate (44.1 kHz: 76k).
     max_resampler_taps: int = 4_000_000
+    # Resume (server/resume.py): a sender whose connection drops without end is kept this long for a resume (0: never;
+    # its slot stays taken meanwhile). What it sent (for the replay) and what it produces while parked are each kept
+    # up to resume_outbox_bytes (a parked session that produces more ends). The replay of both (at most twice this)
+    # is bounded by this rule, not counted against max_outgoing_bytes.
+    resume_grace_s: float = 30.0
+    resume_outbox_bytes: int = 2 << 20
+    # Unit tables (`codec fit` files) for start.transmit coder "table", at most one per K; each K must be served.
+    transmit_tables: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Every entry point (the CLI, ServerThread, the Ray gateway and its replicas) builds a ServerConfig, so
         every one of them gets these checks; errors name the field's `serve` flag."""
         positive_ints = ("max_sessions", "max_message_bytes", "max_text_bytes", "max_json_depth", "max_buffer_bytes",
-                         "max_resampler_taps",
+                         "max_resampler_taps", "resume_outbox_bytes",
                          "max_outgoing_bytes", "min_hop", "max_hop", "max_lag", "max_listeners")  # fmt: skip
         for name in positive_ints:
             check_int(flag(name), getattr(self, name), minimum=1, kind=int)
@@ -84,7 +93,7 @@ class ServerConfig:
                     "max_buffer_s", "stats_interval_s", "drain_timeout_s", "quantum_s", "busy_retry_after_s", "max_resynth_lag_s")  # fmt: skip
         for name in positive:
             check_number(flag(name), getattr(self, name), 0, above=True, what="number of seconds")
-        for name in ("stall_timeout_s", "max_exact_resynth_s"):
+        for name in ("stall_timeout_s", "max_exact_resynth_s", "resume_grace_s"):
             check_number(flag(name), getattr(self, name), 0)
         for name in ("warmup", "resynth", "allow_tf32"):
             if not isinstance(getattr(self, name), bool):
@@ -120,7 +129,8 @@ class ServerConfig:
                 "max_outgoing_bytes": self.max_outgoing_bytes, "max_left": self.max_left, "min_hop": self.min_hop,
                 "max_hop": self.max_hop, "max_lookahead": self.max_lookahead, "max_lag": self.max_lag,
                 "open_timeout_s": self.open_timeout_s, "max_exact_resynth_s": self.max_exact_resynth_s,
-                "max_resampler_taps": self.max_resampler_taps}  # fmt: skip
+                "max_resampler_taps": self.max_resampler_taps, "resume_grace_s": self.resume_grace_s,
+                "resume_outbox_bytes": self.resume_outbox_bytes}  # fmt: skip
 
 
 DTYPES = ("float32", "bfloat16", "float16")

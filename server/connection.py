@@ -58,6 +58,9 @@ class ConnectionHost(Protocol):
     @property
     def senders(self) -> dict[str, Connection]: ...  # started sender sessions by id
     @property
+    def resumable(self) -> dict[str, Connection]: ...  # sender sessions by resume token (parked or not)
+    def release(self, conn: Connection) -> None: ...  # the session is over: free its slot, count it
+    @property
     def encoder_backend(self) -> EncoderBackend | None: ...
     @property
     def resynth_backend(self) -> ResynthBackend | None: ...
@@ -68,12 +71,12 @@ class ConnectionHost(Protocol):
 class Connection:
     """Implements SlotSink and ResynthSink (server/backends.py) for its session."""
 
-    def __init__(self, server: ConnectionHost, ws: ServerConnection):
+    def __init__(self, server: ConnectionHost, ws: ServerConnection, resume_only: bool = False):
         self.server = server
-        self.ws = ws
+        self.ws: ServerConnection | None = ws  # None while the session is parked (server/resume.py)
         self.loop = asyncio.get_running_loop()
         self.id = uuid.uuid4().hex[:12]
-        self.core = Session(self.id, server.config, server.info, self.loop.time(), server.metrics)
+        self.core = Session(self.id, server.config, server.info, self.loop.time(), server.metrics, resume_only)
         self.slot: EncoderSlot | None = None
         self.rstream: ResynthStream | None = None
         self.transmitter: Transmitter | None = None  # start.transmit (runs on the server's codec thread)
@@ -84,6 +87,9 @@ class Connection:
         self._timer: asyncio.TimerHandle | None = None
         self._send_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._transport = 0  # counts the transports that carried this session (a resume brings a new one)
+        self._handed_to: tuple[Connection, P.Resume] | None = None  # this transport resumed that session
+        self._released = False
 
     @property
     def buffered_s(self) -> float:
@@ -93,53 +99,95 @@ class Connection:
     # --- the loop ----------------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._send_task = asyncio.create_task(self._send_loop())
+        """Serve this connection's transport; when its first message resumed another session, serve that one on it."""
+        ws = self.ws
+        assert ws is not None
+        await self.serve(ws, None)
+        if self._handed_to is not None:
+            conn, msg = self._handed_to
+            await conn.serve(ws, msg)
+
+    async def serve(self, ws: ServerConnection, resume: P.Resume | None) -> None:
+        """Carry this session over ``ws`` until it closes. ``resume``: ``ws`` takes the session over (from a parked
+        state, or from an older transport, which is closed)."""
+        if resume is not None and self.core.resume_refusal(resume) is not None:
+            await ws.close(P.CLOSE_POLICY, E.RESUME_FAILED.value)  # it ended since the check: the client retries
+            return
+        old, self.ws = self.ws, ws
+        self._transport += 1
+        transport = self._transport
+        self.out = out = asyncio.Queue[Any]()
+        if old is not None and old is not ws:  # a takeover: the old transport's loops see they are no longer current
+            self._spawn(old.close(P.CLOSE_POLICY, "the session was resumed on another connection"))
+            self._readable.set()
+        send_task = self._send_task = asyncio.create_task(self._send_loop(ws, out))
+        if resume is not None:
+            self.handle(self.core.resume, resume)
         self._arm_timer()
         try:
-            await self._receive_loop()
+            await self._receive_loop(ws, transport)
         finally:
-            self.handle(self.core.connection_lost)
-            if self._timer is not None:
-                self._timer.cancel()
-            if self.server.senders.get(self.id) is self:
-                del self.server.senders[self.id]
-            for task in list(self._tasks):
-                task.cancel()
-            if not self._send_task.done():
+            if not send_task.done():
                 # The socket is closed: nothing queued can be written any more. Stop at once (the slot is released).
-                self._send_task.cancel()
+                send_task.cancel()
+            if transport == self._transport:  # not taken over meanwhile
+                self.ws = None
+                clean = ws.protocol.close_rcvd is not None  # the client closed with a handshake: no resume
+                self.handle(self.core.transport_lost, clean)
 
-    async def _receive_loop(self) -> None:
-        while True:
+    def _release(self) -> None:
+        """The session is over (gone): drop it from the server, stop its timer and helper tasks."""
+        if self._released:
+            return
+        self._released = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.server.senders.get(self.id) is self:
+            del self.server.senders[self.id]
+        token = self.core.resume_token
+        if token is not None and self.server.resumable.get(token) is self:
+            del self.server.resumable[token]
+        for task in list(self._tasks):
+            task.cancel()
+        self.server.release(self)
+
+    async def _receive_loop(self, ws: ServerConnection, transport: int) -> None:
+        while transport == self._transport:
             while not self.core.reading:
-                if self.core.state.value == "gone":
+                if self.core.state.value == "gone" or transport != self._transport:
                     return
                 self._readable.clear()
                 await self._readable.wait()
+            if transport != self._transport:
+                return
             try:
-                data = await self.ws.recv()
+                data = await ws.recv()
             except ConnectionClosed:
+                return
+            if transport != self._transport:
                 return
             if isinstance(data, str):
                 self.handle(self.core.receive_text, data)
             else:
                 self.handle(self.core.receive_binary, data)
+            if self._handed_to is not None:
+                return
 
-    async def _send_loop(self) -> None:
+    async def _send_loop(self, ws: ServerConnection, out: asyncio.Queue) -> None:
         try:
             while True:
-                item = await self.out.get()
+                item = await out.get()
                 if isinstance(item, _Close):
-                    await self.ws.close(item.code, item.reason)
+                    await ws.close(item.code, item.reason)
                     return
                 data, nbytes = item
-                await self.ws.send(data)
+                await ws.send(data)
                 self.core.sent(nbytes)
         except ConnectionClosed:
             pass
         except Exception:  # a bug must not leave the connection hanging: close it, keep serving the others
             log.exception("session %s: sending failed", self.id)
-            await self.ws.close(P.CLOSE_INTERNAL, "internal_error")
+            await ws.close(P.CLOSE_INTERNAL, "internal_error")
 
     def handle(self, event: Callable[..., list], *args: Any) -> None:
         """Feed one event to the core (``now`` is appended) and carry out its actions."""
@@ -155,7 +203,10 @@ class Connection:
                 self._abort(P.CLOSE_INTERNAL, "internal_error")
         if self.core.reading:
             self._readable.set()
-        self._arm_timer()
+        if self.core.state.value == "gone":
+            self._release()
+        else:
+            self._arm_timer()
 
     def _arm_timer(self) -> None:
         """One timer per connection, at the core's next deadline."""
@@ -163,7 +214,7 @@ class Connection:
             self._timer.cancel()
             self._timer = None
         deadline = self.core.next_deadline()
-        if deadline != float("inf") and not self.core.finished:
+        if deadline != float("inf") and (not self.core.finished or self.core.parked is not None):
             self._timer = self.loop.call_at(deadline, self.handle, self.core.tick)
 
     # --- actions -----------------------------------------------------------------------------------------------------
@@ -217,6 +268,10 @@ class Connection:
                     listener.handle(listener.core.relay_bits, a.part, a.data)
             elif isinstance(a, A.Register):
                 self.server.senders[self.id] = self
+                if a.resume_token is not None:
+                    self.server.resumable[a.resume_token] = self
+            elif isinstance(a, A.Resume):
+                self._resume(a.msg)
             elif isinstance(a, A.OpenSession):
                 self._spawn(self._open(a))
             elif isinstance(a, A.Subscribe):
@@ -252,12 +307,26 @@ class Connection:
         if self.server.encoder_backend is not None:
             self.server.encoder_backend.wake()
 
+    def _resume(self, msg: P.Resume) -> None:
+        """This connection's first message resumes the session with ``msg.token``: hand this transport over to it
+        (``run`` serves it next), or refuse (resume_failed, fatal)."""
+        conn = self.server.resumable.get(msg.token)
+        refusal = "no session with that resume token (expired, ended, or never issued)" if conn is None else \
+            conn.core.resume_refusal(msg)  # fmt: skip
+        if refusal is not None:
+            self.handle(self.core.resume_failed, refusal)
+            return
+        assert conn is not None
+        self._handed_to = (conn, msg)
+        self.handle(self.core.handed_over)
+
     def _abort(self, code: int, reason: str) -> None:
         while not self.out.empty():
             self.out.get_nowait()
         if self._send_task is not None:
             self._send_task.cancel()
-        self._spawn(self.ws.close(code, reason))
+        if self.ws is not None:
+            self._spawn(self.ws.close(code, reason))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

@@ -48,6 +48,9 @@ class Metrics:
                                             buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
         self.resynth_audio_seconds_total = Counter("dpslm_resynth_audio_seconds_total", "resynthesized audio sent "
                                                    "(seconds)", registry=r)  # fmt: skip
+        self.resumes_total = Counter("dpslm_resumes_total", "sessions resumed on a new connection", registry=r)
+        self.parks_expired_total = Counter("dpslm_parks_expired_total", "parked sessions (connection dropped) that "
+                                           "ended without a resume, by why", ["reason"], registry=r)  # fmt: skip
         self.resynth_lag = Histogram("dpslm_resynth_lag_seconds", "resynthesis lag when an audio chunk is sent",
                                      buckets=LAG_BUCKETS, registry=r)  # fmt: skip
 

@@ -21,10 +21,10 @@ the audio buffer is full (TCP back-pressure); that time is not the client's, so 
 nor the start deadline.
 """
 
+
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import math
 import secrets
@@ -37,115 +37,22 @@ from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.stream.events import EndEvent, UnitEvent
 from dpslm_stream.stream.resynth_events import AudioEvent, ResynthEndEvent
-from dpslm_stream.stream.resynth_options import ResynthOptions
 
 from . import actions as A
-from . import limits
+from . import limits, resume
 from . import start as start_rules
 from .backends import EncoderSessionInfo, Progress, ResynthStream
-from .config import ServerConfig
-from .report import Report
+from .session_state import SessionState, State
 from .start import ServerInfo
+
+__all__ = ["ServerInfo", "Session", "State"]
 
 log = logging.getLogger("dpslm_stream.server")
 E = P.ErrorCode
 
 
-class State(enum.Enum):
-    CONNECTED = "connected"  # no session yet: start or subscribe expected
-    OPENING = "opening"  # start/subscribe accepted, the backends open (frames are not read meanwhile)
-    STREAMING = "streaming"  # sender: audio in, units out
-    LISTENING = "listening"  # listener: the sender's units in, audio out
-    ENDING = "ending"  # no more input: the remaining units and audio are finished, then end
-    CLOSED = "closed"  # the last frame (end, or a fatal error) is queued and the close requested
-    GONE = "gone"  # the transport is gone
-
-
-class Session:
-    def __init__(self, session_id: str, config: ServerConfig, server: ServerInfo, now: float, metrics: Any = None):
-        self.id = session_id
-        self.cfg = config
-        self.server = server
-        self.metrics = metrics
-        self.state = State.CONNECTED
-        self.role: str | None = None  # "sender" or "listener" once opening
-        self.reason: str | None = None  # why the session ends: "end" or an ErrorCode value
-        self.outcome: str | None = None  # how it ended (the sessions_total metric's label)
-        self.connected_at = now
-        self.started_at = now  # ready time
-        self._client_clock_from = now  # the idle rule counts from here (last frame, or the end of a pause)
-        self._paused_since: float | None = None  # frames are not read since then (opening, full buffer)
-        self._paused_total = 0.0  # seconds not read before start (the start deadline excludes them)
-        self._next_stats = math.inf
-        self._stats_mark: tuple = ()
-        # Sender.
-        self.start: P.Start | None = None
-        self.info: EncoderSessionInfo | None = None
-        self.listen_token: str | None = None
-        self.received_samples = 0
-        self.queued_samples = 0  # fed, not yet taken by the encoder (an upper bound between reports)
-        self.progress = Progress()
-        self._held: tuple[np.ndarray, float] | None = None  # a frame waiting for buffer room, and when it arrived
-        self.units_done = False  # every unit of the stream has been sent
-        self.forced_commits = 0
-        self.listeners = 0
-        # Listener.
-        self.sender_id: str | None = None
-        self.k_lmbda: tuple[int, int] | None = None
-        # Output.
-        self.outgoing_bytes = 0
-        self.report = Report(metrics)
-        # Resynthesis.
-        self.resynth: ResynthStream | None = None
-        self.resynth_settings: dict | None = None
-        self.resynth_options: ResynthOptions | None = None
-        self._resynth_from: float | None = None  # end_s of the first unit resynthesized (the exact-resynthesis rule)
-        self._resynth_cut: str | None = None  # why the resynthesis was ended early (its pushed units still get audio)
-        self._open_deadline = math.inf
-        # Transmission (start.transmit / a bitstream listener); the transmitter itself runs on the codec thread.
-        self.transmit: dict | None = None  # the sender's validated TransmitOptions (JSON form)
-        self.bitstream_listener = False
-        self.tx_deadline = math.inf  # when the open packet is due (reported by the transmitter)
-        self.tx_done = True  # no transmitter, or its END packet is out
-        self.tx_header: bytes | None = None  # the stream header (new bitstream listeners get it first)
-        self.tx_stats: dict | None = None
-        self.resynth_end: ResynthEndEvent | None = None
-
-    # ---------------------------------------------------------------------------------------------------------------
-    # Queries
-
-    @property
-    def reading(self) -> bool:
-        """Whether the I/O layer should read the client's next frame now."""
-        return self.state not in (State.OPENING, State.GONE) and self._held is None
-
-    @property
-    def accepts_listeners(self) -> bool:
-        return self.role == "sender" and self.state in (State.STREAMING, State.ENDING) and not self.units_done
-
-    @property
-    def finished(self) -> bool:
-        return self.state in (State.CLOSED, State.GONE)
-
-    def next_deadline(self) -> float:
-        """The earliest time at which ``tick`` has something to do (inf: nothing until the next event)."""
-        cfg = self.cfg
-        times = [self._next_stats]
-        if self.state in (State.CONNECTED,):
-            times.append(self.connected_at + self._paused_total + cfg.start_timeout_s)
-            times.append(self._client_clock_from + cfg.idle_timeout_s)
-        elif self.state == State.OPENING:
-            times.append(self._open_deadline)
-        elif self.state == State.STREAMING:
-            if self._held is not None:
-                times.append(self._held[1] + cfg.stall_timeout_s)
-            else:
-                times.append(self._client_clock_from + cfg.idle_timeout_s)
-        if self.state in (State.STREAMING, State.LISTENING):
-            times.append(self.started_at + cfg.max_session_s)
-        if not self.tx_done and not self.finished:
-            times.append(self.tx_deadline)
-        return min(times)
+class Session(SessionState):
+    """The session core: events in, actions out (see the module docstring; the state is ``SessionState``)."""
 
     # ---------------------------------------------------------------------------------------------------------------
     # Events from the client
@@ -162,6 +69,13 @@ class Session:
             if isinstance(msg, P.End):
                 return self._leave(now)
             return self._error(E.NOT_A_SENDER, f"a listener connection takes no {msg.TYPE}; send end to leave")
+        if isinstance(msg, P.Resume):
+            if self.role is not None:
+                return self._error(E.ALREADY_STARTED, "resume is the first message of a new connection")
+            self.role = "resuming"
+            return [A.Resume(msg)]
+        if self.resume_only and isinstance(msg, (P.Start, P.Subscribe)):
+            return self._limit(E.BUSY, "all session slots are in use (this connection may only resume)", now)
         if isinstance(msg, P.Subscribe):
             if self.role is not None:
                 return self._error(E.ALREADY_STARTED, "this connection is a sender; subscribe on a new connection")
@@ -196,6 +110,11 @@ class Session:
             samples = P.decode_audio(data, self.start.format)
         except P.ProtocolError as e:
             return self._error(e.code, str(e))
+        if self._skip_samples:  # audio resent after a resume that the server had already accepted
+            skipped = min(self._skip_samples, len(samples))
+            samples, self._skip_samples = samples[skipped:], self._skip_samples - skipped
+            if not len(samples):
+                return []
         sr = self.start.sample_rate
         assert self.info is not None
         if self.info.mode == "full" and limits.full_mode_exceeded(self.cfg, self.received_samples, len(samples), sr):
@@ -225,8 +144,12 @@ class Session:
         self._next_stats = now + self.cfg.stats_interval_s
         self.listen_token = secrets.token_urlsafe(16)
         assert self.start is not None
+        if self.cfg.resume_grace_s > 0 and self.start.transmit is None:  # a bitstream is not replayable
+            self.resume_token = secrets.token_urlsafe(16)
+            self.replay = resume.ReplayLog(self.cfg.resume_outbox_bytes)
         settings = start_rules.sender_settings(self.start, info, self.resynth_settings)
-        return [A.Register(self.listen_token), *self._send(self._ready(settings, "sender", self.listen_token))]
+        ready = self._ready(settings, "sender", self.listen_token)
+        return [A.Register(self.listen_token, self.resume_token), *self._send(ready)]
 
     def open_failed(self, code: P.ErrorCode, message: str, now: float) -> list[A.Action]:
         """Opening failed (the backend refused the settings or failed): the connection may start again."""
@@ -310,7 +233,11 @@ class Session:
         for ev in events:
             if isinstance(ev, AudioEvent):
                 if ev.num_samples > 0:
-                    out += self._send_bytes(self.report.audio_chunk(ev))
+                    start = self.report.audio_samples
+                    frame = self.report.audio_chunk(ev)
+                    if self.replay is not None:
+                        self.replay.audio(start, ev.num_samples, frame)
+                    out += self._send_bytes(frame, logged=self.replay is not None)
             elif isinstance(ev, ResynthEndEvent):
                 self.resynth_end = ev if self._resynth_cut is None else dataclasses.replace(ev, error=self._resynth_cut)
                 if ev.error is not None:
@@ -389,7 +316,16 @@ class Session:
     def tick(self, now: float) -> list[A.Action]:
         """Apply the time rules; send stats when due; let a due packet leave."""
         cfg = self.cfg
+        if self.parked is not None:
+            if now >= self.parked.deadline:
+                return self._expire_park("resume_expired")
+            if self.state in (State.STREAMING, State.ENDING) and now >= self.started_at + cfg.max_session_s:
+                return self._limit(E.SESSION_TIME_LIMIT, f"the session reached the {cfg.max_session_s:g} s limit", now)
+            return []
         out: list[A.Action] = []
+        if self.replay is not None and self.received_samples > self.acked and not self.finished and (
+                now >= self._acked_at + resume.ACK_INTERVAL_S):
+            out += self._ack(now)
         if not self.tx_done and not self.finished and now >= self.tx_deadline:
             self.tx_deadline = math.inf  # until the transmitter reports its next one
             out.append(A.TransmitTick(now))
@@ -418,26 +354,10 @@ class Session:
         return out
 
     def shutdown(self, now: float) -> list[A.Action]:
-        """The server drains: finish this session (units, audio, end), close 1001."""
+        """The server drains: finish this session (units, audio, end), close 1001; a parked one ends now."""
+        if self.parked is not None:
+            return self._expire_park(E.SHUTTING_DOWN.value)
         return self._limit(E.SHUTTING_DOWN, "the server is shutting down", now)
-
-    def connection_lost(self, now: float) -> list[A.Action]:
-        """The transport is gone (closed by either side, or dropped): release every backend at once."""
-        if self.state == State.GONE:
-            return []
-        out: list[A.Action] = []
-        if self.role == "sender" and self.info is not None and not self.progress.finished:
-            out.append(A.CancelSlot())
-        if self.role == "sender" and not self.units_done:
-            out.append(A.ListenersDone(gone=True))
-        if self.role == "listener":
-            out.append(A.Unsubscribe())
-        if self.resynth is not None and self.resynth_end is None:
-            out.append(A.CloseResynth())
-        if self.outcome is None:
-            self.outcome = "disconnected" if self.role is not None else "no_session"
-        self.state, self._held = State.GONE, None
-        return out
 
     # ---------------------------------------------------------------------------------------------------------------
     # Start and subscribe
@@ -466,7 +386,8 @@ class Session:
     def _ready(self, settings: dict, role: str, listen_token: str | None) -> P.Ready:
         return P.Ready(session=self.id, settings=settings, limits=self.cfg.limits(), models=self.server.models,
                        random_weights=self.server.random_weights, server=f"dpslm-stream {__version__}", role=role,
-                       listen_token=listen_token)  # fmt: skip
+                       listen_token=listen_token, resume_token=self.resume_token,
+                       resume_grace_s=self.cfg.resume_grace_s if self.resume_token else 0.0)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------------------
     # Audio in, units out
@@ -504,7 +425,10 @@ class Session:
 
     def _on_unit(self, ev: UnitEvent, now: float) -> list[A.Action]:
         msg = self.report.unit(ev, now, self.id)
-        out = self._send(msg)
+        text = P.to_json(msg)
+        if self.replay is not None:
+            self.replay.unit(msg.seq, text, len(text.encode("utf-8")))
+        out = self._send_bytes(text, logged=self.replay is not None)
         if self.finished:  # dropped (client_too_slow): its backends are released
             return out
         if self.transmit is not None and not self.tx_done:
@@ -528,167 +452,3 @@ class Session:
                              "of input on this server (serve --max-exact-resynth); give a number for longer streams")  # fmt: skip
         return [A.EndResynth(), *self._error(E.RESYNTH_LIMIT, f"resynthesis ended: {self._resynth_cut}; the audio of "
                                                               "the units before it follows; units are unaffected")]  # fmt: skip
-
-    # ---------------------------------------------------------------------------------------------------------------
-    # Endings
-
-    def _end(self, reason: str) -> list[A.Action]:
-        """Sender: stop taking audio; the encoder finishes and its end event brings the end message. No deadline: a
-        full-mode flush of a long stream legitimately takes a while; a drain has its own."""
-        if self.finished:
-            return []
-        self.reason, self.state = reason, State.ENDING
-        return [A.RequestEnd()]
-
-    def _limit(self, code: P.ErrorCode, why: str, now: float) -> list[A.Action]:
-        """End the session for a fatal reason: tell the client, finish the units of the audio already received (and
-        their audio), send end, close with the code's close code. Before ready there is nothing to finish."""
-        if self.finished or self.state == State.ENDING:
-            return []
-        if self.state == State.LISTENING:
-            self.reason, self.state = code.value, State.ENDING
-            out = self._error(code, f"{why}; the audio of the units received follows, then end", fatal=True)
-            return out + [A.Unsubscribe()] + self._units_over(now)
-        if self.state == State.STREAMING:
-            if self._held is not None:
-                self._held = None
-                self._resume(now)
-            end = self._end(code.value)
-            return self._error(code, f"{why}; the units of the audio received so far follow, then end", fatal=True) + end
-        self.outcome = code.value
-        return self._error(code, f"{why}; closing", fatal=True) + self._close(P.CLOSE_CODES[code], code.value)
-
-    def _open_expired(self, now: float) -> list[A.Action]:
-        """The open deadline: backends that did not open within open_timeout_s (a stuck model load) end the session
-        with internal_error and an end; what opens later is released (``opened`` / ``subscribed`` undo it)."""
-        self._resume(now)
-        self.reason, self.units_done = E.INTERNAL_ERROR.value, True
-        out = self._error(E.INTERNAL_ERROR, f"the server could not open this session's models within "
-                                            f"{self.cfg.open_timeout_s:g} s (serve --open-timeout); try again later",
-                          fatal=True)  # fmt: skip
-        return out + self._maybe_finish(now)
-
-    def _leave(self, now: float) -> list[A.Action]:
-        """Listener sent end: stop receiving units, finish the audio of those received, then end."""
-        if self.state != State.LISTENING:
-            return []
-        self.reason, self.state = "end", State.ENDING
-        return [A.Unsubscribe()] + self._units_over(now)
-
-    def _units_over(self, now: float) -> list[A.Action]:
-        """Every unit this connection will get has been sent: listeners are told, resynthesis finishes, then end."""
-        if self.units_done:
-            return []
-        self.units_done = True
-        if self.finished:  # dropped meanwhile: its backends are already released
-            return []
-        if self.state == State.STREAMING:
-            self.state = State.ENDING
-        out: list[A.Action] = []
-        transmitting = not self.tx_done and self.tx_header is not None
-        if transmitting:  # listeners are told once the last packet is out (transmitted, done)
-            out.append(A.TransmitEnd(now))
-        elif self.role == "sender":
-            out.append(A.ListenersDone(gone=False))
-        if self.resynth is not None and self.resynth_end is None and self._resynth_cut is None:
-            out.append(A.EndResynth())
-        return out + self._maybe_finish(now)
-
-    def _maybe_finish(self, now: float) -> list[A.Action]:
-        """Send the end message once every unit and every audio chunk of the session is out, then close."""
-        if self.finished or not self.units_done or (self.resynth is not None and self.resynth_end is None) or (
-                not self.tx_done and self.tx_header is not None):
-            return []
-        reason = self.reason or "end"
-        self.outcome = reason
-        end = self.report.end_message(reason, self.stats(now), self.forced_commits, self.resynth_end)
-        code = P.CLOSE_NORMAL if reason == "end" else P.CLOSE_CODES[P.ErrorCode(reason)]
-        return self._send(end) + self._close(code, reason)
-
-    def _close(self, code: int, reason: str) -> list[A.Action]:
-        if self.finished:  # already closed (e.g. dropped as client_too_slow while its last frame was queued)
-            return []
-        self.state = State.CLOSED
-        return [A.Close(code, reason[:120])]  # a close reason must fit in 123 bytes
-
-    # ---------------------------------------------------------------------------------------------------------------
-    # Resynthesis limits
-
-    def _check_resynth_lag(self, now: float) -> list[A.Action]:
-        """Stop a resynthesis that fell too far behind (e.g. full-size ELLA-V on a CPU): its backlog would only grow
-        and hold the session's end back; the units go on, the client is told why the audio stopped."""
-        if self.resynth is None or self.resynth_end is not None:
-            return []
-        lag = self.resynth.lag_s
-        if lag <= self.cfg.max_resynth_lag_s:
-            return []
-        return [A.CloseResynth()] + self._stop_resynth(E.RESYNTH_BEHIND, f"it fell {lag:.1f} s behind (limit "
-                                                       f"{self.cfg.max_resynth_lag_s:g} s): this server cannot "
-                                                       "resynthesize in real time", now)  # fmt: skip
-
-    def _stop_resynth(self, code: P.ErrorCode, why: str, now: float) -> list[A.Action]:
-        """End this session's resynthesis early (the units go on): tell the client, finish if all else is done."""
-        if self.resynth_end is not None or self.finished:
-            return []
-        self.resynth_end = self.report.resynth_end_event(why)
-        return self._error(code, f"resynthesis stopped: {why}; units are unaffected") + self._maybe_finish(now)
-
-    # ---------------------------------------------------------------------------------------------------------------
-    # Output and clocks
-
-    def _send(self, msg: Any) -> list[A.Action]:
-        return self._send_bytes(P.to_json(msg))
-
-    def _send_bytes(self, data: str | bytes) -> list[A.Action]:
-        """The outgoing rule: a client that does not read is dropped once max_outgoing_bytes are queued for it (units
-        are never dropped while the connection lives: the connection is)."""
-        if self.finished:
-            return []
-        nbytes = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
-        self.outgoing_bytes += nbytes
-        if not limits.outgoing_exceeded(self.cfg, self.outgoing_bytes):
-            return [A.Send(data, nbytes)]
-        self.outcome = E.CLIENT_TOO_SLOW.value
-        self._count_error(E.CLIENT_TOO_SLOW)
-        out: list[A.Action] = []
-        if self.role == "sender" and self.info is not None and not self.progress.finished:
-            out.append(A.CancelSlot())
-        if self.resynth is not None and self.resynth_end is None:
-            out.append(A.CloseResynth())
-        self.state = State.CLOSED
-        return out + [A.Abort(P.CLOSE_POLICY, "client_too_slow: messages not read")]
-
-    def _error(self, code: P.ErrorCode, message: str, fatal: bool = False, **extra: Any) -> list[A.Action]:
-        self._count_error(code)
-        return self._send(P.Error(code=code.value, message=message, fatal=fatal, **extra))
-
-    def _count_error(self, code: P.ErrorCode) -> None:
-        if self.metrics is not None:
-            self.metrics.errors_total.labels(code.value).inc()
-
-    def _client_active(self, now: float) -> None:
-        self._client_clock_from = max(self._client_clock_from, now)
-
-    def _pause(self, now: float) -> None:
-        if self._paused_since is None:
-            self._paused_since = now
-
-    def _resume(self, now: float) -> None:
-        """Frames are read again: the time not read was not the client's (idle and start deadlines skip it)."""
-        if self._paused_since is not None:
-            if self.state in (State.CONNECTED, State.OPENING):
-                self._paused_total += now - self._paused_since
-            self._paused_since = None
-        self._client_clock_from = max(self._client_clock_from, now)
-
-    # ---------------------------------------------------------------------------------------------------------------
-    # Stats
-
-    def stats(self, now: float) -> P.Stats:
-        lag = None if self.resynth is None else (0.0 if self.resynth_end else self.resynth.lag_s)
-        sender = None
-        if self.role == "sender" and self.start is not None:
-            sender = {"sample_rate": self.start.sample_rate, "received": self.received_samples,
-                      "queued": self.queued_samples, "progress": self.progress, "listeners": self.listeners}  # fmt: skip
-        stats = self.report.stats(now - self.started_at, sender, self.outgoing_bytes, lag)
-        return dataclasses.replace(stats, transmit=self.tx_stats) if self.tx_stats is not None else stats

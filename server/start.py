@@ -30,6 +30,7 @@ class ServerInfo:
     pairs: tuple[tuple[int, int], ...]
     default_pair: tuple[int, int]
     resynth: bool  # resynthesis offered
+    transmit_table_ks: tuple[int, ...] = ()  # K of each unit table the server codes start.transmit "table" with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,11 @@ def check_start(cfg: ServerConfig, server: ServerInfo, msg: P.Start) -> StartPla
     resynth = check_resynth(cfg, server, msg.resynth)
     if isinstance(resynth, Refusal):
         return resynth
-    if msg.transmit is not None and msg.transmit["coder"] == "table":
-        return Refusal(E.UNSUPPORTED_OPTION, "this server has no unit table; transmit with coder 'uniform' or 'ulm'")
+    if msg.transmit is not None and msg.transmit["coder"] == "table" and k not in server.transmit_table_ks:
+        have = f"tables for k={', '.join(map(str, server.transmit_table_ks))}" if server.transmit_table_ks \
+            else "no unit table (serve --transmit-table FILE)"
+        return Refusal(E.UNSUPPORTED_OPTION, f"this server has {have}, none for k={k}; transmit with coder "
+                                             f"'uniform' or 'ulm'")  # fmt: skip
     settings = dict(k=k, lmbda=lmbda, mode=mode, preset=msg.preset, score=msg.score, **opts)
     return StartPlan(settings, resynth)
 

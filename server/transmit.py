@@ -5,6 +5,9 @@ code, so it must not run on the event loop, and it must not be batched with othe
 receiver's batch-1 step shape). One thread for all sessions keeps each session's jobs in order (a single-worker
 executor runs them first in, first out) and shares one ULM per (k, lambda) between the sessions; it is separate from
 the scorer's ULM, whose batched floats are never used for coding.
+
+The `table` coder codes with the table given to `serve --transmit-table` for the session's K; the table travels
+inside the stream header, so a receiver needs no file (its hash in the header is checked against it).
 """
 
 from __future__ import annotations
@@ -14,19 +17,44 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from dpslm_stream import hub
-from dpslm_stream.codec.models import ModelCache
 from dpslm_stream.codec.link import TransmitOptions, Transmitter
+from dpslm_stream.codec.models import ModelCache
+from dpslm_stream.codec.tables import UnitTable
+from dpslm_stream.errors import InvalidInput
+
+
+def load_transmit_tables(paths, pairs) -> dict[int, UnitTable]:
+    """`serve --transmit-table` files by K, checked at startup: readable tables, one per K, each for a served K."""
+    served = sorted({k for k, _ in pairs})
+    tables: dict[int, UnitTable] = {}
+    for path in paths:
+        try:
+            table = UnitTable.load(path)
+        except ValueError as e:  # InvalidInput (unreadable) or BitstreamError (not a table)
+            raise InvalidInput(f"--transmit-table {path}: {e}") from None
+        if table.k not in served:
+            raise InvalidInput(f"--transmit-table {path} is a table for k={table.k}, but this server serves "
+                               f"k={', '.join(map(str, served))}: fit one with `codec fit --k K`")  # fmt: skip
+        if table.k in tables:
+            raise InvalidInput(f"--transmit-table {path}: a second table for k={table.k} (give one per k)")
+        tables[table.k] = table
+    return tables
 
 
 class CodecService:
-    def __init__(self, models: hub.ModelSet | str):
+    def __init__(self, models: hub.ModelSet | str, tables: dict[int, UnitTable] | None = None):
         self.models = ModelCache(hub.ModelSet(models) if isinstance(models, str) else models)
+        self.tables = dict(tables or {})
+        self._inline = {k: t.to_bytes() for k, t in self.tables.items()}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpslm-codec")
 
     def _open(self, options: dict, k: int, lmbda: int, t0: float) -> Transmitter:
         opts = TransmitOptions.from_json(options)
-        model = self.models.model(opts.coder, k, lmbda)
-        return Transmitter(opts.header(k, lmbda, model), model, t0)
+        if opts.coder == "table" and k not in self.tables:
+            raise InvalidInput(f"this server has no unit table for k={k} (serve --transmit-table FILE)")
+        model = self.models.model(opts.coder, k, lmbda, self.tables.get(k))
+        inline = self._inline[k] if opts.coder == "table" else None
+        return Transmitter(opts.header(k, lmbda, model, inline), model, t0)
 
     async def open(self, options: dict, k: int, lmbda: int, t0: float) -> Transmitter:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._open, options, k, lmbda, t0)

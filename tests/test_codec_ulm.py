@@ -46,9 +46,9 @@ def _models(cache, units):
     return [cache.model("uniform", *PAIR), cache.model("table", *PAIR, table), cache.model("ulm", *PAIR)]
 
 
-def _header(model, packet_ms=100, resync_ms=1000, durations=True):
+def _header(model, packet_ms=100, resync_ms=1000, durations=True, termination="segment"):
     return Header(k=PAIR[0], lmbda=PAIR[1], coder=model.coder, packet_ms=packet_ms, resync_ms=resync_ms,
-                  model_hash=model.model_hash, durations=durations)  # fmt: skip
+                  model_hash=model.model_hash, durations=durations, termination=termination)  # fmt: skip
 
 
 def test_every_coder_round_trips_the_encode_units_at_several_chunkings(tiny_models, cache, audios, offline):
@@ -62,18 +62,26 @@ def test_every_coder_round_trips_the_encode_units_at_several_chunkings(tiny_mode
             res = stream_encode(worker, wav, sr, k=PAIR[0], lmbda=PAIR[1], mode="full", chunk_s=chunk_s)
             assert res.units == ref.units and res.durations == ref.durations  # the exact streaming path
             for model, packet_ms in zip(models, (20, 100, 200)):
-                data, stats = encode_stream(_header(model, packet_ms), model, commits_streamed(res))
-                out = decode_stream(data, lambda h: model)
-                assert out.units == ref.units and out.durations == ref.durations, (model.coder, chunk_s)
-                assert stats.payload_bits <= stats.ideal_bits * 1.01 + 16 * stats.packets
+                for termination in ("segment", "packet"):
+                    header = _header(model, packet_ms, termination=termination)
+                    data, stats = encode_stream(header, model, commits_streamed(res))
+                    out = decode_stream(data, lambda h: model)
+                    assert out.units == ref.units and out.durations == ref.durations, (model.coder, chunk_s)
+                    slack = 32 * stats.resyncs if termination == "segment" else 9 * stats.packets
+                    assert stats.payload_bits <= stats.quantized_bits * 1.01 + slack
 
 
-def test_ulm_coding_is_efficient_per_terminated_segment(cache, offline):
+@pytest.mark.parametrize("packet_ms", [20, 100])
+def test_ulm_coding_is_within_one_percent_and_32_bits_per_resync_segment(cache, offline, packet_ms):
     model = cache.model("ulm", *PAIR)
-    units = [u for r in offline for u in r.units]
-    commits = [([u], None, 40 * i) for i, u in enumerate(units)]
-    _, stats = encode_stream(_header(model, packet_ms=200, resync_ms=200, durations=False), model, commits)
-    assert stats.payload_bits <= stats.ideal_bits * 1.01 + 32 * stats.resyncs
+    units = [u for r in offline for u in r.units] * 3
+    commits = [([u], None, 60 * i) for i, u in enumerate(units)]
+    for resync_ms in (0, 2000):
+        header = _header(model, packet_ms=packet_ms, resync_ms=resync_ms, durations=False)
+        _, stats = encode_stream(header, model, commits)
+        assert stats.terminations == stats.resyncs
+        assert stats.quantized_bits - 8 * stats.resyncs <= stats.payload_bits
+        assert stats.payload_bits <= stats.quantized_bits * 1.01 + 32 * stats.resyncs
 
 
 def test_ulm_probabilities_are_bit_identical_across_thread_counts(cache, offline):
@@ -134,10 +142,11 @@ def test_a_ulm_of_another_pair_is_refused(cache, tiny_models, offline):
         decode_stream(data, lambda h: other)
 
 
-def test_lossy_ulm_stream_decodes_its_undamaged_segments(cache, offline):
+@pytest.mark.parametrize("termination", ["segment", "packet"])
+def test_lossy_ulm_stream_decodes_its_undamaged_segments(cache, offline, termination):
     model = cache.model("ulm", *PAIR)
     units = offline[0].units
-    enc = PacketEncoder(_header(model, packet_ms=60, resync_ms=600), model)
+    enc = PacketEncoder(_header(model, packet_ms=60, resync_ms=600, termination=termination), model)
     sent = [p for c in commits_offline(units, offline[0].durations) for p in enc.push(*c)] + enc.finish()
     dec = PacketDecoder(enc.header, cache.model("ulm", *PAIR))
     kept = [p for i, p in enumerate(sent) if i % 7 != 3 or i == len(sent) - 1]  # drop every 7th but the END one
@@ -204,6 +213,11 @@ def test_cli_encode_decode_fit_eval(tiny_dir, clip, tmp_path, offline, capsys):
         assert set(row["coders"]) == {"uniform", "table-unigram", "table-bigram", "ulm"}
         assert row["coders"]["uniform"]["ideal_bps"] == pytest.approx(row["units_per_s"] * np.log2(row["k"]))
         assert row["coders"]["table-unigram"]["ideal_bps"] >= row["authors_bitrate"] * 0.99
+        for c in row["coders"].values():
+            seg, pkt = c["segment"], c["packet"]
+            assert seg["terminations"] == c["resyncs"] and pkt["terminations"] == pkt["packets"]
+            assert seg["payload_bps"] <= pkt["payload_bps"] and seg["lag_ms_mean"] >= pkt["lag_ms_mean"]
+            assert pkt["lag_ms_max"] <= 100  # packet termination: decodable when its packet leaves
     assert "authors' bitrate" in capsys.readouterr().out
 
 

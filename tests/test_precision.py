@@ -34,27 +34,34 @@ def test_exact_changes_nothing():
     assert model.generate_ids([[1, 2, 3, 4]], 60, 10, 1.0, 0.0) == ref.generate_ids([[1, 2, 3, 4]], 60, 10, 1.0, 0.0)
 
 
-@pytest.mark.parametrize("flags,device,expect", [
-    (frozenset(), "cpu", ("int8", "fp32", "fp32")),
-    (frozenset({"avx512f", "amx_bf16", "amx_int8"}), "cpu", ("int8", "bf16", "bf16")),
-    (frozenset({"avx512_bf16"}), "cpu", ("int8", "bf16", "bf16")),
+@pytest.mark.parametrize("flags,fbgemm,expect", [
+    (frozenset(), False, ("int8", "fp32", "fp32")),
+    (frozenset({"avx512f", "avx512_vnni"}), True, ("int8dyn", "int8dyn", "fp32")),
+    (frozenset({"avx512f", "amx_bf16", "amx_int8"}), False, ("int8", "bf16", "bf16")),
+    (frozenset({"avx512_bf16"}), True, ("int8dyn", "bf16", "bf16")),
 ])  # fmt: skip
-def test_fast_plan_follows_the_machine(monkeypatch, flags, device, expect):
+def test_fast_plan_follows_the_machine(monkeypatch, flags, fbgemm, expect):
     monkeypatch.setattr(PR, "cpu_flags", lambda: flags)
-    ellav, vocoder = PR.plan_for("ellav", "fast", device), PR.plan_for("wavtokenizer", "fast", device)
+    monkeypatch.setattr(PR, "_fbgemm_dynamic_linear", lambda: fbgemm)
+    ellav, vocoder = PR.plan_for("ellav", "fast", "cpu"), PR.plan_for("wavtokenizer", "fast", "cpu")
     assert (ellav.decode, ellav.bulk, vocoder.bulk) == expect
-    assert "fast" in ellav.describe() and PR.plan_for("ulm", "exact", device).describe().endswith("exact (float32)")
+    assert "fast" in ellav.describe() and PR.plan_for("ulm", "exact", "cpu").describe().endswith("exact (float32)")
     with pytest.raises(InvalidInput, match="precision must be one of exact, fast"):
-        PR.plan_for("ellav", "fastest", device)
+        PR.plan_for("ellav", "fastest", "cpu")
 
 
+@pytest.mark.parametrize("decode,bulk", [("int8", "fp32"), ("int8dyn", "fp32"), ("int8dyn", "int8dyn")])
 @pytest.mark.parametrize("rows", [1, 5, PR.DECODE_ROWS, PR.DECODE_ROWS + 1, 40])
-def test_int8_linear_is_close_to_float32(rows):
-    """Both kernels of FastLinear (int8 weight-only for few rows, dequantized GEMM for many) against fp32: per-channel
-    int8 weights and bf16 activations keep the error around 1% of the output's scale."""
+def test_int8_linear_is_close_to_float32(rows, decode, bulk):
+    """Both kernels of FastLinear (int8 for few rows: weight-only, or with dynamically quantized activations; the
+    bulk GEMM for many) against fp32: per-channel int8 weights and bf16 or 8-bit activations keep the error around
+    1% of the output's scale."""
+    if decode == "int8dyn" and not PR.has_int8_dynamic_kernel("cpu"):
+        pytest.skip("torch has no fbgemm here")
     torch.manual_seed(rows)
     a, b = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(64, 32, bias=True)
-    fused = PR.FastLinear([a, b], "int8", "fp32")
+    fused = PR.FastLinear([a, b], decode, bulk)
+    assert hasattr(fused, "weight") == (bulk != "int8dyn")  # no float copy where every row count runs int8
     x = torch.randn(rows, 64)
     with torch.no_grad():
         expected = torch.cat([a(x), b(x)], dim=-1)
@@ -129,3 +136,67 @@ def test_fast_pipeline_resynthesizes_and_reports(tiny_models):
     plans = pipe.precision_plans()
     assert set(plans) == {"ellav", "wavtokenizer"} and all("fast" in p for p in plans.values())
     assert W.apply_precision(W.WavTokenizer(W.TINY), "exact").bulk == "fp32"
+
+
+def test_fused_ops_compute_the_upstream_functions():
+    """Transformer.use_fused_ops (a fast plan's F.rms_norm, complex RoPE on q and k together, additive mask) on
+    float32 weights against upstream's op order: the same functions up to float rounding, cached decode included."""
+    model, ref = tiny_ellav(), tiny_ellav()
+    PR.apply_to_transformer(model, PR.Plan("fast", "ellav", "fp32", "fp32"))
+    assert model.fused_ops and not ref.fused_ops
+    with torch.inference_mode():
+        tokens = torch.randint(0, 4600, (2, 40))
+        scale = float(ref(tokens).abs().max())
+        torch.testing.assert_close(model(tokens), ref(tokens), rtol=0, atol=1e-5 * scale)
+        cache_a, cache_b = model.new_cache(2, 64), ref.new_cache(2, 64)
+        model(tokens[:, :30], cache_a, [30, 25]), ref(tokens[:, :30], cache_b, [30, 25])
+        for t in range(30, 40):
+            torch.testing.assert_close(model(tokens[:, t : t + 1], cache_a), ref(tokens[:, t : t + 1], cache_b),
+                                       rtol=0, atol=1e-5 * scale)  # fmt: skip
+
+
+def test_fast_streaming_encoder_stays_close_to_exact(tiny_models):
+    """The cached low-latency encoder with precision "fast" (int8 block linears where fbgemm exists) against the
+    same worker in "exact": the same number of frames, features within a small angle, and mostly the same units
+    (tiny RANDOM weights: plumbing; `dpslm-stream bench encoder --precision exact,fast` measures full size)."""
+    from dpslm_stream.signals import speech_like
+    from dpslm_stream.stream.compare import agreement, stream_encode
+    from dpslm_stream.stream.worker import EncoderWorker
+
+    exact = EncoderWorker(tiny_models, pairs=[(K, LMBDA)])
+    fast = EncoderWorker(tiny_models, pairs=[(K, LMBDA)], wavlm=exact.wavlm, precision="fast")
+    assert exact.runner.precision_plan.precision == "exact" and "wavlm: fast" in fast.runner.precision_plan.describe()
+    if PR.has_int8_dynamic_kernel("cpu"):
+        assert isinstance(fast.runner.linears[0][0], PR.FastLinear)
+    wav = speech_like(3.0, 16000, seed=3)
+    runs = [stream_encode(w, wav, 16000, k=K, lmbda=LMBDA, mode="cached", preset="low-latency", keep_features=True)
+            for w in (exact, fast)]  # fmt: skip
+    a = agreement(runs[1].features, runs[0].features, exact._codebook(K), LMBDA, 5)
+    assert runs[1].features.shape == runs[0].features.shape
+    # measured 0.99997 / 0.98 / 0.97; every output scaled by 1.1 instead gives 0.991 / 0.83 / 0.72
+    assert a["feature_cosine"] > 0.999 and a["kmeans_agreement"] > 0.9 and a["frame_agreement"] > 0.9, a
+    with pytest.raises(InvalidInput, match="precision must be one of"):
+        EncoderWorker(tiny_models, pairs=[(K, LMBDA)], wavlm=exact.wavlm, precision="quick")
+
+
+def test_server_builds_its_encoder_in_the_configured_precision(tiny_dir):
+    from dpslm_stream.server.app import ServerConfig, build_encoder
+
+    worker = build_encoder(ServerConfig(models=str(tiny_dir), pairs=((K, LMBDA),), encoder_precision="fast"))
+    assert worker.runner.precision_plan.precision == "fast"
+    assert build_encoder(ServerConfig(models=str(tiny_dir), pairs=((K, LMBDA),))).runner.precision_plan.precision \
+        == "exact"  # fmt: skip
+
+
+@pytest.mark.parametrize("decode,bulk", [("int8", "fp32"), ("int8dyn", "int8dyn")])
+def test_fast_linear_takes_empty_and_non_finite_rows(decode, bulk):
+    """fbgemm refuses to pick an activation scale for no rows or all-NaN rows: FastLinear answers like a float layer
+    (an empty output; NaN out) instead of raising."""
+    if decode == "int8dyn" and not PR.has_int8_dynamic_kernel("cpu"):
+        pytest.skip("torch has no fbgemm here")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    fast = PR.FastLinear([lin], decode, bulk)
+    with torch.no_grad():
+        assert fast(torch.zeros(0, 64)).shape == (0, 32) and fast(torch.zeros(2, 0, 64)).shape == (2, 0, 32)
+        assert torch.isnan(fast(torch.full((2, 64), float("nan")))).all()

@@ -105,7 +105,7 @@ def test_full_mode_stream_client_equals_offline_encode(server, tmp_path, sr):
     sf.write(path, wav, sr, subtype="FLOAT")
     args = Namespace(files=[path], url=server.url, token=None, k=500, lmbda=4500, preset="low-latency", mode="full",
                      score=True, format="pcm16" if sr == 16000 else "float32", pace="fast", chunk_ms=100.0,
-                     json=tmp_path / "stream.json", quiet=True)  # fmt: skip
+                     json=tmp_path / "stream.json", quiet=True, reconnect=True)  # fmt: skip
     assert stream_run(args) == 0
     assert cli_main(["encode", str(path), "--models", "tiny", "--k", "500", "--lmbda", "4500", "--quiet",
                      "--json", str(tmp_path / "encode.json")]) == 0  # fmt: skip

@@ -194,7 +194,8 @@ def test_a_listener_that_drops_leaves_the_sender_exact():
 
 
 def test_a_dropped_connection_frees_its_slot_at_once():
-    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False, max_sessions=1)) as srv:
+    # Without resume (--resume-grace 0); with it, the slot is held while parked (tests/test_resume_server.py).
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False, max_sessions=1, resume_grace_s=0)) as srv:
 
         async def main():
             ws = await websockets.connect(srv.url, compression=None)
@@ -245,7 +246,8 @@ def test_a_bug_while_opening_ends_that_session_with_internal_error(monkeypatch):
 
 def test_a_disconnect_storm_leaves_the_canary_exact_and_frees_every_slot():
     wav = speech_like(3.0, SR, seed=35)
-    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False, max_sessions=40)) as srv:
+    # The dropped senders are parked for 0.5 s (resume on), then released.
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False, max_sessions=40, resume_grace_s=0.5)) as srv:
 
         async def vanish(i: int):
             ws = await websockets.connect(srv.url, compression=None)

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -197,8 +198,9 @@ def check_survives(out: Outcome, wav: np.ndarray, fmt: str = "pcm16") -> None:
 
 @pytest.fixture(scope="module")
 def srv():
-    """One server with the default flags (tiny set, loopback, an ephemeral port)."""
-    with ServerThread(ServerConfig(port=0, models="tiny")) as s:
+    """One server with the default flags but a short resume grace (tiny set, loopback, an ephemeral port)."""
+    # Senders that vanish are parked for resume (--resume-grace) 1 s here, not 30: their slots come back within a test.
+    with ServerThread(ServerConfig(port=0, models="tiny", resume_grace_s=1.0)) as s:
         yield s
 
 
@@ -497,8 +499,12 @@ def test_disconnect_storm_beside_canaries(srv):
             await asyncio.gather(*(vanish(10 * wave + j) for j in range(10)))
 
     asyncio.run(with_canaries(srv.url, storm(), seeds=(401, 402, 403), seconds=3.0))
-    # every slot frees up: as many concurrent sessions as the server has slots
+    # every slot frees up (the vanished senders' parks end after 1 s): as many concurrent sessions as it has slots
     async def all_slots():
+        for _ in range(100):  # bounded: 10 s
+            if json.loads(urllib.request.urlopen(srv.http_url + P.HEALTH_PATH).read())["sessions"] == 0:
+                break
+            await asyncio.sleep(0.1)
         n = srv.config.max_sessions - 1
         res = await asyncio.gather(*(accepts_new_sessions(srv.url, 500 + i) for i in range(n)))
         return res

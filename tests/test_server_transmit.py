@@ -1,5 +1,6 @@
 """start.transmit through the live server: the session's unit bitstream as binary frames, bitstream listeners, and
-the `receive` client; 8 concurrent senders decode exactly (tiny RANDOM-weight set: plumbing)."""
+the `receive` client; 8 concurrent senders decode exactly with every coder and both terminations, the table coder
+with the server's --transmit-table (tiny RANDOM-weight set: plumbing)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,34 @@ import pytest
 
 from dpslm_stream import protocol as P
 from dpslm_stream.client import ListenerClient, UnitsClient, chunked
+from dpslm_stream.codec import BitstreamError, Header, fit_table
 from dpslm_stream.codec.cli import ModelCache
 from dpslm_stream.codec.link import Receiver
+from dpslm_stream.errors import InvalidInput
 from dpslm_stream.hub import ModelSet
-from dpslm_stream.server.app import ServerConfig, ServerThread
+from dpslm_stream.server.app import Server, ServerConfig, ServerThread
 from dpslm_stream.tiny import speech_like
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CACHE = ModelCache(ModelSet("tiny"))
 
 
+def _table(k: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return fit_table([rng.integers(0, k, size=2000).tolist()], k, order=2)
+
+
 @pytest.fixture(scope="module")
-def server():
-    with ServerThread(ServerConfig(port=0, models="tiny", max_sessions=40, idle_timeout_s=30), resynth=None) as srv:
+def table_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tables") / "k500.dpst"
+    _table(500).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(table_file):
+    config = ServerConfig(port=0, models="tiny", max_sessions=40, idle_timeout_s=30, transmit_tables=(str(table_file),))
+    with ServerThread(config, resynth=None) as srv:
         yield srv
 
 
@@ -68,23 +84,28 @@ def _decode(frames) -> tuple[list[int], Receiver]:
     return rx.stream.units, rx
 
 
-def test_eight_concurrent_transmitting_senders_decode_exactly(server):
+def test_eight_concurrent_transmitting_senders_decode_exactly(server, table_file):
     wavs = [speech_like(2.0, seed=s).astype(np.float32) for s in range(8)]
-    coders = ["ulm", "uniform"] * 4
+    coders = ["ulm", "table", "uniform", "table", "ulm", "uniform", "table", "ulm"]
+    terminations = ["packet", "segment"] * 4
+    packet_ms = [20, 60, 100, 200, 60, 20, 40, 100]
 
     async def main():
-        return await asyncio.gather(*[_session(server.url, w, {"coder": c, "packet_ms": 60, "resync_s": 1.0})
-                                      for w, c in zip(wavs, coders)])  # fmt: skip
+        return await asyncio.gather(*[
+            _session(server.url, w, {"coder": c, "packet_ms": p, "resync_s": 1.0, "termination": t})
+            for w, c, t, p in zip(wavs, coders, terminations, packet_ms)])  # fmt: skip
 
     results = asyncio.run(main())
-    for res, coder in zip(results, coders):
+    for res, coder, termination, p in zip(results, coders, terminations, packet_ms):
         assert res["units"], "no units"
         own, rx = _decode([f for f, _ in res["frames"]])
         assert own == res["units"], coder  # the sender's own bitstream
         heard, rx2 = _decode(res["listener_frames"])
         assert heard == res["units"], coder  # the listener's copy, decoded on its batch-1 path
         assert rx.decoder.report.ended and rx.decoder.report.packets_lost == 0
-        assert rx.header.coder == coder and rx.header.packet_ms == 60
+        assert rx.header.coder == coder and rx.header.packet_ms == p and rx.header.termination == termination
+        if coder == "table":  # the server's table travels inside the header
+            assert rx.header.table == table_file.read_bytes()
         final = res["end"].stats["transmit"]  # the end message's stats carry the link's figures
         assert final["units"] == len(res["units"]) and final["payload_bps"] > 0 and final["authors_bitrate"] > 0
 
@@ -93,6 +114,13 @@ def test_transmit_options_and_bitstream_subscriptions_are_checked(server):
     async def main():
         sender = UnitsClient(server.url, sample_rate=16000, transmit={"coder": "gzip"})
         with pytest.raises(Exception, match="transmit.coder"):
+            await sender.connect()
+        sender = UnitsClient(server.url, sample_rate=16000, transmit={"coder": "ulm", "termination": "never"})
+        with pytest.raises(Exception, match="transmit.termination"):
+            await sender.connect()
+        # The server's only table is for k=500: a table-coded session of the k=100 pair is refused.
+        sender = UnitsClient(server.url, sample_rate=16000, k=100, lmbda=600, transmit={"coder": "table"})
+        with pytest.raises(Exception, match="tables for k=500, none for k=100"):
             await sender.connect()
         plain = UnitsClient(server.url, sample_rate=16000)
         ready = await plain.connect()
@@ -113,6 +141,10 @@ def test_receive_cli_decodes_and_resynthesizes_on_its_side_with_and_without_loss
     sf.write(clip, speech_like(3.0, seed=5).astype(np.float32), 16000)
     common = ["receive", "--url", server.url, "--send", str(clip), "--pace", "fast", "--models", str(tiny_dir),
               "--coder", "ulm", "--packet-ms", "40", "--resync-s", "0.5"]  # fmt: skip
+    table = tmp_path / "table.json"  # the table coder, segment termination: the receiver needs no table file
+    assert main([*common[:-6], "--coder", "table", "--termination", "segment", "--json", str(table)]) == 0
+    doc = json.loads(table.read_text())
+    assert doc["exact"] and doc["header"]["coder"] == "table" and doc["header"]["termination"] == "segment"
     out = tmp_path / "clean.json"
     assert main([*common, "--json", str(out), "--audio-out", str(tmp_path / "rx.wav")]) == 0
     doc = json.loads(out.read_text())
@@ -194,3 +226,39 @@ def test_a_bitstream_listener_joining_late_decodes_from_the_next_resync_point(se
     assert " ".join(map(str, units)) in " ".join(map(str, sent)) and sent[-len(units):] == units
     assert rx.decoder.report.resyncs >= 1  # decoding began at a RESYNC packet (earlier ones, if any, were skipped)
     assert rx.decoder.report.ended and rx.decoder.report.packets_damaged == 0
+
+
+def test_transmit_tables_are_checked_at_startup(tmp_path, table_file):
+    """A table for a K the server does not serve, two tables for one K, or a file that is not a table: a clear error
+    before the server listens."""
+    other = tmp_path / "k77.dpst"
+    _table(77).save(other)
+    junk = tmp_path / "junk.dpst"
+    junk.write_bytes(b"not a table")
+    for tables, match in (((str(other),), "k=77, but this server serves k=100, 500"),
+                          ((str(table_file), str(table_file)), "a second table for k=500"),
+                          ((str(junk),), "not a unit table"),
+                          ((str(tmp_path / "missing.dpst"),), "cannot read")):  # fmt: skip
+        with pytest.raises(InvalidInput, match=match):
+            Server(ServerConfig(port=0, models="tiny", transmit_tables=tables), resynth=None)
+
+
+def test_a_table_stream_with_another_table_or_a_wrong_table_hash_is_refused(server):
+    """The header names the table by its hash: a header whose inline table is another one (CRC recomputed), or a
+    receiver holding another table, is a 'wrong model' error, never other units."""
+    import struct
+    import zlib
+
+    wav = speech_like(1.5, seed=2).astype(np.float32)
+    res = asyncio.run(_session(server.url, wav, {"coder": "table", "packet_ms": 60}, listen=False))
+    frames = [f for f, _ in res["frames"]]
+    units, _ = _decode(frames)
+    assert units == res["units"]
+    header = Header.parse(frames[0].data)[0]
+    swapped = Header(**{**header.__dict__, "table": _table(500, seed=1).to_bytes()}).to_bytes()
+    with pytest.raises(BitstreamError, match="wrong model"):
+        Receiver(CACHE.for_header).on_header(swapped)
+    body = bytearray(frames[0].data[:-4])
+    body[20:36] = bytes(16)  # another hash for the same inline table
+    with pytest.raises(BitstreamError, match="wrong model"):
+        Receiver(CACHE.for_header).on_header(bytes(body) + struct.pack(">I", zlib.crc32(bytes(body))))

@@ -34,8 +34,9 @@ FULL = EncoderSessionInfo(500, 4500, "full", 125, 10, 5, None)
 
 
 def session(**config) -> Session:
-    """A session at time 0 (stats only where a test asks for them)."""
-    return Session("s1", ServerConfig(**{"stats_interval_s": 1000.0, **config}), SERVER, now=0.0)
+    """A session at time 0 (stats only where a test asks for them; resume, with its acks, only where a test asks for
+    it: tests/test_resume_core.py)."""
+    return Session("s1", ServerConfig(**{"stats_interval_s": 1000.0, "resume_grace_s": 0, **config}), SERVER, now=0.0)
 
 
 def sent(actions) -> list:
@@ -464,7 +465,7 @@ def test_ready_reports_limits_and_resolved_settings():
     s = session()
     ready = sent(start(s, options={"hop": 20}))[0]
     assert ready.settings["hop"] == 10  # what the encoder reported (CACHED), not what was asked
-    assert ready.limits == ServerConfig().limits() and ready.listen_token
+    assert ready.limits == ServerConfig(resume_grace_s=0).limits() and ready.listen_token
 
 
 # --- resynthesis options -----------------------------------------------------------------------------------------------

@@ -53,11 +53,29 @@ def run(args) -> None:
         header = Header(k=args.k, lmbda=0, coder=name, packet_ms=args.packet_ms, resync_ms=5000, model_hash=m.model_hash)
         enc, dec = [], []
         for _ in range(args.repeats):
-            t = time.perf_counter()
+            t = time.thread_time()  # CPU time of this thread (torch runs its ops here with --threads 1)
             data, _ = encode_stream(header, m, commits)
-            enc.append(time.perf_counter() - t)
-            t = time.perf_counter()
+            enc.append(time.thread_time() - t)
+            t = time.thread_time()
             out = decode_stream(data, lambda h: m)
-            dec.append(time.perf_counter() - t)
+            dec.append(time.thread_time() - t)
             assert out.units == units
         print(f"{name:8s} {1000 * statistics.median(enc) / len(units):15.3f} {1000 * statistics.median(dec) / len(units):15.3f}")
+    # What the ulm coder cannot go below in fp32: its one-token KV-cached forward, and that forward's weight matvecs.
+    steps, matvecs = [], []
+    linears = [mod for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            cache = model.new_cache(1, 64)
+            t = time.thread_time()
+            for u in units[:20]:
+                model.hidden(torch.tensor([[u + 1]]), cache)
+            steps.append((time.thread_time() - t) / 20)
+            t = time.thread_time()
+            for lin in linears:
+                lin(torch.zeros(1, 1, lin.in_features))
+            matvecs.append(time.thread_time() - t)
+    print(f"ULM one-token KV-cached forward alone: {1000 * statistics.median(steps):.3f} ms; its Linear layers' "
+          f"matrix-vector products alone: {1000 * statistics.median(matvecs):.3f} ms (fp32 weights read once a token)")
+    load = open("/proc/loadavg").read().split()[:3] if __import__("os").path.exists("/proc/loadavg") else []
+    print(f"load average during the run: {' '.join(load)}")

@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per client (default 20 s)")
     parser.add_argument("--preset", default="low-latency", help="encoder preset (default low-latency)")
     parser.add_argument("--mode", default="cached", choices=("cached", "sliding"), help="encoder mode")
+    parser.add_argument("--precision", default="exact", choices=("exact", "fast"),
+                        help="the streaming encoder's precision (serve --encoder-precision; default exact)")
     parser.add_argument("--frame-ms", type=float, default=20.0, help="client frame length (default 20 ms)")
     parser.add_argument("--lag-budget", type=float, default=1.0, help="p95 commit lag (s) that counts as real time")
     parser.add_argument("--device", default="cpu", help="torch device of the model worker")
@@ -182,7 +184,8 @@ def run(args: argparse.Namespace) -> None:
                          name="dpslm-bench", gateway=False, num_cpus=os.cpu_count(), shard_cpus=1.0).encoder  # fmt: skip
         label += ", encoder on Ray Serve (local, one replica)"
     else:
-        encoder = encoder_worker(args.models, args.device)
+        encoder = encoder_worker(args.models, args.device, precision=args.precision)
+        label += f", encoder {encoder.runner.precision_plan.describe()}"
     rows = []
     with ServerThread(cfg, encoder=encoder) as srv:
         print(f"server bench: {label}; {args.mode}/{args.preset}, k=500 lambda=4500, no scoring; "

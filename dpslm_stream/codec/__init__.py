@@ -1,7 +1,9 @@
 """Transmission of DP-SLM units: a versioned, packetized, entropy-coded bitstream (`.dpsu`), sans-I/O.
 
     format.py   header, packets, CRCs: bytes <-> dataclasses (docs/bitstream.md is the byte-level reference)
-    entropy.py  deterministic integer frequencies and constriction's range coder, one self-terminating packet
+    entropy.py  deterministic integer frequencies (and the version-1 reader, constriction's range decoder)
+    rangecoder.py  a byte-wise range coder handing out settled bytes, whose decoder knows when a symbol is fixed
+    segment.py  one range code (a packet or a resync segment): bytes per packet, units each packet makes decodable
     tables.py   unigram/bigram count tables for the `table` coder: fit, serialize, hash
     models.py   the coders' probability models: uniform, table, ulm (batch-1 steps with a KV cache)
     packets.py  packetizer / depacketizer (packet intervals, resync points, loss accounting), whole streams

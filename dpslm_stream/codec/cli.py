@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from dpslm_stream import hub
-from dpslm_stream.codec.format import CODERS, Header
+from dpslm_stream.codec.format import CODERS, TERMINATIONS, Header
 from dpslm_stream.codec.models import ModelCache, UnitModel  # noqa: F401  (ModelCache re-exported)
 from dpslm_stream.codec.packets import (  # noqa: F401  (commits_* re-exported)
     commits_offline, commits_streamed, decode_stream, encode_stream,
@@ -33,6 +33,10 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resync-s", type=float, default=5.0,
                    help="coder context reset period in seconds (0: only at the start; default 5)")  # fmt: skip
     p.add_argument("--durations", action="store_true", help="also code each unit's duration (reported separately)")
+    p.add_argument("--termination", choices=TERMINATIONS, default="segment",
+                   help="segment (default): one range code per resync segment (within 1 %% of the ideal code "
+                        "length; a receiver decodes a unit once later bytes fix it); packet: every packet decodes on "
+                        "arrival (about a byte more a packet)")  # fmt: skip
     p.add_argument("--dtx", action="store_true",
                    help="discontinuous transmission: units wholly inside VAD silence are not sent (webrtcvad)")  # fmt: skip
     p.add_argument("--vad-mode", type=int, default=2, help="webrtcvad aggressiveness 0..3 with --dtx (default 2)")
@@ -45,7 +49,8 @@ def _header(args, model: UnitModel, table_bytes: bytes | None) -> Header:
         raise InvalidInput(f"--resync-s must be 0..3600, got {args.resync_s}")
     return Header(k=args.k, lmbda=args.lmbda, coder=model.coder, packet_ms=args.packet_ms,
                   resync_ms=int(round(args.resync_s * 1000)), model_hash=model.model_hash,
-                  durations=args.durations, table=table_bytes, dtx=args.dtx)  # fmt: skip
+                  durations=args.durations, table=table_bytes, dtx=args.dtx,
+                  termination=args.termination)  # fmt: skip
 
 
 def _encode_units(args, files: list[Path]):
@@ -136,8 +141,8 @@ def _cmd_decode(args) -> int:
     cache = ModelCache(hub.ModelSet(args.models), args.device, UnitTable.load(args.table) if args.table else None)
     out = decode_stream(data, cache.for_header, strict=not args.lossy)
     h = out.header
-    print(f"{args.input}: {h.coder} coder, k={h.k}, lambda={h.lmbda}, {h.packet_ms} ms packets; "
-          f"{len(out.units)} units")  # fmt: skip
+    print(f"{args.input}: version {h.version}, {h.coder} coder, k={h.k}, lambda={h.lmbda}, {h.packet_ms} ms packets, "
+          f"{h.termination} termination; {len(out.units)} units")  # fmt: skip
     if args.lossy:
         print(f"  receiver: {out.report.summary()}")
         for p in out.problems:
@@ -145,7 +150,8 @@ def _cmd_decode(args) -> int:
     if not args.quiet:
         print("  " + " ".join(map(str, out.units)))
     if args.json:
-        doc = {"k": h.k, "lmbda": h.lmbda, "coder": h.coder, "packet_ms": h.packet_ms, "resync_ms": h.resync_ms,
+        doc = {"version": h.version, "k": h.k, "lmbda": h.lmbda, "coder": h.coder, "packet_ms": h.packet_ms,
+               "resync_ms": h.resync_ms, "termination": h.termination,
                "model_hash": h.model_hash.hex(), "units": out.units, "durations": out.durations,
                "segments": out.segments, "silences_ms": out.silences, "report": out.report.to_json(),
                "problems": out.problems}  # fmt: skip

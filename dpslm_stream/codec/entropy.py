@@ -1,4 +1,4 @@
-"""Integer frequencies, deterministically, and range coding of one packet with `constriction`.
+"""Integer frequencies, deterministically (and the version-1 packet reader, constriction's range decoder).
 
 Decodability rests on both ends deriving bit-identical integer frequencies for every symbol. Everything from a
 float (ULM logits) to integers happens here, in steps whose result depends only on the input bits:
@@ -9,18 +9,14 @@ The grid makes the result independent of the last bits of a logit except within 
 different kernel (another CPU family, a GPU) can still land on the other side of one, so the packet CRC checks the
 decoded units and the stream resynchronises (see packets.py).
 
-The range coder itself is constriction's (queue.RangeEncoder/RangeDecoder, 32-bit words); the frequencies are
-handed to it as exactly representable float64 values, so its own fixed-point conversion sees identical inputs at
-both ends. Packets are self-terminating: the encoder keeps the shortest byte string that still decodes to the same
-symbols when the decoder pads it with zero bytes (the sealed words truncated or rounded up to n bytes; checked by
-decoding, not assumed), which brings the termination cost from up to two 32-bit words down to about one byte.
+Version 2 codes with rangecoder.py (one code per resync segment, bytes handed out as they settle). Version-1
+streams coded every packet with constriction (queue.RangeEncoder, 32-bit words, frequencies passed as exact float64
+values); `RangeReader` still decodes them.
 """
 
 from __future__ import annotations
 
 from decimal import Context, Decimal
-from typing import Sequence
-
 import numpy as np
 
 from dpslm_stream.codec.format import BitstreamError
@@ -66,41 +62,8 @@ def _model(freq: np.ndarray):
     return constriction.stream.model.Categorical(freq.astype(np.float64), perfect=False)
 
 
-def _decode_all(data: bytes, freqs: Sequence[np.ndarray]) -> list[int] | None:
-    reader = RangeReader(data)
-    try:
-        return [reader.decode(f) for f in freqs]
-    except BitstreamError:
-        return None
-
-
-def encode_packet(freqs: Sequence[np.ndarray], symbols: Sequence[int]) -> bytes:
-    """Range code `symbols[i]` with frequencies `freqs[i]`; the shortest self-terminating byte string."""
-    import constriction
-
-    if not symbols:
-        return b""
-    enc = constriction.stream.queue.RangeEncoder()
-    for f, s in zip(freqs, symbols):
-        enc.encode(int(s), _model(f))
-    full = enc.get_compressed().astype(">u4").tobytes()
-    want = [int(s) for s in symbols]
-    # Any value inside the final coding interval decodes; try, for each length, the sealed value truncated and
-    # rounded up to that many bytes (the decoder pads with zeros). The candidates are cheap to check: the
-    # frequencies are already computed.
-    for n in range(1, len(full) + 1):
-        down = int.from_bytes(full[:n], "big")
-        for value in (down, down + 1):
-            if value >= 1 << (8 * n):
-                continue
-            candidate = value.to_bytes(n, "big")
-            if _decode_all(candidate, freqs) == want:
-                return candidate
-    raise AssertionError("constriction's sealed output does not decode")  # pragma: no cover - library contract
-
-
 class RangeReader:
-    """Decodes one packet's symbols one by one (the next frequencies may depend on the symbol just decoded)."""
+    """Version 1: decodes one packet's symbols one by one (the next frequencies may depend on the symbol just decoded)."""
 
     def __init__(self, data: bytes):
         import constriction

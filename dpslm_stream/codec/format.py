@@ -1,4 +1,5 @@
-"""The `.dpsu` bitstream format, version 1: a stream header, then packets. Pure bytes <-> dataclasses, no coding.
+"""The `.dpsu` bitstream format, version 2 (version 1 is still read): a stream header, then packets. Pure bytes <->
+dataclasses, no coding.
 
 Byte layout (all integers big-endian; `varint` = unsigned LEB128, 1 byte below 128) is documented in
 docs/bitstream.md; this module is its one implementation. Checks: the header carries a CRC-32 (zlib) of its bytes;
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 from dpslm_stream.errors import DPSLMError, InvalidInput
 
 MAGIC = b"DPSU"
-VERSION = 1
+VERSION = 2  # written; 1 (constriction, every packet its own range code) is still read
+READABLE_VERSIONS = (1, 2)
+TERMINATIONS = ("packet", "segment")  # where the range code ends: every packet, or once per resync segment
 CODERS = ("uniform", "table", "ulm")  # coder id = index
 MODEL_HASH_BYTES = 16
 MAX_UNITS_PER_PACKET = 4096  # a bound on what a packet may claim, checked before anything is decoded
@@ -28,10 +31,12 @@ MAX_TABLE_BYTES = 16 << 20
 FLAG_DURATIONS = 1  # packets carry a second payload: the units' durations (run lengths in 20 ms frames)
 FLAG_TABLE_INLINE = 2  # the table coder's table follows the fixed header
 FLAG_DTX = 4  # discontinuous transmission: a packet after a pause says how many packet intervals it skipped
+FLAG_SEGMENT_TERMINATION = 8  # (v2) one range code per resync segment, terminated on its last packet
 # Packet flags
 PKT_RESYNC = 1  # the coder context is reset before this packet: decodable without any earlier packet
 PKT_END = 2  # the last packet of the stream
 PKT_SKIPPED = 4  # a `skipped` varint follows the lengths (DTX streams, after a pause only)
+PKT_TERMINATED = 8  # (v2) the range code ends with this packet: the decoder pads it with zeros, the next one is new
 
 _HEADER = struct.Struct(">4sBBBBHIHI16s")  # magic version flags coder reserved k lmbda packet_ms resync_ms hash
 
@@ -80,8 +85,12 @@ class Header:
     durations: bool = False
     table: bytes | None = None  # the table coder's table, when it travels inside the stream
     dtx: bool = False  # silence is not sent; packets carry the number of packet intervals skipped before them
+    termination: str = "segment"  # "packet": every packet decodes on its own; "segment": one code per segment
+    version: int = VERSION  # only VERSION is written; a parsed version-1 stream says 1 (and "packet")
 
     def __post_init__(self):
+        if self.termination not in TERMINATIONS:
+            raise InvalidInput(f"termination must be one of {', '.join(TERMINATIONS)}, got {self.termination!r}")
         if self.coder not in CODERS:
             raise InvalidInput(f"unknown coder {self.coder!r}; choose one of {', '.join(CODERS)}")
         if not 1 <= self.k <= 65535:
@@ -97,7 +106,9 @@ class Header:
 
     def to_bytes(self) -> bytes:
         flags = (FLAG_DURATIONS if self.durations else 0) | (FLAG_TABLE_INLINE if self.table is not None else 0)
-        flags |= FLAG_DTX if self.dtx else 0
+        flags |= (FLAG_DTX if self.dtx else 0) | (FLAG_SEGMENT_TERMINATION if self.termination == "segment" else 0)
+        if self.version != VERSION:
+            raise InvalidInput(f"only bitstream version {VERSION} is written (this header says {self.version})")
         body = _HEADER.pack(MAGIC, VERSION, flags, CODERS.index(self.coder), 0, self.k, self.lmbda, self.packet_ms,
                             self.resync_ms, self.model_hash)  # fmt: skip
         if self.table is not None:
@@ -113,9 +124,11 @@ class Header:
         if len(buf) < _HEADER.size + 4:
             raise BitstreamError("truncated stream: the header is incomplete")
         magic, version, flags, coder, _, k, lmbda, packet_ms, resync_ms, model_hash = _HEADER.unpack_from(buf)
-        if version != VERSION:
-            raise BitstreamError(f"bitstream version {version} is not supported (this build reads version {VERSION})")
-        if flags & ~(FLAG_DURATIONS | FLAG_TABLE_INLINE | FLAG_DTX):
+        if version not in READABLE_VERSIONS:
+            raise BitstreamError(f"bitstream version {version} is not supported (this build reads versions "
+                                 f"{', '.join(map(str, READABLE_VERSIONS))})")  # fmt: skip
+        known = FLAG_DURATIONS | FLAG_TABLE_INLINE | FLAG_DTX | (FLAG_SEGMENT_TERMINATION if version >= 2 else 0)
+        if flags & ~known:
             raise BitstreamError(f"corrupted header: unknown flags {flags:#x}")
         if coder >= len(CODERS):
             raise BitstreamError(f"corrupted header: unknown coder id {coder}")
@@ -134,7 +147,8 @@ class Header:
         try:
             header = cls(k=k, lmbda=lmbda, coder=CODERS[coder], packet_ms=packet_ms, resync_ms=resync_ms,
                          model_hash=bytes(model_hash), durations=bool(flags & FLAG_DURATIONS), table=table,
-                         dtx=bool(flags & FLAG_DTX))  # fmt: skip
+                         dtx=bool(flags & FLAG_DTX), version=version,
+                         termination="segment" if flags & FLAG_SEGMENT_TERMINATION else "packet")  # fmt: skip
         except InvalidInput as e:
             raise BitstreamError(f"corrupted header: {e}") from None
         return header, pos + 4
@@ -159,6 +173,10 @@ class Packet:
     @property
     def end(self) -> bool:
         return bool(self.flags & PKT_END)
+
+    @property
+    def terminated(self) -> bool:
+        return bool(self.flags & PKT_TERMINATED)
 
     def _head(self, header: Header) -> bytes:
         head = struct.pack(">HB", self.seq & 0xFFFF, self.flags) + write_varint(self.num_units)
@@ -188,7 +206,8 @@ class Packet:
         if pos + 3 > len(buf):
             raise BitstreamError("truncated stream: a packet header is incomplete")
         seq, flags = struct.unpack_from(">HB", buf, pos)
-        if flags & ~(PKT_RESYNC | PKT_END | PKT_SKIPPED) or (flags & PKT_SKIPPED and not header.dtx):
+        known = PKT_RESYNC | PKT_END | PKT_SKIPPED | (PKT_TERMINATED if header.version >= 2 else 0)
+        if flags & ~known or (flags & PKT_SKIPPED and not header.dtx):
             raise BitstreamError(f"corrupted packet: unknown flags {flags:#x}")
         n, p = read_varint(buf, pos + 3, MAX_UNITS_PER_PACKET)
         plen, p = read_varint(buf, p, MAX_PAYLOAD_BYTES)

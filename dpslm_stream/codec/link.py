@@ -6,7 +6,8 @@ Transmitter per session that asked for `start.transmit`; `dpslm-stream receive` 
 
 Packet timing is wall-clock: packet j of a session holds the units committed in [t0 + j*P, t0 + (j+1)*P) and is
 due at t0 + (j+1)*P (`next_deadline`), so a unit's bits leave within one packet interval of its commit when the
-owner calls `tick` at the deadline.
+owner calls `tick` at the deadline: all of them with termination "packet"; with "segment" the bytes that became final
+by then (the rest follow with the next packets or the segment's terminating packet, also a deadline).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from dpslm_stream.codec.channel import Channel
-from dpslm_stream.codec.format import BitstreamError, Header
+from dpslm_stream.codec.format import TERMINATIONS, BitstreamError, Header
 from dpslm_stream.codec.models import UnitModel
 from dpslm_stream.codec.packets import DecodedPacket, PacketDecoder, PacketEncoder
 from dpslm_stream.errors import InvalidInput
@@ -34,10 +35,11 @@ class TransmitOptions:
     packet_ms: int = 100
     resync_s: float = 5.0
     durations: bool = False
+    termination: str = "packet"  # live default: every packet decodes on arrival ("segment": the efficiency bound)
 
     @classmethod
     def json_types(cls) -> dict:
-        return {"coder": str, "packet_ms": int, "resync_s": (int, float), "durations": bool}
+        return {"coder": str, "packet_ms": int, "resync_s": (int, float), "durations": bool, "termination": str}
 
     @classmethod
     def from_json(cls, d: object) -> "TransmitOptions":
@@ -57,16 +59,18 @@ class TransmitOptions:
             raise InvalidInput(f"transmit.packet_ms must be 20..200, got {opts.packet_ms}")
         if not (math.isfinite(opts.resync_s) and 0 <= opts.resync_s <= 600):
             raise InvalidInput(f"transmit.resync_s must be 0..600, got {opts.resync_s}")
+        if opts.termination not in TERMINATIONS:
+            raise InvalidInput(f"transmit.termination must be one of {', '.join(TERMINATIONS)}, got {opts.termination!r}")
         return opts
 
     def to_json(self) -> dict:
         return {"coder": self.coder, "packet_ms": self.packet_ms, "resync_s": self.resync_s,
-                "durations": self.durations}  # fmt: skip
+                "durations": self.durations, "termination": self.termination}  # fmt: skip
 
     def header(self, k: int, lmbda: int, model: UnitModel, table: bytes | None = None) -> Header:
         return Header(k=k, lmbda=lmbda, coder=self.coder, packet_ms=self.packet_ms,
                       resync_ms=int(round(self.resync_s * 1000)), model_hash=model.model_hash,
-                      durations=self.durations, table=table)  # fmt: skip
+                      durations=self.durations, table=table, termination=self.termination)  # fmt: skip
 
 
 class Transmitter:
@@ -94,11 +98,9 @@ class Transmitter:
         return self.encoder.advance(self._ms(now))
 
     def next_deadline(self) -> float:
-        """When the open packet is due (inf when none is open)."""
-        enc = self.encoder
-        if not enc._units or enc.finished:
-            return math.inf
-        return self.t0 + (enc._interval + 1) * enc.header.packet_ms / 1000
+        """When the next packet is due (inf when none is): the open interval's, or the open segment's termination."""
+        due = self.encoder.next_due_ms()
+        return math.inf if due is None else self.t0 + due / 1000
 
     def finish(self, now: float) -> list[bytes]:
         return self.tick(now) + self.encoder.finish()
@@ -170,12 +172,14 @@ class Receiver:
         got = self.decoder.push(data)
         s = self.stream
         self._gap += got.lost_before
+        if got.lost_before:  # (a packet after a gap may decode no unit yet: the next one must still start anew)
+            self._open = False
         if got.status != "ok":
             self._gap += 1
             self._open = False
             return got
         if got.units:
-            if not self._open or got.lost_before:
+            if not self._open:
                 s.segments.append([])
                 s.gaps_before.append(self._gap)
                 self._gap = 0

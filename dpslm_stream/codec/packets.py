@@ -1,4 +1,4 @@
-"""Packetizer and depacketizer: committed units -> self-terminating coded packets -> units, sans-I/O.
+"""Packetizer and depacketizer: committed units -> coded packets -> units, sans-I/O.
 
 `PacketEncoder.push(units, durations, t_ms)` takes the units a stream committed at stream time t_ms; packet j
 carries the units committed in [j*P, (j+1)*P) (P = packet interval) and leaves as soon as the clock (a later push,
@@ -6,9 +6,12 @@ carries the units committed in [j*P, (j+1)*P) (P = packet interval) and leaves a
 the caller advances the clock at least that often. Intervals without units send nothing.
 
 Resync: the first packet, and the first packet at or after every multiple of the resync interval, resets the coder
-context (RESYNC flag): it decodes without any earlier packet. `PacketDecoder` decodes packets in order; after a
+context (RESYNC flag): it decodes without any earlier packet. Termination (header): with "packet" every packet is
+its own range code (TERMINATED) and decodes on arrival; with "segment" a resync segment is one range code, each
+packet carries the bytes that settled since the previous one, and the segment's last packet terminates it (an empty
+TERMINATED packet when the segment's last interval had no units). `PacketDecoder` decodes packets in order; after a
 lost packet (a gap in the 16-bit sequence numbers), a damaged packet or a desync (both seen by the CRC over the
-decoded units) it skips packets until the next RESYNC packet and counts what it lost.
+units the packet makes decodable) it skips packets until the next RESYNC packet and counts what it lost.
 """
 
 from __future__ import annotations
@@ -16,51 +19,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
-
-from dpslm_stream.codec.entropy import RangeReader, encode_packet, frequencies_from_weights
 from dpslm_stream.codec.format import (
-    MAX_UNITS_PER_PACKET, PKT_END, PKT_RESYNC, PKT_SKIPPED, BitstreamError, Header, Packet,
+    MAX_UNITS_PER_PACKET, PKT_END, PKT_RESYNC, PKT_SKIPPED, PKT_TERMINATED, VERSION, BitstreamError, Header, Packet,
 )  # fmt: skip
 from dpslm_stream.codec.models import UnitModel
+from dpslm_stream.codec.segment import Decodable, SegmentReader, SegmentWriter, V1PacketReader
 from dpslm_stream.errors import InvalidInput
 
-# Durations (run lengths, 20 ms frames): d in 1..63 is symbol d-1 of a fixed geometric model (p ~ 0.8^d); longer
-# runs are the escape symbol 63 then d - 64 as three uniform bytes (runs up to ~93 h).
-_DURATION_ESCAPE = 63
-_DURATION_FREQ = frequencies_from_weights(
-    np.array([int(2**30 * 0.8**d) for d in range(1, 64)] + [1 << 12], dtype=np.int64)
-)
-_BYTE_FREQ = frequencies_from_weights(np.ones(256, dtype=np.int64))
-_MAX_DURATION = 64 + (1 << 24) - 1
 _SEQ_MOD = 1 << 16
-
-
-def _duration_symbols(durations: Sequence[int]) -> tuple[list[np.ndarray], list[int]]:
-    freqs, symbols = [], []
-    for d in durations:
-        d = int(d)
-        if not 1 <= d <= _MAX_DURATION:
-            raise InvalidInput(f"unit durations must be 1..{_MAX_DURATION} frames, got {d}")
-        if d < 64:
-            freqs.append(_DURATION_FREQ), symbols.append(d - 1)
-        else:
-            rest = d - 64
-            freqs += [_DURATION_FREQ, _BYTE_FREQ, _BYTE_FREQ, _BYTE_FREQ]
-            symbols += [_DURATION_ESCAPE, rest >> 16, (rest >> 8) & 255, rest & 255]
-    return freqs, symbols
-
-
-def _decode_durations(data: bytes, n: int) -> list[int]:
-    reader, out = RangeReader(data), []
-    for _ in range(n):
-        s = reader.decode(_DURATION_FREQ)
-        if s == _DURATION_ESCAPE:
-            b = [reader.decode(_BYTE_FREQ) for _ in range(3)]
-            out.append(64 + (b[0] << 16) + (b[1] << 8) + b[2])
-        else:
-            out.append(s + 1)
-    return out
 
 
 def check_model(header: Header, model: UnitModel) -> None:
@@ -80,30 +46,45 @@ class EncoderStats:
     packets: int = 0
     units: int = 0
     resyncs: int = 0  # packets that reset the coder context (the first one included)
+    terminations: int = 0  # range codes ended (every packet, or once per resync segment)
     payload_bits: int = 0  # unit payload bytes * 8
     duration_bits: int = 0  # duration payload bytes * 8
     overhead_bits: int = 0  # packet framing: sequence number, flags, lengths, CRC
     header_bits: int = 0
     ideal_bits: float = 0.0  # -sum log2 p(unit) under the model's unquantized probabilities
+    quantized_bits: float = 0.0  # -sum log2 f(unit)/2^24: the code length of the integer frequencies actually coded
+    # Decode lag at a receiver without loss or network delay: from a unit's commit to the packet that makes it
+    # decodable leaving (packet due time), and how many units were committed after it by then.
+    lag_ms_sum: int = 0
+    lag_ms_max: int = 0
+    lag_units_sum: int = 0
+    lag_units_max: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 class PacketEncoder:
-    """One stream's sender side. Bounded: it holds the open interval's units and the model's segment context."""
+    """One stream's sender side. Bounded: the open interval's units, the model's segment context and the open range
+    code's units not yet decodable at the receiver."""
 
     def __init__(self, header: Header, model: UnitModel):
         check_model(header, model)
+        if header.version != VERSION:
+            raise InvalidInput(f"only bitstream version {VERSION} is written")
         self.header = header
         self.model = model
         self.stats = EncoderStats(header_bits=8 * len(header.to_bytes()))
+        self._code = SegmentWriter(header.durations)
         self._seq = 0
         self._interval: int | None = None  # index of the open interval
         self._units: list[int] = []
         self._durations: list[int] = []
+        self._commits: list[int] = []  # commit time (ms) of each open unit
+        self._coded = 0  # units coded so far
         self._last_t = 0
-        self._next_resync: int | None = None  # ms; None: the next packet resyncs
+        self._next_resync: int | None = None  # ms (after the first packet); None: no resync point
+        self._segment_end: int | None = None  # ms: the end of the open segment's last interval (termination due)
         self._pause_ms = 0  # DTX: silence not sent since the last packet
         self.finished = False
 
@@ -124,17 +105,30 @@ class PacketEncoder:
         if pause_ms and self.header.dtx:
             self._pause_ms += int(pause_ms)
         if units:
-            self._interval = max(self._last_t, int(t_ms)) // self.header.packet_ms
+            self._interval = self._last_t // self.header.packet_ms
             self._units += [int(u) for u in units]
             self._durations += [int(d) for d in durations] if self.header.durations else []
+            self._commits += [self._last_t] * len(units)
         return out
 
+    def next_due_ms(self) -> int | None:
+        """When the next packet is due: the open interval's end, or the open segment's termination."""
+        if self.finished:
+            return None
+        if self._units:
+            return (self._interval + 1) * self.header.packet_ms
+        return self._segment_end if self._code.open else None
+
     def advance(self, t_ms: int) -> list[bytes]:
-        """Move the clock to t_ms: the open packet leaves once its interval has ended."""
+        """Move the clock to t_ms: the open packet leaves once its interval has ended, and an open segment's code is
+        terminated (an empty packet) once the segment's last interval has ended."""
         self._last_t = max(self._last_t, int(t_ms))
+        out = []
         if self._units and self._last_t >= (self._interval + 1) * self.header.packet_ms:
-            return self._emit(0)
-        return []
+            out += self._emit(0)
+        if not self._units and self._code.open and self._segment_end is not None and self._last_t >= self._segment_end:
+            out.append(self._packet([], [], [], self._segment_end, PKT_TERMINATED))
+        return out
 
     def finish(self) -> list[bytes]:
         """Close the stream: the open packet (or an empty one) leaves with the END flag."""
@@ -143,47 +137,70 @@ class PacketEncoder:
         self.finished = True
         if self._interval is None:
             self._interval = self._last_t // self.header.packet_ms
+        if not self._units and self._code.open:  # only the open code to end: no resync before it
+            return [self._packet([], [], [], self._last_t, PKT_END | PKT_TERMINATED)]
         return self._emit(PKT_END)
 
     def _emit(self, end_flag: int) -> list[bytes]:
-        units, durations = self._units, self._durations
-        self._units, self._durations = [], []
+        units, durations, commits = self._units, self._durations, self._commits
+        self._units, self._durations, self._commits = [], [], []
         start_ms = self._interval * self.header.packet_ms
+        due = start_ms + self.header.packet_ms if not end_flag else self._last_t
         out = []
         for i in range(0, max(len(units), 1), MAX_UNITS_PER_PACKET):
             last = i + MAX_UNITS_PER_PACKET >= len(units)
-            out.append(self._packet(units[i : i + MAX_UNITS_PER_PACKET], durations[i : i + MAX_UNITS_PER_PACKET],
-                                    start_ms, end_flag if last else 0))  # fmt: skip
+            part = slice(i, i + MAX_UNITS_PER_PACKET)
+            flags = self._resync_flag(start_ms) if i == 0 else 0
+            if last:  # the segment's last interval ends its code (segment termination)
+                ends = self._segment_end is not None and start_ms + self.header.packet_ms >= self._segment_end
+                flags |= end_flag | (PKT_TERMINATED if ends else 0)
+            out.append(self._packet(units[part], durations[part], commits[part], due, flags))
         return out
 
-    def _packet(self, units: list[int], durations: list[int], start_ms: int, flags: int) -> bytes:
+    def _resync_flag(self, start_ms: int) -> int:
+        """RESYNC for the first packet and the first one at or after each resync point: the context is reset."""
         resync_ms = self.header.resync_ms
-        if self._next_resync is None or (resync_ms and start_ms >= self._next_resync):
-            flags |= PKT_RESYNC
-            self.model.reset()
-            self._next_resync = (start_ms // resync_ms + 1) * resync_ms if resync_ms else 1 << 62
-            self.stats.resyncs += 1
-        freqs = []
-        for u in units:
-            freqs.append(self.model.frequencies())
-            self.stats.ideal_bits += self.model.ideal_bits(u)
+        if self.stats.resyncs and not (self._next_resync is not None and start_ms >= self._next_resync):
+            return 0
+        self.model.reset()
+        self._next_resync = (start_ms // resync_ms + 1) * resync_ms if resync_ms else None
+        p = self.header.packet_ms
+        self._segment_end = -(-self._next_resync // p) * p if self._next_resync is not None else None
+        self.stats.resyncs += 1
+        return PKT_RESYNC
+
+    def _packet(self, units: list[int], durations: list[int], commits: list[int], due_ms: int, flags: int) -> bytes:
+        s = self.stats
+        for j, u in enumerate(units):
+            freq = self.model.frequencies()
+            s.ideal_bits += self.model.ideal_bits(u)
+            s.quantized_bits += self._code.add(freq, Decodable(u, self._coded, commits[j]),
+                                               durations[j] if self.header.durations else None)  # fmt: skip
             self.model.advance(u)
+            self._coded += 1
+        terminate = self.header.termination == "packet" or bool(flags & (PKT_END | PKT_TERMINATED))
+        if terminate:
+            flags |= PKT_TERMINATED
+            s.terminations += 1
+        payload, dpayload, ready = self._code.take(terminate)
+        for d in ready:
+            s.lag_ms_sum += due_ms - d.commit_ms
+            s.lag_ms_max = max(s.lag_ms_max, due_ms - d.commit_ms)
+            s.lag_units_sum += self._coded - 1 - d.index
+            s.lag_units_max = max(s.lag_units_max, self._coded - 1 - d.index)
         skipped = round(self._pause_ms / self.header.packet_ms)  # the pause, in packet intervals
         self._pause_ms = 0
         if skipped:
             flags |= PKT_SKIPPED
-        packet = Packet(seq=self._seq, flags=flags, num_units=len(units), payload=encode_packet(freqs, units),
+        packet = Packet(seq=self._seq, flags=flags, num_units=len(units), payload=payload, duration_payload=dpayload,
                         skipped=skipped)  # fmt: skip
-        if self.header.durations:
-            packet.duration_payload = encode_packet(*_duration_symbols(durations))
-        data = packet.seal(units, self.header).to_bytes(self.header)
+        data = packet.seal([d.unit for d in ready], self.header).to_bytes(self.header)
         self._seq = (self._seq + 1) % _SEQ_MOD
-        s = self.stats
         s.packets += 1
         s.units += len(units)
-        s.payload_bits += 8 * len(packet.payload)
-        s.duration_bits += 8 * len(packet.duration_payload)
-        s.overhead_bits += 8 * (len(data) - len(packet.payload) - len(packet.duration_payload))
+        s.payload_bits += 8 * len(payload)
+        s.duration_bits += 8 * len(dpayload)
+        s.overhead_bits += 8 * (len(data) - len(payload) - len(dpayload))
         return data
 
 
@@ -191,8 +208,8 @@ class PacketEncoder:
 class DecodedPacket:
     seq: int | None
     status: str  # "ok", "skipped" (context lost: waiting for a resync packet), "damaged" (CRC/framing/desync)
-    units: list[int] = field(default_factory=list)
-    durations: list[int] | None = None
+    units: list[int] = field(default_factory=list)  # the units this packet made decodable (with "segment"
+    durations: list[int] | None = None  # termination, some may have been committed in earlier packets)
     lost_before: int = 0  # packets missing (sequence gap) just before this one
     resync: bool = False
     end: bool = False
@@ -208,7 +225,9 @@ class ReceiverReport:
     resyncs: int = 0  # resync packets decoded (the first one included)
     recoveries: int = 0  # resync packets that ended a loss
     units_decoded: int = 0
-    units_lost_known: int = 0  # units in damaged or skipped packets (the count of units in lost packets is unknown)
+    # Units known lost: in damaged or skipped packets, and those of a broken segment's earlier packets that were not
+    # decodable yet (segment termination); how many units the lost packets held is unknown.
+    units_lost_known: int = 0
     ended: bool = False
 
     def to_json(self) -> dict:
@@ -232,6 +251,15 @@ class PacketDecoder:
         self._expected: int | None = None
         self._synced = False
         self._lost_since_sync = False
+        self._code: SegmentReader | V1PacketReader | None = None  # the open range code
+
+    def lose_sync(self) -> None:
+        """The context is lost (a gap, damage): what the open code still owed is lost; wait for a RESYNC packet."""
+        if self._code is not None and self._synced:
+            self.report.units_lost_known += self._code.pending
+        self._code = None
+        self._synced = False
+        self._lost_since_sync = True
 
     def push(self, data: bytes) -> DecodedPacket:
         """One packet's bytes (exactly one packet)."""
@@ -242,8 +270,7 @@ class PacketDecoder:
         except BitstreamError:
             self.report.packets_received += 1
             self.report.packets_damaged += 1
-            self._synced = False
-            self._lost_since_sync = True
+            self.lose_sync()
             return DecodedPacket(seq=None, status="damaged")
         return self.push_packet(packet)
 
@@ -254,12 +281,13 @@ class PacketDecoder:
         self._expected = (packet.seq + 1) % _SEQ_MOD
         if lost:
             r.packets_lost += lost
-            self._synced = False
-            self._lost_since_sync = True
+            self.lose_sync()
         out = DecodedPacket(seq=packet.seq, status="ok", lost_before=lost, resync=packet.resync, end=packet.end,
                             skipped=packet.skipped)  # fmt: skip
         r.ended = r.ended or packet.end
         if packet.resync:
+            if self._code is not None:  # a code left open before a resync: its packets were lost
+                self.lose_sync()
             self.model.reset()
             self._synced = True
         if not self._synced:
@@ -267,18 +295,24 @@ class PacketDecoder:
             r.units_lost_known += packet.num_units
             out.status = "skipped"
             return out
+        v1 = self.header.version == 1
+        terminated = packet.terminated or v1
+        if self._code is None:
+            self._code = V1PacketReader(self.header.durations) if v1 else SegmentReader(self.header.durations)
+        owed = self._code.pending  # units of earlier packets of this code not decoded yet
         try:
-            units = self._decode_units(packet)
-            durations = _decode_durations(packet.duration_payload, packet.num_units) if self.header.durations else None
+            units, durations = self._code.read(packet, self.model, terminated)
             if packet.checksum(units, self.header) != packet.crc:
                 raise BitstreamError("CRC mismatch")
         except (BitstreamError, ValueError):
             r.packets_damaged += 1
-            r.units_lost_known += packet.num_units
-            self._synced = False
-            self._lost_since_sync = True
+            r.units_lost_known += owed + packet.num_units
+            self._code = None
+            self.lose_sync()
             out.status = "damaged"
             return out
+        if terminated:
+            self._code = None
         if packet.resync:
             r.resyncs += 1
             r.recoveries += int(self._lost_since_sync)
@@ -286,14 +320,6 @@ class PacketDecoder:
         r.units_decoded += len(units)
         out.units, out.durations = units, durations
         return out
-
-    def _decode_units(self, packet: Packet) -> list[int]:
-        reader, units = RangeReader(packet.payload), []
-        for _ in range(packet.num_units):
-            u = reader.decode(self.model.frequencies())
-            units.append(u)
-            self.model.advance(u)
-        return units
 
 
 # --- whole streams (files) --------------------------------------------------------------------------------------------
@@ -342,8 +368,7 @@ def decode_stream(data: bytes, model_for: Callable[[Header], UnitModel], strict:
             out.problems.append(f"packet {index} at byte {pos}: {e}")
             dec.report.packets_damaged += 1
             pos = _scan_for_resync(data, pos + 1, header, model_for)
-            dec._synced = False
-            dec._lost_since_sync = True
+            dec.lose_sync()
             continue
         got = dec.push_packet(packet)
         if header.dtx and got.skipped:
@@ -394,7 +419,7 @@ def _scan_for_resync(data: bytes, pos: int, header: Header, model_for: Callable[
                 Packet.parse(data, nxt, header)  # the next packet must frame too
         except BitstreamError:
             continue
-        probe._expected, probe._synced = packet.seq, False
+        probe._expected = packet.seq
         if probe.push_packet(packet).status == "ok":
             return start
     return len(data)

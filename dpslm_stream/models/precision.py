@@ -4,14 +4,18 @@
 per model and per machine, the kernels that measured faster (README "Precision"; `dpslm-stream bench ellav
 --precision exact,fast` re-measures them):
 
-- transformers (ELLA-V, ULM), matmuls of few rows (batched decode steps, <= DECODE_ROWS rows): weight-only int8,
-  one scale per output channel, through torch's CPU kernel `aten._weight_int8pack_mm` (activations rounded to
-  bfloat16 for the kernel, output back in float32). Batch-1 decode reads every weight once per token, so it is bound
-  by weight bytes over memory bandwidth: int8 reads a quarter of fp32's bytes. On a GPU: bfloat16 weights.
+- transformers (ELLA-V, ULM), matmuls of few rows (batched decode steps, <= DECODE_ROWS rows): int8 weights with
+  one scale per output channel. Batch-1 decode reads every weight once per token, so it is bound by weight bytes
+  over memory bandwidth: int8 reads a quarter of fp32's bytes. Where torch has fbgemm (x86 CPUs) the activations are
+  quantized to int8 per call too and the products summed in int32 (`quantized::linear_dynamic`, "int8dyn"): on an
+  AVX-512 Xeon without AMX it ran ELLA-V's 48 block matmuls of a batch-1 step in 22 ms, against 40 ms for the
+  weight-only kernel `aten._weight_int8pack_mm` (bf16 activations, "int8", kept where fbgemm is missing) and 70 ms
+  in fp32, and stayed the fastest up to 64 rows. On a GPU: bfloat16 weights.
 - matmuls of many rows (prompt prefill, vocoder windows): bfloat16 where the hardware has bf16 matmul units (AMX or
-  AVX512-BF16 CPUs, GPUs), else float32 (without bf16 units a bf16 or int8 GEMM is slower than fp32's at these
-  sizes). A fast transformer keeps both weight copies: int8 for decode, bulk dtype for prefill (ELLA-V at released
-  size: 0.21 GB + 0.84 GB fp32 or 0.42 GB bf16).
+  AVX512-BF16 CPUs, GPUs); else, for the transformers, fbgemm's int8 ("int8dyn", 3x faster than fp32 at 64 rows
+  on the Xeon above; no float copy of the weights is kept), and float32 for the vocoder. A transformer whose
+  decode and prefill kernels differ keeps both weight copies (ELLA-V at released size: 0.21 GB int8 + 0.42 GB
+  bf16).
 - what stays float32 whatever the plan: the residual stream, RMSNorms, RoPE, attention (softmax and KV cache), the
   output projection and logits, the vocoder's FFTs and every normalisation.
 
@@ -19,13 +23,14 @@ Fused projections: in a fast model q/k/v are one [3 H D, dim] matmul and the Swi
 matmul, built from the upstream keys after strict loading (per-output-channel scales make the fusion exact for the
 int8 weights). A fast model is for inference: its state dict no longer has the upstream keys (save the exact one).
 
-Hand-written because no kept library does weight-only int8 for these modules on CPU without a dependency stack
-(torchao's CPU path calls the same aten kernel).
+The kernels are torch's own; the module around them is hand-written because no kept library converts these fused
+modules on CPU without a dependency stack (torchao's CPU path calls the same aten kernels).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,7 +63,7 @@ def machine_summary(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    flags = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512f", "avx2") if f in cpu_flags()]
+    flags = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni", "avx2") if f in cpu_flags()]
     return f"cpu, flags: {' '.join(flags) or 'none of amx/avx512/avx2'}"
 
 
@@ -72,23 +77,47 @@ def has_int8_weight_kernel(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+@functools.cache
+def _fbgemm_dynamic_linear() -> bool:
+    """torch's fbgemm int8 linear with dynamically quantized activations (`quantized::linear_dynamic`) runs here."""
+    try:
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            return False
+        packed = _fbgemm_pack(torch.ones(8, 8, dtype=torch.int8), torch.ones(8), None)
+        return torch.ops.quantized.linear_dynamic(torch.ones(1, 8), packed, False).shape == (1, 8)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def has_int8_dynamic_kernel(device: torch.device | str) -> bool:
+    """int8 x int8 matmuls with dynamically quantized activations (fbgemm; x86 CPUs)."""
+    return torch.device(device).type == "cpu" and _fbgemm_dynamic_linear()
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a model runs its matmuls in: `decode` for few-row matmuls, `bulk` for many-row ones."""
 
     precision: str  # "exact" or "fast"
     model: str  # "ellav", "ulm" or "wavtokenizer"
-    decode: str  # "fp32", "bf16" or "int8" (weight-only, per output channel)
-    bulk: str  # "fp32" or "bf16"
+    decode: str  # "fp32", "bf16", "int8" (weight-only, per output channel) or "int8dyn" (int8 activations too)
+    bulk: str  # "fp32", "bf16" or "int8dyn"
 
     def describe(self) -> str:
         if self.precision == "exact":
             return f"{self.model}: exact (float32)"
         if self.model == "wavtokenizer":
             return f"{self.model}: fast = backbone {self.bulk} (FFTs and norms float32)"
-        decode = "int8 weight-only (bf16 activations)" if self.decode == "int8" else self.decode
-        return (f"{self.model}: fast = decode matmuls {decode}, prefill {self.bulk}; norms, RoPE, attention, "
-                "logits float32")  # fmt: skip
+        if self.model == "wavlm":
+            kernel = "int8 (weights per channel, activations dynamic, fbgemm)" if self.bulk == "int8dyn" else self.bulk
+            return (f"{self.model}: fast = streaming blocks' linear layers {kernel}; front-end, pos_conv, norms, "
+                    "attention float32")  # fmt: skip
+        names = {"int8": "int8 weight-only (bf16 activations)",
+                 "int8dyn": "int8 (weights per channel, activations dynamic, fbgemm)"}
+        decode, bulk = names.get(self.decode, self.decode), names.get(self.bulk, self.bulk)
+        if decode == bulk:
+            return f"{self.model}: fast = matmuls {decode}; norms, RoPE, attention, logits float32"
+        return f"{self.model}: fast = decode matmuls {decode}, prefill {bulk}; norms, RoPE, attention, logits float32"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,28 +130,57 @@ def check_precision(precision: object) -> str:
 
 
 def plan_for(model: str, precision: str, device: torch.device | str = "cpu") -> Plan:
-    """The plan `precision` gives `model` ("ellav", "ulm", "wavtokenizer") on `device` (this machine's CPU flags)."""
+    """The plan `precision` gives `model` ("ellav", "ulm", "wavtokenizer", "wavlm") on `device` (this machine's CPU
+    flags). For "wavlm" it covers the streaming encoder's block linears (stream/encoder.py WindowRunner)."""
     check_precision(precision)
     if precision == "exact":
         return Plan("exact", model, "fp32", "fp32")
     bulk = "bf16" if has_bf16_units(device) else "fp32"
+    if model == "wavlm" and bulk == "fp32" and has_int8_dynamic_kernel(device):
+        # 15-120-row hops: fbgemm int8 3.3x (15 rows) to 2.7x (120) faster than oneDNN's prepacked fp32 here
+        return Plan("fast", model, "int8dyn", "int8dyn")
     if model == "wavtokenizer":
         return Plan("fast", model, bulk, bulk)
-    decode = "int8" if has_int8_weight_kernel(device) else bulk
-    return Plan("fast", model, decode, bulk)
+    if has_int8_dynamic_kernel(device):
+        # fbgemm's int8 GEMM also beat fp32 at prompt sizes (64 rows: 3x) where there are no bf16 units
+        return Plan("fast", model, "int8dyn", bulk if bulk == "bf16" else "int8dyn")
+    return Plan("fast", model, "int8" if has_int8_weight_kernel(device) else bulk, bulk)
 
 
 _DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weights with one float32 scale per output row (max |W| of the row maps to 127)."""
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> object:
+    """fbgemm's packed form of per-channel int8 weights (an opaque torch object, not a tensor)."""
+    with warnings.catch_warnings():  # torch flags the quantized-tensor constructors for a future removal
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch._make_per_channel_quantized_tensor(
+            q.cpu(), scale.double().cpu(), torch.zeros(len(scale), dtype=torch.long), 0)  # fmt: skip
+        return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.cpu())
+
+
 class FastLinear(nn.Module):
     """y = x W^T (+ b), W the row-wise concatenation of one or more nn.Linear weights, stored for a fast plan.
 
-    int8: W = q * s (q int8, s float32 per output row; max |W| of the row maps to 127). Up to DECODE_ROWS input rows
-    run `aten._weight_int8pack_mm(x.bf16, q, 1)` and scale the output in float32; more rows run a plain GEMM on a
-    copy of W in the bulk dtype (kept: dequantizing per call, or the int8 kernel in row chunks, measured 2-5x slower
-    than fp32 GEMM at 64-256 rows, so prefill would get slower than exact). bf16/fp32: W stored in that dtype. Input
-    and output are float32 (the residual stream stays float32); a bias stays float32.
+    Up to DECODE_ROWS input rows run the `decode` kernel, more rows the `bulk` one:
+    - int8dyn: W = q * s (q int8, s float32 per output row), activations quantized to 8 bits per call (one scale
+      and zero point over the call's rows, as torch's dynamic quantization does), int8 x int8 products accumulated
+      in int32 by fbgemm (`quantized::linear_dynamic`; AVX512-VNNI or AVX2), output float32. Fastest on x86 CPUs
+      without bf16 units at every row count measured (1-64), but a row's rounding depends on the other rows of
+      the call (the shared activation scale), and a NaN among finite activations comes out finite (fbgemm's
+      scale ignores it; calls with no rows or no finite value run the float32 fallback).
+    - int8: weight-only, `aten._weight_int8pack_mm(x.bf16, q, 1)` with the output scaled in float32 (activations
+      rounded to bfloat16); rows are independent. Used where fbgemm is missing.
+    - bf16/fp32: a plain GEMM on W stored in that dtype. Many-row calls of an int8 plan use a copy of W in the bulk
+      dtype (the weight-only int8 kernel in row chunks measured slower than fp32 GEMM at 64-256 rows on AMX
+      machines); a bulk "int8dyn" keeps no copy (int8 at every row count: a quarter of fp32's memory).
+    Input and output are float32 (the residual stream stays float32); a bias stays float32.
     """
 
     def __init__(self, linears: list[nn.Linear], decode: str, bulk: str):
@@ -135,28 +193,39 @@ class FastLinear(nn.Module):
         self.decode, self.bulk = decode, bulk
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bias", bias)
-        if decode == "int8":
-            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-            self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.packed: object = None  # fbgemm's packed int8 weights and bias (decode "int8dyn")
+        if decode in ("int8", "int8dyn"):
+            qweight, scale = _per_channel_int8(weight)
+            self.register_buffer("qweight", qweight)
             self.register_buffer("scale", scale)
             self.register_buffer("_ones", torch.ones(self.out_features, dtype=torch.bfloat16, device=weight.device))
-            self.register_buffer("weight", weight.to(_DTYPE[bulk]))  # for many-row calls
+            if bulk != "int8dyn":
+                self.register_buffer("weight", weight.to(_DTYPE[bulk]))  # for many-row calls
+            if decode == "int8dyn":
+                self.packed = _fbgemm_pack(qweight, scale, bias)
+                # Without VNNI fbgemm multiplies int8 pairs with int16 saturation: 7-bit activations avoid it.
+                self.reduce_range = not {"avx512_vnni", "avx_vnni"} & cpu_flags()
         else:
             self.register_buffer("weight", weight.to(_DTYPE[decode]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.decode == "int8" and x2.shape[0] <= DECODE_ROWS:
+        kernel = self.decode if x2.shape[0] <= DECODE_ROWS else self.bulk
+        if kernel == "int8dyn":
+            try:
+                y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, self.reduce_range)
+                return y.reshape(*shape[:-1], self.out_features)
+            except RuntimeError:  # no rows, or a NaN/inf: fbgemm cannot pick an activation scale
+                y = F.linear(x2, self.qweight.float() * self.scale[:, None])  # the same weights, in float32
+        elif kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._ones)
             y = y.float() * self.scale
-            if self.bias is not None:
-                y = y + self.bias
         else:
             dtype = _DTYPE[self.bulk]
             y = F.linear(x2.to(dtype), self.weight.to(dtype)).float()
-            if self.bias is not None:
-                y = y + self.bias
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -185,6 +254,7 @@ def apply_to_transformer(model: nn.Module, plan: Plan) -> Plan:
             ffn.w13 = FastLinear([ffn.w1, ffn.w3], plan.decode, plan.bulk)
             ffn.w2 = FastLinear([ffn.w2], plan.decode, plan.bulk)
             del ffn.w1, ffn.w3
+    model.use_fused_ops()
     model.precision_plan = plan
     return plan
 

@@ -13,12 +13,18 @@ Differences from upstream that do not change the numbers:
 - rotary cos/sin are computed in fp32 from the positions at every forward (upstream: a complex64 table of 8000
   rows). The values are the same (angle = float32(position) * float32(inverse frequency)), and positions past
   upstream's 8000-row table simply continue the formula instead of raising an IndexError.
+
+`fused_ops` (set by a fast precision plan, models/precision.py; off for `exact`) computes the same functions with
+fewer, larger ops, for the per-op dispatch cost that dominates a batch-1 decode step outside its matmuls: the
+RMSNorms as `F.rms_norm`, q and k rotated together by one complex multiply, the attention mask made additive once
+per forward instead of converted from booleans in every layer. Same math, other float rounding.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -52,28 +58,54 @@ class TransformerConfig:
 class RMSNorm(nn.Module):
     """x / rms(x), computed in fp32 and cast back to the input dtype, then scaled by a learnt weight (init ones)."""
 
+    fused = False  # one F.rms_norm kernel (Transformer.use_fused_ops); else upstream's op order, bit for bit
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         # Upstream order: cast back to the activation dtype first, multiply by the weight second.
         return normed.type_as(x) * self.weight
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos and sin of the rotary angles, shape positions.shape + [head_dim // 2].
+def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """fp32 rotary angles, shape positions.shape + [head_dim // 2].
 
     Angle of pair i at position p is p * theta^(-2i/head_dim), evaluated with the same fp32 operations as the
-    upstream table (`outer(arange(8000), freqs)`), so the values agree bit for bit up to the cos/sin kernels.
+    upstream table (`outer(arange(8000), freqs)`), so the values agree bit for bit.
     """
     exponents = torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2].float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
-    angles = positions.float()[..., None] * inv_freq
+    return positions.float()[..., None] * inv_freq
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin of the rotary angles (bit for bit upstream's table up to the cos/sin kernels)."""
+    angles = rotary_angles(positions, head_dim, theta)
     return torch.cos(angles), torch.sin(angles)
+
+
+@dataclass
+class Rotation:
+    """The rotary angles of one forward: cos, sin [B, T, D/2] (upstream's op order) or, with fused ops, `polar`
+    = cos + i sin [B, T, 1, D/2] (complex64), which rotates interleaved pairs as one complex multiply."""
+
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    polar: torch.Tensor | None = None
+
+    @classmethod
+    def at(cls, positions: torch.Tensor, head_dim: int, theta: float, fused: bool) -> "Rotation":
+        if not fused:
+            return cls(*rotary_cos_sin(positions, head_dim, theta))
+        angles = rotary_angles(positions, head_dim, theta)
+        return cls(polar=torch.polar(torch.ones_like(angles), angles)[:, :, None, :])
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -282,24 +314,25 @@ class Attention(nn.Module):
         self.wqkv: nn.Module | None = None  # q/k/v fused by a fast precision plan (models/precision.py)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache | None,
-        layer: int,
-        mask: torch.Tensor | None,
+        self, x: torch.Tensor, rot: Rotation, cache: KVCache | None, layer: int, mask: torch.Tensor | None
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.wqkv is None:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if rot.polar is not None and self.wqkv is not None and x.dtype == torch.float32:
+            # Fused: q and k heads rotated in one complex multiply over the interleaved (2i, 2i+1) pairs.
+            qkv = self.wqkv(x).view(B, T, H + 2 * H_kv, D)
+            qk = torch.view_as_complex(qkv[:, :, : H + H_kv].reshape(B, T, H + H_kv, D // 2, 2)) * rot.polar
+            q, k = torch.view_as_real(qk).flatten(-2).split([H, H_kv], dim=2)
+            v = qkv[:, :, H + H_kv :]
         else:
-            kv = self.n_kv_heads * self.head_dim
-            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if self.wqkv is None:
+                q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            else:
+                q, k, v = self.wqkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, H_kv, D), v.view(B, T, H_kv, D)
+            if rot.polar is not None:
+                rot = Rotation(rot.polar.real[:, :, 0], rot.polar.imag[:, :, 0])
+            q, k = apply_rotary(q, rot.cos, rot.sin), apply_rotary(k, rot.cos, rot.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if cache is not None:
             k, v = cache.write(layer, k, v)
@@ -343,8 +376,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
+    def forward(self, x, rot: Rotation, cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rot, cache, layer, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -360,6 +393,14 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=config.output_bias)
         self.precision_plan = None  # models/precision.py: the Plan this model was converted for (None: as loaded)
+        self.fused_ops = False  # see the module docstring; use_fused_ops() sets it
+
+    def use_fused_ops(self, on: bool = True) -> None:
+        """Fused kernels for norms, RoPE and the mask (not bit-identical to upstream's op order; fast plans only)."""
+        self.fused_ops = on
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.fused = on
 
     @property
     def device(self) -> torch.device:
@@ -395,10 +436,12 @@ class Transformer(nn.Module):
             mask = None
         else:
             positions, mask = cache.begin(T)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        rot = Rotation.at(positions, self.config.head_dim, self.config.rope_theta, self.fused_ops)
+        if self.fused_ops and mask is not None:  # additive once, instead of a bool -> float conversion per layer
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, -math.inf)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache, i, mask)
+            h = layer(h, rot, cache, i, mask)
         if cache is not None:
             cache.end(None if valid is None else (valid.tolist() if isinstance(valid, torch.Tensor) else valid))
         return self.norm(h)

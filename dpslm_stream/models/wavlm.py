@@ -22,7 +22,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -27,13 +27,14 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.models.precision import FastLinear, plan_for
 from dpslm_stream.models.wavlm import WavLM
 from dpslm_stream.stream.events import FRAME_SECONDS
 from dpslm_stream.device import DeviceTimer, synchronize
@@ -152,9 +153,14 @@ class WindowRunner:
 
     fast_cpu: on CPU in fp32, run pos_conv and the blocks' linear layers through oneDNN with weights prepacked once
     (see onednn.py; a second copy of those weights, ~560 MB at full size). Elsewhere it changes nothing.
+    precision: "exact" (float32) or "fast": the blocks' linear layers in what `plan_for("wavlm", "fast")` picks for
+    the device (int8 through fbgemm on x86 CPUs without bf16 units, bf16 where there are; models/precision.py),
+    a quantized copy of those weights; everything else as exact. Only the windowed modes run here: `full` mode
+    stays the offline float32 computation.
     """
 
-    def __init__(self, model: WavLM, num_layers: int = 11, max_tables: int = 64, fast_cpu: bool = True):
+    def __init__(self, model: WavLM, num_layers: int = 11, max_tables: int = 64, fast_cpu: bool = True,
+                 precision: str = "exact"):  # fmt: skip
         cfg = model.cfg
         if not 1 <= num_layers <= cfg.encoder_layers:
             raise InvalidInput(f"num_layers must be in 1..{cfg.encoder_layers}, got {num_layers}")
@@ -172,10 +178,21 @@ class WindowRunner:
         # Output frame t of pos_conv reads input frames t - pos_left .. t + pos_right (64 / 63: even kernel, SamePad).
         self.pos_left = cfg.conv_pos // 2
         self.pos_right = cfg.conv_pos - 1 - self.pos_left
+        self.precision_plan = plan_for("wavlm", precision, self.device)
+        fast = self.precision_plan.precision == "fast" and self.precision_plan.bulk != "fp32"
+        if fast and self.dtype != torch.float32:
+            raise InvalidInput(f"precision 'fast' picks the dtypes itself: load the encoder in float32, "
+                               f"not {self.dtype}")
+
+        def linear(m: torch.nn.Linear) -> PackedLinear | FastLinear:
+            if fast:
+                return FastLinear([m], self.precision_plan.decode, self.precision_plan.bulk)
+            return PackedLinear.of(m, fast_cpu)
+
         # Per block: q, k, v, out, fc1, fc2.
         self.linears = [
-            [PackedLinear.of(m, fast_cpu) for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
-                                                      b.self_attn.out_proj, b.fc1, b.fc2)]
+            [linear(m) for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj, b.self_attn.out_proj,
+                                 b.fc1, b.fc2)]
             for b in self.blocks
         ]  # fmt: skip
         self._tables: OrderedDict[tuple[int, int], Tensor | None] = OrderedDict()
@@ -222,7 +239,7 @@ class WindowRunner:
         return mask
 
     @staticmethod
-    def _ffn(fc1: PackedLinear, fc2: PackedLinear, x: Tensor) -> Tensor:
+    def _ffn(fc1: PackedLinear | FastLinear, fc2: PackedLinear | FastLinear, x: Tensor) -> Tensor:
         # Upstream computes this GELU in fp32 (a no-op for fp32 weights).
         return fc2(F.gelu(fc1(x).float()).type_as(x))
 

@@ -23,6 +23,7 @@ from dpslm_stream.audio import check_sample_rate
 from dpslm_stream.device import DeviceTimer, setup_model_device
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models import wavlm as wavlm_module
+from dpslm_stream.models.precision import check_precision
 from dpslm_stream.models.ulm import ScoringPool, score_blocks
 from dpslm_stream.models.wavlm import WavLM
 from dpslm_stream.pipeline import default_num_neighbors
@@ -41,13 +42,15 @@ class EncoderWorker:
     `wavlm`, `codebooks` ({k: Tensor[K, D]}) and `ulms` ({(k, lambda): ULM}) supply already-built models instead
     of loading them from the set (benchmarks with random full-size weights, tests).
     `max_hops_per_step` bounds how many pending hops of one session a single step runs, so that a session far
-    behind does not stall the others for long. clock: the time source of compute times (seconds, monotonic).
+    behind does not stall the others for long. `precision` ("exact" or "fast") is the streaming encoder's
+    (WindowRunner; `runner.precision_plan` says what it picked); DPDP and the unit LM scores stay as they are.
+    clock: the time source of compute times (seconds, monotonic).
     """
 
     def __init__(self, models: hub.ModelSet | str = "release", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, pairs: Iterable[tuple[int, int]] | None = None, *,
                  max_hops_per_step: int = 8, wavlm: WavLM | None = None, codebooks: dict | None = None,
-                 ulms: dict | None = None, allow_tf32: bool = False,
+                 ulms: dict | None = None, allow_tf32: bool = False, precision: str = "exact",
                  clock: Callable[[], float] = time.perf_counter):  # fmt: skip
         self.models = hub.ModelSet(models) if isinstance(models, str) else models
         self.device = setup_model_device(device, allow_tf32)  # TF32 off on CUDA: the exact paths stay exact
@@ -63,7 +66,7 @@ class EncoderWorker:
         self.wavlm: WavLM = wavlm.to(device=self.device, dtype=dtype).eval()
         self.extract_features = wavlm_module.extract_features  # the offline feature function
         self.extract_features_steps = wavlm_module.extract_features_steps  # the same in slices (full mode)
-        self.runner = WindowRunner(self.wavlm)
+        self.runner = WindowRunner(self.wavlm, precision=check_precision(precision))
         self._codebooks: dict[int, torch.Tensor] = dict(codebooks or {})
         self._ulms: dict[tuple[int, int], object] = dict(ulms or {})
         self._pairs: list[tuple[int, int]] | None = None
