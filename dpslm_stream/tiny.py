@@ -30,7 +30,7 @@ from dpslm_stream.signals import speech_like  # noqa: F401  (re-exported for exi
 # (k, lambda) pairs that get a tiny ULM and ELLA-V; k=500, lambda=4500 is the default everywhere.
 TINY_PAIRS: tuple[tuple[int, int], ...] = ((100, 0), (100, 600), (500, 0), (500, 4500))
 TINY_CODEBOOK_KS: tuple[int, ...] = (100, 500)
-TINY_VERSION = 2  # 2: the phone LM, its tokenizer and the phone ELLA-V
+TINY_VERSION = 3  # 2: the phone LM, its tokenizer and the phone ELLA-V; 3: a random WavTokenizer codebook
 _SEED = 1234
 # US ARPAbet (39 phones, vowels with stress 0/1/2) plus silence/noise marks: the shape of upstream's phone vocabulary.
 _ARPA_VOWELS = ("AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW")
@@ -130,8 +130,11 @@ def build_tiny_set(directory: str | os.PathLike, pairs=TINY_PAIRS, codebook_ks=T
     torch.save(ellav.checkpoint_dict(ellav.ELLAV(phone_cfg, phone_tok).eval()), name(releases.ELLAV_PHONES))
 
     torch.manual_seed(_SEED)
-    torch.save(wavtokenizer.checkpoint_dict(wavtokenizer.WavTokenizer(wavtokenizer.TINY).eval()),
-               name(releases.WAVTOKENIZER[600]))  # fmt: skip
+    vocoder = wavtokenizer.WavTokenizer(wavtokenizer.TINY).eval()
+    with torch.no_grad():  # a fresh codebook is zeros: every code would decode alike, and audio tests be blind to codes
+        for layer in vocoder.feature_extractor.encodec.quantizer.vq.layers:
+            layer._codebook.embed.normal_()
+    torch.save(wavtokenizer.checkpoint_dict(vocoder), name(releases.WAVTOKENIZER[600]))
 
     (directory / "RANDOM_WEIGHTS").write_text(
         "This folder holds dpslm-stream's tiny model set: small networks with RANDOM weights in the upstream file\n"

@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     with torch.device(device):
         model = wt.WavTokenizer(cfg).eval()
+    with torch.no_grad():  # a fresh codebook is zeros: every code would decode alike (and the SNR mean nothing)
+        for layer in model.feature_extractor.encodec.quantizer.vq.layers:
+            layer._codebook.embed.normal_(generator=torch.Generator().manual_seed(1))
     # Half precision for the networks only: the Hann window and the FFTs stay float32.
     model.feature_extractor.to(dtype)
     model.backbone.to(dtype)
@@ -142,11 +145,7 @@ def run(args: argparse.Namespace) -> None:
 def _batched_windows(model: wt.WavTokenizer, cfg: wt.WavTokenizerConfig, device: torch.device,
                      args: argparse.Namespace) -> None:
     """One live vocoder window per stream, all of equal length: N separate forwards (before) against one forward of
-    N rows (VocoderRunner, after), in the same run; and whether the batched rows equal the separate ones bit for bit.
-    The codebook is randomised here (a fresh model's is zeros, which would make every window alike)."""
-    with torch.no_grad():
-        for layer in model.feature_extractor.encodec.quantizer.vq.layers:
-            layer._codebook.embed.normal_(generator=torch.Generator().manual_seed(1))
+    N rows (VocoderRunner, after), in the same run; and whether the batched rows equal the separate ones bit for bit."""
     length = args.left_context + args.min_step + args.lookahead
     runner = VocoderRunner(model, max_batch=max(args.batch_streams))
     what = "CPU time of this thread" if device.type == "cpu" else "wall time"
