@@ -70,25 +70,25 @@ class ELLAVTokenizer:
     )
 
     def __post_init__(self):
-        d, P, C = self.token_to_id_dict, self.num_phone_types, self.num_codec_types
+        d, num_phones, num_codecs = self.token_to_id_dict, self.num_phone_types, self.num_codec_types
         if not isinstance(d, dict) or not all(isinstance(k, str) and is_int(v, int) for k, v in d.items()):
             raise InvalidInput("token_to_id_dict must map token strings to integer ids")
-        if len(d) != self.num_special_types + P + C:
+        if len(d) != self.num_special_types + num_phones + num_codecs:
             raise InvalidInput(
                 f"token_to_id_dict has {len(d)} tokens, expected "
-                f"{self.num_special_types} special + {P} phone + {C} codec"
+                f"{self.num_special_types} special + {num_phones} phone + {num_codecs} codec"
             )
         if sorted(d.values()) != list(range(len(d))):
             raise InvalidInput("token ids must be exactly 0..vocab_size-1, each once")
         specials = self.special_tokens()
         if any(d.get(tok) != i for tok, i in specials.items()):
             raise InvalidInput(f"special tokens must be {specials}")
-        first_codec = self.num_special_types + P
-        # decode() treats every id >= 4 + K as a codec token: those must be exactly the strings "0".."C-1".
+        first_codec = self.num_special_types + num_phones
+        # decode() treats every id >= 4 + K as a codec token: those must be exactly the strings "0".."num_codecs-1".
         id_to_token = {i: t for t, i in d.items()}
         codec_tokens = [id_to_token[i] for i in range(first_codec, len(d))]
-        if sorted(codec_tokens, key=lambda t: int(t) if t.isdigit() else -1) != [str(c) for c in range(C)]:
-            raise InvalidInput(f"ids {first_codec}.. must be the codec tokens '0'..'{C - 1}'")
+        if sorted(codec_tokens, key=lambda t: int(t) if t.isdigit() else -1) != [str(c) for c in range(num_codecs)]:
+            raise InvalidInput(f"ids {first_codec}.. must be the codec tokens '0'..'{num_codecs - 1}'")
         self._id_to_token = id_to_token
         # codec index of every id (-1 for non-codec ids), and the id of every unit token "u{n}" present.
         self._codec_of_id = torch.full((len(d),), -1, dtype=torch.long, device="cpu")
@@ -99,7 +99,7 @@ class ELLAVTokenizer:
         # same prompt, generation and teacher-forcing code serves both; `phone_ranks` maps phone strings to ranks.
         self.phone_ranks = {} if self._unit_ids else {t: i - self.num_special_types for t, i in d.items()
                                                       if self.num_special_types <= i < first_codec}  # fmt: skip
-        self._prompt_ids = self._unit_ids or {r: r + self.num_special_types for r in range(P)}
+        self._prompt_ids = self._unit_ids or {r: r + self.num_special_types for r in range(num_phones)}
 
     # ----- construction and (de)serialisation -----
 
