@@ -29,8 +29,6 @@ dpslm_stream/dpdp_kernels.py.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,7 +39,7 @@ from torch import Tensor
 
 from dpslm_stream.dpdp_kernels import _COMMITTED, _FORCED, _dpdp_kernel, _flush_kernel, _stream_kernel
 from dpslm_stream.errors import InvalidInput
-from dpslm_stream.validate import is_int
+from dpslm_stream.validate import check_number, is_int
 
 __all__ = [
     "BLOCK_FRAMES",
@@ -132,12 +130,7 @@ def _check_codebook(codebook: Tensor) -> None:
 
 
 def _check_lmbda(lmbda: float) -> float:
-    if isinstance(lmbda, bool) or not isinstance(lmbda, numbers.Real):
-        raise InvalidInput(f"lmbda must be a real number >= 0, got {lmbda!r}")
-    value = float(lmbda)
-    if not math.isfinite(value) or value < 0:
-        raise InvalidInput(f"lmbda must be finite and >= 0 (a penalty per unit change), got {lmbda!r}")
-    return value
+    return check_number("lmbda (a penalty per unit change)", lmbda, 0.0, what="finite real number")
 
 
 def _check_num_neighbors(num_neighbors: int | None, num_codes: int) -> int:

@@ -13,7 +13,7 @@ from dpslm_stream.cli import main
 from dpslm_stream.codec import BitstreamError, Header, PacketDecoder, PacketEncoder, decode_stream, encode_stream, fit_table
 from dpslm_stream.codec.cli import ModelCache, commits_offline, commits_streamed
 from dpslm_stream.codec.models import ULMModel
-from dpslm_stream.models.ulm import IncrementalScorer, score_blocks
+from dpslm_stream.models.ulm import IncrementalScorer, ScoringPool, score_blocks
 from dpslm_stream.pipeline import Pipeline
 from dpslm_stream.tiny import speech_like
 
@@ -118,7 +118,8 @@ def test_streams_coded_among_batched_sessions_decode_on_the_batch1_path(cache, o
     ulm, digest = cache.ulm(*PAIR)
     sources = [offline[0].units, offline[1].units, offline[0].units[::-1]]
     encoders = [PacketEncoder(_header(ULMModel(ulm, digest)), ULMModel(ulm, digest)) for _ in sources]
-    scorers = [IncrementalScorer(ulm) for _ in sources]
+    pool = ScoringPool(ulm)  # one batched cache, as the encoder worker's sessions share
+    scorers = [IncrementalScorer(ulm, pool=pool) for _ in sources]
     packets = [[e.header_bytes()] for e in encoders]
     for i in range(max(map(len, sources))):
         blocks = [s[i : i + 1] for s in sources]

@@ -575,9 +575,9 @@ def test_the_worker_batches_equal_vocoder_windows(tiny_models, ellav64, wt):
 
 def test_state_is_flat_over_a_long_stream(tiny_models, ellav64, wt):
     units = random_units(260, seed=7)
-    C, L, P = 4, 2, 8
+    C, L, max_pass = 4, 2, 8
     worker = make_worker(tiny_models, ellav64, wt, max_decode_steps=64)
-    s = worker.open_session(K, LMBDA, left_context=C, holdback=L, max_pass_units=P, vocoder_left_context=8)
+    s = worker.open_session(K, LMBDA, left_context=C, holdback=L, max_pass_units=max_pass, vocoder_left_context=8)
     sizes, caps, positions, window = [], [], [], []
     for u in units:
         s.push_units([u])
@@ -588,10 +588,10 @@ def test_state_is_flat_over_a_long_stream(tiny_models, ellav64, wt):
             caps.append(decoder.cache.capacity)
             positions.append(int(decoder.cache.next_pos.max()))
         window.append((len(s.ellav._units), len(s.ellav._runs)))
-    assert max(n for n, _ in window) <= C + P and max(r for _, r in window) <= C
-    # A prompt holds <= C+P units, BOS, C committed runs of <= M+2 tokens with unit and EOP, the current unit;
-    # a pass then feeds back <= (P-L)(M+3) tokens. Positions restart with every pass, so this bounds them.
-    assert max(positions) <= (C + P) + 2 + C * (M + 4) + (P - L) * (M + 3)
+    assert max(n for n, _ in window) <= C + max_pass and max(r for _, r in window) <= C
+    # A prompt holds <= C+max_pass units, BOS, C committed runs of <= M+2 tokens with unit and EOP, the current unit;
+    # a pass then feeds back <= (max_pass-L)(M+3) tokens. Positions restart with every pass, so this bounds them.
+    assert max(positions) <= (C + max_pass) + 2 + C * (M + 4) + (max_pass - L) * (M + 3)
     assert max(sizes[160:]) <= 1.5 * max(sizes[30:160])  # no growth with stream length
     assert caps[-1] == caps[30]  # the preallocated cache never grew after warm-up
     s.end()

@@ -9,7 +9,7 @@ import torch
 
 from dpslm_stream.errors import CheckpointError, InvalidInput
 from dpslm_stream.models import ulm
-from dpslm_stream.models.ulm import ULM, IncrementalScorer, UnitTokenizer, score_blocks
+from dpslm_stream.models.ulm import ULM, IncrementalScorer, ScoringPool, UnitTokenizer, score_blocks
 
 K = 500
 
@@ -173,23 +173,85 @@ def test_window_state_is_bounded_and_positions_past_8000_are_relative(model):
 
 
 def test_score_blocks_equals_one_by_one(model):
+    """Scorers sharing a pool run their blocks in one forward over the pool's rows; each scores what it scores alone
+    (batch-1, its own pool), with and without a window (60 units: far past W = 9), with rows left idle in the span
+    (blocks of 0), streams of different lengths, and long blocks split into chunks."""
     streams = [random_units(60, 20 + s) for s in range(4)]
     for max_context in (None, 9):
-        solo = [IncrementalScorer(model, max_context=max_context) for _ in streams]
-        batch = [IncrementalScorer(model, max_context=max_context) for _ in streams]
+        solo = [IncrementalScorer(model, max_context=max_context, chunk=5) for _ in streams]
+        pool = ScoringPool(model, max_context, chunk=5)
+        batch = [IncrementalScorer(model, max_context=max_context, chunk=5, pool=pool) for _ in streams]
+        storage = pool.cache.k.data_ptr()
         rng = random.Random(1)
         pos = [0] * len(streams)
-        for _ in range(6):
+        for _ in range(8):
             blocks = []
             for j, s in enumerate(streams):
-                n = rng.choice([0, 1, 3, 8])
+                n = rng.choice([0, 1, 3, 8]) if j else rng.choice([0, 12])  # stream 0 runs ahead
                 blocks.append(s[pos[j] : pos[j] + n])
                 pos[j] += n
             expected = [sc.push(b) for sc, b in zip(solo, blocks)]
             got = score_blocks(batch, blocks)
             for e, g in zip(expected, got):
                 torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-4)
+            if max_context is not None:  # fixed capacity: every step wrote into the same storage, nothing copied
+                assert pool.cache.k.data_ptr() == storage
+        assert len(set(pos)) > 1 and max(pos) > 9
         assert [s.total_logprob for s in batch] == pytest.approx([s.total_logprob for s in solo], rel=1e-5)
+        assert pool.num_rows == 4 and pool.cache.batch_size == 4
+
+
+def test_scoring_pool_lends_rows_and_reclaims_them(model):
+    """Rows come and go (closed, reset, garbage-collected scorers; the last row moves into a hole) without
+    changing anyone's scores; the pool's rows stay within 4x of the live ones."""
+    pool = ScoringPool(model, 9, chunk=5)
+    streams = [random_units(40, 40 + s) for s in range(5)]
+    solo = [IncrementalScorer(model, max_context=9, chunk=5) for _ in streams]
+    live = [IncrementalScorer(model, max_context=9, chunk=5, pool=pool) for _ in streams]
+    assert pool.cache.batch_size == 8  # doubled as they attached: 1, 2, 4, 8
+
+    def step(a, b, idx):
+        blocks = [streams[j][a:b] for j in idx]
+        expected = [solo[j].push(blk) for j, blk in zip(idx, blocks)]
+        got = score_blocks([live[j] for j in idx], blocks)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-4)
+
+    step(0, 7, range(5))
+    live[1].close()  # row 1 is freed: the last row (stream 4) moves into it
+    assert pool.num_rows == 4 and live[4]._row == 1 and live[1].cache is None and live[1].state_nbytes == 0
+    with pytest.raises(InvalidInput, match="closed"):
+        live[1].push([1])
+    step(7, 15, [0, 2, 3, 4])
+    live[2] = None  # dropped without close(): reclaimed at the pool's next operation
+    import gc
+
+    gc.collect()
+    step(15, 20, [0, 3, 4])
+    assert pool.num_rows == 3
+    live[1].reset()  # a new stream on a fresh row
+    solo[1].reset()
+    step(0, 6, [1])
+    step(20, 30, [0, 1, 3, 4])
+    for j in (0, 1, 3):
+        live[j].close()
+    assert pool.num_rows == 1 and pool.cache.batch_size == 2  # shrunk by half once <= a quarter was used
+    step(30, 40, [4])
+
+
+def test_unwindowed_pool_grows_and_shrinks_its_slots(model):
+    pool = ScoringPool(model, None, chunk=4)
+    a = IncrementalScorer(model, chunk=4, pool=pool)
+    b = IncrementalScorer(model, chunk=4, pool=pool)
+    long, short = random_units(70, 1), random_units(3, 2)
+    got = score_blocks([a, b], [long, short])
+    torch.testing.assert_close(got[0], IncrementalScorer(model).push(long), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1], IncrementalScorer(model).push(short), rtol=1e-5, atol=1e-4)
+    assert pool.cache.capacity >= 71
+    a.close()  # the longest stream leaves: the slots shrink (by half per release while <= a quarter is used)
+    assert pool.cache.capacity < 71 and b.cache.lengths[0] == 4
+    torch.testing.assert_close(b.push(long[:5]), IncrementalScorer(model).push(short + long[:5])[3:],
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_loglikelihood_batch_equals_per_utterance(model):
@@ -355,7 +417,12 @@ def test_bad_inputs(model):
         IncrementalScorer(model, max_context=0)
     with pytest.raises(InvalidInput, match="more than once"):
         score_blocks([scorer, scorer], [[1], [2]])
-    with pytest.raises(InvalidInput, match="same"):
-        score_blocks([scorer, IncrementalScorer(model, max_context=5)], [[1], [2]])
+    with pytest.raises(InvalidInput, match="pool must hold"):
+        IncrementalScorer(model, max_context=5, pool=scorer.pool)
+    with pytest.raises(InvalidInput):
+        ScoringPool(model, chunk=0)
+    other = IncrementalScorer(model, max_context=5)  # scorers of different pools: one forward per pool
+    got = score_blocks([scorer, other], [[1, 2], [3]])
+    assert [len(g) for g in got] == [2, 1] and other.num_units == 1
     with pytest.raises(InvalidInput):
         ulm.config_for_k(0)

@@ -118,10 +118,11 @@ def run_resynth(sim: SimulatedCuda, models: hub.ModelSet, streams: int) -> dict:
 
 
 def run_scorer(sim: SimulatedCuda, models: hub.ModelSet, streams: int) -> dict:
-    from dpslm_stream.models.ulm import IncrementalScorer, score_blocks
+    from dpslm_stream.models.ulm import IncrementalScorer, ScoringPool, score_blocks
 
     ulm, _ = models.ulm(K, LMBDA, SIM)
-    scorers = [IncrementalScorer(ulm, max_context=64) for _ in range(streams)]
+    pool = ScoringPool(ulm, 64)  # the sessions' shared cache, as in the encoder worker
+    scorers = [IncrementalScorer(ulm, max_context=64, pool=pool) for _ in range(streams)]
     before, blocks = sim.snapshot(), 0
     for b in range(8):
         score_blocks(scorers, [[(7 * b + 3 * i + j) % K for j in range(12)] for i in range(streams)])

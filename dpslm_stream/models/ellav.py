@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -34,7 +33,7 @@ from dpslm_stream.models.transformer import (
     read_checkpoint_file,
     read_config_fields,
 )
-from dpslm_stream.validate import is_int
+from dpslm_stream.validate import check_int, check_number, is_int
 
 
 @dataclass
@@ -71,25 +70,25 @@ class ELLAVTokenizer:
     )
 
     def __post_init__(self):
-        d, P, C = self.token_to_id_dict, self.num_phone_types, self.num_codec_types
-        if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in d.items()):
+        d, num_phones, num_codecs = self.token_to_id_dict, self.num_phone_types, self.num_codec_types
+        if not isinstance(d, dict) or not all(isinstance(k, str) and is_int(v, int) for k, v in d.items()):
             raise InvalidInput("token_to_id_dict must map token strings to integer ids")
-        if len(d) != self.num_special_types + P + C:
+        if len(d) != self.num_special_types + num_phones + num_codecs:
             raise InvalidInput(
                 f"token_to_id_dict has {len(d)} tokens, expected "
-                f"{self.num_special_types} special + {P} phone + {C} codec"
+                f"{self.num_special_types} special + {num_phones} phone + {num_codecs} codec"
             )
         if sorted(d.values()) != list(range(len(d))):
             raise InvalidInput("token ids must be exactly 0..vocab_size-1, each once")
         specials = self.special_tokens()
         if any(d.get(tok) != i for tok, i in specials.items()):
             raise InvalidInput(f"special tokens must be {specials}")
-        first_codec = self.num_special_types + P
-        # decode() treats every id >= 4 + K as a codec token: those must be exactly the strings "0".."C-1".
+        first_codec = self.num_special_types + num_phones
+        # decode() treats every id >= 4 + K as a codec token: those must be exactly the strings "0".."num_codecs-1".
         id_to_token = {i: t for t, i in d.items()}
         codec_tokens = [id_to_token[i] for i in range(first_codec, len(d))]
-        if sorted(codec_tokens, key=lambda t: int(t) if t.isdigit() else -1) != [str(c) for c in range(C)]:
-            raise InvalidInput(f"ids {first_codec}.. must be the codec tokens '0'..'{C - 1}'")
+        if sorted(codec_tokens, key=lambda t: int(t) if t.isdigit() else -1) != [str(c) for c in range(num_codecs)]:
+            raise InvalidInput(f"ids {first_codec}.. must be the codec tokens '0'..'{num_codecs - 1}'")
         self._id_to_token = id_to_token
         # codec index of every id (-1 for non-codec ids), and the id of every unit token "u{n}" present.
         self._codec_of_id = torch.full((len(d),), -1, dtype=torch.long, device="cpu")
@@ -100,7 +99,7 @@ class ELLAVTokenizer:
         # same prompt, generation and teacher-forcing code serves both; `phone_ranks` maps phone strings to ranks.
         self.phone_ranks = {} if self._unit_ids else {t: i - self.num_special_types for t, i in d.items()
                                                       if self.num_special_types <= i < first_codec}  # fmt: skip
-        self._prompt_ids = self._unit_ids or {r: r + self.num_special_types for r in range(P)}
+        self._prompt_ids = self._unit_ids or {r: r + self.num_special_types for r in range(num_phones)}
 
     # ----- construction and (de)serialisation -----
 
@@ -345,7 +344,7 @@ class ELLAVConfig(TransformerConfig):
     def from_dict(cls, d: dict) -> "ELLAVConfig":
         fields_ = read_config_fields(d, cls.REQUIRED, "ELLA-V model_args")
         max_batch_size = d.get("max_batch_size", 0)
-        return cls(**fields_, max_batch_size=max_batch_size if isinstance(max_batch_size, int) else 0)
+        return cls(**fields_, max_batch_size=max_batch_size if is_int(max_batch_size, int) else 0)
 
     def to_dict(self) -> dict:
         return {
@@ -588,12 +587,10 @@ class ELLAV(Transformer):
         """Like `generate`, but returns the raw generated token ids (codec, EOP, forced unit, EOS tokens)."""
         if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or len(prompts) == 0:
             raise InvalidInput("prompts must be a non-empty list of unit-id lists")
-        _check_int(max_tokens, "max_tokens", 0)
-        _check_int(max_codec_tokens_per_phone, "max_codec_tokens_per_phone", 0)
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-            raise InvalidInput(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0 <= top_p <= 1:
-            raise InvalidInput(f"top_p must be in [0, 1], got {top_p!r}")
+        check_int("max_tokens", max_tokens, 0, kind=int)
+        check_int("max_codec_tokens_per_phone", max_codec_tokens_per_phone, 0, kind=int)
+        check_number("temperature", temperature, 0.0, what="finite number")
+        check_number("top_p", top_p, 0.0, 1.0)
         for name, pre in (("codec_prefix", codec_prefix), ("token_prefix", token_prefix)):
             if pre is not None and len(pre) != len(prompts):
                 raise InvalidInput(f"{name} has {len(pre)} entries for {len(prompts)} prompts")
@@ -644,11 +641,6 @@ def _unit_id(token: object) -> object:
     if isinstance(token, str):
         raise InvalidInput(f"prompt tokens must be unit ids or 'u<id>' strings, got {token!r}")
     return token
-
-
-def _check_int(value: object, name: str, minimum: int) -> None:
-    if not is_int(value, int) or value < minimum:
-        raise InvalidInput(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _int_list(values: object, what: str) -> list[int]:

@@ -274,49 +274,31 @@ class KVCache:
 
     def grow(self, capacity: int) -> None:
         """Reallocate with a larger capacity, keeping the contents."""
-        if capacity <= self.capacity:
-            return
-        old = self.capacity
-        k = self.k.new_zeros(self.k.shape[:3] + (capacity, self.k.shape[4]))
-        v = torch.zeros_like(k)
-        k[:, :, :, :old], v[:, :, :, :old] = self.k, self.v
-        slot_pos = self.slot_pos.new_full((self.batch_size, capacity), -1)
-        slot_pos[:, :old] = self.slot_pos
+        if capacity > self.capacity:
+            self.resize(self.batch_size, capacity)
+
+    def resize(self, batch_size: int, capacity: int) -> None:
+        """Reallocate with `batch_size` rows and `capacity` slots, keeping rows [0, batch_size) (new rows empty).
+        The kept rows' filled slots must fit. Copies the kept contents once; views from `rows` go stale."""
+        keep_rows = min(batch_size, self.batch_size)
+        used = int(self.lengths[:keep_rows].max(initial=0))
+        if batch_size < 1 or capacity < max(1, used):
+            raise InvalidInput(f"cannot resize to {batch_size} rows x {capacity} slots: rows hold {used} slots")
+        keep = min(capacity, self.capacity)
+        shape = self.k.shape[:1] + (batch_size,) + self.k.shape[2:3] + (capacity, self.k.shape[4])
+        k, v = self.k.new_zeros(shape), self.k.new_zeros(shape)
+        k[:, :keep_rows, :, :used] = self.k[:, :keep_rows, :, :used]
+        v[:, :keep_rows, :, :used] = self.v[:, :keep_rows, :, :used]
+        slot_pos = self.slot_pos.new_full((batch_size, capacity), -1)
+        slot_pos[:keep_rows, :keep] = self.slot_pos[:keep_rows, :keep]
+        same_rows = batch_size == self.batch_size  # then the per-row counters stay the same objects
         self.k, self.v, self.slot_pos = k, v, slot_pos
-
-    @classmethod
-    def stack(cls, caches: list["KVCache"], room: int) -> "KVCache":
-        """One batched cache holding the rows of several single-row caches, with `room` free slots past the longest.
-
-        Copies every filled slot (cost: the caches' size); `copy_new_into` writes the appended tokens back.
-        """
-        first = caches[0]
-        lengths = [int(c.lengths[0]) for c in caches]
-        out = cls(
-            first.config, len(caches), max(lengths) + room,
-            window=first.window, device=first.k.device, dtype=first.k.dtype,
-        )
-        for b, (c, n) in enumerate(zip(caches, lengths)):
-            out.k[:, b, :, :n] = c.k[:, 0, :, :n]
-            out.v[:, b, :, :n] = c.v[:, 0, :, :n]
-            out.slot_pos[b, :n] = c.slot_pos[0, :n]
-            out.length[b] = n
-            out.lengths[b] = n
-            out.next_pos[b] = c.next_pos[0]
-        return out
-
-    def copy_new_into(self, caches: list["KVCache"]) -> None:
-        """Write the slots each row gained since `stack` back into the single-row caches it was built from."""
-        for b, c in enumerate(caches):
-            start, stop = int(c.lengths[0]), int(self.lengths[b])
-            if stop > c.capacity:
-                raise InvalidInput(f"target cache too small: {stop} slots needed, capacity {c.capacity}")
-            c.k[:, 0, :, start:stop] = self.k[:, b, :, start:stop]
-            c.v[:, 0, :, start:stop] = self.v[:, b, :, start:stop]
-            c.slot_pos[0, start:stop] = self.slot_pos[b, start:stop]
-            c.length[0] = stop
-            c.lengths[0] = stop
-            c.next_pos[0] = self.next_pos[b]
+        if not same_rows:
+            length, next_pos = self.length.new_zeros(batch_size), self.next_pos.new_zeros(batch_size)
+            length[:keep_rows], next_pos[:keep_rows] = self.length[:keep_rows], self.next_pos[:keep_rows]
+            lengths = np.zeros(batch_size, dtype=np.int64)
+            lengths[:keep_rows] = self.lengths[:keep_rows]
+            self.length, self.next_pos, self.lengths = length, next_pos, lengths
 
 
 class Attention(nn.Module):

@@ -8,7 +8,8 @@ Scoring:
 - `ULM.loglikelihood(tokenizer.encode(units))`: upstream semantics, sum over units of the natural-log
   probability of each unit given BOS and the units before it (BOS conditioned on, never scored, no EOS term).
 - `ULM.loglikelihood_batch`: the same for many utterances in one right-padded forward.
-- `IncrementalScorer`: the same sum, built up block by block while units stream in, with a KV cache.
+- `IncrementalScorer`: the same sum, built up block by block while units stream in, with a KV cache (one row of a
+  `ScoringPool`, the persistent batched cache that `score_blocks` runs many sessions' blocks on).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -31,7 +34,7 @@ from dpslm_stream.models.transformer import (
     read_checkpoint_file,
     read_config_fields,
 )
-from dpslm_stream.validate import is_int
+from dpslm_stream.validate import is_int, is_number
 
 BOS_ID = 0
 
@@ -51,7 +54,7 @@ class ULMConfig(TransformerConfig):
         """Read a checkpoint's "model_args" dict; unknown and training-only fields (dropout) are tolerated."""
         fields = read_config_fields(d, cls.REQUIRED, "ULM model_args")
         dropout = d.get("dropout", 0.15)
-        return cls(**fields, dropout=float(dropout) if isinstance(dropout, (int, float)) else 0.15)
+        return cls(**fields, dropout=float(dropout) if is_number(dropout) else 0.15)
 
     def to_dict(self) -> dict:
         """The upstream "model_args" dict (field order of the upstream dataclass)."""
@@ -239,13 +242,156 @@ class ULM(Transformer):
         return ids.to(device=self.device, dtype=torch.long)
 
 
+class ScoringPool:
+    """One KV cache whose rows are lent to the IncrementalScorers of one ULM (one max_context, one chunk size).
+
+    Each attached scorer owns one row, written in place: a batched forward over several scorers (`score_blocks`)
+    runs on the pool's rows directly, so a step copies nothing but its new tokens (no per-step stacking of every
+    session's cache). Live rows are 0..N-1: a scorer that closes (or is garbage-collected) leaves, and the last row
+    moves into its hole (one copy of that row's filled slots). The cache grows by doubling (rows as scorers attach;
+    slots, without a window, as the longest stream grows) and shrinks by half when at most a quarter is used, so it
+    stays within 4x of what the live rows need, each resize copying only the live contents.
+
+    A forward covers the span of rows from the first to the last scorer with new tokens; rows in between without
+    any are carried along as padding (they compute, their cache is read, nothing of theirs changes). Thread safety:
+    every operation holds the pool's lock, so sessions on one pool may be reset or closed from another thread.
+    """
+
+    def __init__(self, ulm: ULM, max_context: int | None = None, chunk: int = 256, rows: int = 1):
+        if max_context is not None and (not is_int(max_context, int) or max_context < 1):
+            raise InvalidInput(f"max_context must be a positive number of tokens or None, got {max_context!r}")
+        if not is_int(chunk, int) or chunk < 1:
+            raise InvalidInput(f"chunk must be a positive number of tokens, got {chunk!r}")
+        if not is_int(rows, int) or rows < 1:
+            raise InvalidInput(f"rows must be a positive number of rows, got {rows!r}")
+        self.ulm = ulm
+        self.max_context = max_context
+        self.chunk = chunk  # most tokens fed per forward; longer blocks are split (same scores)
+        # With a window, a row needs the W - 1 tokens the next query attends to plus one chunk: fixed capacity.
+        self._min_capacity = chunk if max_context is None else max_context - 1 + chunk
+        self.cache: KVCache = ulm.new_cache(rows, self._min_capacity, window=max_context)
+        self._owners: list[weakref.ref[IncrementalScorer]] = []  # row i's scorer
+        self._collected = False  # set by a weakref callback (no lock there): some owner is gone
+        self._lock = threading.RLock()
+
+    @property
+    def num_rows(self) -> int:
+        """Rows lent to scorers (live or not yet reclaimed)."""
+        return len(self._owners)
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes
+
+    def row_nbytes(self) -> int:
+        """One row's share of the cache."""
+        return self.cache.nbytes // self.cache.batch_size
+
+    def row(self, scorer: "IncrementalScorer") -> KVCache | None:
+        """A view of `scorer`'s row (None when it holds none); stale after the pool's next operation."""
+        with self._lock:
+            return None if scorer._row is None else self.cache.rows(scorer._row, scorer._row + 1)
+
+    @torch.inference_mode()  # the cache may have been (re)allocated in inference mode
+    def attach(self, scorer: "IncrementalScorer") -> None:
+        """Give `scorer` an empty row (its own row, emptied, when it already holds one): the stream restarts."""
+        with self._lock:
+            self._reclaim()
+            if scorer._row is None:
+                if len(self._owners) == self.cache.batch_size:
+                    self.cache.resize(2 * self.cache.batch_size, self.cache.capacity)
+                scorer._row = len(self._owners)
+                self._owners.append(weakref.ref(scorer, self._on_collected))
+            self.cache.rows(scorer._row, scorer._row + 1).clear_rows()
+
+    @torch.inference_mode()  # the cache may have been (re)allocated in inference mode
+    def detach(self, scorer: "IncrementalScorer") -> None:
+        """Free `scorer`'s row (no-op when it holds none)."""
+        with self._lock:
+            if scorer._row is not None:
+                self._free(scorer._row)
+                scorer._row = None
+            self._reclaim()
+            self._shrink()
+
+    def _on_collected(self, _ref: weakref.ref) -> None:
+        self._collected = True
+
+    def _reclaim(self) -> None:
+        """Free the rows of scorers that were garbage-collected without closing."""
+        if self._collected:
+            self._collected = False
+            for i in reversed(range(len(self._owners))):
+                if self._owners[i]() is None:
+                    self._free(i)
+
+    def _free(self, i: int) -> None:
+        last = len(self._owners) - 1
+        if i != last:
+            self.cache.move_row(last, i)
+            self._owners[i] = self._owners[last]
+            moved = self._owners[i]()
+            if moved is not None:
+                moved._row = i
+        self._owners.pop()
+
+    def _shrink(self) -> None:
+        rows, capacity = self.cache.batch_size, self.cache.capacity
+        live = len(self._owners)
+        if rows > 1 and live <= rows // 4:
+            rows = max(1, rows // 2)
+        used = int(self.cache.lengths[:live].max(initial=0))
+        if self.max_context is None and capacity > self._min_capacity and used <= capacity // 4:
+            capacity = max(self._min_capacity, capacity // 2)
+        if (rows, capacity) != (self.cache.batch_size, self.cache.capacity):
+            self.cache.resize(rows, capacity)
+
+    @torch.inference_mode()  # the cache may have been (re)allocated in inference mode
+    def forward(self, scorers: Sequence["IncrementalScorer"], pieces: Sequence[list[int]]) -> list[torch.Tensor]:
+        """Feed each scorer its piece of tokens (at most `chunk`) in one forward over its rows; returns each
+        scorer's log-probabilities [len(piece), V] (fp32, CPU)."""
+        with self._lock:
+            self._reclaim()
+            rows = [s._row for s in scorers]
+            if any(r is None for r in rows):
+                raise InvalidInput("a scorer of this pool was closed; reset() it to start a new stream")
+            lo, hi = min(rows), max(rows) + 1
+            width = max(len(p) for p in pieces)
+            self._make_room(lo, hi, width)
+            tokens = torch.zeros((hi - lo, width), dtype=torch.long)
+            valid = [0] * (hi - lo)  # host counts: the cache keeps its lengths on the host
+            for r, piece in zip(rows, pieces):
+                tokens[r - lo, : len(piece)] = torch.tensor(piece, dtype=torch.long)
+                valid[r - lo] = len(piece)
+            logits = self.ulm(tokens.to(self.ulm.device), self.cache.rows(lo, hi), valid)
+            logp = torch.log_softmax(logits, dim=-1).cpu()
+            return [logp[r - lo, : len(p)] for r, p in zip(rows, pieces)]
+
+    def _make_room(self, lo: int, hi: int, num_tokens: int) -> None:
+        """Ensure `num_tokens` free slots in rows [lo, hi): drop what the window no longer needs, or grow."""
+        cache = self.cache
+        if self.max_context is not None:
+            # The next query sits at the current position; it still needs the W - 1 tokens before it.
+            for r in range(lo, hi):
+                if int(cache.lengths[r]) + num_tokens > cache.capacity:
+                    cache.rows(r, r + 1).drop_oldest(self.max_context - 1)
+        else:
+            needed = int(cache.lengths[lo:hi].max()) + num_tokens
+            if needed > cache.capacity:
+                cache.grow(max(needed, 2 * cache.capacity))
+
+
 class IncrementalScorer:
-    """Scores one stream of deduplicated units block by block, with a KV cache (one per session).
+    """Scores one stream of deduplicated units block by block, with a KV cache (one row of a `ScoringPool`).
 
     `push(units)` returns the natural-log probability of each new unit given BOS and every earlier unit, running
     all of the block's tokens through the model in one forward (the weights are read once per block). The stream
     is fed as [BOS, u1+1, u2+1, ...] at positions 0, 1, 2, ...; each push also feeds its last unit, so the
     distribution of the next unit is ready (`next_logprobs`) before the next block arrives.
+
+    Without `pool` the scorer has a pool of its own; scorers that share one (a worker's sessions) are scored
+    together by `score_blocks` in one forward over their rows. `close()` gives the row back (a scorer that is
+    garbage-collected gives it back too); `reset()` starts a new stream, taking a row again if needed.
 
     Exactness: with `max_context=None` the cache keeps every token and the scores of units 1..N sum to
     `ulm.loglikelihood(encode(units))` up to float rounding, whatever the block sizes. The cache then grows
@@ -263,7 +409,7 @@ class IncrementalScorer:
       slowly: ~6e-8 relative, i.e. ~5e-4 rad at position 8000);
     - the model was trained on chunks of <= 1023 tokens (often starting mid-utterance, without BOS), so
       W <= 1023 stays in distribution; scores past W differ from `loglikelihood` of the full utterance.
-    Memory is then bounded: `state_nbytes` <= the cache for W - 1 + `chunk` tokens.
+    Memory is then bounded: a row holds W - 1 + `chunk` tokens.
     """
 
     def __init__(
@@ -272,95 +418,78 @@ class IncrementalScorer:
         max_context: int | None = None,
         device: torch.device | str | None = None,
         chunk: int = 256,
+        pool: ScoringPool | None = None,
     ):
-        if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
-            raise InvalidInput(f"max_context must be a positive number of tokens or None, got {max_context!r}")
-        if chunk < 1:
-            raise InvalidInput(f"chunk must be >= 1, got {chunk}")
         if device is not None and torch.device(device) != ulm.device:
             raise InvalidInput(f"the scorer's cache must live with the model: model on {ulm.device}, asked {device}")
+        if pool is None:
+            pool = ScoringPool(ulm, max_context, chunk)
+        elif (pool.ulm, pool.max_context, pool.chunk) != (ulm, max_context, chunk):
+            raise InvalidInput("the pool must hold the scorer's ULM, max_context and chunk")
         self.ulm = ulm
         self.max_context = max_context
-        self.chunk = chunk  # most tokens fed per forward; longer blocks are split (same scores)
+        self.chunk = chunk
+        self.pool = pool
+        self._row: int | None = None  # the pool's row of this scorer (kept up to date by the pool)
         self.reset()
 
     def reset(self) -> None:
         """Forget the stream: the next push starts again from BOS at position 0."""
-        capacity = self.chunk if self.max_context is None else self.max_context - 1 + self.chunk
-        self.cache: KVCache = self.ulm.new_cache(1, capacity, window=self.max_context)
+        self.pool.attach(self)
         self.next_logprobs: torch.Tensor | None = None  # [V] fp32: distribution of the next token
         self.num_units = 0
         self.total_logprob = 0.0
 
+    def close(self) -> None:
+        """End of the stream: give the cache row back to the pool (`reset()` takes one again)."""
+        self.pool.detach(self)
+        self.next_logprobs = None
+
+    @property
+    def cache(self) -> KVCache | None:
+        """A view of this scorer's cache row (None after close)."""
+        return self.pool.row(self)
+
     @property
     def state_nbytes(self) -> int:
         extra = 0 if self.next_logprobs is None else self.next_logprobs.numel() * 4
-        return self.cache.nbytes + extra
+        return (0 if self._row is None else self.pool.row_nbytes()) + extra
 
     def push(self, units: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Log-probabilities [len(units)] (fp32, CPU) of a block of new deduplicated units."""
         return score_blocks([self], [units])[0]
-
-    def _make_room(self, num_tokens: int) -> None:
-        """Ensure `num_tokens` free slots: drop what the window no longer needs, or grow the cache."""
-        cache = self.cache
-        if self.max_context is not None:
-            # The next query sits at the current position; it still needs the W - 1 tokens before it.
-            if int(cache.lengths[0]) + num_tokens > cache.capacity:
-                cache.drop_oldest(self.max_context - 1)
-        else:
-            needed = int(cache.lengths[0]) + num_tokens
-            if needed > cache.capacity:
-                cache.grow(max(needed, 2 * cache.capacity))
 
 
 @torch.inference_mode()
 def score_blocks(
     scorers: Sequence[IncrementalScorer], blocks: Sequence[Sequence[int] | np.ndarray | torch.Tensor]
 ) -> list[torch.Tensor]:
-    """`[s.push(b) for s, b in zip(scorers, blocks)]`, but the sessions' blocks run in one right-padded forward.
-
-    All scorers must share one model and one max_context. Each session's cache is copied into a batched cache
-    for the forward (a copy of its filled size) and its new entries are copied back.
-    """
+    """`[s.push(b) for s, b in zip(scorers, blocks)]`, but the blocks of scorers sharing a pool run in one
+    right-padded forward over the pool's rows (scorers of different pools: one forward per pool)."""
     if len(scorers) != len(blocks):
         raise InvalidInput(f"got {len(scorers)} scorers but {len(blocks)} blocks")
     if len({id(s) for s in scorers}) != len(scorers):
         raise InvalidInput("a scorer appears more than once; push its blocks one after the other instead")
-    if scorers and any(s.ulm is not scorers[0].ulm or s.max_context != scorers[0].max_context for s in scorers):
-        raise InvalidInput("score_blocks needs scorers of the same ULM with the same max_context")
     units = [_units_tensor(b, s.ulm.k) for s, b in zip(scorers, blocks)]
+    if any(s._row is None for s, u in zip(scorers, units) if len(u)):
+        raise InvalidInput("this scorer was closed; reset() it to start a new stream")
     # Token stream each session still has to feed (BOS first for a fresh session), and where its scores come from.
     feeds = [
         ([BOS_ID] if s.next_logprobs is None else []) + (u + 1).tolist() for s, u in zip(scorers, units)
     ]
     dists: list[list[torch.Tensor]] = [[] if s.next_logprobs is None else [s.next_logprobs] for s in scorers]
     done = [0] * len(scorers)
-    chunk = scorers[0].chunk if scorers else 1
-    while True:
-        rows = [i for i in range(len(scorers)) if done[i] < len(feeds[i]) and len(units[i]) > 0]
-        if not rows:
-            break
-        pieces = [feeds[i][done[i] : done[i] + chunk] for i in rows]
-        for i, piece in zip(rows, pieces):
-            scorers[i]._make_room(len(piece))
-        model = scorers[rows[0]].ulm
-        width = max(len(p) for p in pieces)
-        tokens = torch.zeros((len(rows), width), dtype=torch.long, device=model.device)
-        for j, piece in enumerate(pieces):
-            tokens[j, : len(piece)] = torch.tensor(piece, dtype=torch.long)
-        valid = [len(p) for p in pieces]  # host counts: the cache keeps its lengths on the host
-        if len(rows) == 1:
-            logits = model(tokens, scorers[rows[0]].cache, valid)
-        else:
-            caches = [scorers[i].cache for i in rows]
-            batched = KVCache.stack(caches, room=width)
-            logits = model(tokens, batched, valid)
-            batched.copy_new_into(caches)
-        logp = torch.log_softmax(logits, dim=-1).cpu()
-        for j, i in enumerate(rows):
-            dists[i].extend(logp[j, : len(pieces[j])])
-            done[i] += len(pieces[j])
+    pools = {id(s.pool): s.pool for s in scorers}
+    for pool in pools.values():
+        mine = [i for i, s in enumerate(scorers) if s.pool is pool and len(units[i]) > 0]
+        while True:
+            rows = [i for i in mine if done[i] < len(feeds[i])]
+            if not rows:
+                break
+            pieces = [feeds[i][done[i] : done[i] + pool.chunk] for i in rows]
+            for i, piece, logp in zip(rows, pieces, pool.forward([scorers[i] for i in rows], pieces)):
+                dists[i].extend(logp)
+                done[i] += len(piece)
     out = []
     for s, u, d in zip(scorers, units, dists):
         if len(u) == 0:

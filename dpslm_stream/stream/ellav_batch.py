@@ -18,7 +18,7 @@ from torch import Tensor
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.models.ellav import ELLAV, GenerationState, generation_step, sample_rows
 from dpslm_stream.models.transformer import KVCache
-from dpslm_stream.stream.checks import check_count
+from dpslm_stream.validate import check_int
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class BatchDecoder:
     over leave (the last row moves into the hole, copying only its filled slots) and forwards the rest in one
     batched 1-token forward (2 tokens for rows whose EOP is followed by a forced unit, with `merge_forced`). Each
     row's positions start at 0 with its prompt. The cache grows (never shrinks) to the largest pass admitted:
-    bounded by the streams' C, P and M, not by stream length.
+    bounded by the streams' left_context, max_pass_units and M, not by stream length.
 
     Device hygiene: a step reads the device once (tokens, pass-over flags and next forced tokens in one `tolist`);
     sampling rows draw on the device from per-stream uniform numbers sent in one transfer; cache lengths live on the
@@ -86,7 +86,7 @@ class BatchDecoder:
         # U fewer forwards per second of audio. Not bit-identical to one token per forward (the matmuls see other
         # shapes), so only for precision "fast".
         self.merge_forced = merge_forced
-        self.max_batch = check_count(max_batch, "max_batch", 1)
+        self.max_batch = check_int("max_batch", max_batch, 1)
         self.max_codec_tokens_per_phone = max_codec_tokens_per_phone
         self._initial_capacity = capacity
         self.cache: KVCache | None = None

@@ -12,7 +12,7 @@ tokens *before* every cached key and a running cache cannot be extended. Each *p
 
 where units < c are committed (their generated tokens `run_i` are teacher-forced), s = c - C is the left edge of the
 window (C units of left context: they carry the voice), and e is the number of known units (with a finite C at most
-P after c; with C = None every known unit, as offline's prompt holds the whole unit list). The
+`max_pass_units` after c; with C = None every known unit, as offline's prompt holds the whole unit list). The
 pass decodes with upstream's control loop until the EOP of unit e-1-L (hold-back L: the last committed unit still
 sees L units of the future) and commits those tokens; codec tokens are final the moment they are generated. Every
 pass starts at position 0, so memory is flat however long the stream; each codec token is decoded exactly once,
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.models.ellav import ELLAV
-from dpslm_stream.stream.checks import check_count, check_number
+from dpslm_stream.validate import check_int, check_number
 from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan, Sampling
 from dpslm_stream.stream.resynth_defaults import (
     DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_MAX_CODEC_TOKENS_PER_PHONE, DEFAULT_MAX_PASS_UNITS,
@@ -50,10 +50,11 @@ class IncrementalELLAV:
 
     left_context C: committed units kept in the prompt (None: all, exact but memory grows with the stream).
     holdback L: a pass commits up to the unit L places before the newest known one (None: nothing before end()).
-    max_pass_units P: with a finite left_context, at most P units after the committed ones enter a prompt (None: all
-    known); it only binds when units pile up faster than they are resynthesized. With left_context=None it does not
-    apply: the prompt then holds the whole unit list as offline's does (P there would cut the global section, and
-    every token would differ from offline generation from the first on), and memory grows with the stream anyway.
+    max_pass_units: with a finite left_context, at most this many units after the committed ones enter a prompt
+    (None: all known); it only binds when units pile up faster than they are resynthesized. With left_context=None
+    it does not apply: the prompt then holds the whole unit list as offline's does (a bound would cut the global
+    section, and every token would differ from offline generation from the first on), and memory grows with the
+    stream anyway.
     trigger_units / trigger_s: a pass starts once it can commit at least `trigger_units` units, or, when
     `trigger_s` is given, units covering at least `trigger_s` seconds of input (needs the units' end times).
     Sampling: greedy (argmax, DP-SLM's top_p = 0) or nucleus sampling with `temperature`/`top_p` drawn from this
@@ -74,22 +75,22 @@ class IncrementalELLAV:
             raise InvalidInput(f"model must be an ELLAV model, got {type(model).__name__}")
         self.model = model
         self.tokenizer = model.tokenizer
-        self.left_context = check_count(left_context, "left_context", 0, allow_none=True)
-        self.holdback = check_count(holdback, "holdback", 0, allow_none=True)
-        self.max_pass_units = check_count(max_pass_units, "max_pass_units", 1, allow_none=True)
+        self.left_context = None if left_context is None else check_int("left_context", left_context, 0)
+        self.holdback = None if holdback is None else check_int("holdback", holdback, 0)
+        self.max_pass_units = None if max_pass_units is None else check_int("max_pass_units", max_pass_units, 1)
         if None not in (self.max_pass_units, self.holdback) and self.max_pass_units <= self.holdback:
             raise InvalidInput(f"max_pass_units ({max_pass_units}) must be larger than holdback ({holdback}): a "
                                "prompt must hold the committed units plus the hold-back")  # fmt: skip
-        self.trigger_units = check_count(trigger_units, "trigger_units", 1)
-        self.trigger_s = None if trigger_s is None else check_number(trigger_s, "trigger_s", 0.0)
-        self.max_codec_tokens_per_phone = check_count(max_codec_tokens_per_phone, "max_codec_tokens_per_phone", 0)
+        self.trigger_units = check_int("trigger_units", trigger_units, 1)
+        self.trigger_s = None if trigger_s is None else check_number("trigger_s", trigger_s, 0.0)
+        self.max_codec_tokens_per_phone = check_int("max_codec_tokens_per_phone", max_codec_tokens_per_phone, 0)
         if not isinstance(greedy, bool):
             raise InvalidInput(f"greedy must be True or False, got {greedy!r}")
-        self.temperature = check_number(temperature, "temperature", 0.0)
-        self.top_p = check_number(top_p, "top_p", 0.0, 1.0)
+        self.temperature = check_number("temperature", temperature, 0.0)
+        self.top_p = check_number("top_p", top_p, 0.0, 1.0)
         # Upstream's sample(): argmax when the temperature or top_p is 0
         self.greedy = greedy or self.temperature == 0 or self.top_p == 0
-        self.seed = None if seed is None else check_count(seed, "seed", 0)
+        self.seed = None if seed is None else check_int("seed", seed, 0)
         self.generator = torch.Generator(device="cpu")
         self._decoder: BatchDecoder | None = None  # standalone push/flush only
         self.reset()
@@ -151,7 +152,7 @@ class IncrementalELLAV:
         if len(ends) != len(units):
             raise InvalidInput(f"end_s has {len(ends)} times for {len(units)} units; give one end time per unit")
         for t in ends:
-            check_number(t, "end_s entries", 0.0)
+            check_number("end_s entries", t, 0.0)
         return units, [float(t) for t in ends]
 
     def add(self, units: Sequence[int], end_s: Sequence[float] | None = None) -> int:
@@ -202,8 +203,8 @@ class IncrementalELLAV:
         n, c = self.received, self.committed
         if c >= n:
             return None
-        # P bounds the prompt of a bounded window only: with C = None the global section must be every known unit,
-        # or the pass's prompt is not offline's and the exact setting (C = L = None) is not exact.
+        # max_pass_units bounds the prompt of a bounded window only: with C = None the global section must be every
+        # known unit, or the pass's prompt is not offline's and the exact setting (C = L = None) is not exact.
         bounded = self.max_pass_units is not None and self.left_context is not None
         e = min(n, c + self.max_pass_units) if bounded else n
         if self.ended and (e == n or self.holdback is None):

@@ -7,7 +7,7 @@ lambda=4500 gives ~10-25 units/s) and 25 ms codec frames.
 
 DEFAULT_LEFT_CONTEXT = 32  # C: committed units kept in each ELLA-V prompt (about 1.5-3 s of speech: the voice)
 DEFAULT_HOLDBACK = 3  # L: units of lookahead the last committed unit sees (spec §5 expects 2-4 to be close)
-DEFAULT_MAX_PASS_UNITS = 32  # P: units after the committed ones that one prompt holds (bounds a backlog's prompt)
+DEFAULT_MAX_PASS_UNITS = 32  # units after the committed ones that one prompt holds (bounds a backlog's prompt)
 DEFAULT_MAX_CODEC_TOKENS_PER_PHONE = 10  # M, as dp-slm's example
 DEFAULT_TEMPERATURE = 1.0  # sampling only (greedy is the default)
 DEFAULT_TOP_P = 0.8

@@ -23,8 +23,8 @@ from dpslm_stream.stream.resynth_defaults import (
     DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD,
 )
 
-# Units of one ELLA-V pass after the committed ones (the server's fixed P, see stream/ellav_stage.py): the hold-back
-# must fit in a pass.
+# Units of one ELLA-V pass after the committed ones (the server's fixed max_pass_units, see stream/ellav_stage.py):
+# the hold-back must fit in a pass.
 MAX_PASS_UNITS = DEFAULT_MAX_PASS_UNITS
 MAX_SEED = 2**63 - 1
 

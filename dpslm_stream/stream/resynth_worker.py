@@ -22,7 +22,6 @@ from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models.ellav import ELLAV
 from dpslm_stream.models.precision import Plan, check_precision, plan_for, transformer_precision
 from dpslm_stream.models.wavtokenizer import WavTokenizer
-from dpslm_stream.stream.checks import check_count
 from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan
 from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 from dpslm_stream.stream.resynth_defaults import (
@@ -32,6 +31,7 @@ from dpslm_stream.stream.resynth_defaults import (
 )
 from dpslm_stream.stream.resynth_session import ResynthSession
 from dpslm_stream.stream.vocoder import IncrementalVocoder, VocoderRunner, VocoderWindow
+from dpslm_stream.validate import check_int
 
 _DTYPES_OK = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -74,9 +74,9 @@ class ResynthWorker:
         if self.vocoder_plan.bulk == "bf16":
             vocoder_dtype = torch.bfloat16
         self.dtype, self.vocoder_dtype = dtype, vocoder_dtype
-        self.max_batch = check_count(max_batch, "max_batch", 1)
-        self.max_decode_steps = check_count(max_decode_steps, "max_decode_steps", 1)
-        self.max_codec_tokens_per_phone = check_count(max_codec_tokens_per_phone, "max_codec_tokens_per_phone", 0)
+        self.max_batch = check_int("max_batch", max_batch, 1)
+        self.max_decode_steps = check_int("max_decode_steps", max_decode_steps, 1)
+        self.max_codec_tokens_per_phone = check_int("max_codec_tokens_per_phone", max_codec_tokens_per_phone, 0)
         self.clock = clock
         self._ellavs: dict[tuple[int, int], ELLAV] = {}
         for key, model in (ellavs or {}).items():
@@ -167,7 +167,7 @@ class ResynthWorker:
         """A new stream for ELLA-V (k, lambda). Validates everything; raises InvalidInput or UnknownModel.
 
         left_context C, holdback L (units; None: unlimited, the exact setting), greedy or sampling (temperature,
-        top_p, seed), trigger_units / trigger_s (when a pass starts), max_pass_units P: see IncrementalELLAV.
+        top_p, seed), trigger_units / trigger_s (when a pass starts), max_pass_units: see IncrementalELLAV.
         vocoder_left_context / vocoder_lookahead / vocoder_min_step (codec frames of 25 ms): see IncrementalVocoder;
         vocoder_left_context=None with a lookahead longer than the stream gives the whole-sequence decode.
         """

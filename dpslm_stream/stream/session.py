@@ -38,6 +38,7 @@ from dpslm_stream.stream.events import FRAME_SECONDS, EndEvent, Event, EventQueu
 from dpslm_stream.stream.frontend import StreamingFrontend
 
 if TYPE_CHECKING:
+    from dpslm_stream.models.ulm import ScoringPool
     from dpslm_stream.models.wavlm import WavLM
 
 SAMPLE_RATE = 16000
@@ -47,6 +48,8 @@ DEFAULT_MAX_LAG_FRAMES = 1500
 # ULM context in the windowed modes: the training chunks held <= 1023 tokens. Exact while the stream has at most
 # this many units; beyond, each unit sees only the most recent ones (Mistral sliding window, see IncrementalScorer).
 DEFAULT_SCORE_CONTEXT = 1023
+# Most ULM tokens per scoring forward: a step commits a few units; longer blocks (the end of a file) are split.
+SCORE_CHUNK = 64
 # Full mode feeds the whole stream's features to DPDP in blocks of this many frames (3 s), a bounded slice each.
 _DPDP_BLOCK = 150
 
@@ -108,11 +111,13 @@ class EncoderSession(EventQueue):
     def __init__(self, *, wavlm: WavLM, runner: WindowRunner, extract_features_steps: Callable, session_id: int,
                  sample_rate: int, k: int, lmbda: int, config: WindowConfig, codebook: Tensor, num_neighbors: int,
                  max_lag: int | None, ulm=None, score_context: int | None = None, keep_features: bool = False,
-                 owner: object = None, clock: Callable[[], float] = time.perf_counter):  # fmt: skip
+                 owner: object = None, clock: Callable[[], float] = time.perf_counter,
+                 scoring_pool: ScoringPool | None = None):  # fmt: skip
         """Built with what it needs: the WavLM, the `WindowRunner` that runs its windows (shared, batched, by the
         worker's `step`), the slice-wise feature function of full mode (`models.wavlm.extract_features_steps`) and
         the clock of its compute times and full mode's slice budget (seconds, monotonic), so a session can be made
-        and tested without an `EncoderWorker`. `owner` only marks which worker may step it."""
+        and tested without an `EncoderWorker`. `owner` only marks which worker may step it. `scoring_pool`: the
+        ULM cache shared with the worker's other sessions of the same ULM and context (default: one of its own)."""
         from dpslm_stream.models.ulm import IncrementalScorer
 
         self.owner = owner
@@ -134,8 +139,8 @@ class EncoderSession(EventQueue):
         self._frontend = StreamingFrontend(model)
         self._encoder = None if self.mode == "full" else WindowedEncoder(runner, config)
         self._dpdp = StreamingDPDP(codebook, lmbda, num_neighbors, max_lag)
-        # Small blocks: a step commits a few units; longer blocks (at the end of a file) are split into 64s.
-        self._scorer = None if ulm is None else IncrementalScorer(ulm, max_context=score_context, chunk=64)
+        self._scorer = None if ulm is None else IncrementalScorer(
+            ulm, max_context=score_context, chunk=SCORE_CHUNK, pool=scoring_pool)
         self.reset()
 
     # -- the caller's side -----------------------------------------------------------------------------------------
@@ -369,3 +374,5 @@ class EncoderSession(EventQueue):
             loglikelihood=self._loglik if self.score else None, forced_commits=self._dpdp.forced_commits,
         ))  # fmt: skip
         self.closed = True
+        if self._scorer is not None:
+            self._scorer.close()  # its cache row goes back to the pool (reset() takes one again)

@@ -19,6 +19,7 @@ from dpslm_stream.models.wavtokenizer import WavTokenizer, check_codes, envelope
 from dpslm_stream.stream.resynth_defaults import (
     DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP,
 )
+from dpslm_stream.validate import check_int
 
 
 class StreamingISTFT:
@@ -161,12 +162,10 @@ class IncrementalVocoder:
 
     def __init__(self, model: WavTokenizer, left_context: int | None = DEFAULT_VOCODER_LEFT_CONTEXT,
                  lookahead: int = DEFAULT_VOCODER_LOOKAHEAD, min_step: int = DEFAULT_VOCODER_MIN_STEP):
-        if not isinstance(lookahead, int) or lookahead < 0:
-            raise InvalidInput(f"lookahead must be an int >= 0 (frames), got {lookahead!r}")
-        if not isinstance(min_step, int) or min_step < 1:
-            raise InvalidInput(f"min_step must be an int >= 1 (frames), got {min_step!r}")
-        if left_context is not None and (not isinstance(left_context, int) or left_context < 0):
-            raise InvalidInput(f"left_context must be an int >= 0 or None (unlimited), got {left_context!r}")
+        check_int("lookahead (frames)", lookahead, 0, kind=int)
+        check_int("min_step (frames)", min_step, 1, kind=int)
+        if left_context is not None:  # None: unlimited
+            check_int("left_context (frames)", left_context, 0, kind=int)
         self.model = model
         self.left_context = left_context
         self.lookahead = lookahead

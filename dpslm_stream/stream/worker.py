@@ -24,10 +24,11 @@ from dpslm_stream.device import DeviceTimer, setup_model_device
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models import wavlm as wavlm_module
 from dpslm_stream.models.precision import check_precision
+from dpslm_stream.models.ulm import ScoringPool, score_blocks
 from dpslm_stream.models.wavlm import WavLM
 from dpslm_stream.pipeline import default_num_neighbors
 from dpslm_stream.stream.encoder import MODES, WindowRunner, window_config
-from dpslm_stream.stream.session import DEFAULT_MAX_LAG_FRAMES, DEFAULT_SCORE_CONTEXT, EncoderSession
+from dpslm_stream.stream.session import DEFAULT_MAX_LAG_FRAMES, DEFAULT_SCORE_CONTEXT, SCORE_CHUNK, EncoderSession
 from dpslm_stream.validate import is_int
 
 _DEFAULT = object()  # "not given" for arguments whose default depends on the mode
@@ -74,6 +75,7 @@ class EncoderWorker:
             for k, lmbda in self._pairs:
                 self._codebook(k)
                 self._ulm(k, lmbda)
+        self._scoring_pools: dict[tuple[tuple[int, int], int | None], ScoringPool] = {}
         self._ids = itertools.count()
         self.compute_seconds = 0.0  # total wall time of step(), for the worker's own real-time factor
 
@@ -141,7 +143,14 @@ class EncoderWorker:
             session_id=next(self._ids), sample_rate=sample_rate, k=key[0], lmbda=key[1], config=config,
             codebook=codebook, num_neighbors=num_neighbors, max_lag=max_lag,
             ulm=self._ulm(*key) if score else None, score_context=score_context, keep_features=bool(keep_features),
+            scoring_pool=self._scoring_pool(key, score_context) if score else None,
         )  # fmt: skip
+
+    def _scoring_pool(self, key: tuple[int, int], score_context: int | None) -> ScoringPool:
+        """The ULM cache the sessions of one (k, lambda) and score context share (rows lent per session)."""
+        if (key, score_context) not in self._scoring_pools:
+            self._scoring_pools[(key, score_context)] = ScoringPool(self._ulm(*key), score_context, SCORE_CHUNK)
+        return self._scoring_pools[(key, score_context)]
 
     # -- compute ---------------------------------------------------------------------------------------------------
 
@@ -197,15 +206,14 @@ class EncoderWorker:
         return hops
 
     def _score(self, sessions: list[EncoderSession]) -> dict[int, tuple[torch.Tensor, float]]:
-        """Per-unit log-probs of every session's new units: one batched forward per ULM (weights read once)."""
-        from dpslm_stream.models.ulm import score_blocks
-
+        """Per-unit log-probs of every session's new units: one batched forward per scoring pool (weights read
+        once, on the pool's persistent cache rows)."""
         groups = defaultdict(list)
         for s in sessions:
             block = s._score_block()
             if block is not None:
                 scorer, units = block
-                groups[(id(scorer.ulm), scorer.max_context)].append((s, scorer, units))
+                groups[id(scorer.pool)].append((s, scorer, units))
         out = {}
         for group in groups.values():
             with DeviceTimer(self.device) as timer:  # synchronizes on CUDA
