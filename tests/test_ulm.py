@@ -254,6 +254,21 @@ def test_unwindowed_pool_grows_and_shrinks_its_slots(model):
                                rtol=1e-5, atol=1e-4)
 
 
+def test_last_scorer_of_a_pool_closes_after_a_long_stream(model):
+    """A scorer alone in its pool (the CLI's batch-1 path) scores past the starting capacity, then closes: its row is
+    emptied, so the pool shrinks back instead of refusing to drop the slots the freed row once held; a new scorer
+    on the same pool starts from nothing."""
+    pool = ScoringPool(model, None, chunk=4)
+    a = IncrementalScorer(model, chunk=4, pool=pool)
+    long = random_units(70, 3)
+    a.push(long)
+    assert pool.cache.capacity >= 71
+    a.close()
+    assert pool.cache.capacity < 71 and int(pool.cache.lengths.max(initial=0)) == 0
+    b = IncrementalScorer(model, chunk=4, pool=pool)
+    torch.testing.assert_close(b.push(long[:9]), IncrementalScorer(model).push(long[:9]), rtol=1e-5, atol=1e-4)
+
+
 def test_loglikelihood_batch_equals_per_utterance(model):
     tok = UnitTokenizer(K)
     batch = [tok.encode(random_units(n, n)) for n in (17, 1, 0, 64, 5)]

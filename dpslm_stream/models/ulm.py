@@ -334,6 +334,7 @@ class ScoringPool:
             if moved is not None:
                 moved._row = i
         self._owners.pop()
+        self.cache.rows(last, last + 1).clear_rows()  # a freed row holds nothing (resize keeps only filled slots)
 
     def _shrink(self) -> None:
         rows, capacity = self.cache.batch_size, self.cache.capacity
