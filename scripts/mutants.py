@@ -120,6 +120,33 @@ def equivalents(group: dict) -> set[str]:
     return set(group.get("equivalent", []))
 
 
+def retest(ws: Path, group: dict, names: list[str]) -> None:
+    """Test each named mutant again in a fresh pytest process (the group's current tests, copied in first), and store
+    the verdict where mutmut keeps it. A check of mutmut's verdicts (its fork server once reported a mutant alive that
+    its own tests fail on) and the quick way to see a new test kill its survivors."""
+    sync_tree(REPO / "tests", ws / "mutants" / "tests")
+    stats = json.loads((ws / "mutants" / "mutmut-stats.json").read_text())["tests_by_mangled_function_name"]
+    for meta in sorted((ws / "mutants").rglob("*.py.meta")):
+        data = json.loads(meta.read_text())
+        for mutant in [n for n in names if n in data["exit_code_by_key"]]:
+            # The tests that ran the function, plus the group's new test files; the dedicated tests/test_mutation_*
+            # files first (small and fast: most mutants fail there).
+            known = stats.get(mutant.partition("__mutmut_")[0], [])
+            files = {t.partition("::")[0] for t in known}
+            new_files = [t for t in group["tests"] if t not in files and t.startswith("tests/test_mutation")]
+            tests = sorted(set(known) | set(new_files), key=lambda t: (not t.startswith("tests/test_mutation"), t))
+            env = dict(os.environ, MUTANT_UNDER_TEST=mutant, PYTHONDONTWRITEBYTECODE="1")
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                   "--timeout=60", "--timeout-method=thread", *tests] if tests else ["false"],
+                                  cwd=ws / "mutants", env=env, capture_output=True, text=True)
+            if proc.returncode not in (0, 1):  # 2-4: pytest itself failed (collection, usage): no verdict
+                print(f"  retest {mutant}: no verdict (pytest exit {proc.returncode})\n{proc.stdout[-2000:]}")
+                continue
+            print(f"  retest {mutant}: {'killed' if proc.returncode else 'survived'}")
+            data["exit_code_by_key"][mutant] = proc.returncode
+            meta.write_text(json.dumps(data, indent=4))
+
+
 def summary(name: str, group: dict, ws: Path) -> dict:
     res = results(ws)
     eq = equivalents(group)
@@ -146,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2 cores)")
     ap.add_argument("--root", type=Path, default=REPO / "build" / "mutation", help="workspace root")
     ap.add_argument("--report", action="store_true", help="only print the stored results")
+    ap.add_argument("--retest", action="store_true",
+                    help="test the stored survivors (or the named mutants) again, one pytest process each")
     ap.add_argument("mutants", nargs="*", help="only these mutant names (fnmatch globs), e.g. to retest survivors")
     args = ap.parse_args(argv)
     names = list(groups) if args.modules == "all" else args.modules.split(",")
@@ -156,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     for name in names:
         group = groups[name]
-        ws = build_workspace(name, group, args.root) if not args.report else args.root / name
-        if not args.report:
+        ws = build_workspace(name, group, args.root) if not (args.report or args.retest) else args.root / name
+        if args.retest:
+            res = results(ws)
+            retest(ws, group, [n for n in res if (n in args.mutants if args.mutants else res[n] == "survived")])
+        elif not args.report:
             selection = list(args.mutants)
             if args.sample > 1 and not selection:
                 # Generate the mutants (a run filtered to nothing would be refused), then pick the sample.
