@@ -111,3 +111,21 @@ def test_check_finite_counts_the_bad_values():
         with pytest.raises(InvalidInput) as err:
             check_finite(x, "chunk")
         assert str(err.value) == "chunk contains 2 non-finite value(s) (NaN or Inf); expected finite samples"
+
+
+def test_streaming_resampler_keeps_its_dtype_and_names_bad_arguments():
+    wide, narrow = StreamingResampler(44100, dtype=torch.float64), StreamingResampler(44100)
+    assert wide.state_nbytes == 2 * narrow.state_nbytes > 0  # the zero padding is held in the stream's dtype
+    same = StreamingResampler(16000, 16000, dtype=torch.float64)
+    assert same.push(np.zeros(3)).dtype == torch.float64 and same.flush().dtype == torch.float64
+    for call, message in [
+        (lambda: StreamingResampler(0), "orig_sr must be a positive integer, got 0"),
+        (lambda: StreamingResampler(16000, -8000), "new_sr must be a positive integer, got -8000"),
+        (lambda: narrow.push(np.zeros(3, dtype=np.int16)),
+         "chunk must hold float samples in [-1, 1], got numpy int16; convert PCM with pcm16_to_float"),
+        (lambda: narrow.push(torch.zeros(3, dtype=torch.int16)),
+         "chunk must hold float samples in [-1, 1], got torch.int16; convert PCM with pcm16_to_float"),
+    ]:
+        with pytest.raises(InvalidInput) as err:
+            call()
+        assert str(err.value) == message
