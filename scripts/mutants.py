@@ -62,6 +62,7 @@ def build_workspace(name: str, group: dict, root: Path) -> Path:
     for doc in ("README.md",):
         shutil.copy2(REPO / doc, ws / doc)
     sync_tree(REPO / "docs", ws / "docs")
+    sync_tree(REPO / "client" / "web", ws / "client" / "web")  # the page the protocol tests compare with
     with open(REPO / "pyproject.toml", "rb") as f:
         pytest_options = tomllib.load(f)["tool"]["pytest"]["ini_options"]
     only = [installed_path(p) for p in group["mutate"]]
@@ -83,7 +84,7 @@ def build_workspace(name: str, group: dict, root: Path) -> Path:
         "timeout_constant = 5.0",
         "use_git_change_detection = false",
         # Files the tests read from the repository root (documentation checks), beside mutmut's default tests/.
-        'also_copy = ["tests", "docs", "README.md", "pyproject.toml"]',
+        'also_copy = ["tests", "docs", "client", "README.md", "pyproject.toml"]',
         "",
         "[tool.pytest.ini_options]",
         f"markers = {json.dumps(pytest_options['markers'])}",
@@ -112,7 +113,9 @@ def results(ws: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for meta in sorted((ws / "mutants").rglob("*.py.meta")):
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            out[name] = status_by_exit_code[code].replace(" ", "_")
+            status = status_by_exit_code[code].replace(" ", "_")
+            # Killed by a signal mutmut has no name for (SIGABRT of an out-of-bounds write): the tests crashed.
+            out[name] = "crashed" if status == "suspicious" and code is not None and code < 0 else status
     return out
 
 
@@ -155,7 +158,7 @@ def summary(name: str, group: dict, ws: Path) -> dict:
         status = "equivalent" if mutant in eq and status == "survived" else status
         counts[status] = counts.get(status, 0) + 1
     tested = len(res) - counts.get("not_checked", 0) - counts.get("equivalent", 0)
-    killed = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
+    killed = sum(counts.get(k, 0) for k in ("killed", "timeout", "segfault", "crashed"))
     counts["total"] = len(res)
     counts["kill_rate"] = round(100.0 * killed / tested, 1) if tested else 0.0
     print(f"{name}: {json.dumps(counts)}")
