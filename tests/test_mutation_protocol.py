@@ -50,6 +50,7 @@ def test_text_frames_up_to_the_byte_limit_are_parsed_and_bytes_are_utf8():
     ('{"type": "end", "\\udc00": 1}', "message"),
     ('{"type": "start", "tags": [1, ["\\ud800"]]}', "field 'tags'"),
     ('{"type": "start", "a": {"b": "\\ud800"}}', "field 'b'"),
+    ('{"type": "start", "a": {"\\ud800": 1}}', "field 'a'"),  # a bad key is named by the field holding it
 ])
 def test_unpaired_surrogates_are_bad_messages_naming_the_field(text, where):
     with pytest.raises(P.ProtocolError) as err:
@@ -70,3 +71,48 @@ def test_float32_frames_are_clipped_on_both_sides_and_bad_ones_say_why():
     with pytest.raises(InvalidInput) as err:
         P.decode_audio(b"\x00\x00", "opus16")
     assert str(err.value) == "format must be one of ('pcm16', 'float32'), got 'opus16'"
+
+
+_START_FIELDS = "['format', 'k', 'lmbda', 'options', 'preset', 'resynth', 'sample_rate', 'score', 'transmit', 'version']"
+_SUB = '{"type": "subscribe", "session": "a", "token": "b"'
+
+
+@pytest.mark.parametrize("text, code, message", [
+    ('{"type": "start", "sample_rate": 16000, "foo": 1}', "bad_message",
+     f"unknown start field(s) ['foo']; expected {_START_FIELDS}"),
+    ('{"type": "start", "sample_rate": 16000, "lambda": 1}', "bad_message",
+     f"unknown start field(s) ['lambda'] (the duration penalty is spelled 'lmbda'); expected {_START_FIELDS}"),
+    ('{"type": "start", "sample_rate": 16000, "preset": 5}', "bad_message", "field 'preset' must be a string, got 5"),
+    ('{"type": "start", "sample_rate": 16000, "score": 1}', "bad_message",
+     "field 'score' must be true or false, got 1"),
+    ('{"type": "start", "sample_rate": 16000, "options": []}', "bad_message",
+     "field 'options' must be an object, got []"),
+    (_SUB + ', "format": 3}', "bad_message", "field 'format' must be a string, got 3"),
+    (_SUB + ', "format": "mp3"}', "bad_message", "subscribe.format 'mp3': expected one of ('units', 'bitstream')"),
+    (_SUB + ', "format": "bitstream", "resynth": {}}', "bad_message",
+     'a bitstream listener resynthesizes on its own side: send "resynth": null with "format": "bitstream"'),
+    (_SUB + ', "resynth": 5}', "bad_message", "field 'subscribe.resynth' must be an object, got 5"),
+    ('{"type": "end", "x": 1}', "bad_message", "end takes no fields, got ['x']"),
+    ('{"type": "nope"}', "unknown_type",
+     "unknown message type 'nope'; expected one of ['start', 'end', 'subscribe'] (audio goes in binary frames)"),
+])
+def test_client_message_errors_have_their_code_and_say_what_is_expected(text, code, message):
+    with pytest.raises(P.ProtocolError) as err:
+        P.parse_client_message(text)
+    assert (err.value.code.value, str(err.value)) == (code, message)
+
+
+def test_subscribe_resynth_is_for_units_listeners_only():
+    assert P.parse_client_message(_SUB + ', "format": "units", "resynth": {}}').resynth == {}
+    assert P.parse_client_message(_SUB + ', "format": "bitstream"}').format == "bitstream"
+
+
+def test_server_message_errors_quote_the_type_and_at_most_200_characters():
+    text = '{"type": "' + "z" * 300 + '"}'
+    with pytest.raises(P.ProtocolError) as err:
+        P.parse_server_message(text)
+    assert err.value.code == P.ErrorCode.UNKNOWN_TYPE and str(err.value) == f"unknown server message: {text[:200]}"
+    with pytest.raises(P.ProtocolError) as err:
+        P.parse_server_message('{"type": "unit"}')
+    assert err.value.code == P.ErrorCode.BAD_MESSAGE
+    assert str(err.value).startswith("server message 'unit' is missing fields: ")
