@@ -116,3 +116,14 @@ def test_server_message_errors_quote_the_type_and_at_most_200_characters():
         P.parse_server_message('{"type": "unit"}')
     assert err.value.code == P.ErrorCode.BAD_MESSAGE
     assert str(err.value).startswith("server message 'unit' is missing fields: ")
+
+
+def test_start_transmit_is_parsed_with_its_defaults_and_bad_options_are_bad_settings():
+    start = '{"type": "start", "sample_rate": 16000, "transmit": %s}'
+    assert P.parse_client_message(start % "null").transmit is None
+    assert P.parse_client_message(start % "{}").transmit == {"coder": "uniform", "packet_ms": 100, "resync_s": 5.0,
+                                                              "durations": False}
+    with pytest.raises(P.ProtocolError) as err:
+        P.parse_client_message(start % '{"nope": 1}')
+    assert err.value.code == P.ErrorCode.BAD_SETTINGS
+    assert str(err.value) == "start.transmit: unknown transmit option 'nope'; known: coder, packet_ms, resync_s, durations"
