@@ -127,3 +127,17 @@ def test_start_transmit_is_parsed_with_its_defaults_and_bad_options_are_bad_sett
         P.parse_client_message(start % '{"nope": 1}')
     assert err.value.code == P.ErrorCode.BAD_SETTINGS
     assert str(err.value) == "start.transmit: unknown transmit option 'nope'; known: coder, packet_ms, resync_s, durations"
+
+
+def test_bitstream_frames_round_trip_and_malformed_ones_are_bad_messages():
+    assert P.encode_bitstream_frame("header", b"h") == b"\x02\x00h"
+    assert P.encode_bitstream_frame("packet", b"xy") == b"\x02\x01xy"
+    assert P.decode_bitstream_frame(b"\x02\x01xy") == P.BitstreamFrame("packet", b"xy")
+    assert P.decode_server_binary(b"\x02\x00h") == P.BitstreamFrame("header", b"h")
+    chunk = P.decode_server_binary(P.encode_audio_chunk(3, 160, b"\x00\x40"))
+    assert isinstance(chunk, P.AudioChunk) and (chunk.seq, chunk.start_sample) == (3, 160)
+    for bad in (b"\x02\x01", b"\x02\x02z", b"\x03\x00z"):
+        with pytest.raises(P.ProtocolError) as err:
+            P.decode_bitstream_frame(bad)
+        assert err.value.code == P.ErrorCode.BAD_MESSAGE
+        assert str(err.value) == f"binary server frame of {len(bad)} bytes is not a bitstream frame"
