@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 GPU_PYTHON ?= 3.12
 GPU_WHEELS ?= soundfile cffi pycparser websockets
 
-.PHONY: demo test typecheck install bench clean gpu-wheels gpu-check
+.PHONY: demo test typecheck install bench clean gpu-wheels gpu-check mutants
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,12 @@ gpu-check:
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Mutation testing of the core modules (docs/mutation.md), one group per call: `make mutants MODULES=dpdp`
+# (groups: pyproject's [tool.dpslm-mutants.groups]; MODULES=all runs every group). SAMPLE=N tests a deterministic
+# 1/N sample of the mutants. Not part of `make test`/CI: it takes minutes to tens of minutes per group on 2 cores.
+MODULES ?= dpdp
+SAMPLE ?= 1
+mutants: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[mutation]"
+	$(BIN)/python scripts/mutants.py --modules $(MODULES) --sample $(SAMPLE)
