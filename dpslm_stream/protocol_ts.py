@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 
 from dpslm_stream import protocol as P
+from dpslm_stream.protocol import messages
 from dpslm_stream.codec.link import TransmitOptions
 
 OUT = Path("clients") / "typescript" / "src" / "protocol.ts"  # relative to the repository root
@@ -99,11 +100,11 @@ def _const(name: str, value: object, doc: str | None = None) -> list[str]:
 def render() -> str:
     """The TypeScript module, as text."""
     client_types = typing.get_args(P.ClientMessage)
-    server_types = tuple(P._SERVER_TYPES.values())
+    server_types = tuple(messages._SERVER_TYPES.values())
     out = [
-        "// The live units protocol, generated from dpslm_stream/protocol.py by `python -m dpslm_stream.protocol_ts`.",
-        "// Do not edit: change protocol.py and regenerate (`npm run generate`); tests/test_protocol_ts.py checks that",
-        "// this file equals the generator's output. docs/protocol.md explains every message for people.",
+        "// The live units protocol, generated from dpslm_stream/protocol/ by `python -m dpslm_stream.protocol_ts`.",
+        "// Do not edit: change dpslm_stream/protocol/ and regenerate (`npm run generate`); tests/test_protocol_ts.py",
+        "// checks that this file equals the generator's output. docs/protocol.md explains every message for people.",
         "",
     ]
     out += _const("PROTOCOL_VERSION", P.PROTOCOL_VERSION)

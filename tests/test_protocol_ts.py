@@ -1,4 +1,4 @@
-"""The TypeScript client's protocol module is generated from dpslm_stream/protocol.py (dpslm_stream/protocol_ts.py):
+"""The TypeScript client's protocol module is generated from dpslm_stream/protocol/ (dpslm_stream/protocol_ts.py):
 the committed clients/typescript/src/protocol.ts must equal the generator's output, so the two cannot drift. The
 page's compiled copy (client/web/protocol.js) carries the same constants; `npm test` checks it equals a fresh build."""
 

@@ -1,6 +1,6 @@
 // The browser page of the live units server, built on the TypeScript client package (clients/typescript): its
 // compiled ES modules sit next to this file (`npm run sync-web` copies them; `npm test` checks the copies equal a
-// fresh build), so the page speaks exactly the protocol of dpslm_stream/protocol.py (protocol.js is generated from it).
+// fresh build), so the page speaks exactly the protocol of dpslm_stream/protocol/ (protocol.js is generated from it).
 // UnitsClient sends start -> ready, the audio frames, end -> remaining units (and audio), end message; it checks the
 // units' seq and the audio's contiguity, and reconnects and resumes the session if the connection drops (when the
 // server offers it). The microphone: Pcm16Capture (AudioWorklet, PCM16 at the device's rate) or, with ?format=opus,

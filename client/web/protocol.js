@@ -1,6 +1,6 @@
-// The live units protocol, generated from dpslm_stream/protocol.py by `python -m dpslm_stream.protocol_ts`.
-// Do not edit: change protocol.py and regenerate (`npm run generate`); tests/test_protocol_ts.py checks that
-// this file equals the generator's output. docs/protocol.md explains every message for people.
+// The live units protocol, generated from dpslm_stream/protocol/ by `python -m dpslm_stream.protocol_ts`.
+// Do not edit: change dpslm_stream/protocol/ and regenerate (`npm run generate`); tests/test_protocol_ts.py
+// checks that this file equals the generator's output. docs/protocol.md explains every message for people.
 export const PROTOCOL_VERSION = 2;
 export const SUPPORTED_VERSIONS = [1, 2];
 /** the session WebSocket */
@@ -68,13 +68,13 @@ export const ErrorCode = {
     UNAUTHORIZED: "unauthorized",
     FORBIDDEN_ORIGIN: "forbidden_origin",
 };
-export const CLOSE_NORMAL = 1000;
 export const CLOSE_GOING_AWAY = 1001;
+export const CLOSE_INTERNAL = 1011;
+export const CLOSE_INVALID_DATA = 1007;
+export const CLOSE_NORMAL = 1000;
 export const CLOSE_POLICY = 1008;
 export const CLOSE_TOO_BIG = 1009;
-export const CLOSE_INTERNAL = 1011;
 export const CLOSE_TRY_AGAIN = 1013;
-export const CLOSE_INVALID_DATA = 1007;
 /** The WebSocket close code of each fatal error code (the others are not fatal). */
 export const CLOSE_CODES = {
     buffer_full: 1008,

@@ -1,6 +1,6 @@
 // The bytes on the wire: audio frames the client sends (PCM16 / float32 little-endian), the binary frames the server
 // sends (resynthesized audio chunks, unit bitstream frames) and the parsing of the server's JSON messages. The
-// mirror of dpslm_stream/protocol.py's encode_audio / decode_audio_chunk / decode_bitstream_frame /
+// mirror of dpslm_stream/protocol's encode_audio / decode_audio_chunk / decode_bitstream_frame /
 // parse_server_message; written by hand because it is a few DataView reads (no library adds anything here).
 import { AUDIO_FRAME_KIND, AUDIO_HEADER_BYTES, BITSTREAM_FRAME_KIND, BITSTREAM_PARTS, ErrorCode, RESYNTH_SAMPLE_RATE, SERVER_REQUIRED_FIELDS, } from "./protocol.js";
 /** A message that breaks the protocol; `code` is an ErrorCode value. */

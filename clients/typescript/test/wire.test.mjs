@@ -1,4 +1,4 @@
-// The bytes on the wire, checked against dpslm_stream/protocol.py itself (run in a subprocess) and by hand.
+// The bytes on the wire, checked against dpslm_stream/protocol/ itself (run in a subprocess) and by hand.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import * as P from "../dist/protocol.js";
