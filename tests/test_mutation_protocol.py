@@ -73,7 +73,7 @@ def test_float32_frames_are_clipped_on_both_sides_and_bad_ones_say_why():
     assert str(err.value) == "format must be one of ('pcm16', 'float32'), got 'opus16'"
 
 
-_START_FIELDS = "['format', 'k', 'lmbda', 'options', 'preset', 'resynth', 'sample_rate', 'score', 'transmit', 'version']"
+_START_FIELDS = "['container', 'format', 'k', 'lmbda', 'options', 'preset', 'resynth', 'sample_rate', 'score', 'transmit', 'version']"
 _SUB = '{"type": "subscribe", "session": "a", "token": "b"'
 
 
@@ -94,7 +94,7 @@ _SUB = '{"type": "subscribe", "session": "a", "token": "b"'
     (_SUB + ', "resynth": 5}', "bad_message", "field 'subscribe.resynth' must be an object, got 5"),
     ('{"type": "end", "x": 1}', "bad_message", "end takes no fields, got ['x']"),
     ('{"type": "nope"}', "unknown_type",
-     "unknown message type 'nope'; expected one of ['start', 'end', 'subscribe'] (audio goes in binary frames)"),
+     "unknown message type 'nope'; expected one of ['start', 'end', 'subscribe', 'resume'] (audio goes in binary frames)"),
 ])
 def test_client_message_errors_have_their_code_and_say_what_is_expected(text, code, message):
     with pytest.raises(P.ProtocolError) as err:
@@ -122,11 +122,11 @@ def test_start_transmit_is_parsed_with_its_defaults_and_bad_options_are_bad_sett
     start = '{"type": "start", "sample_rate": 16000, "transmit": %s}'
     assert P.parse_client_message(start % "null").transmit is None
     assert P.parse_client_message(start % "{}").transmit == {"coder": "uniform", "packet_ms": 100, "resync_s": 5.0,
-                                                              "durations": False}
+                                                              "durations": False, "termination": "packet"}
     with pytest.raises(P.ProtocolError) as err:
         P.parse_client_message(start % '{"nope": 1}')
     assert err.value.code == P.ErrorCode.BAD_SETTINGS
-    assert str(err.value) == "start.transmit: unknown transmit option 'nope'; known: coder, packet_ms, resync_s, durations"
+    assert str(err.value) == "start.transmit: unknown transmit option 'nope'; known: coder, packet_ms, resync_s, durations, termination"
 
 
 def test_bitstream_frames_round_trip_and_malformed_ones_are_bad_messages():
