@@ -128,7 +128,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                f"resume it (its slot stays taken; 0 = no resume; default {d.resume_grace_s:g})")
     field("resume_outbox_bytes", type=int,
           help="per resumable session: bytes of recent units/audio kept for a replay, and bytes it may "
-               "produce while parked before it ends (at most half of --max-outgoing-bytes; default "
+               "produce while parked before it ends (a replay, at most twice this, is not counted against "
+               "--max-outgoing-bytes; default "
                f"{d.resume_outbox_bytes})")  # fmt: skip
     field("allow_tf32", help="CUDA: let matmuls and convolutions use TF32 (faster on Ampere and later; results then "
                              "differ from the exact fp32 path at ~1e-3; default off)")  # fmt: skip
