@@ -996,3 +996,20 @@ def test_the_end_and_close_are_kept_for_a_resume_after_the_end():
 def test_handed_over():
     s = Session("s2", ServerConfig(), SERVER, now=0.0)
     assert s.handed_over(0.1) == [] and (s.state, s.outcome) == (State.GONE, "handed_over")
+
+
+def test_the_start_deadline_excludes_a_listeners_open_too():
+    s = session(start_timeout_s=1.0, idle_timeout_s=30.0)
+    text(s, {"type": "subscribe", "session": "abc", "token": "t"}, 0.5)
+    assert not s.reading and s.tick(3.0) == []
+    refused(s.subscribe_failed(E.BAD_SETTINGS, "resynthesis cannot open", 5.0), E.BAD_SETTINGS,
+            "resynthesis cannot open")  # fmt: skip
+    assert s.reading and s.next_deadline() == pytest.approx(5.5)  # 1 s of the client's own time, 4.5 s excluded
+    assert s.tick(5.49) == [] and one_error(s.tick(5.5)).code == E.START_TIMEOUT.value
+
+
+def test_an_ack_due_with_the_session_time_limit_is_kept():
+    s, _ = resumable(max_session_s=5.0)
+    s.receive_binary(pcm(0.1), 4.9)
+    out = s.tick(5.0)
+    assert [type(m) for m in sent(out)] == [P.Ack, P.Error] and out[-1] == A.RequestEnd()
