@@ -30,7 +30,7 @@ from dpslm_stream.stream.resynth_events import ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
 from test_resume_core import audio, resumable, resume_msg
-from test_session_core import CACHED, FULL, SERVER, SR, FakeStream, end_event, kinds, pcm, sent, session, start, unit
+from test_session_core import CACHED, FULL, SERVER, SR, FakeStream, codes, end_event, kinds, pcm, sent, session, start, unit
 
 E = P.ErrorCode
 NO_OPUS = dataclasses.replace(SERVER, opus=False)
@@ -1013,3 +1013,14 @@ def test_an_ack_due_with_the_session_time_limit_is_kept():
     s.receive_binary(pcm(0.1), 4.9)
     out = s.tick(5.0)
     assert [type(m) for m in sent(out)] == [P.Ack, P.Error] and out[-1] == A.RequestEnd()
+
+
+def test_units_over_while_streaming_ends_and_waits_for_the_audio():
+    s = session()
+    start(s, rstream=FakeStream(), resynth={})
+    s.receive_binary(pcm(0.5), 0.1)
+    out = s.encoder_events([unit(0, 10), end_event(25, 1)], Progress(finished=True), 0.2)  # no end from the client
+    assert A.EndResynth() in out and A.ListenersDone(gone=False) in out and s.state == State.ENDING
+    assert s.shutdown(0.3) == [] and codes(s.tick(10**4)) == []  # ending already: the audio of its units still comes
+    end = sent(s.resynth_events([resynth_end()], None, 0.4))[-1]
+    assert end.reason == "end" and end.units == 1
