@@ -177,8 +177,16 @@ def test_compare_measures_against_offline_layer_11_and_a_seeded_dither(worker, p
 
 
 def tiny_wavlm(**changes) -> wavlm.WavLM:
+    """A tiny random WavLM whose LayerNorms are not the identity either (their default init is weight 1, bias 0:
+    a second normalisation of normalised frames would change nothing)."""
     torch.manual_seed(0)
-    return wavlm.WavLM(dataclasses.replace(wavlm.TINY, **changes)).eval()
+    model = wavlm.WavLM(dataclasses.replace(wavlm.TINY, **changes)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+    return model
 
 
 @pytest.fixture(scope="module")
