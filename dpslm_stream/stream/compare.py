@@ -118,6 +118,9 @@ def edit_distance(a: list[int], b: list[int]) -> int:
 def agreement(features: Tensor, reference: Tensor, codebook: Tensor, lmbda: float, num_neighbors: int) -> dict:
     """The four agreement figures of `features` against `reference` (both [T, D] layer-11 frames of one audio)."""
     t = min(features.shape[0], reference.shape[0])
+    if t == 0:  # nothing to compare (DPDP refuses an empty input): nothing disagrees
+        return {"frames": 0, "frame_agreement": 1.0, "kmeans_agreement": 1.0, "unit_error_rate": 0.0,
+                "feature_cosine": 1.0}  # fmt: skip
     a, b = features[:t].float(), reference[:t].float()
     codebook = codebook.to(a.device)
     a_units, b_units = dpdp(a, codebook, lmbda, num_neighbors), dpdp(b, codebook, lmbda, num_neighbors)
@@ -125,10 +128,10 @@ def agreement(features: Tensor, reference: Tensor, codebook: Tensor, lmbda: floa
     a_dedup, b_dedup = deduplicate(a_units)[0].tolist(), deduplicate(b_units)[0].tolist()
     return {
         "frames": t,
-        "frame_agreement": float((a_units == b_units).float().mean()) if t else 1.0,
-        "kmeans_agreement": float((a_near == b_near).float().mean()) if t else 1.0,
+        "frame_agreement": float((a_units == b_units).float().mean()),
+        "kmeans_agreement": float((a_near == b_near).float().mean()),
         "unit_error_rate": edit_distance(a_dedup, b_dedup) / max(1, len(b_dedup)),
-        "feature_cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean()) if t else 1.0,
+        "feature_cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean()),
     }
 
 
