@@ -76,7 +76,11 @@ def build_workspace(name: str, group: dict, root: Path) -> Path:
         # A mutant that makes a test wait forever (an idle wait burns no CPU, so mutmut's CPU-time limit never fires)
         # fails it after 60 s: it is detected, like any failure.
         # thread method: it also ends a test blocked in C (a lock), where a signal handler would never run.
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x", "--timeout=60", "--timeout-method=thread"]',
+        # A group whose tests are slow (model parity on a loaded machine, where mutmut's stats run also traces every
+        # call) sets a longer `timeout` in pyproject: pytest-timeout ends the whole pytest process (os._exit) when it
+        # fires, which aborts mutmut's stats collection.
+        f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x", "--timeout={per_test_timeout(group)}", '
+        '"--timeout-method=thread"]',
         # Each mutant runs in a child of a clean fork server (tests collected, none run): forking the process that
         # ran the tests (threads of servers, torch pools) left children deadlocked on locks held at the fork.
         'process_isolation = "forkserver"',
@@ -92,6 +96,11 @@ def build_workspace(name: str, group: dict, root: Path) -> Path:
     ])
     (ws / "pyproject.toml").write_text(text)
     return ws
+
+
+def per_test_timeout(group: dict) -> int:
+    """pytest-timeout's limit per test, in seconds: the group's `timeout` (default 60)."""
+    return int(group.get("timeout", 60))
 
 
 def sampled(names: list[str], every: int) -> list[str]:
@@ -139,8 +148,9 @@ def retest(ws: Path, group: dict, names: list[str]) -> None:
             new_files = [t for t in group["tests"] if t not in files and t.startswith("tests/test_mutation")]
             tests = sorted(set(known) | set(new_files), key=lambda t: (not t.startswith("tests/test_mutation"), t))
             env = dict(os.environ, MUTANT_UNDER_TEST=mutant, PYTHONDONTWRITEBYTECODE="1")
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                   "--timeout=60", "--timeout-method=thread", *tests] if tests else ["false"],
+            limit = f"--timeout={per_test_timeout(group)}"
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", limit,
+                                   "--timeout-method=thread", *tests] if tests else ["false"],
                                   cwd=ws / "mutants", env=env, capture_output=True, text=True)
             if proc.returncode not in (0, 1):  # 2-4: pytest itself failed (collection, usage): no verdict
                 print(f"  retest {mutant}: no verdict (pytest exit {proc.returncode})\n{proc.stdout[-2000:]}")

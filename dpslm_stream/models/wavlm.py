@@ -751,7 +751,7 @@ def load_checkpoint_dict(
         raise CheckpointError(f"WavLM checkpoint must be a dict with keys 'cfg' and 'model', got {type(ckpt).__name__}")
     for key in ("cfg", "model"):
         if key not in ckpt:
-            raise CheckpointError(f"WavLM checkpoint has no {key!r} entry (found keys {sorted(ckpt)})")
+            raise CheckpointError(f"WavLM checkpoint has no {key!r} entry (found keys {sorted(ckpt, key=str)})")
     cfg = WavLMConfig.from_dict(ckpt["cfg"])
     state = ckpt["model"]
     if not isinstance(state, dict):
@@ -764,8 +764,10 @@ def load_checkpoint_dict(
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    # A weights-only file may hold lists, numbers or strings where tensors belong: say so instead of crashing.
     misshaped = [
-        f"{k}: {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+        f"{k}: {tuple(v.shape) if isinstance(v, Tensor) else 'a ' + type(v).__name__} "
+        f"(expected {'' if isinstance(v, Tensor) else 'a tensor of shape '}{tuple(expected[k].shape)})"
         for k, v in state.items()
         if k in expected and (not isinstance(v, Tensor) or v.shape != expected[k].shape)
     ]

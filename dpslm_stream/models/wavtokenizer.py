@@ -495,7 +495,9 @@ KEPT_KEYS_DOC = "backbone.*, head.*, feature_extractor.encodec.quantizer.vq.laye
 TRAINING_ONLY_MARKER = "multiperioddisc.discriminators.0.conv_post.bias"
 
 
-def _is_kept(key: str) -> bool:
+def _is_kept(key: object) -> bool:
+    if not isinstance(key, str):  # a weights-only file may have other keys: never ours
+        return False
     return key.startswith(KEPT_PREFIXES) or (
         key.startswith("feature_extractor.encodec.quantizer.vq.layers.") and key.endswith("._codebook.embed")
     )
@@ -513,6 +515,13 @@ def load_checkpoint_dict(
         raise CheckpointError("expected a PyTorch-Lightning checkpoint dict with a 'state_dict' entry")
     full = ckpt["state_dict"]
     sd = {k: v for k, v in full.items() if _is_kept(k)}
+    # A weights-only file may hold lists, numbers or strings where tensors belong: say so instead of crashing.
+    not_tensors = sorted(k for k, v in sd.items() if not isinstance(v, Tensor))
+    if not_tensors:
+        raise CheckpointError(
+            f"WavTokenizer checkpoint entries are not tensors: {', '.join(not_tensors[:8])}"
+            + (", ..." if len(not_tensors) > 8 else "")
+        )
     cfg = config if config is not None else WavTokenizerConfig.from_state_dict(sd)
     # Upstream loads the whole feature_extractor strictly; of it we use only `embed`, but a file without the
     # codebook's other buffers is not a WavTokenizer checkpoint (or is truncated), so say so.
