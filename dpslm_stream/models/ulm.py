@@ -234,12 +234,13 @@ class ULM(Transformer):
             raise InvalidInput(f"ids must be integers, got {ids.dtype}")
         if ids.numel() == 0:
             raise InvalidInput("ids is empty; it must start with BOS (0): use tokenizer.encode(units)")
+        ids = ids.long()  # numpy's uint16/uint32 arrays become torch dtypes without min/max kernels
         if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
             raise InvalidInput(
                 f"token ids must lie in 0..{self.config.vocab_size - 1} (BOS = 0, unit u = u + 1), "
                 f"got min {int(ids.min())} max {int(ids.max())}"
             )
-        return ids.to(device=self.device, dtype=torch.long)
+        return ids.to(self.device)
 
 
 class ScoringPool:
