@@ -29,12 +29,14 @@ class EncoderSessionInfo:
     hop: int
     lookahead: int
     max_lag: int | None
+    precision: str = "exact"  # what the session's windows run in: the worker's --encoder-precision, exact in mode full
 
     @classmethod
     def of(cls, session: Any) -> "EncoderSessionInfo":
         """The info of an EncoderSession (dpslm_stream.stream.session)."""
         c = session.config
-        return cls(int(session.k), int(session.lmbda), c.mode, c.left, c.hop, c.lookahead, session.max_lag)
+        return cls(int(session.k), int(session.lmbda), c.mode, c.left, c.hop, c.lookahead, session.max_lag,
+                   str(session.precision))  # fmt: skip
 
 
 class Progress:

@@ -73,7 +73,8 @@ class EncoderReplica(ShardReplica):
         if config.models == "full":  # benchmarks: WavLM-Large dimensions with RANDOM weights (dpslm_stream.bench._models)
             from dpslm_stream.bench._models import full_size_encoder_worker
 
-            self.worker = full_size_encoder_worker(config.device, allow_tf32=config.allow_tf32)
+            self.worker = full_size_encoder_worker(config.device, allow_tf32=config.allow_tf32,
+                                                   precision=config.encoder_precision)  # fmt: skip
         else:
             self.worker = build_encoder(config)
         if config.warmup:

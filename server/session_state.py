@@ -413,4 +413,7 @@ class SessionState:
                       "queued": self.queued_samples, "progress": self.progress, "listeners": self.listeners}  # fmt: skip
         buffers = self.outgoing_bytes + (self.opus.state_nbytes if self.opus is not None else 0)  # + partial Opus pages
         stats = self.report.stats(now - self.started_at, sender, buffers, lag)
-        return dataclasses.replace(stats, transmit=self.tx_stats) if self.tx_stats is not None else stats
+        precision = self.info.precision if sender is not None and self.info is not None else None
+        resynth_precision = (self.resynth_settings or {}).get("precision")
+        return dataclasses.replace(stats, transmit=self.tx_stats, precision=precision,
+                                   resynth_precision=resynth_precision)  # fmt: skip

@@ -110,5 +110,5 @@ def sender_settings(start: P.Start, info: EncoderSessionInfo, resynth: dict | No
             "preset": start.preset, "score": start.score, "frame_rate": P.FRAME_RATE, "mode": info.mode,
             "left": None if full else info.left, "hop": None if full else info.hop,
             "lookahead": None if full else info.lookahead, "max_lag": info.max_lag,
-            "num_neighbors": default_num_neighbors(info.k), "resynth": resynth,
+            "num_neighbors": default_num_neighbors(info.k), "precision": info.precision, "resynth": resynth,
             **({"container": start.container} if start.format == "opus" else {})}  # fmt: skip

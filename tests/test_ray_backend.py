@@ -237,3 +237,29 @@ def test_the_whole_service_as_one_serve_application(ray_encoder):
     units = [m.unit for m in msgs if isinstance(m, P.Unit)]
     assert units == Pipeline(ModelSet("tiny"), 500, 4500).encode(WAV, SR, score=False).units
     assert any(isinstance(m, P.AudioChunk) for m in msgs) and msgs[-1].resynth["error"] is None
+
+
+def test_precisions_reach_the_ray_replicas_and_are_reported(ray_encoder):
+    """`serve --backend ray --precision fast --encoder-precision fast`: the replicas build their models in those
+    precisions and ready/stats report them as in-process (tests/test_ray_gateway.py checks the same without Ray,
+    and that the units equal the in-process server's)."""
+    from dpslm_stream.server.ray_backend import deploy
+
+    cfg = ServerConfig(port=0, models="tiny", max_sessions=2, warmup=False, idle_timeout_s=30, precision="fast",
+                       encoder_precision="fast")  # fmt: skip
+    service = deploy(cfg, name="dpslm-test-precision", gateway=False, shard_cpus=0.3)
+
+    async def main(url):
+        async with UnitsClient(url, sample_rate=SR, format="float32", resynth={}) as c:
+            msgs = [m async for m in c.stream(chunked(WAV, SR, 100))]
+            return c.ready.settings, msgs
+
+    try:
+        with ServerThread(cfg, encoder=service.encoder, resynth=service.resynth) as srv:
+            settings, msgs = run(main(srv.url))
+    finally:
+        service.delete()
+    end = msgs[-1]
+    assert end.reason == "end" and end.resynth["error"] is None and any(isinstance(m, P.Unit) for m in msgs)
+    assert (settings["precision"], settings["resynth"]["precision"]) == ("fast", "fast")
+    assert (end.stats["precision"], end.stats["resynth_precision"]) == ("fast", "fast")

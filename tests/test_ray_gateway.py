@@ -104,3 +104,45 @@ def test_the_replicas_build_their_models_from_the_config_as_the_in_process_serve
     cfg = ServerConfig(port=0, models="tiny", warmup=False, precision="fast", dtype="bfloat16")
     assert ResynthReplica(cfg).worker.precision == "fast"
     assert str(EncoderReplica(cfg).worker.dtype) == "torch.bfloat16"
+    fast = ServerConfig(port=0, models="tiny", warmup=False, encoder_precision="fast")
+    assert EncoderReplica(fast).worker.runner.precision_plan.precision == "fast"
+    assert EncoderReplica(cfg).worker.runner.precision_plan.precision == "exact"
+
+
+async def _precision_session(url, mode):
+    """ready.settings' and the final stats' precision fields of one resynthesized session, and its units."""
+    async with UnitsClient(url, sample_rate=SR, format="float32", options={"mode": mode}, resynth={}) as c:
+        msgs = [m async for m in c.stream(chunked(WAV, SR, 100))]
+        ready = c.ready.settings
+    end = msgs[-1]
+    assert end.reason == "end" and end.resynth["error"] is None
+    reported = (ready["precision"], ready["resynth"]["precision"], end.stats["precision"],
+                end.stats["resynth_precision"])  # fmt: skip
+    return reported, [m.unit for m in msgs if isinstance(m, protocol.Unit)]
+
+
+def test_precisions_are_reported_in_ready_and_stats_alike_through_ray_and_in_process():
+    """--encoder-precision and --precision reach the replicas (their models are built from the config) and are
+    reported as the in-process server reports them: ready.settings.precision / .resynth.precision and the stats'
+    precision / resynth_precision; mode full is the offline float32 computation whatever the encoder's precision."""
+    cfg = ServerConfig(port=0, models="tiny", max_sessions=2, warmup=False, idle_timeout_s=30, precision="fast",
+                       encoder_precision="fast")  # fmt: skip
+    encoder_handle = FakeHandle(EncoderReplica(cfg))
+    encoder = RayEncoder([encoder_handle], encoder_handle.replica.describe())
+    resynth = RayResynth([FakeHandle(ResynthReplica(cfg))])
+    with ServerThread(cfg, encoder=encoder, resynth=resynth) as srv:
+        ray_cached, ray_full = (run(_precision_session(srv.url, mode)) for mode in ("cached", "full"))
+    with ServerThread(cfg) as srv:
+        local_cached = run(_precision_session(srv.url, "cached"))
+    assert ray_cached[0] == local_cached[0] == ("fast", "fast", "fast", "fast")
+    assert ray_full[0] == ("exact", "fast", "exact", "fast")
+    assert ray_cached[1] == local_cached[1] and ray_cached[1]  # one session alone: the same int8 arithmetic
+    assert ray_full[1] == offline_units(WAV, SR)
+    with ServerThread(ServerConfig(port=0, models="tiny", warmup=False, resynth=False)) as srv:
+        async def units_only(url):
+            async with UnitsClient(url, sample_rate=SR, format="float32") as c:
+                msgs = [m async for m in c.stream(chunked(WAV, SR, 100))]
+                return c.ready.settings, msgs[-1].stats
+        settings, stats = run(units_only(srv.url))
+    assert (settings["precision"], settings["resynth"], stats["precision"], stats["resynth_precision"]) == \
+        ("exact", None, "exact", None)  # fmt: skip

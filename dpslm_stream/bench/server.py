@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> None:
         from dpslm_stream.server.ray_backend import deploy
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        encoder = deploy(dataclasses.replace(cfg, models=args.models, pairs=((500, 4500),), resynth=False),
+        encoder = deploy(dataclasses.replace(cfg, models=args.models, pairs=((500, 4500),), resynth=False,
+                                             encoder_precision=args.precision),
                          name="dpslm-bench", gateway=False, num_cpus=os.cpu_count(), shard_cpus=1.0).encoder  # fmt: skip
         label += ", encoder on Ray Serve (local, one replica)"
     else:

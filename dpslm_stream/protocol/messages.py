@@ -262,6 +262,8 @@ class Stats:
     resynth_rtf: float | None = None  # resynthesis compute per second of audio made (> 1: slower than real time)
     listeners: int = 0  # sender: listeners subscribed now
     transmit: dict | None = None  # start.transmit: packets, payload_bps, on_wire_bps, ideal_bps, authors_bitrate...
+    precision: str | None = None  # sender: what its encoder runs in (exact/fast, = ready.settings.precision)
+    resynth_precision: str | None = None  # what its resynthesis runs in (= ready.settings.resynth.precision)
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,9 @@ class EncoderSession(EventQueue):
         self._resampler = StreamingResampler(sample_rate, SAMPLE_RATE, dtype=torch.float32)
         self._frontend = StreamingFrontend(model)
         self._encoder = None if self.mode == "full" else WindowedEncoder(runner, config)
+        # What the session's windows run in (reported in ready/stats): mode full is the offline float32 computation
+        # whatever the worker's precision.
+        self.precision = "exact" if self._encoder is None else runner.precision_plan.precision
         self._dpdp = StreamingDPDP(codebook, lmbda, num_neighbors, max_lag)
         self._scorer = None if ulm is None else IncrementalScorer(
             ulm, max_context=score_context, chunk=SCORE_CHUNK, pool=scoring_pool)

@@ -273,6 +273,10 @@ export interface Stats {
   listeners: number;
   /** start.transmit: packets, payload_bps, on_wire_bps, ideal_bps, authors_bitrate... */
   transmit: Record<string, unknown> | null;
+  /** sender: what its encoder runs in (exact/fast, = ready.settings.precision) */
+  precision: string | null;
+  /** what its resynthesis runs in (= ready.settings.resynth.precision) */
+  resynth_precision: string | null;
 }
 
 /** Server -> client: ``code`` (ErrorCode value), a message that says what was wrong and what is expected. */
