@@ -17,9 +17,9 @@ Sections:
 2. live: N streams in real time (units arrive on the wall clock); per-unit latency = arrival of a unit -> its
    audio complete (hold-back wait + vocoder lookahead + compute), first-audio latency, final resynthesis lag.
    First audio of one stream also on a CPU clock (units arrive on a clock that advances by the worker's CPU time
-   only: what an unloaded single-thread machine would show), split into waiting for units, prefill, decode steps
-   and vocoder, for the settings given and for the schedule before the first-audio changes (first window at
-   min_step, no early end of a step's decode steps, the first unit waiting for L like every unit).
+   only: what an unloaded single-thread machine would show; CPU devices only), split into waiting for units,
+   prefill, decode steps and vocoder, for the settings given and for the schedule before the first-audio changes
+   (first window at min_step, no early end of a step's decode steps, the first unit waiting for L like every unit).
 3. deviation (tiny ELLA-V with an EOP bias so that durations vary, float32): per (C, L), the streamed codec ids
    against offline greedy generation, and the streamed audio against the whole-sequence decode of the same codes;
    seams = largest sample-to-sample jump at chunk joins over the signal's 99.9th-percentile jump (the same
@@ -425,7 +425,7 @@ def _run_size(args: argparse.Namespace, size: str, precision: str, options: dict
         print(f"{name:>8} {first:>12.3f} {lat.mean():>12.3f} {np.percentile(lat, 95):>6.3f} {lat.max():>6.3f} "
               f"{max(lag for _, lag in r['lag_trace']):>9.3f} {rtf:>6.2f}")  # fmt: skip
     first_audio = None
-    if args.first_audio_repeats > 0:
+    if args.first_audio_repeats > 0 and torch.device(args.device).type == "cpu":  # a CPU clock: CPU only
         first_audio = _first_audio_section(args, size, precision, options, streams_for(1, seconds)[0])
     return {"sweep": sweep, "live": lives, "first_audio": first_audio}
 
