@@ -100,13 +100,15 @@ def offline_codes(model, units):
 # ----- exactness: the reductions to offline generation ------------------------------------------------------------
 
 
-def test_unlimited_context_equals_offline_greedy_pipeline(tiny_models, device):
-    """Acceptance: C = L = None -> the streamed codec ids and audio are the offline Pipeline.resynthesize output."""
+@pytest.mark.parametrize("first_holdback", [None, 0])
+def test_unlimited_context_equals_offline_greedy_pipeline(tiny_models, device, first_holdback):
+    """Acceptance: C = L = None -> the streamed codec ids and audio are the offline Pipeline.resynthesize output
+    (first_holdback, the first unit's early commit, does not apply without a bounded hold-back)."""
     units = random_units(24, seed=1)
     units_with_repeats = units[:5] + [units[4]] + units[5:]  # a repeat across a push boundary merges, as offline
     worker = ResynthWorker(tiny_models, device, pairs=[(K, LMBDA)])
-    s = worker.open_session(K, LMBDA, left_context=None, holdback=None, max_pass_units=None,
-                            vocoder_left_context=None, vocoder_lookahead=10**6)  # fmt: skip
+    s = worker.open_session(K, LMBDA, left_context=None, holdback=None, first_holdback=first_holdback,
+                            max_pass_units=None, vocoder_left_context=None, vocoder_lookahead=10**6)  # fmt: skip
     codes = record_codes(s)
     u = units_with_repeats
     for part in (u[:5], u[5:6], [], u[6:13], u[13:]):
@@ -194,10 +196,11 @@ def test_end_during_a_pass_extends_it_to_the_last_unit(tiny_models, ellav64, wt)
     assert s.ellav.passes == 1 and codes == offline_codes(ellav64, units)
 
 
-def reference_sliding_window(model, units, C, L):
+def reference_sliding_window(model, units, C, L, first=None):
     """The schedule of one unit per push with a step to completion after each, written directly on generate_tokens:
     after n units are known, commit through unit n-1-L from the prompt [u_s..u_{n-1}] BOS (committed runs of
-    u_s..u_{c-1}) u_c with s = max(0, c - C); at the end commit the rest. Returns the codec ids."""
+    u_s..u_{c-1}) u_c with s = max(0, c - C); at the end commit the rest. Returns the codec ids. `first`: the first
+    unit is committed as soon as `first` units follow it (first_holdback)."""
     tok = model.tokenizer
     runs: list[list[int]] = []
 
@@ -211,24 +214,28 @@ def reference_sliding_window(model, units, C, L):
     for n in range(1, len(units) + 1):
         if n - 1 - L >= len(runs):
             commit(n, n - 1 - L)
+        elif first is not None and not runs and n - 1 >= first:
+            commit(n, 0)
     if len(runs) < len(units):
         commit(len(units), len(units) - 1)
     return [t - tok.first_codec_id for run in runs for t in run if t >= tok.first_codec_id]
 
 
-@pytest.mark.parametrize("C,L", [(1, 0), (3, 2), (6, 1)])
-def test_sliding_window_equals_reference_schedule(tiny_models, ellav64, wt, C, L):
+@pytest.mark.parametrize("C,L,first", [(1, 0, None), (3, 2, None), (6, 1, None), (3, 2, 0), (4, 3, 1)])
+def test_sliding_window_equals_reference_schedule(tiny_models, ellav64, wt, C, L, first):
     units = random_units(22, seed=10 + C)
     worker = make_worker(tiny_models, ellav64, wt)
-    s = worker.open_session(K, LMBDA, left_context=C, holdback=L, max_pass_units=None)
+    s = worker.open_session(K, LMBDA, left_context=C, holdback=L, first_holdback=first, max_pass_units=None)
     codes = record_codes(s)
     feed(worker, s, units)
     s.end()
     worker.run_until_idle([s])
-    expected = reference_sliding_window(ellav64, units, C, L)
+    expected = reference_sliding_window(ellav64, units, C, L, first)
     assert codes == expected
     assert codes != offline_codes(ellav64, units)  # the window really changes what is generated
-    assert s.ellav.passes == len(units) - L + (L > 0)
+    assert s.ellav.passes == len(units) - L + (L > 0)  # an early first pass takes the place of unit 1's own
+    if first == 0:  # the first unit's early commit changes its tokens here (it sees no later unit)
+        assert expected != reference_sliding_window(ellav64, units, C, L)
 
 
 # ----- the vocoder composition ------------------------------------------------------------------------------------
@@ -238,10 +245,10 @@ def test_audio_is_the_whole_sequence_istft_of_the_window_spectra(tiny_models, el
     """Oracle written here: replay the code chunks the session gave its vocoder, take each committed frame's
     spectrum from its window [committed - C_v, received) decode, and run the whole-sequence iSTFT once."""
     units = random_units(20, seed=4)
-    cv, rv, step = 6, 2, 3
+    cv, rv, step, first_step = 6, 2, 3, 2
     worker = make_worker(tiny_models, ellav64, wt)
     s = worker.open_session(K, LMBDA, left_context=4, holdback=2, vocoder_left_context=cv, vocoder_lookahead=rv,
-                            vocoder_min_step=step)  # fmt: skip
+                            vocoder_min_step=step, vocoder_first_step=first_step)  # fmt: skip
     chunks, add = [], s.vocoder.add
     s.vocoder.add = lambda c: (chunks.append(c.clone()), add(c))[1]
     feed(worker, s, units, chunk=2)
@@ -262,7 +269,7 @@ def test_audio_is_the_whole_sequence_istft_of_the_window_spectra(tiny_models, el
 
     for c in chunks:
         received += len(c)
-        if received - rv - committed >= step:
+        if received - rv - committed >= (step if committed else first_step):  # the first window commits sooner
             commit(received - rv)
     commit(received)
     expected = W.istft(torch.stack(frames, dim=-1), wt.head.istft.window, HOP)[0].cpu().numpy()
@@ -300,6 +307,26 @@ def test_audio_arrives_before_end_and_ends_after_end(tiny_models, ellav64, wt):
         s.push_units([1])
 
 
+def test_first_audio_comes_as_soon_as_the_first_window_is_decoded(tiny_models, ellav64, wt):
+    """The first vocoder window waits for lookahead + vocoder_first_step frames (2: the fewest that give audio,
+    the iSTFT delaying 900 samples), and the step that decodes them stops its decode steps there
+    (eager_first_window), so the first audio does not wait for the step's other decode steps; off, it does."""
+    units = random_units(12, seed=6)
+    first = {}
+    for eager in (True, False):
+        worker = make_worker(tiny_models, ellav64, wt, max_decode_steps=16, eager_first_window=eager)
+        s = worker.open_session(K, LMBDA, left_context=4, holdback=0, vocoder_lookahead=3)
+        s.push_units(units)
+        for _ in range(50):
+            worker.step([s])
+            chunks = [e.pcm for e in s.poll() if isinstance(e, AudioEvent)]
+            if chunks:
+                break
+        first[eager] = (s.ellav.codes_out, len(chunks[0]))
+    assert first[True] == (3 + 2, 2 * HOP - 900)
+    assert first[False][0] > 3 + 2 and first[False][1] == (first[False][0] - 3) * HOP - 900
+
+
 def test_empty_stream_ends_cleanly(tiny_models, ellav64, wt):
     worker = make_worker(tiny_models, ellav64, wt)
     s = worker.open_session(K, LMBDA)
@@ -315,7 +342,8 @@ def test_settings_report_every_open_session_option(tiny_models, ellav64, wt):
 
     worker = make_worker(tiny_models, ellav64, wt)
     options = dict(left_context=5, holdback=2, greedy=False, seed=3, temperature=0.7, top_p=0.5, trigger_units=2,
-                   trigger_s=0.4, max_pass_units=9, vocoder_left_context=7, vocoder_lookahead=3, vocoder_min_step=2)
+                   trigger_s=0.4, max_pass_units=9, vocoder_left_context=7, vocoder_lookahead=3, vocoder_min_step=2,
+                   first_holdback=1, vocoder_first_step=3)
     assert set(options) == set(inspect.signature(worker.open_session).parameters) - {"k", "lmbda"}
     settings = worker.open_session(K, LMBDA, **options).settings()
     assert {name: settings[name] for name in options} == options
@@ -337,9 +365,10 @@ def test_one_set_of_defaults_per_knob():
     stage = defaults(IncrementalELLAV.__init__)
     vocoder = {f"vocoder_{n}": v for n, v in defaults(IncrementalVocoder.__init__).items()}
     assert {n: opened[n] for n in stage if n in opened} == {n: stage[n] for n in stage if n in opened}
-    assert len(set(stage) & set(opened)) == 9 and vocoder == {n: opened[n] for n in vocoder}
+    assert len(set(stage) & set(opened)) == 10 and vocoder == {n: opened[n] for n in vocoder}
     assert vocoder == {"vocoder_left_context": D.DEFAULT_VOCODER_LEFT_CONTEXT,
-                       "vocoder_lookahead": D.DEFAULT_VOCODER_LOOKAHEAD, "vocoder_min_step": D.DEFAULT_VOCODER_MIN_STEP}
+                       "vocoder_lookahead": D.DEFAULT_VOCODER_LOOKAHEAD, "vocoder_min_step": D.DEFAULT_VOCODER_MIN_STEP,
+                       "vocoder_first_step": D.DEFAULT_VOCODER_FIRST_STEP}
     assert stage["max_codec_tokens_per_phone"] == defaults(ResynthWorker.__init__)["max_codec_tokens_per_phone"]
     options = ResynthOptions()
     assert all(getattr(options, n) == opened[n] for n in vars(options))
@@ -387,13 +416,15 @@ def run_sessions(worker, settings, unit_lists, fail=None):
 
 def test_batched_step_equals_one_by_one(tiny_models, ellav64, wt):
     """Greedy and seeded sampling streams, joining and leaving the batch at their own pace: each stream's audio is
-    what it gets alone (same pass schedule; per-stream generators)."""
+    what it gets alone (same pass schedule; per-stream generators). Without the early end of a step at a stream's
+    first vocoder window (eager_first_window), which moves every stream's vocoder windows: with windows of bounded
+    context a stream's audio then depends on when its neighbours start, as it depends on the step timing."""
     unit_lists = [random_units(n, seed=20 + n) for n in (18, 27, 9, 21)]
-    batched_worker = make_worker(tiny_models, ellav64, wt)
+    batched_worker = make_worker(tiny_models, ellav64, wt, eager_first_window=False)
     batched = run_sessions(batched_worker, SETTINGS, unit_lists)
     assert batched_worker.tokens_decoded > 1.5 * batched_worker.decode_steps  # rows really were batched
     for i, (kw, units) in enumerate(zip(SETTINGS, unit_lists)):
-        (alone,) = run_sessions(make_worker(tiny_models, ellav64, wt), [kw], [units])
+        (alone,) = run_sessions(make_worker(tiny_models, ellav64, wt, eager_first_window=False), [kw], [units])
         assert isinstance(batched[i][-1], ResynthEndEvent) and batched[i][-1].error is None
         assert batched[i][-1].codec_frames == alone[-1].codec_frames > 0
         np.testing.assert_allclose(audio_of(batched[i]), audio_of(alone), rtol=0, atol=1e-6)
@@ -440,14 +471,15 @@ def test_seeded_sampling_is_reproducible_per_stream(tiny_models, ellav64, wt):
 def test_one_failing_stream_leaves_the_others_running(tiny_models, ellav64, wt):
     unit_lists = [random_units(n, seed=40 + n) for n in (15, 24, 12)]
     settings = SETTINGS[:3]
-    worker = make_worker(tiny_models, ellav64, wt)
+    worker = make_worker(tiny_models, ellav64, wt, eager_first_window=False)  # as test_batched_step_equals_one_by_one
     events = run_sessions(worker, settings, unit_lists, fail=1)
     end = events[1][-1]
     assert isinstance(end, ResynthEndEvent) and "vocoder exploded" in end.error
     assert sum(isinstance(e, ResynthEndEvent) for e in events[1]) == 1
     assert not any(d.rows for d in worker._decoders.values())  # its pass left the batch
     for i in (0, 2):
-        (alone,) = run_sessions(make_worker(tiny_models, ellav64, wt), [settings[i]], [unit_lists[i]])
+        (alone,) = run_sessions(make_worker(tiny_models, ellav64, wt, eager_first_window=False), [settings[i]],
+                                [unit_lists[i]])  # fmt: skip
         assert events[i][-1].error is None
         np.testing.assert_allclose(audio_of(events[i]), audio_of(alone), rtol=0, atol=1e-6)
 
@@ -629,6 +661,8 @@ def test_trigger_seconds_batches_units_per_pass(tiny_models, ellav64, wt):
     (dict(seed=-3), "seed"),
     (dict(vocoder_lookahead=-1), "lookahead"),
     (dict(vocoder_min_step=0), "min_step"),
+    (dict(first_holdback=-1), "first_holdback"),
+    (dict(vocoder_first_step=0), "first_step"),
 ])  # fmt: skip
 def test_bad_options_are_clear_errors(tiny_models, ellav64, wt, kwargs, match):
     worker = make_worker(tiny_models, ellav64, wt)

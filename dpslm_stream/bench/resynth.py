@@ -16,6 +16,10 @@ Sections:
    the wall time; voc rows: vocoder windows per backbone forward (streams whose windows had equal lengths share one).
 2. live: N streams in real time (units arrive on the wall clock); per-unit latency = arrival of a unit -> its
    audio complete (hold-back wait + vocoder lookahead + compute), first-audio latency, final resynthesis lag.
+   First audio of one stream also on a CPU clock (units arrive on a clock that advances by the worker's CPU time
+   only: what an unloaded single-thread machine would show; CPU devices only), split into waiting for units,
+   prefill, decode steps and vocoder, for the settings given and for the schedule before the first-audio changes
+   (first window at min_step, no early end of a step's decode steps, the first unit waiting for L like every unit).
 3. deviation (tiny ELLA-V with an EOP bias so that durations vary, float32): per (C, L), the streamed codec ids
    against offline greedy generation, and the streamed audio against the whole-sequence decode of the same codes;
    seams = largest sample-to-sample jump at chunk joins over the signal's 99.9th-percentile jump (the same
@@ -43,8 +47,8 @@ from dpslm_stream.models import wavtokenizer as W
 from dpslm_stream.models.precision import PRECISIONS, machine_summary
 from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 from dpslm_stream.stream.resynth_defaults import (
-    DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD,
-    DEFAULT_VOCODER_MIN_STEP,
+    DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_VOCODER_FIRST_STEP, DEFAULT_VOCODER_LEFT_CONTEXT,
+    DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP,
 )
 from dpslm_stream.stream.resynth_events import AudioEvent, ResynthEndEvent
 from dpslm_stream.stream.resynth_worker import ResynthWorker
@@ -91,10 +95,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="U, deduplicated units per input second (default 12)")
     parser.add_argument("--left-context", type=_opt_int, default=DEFAULT_LEFT_CONTEXT, help="C in units (or none)")
     parser.add_argument("--holdback", type=_opt_int, default=DEFAULT_HOLDBACK, help="L in units (or none)")
+    parser.add_argument("--first-holdback", type=_opt_int, default=None,
+                        help="units the first unit waits for (default none: L)")
     parser.add_argument("--trigger-units", type=int, default=1, help="units per pass at least (default 1)")
     parser.add_argument("--vocoder-left-context", type=_opt_int, default=DEFAULT_VOCODER_LEFT_CONTEXT)
     parser.add_argument("--vocoder-lookahead", type=int, default=DEFAULT_VOCODER_LOOKAHEAD)
     parser.add_argument("--vocoder-min-step", type=int, default=DEFAULT_VOCODER_MIN_STEP)
+    parser.add_argument("--vocoder-first-step", type=int, default=DEFAULT_VOCODER_FIRST_STEP)
+    parser.add_argument("--first-audio-repeats", type=int, default=3,
+                        help="runs per setting of the CPU-clock first-audio measurement (default 3; 0: skip it)")
     parser.add_argument("--deviation", type=_setting, nargs="*",
                         default=[_setting(s) for s in ("none,none", "none,3", "32,3", "8,2", "4,1", "2,0")],
                         help="(C, L) settings for the deviation table, e.g. 32,3 none,none (default: six)")
@@ -154,9 +163,16 @@ def make_worker(size: str, args: argparse.Namespace, max_batch: int, precision: 
 
 
 def session_options(args: argparse.Namespace) -> dict:
-    return dict(left_context=args.left_context, holdback=args.holdback, trigger_units=args.trigger_units,
-                vocoder_left_context=args.vocoder_left_context, vocoder_lookahead=args.vocoder_lookahead,
-                vocoder_min_step=args.vocoder_min_step)  # fmt: skip
+    return dict(left_context=args.left_context, holdback=args.holdback, first_holdback=args.first_holdback,
+                trigger_units=args.trigger_units, vocoder_left_context=args.vocoder_left_context,
+                vocoder_lookahead=args.vocoder_lookahead, vocoder_min_step=args.vocoder_min_step,
+                vocoder_first_step=args.vocoder_first_step)  # fmt: skip
+
+
+def before_first_audio_changes(options: dict) -> dict:
+    """The same options with the first-audio schedule as it was: the first window waits for min_step frames and
+    the first unit for L more units (run with ResynthWorker.eager_first_window off)."""
+    return {**options, "first_holdback": None, "vocoder_first_step": options["vocoder_min_step"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -228,6 +244,66 @@ def live(worker: ResynthWorker, streams: list[list[tuple[int, float]]], options:
                     done = len(latencies[i])
                     latencies[i] += [now - t for t in pushed[i][done : e.units_done]]
     return {"ends": ends, "lag_trace": lag_trace, "latencies": latencies}
+
+
+def first_audio_cpu(worker: ResynthWorker, units: list[tuple[int, float]], options: dict) -> dict:
+    """One stream until its first audio, on a clock that advances by the worker's CPU time (this thread's) and jumps
+    to the next unit's arrival when the worker is idle: the first audio an unloaded one-thread machine would give,
+    whatever else runs on this one. The worker's clock must be time.thread_time (its prefill/decode/vocoder
+    counters then count CPU time too)."""
+    before = (worker.prefill_seconds, worker.decode_seconds, worker.vocoder_seconds, worker.decode_steps)
+    s = worker.open_session(K, LMBDA, **options)
+    now, nxt, busy, first = 0.0, 0, 0.0, None
+    while not s.closed and first is None:
+        while nxt < len(units) and units[nxt][1] <= now:
+            s.push_units([units[nxt][0]])
+            nxt += 1
+        if nxt == len(units) and not s.ended:
+            s.end()
+        if s.has_work:
+            started = time.thread_time()
+            worker.step([s])
+            spent = time.thread_time() - started
+            now, busy = now + spent, busy + spent
+            if any(isinstance(e, AudioEvent) and e.pcm.size for e in s.poll()):
+                first = now
+        elif nxt < len(units):
+            now = units[nxt][1]
+        else:
+            break
+    s.close()
+    after = (worker.prefill_seconds, worker.decode_seconds, worker.vocoder_seconds, worker.decode_steps)
+    prefill, decode, vocoder, steps = (b - a for a, b in zip(before, after))
+    first = math.nan if first is None else first - units[0][1]
+    return {"first": first, "cpu": busy, "wait": first - busy, "prefill": prefill, "decode": decode,
+            "steps": steps, "vocoder": vocoder}
+
+
+def _first_audio_section(args: argparse.Namespace, size: str, precision: str, options: dict, units) -> dict:
+    """First audio of one stream on the CPU clock, before / after the first-audio changes, interleaved runs."""
+    worker = make_worker(size, args, max_batch=1, precision=precision, clock=time.thread_time)
+    settings = {"before": (before_first_audio_changes(options), False), "now": (options, True)}
+    if options.get("first_holdback") is None and options.get("holdback") is not None:
+        settings["now, first_holdback 0"] = ({**options, "first_holdback": 0}, True)
+    first_audio_cpu(worker, units, options)  # warm-up: first calls of each shape are slower
+    runs: dict[str, list[dict]] = {name: [] for name in settings}
+    for _ in range(args.first_audio_repeats):
+        for name, (opts, eager) in settings.items():
+            worker.eager_first_window = eager
+            runs[name].append(first_audio_cpu(worker, units, opts))
+    header = (f"{'schedule':>22} {'first audio s':>13} {'= wait units':>12} {'+ CPU':>6} {'prefill':>7} "
+              f"{'decode (steps)':>14} {'vocoder':>7}")  # fmt: skip
+    print(f"\n[{size}, {precision}] first audio of one stream on a CPU clock (medians of "
+          f"{args.first_audio_repeats}; seconds after the first unit)")
+    print(header)
+    print("-" * len(header))
+    out = {}
+    for name, rs in runs.items():
+        m = {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
+        out[name] = m
+        print(f"{name:>22} {m['first']:>13.3f} {m['wait']:>12.3f} {m['cpu']:>6.3f} {m['prefill']:>7.3f} "
+              f"{m['decode']:>8.3f} ({m['steps']:>3.0f}) {m['vocoder']:>7.3f}")  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -327,23 +403,31 @@ def _run_size(args: argparse.Namespace, size: str, precision: str, options: dict
 
     live_counts = sorted({1, max(live_ok)}) if live_ok else [1]
     print(f"\n[{label}] live: units arrive in real time; latency = unit arrival -> its audio complete")
-    header = (f"{'streams':>7} {'first audio s':>13} {'latency mean':>12} {'p95':>6} {'max':>6} "
+    header = (f"{'streams':>8} {'first audio s':>12} {'latency mean':>12} {'p95':>6} {'max':>6} "
               f"{'max lag s':>9} {'RTF':>6}")  # fmt: skip
     print(header)
     print("-" * len(header))
     lives = []
-    for n in live_counts:
+    # One stream also with the first-audio schedule as it was (label "1 before"), in the same run
+    runs = [(n, str(n), options, True) for n in live_counts] + [(1, "1 before", before_first_audio_changes(options),
+                                                                 False)]  # fmt: skip
+    for n, name, opts, eager in runs:
         worker = make_worker(size, args, max_batch=max(counts), precision=precision)
-        r = live(worker, streams_for(n, seconds), options)
+        worker.eager_first_window = eager
+        r = live(worker, streams_for(n, seconds), opts)
         del worker
-        lives.append((n, r))
+        if name == str(n):
+            lives.append((n, r))
         ends = r["ends"]
         lat = np.concatenate([np.asarray(x) for x in r["latencies"]])
         first = np.mean([e.first_audio_latency_s for e in ends if e.first_audio_latency_s is not None])
         rtf = np.mean([e.real_time_factor for e in ends])
-        print(f"{n:>7} {first:>13.3f} {lat.mean():>12.3f} {np.percentile(lat, 95):>6.3f} {lat.max():>6.3f} "
+        print(f"{name:>8} {first:>12.3f} {lat.mean():>12.3f} {np.percentile(lat, 95):>6.3f} {lat.max():>6.3f} "
               f"{max(lag for _, lag in r['lag_trace']):>9.3f} {rtf:>6.2f}")  # fmt: skip
-    return {"sweep": sweep, "live": lives}
+    first_audio = None
+    if args.first_audio_repeats > 0 and torch.device(args.device).type == "cpu":  # a CPU clock: CPU only
+        first_audio = _first_audio_section(args, size, precision, options, streams_for(1, seconds)[0])
+    return {"sweep": sweep, "live": lives, "first_audio": first_audio}
 
 
 def run(args: argparse.Namespace) -> None:

@@ -50,6 +50,11 @@ class IncrementalELLAV:
 
     left_context C: committed units kept in the prompt (None: all, exact but memory grows with the stream).
     holdback L: a pass commits up to the unit L places before the newest known one (None: nothing before end()).
+    first_holdback: the units the stream's first unit waits for before a pass commits it (None: L, like every
+    unit). 0 starts the first pass at the first unit, whatever the trigger, so the first audio does not wait for L
+    more units to arrive (≈ L / U s: 0.25 s at L = 3, U = 12/s); the first unit's tokens then see fewer later units.
+    It applies only with a bounded hold-back: with L = None nothing is committed before end() whatever it says, so
+    the exact setting stays exact.
     max_pass_units: with a finite left_context, at most this many units after the committed ones enter a prompt
     (None: all known); it only binds when units pile up faster than they are resynthesized. With left_context=None
     it does not apply: the prompt then holds the whole unit list as offline's does (a bound would cut the global
@@ -66,7 +71,8 @@ class IncrementalELLAV:
     """
 
     def __init__(self, model: ELLAV, left_context: int | None = DEFAULT_LEFT_CONTEXT,
-                 holdback: int | None = DEFAULT_HOLDBACK, *, max_pass_units: int | None = DEFAULT_MAX_PASS_UNITS,
+                 holdback: int | None = DEFAULT_HOLDBACK, *, first_holdback: int | None = None,
+                 max_pass_units: int | None = DEFAULT_MAX_PASS_UNITS,
                  trigger_units: int = 1, trigger_s: float | None = None,
                  max_codec_tokens_per_phone: int = DEFAULT_MAX_CODEC_TOKENS_PER_PHONE, greedy: bool = True,
                  temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
@@ -77,6 +83,7 @@ class IncrementalELLAV:
         self.tokenizer = model.tokenizer
         self.left_context = None if left_context is None else check_int("left_context", left_context, 0)
         self.holdback = None if holdback is None else check_int("holdback", holdback, 0)
+        self.first_holdback = None if first_holdback is None else check_int("first_holdback", first_holdback, 0)
         self.max_pass_units = None if max_pass_units is None else check_int("max_pass_units", max_pass_units, 1)
         if None not in (self.max_pass_units, self.holdback) and self.max_pass_units <= self.holdback:
             raise InvalidInput(f"max_pass_units ({max_pass_units}) must be larger than holdback ({holdback}): a "
@@ -213,7 +220,13 @@ class IncrementalELLAV:
             return None
         else:
             stop = e - 1 - self.holdback
+            if self._first_unit_early(e):
+                stop = max(stop, 0)  # the first unit need not wait for L more
         return (e, stop) if stop >= c else None
+
+    def _first_unit_early(self, e: int) -> bool:
+        """The stream's first unit may be committed by a pass whose prompt holds e units (first_holdback)."""
+        return self.committed == 0 and self.first_holdback is not None and e - 1 >= self.first_holdback
 
     def pass_due(self) -> bool:
         """A pass can and should start now (no pass in flight, enough committable units or the stream ended)."""
@@ -225,6 +238,8 @@ class IncrementalELLAV:
         if self.ended:
             return True
         e, stop = bounds
+        if self._first_unit_early(e):
+            return True  # the first audio waits for no trigger either
         if self.trigger_s is not None:
             return self._ends[stop - self._base] - self._commit_end_s >= self.trigger_s
         return stop - self.committed + 1 >= self.trigger_units

@@ -36,6 +36,7 @@ class ResynthOptions:
 
     left_context: int | None = DEFAULT_LEFT_CONTEXT  # C: committed units kept in each ELLA-V prompt; None = all
     holdback: int | None = DEFAULT_HOLDBACK  # L: units of lookahead before a unit's tokens are final; None = to end
+    first_holdback: int | None = None  # the stream's first unit's hold-back (first audio sooner); None = holdback
     greedy: bool = True  # greedy decoding (DP-SLM's top_p = 0); False = nucleus sampling
     seed: int | None = None  # sampling seed (reproducible runs); None = random
     temperature: float = DEFAULT_TEMPERATURE
@@ -45,11 +46,13 @@ class ResynthOptions:
     vocoder_left_context: int | None = DEFAULT_VOCODER_LEFT_CONTEXT  # WavTokenizer window left context; None = all
     vocoder_lookahead: int = DEFAULT_VOCODER_LOOKAHEAD  # codec frames decoded past the committed ones
 
-    NULLABLE: ClassVar[tuple[str, ...]] = ("left_context", "holdback", "seed", "trigger_s", "vocoder_left_context")
+    NULLABLE: ClassVar[tuple[str, ...]] = ("left_context", "holdback", "first_holdback", "seed", "trigger_s",
+                                           "vocoder_left_context")
 
     def __post_init__(self) -> None:
         _count(self, "left_context", 0)
         _count(self, "holdback", 0)
+        _count(self, "first_holdback", 0)
         if not isinstance(self.greedy, bool):
             raise ResynthOptionError("greedy", f"greedy must be true or false, got {self.greedy!r}")
         _count(self, "seed", 0, MAX_SEED)

@@ -175,11 +175,13 @@ class ResynthSession(EventQueue):
         worker's `max_codec_tokens_per_phone`, `precision` and the output `sample_rate`; what the server reports in
         ready)."""
         e, v = self.ellav, self.vocoder
-        return {"left_context": e.left_context, "holdback": e.holdback, "greedy": e.greedy, "seed": e.seed,
+        return {"left_context": e.left_context, "holdback": e.holdback, "first_holdback": e.first_holdback,
+                "greedy": e.greedy, "seed": e.seed,
                 "temperature": e.temperature, "top_p": e.top_p, "trigger_units": e.trigger_units,
                 "trigger_s": e.trigger_s, "max_pass_units": e.max_pass_units,
                 "max_codec_tokens_per_phone": e.max_codec_tokens_per_phone, "vocoder_left_context": v.left_context,
-                "vocoder_lookahead": v.lookahead, "vocoder_min_step": v.min_step, "sample_rate": SAMPLE_RATE,
+                "vocoder_lookahead": v.lookahead, "vocoder_min_step": v.min_step,
+                "vocoder_first_step": v.first_step, "sample_rate": SAMPLE_RATE,
                 "precision": self.precision}  # fmt: skip
 
     def __repr__(self) -> str:
@@ -230,6 +232,11 @@ class ResynthSession(EventQueue):
         if self.ellav.committed > committed:
             self._unit_frames.append(self.ellav.codes_out)
         self._compute_s += compute_s
+
+    def _first_window_due(self) -> bool:
+        """No audio yet, and the codes decoded so far already make the vocoder's first window."""
+        v = self.vocoder
+        return v.committed == 0 and v.received + len(self._codes) - v.lookahead >= v.step_due
 
     def _vocoder_window(self) -> VocoderWindow | None:
         """New codes -> the vocoder; the backbone window due now, if any (the worker runs the windows of all streams

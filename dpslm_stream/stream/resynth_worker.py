@@ -26,8 +26,8 @@ from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan
 from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 from dpslm_stream.stream.resynth_defaults import (
     DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_MAX_CODEC_TOKENS_PER_PHONE, DEFAULT_MAX_PASS_UNITS,
-    DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD,
-    DEFAULT_VOCODER_MIN_STEP,
+    DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_VOCODER_FIRST_STEP, DEFAULT_VOCODER_LEFT_CONTEXT,
+    DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP,
 )
 from dpslm_stream.stream.resynth_session import ResynthSession
 from dpslm_stream.stream.vocoder import IncrementalVocoder, VocoderRunner, VocoderWindow
@@ -51,7 +51,11 @@ class ResynthWorker:
     KV cache); further due passes wait, oldest first. max_decode_steps: batched decode steps per step() call, so one
     call stays short and a stream with a long pass never holds the others: they join and leave between steps.
     max_codec_tokens_per_phone: upstream's M, the per-unit cap (M+1 codec tokens per unit). clock: the time source
-    for latencies (seconds, monotonic).
+    for latencies (seconds, monotonic). eager_first_window: a step() stops its decode steps as soon as a stream
+    without audio yet has decoded its first vocoder window, so that its first audio is not made to wait for the
+    other steps (False: always `max_decode_steps`, as before; `bench resynth` compares the two). The early end moves
+    the other streams' vocoder windows too, so with bounded vocoder context a stream's audio then depends on when its
+    neighbours start (as it depends on the step timing anyway); the exact setting commits nothing before the end.
     """
 
     def __init__(self, models: hub.ModelSet | str = "release", device: str | torch.device = "cpu",
@@ -60,7 +64,8 @@ class ResynthWorker:
                  max_decode_steps: int = 16,
                  max_codec_tokens_per_phone: int = DEFAULT_MAX_CODEC_TOKENS_PER_PHONE,
                  ellavs: dict[tuple[int, int], ELLAV] | None = None, wavtokenizer: WavTokenizer | None = None,
-                 clock: Callable[[], float] = time.perf_counter, allow_tf32: bool = False):  # fmt: skip
+                 clock: Callable[[], float] = time.perf_counter, allow_tf32: bool = False,
+                 eager_first_window: bool = True):  # fmt: skip
         self.models = hub.ModelSet(models) if isinstance(models, str) else models
         self.device = setup_model_device(device, allow_tf32)  # TF32 off on CUDA: the exact paths stay exact
         for name, value in (("dtype", dtype), ("vocoder_dtype", vocoder_dtype)):
@@ -78,6 +83,7 @@ class ResynthWorker:
         self.max_decode_steps = check_int("max_decode_steps", max_decode_steps, 1)
         self.max_codec_tokens_per_phone = check_int("max_codec_tokens_per_phone", max_codec_tokens_per_phone, 0)
         self.clock = clock
+        self.eager_first_window = bool(eager_first_window)
         self._ellavs: dict[tuple[int, int], ELLAV] = {}
         for key, model in (ellavs or {}).items():
             self._ellavs[key] = self._prepare_ellav(model)
@@ -157,18 +163,22 @@ class ResynthWorker:
 
     def open_session(self, k: int = hub.DEFAULT_K, lmbda: int = hub.DEFAULT_LMBDA, *,
                      left_context: int | None = DEFAULT_LEFT_CONTEXT, holdback: int | None = DEFAULT_HOLDBACK,
+                     first_holdback: int | None = None,
                      greedy: bool = True, seed: int | None = None, temperature: float = DEFAULT_TEMPERATURE,
                      top_p: float = DEFAULT_TOP_P,
                      trigger_units: int = 1, trigger_s: float | None = None,
                      max_pass_units: int | None = DEFAULT_MAX_PASS_UNITS,
                      vocoder_left_context: int | None = DEFAULT_VOCODER_LEFT_CONTEXT,
                      vocoder_lookahead: int = DEFAULT_VOCODER_LOOKAHEAD,
-                     vocoder_min_step: int = DEFAULT_VOCODER_MIN_STEP) -> ResynthSession:  # fmt: skip
+                     vocoder_min_step: int = DEFAULT_VOCODER_MIN_STEP,
+                     vocoder_first_step: int = DEFAULT_VOCODER_FIRST_STEP) -> ResynthSession:  # fmt: skip
         """A new stream for ELLA-V (k, lambda). Validates everything; raises InvalidInput or UnknownModel.
 
-        left_context C, holdback L (units; None: unlimited, the exact setting), greedy or sampling (temperature,
+        left_context C, holdback L (units; None: unlimited, the exact setting), first_holdback (the first unit's;
+        None: L), greedy or sampling (temperature,
         top_p, seed), trigger_units / trigger_s (when a pass starts), max_pass_units: see IncrementalELLAV.
-        vocoder_left_context / vocoder_lookahead / vocoder_min_step (codec frames of 25 ms): see IncrementalVocoder;
+        vocoder_left_context / vocoder_lookahead / vocoder_min_step / vocoder_first_step (codec frames of 25 ms):
+        see IncrementalVocoder;
         vocoder_left_context=None with a lookahead longer than the stream gives the whole-sequence decode.
         """
         key = hub.check_pair(k, lmbda, hub.ELLAV)
@@ -177,12 +187,14 @@ class ResynthWorker:
             raise UnknownModel(f"(k, lambda) = {key} is not available in this worker (model set "
                                f"{self.models.source!r}); available pairs: {pairs}")  # fmt: skip
         ellav = IncrementalELLAV(
-            self._ellav(key), left_context, holdback, max_pass_units=max_pass_units, trigger_units=trigger_units,
+            self._ellav(key), left_context, holdback, first_holdback=first_holdback, max_pass_units=max_pass_units,
+            trigger_units=trigger_units,
             trigger_s=trigger_s, max_codec_tokens_per_phone=self.max_codec_tokens_per_phone, greedy=greedy,
             temperature=temperature, top_p=top_p, seed=seed,
         )  # fmt: skip
         vocoder = IncrementalVocoder(self.wavtokenizer, left_context=vocoder_left_context,
-                                     lookahead=vocoder_lookahead, min_step=vocoder_min_step)  # fmt: skip
+                                     lookahead=vocoder_lookahead, min_step=vocoder_min_step,
+                                     first_step=vocoder_first_step)  # fmt: skip
         session = ResynthSession(ellav=ellav, vocoder=vocoder, decoder=self._decoder(key), session_id=self._next_id,
                                  k=key[0], lmbda=key[1], clock=self.clock, precision=self.precision,
                                  owner=self)  # fmt: skip
@@ -207,7 +219,8 @@ class ResynthWorker:
         ResynthEndEvent queued) within this call.
 
         Passes already in flight advance whether or not their session is listed (a batch moves together); only
-        the listed sessions take in units, start passes and run their vocoders.
+        the listed sessions take in units, start passes and run their vocoders. The decode steps stop early once a
+        listed stream without audio yet has decoded its first vocoder window (first audio as soon as it can be).
         """
         started = self.clock()
         sessions = [s for s in dict.fromkeys(sessions) if not s.closed]
@@ -231,6 +244,8 @@ class ResynthWorker:
                     self._guard(s, lambda: s._take(token, over, share))
                 tokens += len(out)
                 self.decode_steps += 1
+            if self.eager_first_window and any(s._first_window_due() for s in sessions if not s.closed):
+                break  # a stream's first audio is ready to make: the vocoders run now, not after the other steps
         t0 = self.clock()
         self._vocode(sessions)
         self.vocoder_seconds += self.clock() - t0

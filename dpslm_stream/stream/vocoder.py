@@ -17,7 +17,7 @@ from dpslm_stream.errors import InvalidInput
 from dpslm_stream.models.wavtokenizer import WavTokenizer, check_codes, envelope, overlap_add, windowed_frames
 
 from dpslm_stream.stream.resynth_defaults import (
-    DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP,
+    DEFAULT_VOCODER_FIRST_STEP, DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP,
 )
 from dpslm_stream.validate import check_int
 
@@ -153,7 +153,9 @@ class IncrementalVocoder:
 
     To commit frames [a, b) it decodes codes [max(0, a - left_context), n) where n = codes received and
     b = n - lookahead, keeps the spectra of [a, b) and pushes them into a StreamingISTFT. The backbone runs only
-    once at least `min_step` frames can be committed. flush() commits the rest with the final window. With
+    once at least `min_step` frames can be committed (`first_step` for the stream's first window, so that its first
+    audio comes as soon as the lookahead exists; first_step = min_step is the uniform schedule). flush() commits the
+    rest with the final window. With
     lookahead >= the stream length (nothing committed before flush) the output equals `decode` of the whole stream.
     Otherwise GroupNorm statistics and attention see a window instead of the whole sequence, so it deviates from
     `decode` (measure it; the model was trained on 3 s = 120-frame crops). Latency: (lookahead + 1.5) hops.
@@ -161,15 +163,18 @@ class IncrementalVocoder:
     """
 
     def __init__(self, model: WavTokenizer, left_context: int | None = DEFAULT_VOCODER_LEFT_CONTEXT,
-                 lookahead: int = DEFAULT_VOCODER_LOOKAHEAD, min_step: int = DEFAULT_VOCODER_MIN_STEP):
+                 lookahead: int = DEFAULT_VOCODER_LOOKAHEAD, min_step: int = DEFAULT_VOCODER_MIN_STEP,
+                 first_step: int = DEFAULT_VOCODER_FIRST_STEP):
         check_int("lookahead (frames)", lookahead, 0, kind=int)
         check_int("min_step (frames)", min_step, 1, kind=int)
+        check_int("first_step (frames)", first_step, 1, kind=int)
         if left_context is not None:  # None: unlimited
             check_int("left_context (frames)", left_context, 0, kind=int)
         self.model = model
         self.left_context = left_context
         self.lookahead = lookahead
         self.min_step = min_step
+        self.first_step = first_step
         self.istft = StreamingISTFT(model.head.istft.window, model.config.hop_length)
         self.reset()
 
@@ -221,9 +226,10 @@ class IncrementalVocoder:
 
     def plan(self, final: bool = False) -> VocoderWindow | None:
         """The backbone window to run now, or None: once at least `min_step` frames past the lookahead can be
-        committed, or with `final` (end of stream) whatever is left. Changes nothing until `complete`."""
+        committed (`first_step` before the first commit), or with `final` (end of stream) whatever is left. Changes
+        nothing until `complete`."""
         stop = self.received if final else self.received - self.lookahead
-        if stop <= self.committed or (not final and stop - self.committed < self.min_step):
+        if stop <= self.committed or (not final and stop - self.committed < self.step_due):
             return None
         start = self._window_start()
         return VocoderWindow(codes=self._codes[start - self._base :], start=start, commit_to=stop)
@@ -240,6 +246,12 @@ class IncrementalVocoder:
         self._codes = self._codes[keep_from - self._base :]
         self._base = keep_from
         return audio
+
+    @property
+    def step_due(self) -> int:
+        """Frames past the lookahead the next window waits for: `first_step` (or `min_step` if smaller) until the
+        first commit, then `min_step`."""
+        return min(self.first_step, self.min_step) if self.committed == 0 else self.min_step
 
     def _window_start(self) -> int:
         """First code of the next window: `left_context` codes before the first uncommitted frame."""

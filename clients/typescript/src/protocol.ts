@@ -114,6 +114,7 @@ export interface StartOptions {
 export interface ResynthOptions {
   left_context?: number | null;
   holdback?: number | null;
+  first_holdback?: number | null;
   greedy?: boolean;
   seed?: number | null;
   temperature?: number;
