@@ -204,3 +204,30 @@ def test_state_dict_checks_name_the_keys(tmp_path):
         T.read_checkpoint_file(tmp_path / "bad.pt", "ULM")
     with pytest.raises(CheckpointError, match=r"^cfg must be a dict, got int"):
         T.read_config_fields(3, ("dim",), "cfg")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ops_without_fused_projections_compute_the_same_function(dtype):
+    """use_fused_ops on a model whose q/k/v are separate (or whose activations are not float32): the complex rotary
+    angles are split back into cos/sin for the pairwise rotation, and the additive mask replaces the boolean one."""
+    torch.manual_seed(0)
+    ref = T.Transformer(CFG).to(dtype).eval()
+    model = T.Transformer(CFG).to(dtype).eval()
+    model.load_state_dict(ref.state_dict())
+    model.use_fused_ops()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    tokens = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        scale = float(ref(tokens).abs().max())
+        torch.testing.assert_close(model(tokens), ref(tokens), rtol=0, atol=tol * scale)
+        cache_a, cache_b = model.new_cache(2, 16, window=5), ref.new_cache(2, 16, window=5)
+        a, b = model(tokens[:, :8], cache_a, [8, 6]), ref(tokens[:, :8], cache_b, [8, 6])
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=tol * scale)
+        torch.testing.assert_close(a[1, :6], b[1, :6], rtol=0, atol=tol * scale)
+        for t in range(8, 12):
+            torch.testing.assert_close(model(tokens[:, t : t + 1], cache_a), ref(tokens[:, t : t + 1], cache_b),
+                                       rtol=0, atol=tol * scale)  # fmt: skip
+    model.use_fused_ops(False)
+    assert not model.fused_ops and not any(m.fused for m in model.modules() if isinstance(m, T.RMSNorm))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), ref(tokens))
