@@ -61,6 +61,8 @@ def test_plan_descriptions_and_machine_summary(monkeypatch):
     assert PR.check_precision("fast") == "fast"
     machine(monkeypatch, {"avx2", "avx512f", "sse4_2", "amx_bf16"}, False)
     assert PR.machine_summary("cpu") == "cpu, flags: amx_bf16 avx512f avx2"
+    machine(monkeypatch, {"avx2", "avx512_vnni", "avx512f", "avx512_bf16", "amx_int8", "amx_bf16", "fma"}, False)
+    assert PR.machine_summary("cpu") == "cpu, flags: amx_bf16 amx_int8 avx512_bf16 avx512f avx512_vnni avx2"
     machine(monkeypatch, {"sse4_2"}, False)
     assert PR.machine_summary() == "cpu, flags: none of amx/avx512/avx2"
     assert not PR.has_bf16_units("cpu")
