@@ -3,6 +3,7 @@
 slow reference written here, and the tokenizer's and generate's checks with their messages. Models have tiny RANDOM
 weights."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,6 +104,7 @@ def test_small_unit_vocabulary_and_its_lookups():
     (lambda d: d.update({"u1": 99}), "token ids must be exactly 0..vocab_size-1, each once"),
     (lambda d: d.update({"u1": 5.0}), "must map token strings to integer ids"),
     (lambda d: d.update({"u1": True}), "must map token strings to integer ids"),
+    (lambda d: d.update({"u1": np.int64(5)}), "must map token strings to integer ids"),  # torch.save'd as plain ints
     (lambda d: d.update({"BOS": 2, "EOP": 1}), "special tokens must be"),
     (lambda d: d.update({"UNK": 3, "EOS": 0}), "special tokens must be"),
     (lambda d: d.update({"x": d.pop("3")}), "ids 7.. must be the codec tokens '0'..'3'"),
@@ -137,6 +139,8 @@ def test_tokenizer_dict_and_config_checks():
     args = ellav.TINY.to_dict()
     assert ellav.ELLAVConfig.from_dict({**args, "max_batch_size": 8}).max_batch_size == 8
     assert ellav.ELLAVConfig.from_dict({**args, "max_batch_size": "8"}).max_batch_size == 0
+    # a numpy scalar would be written back by to_dict, and weights_only loading refuses numpy objects
+    assert type(ellav.ELLAVConfig.from_dict({**args, "max_batch_size": np.int64(8)}).max_batch_size) is int
     assert ellav.ELLAVConfig.from_dict({k: v for k, v in args.items() if k != "max_batch_size"}) == ellav.TINY
     with pytest.raises(CheckpointError, match=r"^ELLA-V model_args is missing required field\(s\) \['dim'\]"):
         ellav.ELLAVConfig.from_dict({k: v for k, v in args.items() if k != "dim"})
@@ -157,6 +161,7 @@ def test_checkpoint_dict_errors_say_what_is_wrong():
     assert loaded.dtype == torch.float32 and not loaded.training
     assert torch.equal(loaded.output.bias, model.output.bias.float())
     assert ellav.load_checkpoint_dict(ckpt, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert ellav.load_checkpoint_dict(ckpt, map_location="meta").device.type == "meta"  # built where it is asked
     with pytest.raises(CheckpointError, match="^an ELLA-V checkpoint is a dict, got list"):
         ellav.load_checkpoint_dict([ckpt])
     with pytest.raises(CheckpointError, match="^not an ELLA-V checkpoint: top-level key 'tokenizer' missing"):
@@ -196,8 +201,6 @@ def test_prompt_entries_and_their_errors():
         phones.prompt_index("ZZ")
     assert phones.encode_prompt([1, 3, 2]) == [5, 6, BOS, 5]  # SIL (rank 3) is not sandwiched
     # entries: lists, tuples, 1-D integer tensors and numpy scalars; anything else is refused with its name
-    import numpy as np
-
     assert tok.encode_prompt(torch.tensor([1, 1, 2])) == tok.encode_prompt((np.int64(1), torch.tensor(2))) == [5, 6,
                                                                                                             BOS, 5]  # fmt: skip
     assert tok.encode_prompt([1, 2], codec_prefix=[torch.tensor([3, 0])]) == [5, 6, BOS, 5, 10, 7, EOP, 6]
@@ -211,11 +214,59 @@ def test_prompt_entries_and_their_errors():
                         ([1, 2.0], "units must contain integers, got 2.0")]:  # fmt: skip
         with pytest.raises(InvalidInput, match=needle):
             tok.encode_prompt(bad)
-    with pytest.raises(InvalidInput, match="codec_prefix entries must contain integers"):
+    with pytest.raises(InvalidInput, match="^codec_prefix entries must contain integers, got 0.5"):
         tok.encode_prompt([1, 2], codec_prefix=[[0.5]])
+    with pytest.raises(InvalidInput, match="^token_prefix entries must contain integers, got 1.5"):
+        tok.encode_prompt([1, 2], token_prefix=[[1.5]])
     with pytest.raises(InvalidInput, match=r"token_prefix entries must be token ids in 0\.\.10 other than EOP, got \[11\]"):
         tok.encode_prompt([1, 2], token_prefix=[[11]])
     with pytest.raises(InvalidInput, match="other than EOP, got \\[-1\\]"):
         tok.encode_prompt([1, 2], token_prefix=[[-1]])
     with pytest.raises(InvalidInput, match="the prefix covers 2 units but the prompt has 2: at least one unit must be"):
         tok.encode_prompt([1, 2, 2], codec_prefix=[[0], [1]])
+
+
+def test_unknown_phones_of_an_inference_prompt_read_as_unk():
+    phones = ELLAVTokenizer.from_phone_vocab(["AA", "B"], 50, 4, 40)
+    assert phones.encode_infer(["B", "ZZ", "ZZ", "AA"]) == [5, UNK, 4, BOS, 5]
+    assert phones.encode_infer(["ZZ", "B"]) == [UNK, 5, BOS, UNK]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ellav.random_model(K, ellav.TINY)
+
+
+def test_upstream_generate_call_seeds_and_types(model, tmp_path):
+    prompts = [[f"u{u}" for u in (12, 7, 300)], [5, 9]]
+    codes, fin = model.generate(prompts, 30, 4, 1.0, 0.9, generator=torch.Generator().manual_seed(5))
+    ids, fin_ids = model.generate_ids([[12, 7, 300], [5, 9]], 30, 4, 1.0, 0.9,
+                                      generator=torch.Generator().manual_seed(5))  # fmt: skip
+    assert [c.tolist() for c in codes] == ids and fin == fin_ids  # the generator reaches the sampler
+    empty, fin0 = model.generate(prompts, 0, 4, 1.0, 0.0)
+    assert [(c.dtype, c.numel()) for c in empty] == [(torch.int64, 0)] * 2 and fin0 == [False, False]
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match=r"^cannot read the ELLA-V checkpoint .*junk\.pt"):
+        ellav.load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_generation_state_right_after_the_prompt():
+    """GenerationState.start as its fields document: right-padded unit table, the unit generation resumes at,
+    counter 0 for a fresh stream and 1 after a teacher-forced prefix, nothing forced (-1), finished rows none."""
+    state = GenerationState.start([[4, 5, 6], [7], [8, 9]], [0, 1, 1])
+    assert state.unit_tokens.tolist() == [[4, 5, 6], [7, 0, 0], [8, 9, 0]]
+    assert state.num_units.tolist() == [3, 1, 2] and state.unit_idx.tolist() == [0, 1, 1]
+    assert state.since_eop.tolist() == [0, 1, 1] and state.forced.tolist() == [-1, -1, -1]
+    assert state.finished.tolist() == [False, True, False]
+    assert all(t.dtype == torch.int64 for t in (state.unit_tokens, state.num_units, state.unit_idx, state.since_eop,
+                                                state.forced))  # fmt: skip
+
+
+def test_a_one_token_nucleus_is_drawn_without_error():
+    """top_p below the top token's probability leaves a nucleus of one token: sampling returns it (every seed)."""
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    for seed in range(5):
+        assert sample(logits, 1.0, 0.5, torch.Generator().manual_seed(seed)).tolist() == [1, 0]
+    with pytest.raises(InvalidInput, match="^the unit list is empty; ELLA-V needs at least one unit$"):
+        ELLAVTokenizer.for_units(3, num_codec_types=4).encode_prompt([])

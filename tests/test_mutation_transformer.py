@@ -5,6 +5,7 @@ tiny RANDOM weights; the oracles are the float32 model itself and an equivalent 
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,11 +57,14 @@ def test_plan_descriptions_and_machine_summary(monkeypatch):
     assert PR.Plan("fast", "ulm", "int8", "fp32").describe() == ("ulm: fast = decode matmuls int8 weight-only (bf16 "
                                                                  "activations), prefill fp32; norms, RoPE, attention, "
                                                                  "logits float32")  # fmt: skip
-    assert PR.Plan("fast", "ulm", "int8", "bf16").to_dict() == {"precision": "fast", "model": "ulm", "decode": "int8",
-                                                               "bulk": "bf16"}  # fmt: skip
+    as_dict = PR.Plan("fast", "ulm", "int8", "bf16").to_dict()
+    assert {k: as_dict[k] for k in ("precision", "model", "decode", "bulk")} == {"precision": "fast", "model": "ulm",
+                                                                              "decode": "int8", "bulk": "bf16"}  # fmt: skip
     assert PR.check_precision("fast") == "fast"
     machine(monkeypatch, {"avx2", "avx512f", "sse4_2", "amx_bf16"}, False)
     assert PR.machine_summary("cpu") == "cpu, flags: amx_bf16 avx512f avx2"
+    machine(monkeypatch, {"avx2", "avx512_vnni", "avx512f", "avx512_bf16", "amx_int8", "amx_bf16", "fma"}, False)
+    assert PR.machine_summary("cpu") == "cpu, flags: amx_bf16 amx_int8 avx512_bf16 avx512f avx512_vnni avx2"
     machine(monkeypatch, {"sse4_2"}, False)
     assert PR.machine_summary() == "cpu, flags: none of amx/avx512/avx2"
     assert not PR.has_bf16_units("cpu")
@@ -167,6 +171,7 @@ def test_kv_cache_bookkeeping_and_errors():
     ("dim", 0, "model config field 'dim' must be a positive integer, got 0"),
     ("vocab_size", 50.0, "model config field 'vocab_size' must be a positive integer, got 50.0"),
     ("n_layers", True, "model config field 'n_layers' must be a positive integer, got True"),
+    ("n_heads", np.int64(4), "model config field 'n_heads' must be a positive integer, got"),  # a Python int
     ("head_dim", 15, "head_dim must be even for rotary pairs, got 15"),
     ("n_kv_heads", 3, r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"),
     ("norm_eps", 0.0, "model config field 'norm_eps' must be a positive number, got 0.0"),
@@ -175,6 +180,13 @@ def test_kv_cache_bookkeeping_and_errors():
 def test_config_checks_name_the_field(field, value, needle):
     with pytest.raises(CheckpointError, match=f"^{needle}"):
         T.validate_config(dataclasses.replace(CFG, **{field: value}))
+
+
+def test_the_smallest_config_builds():
+    smallest = dataclasses.replace(CFG, dim=1, n_layers=1, head_dim=2, hidden_dim=1, n_heads=1, n_kv_heads=1,
+                                   vocab_size=1)  # fmt: skip
+    T.validate_config(smallest)
+    assert T.Transformer(smallest)(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 1)
 
 
 def test_state_dict_checks_name_the_keys(tmp_path):
@@ -204,3 +216,80 @@ def test_state_dict_checks_name_the_keys(tmp_path):
         T.read_checkpoint_file(tmp_path / "bad.pt", "ULM")
     with pytest.raises(CheckpointError, match=r"^cfg must be a dict, got int"):
         T.read_config_fields(3, ("dim",), "cfg")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ops_without_fused_projections_compute_the_same_function(dtype):
+    """use_fused_ops on a model whose q/k/v are separate (or whose activations are not float32): the complex rotary
+    angles are split back into cos/sin for the pairwise rotation, and the additive mask replaces the boolean one."""
+    torch.manual_seed(0)
+    ref = T.Transformer(CFG).to(dtype).eval()
+    model = T.Transformer(CFG).to(dtype).eval()
+    model.load_state_dict(ref.state_dict())
+    model.use_fused_ops()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    tokens = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        scale = float(ref(tokens).abs().max())
+        torch.testing.assert_close(model(tokens), ref(tokens), rtol=0, atol=tol * scale)
+        cache_a, cache_b = model.new_cache(2, 16, window=5), ref.new_cache(2, 16, window=5)
+        a, b = model(tokens[:, :8], cache_a, [8, 6]), ref(tokens[:, :8], cache_b, [8, 6])
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=tol * scale)
+        torch.testing.assert_close(a[1, :6], b[1, :6], rtol=0, atol=tol * scale)
+        for t in range(8, 12):
+            torch.testing.assert_close(model(tokens[:, t : t + 1], cache_a), ref(tokens[:, t : t + 1], cache_b),
+                                       rtol=0, atol=tol * scale)  # fmt: skip
+    model.use_fused_ops(False)
+    assert not model.fused_ops and not any(m.fused for m in model.modules() if isinstance(m, T.RMSNorm))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), ref(tokens))
+
+
+def test_fused_projections_with_upstream_op_order():
+    """A converted model with its fused ops switched off (use_fused_ops(False)) splits the fused q/k/v projection and
+    rotates pairwise: float32 kernels (Plan fp32), so the same function as the unconverted model up to rounding."""
+    torch.manual_seed(0)
+    model = T.Transformer(dataclasses.replace(CFG, n_kv_heads=2)).eval()  # grouped-query: unequal q/k/v widths
+    ref_gqa = T.Transformer(dataclasses.replace(CFG, n_kv_heads=2)).eval()
+    ref_gqa.load_state_dict(model.state_dict())
+    PR.apply_to_transformer(model, PR.Plan("fast", "ulm", "fp32", "fp32"))
+    model.use_fused_ops(False)
+    tokens = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        want = ref_gqa(tokens)
+        torch.testing.assert_close(model(tokens), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+        cache_a, cache_b = model.new_cache(2, 12), ref_gqa.new_cache(2, 12)
+        model(tokens[:, :9], cache_a), ref_gqa(tokens[:, :9], cache_b)
+        torch.testing.assert_close(model(tokens[:, 9:], cache_a), ref_gqa(tokens[:, 9:], cache_b), rtol=0,
+                                   atol=1e-5 * float(want.abs().max()))  # fmt: skip
+    assert model.layers[0].attention.wqkv is not None and not model.fused_ops
+
+
+fbgemm_here = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                                 reason="torch has no fbgemm here")  # fmt: skip
+
+
+@fbgemm_here
+def test_int8dyn_runs_fbgemm_with_a_shared_activation_scale(monkeypatch):
+    """Where torch has fbgemm, the int8dyn kernel is found and used: activations are quantized per call with one
+    scale over the call's rows (documented: a row's rounding depends on the other rows), unlike the weight-only
+    int8 kernel and the float32 fallback, whose rows are independent. Without VNNI the activations get 7 bits
+    (reduce_range), another rounding."""
+    assert PR.has_int8_dynamic_kernel("cpu")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False)  # the transformers' projections have no bias
+    x = torch.randn(2, 64)
+    big = torch.cat([x[:1], 50 * x[1:]])  # row 1 widens the call's activation range
+    with torch.no_grad():
+        dyn, weight_only = PR.FastLinear([lin], "int8dyn", "int8dyn"), PR.FastLinear([lin], "int8", "fp32")
+        assert not torch.equal(dyn(x)[0], dyn(big)[0])
+        assert torch.equal(weight_only(x)[0], weight_only(big)[0])
+        want = lin(x)
+        assert float((dyn(x) - want).abs().max()) <= 0.03 * float(want.abs().max())
+        monkeypatch.setattr(PR, "cpu_flags", lambda: frozenset({"avx2"}))
+        seven_bits = PR.FastLinear([lin], "int8dyn", "int8dyn")
+        monkeypatch.setattr(PR, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+        eight_bits = PR.FastLinear([lin], "int8dyn", "int8dyn")
+        assert seven_bits.reduce_range and not eight_bits.reduce_range
+        assert not torch.equal(seven_bits(x), eight_bits(x))
+        assert float((seven_bits(x) - want).abs().max()) <= 0.05 * float(want.abs().max())
