@@ -16,6 +16,12 @@ per model and per machine, the kernels that measured faster (README "Precision";
   on the Xeon above; no float copy of the weights is kept), and float32 for the vocoder. A transformer whose
   decode and prefill kernels differ keeps both weight copies (ELLA-V at released size: 0.21 GB int8 + 0.42 GB
   bf16).
+- with `compile_decode` (plan_for; library and `bench ellav` only): the transformer's few-row forwards run through
+  torch.compile, and on a CPU their int8 matmuls take activations quantized per row through `torch._int_mm`
+  ("int8row"), which the compiler fuses with the norms, RoPE and residuals around them (fbgemm's packed weights are
+  opaque to it). ELLA-V's batch-1 step on the Xeon above: 0.38x exact instead of 0.50x in the same run.
+  int4 weights were measured too and are not offered: torch 2.13's x86 int4 kernels (`_weight_int4pack_mm_for_cpu`,
+  `_dyn_quant_matmul_4bit`) took 15-40x longer than fbgemm int8 per GEMV there.
 - what stays float32 whatever the plan: the residual stream, RMSNorms, RoPE, attention (softmax and KV cache), the
   output projection and logits, the vocoder's FFTs and every normalisation.
 
