@@ -255,3 +255,13 @@ def test_compiled_decode_step_equals_the_eager_step():
         for a, b in ((compiled.k, eager.k), (compiled.v, eager.v)):
             assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max())
         assert (compiled.lengths == eager.lengths).all() and torch.equal(compiled.slot_pos, eager.slot_pos)
+
+
+def test_bench_ellav_takes_the_compiled_variant():
+    import argparse
+
+    from dpslm_stream.bench.ellav import _precisions
+
+    assert _precisions("exact, fast-compiled,fast") == ["exact", "fast-compiled", "fast"]
+    with pytest.raises(argparse.ArgumentTypeError, match="fast-compiled"):
+        _precisions("exact,int4")
