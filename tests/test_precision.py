@@ -2,6 +2,8 @@
 to exact (tiny RANDOM-weight models: these bounds check the plumbing; quality on real checkpoints is measured by
 `dpslm-stream bench ellav --precision exact,fast`)."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -233,6 +235,8 @@ def test_compiled_decode_plan(monkeypatch, flags, fbgemm, decode):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")  # fmt: skip
 def test_compiled_decode_step_equals_the_eager_step():
     """The decode step through torch.compile (one graph for a batch of two rows of different lengths) computes what
     the same model computes eagerly: logits and every KV-cache slot equal to float rounding, over several steps, with

@@ -14,7 +14,8 @@ step. Agreement (batch 1, the same prompt): greedy tokens of
 exact model's tokens (teacher forcing), relative to the largest |logit|. On random weights these are plumbing
 figures; rerun on the released checkpoint with `--models release` for real ones.
 
-    dpslm-stream bench ellav [--precision exact,fast,fast-compiled] [--batch 1 8] [--units 25] [--steps 48] [--models random]
+    dpslm-stream bench ellav [--precision exact,fast,fast-compiled] [--batch 1 8] [--units 25] [--steps 48]
+                             [--models random]
     python -m dpslm_stream.bench.ellav
 """
 
