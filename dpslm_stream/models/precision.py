@@ -19,7 +19,7 @@ per model and per machine, the kernels that measured faster (README "Precision";
 - with `compile_decode` (plan_for; library and `bench ellav` only): the transformer's few-row forwards run through
   torch.compile, and on a CPU their int8 matmuls take activations quantized per row through `torch._int_mm`
   ("int8row"), which the compiler fuses with the norms, RoPE and residuals around them (fbgemm's packed weights are
-  opaque to it). ELLA-V's batch-1 step on the Xeon above: 0.38x exact instead of 0.50x in the same run.
+  opaque to it). ELLA-V's batch-1 step on the Xeon above: 0.38-0.40x exact instead of 0.44-0.50x (two runs).
   int4 weights were measured too and are not offered: torch 2.13's x86 int4 kernels (`_weight_int4pack_mm_for_cpu`,
   `_dyn_quant_matmul_4bit`) took 15-40x longer than fbgemm int8 per GEMV there.
 - what stays float32 whatever the plan: the residual stream, RMSNorms, RoPE, attention (softmax and KV cache), the
