@@ -2,6 +2,8 @@
 to exact (tiny RANDOM-weight models: these bounds check the plumbing; quality on real checkpoints is measured by
 `dpslm-stream bench ellav --precision exact,fast`)."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -50,13 +52,14 @@ def test_fast_plan_follows_the_machine(monkeypatch, flags, fbgemm, expect):
         PR.plan_for("ellav", "fastest", "cpu")
 
 
-@pytest.mark.parametrize("decode,bulk", [("int8", "fp32"), ("int8dyn", "fp32"), ("int8dyn", "int8dyn")])
+@pytest.mark.parametrize("decode,bulk", [("int8", "fp32"), ("int8dyn", "fp32"), ("int8dyn", "int8dyn"),
+                                         ("int8row", "int8dyn"), ("int8row", "fp32")])  # fmt: skip
 @pytest.mark.parametrize("rows", [1, 5, PR.DECODE_ROWS, PR.DECODE_ROWS + 1, 40])
 def test_int8_linear_is_close_to_float32(rows, decode, bulk):
-    """Both kernels of FastLinear (int8 for few rows: weight-only, or with dynamically quantized activations; the
-    bulk GEMM for many) against fp32: per-channel int8 weights and bf16 or 8-bit activations keep the error around
-    1% of the output's scale."""
-    if decode == "int8dyn" and not PR.has_int8_dynamic_kernel("cpu"):
+    """Both kernels of FastLinear (int8 for few rows: weight-only, or with 8-bit activations per call or per row;
+    the bulk GEMM for many) against fp32: per-channel int8 weights and bf16 or 8-bit activations keep the error
+    around 1% of the output's scale."""
+    if "int8dyn" in (decode, bulk) and not PR.has_int8_dynamic_kernel("cpu"):
         pytest.skip("torch has no fbgemm here")
     torch.manual_seed(rows)
     a, b = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(64, 32, bias=True)
@@ -188,7 +191,7 @@ def test_server_builds_its_encoder_in_the_configured_precision(tiny_dir):
         == "exact"  # fmt: skip
 
 
-@pytest.mark.parametrize("decode,bulk", [("int8", "fp32"), ("int8dyn", "int8dyn")])
+@pytest.mark.parametrize("decode,bulk", [("int8", "fp32"), ("int8dyn", "int8dyn"), ("int8row", "fp32")])
 def test_fast_linear_takes_empty_and_non_finite_rows(decode, bulk):
     """fbgemm refuses to pick an activation scale for no rows or all-NaN rows: FastLinear answers like a float layer
     (an empty output; NaN out) instead of raising."""
@@ -200,3 +203,69 @@ def test_fast_linear_takes_empty_and_non_finite_rows(decode, bulk):
     with torch.no_grad():
         assert fast(torch.zeros(0, 64)).shape == (0, 32) and fast(torch.zeros(2, 0, 64)).shape == (2, 0, 32)
         assert torch.isnan(fast(torch.full((2, 64), float("nan")))).all()
+
+
+def test_int8row_rows_do_not_depend_on_their_neighbours():
+    """The compiled step's kernel quantizes each row's activations with its own scale: a row's output is the same
+    bit for bit alone or among other rows (fbgemm's int8dyn shares one scale per call, so it cannot promise this)."""
+    torch.manual_seed(3)
+    fast = PR.FastLinear([torch.nn.Linear(64, 48)], "int8row", "fp32")
+    x = torch.randn(6, 64) * torch.logspace(-2, 2, 6)[:, None]  # rows of very different scales
+    with torch.no_grad():
+        together = fast(x)
+        assert all(torch.equal(together[i : i + 1], fast(x[i : i + 1])) for i in range(6))
+
+
+@pytest.mark.parametrize("flags,fbgemm,decode", [
+    (frozenset({"avx512f", "avx512_vnni"}), True, "int8row"),
+    (frozenset(), False, "int8row"),
+    (frozenset({"avx512f", "amx_bf16", "amx_int8"}), False, "int8row"),
+])  # fmt: skip
+def test_compiled_decode_plan(monkeypatch, flags, fbgemm, decode):
+    """compile_decode keeps the fast plan's bulk kernel and swaps the CPU's int8 decode kernel for the one the
+    compiler can fuse; it changes nothing for exact, or for models that are not transformers."""
+    monkeypatch.setattr(PR, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(PR, "_fbgemm_dynamic_linear", lambda: fbgemm)
+    plain, compiled = PR.plan_for("ellav", "fast", "cpu"), PR.plan_for("ellav", "fast", "cpu", compile_decode=True)
+    assert (compiled.decode, compiled.bulk, compiled.compiled) == (decode, plain.bulk, True) and not plain.compiled
+    assert compiled.describe().endswith("decode step compiled (torch.compile)")
+    assert PR.plan_for("ellav", "exact", "cpu", compile_decode=True) == PR.plan_for("ellav", "exact", "cpu")
+    assert PR.plan_for("wavtokenizer", "fast", "cpu", compile_decode=True) == PR.plan_for("wavtokenizer", "fast")
+    assert compiled.to_dict()["compiled"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")  # fmt: skip
+def test_compiled_decode_step_equals_the_eager_step():
+    """The decode step through torch.compile (one graph for a batch of two rows of different lengths) computes what
+    the same model computes eagerly: logits and every KV-cache slot equal to float rounding, over several steps, with
+    the cache written in place. Compiles once on the tiny model (tens of seconds; longer on a loaded machine)."""
+    model = tiny_ellav()
+    plan = PR.transformer_precision(model, "fast", "ellav", compile_decode=True)
+    assert plan.compiled and model.compiled_layers is not None
+    tokens = torch.randint(0, 4600, (2, 40))
+    with torch.inference_mode():
+        compiled, eager = model.new_cache(2, 64), model.new_cache(2, 64)
+        model(tokens[:, :30], compiled, [30, 25]), model(tokens[:, :30], eager, [30, 25])  # prefill: eager both
+        scale = 0.0
+        for t in range(30, 34):
+            got = model(tokens[:, t : t + 1], compiled)
+            model.compiled_layers, layers = None, model.compiled_layers
+            want = model(tokens[:, t : t + 1], eager)
+            model.compiled_layers = layers
+            scale = max(scale, float(want.abs().max()))
+            assert float((got - want).abs().max()) <= 1e-4 * scale
+        for a, b in ((compiled.k, eager.k), (compiled.v, eager.v)):
+            assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max())
+        assert (compiled.lengths == eager.lengths).all() and torch.equal(compiled.slot_pos, eager.slot_pos)
+
+
+def test_bench_ellav_takes_the_compiled_variant():
+    import argparse
+
+    from dpslm_stream.bench.ellav import _precisions
+
+    assert _precisions("exact, fast-compiled,fast") == ["exact", "fast-compiled", "fast"]
+    with pytest.raises(argparse.ArgumentTypeError, match="fast-compiled"):
+        _precisions("exact,int4")

@@ -14,7 +14,8 @@ step. Agreement (batch 1, the same prompt): greedy tokens of
 exact model's tokens (teacher forcing), relative to the largest |logit|. On random weights these are plumbing
 figures; rerun on the released checkpoint with `--models release` for real ones.
 
-    dpslm-stream bench ellav [--precision exact,fast] [--batch 1 8] [--units 25] [--steps 48] [--models random]
+    dpslm-stream bench ellav [--precision exact,fast,fast-compiled] [--batch 1 8] [--units 25] [--steps 48]
+                             [--models random]
     python -m dpslm_stream.bench.ellav
 """
 
@@ -37,11 +38,16 @@ from dpslm_stream.stream.ellav_batch import BatchDecoder
 from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 
 
+# Rows of the table: the precisions, and "fast-compiled" (precision fast with compile_decode: the decode step
+# through torch.compile, models/precision.py plan_for).
+VARIANTS = (*PRECISIONS, "fast-compiled")
+
+
 def _precisions(text: str) -> list[str]:
     out = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in out if p not in PRECISIONS]
+    bad = [p for p in out if p not in VARIANTS]
     if bad or not out:
-        raise argparse.ArgumentTypeError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}")
+        raise argparse.ArgumentTypeError(f"--precision takes a comma-separated list of {', '.join(VARIANTS)}")
     return out
 
 
@@ -50,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--precision", type=_precisions, default=["exact", "fast"],
-                        help="precisions to compare, e.g. exact,fast (default both)")
+                        help="precisions to compare, e.g. exact,fast (default both); fast-compiled: fast with the "
+                             "decode step through torch.compile (a few minutes of compilation first)")
     parser.add_argument("--models", default="random",
                         help="random (released dimensions, random weights; default) or a model set (release, DIR)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="passes per step (default: 1 8)")
@@ -61,13 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
-def load(args: argparse.Namespace, precision: str, device: torch.device) -> ellav.ELLAV:
+def load(args: argparse.Namespace, variant: str, device: torch.device) -> ellav.ELLAV:
     if args.models == "random":
         tokenizer = ellav.ELLAVTokenizer.for_units(args.k)
         model = random_model(lambda: ellav.ELLAV(ellav.config_for_k(args.k), tokenizer), device, torch.float32)
     else:
         model = hub.ModelSet(args.models).ellav(args.k, hub.DEFAULT_LMBDA, map_location=device).to(device).eval()
-    transformer_precision(model, precision, "ellav")
+    compiled = variant == "fast-compiled"
+    transformer_precision(model, "fast" if compiled else variant, "ellav", compile_decode=compiled)
     return model
 
 
@@ -168,6 +176,13 @@ def run(args: argparse.Namespace) -> None:
         prompts = prompts_for(args, batch)
         runs = {p: [] for p in precisions}
         outside = {p: [] for p in precisions}
+        for p in precisions:
+            if models[p].precision_plan.compiled:  # compile every shape the timed steps meet before timing them
+                t0 = time.perf_counter()
+                time_steps(models[p], prompts, args.steps, device)
+                with matmuls_skipped(models[p]):
+                    time_steps(models[p], prompts, args.steps, device)
+                print(f"  ({p}: torch.compile warm-up {time.perf_counter() - t0:.0f} s, batch {batch})")
         for _ in range(max(1, args.repeats)):
             for p in precisions:  # interleaved: contention from other processes hits every precision alike
                 runs[p].append(time_steps(models[p], prompts, args.steps, device))
@@ -180,7 +195,7 @@ def run(args: argparse.Namespace) -> None:
             prefill = statistics.median(r["prefill"] for r in runs[p])
             print(f"{p:>9} {batch:>5} {prefill:>9.3f} {1e3 * step:>8.1f} {step / base:>7.2f} {1e3 * cpu:>11.1f} "
                   f"{cpu / base_cpu:>7.2f} {1e3 * statistics.median(outside[p]):>13.1f} {1:>10}")  # fmt: skip
-    if "exact" in models and len(models) > 1:
+    if "exact" in models and len(models) > 1 and args.agreement_steps > 0:
         prompt = prompts_for(args, 1)[0]
         print("\nagreement with exact (batch 1, greedy, the same prompt; RANDOM weights: plumbing)" if
               args.models == "random" else "\nagreement with exact (batch 1, greedy, the same prompt)")  # fmt: skip

@@ -16,6 +16,12 @@ per model and per machine, the kernels that measured faster (README "Precision";
   on the Xeon above; no float copy of the weights is kept), and float32 for the vocoder. A transformer whose
   decode and prefill kernels differ keeps both weight copies (ELLA-V at released size: 0.21 GB int8 + 0.42 GB
   bf16).
+- with `compile_decode` (plan_for; library and `bench ellav` only): the transformer's few-row forwards run through
+  torch.compile, and on a CPU their int8 matmuls take activations quantized per row through `torch._int_mm`
+  ("int8row"), which the compiler fuses with the norms, RoPE and residuals around them (fbgemm's packed weights are
+  opaque to it). ELLA-V's batch-1 step on the Xeon above: 0.38-0.40x exact instead of 0.44-0.50x (two runs).
+  int4 weights were measured too and are not offered: torch 2.13's x86 int4 kernels (`_weight_int4pack_mm_for_cpu`,
+  `_dyn_quant_matmul_4bit`) took 15-40x longer than fbgemm int8 per GEMV there.
 - what stays float32 whatever the plan: the residual stream, RMSNorms, RoPE, attention (softmax and KV cache), the
   output projection and logits, the vocoder's FFTs and every normalisation.
 
@@ -100,8 +106,10 @@ class Plan:
 
     precision: str  # "exact" or "fast"
     model: str  # "ellav", "ulm" or "wavtokenizer"
-    decode: str  # "fp32", "bf16", "int8" (weight-only, per output channel) or "int8dyn" (int8 activations too)
+    decode: str  # "fp32", "bf16", "int8" (weight-only, per output channel), "int8dyn" (int8 activations too, fbgemm)
+    # or "int8row" (int8 activations with one scale per row, torch._int_mm: the kernel of a compiled decode step)
     bulk: str  # "fp32", "bf16" or "int8dyn"
+    compiled: bool = False  # the transformer's few-row forwards (decode steps) run through torch.compile
 
     def describe(self) -> str:
         if self.precision == "exact":
@@ -113,11 +121,14 @@ class Plan:
             return (f"{self.model}: fast = streaming blocks' linear layers {kernel}; front-end, pos_conv, norms, "
                     "attention float32")  # fmt: skip
         names = {"int8": "int8 weight-only (bf16 activations)",
-                 "int8dyn": "int8 (weights per channel, activations dynamic, fbgemm)"}
+                 "int8dyn": "int8 (weights per channel, activations dynamic, fbgemm)",
+                 "int8row": "int8 (weights per channel, activations per row, torch._int_mm)"}
         decode, bulk = names.get(self.decode, self.decode), names.get(self.bulk, self.bulk)
+        step = "; decode step compiled (torch.compile)" if self.compiled else ""
         if decode == bulk:
-            return f"{self.model}: fast = matmuls {decode}; norms, RoPE, attention, logits float32"
-        return f"{self.model}: fast = decode matmuls {decode}, prefill {bulk}; norms, RoPE, attention, logits float32"
+            return f"{self.model}: fast = matmuls {decode}; norms, RoPE, attention, logits float32{step}"
+        return (f"{self.model}: fast = decode matmuls {decode}, prefill {bulk}; norms, RoPE, attention, logits "
+                f"float32{step}")  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,9 +140,22 @@ def check_precision(precision: object) -> str:
     return precision
 
 
-def plan_for(model: str, precision: str, device: torch.device | str = "cpu") -> Plan:
+def plan_for(model: str, precision: str, device: torch.device | str = "cpu", compile_decode: bool = False) -> Plan:
     """The plan `precision` gives `model` ("ellav", "ulm", "wavtokenizer", "wavlm") on `device` (this machine's CPU
-    flags). For "wavlm" it covers the streaming encoder's block linears (stream/encoder.py WindowRunner)."""
+    flags). For "wavlm" it covers the streaming encoder's block linears (stream/encoder.py WindowRunner).
+
+    compile_decode (transformers, precision "fast"): the few-row forwards (decode steps) run through torch.compile,
+    which removes most of their per-op dispatch; on a CPU their int8 matmuls then take the per-row activation
+    kernel "int8row" (`torch._int_mm`, plain aten ops that the compiler fuses; fbgemm's packed weights are opaque
+    to it). The first steps of each new shape pay the compilation (a minute or more at the released size)."""
+    plan = _plan_for(model, precision, device)
+    if not compile_decode or plan.precision == "exact" or model not in ("ellav", "ulm"):
+        return plan
+    decode = "int8row" if plan.decode in ("int8", "int8dyn") and hasattr(torch, "_int_mm") else plan.decode
+    return Plan(plan.precision, model, decode, plan.bulk, compiled=True)
+
+
+def _plan_for(model: str, precision: str, device: torch.device | str) -> Plan:
     check_precision(precision)
     if precision == "exact":
         return Plan("exact", model, "fp32", "fp32")
@@ -175,6 +199,10 @@ class FastLinear(nn.Module):
       without bf16 units at every row count measured (1-64), but a row's rounding depends on the other rows of
       the call (the shared activation scale), and a NaN among finite activations comes out finite (fbgemm's
       scale ignores it; calls with no rows or no finite value run the float32 fallback).
+    - int8row: W = q * s as above, activations quantized to 8 bits symmetrically with one scale per row,
+      `torch._int_mm` (int8 x int8 -> int32, oneDNN), output float32: for a compiled decode step (plain aten ops the
+      compiler fuses; on the Xeon above its GEMV read the weights as fast as fbgemm's). Rows are independent; a
+      NaN or inf in a row makes that row's output non-finite.
     - int8: weight-only, `aten._weight_int8pack_mm(x.bf16, q, 1)` with the output scaled in float32 (activations
       rounded to bfloat16); rows are independent. Used where fbgemm is missing.
     - bf16/fp32: a plain GEMM on W stored in that dtype. Many-row calls of an int8 plan use a copy of W in the bulk
@@ -194,14 +222,16 @@ class FastLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bias", bias)
         self.packed: object = None  # fbgemm's packed int8 weights and bias (decode "int8dyn")
-        if decode in ("int8", "int8dyn"):
+        if decode in ("int8", "int8dyn", "int8row"):
             qweight, scale = _per_channel_int8(weight)
             self.register_buffer("qweight", qweight)
             self.register_buffer("scale", scale)
-            self.register_buffer("_ones", torch.ones(self.out_features, dtype=torch.bfloat16, device=weight.device))
+            if decode == "int8":
+                self.register_buffer("_ones", torch.ones(self.out_features, dtype=torch.bfloat16,
+                                                         device=weight.device))  # fmt: skip
             if bulk != "int8dyn":
                 self.register_buffer("weight", weight.to(_DTYPE[bulk]))  # for many-row calls
-            if decode == "int8dyn":
+            if "int8dyn" in (decode, bulk):
                 self.packed = _fbgemm_pack(qweight, scale, bias)
                 # Without VNNI fbgemm multiplies int8 pairs with int16 saturation: 7-bit activations avoid it.
                 self.reduce_range = not {"avx512_vnni", "avx_vnni"} & cpu_flags()
@@ -221,6 +251,12 @@ class FastLinear(nn.Module):
         elif kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._ones)
             y = y.float() * self.scale
+        elif kernel == "int8row":
+            # Symmetric 8-bit activations, one scale per row (max |x| of the row maps to 127): rows are independent,
+            # and every op is one the compiler fuses into its neighbours, but for the int8 x int8 -> int32 GEMM.
+            row_scale = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+            xq = torch.round(x2 / row_scale).to(torch.int8)
+            y = torch._int_mm(xq, self.qweight.t()).float() * row_scale * self.scale
         else:
             dtype = _DTYPE[self.bulk]
             y = F.linear(x2.to(dtype), self.weight.to(dtype)).float()
@@ -255,10 +291,12 @@ def apply_to_transformer(model: nn.Module, plan: Plan) -> Plan:
             ffn.w2 = FastLinear([ffn.w2], plan.decode, plan.bulk)
             del ffn.w1, ffn.w3
     model.use_fused_ops()
+    if plan.compiled:
+        model.compile_decode(DECODE_ROWS)
     model.precision_plan = plan
     return plan
 
 
-def transformer_precision(model: nn.Module, precision: str, kind: str) -> Plan:
-    """plan_for(kind, precision, model's device) applied to a Transformer (ELLA-V or ULM)."""
-    return apply_to_transformer(model, plan_for(kind, precision, model.tok_embeddings.weight.device))
+def transformer_precision(model: nn.Module, precision: str, kind: str, compile_decode: bool = False) -> Plan:
+    """plan_for(kind, precision, model's device, compile_decode) applied to a Transformer (ELLA-V or ULM)."""
+    return apply_to_transformer(model, plan_for(kind, precision, model.tok_embeddings.weight.device, compile_decode))

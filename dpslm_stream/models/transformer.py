@@ -18,6 +18,9 @@ Differences from upstream that do not change the numbers:
 fewer, larger ops, for the per-op dispatch cost that dominates a batch-1 decode step outside its matmuls: the
 RMSNorms as `F.rms_norm`, q and k rotated together by one complex multiply, the attention mask made additive once
 per forward instead of converted from booleans in every layer. Same math, other float rounding.
+`compile_decode` (a fast plan's option) runs the blocks of decode steps through torch.compile; the KV-cache write and
+attention are then one custom op (`dpslm::cached_attention`, the same function eagerly), which the compiler keeps
+opaque and lets write the cache in place.
 """
 
 from __future__ import annotations
@@ -206,12 +209,15 @@ class KVCache:
         self._rows, self._slots, self._extent = rows, slots, extent
         return positions, mask[:, None]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one layer's new keys/values [B, H_kv, T, D]; return that layer's keys/values over [0, extent)."""
-        # Advanced indices (rows, slots) around a slice put the [B, T] index dims first: [B, T, H_kv, D].
-        self.k[layer][self._rows, :, self._slots] = k.transpose(1, 2)
-        self.v[layer][self._rows, :, self._slots] = v.transpose(1, 2)
-        return self.k[layer, :, :, : self._extent], self.v[layer, :, :, : self._extent]
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Store one layer's new keys/values [B, H_kv, T, D] and attend the queries q [B, H, T, D] over the layer's
+        slots [0, extent) with begin()'s `mask` (boolean, or additive float)."""
+        # Inside torch.compile the write and the attention are one opaque op (the compiler then writes the cache
+        # in place instead of copying it); eagerly, the same function called directly.
+        attend = _cached_attention_op if torch.compiler.is_compiling() else cached_attention
+        return attend(q, k, v, self.k, self.v, layer, self._rows, self._slots, mask)
 
     def end(self, valid: Sequence[int] | None = None) -> None:
         """Commit the real tokens of the forward in flight (host counts per row; None: all) and forget its padding."""
@@ -301,6 +307,42 @@ class KVCache:
             self.length, self.next_pos, self.lengths = length, next_pos, lengths
 
 
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layer: int,
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Write k, v [B, H_kv, T, D] into `layer` of the caches [n_layers, B, H_kv, capacity, D] at slots [B, T] of rows
+    [B, 1], then attend q [B, H, T, D] over slots [0, extent) with `mask` [B, 1, T, extent] (KVCache.begin)."""
+    # Advanced indices (rows, slots) around a slice put the [B, T] index dims first: [B, T, H_kv, D].
+    k_cache[layer][rows, :, slots] = k.transpose(1, 2)
+    v_cache[layer][rows, :, slots] = v.transpose(1, 2)
+    extent = mask.shape[-1]
+    keys, values = _repeat_kv(q, k_cache[layer, :, :, :extent], v_cache[layer, :, :, :extent])
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).contiguous()
+
+
+# The same function as a torch custom op: opaque to torch.compile, mutating the two caches in place. Its output is
+# contiguous, the layout its fake (shape-only) version declares to the compiler.
+_cached_attention_op = torch.library.custom_op(
+    "dpslm::cached_attention", cached_attention, mutates_args=("k_cache", "v_cache"))  # fmt: skip
+_cached_attention_op.register_fake(lambda q, *_: q.new_empty(q.shape))
+
+
+def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention: query head h uses kv head h // repeats, as upstream's repeat_interleave."""
+    repeats = q.shape[1] // k.shape[1]
+    if repeats == 1:
+        return k, v
+    return k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+
+
 class Attention(nn.Module):
     """Multi-head attention with RoPE; grouped-query when n_kv_heads < n_heads (the releases use plain MHA)."""
 
@@ -334,18 +376,14 @@ class Attention(nn.Module):
                 rot = Rotation(rot.polar.real[:, :, 0], rot.polar.imag[:, :, 0])
             q, k = apply_rotary(q, rot.cos, rot.sin), apply_rotary(k, rot.cos, rot.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        if cache is not None:
-            k, v = cache.write(layer, k, v)
-        if self.n_kv_heads != self.n_heads:
-            # Query head h uses kv head h // repeats, as upstream's repeat_interleave.
-            repeats = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         # Default scale 1/sqrt(head_dim), as xformers upstream. Without a cache every row starts at position 0,
         # so top-left-aligned is_causal is right; with a cache the explicit bottom-right mask is used.
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:
+            out = cache.attend(layer, q, k, v, mask)
+        elif mask is None:
+            out = F.scaled_dot_product_attention(q, *_repeat_kv(q, k, v), is_causal=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, *_repeat_kv(q, k, v), attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -394,6 +432,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=config.output_bias)
         self.precision_plan = None  # models/precision.py: the Plan this model was converted for (None: as loaded)
         self.fused_ops = False  # see the module docstring; use_fused_ops() sets it
+        self.compiled_layers = None  # the blocks and final norm through torch.compile (compile_decode)
+        self.compiled_max_rows = 0  # forwards of at most this many tokens (B x T) with a cache run compiled_layers
 
     def use_fused_ops(self, on: bool = True) -> None:
         """Fused kernels for norms, RoPE and the mask (not bit-identical to upstream's op order; fast plans only)."""
@@ -401,6 +441,23 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.fused = on
+
+    def compile_decode(self, max_rows: int) -> None:
+        """Run the blocks and the final norm of forwards with a cache and at most `max_rows` tokens (decode steps)
+        through torch.compile (dynamic shapes: one graph serves every cache extent, with one more for each batch size
+        or token count of 1 the compiler specializes); the first calls compile (minutes at the released size).
+        The compiled graph fuses the norms, RoPE, residuals and activation quantization between the matmuls and the
+        cached attention (an opaque op), so a step makes about a hundred kernel calls instead of ~1,000 ops."""
+        self.compiled_layers = torch.compile(self.layers_forward, dynamic=True)
+        self.compiled_max_rows = max_rows
+
+    def layers_forward(
+        self, h: torch.Tensor, rot: Rotation, cache: KVCache | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The blocks and the final norm on embedded tokens h [B, T, dim]."""
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rot, cache, i, mask)
+        return self.norm(h)
 
     @property
     def device(self) -> torch.device:
@@ -436,15 +493,17 @@ class Transformer(nn.Module):
             mask = None
         else:
             positions, mask = cache.begin(T)
-        rot = Rotation.at(positions, self.config.head_dim, self.config.rope_theta, self.fused_ops)
+        compiled = self.compiled_layers is not None and cache is not None and B * T <= self.compiled_max_rows
+        # A compiled forward rotates with cos/sin: plain float ops the compiler fuses into its kernels (complex
+        # tensors it runs op by op).
+        rot = Rotation.at(positions, self.config.head_dim, self.config.rope_theta, self.fused_ops and not compiled)
         if self.fused_ops and mask is not None:  # additive once, instead of a bool -> float conversion per layer
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, -math.inf)
         h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rot, cache, i, mask)
+        h = (self.compiled_layers if compiled else self.layers_forward)(h, rot, cache, mask)
         if cache is not None:
             cache.end(None if valid is None else (valid.tolist() if isinstance(valid, torch.Tensor) else valid))
-        return self.norm(h)
+        return h
 
 
 def validate_config(config: TransformerConfig) -> None:
