@@ -4,8 +4,10 @@ mutant it kills. Models here have tiny RANDOM weights where a model is used at a
 
 import math
 
+import pytest
 import torch
 
+from dpslm_stream import protocol as P
 from dpslm_stream.models import ellav as E
 from dpslm_stream.models import transformer as T
 
@@ -30,3 +32,17 @@ def test_ellav_sample_divides_logits_by_the_temperature():
         drawn = E.sample(logits, temperature, 1.0, gen)
         expected = 1.0 / (1.0 + 3.0 ** (1.0 / temperature))
         assert abs((drawn == 0).double().mean().item() - expected) < 0.015
+
+
+def test_a_binary_server_frame_of_unknown_kind_is_unknown_type_not_bad_audio():
+    """#6 (wrong error code): a well-sized binary frame whose kind byte is neither audio nor bitstream is a frame
+    type this client does not know (UNKNOWN_TYPE); a frame too short or of odd length is BAD_AUDIO."""
+    good = P.encode_audio_chunk(3, 480, b"\x00\x00" * 4)
+    assert P.decode_server_binary(good).seq == 3
+    for kind in (0, 7, 255):
+        with pytest.raises(P.ProtocolError) as info:
+            P.decode_server_binary(bytes((kind,)) + good[1:])
+        assert info.value.code == P.ErrorCode.UNKNOWN_TYPE and str(kind) in str(info.value)
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode_audio_chunk(good[:-1])
+    assert info.value.code == P.ErrorCode.BAD_AUDIO
