@@ -141,12 +141,13 @@ def retest(ws: Path, group: dict, names: list[str]) -> None:
     for meta in sorted((ws / "mutants").rglob("*.py.meta")):
         data = json.loads(meta.read_text())
         for mutant in [n for n in names if n in data["exit_code_by_key"]]:
-            # The tests that ran the function, plus the group's new test files; the dedicated tests/test_mutation_*
-            # files first (small and fast: most mutants fail there).
-            known = stats.get(mutant.partition("__mutmut_")[0], [])
-            files = {t.partition("::")[0] for t in known}
-            new_files = [t for t in group["tests"] if t not in files and t.startswith("tests/test_mutation")]
-            tests = sorted(set(known) | set(new_files), key=lambda t: (not t.startswith("tests/test_mutation"), t))
+            # The tests that ran the function, plus the group's dedicated tests/test_mutation_* files, whole (tests
+            # added to them since the stats run are not in the stats) and first (small and fast: most mutants fail
+            # there).
+            dedicated = [t for t in group["tests"] if t.startswith("tests/test_mutation")]
+            known = [t for t in stats.get(mutant.partition("__mutmut_")[0], [])
+                     if t.partition("::")[0] not in dedicated]
+            tests = sorted(set(known) | set(dedicated), key=lambda t: (not t.startswith("tests/test_mutation"), t))
             env = dict(os.environ, MUTANT_UNDER_TEST=mutant, PYTHONDONTWRITEBYTECODE="1")
             limit = f"--timeout={per_test_timeout(group)}"
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", limit,

@@ -210,6 +210,32 @@ def test_attention_bias_shape_error():
         m.layer(0, x, m.relative_bias(9, 10))
 
 
+def test_defaults_are_dp_slms_layer_11_and_upstreams_full_depth():
+    """forward / encode / the step generators default to layer 11 (DP-SLM); extract_features to None (upstream's
+    full depth with the final LN)."""
+    torch.manual_seed(13)
+    m = perturbed(W.WavLM(W.TINY), seed=13)
+    wav = _wav(2000, seed=18)
+    padded = F.pad(wav, (40, 40))
+    with torch.no_grad():
+        x = m.frontend(padded)
+        assert torch.equal(m(padded), m(padded, 11)) and not torch.equal(m(padded, 11), m(padded, 12))
+        assert torch.equal(m.encode(x), m.encode(x, 11))
+        assert torch.equal(W.run_steps(m.forward_steps(padded)), m(padded, 11))
+        assert torch.equal(W.run_steps(m.encode_steps(x)), m.encode(x, 11))
+        assert torch.equal(W.run_steps(W.extract_features_steps(m, wav, 16000)), m(padded, 11)[0])
+    assert torch.equal(W.extract_features(m, wav, 16000), W.extract_features(m, wav, 16000, layer=None))
+    with torch.no_grad():
+        full = m(padded, None)[0]  # the last block and the final LN
+    torch.testing.assert_close(W.extract_features(m, wav, 16000), full, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(W.extract_features(m, wav, 16000), W.extract_features(m, wav, 16000, layer=12))
+
+
+def test_relative_buckets_on_the_requested_device():
+    assert W.relative_position_buckets(3, 5, 2, 320, 800, device="meta").device.type == "meta"
+    assert W.relative_position_buckets(3, 5, 2, 320, 800).device.type == "cpu"
+
+
 def test_grouped_conv_dtype():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for half in (torch.bfloat16, torch.float16):
@@ -235,11 +261,12 @@ def _params_used(model: W.WavLM, layer: int | None) -> int:
     {"extractor_mode": "default", "layer_norm_first": False},  # post-LN: the encoder LN right after pos_conv
     {"relative_position_embedding": False, "gru_rel_pos": False},
     {"conv_feature_layers": "[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2"},  # no post_extract_proj
+    {"conv_feature_layers": "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] + [(48,2,2)]"},  # the last block's width
 ])  # fmt: skip
 def test_num_parameters_are_the_ones_the_forward_pass_reads(changes):
     torch.manual_seed(10)
     m = W.WavLM(dataclasses.replace(W.TINY, encoder_layers=3, **changes))
-    assert (m.post_extract_proj is None) == ("conv_feature_layers" in changes)
+    assert (m.post_extract_proj is None) == ("(64,2,2)" in changes.get("conv_feature_layers", ""))
     for layer in (0, 1, 3):
         assert m.num_parameters(layer) == _params_used(m, layer), layer
     full = _params_used(m, None)  # all blocks and the final LN: every parameter but mask_emb

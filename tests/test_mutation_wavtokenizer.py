@@ -57,6 +57,7 @@ def test_config_smallest_valid_values():
                                n_fft=1800, hop_length=600, downsamples=[6.0, 5, 5, 4])  # fmt: skip
     assert cfg.downsamples == (6, 5, 5, 4) and all(type(d) is int for d in cfg.downsamples)
     assert cfg.overlap == 3 and cfg.frame_rate == 40.0
+    assert W.WavTokenizerConfig(n_fft=800, hop_length=400).overlap == 2  # an even difference that 3 does not divide
 
 
 def test_config_from_dict_messages():
@@ -140,7 +141,8 @@ def _as_adaln_state(sd: dict) -> dict:
 def test_plain_layernorm_decoder_matches_float64_reference():
     torch.manual_seed(5)
     model = W.WavTokenizer(dataclasses.replace(W.TINY, adanorm_num_embeddings=None)).eval()
-    assert isinstance(model.backbone.norm, torch.nn.LayerNorm) and model.backbone.norm.eps == 1e-6
+    for norm in [model.backbone.norm] + [b.norm for b in model.backbone.convnext]:  # upstream's eps, not torch's
+        assert isinstance(norm, torch.nn.LayerNorm) and norm.eps == 1e-6
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if "norm" in name or name.endswith("gamma"):
@@ -167,6 +169,12 @@ def test_other_bandwidth_row_is_that_rows_affine():
         got = model.spectra(codes, bandwidth_id=2)
         assert torch.equal(got, swapped.spectra(codes, bandwidth_id=0))
         assert not torch.allclose(got, model.spectra(codes, bandwidth_id=0))
+
+
+def test_backbone_default_condition_is_row_zero(tiny):
+    features = torch.randn(1, 32, 6, generator=torch.Generator().manual_seed(27))
+    with torch.inference_mode():
+        assert torch.equal(tiny.backbone(features), tiny.backbone(features, 0))
 
 
 def test_several_codebooks_sum_their_rows(tiny):
@@ -289,6 +297,8 @@ def test_loading_casts_to_float32_and_accepts_any_hyper_parameters(tiny):
     for hparams in ({}, {"lr": 1e-4}, None, "not a dict"):
         assert W.load_checkpoint_dict(dict(good, hyper_parameters=hparams)).config == W.TINY
     assert W.load_checkpoint_dict(dict(good, hyper_parameters={"sample_rate": 24000})).config == W.TINY
+    # map_location places the tensors (the meta device stands in for a GPU here: nothing is materialised).
+    assert {t.device.type for t in W.load_checkpoint_dict(good, map_location="meta").state_dict().values()} == {"meta"}
     # An explicit config is used as given (here the inferred one, written out).
     assert W.load_checkpoint_dict(good, config=W.TINY).config == W.TINY
 
