@@ -21,6 +21,7 @@ from dpslm_stream.dpdp import deduplicate, dpdp
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models import wavlm
 from dpslm_stream.models.precision import FastLinear
+from dpslm_stream.models.ulm import ScoringPool
 from dpslm_stream.pipeline import Pipeline, bitrate, default_num_neighbors
 from dpslm_stream.stream.compare import DITHER, StreamedEncoding, agreement, compare, edit_distance, stream_encode
 from dpslm_stream.stream.encoder import WindowConfig, WindowedEncoder, WindowRunner, window_config
@@ -417,8 +418,12 @@ def test_scoring_sessions_share_one_forward_per_pool(worker, wav, monkeypatch):
              ((K, LMBDA), (K, LMBDA), (100, 600))]  # fmt: skip
     monkeypatch.setattr(worker_module, "score_blocks", counting)
     sessions = [worker.open_session(16000, k, lmbda, score=True) for k, lmbda in ((K, LMBDA), (K, LMBDA), (100, 600))]
-    silent = worker.open_session(16000, K, LMBDA)
-    assert silent._scorer is None
+    built = []
+    monkeypatch.setattr(worker_module, "ScoringPool", lambda *args: built.append(args) or ScoringPool(*args))
+    silent = worker.open_session(16000, K, LMBDA, score_context=5)
+    assert silent._scorer is None and built == []  # no ULM cache allocated for a session without scores
+    worker.open_session(16000, K, LMBDA, score=True, score_context=5)
+    assert len(built) == 1  # the first scoring session of that context builds its pool
     events = [[] for _ in sessions]
     for a in range(0, len(wav), 8000):
         for s in (*sessions, silent):
@@ -437,3 +442,36 @@ def test_scoring_sessions_share_one_forward_per_pool(worker, wav, monkeypatch):
         assert [(e.unit, e.start_frame) for e in got[:-1]] == [(e.unit, e.start_frame) for e in want[:-1]]
         np.testing.assert_allclose([e.logprob for e in got[:-1]], [e.logprob for e in want[:-1]], rtol=1e-5, atol=1e-5)
     assert sessions[0]._scorer.pool is sessions[1]._scorer.pool is not sessions[2]._scorer.pool
+
+
+def test_session_compute_time_is_its_share_of_the_forwards_and_scoring(tiny_models, wav, monkeypatch):
+    """compute_seconds = the session's own clock time (frozen here) + its share of every batched encoder forward +
+    its share of every scoring forward, each measured by a DeviceTimer (replaced here by fixed durations)."""
+    from dpslm_stream.stream import encoder as encoder_module
+    from dpslm_stream.stream import worker as worker_module
+
+    counts = {0.25: 0, 1.0: 0}
+
+    def fixed_timer(seconds):
+        class Timer:
+            def __init__(self, device):
+                counts[seconds] += 1
+                self.seconds = seconds
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        return Timer
+
+    monkeypatch.setattr(encoder_module, "DeviceTimer", fixed_timer(0.25))
+    monkeypatch.setattr(worker_module, "DeviceTimer", fixed_timer(1.0))
+    worker = EncoderWorker(tiny_models, "cpu", pairs=[(K, LMBDA)], clock=lambda: 0.0)
+    session = worker.open_session(16000, K, LMBDA, mode="cached", score=True)
+    run_session(worker, session, wav, 4000)
+    assert counts[0.25] > 3 and counts[1.0] > 0
+    stats = session.stats
+    assert stats.compute_seconds == pytest.approx(0.25 * counts[0.25] + 1.0 * counts[1.0])
+    assert stats.real_time_factor == pytest.approx(stats.compute_seconds / 1.5)
