@@ -20,7 +20,7 @@ import torch
 from dpslm_stream.dpdp import deduplicate, dpdp
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models import wavlm
-from dpslm_stream.models.precision import FastLinear
+from dpslm_stream.models.precision import FastLinear, Plan, plan_for
 from dpslm_stream.models.ulm import ScoringPool
 from dpslm_stream.pipeline import Pipeline, bitrate, default_num_neighbors
 from dpslm_stream.stream.compare import DITHER, StreamedEncoding, agreement, compare, edit_distance, stream_encode
@@ -251,12 +251,24 @@ def test_runner_layers_and_precision(model, frames):
     exact = WindowRunner(model)
     assert all(isinstance(m, PackedLinear) for ms in exact.linears for m in ms)
     fast = WindowRunner(model, precision="fast")
-    assert fast.precision_plan.precision == "fast"
+    assert fast.precision_plan == plan_for("wavlm", "fast", torch.device("cpu"))  # what the runner reports it runs
+    assert exact.precision_plan == plan_for("wavlm", "exact", torch.device("cpu"))
     quantized = fast.precision_plan.bulk != "fp32"  # int8 or bf16 on this machine's CPU
     assert all(isinstance(m, FastLinear) == quantized for ms in fast.linears for m in ms)
     if quantized:
         with pytest.raises(InvalidInput, match="float32"):
             WindowRunner(tiny_wavlm().to(torch.bfloat16), precision="fast")
+
+
+def test_a_fast_plan_without_faster_kernels_runs_the_exact_path(model, monkeypatch):
+    """On a CPU with neither int8 nor bf16 kernels `plan_for` makes "fast" an fp32 plan: the runner then keeps the
+    prepacked float32 linears (no quantized copy)."""
+    from dpslm_stream.stream import encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "plan_for", lambda model, precision, device: Plan(precision, model, "fp32", "fp32"))
+    runner = WindowRunner(model, precision="fast")
+    assert runner.precision_plan.precision == "fast"
+    assert all(isinstance(m, PackedLinear) for ms in runner.linears for m in ms)
 
 
 def test_window_config_error_messages():
