@@ -265,7 +265,8 @@ def test_a_fast_plan_without_faster_kernels_runs_the_exact_path(model, monkeypat
     prepacked float32 linears (no quantized copy)."""
     from dpslm_stream.stream import encoder as encoder_module
 
-    monkeypatch.setattr(encoder_module, "plan_for", lambda name, precision, device: Plan(precision, name, "fp32", "fp32"))
+    fp32_plan = lambda name, precision, device: Plan(precision, name, "fp32", "fp32")  # noqa: E731
+    monkeypatch.setattr(encoder_module, "plan_for", fp32_plan)
     runner = WindowRunner(model, precision="fast")
     assert runner.precision_plan.precision == "fast"
     assert all(isinstance(m, PackedLinear) for ms in runner.linears for m in ms)
