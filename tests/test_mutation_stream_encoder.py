@@ -20,7 +20,8 @@ import torch
 from dpslm_stream.dpdp import deduplicate, dpdp
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models import wavlm
-from dpslm_stream.models.precision import FastLinear
+from dpslm_stream.models.precision import FastLinear, Plan, plan_for
+from dpslm_stream.models.ulm import ScoringPool
 from dpslm_stream.pipeline import Pipeline, bitrate, default_num_neighbors
 from dpslm_stream.stream.compare import DITHER, StreamedEncoding, agreement, compare, edit_distance, stream_encode
 from dpslm_stream.stream.encoder import WindowConfig, WindowedEncoder, WindowRunner, window_config
@@ -250,12 +251,25 @@ def test_runner_layers_and_precision(model, frames):
     exact = WindowRunner(model)
     assert all(isinstance(m, PackedLinear) for ms in exact.linears for m in ms)
     fast = WindowRunner(model, precision="fast")
-    assert fast.precision_plan.precision == "fast"
+    assert fast.precision_plan == plan_for("wavlm", "fast", torch.device("cpu"))  # what the runner reports it runs
+    assert exact.precision_plan == plan_for("wavlm", "exact", torch.device("cpu"))
     quantized = fast.precision_plan.bulk != "fp32"  # int8 or bf16 on this machine's CPU
     assert all(isinstance(m, FastLinear) == quantized for ms in fast.linears for m in ms)
     if quantized:
         with pytest.raises(InvalidInput, match="float32"):
             WindowRunner(tiny_wavlm().to(torch.bfloat16), precision="fast")
+
+
+def test_a_fast_plan_without_faster_kernels_runs_the_exact_path(model, monkeypatch):
+    """On a CPU with neither int8 nor bf16 kernels `plan_for` makes "fast" an fp32 plan: the runner then keeps the
+    prepacked float32 linears (no quantized copy)."""
+    from dpslm_stream.stream import encoder as encoder_module
+
+    fp32_plan = lambda name, precision, device: Plan(precision, name, "fp32", "fp32")  # noqa: E731
+    monkeypatch.setattr(encoder_module, "plan_for", fp32_plan)
+    runner = WindowRunner(model, precision="fast")
+    assert runner.precision_plan.precision == "fast"
+    assert all(isinstance(m, PackedLinear) for ms in runner.linears for m in ms)
 
 
 def test_window_config_error_messages():
@@ -417,8 +431,12 @@ def test_scoring_sessions_share_one_forward_per_pool(worker, wav, monkeypatch):
              ((K, LMBDA), (K, LMBDA), (100, 600))]  # fmt: skip
     monkeypatch.setattr(worker_module, "score_blocks", counting)
     sessions = [worker.open_session(16000, k, lmbda, score=True) for k, lmbda in ((K, LMBDA), (K, LMBDA), (100, 600))]
-    silent = worker.open_session(16000, K, LMBDA)
-    assert silent._scorer is None
+    built = []
+    monkeypatch.setattr(worker_module, "ScoringPool", lambda *args: built.append(args) or ScoringPool(*args))
+    silent = worker.open_session(16000, K, LMBDA, score_context=5)
+    assert silent._scorer is None and built == []  # no ULM cache allocated for a session without scores
+    worker.open_session(16000, K, LMBDA, score=True, score_context=5)
+    assert len(built) == 1  # the first scoring session of that context builds its pool
     events = [[] for _ in sessions]
     for a in range(0, len(wav), 8000):
         for s in (*sessions, silent):
@@ -437,3 +455,36 @@ def test_scoring_sessions_share_one_forward_per_pool(worker, wav, monkeypatch):
         assert [(e.unit, e.start_frame) for e in got[:-1]] == [(e.unit, e.start_frame) for e in want[:-1]]
         np.testing.assert_allclose([e.logprob for e in got[:-1]], [e.logprob for e in want[:-1]], rtol=1e-5, atol=1e-5)
     assert sessions[0]._scorer.pool is sessions[1]._scorer.pool is not sessions[2]._scorer.pool
+
+
+def test_session_compute_time_is_its_share_of_the_forwards_and_scoring(tiny_models, wav, monkeypatch):
+    """compute_seconds = the session's own clock time (frozen here) + its share of every batched encoder forward +
+    its share of every scoring forward, each measured by a DeviceTimer (replaced here by fixed durations)."""
+    from dpslm_stream.stream import encoder as encoder_module
+    from dpslm_stream.stream import worker as worker_module
+
+    counts = {0.25: 0, 1.0: 0}
+
+    def fixed_timer(seconds):
+        class Timer:
+            def __init__(self, device):
+                counts[seconds] += 1
+                self.seconds = seconds
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        return Timer
+
+    monkeypatch.setattr(encoder_module, "DeviceTimer", fixed_timer(0.25))
+    monkeypatch.setattr(worker_module, "DeviceTimer", fixed_timer(1.0))
+    worker = EncoderWorker(tiny_models, "cpu", pairs=[(K, LMBDA)], clock=lambda: 0.0)
+    session = worker.open_session(16000, K, LMBDA, mode="cached", score=True)
+    run_session(worker, session, wav, 4000)
+    assert counts[0.25] > 3 and counts[1.0] > 0
+    stats = session.stats
+    assert stats.compute_seconds == pytest.approx(0.25 * counts[0.25] + 1.0 * counts[1.0])
+    assert stats.real_time_factor == pytest.approx(stats.compute_seconds / 1.5)
