@@ -82,7 +82,7 @@ def test_audio_event_pcm16_clips_to_the_16_bit_range():
 
 
 # ----- the stages and the worker on tiny random-weight models ------------------------------------------------------
-# (the fixtures and the reference schedule of tests/test_stream_resynth.py: float64 ELLA-V with a biased EOP logit,
+# (the fixtures of tests/test_stream_resynth.py: float64 ELLA-V with a biased EOP logit,
 # a WavTokenizer with a random codebook)
 
 import torch  # noqa: E402
@@ -95,8 +95,7 @@ from dpslm_stream.stream.ellav_stage import IncrementalELLAV  # noqa: E402
 from dpslm_stream.stream.resynth_worker import ResynthWorker  # noqa: E402
 from dpslm_stream.stream.vocoder import IncrementalVocoder, StreamingISTFT  # noqa: E402
 from tests.test_stream_resynth import (  # noqa: E402,F401  (fixtures and helpers)
-    EOP, K, LMBDA, M, audio_of, ellav64, make_worker, offline_codes, random_units, record_codes, reference_sliding_window,
-    wt,
+    EOP, K, LMBDA, M, ellav64, make_worker, random_units, wt,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -320,3 +319,20 @@ def test_a_closed_session_reports_itself(tiny_models, ellav64, wt):
     assert "closed=True" in repr(s) and not s.has_work and isinstance(s.state_nbytes, int)
     s.reset()
     assert "closed=False" in repr(s) and s.state_nbytes == 0
+
+
+def test_allow_tf32_reaches_the_device_setup(tiny_models, monkeypatch):
+    """allow_tf32 is handed to the device setup (on CUDA it turns TF32 matmuls on; on the CPU it changes nothing, so
+    the call is what can be checked here)."""
+    import dpslm_stream.stream.resynth_worker as resynth_worker
+
+    calls, setup = [], resynth_worker.setup_model_device
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return setup(*args, **kwargs)
+
+    monkeypatch.setattr(resynth_worker, "setup_model_device", spy)
+    for allow in (True, False):
+        ResynthWorker(tiny_models, "cpu", allow_tf32=allow)
+    assert calls == [(("cpu", True), {}), (("cpu", False), {})]
