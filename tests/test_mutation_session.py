@@ -1024,3 +1024,106 @@ def test_units_over_while_streaming_ends_and_waits_for_the_audio():
     assert s.shutdown(0.3) == [] and codes(s.tick(10**4)) == []  # ending already: the audio of its units still comes
     end = sent(s.resynth_events([resynth_end()], None, 0.4))[-1]
     assert end.reason == "end" and end.units == 1
+
+
+# --- format opus (needs PyAV: the `opus` extra) -----------------------------------------------------------------------
+
+
+def opus_stream(seconds: float = 1.0) -> bytes:
+    from dpslm_stream.opus import OpusUplinkEncoder
+    from dpslm_stream.tiny import speech_like
+
+    enc = OpusUplinkEncoder(24000, "ogg", input_rate=SR)
+    return b"".join(enc.push(speech_like(seconds, SR, seed=11).astype(np.float32)) + enc.finish())
+
+
+def opus_session(**config) -> Session:
+    s = session(resume_grace_s=30.0, **config)
+    ready = sent(start(s, info=FULL, format="opus", options={"mode": "full"}))[0]
+    assert ready.resume_token is None and s.replay is None  # an Opus stream cannot be resent from a sample offset
+    return s
+
+
+needs_opus = pytest.mark.skipif(not SERVER.opus, reason="format opus needs PyAV (the opus extra)")
+
+
+@needs_opus
+def test_opus_decoder_bound_follows_max_buffer_s_with_a_floor():
+    s = opus_session(max_buffer_s=2.0)
+    assert (s.opus.max_samples, s.opus.container) == (2 * P.OPUS_SAMPLE_RATE, "auto")
+    s = opus_session(max_buffer_s=0.1)
+    assert s.opus.max_samples == P.OPUS_SAMPLE_RATE // 2  # never below 0.5 s
+    out = s.receive_binary(opus_stream(1.0), 0.1)  # 1 s in one message: more than the decoder may make of it
+    refused(out, E.BAD_AUDIO, "one message decodes to more than 0.5 s of audio (the server's max_buffer_s); send "
+                              "smaller messages; the units of the audio received so far follow, then end", fatal=True)  # fmt: skip
+    assert out[-1] == A.RequestEnd() and s.received_samples == 0
+
+
+@needs_opus
+def test_opus_pages_damaged_dropped_or_truncated():
+    data = opus_stream(1.0)
+    pages = [i for i in range(len(data)) if data[i : i + 4] == b"OggS"]
+    s = opus_session()
+    assert s.receive_binary(data[: pages[2]], 0.1) == []  # the two header pages: no audio yet, nothing to say
+    bad = bytearray(data[pages[2] :])
+    bad[pages[3] - pages[2] + 40] ^= 0xFF  # the second audio page fails its CRC
+    out = s.receive_binary(bytes(bad), 0.2)
+    size = pages[4] - pages[3]
+    assert kinds(out) == [A.Send, A.FeedAudio]
+    refused(out, E.BAD_AUDIO, f"an Ogg page of {size} bytes failed its CRC check and was dropped (damaged data); the "
+                              "stream goes on")  # fmt: skip
+    s = opus_session()
+    s.receive_binary(data[:500], 0.1)  # ends inside a page
+    pending = s.opus.state_nbytes
+    out = s.receive_text('{"type":"end"}', 0.2)
+    refused(out, E.BAD_AUDIO, f"the Opus stream ended inside a page or block: its last {pending} bytes were dropped "
+                              "(a truncated stream)")  # fmt: skip
+    assert out[-1] == A.RequestEnd()
+    s = opus_session()
+    s.receive_binary(data[: pages[2]], 0.1)
+    out = s.receive_binary(b"garbage" * 10, 0.2)  # not an Ogg page where one must start: the stream cannot go on
+    err = one_error(out)
+    assert err.code == E.BAD_AUDIO.value and err.fatal and out[-1] == A.RequestEnd()
+    assert err.message.endswith("(truncated or damaged data); the units of the audio received so far follow, then end")
+
+
+def test_a_grace_period_under_a_second_still_offers_resume():
+    s = session(resume_grace_s=0.5)
+    ready = sent(start(s))[0]
+    assert ready.resume_token and ready.resume_grace_s == 0.5
+
+
+def test_units_over_before_the_transmitter_opened_tell_the_listeners_at_once():
+    s = transmitting()
+    text(s, '{"type":"end"}', 0.1)
+    out = s.encoder_events([end_event(0, 0)], Progress(finished=True), 0.2)
+    assert A.ListenersDone(gone=False) in out and not any(isinstance(a, A.TransmitEnd) for a in out)
+    assert out[-1] == A.Close(P.CLOSE_NORMAL, "end")  # no header, no packet to wait for
+
+
+def test_the_json_depth_rule_follows_the_config():
+    nested = {"type": "start", "sample_rate": SR, "options": {"a": {"b": 1}}}  # depth 3
+    s = session(max_json_depth=2)
+    assert one_error(text(s, nested)).code == E.BAD_JSON.value
+    s = session(max_json_depth=3)
+    assert one_error(text(s, nested)).code == E.BAD_MESSAGE.value  # parsed, then refused: options are flat
+
+
+def test_a_connection_lost_while_opening_releases_no_slot_yet():
+    s = session()
+    text(s, {"type": "start", "sample_rate": SR})
+    assert s.connection_lost(0.1) == [A.ListenersDone(gone=True)]  # the slot is released when the open returns
+
+
+def test_the_outgoing_rule_counts_from_zero():
+    s = session(max_outgoing_bytes=5000)
+    assert s._send_bytes(b"x" * 5000) == [A.Send(b"x" * 5000, 5000)] and s.outgoing_bytes == 5000
+
+
+def test_failures_are_logged_with_the_session(caplog):
+    s = transmitting()
+    with caplog.at_level("ERROR", logger="dpslm_stream.server"):
+        s.transmit_failed(OSError("disk"), 0.1)
+        s.failed(RuntimeError("boom"), 0.2)
+    assert [r.getMessage() for r in caplog.records] == ["session s1: transmission failed: OSError: disk",
+                                                       "session s1 failed: RuntimeError: boom"]  # fmt: skip
