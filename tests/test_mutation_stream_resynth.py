@@ -336,3 +336,37 @@ def test_allow_tf32_reaches_the_device_setup(tiny_models, monkeypatch):
     for allow in (True, False):
         ResynthWorker(tiny_models, "cpu", allow_tf32=allow)
     assert calls == [(("cpu", True), {}), (("cpu", False), {})]
+
+
+def test_later_prompts_teacher_force_exactly_the_tokens_each_unit_generated(ellav64):
+    """Each pass's prompt re-feeds, for every committed unit, [unit, the tokens generated inside it, EOP]: the run as
+    `split_units(raw=True)` cuts the passes' token streams (without the forced unit token that opens a unit), so a
+    continuation sees what offline generation saw. A tiny random model's output barely depends on its prompt, so
+    comparing codes alone misses a prompt that repeats the forced unit token (mutant `IncrementalELLAV.take` 18)."""
+    units = random_units(12, seed=71)
+    stage = IncrementalELLAV(ellav64, left_context=None, holdback=0, max_pass_units=3)
+    plans, streams = [], []
+    next_pass, take = stage.next_pass, stage.take
+
+    def recording_next_pass():
+        plan = next_pass()
+        if plan is not None:
+            plans.append(plan)
+            streams.append([])
+        return plan
+
+    def recording_take(token, done):
+        streams[-1].append(token)
+        return take(token, done)
+
+    stage.next_pass, stage.take = recording_next_pass, recording_take
+    codes_of(stage, units, chunk=4)  # chunks of 4: passes of up to 3 units, so a forced unit follows an EOP in one
+    tok = ellav64.tokenizer
+    runs: list[list[int]] = []
+    assert len(plans) > 2 and any(plan.stop > plan.start for plan in plans)
+    for plan, stream in zip(plans, streams):
+        assert plan.start == len(runs)  # left_context None: every committed unit is teacher-forced
+        forced = [t for i, run in enumerate(runs) for t in [plan.unit_tokens[i], *run, tok.EOP_id]]
+        assert plan.prompt == [*plan.unit_tokens, tok.BOS_id, *forced, plan.unit_tokens[plan.start]]
+        runs += tok.split_units(stream, raw=True)[: plan.stop - plan.start + 1]
+    assert len(runs) == len(plans[-1].unit_tokens)
