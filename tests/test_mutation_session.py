@@ -131,11 +131,12 @@ def test_check_resynth_refusals():
 
 
 def test_sender_settings_report_the_resolved_windows():
-    info = EncoderSessionInfo(100, 600, "sliding", 60, 8, 4, 700)
+    info = EncoderSessionInfo(100, 600, "sliding", 60, 8, 4, 700, "fast")
     got = sender_settings(start_msg(format="float32", preset="balanced", score=True), info, {"seed": 1})
     assert got == {"sample_rate": SR, "format": "float32", "k": 100, "lmbda": 600, "preset": "balanced",
                    "score": True, "frame_rate": P.FRAME_RATE, "mode": "sliding", "left": 60, "hop": 8,
-                   "lookahead": 4, "max_lag": 700, "num_neighbors": got["num_neighbors"], "resynth": {"seed": 1}}  # fmt: skip
+                   "lookahead": 4, "max_lag": 700, "precision": "fast", "num_neighbors": got["num_neighbors"],
+                   "resynth": {"seed": 1}}  # fmt: skip
     from dpslm_stream.pipeline import default_num_neighbors
 
     assert got["num_neighbors"] == default_num_neighbors(100) and "container" not in got
