@@ -66,7 +66,7 @@ def test_resynth_options_from_json_names_the_first_unknown_option():
 
 def test_resynth_options_json_types():
     assert ResynthOptions.json_types() == {
-        "left_context": int, "holdback": int, "greedy": bool, "seed": int, "temperature": float, "top_p": float,
+        "left_context": int, "holdback": int, "first_holdback": int, "greedy": bool, "seed": int, "temperature": float, "top_p": float,
         "trigger_units": int, "trigger_s": float, "vocoder_left_context": int, "vocoder_lookahead": int,
     }  # fmt: skip
 
