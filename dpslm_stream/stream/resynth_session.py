@@ -235,8 +235,7 @@ class ResynthSession(EventQueue):
 
     def _first_window_due(self) -> bool:
         """No audio yet, and the codes decoded so far already make the vocoder's first window."""
-        v = self.vocoder
-        return v.committed == 0 and v.received + len(self._codes) - v.lookahead >= v.step_due
+        return self.vocoder.first_window_ready(pending=len(self._codes))
 
     def _vocoder_window(self) -> VocoderWindow | None:
         """New codes -> the vocoder; the backbone window due now, if any (the worker runs the windows of all streams

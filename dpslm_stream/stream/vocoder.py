@@ -253,6 +253,10 @@ class IncrementalVocoder:
         first commit, then `min_step`."""
         return min(self.first_step, self.min_step) if self.committed == 0 else self.min_step
 
+    def first_window_ready(self, pending: int = 0) -> bool:
+        """No window committed yet, and `pending` more codes would let plan() give the first one."""
+        return self.committed == 0 and self.received + pending - self.lookahead >= self.step_due
+
     def _window_start(self) -> int:
         """First code of the next window: `left_context` codes before the first uncommitted frame."""
         return 0 if self.left_context is None else max(0, self.committed - self.left_context)
