@@ -26,7 +26,7 @@ def machine(monkeypatch, flags, fbgemm):
 @pytest.mark.parametrize("flags,fbgemm,expect", [
     # (decode, bulk) of ellav/ulm, wavlm, wavtokenizer
     ((), False, [("int8", "fp32"), ("int8", "fp32"), ("fp32", "fp32")]),
-    (("avx512f", "avx512_vnni"), True, [("int8dyn", "int8dyn"), ("int8dyn", "int8dyn"), ("fp32", "fp32")]),
+    (("avx512f", "avx512_vnni"), True, [("int8dyn", "int8dyn"), ("int8dyn", "int8dyn"), ("int8dyn", "int8dyn")]),
     (("amx_bf16",), False, [("int8", "bf16"), ("int8", "bf16"), ("bf16", "bf16")]),
     (("avx512_bf16",), True, [("int8dyn", "bf16"), ("int8dyn", "bf16"), ("bf16", "bf16")]),
 ])  # fmt: skip
@@ -48,6 +48,8 @@ def test_plan_descriptions_and_machine_summary(monkeypatch):
     assert PR.Plan("exact", "ulm", "fp32", "fp32").describe() == "ulm: exact (float32)"
     assert PR.Plan("fast", "wavtokenizer", "bf16", "bf16").describe() == \
         "wavtokenizer: fast = backbone bf16 (FFTs and norms float32)"  # fmt: skip
+    assert PR.Plan("fast", "wavtokenizer", "int8dyn", "int8dyn").describe() == \
+        f"wavtokenizer: fast = ConvNeXt MLPs {fbgemm}; convolutions, attention, norms, FFTs float32"  # fmt: skip
     assert PR.Plan("fast", "wavlm", "int8dyn", "int8dyn").describe() == \
         f"wavlm: fast = streaming blocks' linear layers {fbgemm}; front-end, pos_conv, norms, attention float32"  # fmt: skip
     assert PR.Plan("fast", "wavlm", "int8dyn", "bf16").describe().startswith("wavlm: fast = streaming blocks' linear "

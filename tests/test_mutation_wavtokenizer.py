@@ -222,8 +222,10 @@ def test_fast_precision_with_bf16_units_casts_the_networks_only(monkeypatch):
     assert fast.dtype == torch.float32 and fast.shape == exact.shape
     assert 0 < ((fast - exact).norm() / exact.norm()).item() < 0.1  # bf16 rounding, not another signal
     monkeypatch.setattr(PR, "cpu_flags", lambda: frozenset({"avx512f"}))
+    monkeypatch.setattr(PR, "_fbgemm_dynamic_linear", lambda: False)  # neither bf16 units nor fbgemm: float32
     other = random_tiny()
     assert W.apply_precision(other, "fast").bulk == "fp32" and other.backbone.embed.weight.dtype == torch.float32
+    assert all(isinstance(b.pwconv1, torch.nn.Linear) for b in other.backbone.convnext)
 
 
 # ---------------------------------------------------------------- codes

@@ -58,16 +58,18 @@ def test_build_has_no_warnings_from_our_configuration(dist):
     assert not _warnings(log), "\n".join(_warnings(log))
 
 
-def test_sdist_and_wheel_carry_the_page_and_the_sample(dist):
+def test_sdist_and_wheel_carry_the_page_the_sample_and_the_kernel_source(dist):
     folder, _ = dist
     (sdist,) = folder.glob("*.tar.gz")
     (wheel,) = folder.glob("*.whl")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    assert {f"client/web/{f}" for f in PAGE} | {"dpslm_stream/data/sample.wav", "hubconf.py", "README.md"} <= names
+    assert {f"client/web/{f}" for f in PAGE} | {"dpslm_stream/data/sample.wav", "hubconf.py", "README.md",
+                                                "dpslm_stream/models/int8_gemv.cpp"} <= names
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
-    assert {f"dpslm_stream/client/web/{f}" for f in PAGE} | {"dpslm_stream/data/sample.wav"} <= names
+    assert {f"dpslm_stream/client/web/{f}" for f in PAGE} | {"dpslm_stream/data/sample.wav",
+                                                             "dpslm_stream/models/int8_gemv.cpp"} <= names
     assert not any(n.startswith(("server/", "client/", "tests/")) for n in names)  # installed under dpslm_stream/
 
 

@@ -36,15 +36,22 @@ def test_exact_changes_nothing():
     assert model.generate_ids([[1, 2, 3, 4]], 60, 10, 1.0, 0.0) == ref.generate_ids([[1, 2, 3, 4]], 60, 10, 1.0, 0.0)
 
 
-@pytest.mark.parametrize("flags,fbgemm,expect", [
-    (frozenset(), False, ("int8", "fp32", "fp32")),
-    (frozenset({"avx512f", "avx512_vnni"}), True, ("int8dyn", "int8dyn", "fp32")),
-    (frozenset({"avx512f", "amx_bf16", "amx_int8"}), False, ("int8", "bf16", "bf16")),
-    (frozenset({"avx512_bf16"}), True, ("int8dyn", "bf16", "bf16")),
+VNNI = frozenset({"avx512f", "avx512bw", "avx512_vnni"})
+
+
+@pytest.mark.parametrize("flags,fbgemm,builds,expect", [
+    (frozenset(), False, True, ("int8", "fp32", "fp32")),
+    (frozenset({"avx512f", "avx512_vnni"}), True, True, ("int8dyn", "int8dyn", "int8dyn")),  # no avx512bw: no kernel
+    (VNNI, True, True, ("int8gemv", "int8dyn", "int8dyn")),
+    (VNNI, True, False, ("int8dyn", "int8dyn", "int8dyn")),  # the kernel did not build (no compiler)
+    (VNNI | {"amx_bf16", "amx_int8"}, False, True, ("int8gemv", "bf16", "bf16")),
+    (frozenset({"avx512f", "amx_bf16", "amx_int8"}), False, True, ("int8", "bf16", "bf16")),
+    (frozenset({"avx512_bf16"}), True, True, ("int8dyn", "bf16", "bf16")),
 ])  # fmt: skip
-def test_fast_plan_follows_the_machine(monkeypatch, flags, fbgemm, expect):
+def test_fast_plan_follows_the_machine(monkeypatch, flags, fbgemm, builds, expect):
     monkeypatch.setattr(PR, "cpu_flags", lambda: flags)
     monkeypatch.setattr(PR, "_fbgemm_dynamic_linear", lambda: fbgemm)
+    monkeypatch.setattr(PR.int8_gemv, "load", lambda: builds)
     ellav, vocoder = PR.plan_for("ellav", "fast", "cpu"), PR.plan_for("wavtokenizer", "fast", "cpu")
     assert (ellav.decode, ellav.bulk, vocoder.bulk) == expect
     assert "fast" in ellav.describe() and PR.plan_for("ulm", "exact", "cpu").describe().endswith("exact (float32)")
@@ -53,7 +60,8 @@ def test_fast_plan_follows_the_machine(monkeypatch, flags, fbgemm, expect):
 
 
 @pytest.mark.parametrize("decode,bulk", [("int8", "fp32"), ("int8dyn", "fp32"), ("int8dyn", "int8dyn"),
-                                         ("int8row", "int8dyn"), ("int8row", "fp32")])  # fmt: skip
+                                         ("int8row", "int8dyn"), ("int8row", "fp32"), ("int8gemv", "int8dyn"),
+                                         ("int8gemv", "fp32")])  # fmt: skip
 @pytest.mark.parametrize("rows", [1, 5, PR.DECODE_ROWS, PR.DECODE_ROWS + 1, 40])
 def test_int8_linear_is_close_to_float32(rows, decode, bulk):
     """Both kernels of FastLinear (int8 for few rows: weight-only, or with 8-bit activations per call or per row;
@@ -61,6 +69,8 @@ def test_int8_linear_is_close_to_float32(rows, decode, bulk):
     around 1% of the output's scale."""
     if "int8dyn" in (decode, bulk) and not PR.has_int8_dynamic_kernel("cpu"):
         pytest.skip("torch has no fbgemm here")
+    if decode == "int8gemv" and not PR.has_int8_gemv_kernel("cpu"):
+        pytest.skip("no AVX512-VNNI or no C++ compiler here")
     torch.manual_seed(rows)
     a, b = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(64, 32, bias=True)
     fused = PR.FastLinear([a, b], decode, bulk)
@@ -141,6 +151,36 @@ def test_fast_pipeline_resynthesizes_and_reports(tiny_models):
     assert W.apply_precision(W.WavTokenizer(W.TINY), "exact").bulk == "fp32"
 
 
+def test_int8_vocoder_mlps_stay_close_and_convert_once(monkeypatch):
+    """Where fbgemm runs and there are no bf16 units, a fast vocoder's ConvNeXt MLPs run int8 (the rest float32):
+    its audio stays close to float32's (RANDOM tiny weights: plumbing), and converting twice changes nothing."""
+    if not PR.has_int8_dynamic_kernel("cpu"):
+        pytest.skip("torch has no fbgemm here")
+    monkeypatch.setattr(PR, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))
+    def model():
+        torch.manual_seed(0)
+        m = W.WavTokenizer(W.TINY).eval()
+        with torch.no_grad():  # a random codebook (the constructor's is zeros: every code would decode alike)
+            for layer in m.feature_extractor.encodec.quantizer.vq.layers:
+                layer._codebook.embed.normal_()
+        return m
+
+    ref, fast = model(), model()
+    plan = W.apply_precision(fast, "fast")
+    assert (plan.decode, plan.bulk) == ("int8dyn", "int8dyn") and fast.precision_plan is plan
+    blocks = fast.backbone.convnext
+    assert all(isinstance(b.pwconv1, PR.FastLinear) and isinstance(b.pwconv2, PR.FastLinear) for b in blocks)
+    assert isinstance(fast.backbone.embed, torch.nn.Conv1d) and isinstance(fast.head.out, torch.nn.Linear)
+    first = blocks[0].pwconv1
+    W.convert_mlps(fast, plan)
+    assert blocks[0].pwconv1 is first
+    codes = torch.randint(0, W.TINY.vq_bins, (1, 1, 40))
+    with torch.inference_mode():
+        want, got = ref(codes), fast(codes)
+    snr = 10 * torch.log10((want**2).sum() / ((want - got) ** 2).sum())
+    assert got.shape == want.shape and float(snr) > 25
+
+
 def test_fused_ops_compute_the_upstream_functions():
     """Transformer.use_fused_ops (a fast plan's F.rms_norm, complex RoPE on q and k together, additive mask) on
     float32 weights against upstream's op order: the same functions up to float rounding, cached decode included."""
@@ -191,18 +231,23 @@ def test_server_builds_its_encoder_in_the_configured_precision(tiny_dir):
         == "exact"  # fmt: skip
 
 
-@pytest.mark.parametrize("decode,bulk", [("int8", "fp32"), ("int8dyn", "int8dyn"), ("int8row", "fp32")])
+@pytest.mark.parametrize("decode,bulk", [("int8", "fp32"), ("int8dyn", "int8dyn"), ("int8row", "fp32"),
+                                         ("int8gemv", "int8dyn")])  # fmt: skip
 def test_fast_linear_takes_empty_and_non_finite_rows(decode, bulk):
     """fbgemm refuses to pick an activation scale for no rows or all-NaN rows: FastLinear answers like a float layer
-    (an empty output; NaN out) instead of raising."""
-    if decode == "int8dyn" and not PR.has_int8_dynamic_kernel("cpu"):
+    (an empty output; NaN out) instead of raising, for few rows (decode) and many (bulk) alike."""
+    if "int8dyn" in (decode, bulk) and not PR.has_int8_dynamic_kernel("cpu"):
         pytest.skip("torch has no fbgemm here")
+    if decode == "int8gemv" and not PR.has_int8_gemv_kernel("cpu"):
+        pytest.skip("no AVX512-VNNI or no C++ compiler here")
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32)
     fast = PR.FastLinear([lin], decode, bulk)
     with torch.no_grad():
         assert fast(torch.zeros(0, 64)).shape == (0, 32) and fast(torch.zeros(2, 0, 64)).shape == (2, 0, 32)
         assert torch.isnan(fast(torch.full((2, 64), float("nan")))).all()
+        many = fast(torch.full((PR.DECODE_ROWS + 4, 64), float("nan")))  # the bulk kernel's float fallback
+        assert many.shape == (PR.DECODE_ROWS + 4, 32) and torch.isnan(many).all()
 
 
 def test_int8row_rows_do_not_depend_on_their_neighbours():
@@ -220,12 +265,14 @@ def test_int8row_rows_do_not_depend_on_their_neighbours():
     (frozenset({"avx512f", "avx512_vnni"}), True, "int8row"),
     (frozenset(), False, "int8row"),
     (frozenset({"avx512f", "amx_bf16", "amx_int8"}), False, "int8row"),
+    (VNNI, True, "int8gemv"),  # the kernel is an op the compiler calls as it is
 ])  # fmt: skip
 def test_compiled_decode_plan(monkeypatch, flags, fbgemm, decode):
     """compile_decode keeps the fast plan's bulk kernel and swaps the CPU's int8 decode kernel for the one the
     compiler can fuse; it changes nothing for exact, or for models that are not transformers."""
     monkeypatch.setattr(PR, "cpu_flags", lambda: flags)
     monkeypatch.setattr(PR, "_fbgemm_dynamic_linear", lambda: fbgemm)
+    monkeypatch.setattr(PR.int8_gemv, "load", lambda: True)
     plain, compiled = PR.plan_for("ellav", "fast", "cpu"), PR.plan_for("ellav", "fast", "cpu", compile_decode=True)
     assert (compiled.decode, compiled.bulk, compiled.compiled) == (decode, plain.bulk, True) and not plain.compiled
     assert compiled.describe().endswith("decode step compiled (torch.compile)")

@@ -6,20 +6,25 @@ per model and per machine, the kernels that measured faster (README "Precision";
 
 - transformers (ELLA-V, ULM), matmuls of few rows (batched decode steps, <= DECODE_ROWS rows): int8 weights with
   one scale per output channel. Batch-1 decode reads every weight once per token, so it is bound by weight bytes
-  over memory bandwidth: int8 reads a quarter of fp32's bytes. Where torch has fbgemm (x86 CPUs) the activations are
-  quantized to int8 per call too and the products summed in int32 (`quantized::linear_dynamic`, "int8dyn"): on an
-  AVX-512 Xeon without AMX it ran ELLA-V's 48 block matmuls of a batch-1 step in 22 ms, against 40 ms for the
-  weight-only kernel `aten._weight_int8pack_mm` (bf16 activations, "int8", kept where fbgemm is missing) and 70 ms
-  in fp32, and stayed the fastest up to 64 rows. On a GPU: bfloat16 weights.
+  over memory bandwidth: int8 reads a quarter of fp32's bytes. On AVX512-VNNI CPUs this project's kernel
+  (int8_gemv.py, "int8gemv": activations rounded to int8 per row) gets there: ELLA-V's 48 block matmuls of a batch-1
+  step in 0.25x of fp32's time, where torch's int8 kernels took 0.32-0.37x. Elsewhere, where torch has fbgemm
+  (x86 CPUs), the activations are quantized to int8 per call and the products summed in int32
+  (`quantized::linear_dynamic`, "int8dyn"): on an AVX-512 Xeon without AMX it ran ELLA-V's 48 block matmuls of a
+  batch-1 step in 22 ms, against 40 ms for the weight-only kernel `aten._weight_int8pack_mm` (bf16 activations,
+  "int8", kept where fbgemm is missing) and 70 ms in fp32, and stayed the fastest up to 64 rows. On a GPU: bfloat16
+  weights.
 - matmuls of many rows (prompt prefill, vocoder windows): bfloat16 where the hardware has bf16 matmul units (AMX or
-  AVX512-BF16 CPUs, GPUs); else, for the transformers, fbgemm's int8 ("int8dyn", 3x faster than fp32 at 64 rows
-  on the Xeon above; no float copy of the weights is kept), and float32 for the vocoder. A transformer whose
+  AVX512-BF16 CPUs, GPUs); else fbgemm's int8 ("int8dyn"): for the transformers (3x faster than fp32 at 64 rows
+  on the Xeon above; no float copy of the weights is kept) and the vocoder's ConvNeXt MLPs (pwconv1/pwconv2, 0.6x
+  fp32's time for a whole live window there; its convolutions and attention stay float32). A transformer whose
   decode and prefill kernels differ keeps both weight copies (ELLA-V at released size: 0.21 GB int8 + 0.42 GB
   bf16).
 - with `compile_decode` (plan_for; library and `bench ellav` only): the transformer's few-row forwards run through
-  torch.compile, and on a CPU their int8 matmuls take activations quantized per row through `torch._int_mm`
-  ("int8row"), which the compiler fuses with the norms, RoPE and residuals around them (fbgemm's packed weights are
-  opaque to it). ELLA-V's batch-1 step on the Xeon above: 0.38-0.40x exact instead of 0.44-0.50x (two runs).
+  torch.compile. The int8gemv kernel is an op the compiler calls as it is; without it, the int8 matmuls take
+  activations quantized per row through `torch._int_mm` ("int8row"), which the compiler fuses with the norms, RoPE
+  and residuals around them (fbgemm's packed weights are opaque to it). ELLA-V's batch-1 step on the Xeon above:
+  0.30x exact compiled, 0.33x eager (with int8row and fbgemm: 0.37-0.40x and 0.38-0.50x).
   int4 weights were measured too and are not offered: torch 2.13's x86 int4 kernels (`_weight_int4pack_mm_for_cpu`,
   `_dyn_quant_matmul_4bit`) took 15-40x longer than fbgemm int8 per GEMV there.
 - what stays float32 whatever the plan: the residual stream, RMSNorms, RoPE, attention (softmax and KV cache), the
@@ -44,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpslm_stream.errors import InvalidInput
+from dpslm_stream.models import int8_gemv
 
 PRECISIONS = ("exact", "fast")
 # Rows up to which the int8 weight-only kernel beats fp32 GEMM (measured on AMD AVX-512 and Intel AMX CPUs: ~2.6x at
@@ -95,6 +101,11 @@ def _fbgemm_dynamic_linear() -> bool:
         return False
 
 
+def has_int8_gemv_kernel(device: torch.device | str) -> bool:
+    """The int8 decode kernel built here (int8_gemv.py; AVX512-VNNI CPUs with a C++ compiler)."""
+    return torch.device(device).type == "cpu" and int8_gemv.available(cpu_flags())
+
+
 def has_int8_dynamic_kernel(device: torch.device | str) -> bool:
     """int8 x int8 matmuls with dynamically quantized activations (fbgemm; x86 CPUs)."""
     return torch.device(device).type == "cpu" and _fbgemm_dynamic_linear()
@@ -106,8 +117,9 @@ class Plan:
 
     precision: str  # "exact" or "fast"
     model: str  # "ellav", "ulm" or "wavtokenizer"
-    decode: str  # "fp32", "bf16", "int8" (weight-only, per output channel), "int8dyn" (int8 activations too, fbgemm)
-    # or "int8row" (int8 activations with one scale per row, torch._int_mm: the kernel of a compiled decode step)
+    decode: str  # "fp32", "bf16", "int8" (weight-only, per output channel), "int8dyn" (int8 activations too, fbgemm),
+    # "int8row" (int8 activations with one scale per row, torch._int_mm: for a compiled decode step) or "int8gemv"
+    # (int8row's arithmetic in the kernel of int8_gemv.py)
     bulk: str  # "fp32", "bf16" or "int8dyn"
     compiled: bool = False  # the transformer's few-row forwards (decode steps) run through torch.compile
 
@@ -115,6 +127,9 @@ class Plan:
         if self.precision == "exact":
             return f"{self.model}: exact (float32)"
         if self.model == "wavtokenizer":
+            if self.bulk == "int8dyn":
+                return (f"{self.model}: fast = ConvNeXt MLPs int8 (weights per channel, activations dynamic, fbgemm); "
+                        "convolutions, attention, norms, FFTs float32")  # fmt: skip
             return f"{self.model}: fast = backbone {self.bulk} (FFTs and norms float32)"
         if self.model == "wavlm":
             kernel = "int8 (weights per channel, activations dynamic, fbgemm)" if self.bulk == "int8dyn" else self.bulk
@@ -122,7 +137,8 @@ class Plan:
                     "attention float32")  # fmt: skip
         names = {"int8": "int8 weight-only (bf16 activations)",
                  "int8dyn": "int8 (weights per channel, activations dynamic, fbgemm)",
-                 "int8row": "int8 (weights per channel, activations per row, torch._int_mm)"}
+                 "int8row": "int8 (weights per channel, activations per row, torch._int_mm)",
+                 "int8gemv": "int8 (weights per channel, activations per row, AVX512-VNNI kernel)"}
         decode, bulk = names.get(self.decode, self.decode), names.get(self.bulk, self.bulk)
         step = "; decode step compiled (torch.compile)" if self.compiled else ""
         if decode == bulk:
@@ -145,9 +161,9 @@ def plan_for(model: str, precision: str, device: torch.device | str = "cpu", com
     flags). For "wavlm" it covers the streaming encoder's block linears (stream/encoder.py WindowRunner).
 
     compile_decode (transformers, precision "fast"): the few-row forwards (decode steps) run through torch.compile,
-    which removes most of their per-op dispatch; on a CPU their int8 matmuls then take the per-row activation
-    kernel "int8row" (`torch._int_mm`, plain aten ops that the compiler fuses; fbgemm's packed weights are opaque
-    to it). The first steps of each new shape pay the compilation (a minute or more at the released size)."""
+    which removes most of their per-op dispatch; on a CPU their int8 matmuls keep the kernel "int8gemv" (an op the
+    compiler calls as it is) or else take the per-row activation kernel "int8row" (`torch._int_mm`, plain aten ops
+    that the compiler fuses; fbgemm's packed weights are opaque to it). The first steps of each new shape pay the compilation (a minute or more at the released size)."""
     plan = _plan_for(model, precision, device)
     if not compile_decode or plan.precision == "exact" or model not in ("ellav", "ulm"):
         return plan
@@ -164,10 +180,16 @@ def _plan_for(model: str, precision: str, device: torch.device | str) -> Plan:
         # 15-120-row hops: fbgemm int8 3.3x (15 rows) to 2.7x (120) faster than oneDNN's prepacked fp32 here
         return Plan("fast", model, "int8dyn", "int8dyn")
     if model == "wavtokenizer":
+        if bulk == "fp32" and has_int8_dynamic_kernel(device):
+            # the ConvNeXt MLPs of a 56-frame window: 93 -> 58 ms for the whole decode on the Xeon above
+            return Plan("fast", model, "int8dyn", "int8dyn")
         return Plan("fast", model, bulk, bulk)
     if has_int8_dynamic_kernel(device):
         # fbgemm's int8 GEMM also beat fp32 at prompt sizes (64 rows: 3x) where there are no bf16 units
-        return Plan("fast", model, "int8dyn", bulk if bulk == "bf16" else "int8dyn")
+        decode = "int8gemv" if has_int8_gemv_kernel(device) else "int8dyn"
+        return Plan("fast", model, decode, bulk if bulk == "bf16" else "int8dyn")
+    if has_int8_gemv_kernel(device):
+        return Plan("fast", model, "int8gemv", bulk)
     return Plan("fast", model, "int8" if has_int8_weight_kernel(device) else bulk, bulk)
 
 
@@ -203,6 +225,9 @@ class FastLinear(nn.Module):
       `torch._int_mm` (int8 x int8 -> int32, oneDNN), output float32: for a compiled decode step (plain aten ops the
       compiler fuses; on the Xeon above its GEMV read the weights as fast as fbgemm's). Rows are independent; a
       NaN or inf in a row makes that row's output non-finite.
+    - int8gemv: int8row's arithmetic (bit for bit) in the kernel of int8_gemv.py, whose packed weights are read as
+      one sequential stream per block of output channels: at one row it took 0.25x of fp32 GEMV time on the Xeon
+      above (fbgemm: 0.32-0.37x). The default few-row kernel where the CPU has AVX512-VNNI and the kernel builds.
     - int8: weight-only, `aten._weight_int8pack_mm(x.bf16, q, 1)` with the output scaled in float32 (activations
       rounded to bfloat16); rows are independent. Used where fbgemm is missing.
     - bf16/fp32: a plain GEMM on W stored in that dtype. Many-row calls of an int8 plan use a copy of W in the bulk
@@ -222,10 +247,14 @@ class FastLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bias", bias)
         self.packed: object = None  # fbgemm's packed int8 weights and bias (decode "int8dyn")
-        if decode in ("int8", "int8dyn", "int8row"):
+        if decode in ("int8", "int8dyn", "int8row", "int8gemv"):
             qweight, scale = _per_channel_int8(weight)
-            self.register_buffer("qweight", qweight)
             self.register_buffer("scale", scale)
+            if decode == "int8gemv":  # the packed copy only; a bulk int8dyn unpacks fbgemm's for its float fallback
+                self.register_buffer("packed_weight", int8_gemv.pack(qweight))
+                self.register_buffer("weight_sums", qweight.sum(dim=1, dtype=torch.int32))
+            else:
+                self.register_buffer("qweight", qweight)
             if decode == "int8":
                 self.register_buffer("_ones", torch.ones(self.out_features, dtype=torch.bfloat16,
                                                          device=weight.device))  # fmt: skip
@@ -247,7 +276,9 @@ class FastLinear(nn.Module):
                 y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, self.reduce_range)
                 return y.reshape(*shape[:-1], self.out_features)
             except RuntimeError:  # no rows, or a NaN/inf: fbgemm cannot pick an activation scale
-                y = F.linear(x2, self.qweight.float() * self.scale[:, None])  # the same weights, in float32
+                y = F.linear(x2, self._int8_weight().float() * self.scale[:, None])  # the same weights, in float32
+        elif kernel == "int8gemv":
+            y = int8_gemv.matmul(x2, self.packed_weight, self.scale, self.weight_sums)
         elif kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._ones)
             y = y.float() * self.scale
@@ -263,6 +294,12 @@ class FastLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _int8_weight(self) -> torch.Tensor:
+        """q, the int8 weights [out, in] (an int8gemv layer keeps only its packed copy and fbgemm's)."""
+        if hasattr(self, "qweight"):
+            return self.qweight
+        return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, decode={self.decode}, bulk={self.bulk}"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpslm_stream.errors import CheckpointError, InvalidInput
-from dpslm_stream.models.precision import Plan, plan_for
+from dpslm_stream.models.precision import FastLinear, Plan, plan_for
 
 # --------------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -400,15 +400,29 @@ class ISTFTHead(nn.Module):
 
 
 def apply_precision(model: "WavTokenizer", precision: str) -> Plan:
-    """Cast the networks (codebook features, backbone, output layer) for `precision` on the model's device, in
-    place: fast = bfloat16 where the hardware has bf16 units (models/precision.py), else float32 unchanged. The
-    spectrum, the iSTFT and the Hann window stay float32. Returns the plan (recorded as `model.precision_plan`)."""
+    """Convert the networks (codebook features, backbone, output layer) for `precision` on the model's device, in
+    place: fast = bfloat16 where the hardware has bf16 units (models/precision.py); else, where fbgemm runs, the
+    ConvNeXt blocks' MLPs (pwconv1, pwconv2) in int8 and the rest float32; else float32 unchanged. The spectrum, the
+    iSTFT and the Hann window stay float32. Returns the plan (recorded as `model.precision_plan`)."""
     plan = plan_for("wavtokenizer", precision, model.head.out.weight.device)
     if plan.bulk == "bf16":
         for net in (model.feature_extractor, model.backbone, model.head.out):
             net.to(torch.bfloat16)
+    convert_mlps(model, plan)
     model.precision_plan = plan
     return plan
+
+
+def convert_mlps(model: "WavTokenizer", plan: Plan) -> None:
+    """For an int8 plan, the ConvNeXt blocks' MLPs (pwconv1, pwconv2) become int8 FastLinears, in place; blocks
+    already converted are left as they are, other plans change nothing."""
+    if plan.bulk != "int8dyn":
+        return
+    with torch.no_grad():
+        for block in model.backbone.convnext:
+            if isinstance(block.pwconv1, nn.Linear):
+                block.pwconv1 = FastLinear([block.pwconv1], plan.decode, plan.bulk)
+                block.pwconv2 = FastLinear([block.pwconv2], plan.decode, plan.bulk)
 
 
 class WavTokenizer(nn.Module):

@@ -21,7 +21,7 @@ from dpslm_stream.device import setup_model_device, synchronize
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.models.ellav import ELLAV
 from dpslm_stream.models.precision import Plan, check_precision, plan_for, transformer_precision
-from dpslm_stream.models.wavtokenizer import WavTokenizer
+from dpslm_stream.models.wavtokenizer import WavTokenizer, convert_mlps
 from dpslm_stream.stream.ellav_batch import BatchDecoder, PassPlan
 from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 from dpslm_stream.stream.resynth_defaults import (
@@ -132,6 +132,7 @@ class ResynthWorker:
         window = model.head.istft.window.detach().float().clone()
         model = model.to(device=self.device, dtype=self.vocoder_dtype).eval()
         model.head.istft.window = window.to(self.device)  # the iSTFT runs in float32: keep the window unrounded
+        convert_mlps(model, self.vocoder_plan)  # int8 MLPs where the plan says so (bf16 is the dtype above)
         return model
 
     @property
