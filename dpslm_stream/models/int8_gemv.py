@@ -56,12 +56,13 @@ def available(flags: frozenset[str]) -> bool:
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:
-    """int8 weights [out, in] in the kernel's layout: [ceil(out / BLOCK), Kp / 64 * BLOCK * 64], Kp = in rounded up
-    to a multiple of 64, padding zeros."""
+    """int8 weights [out, in] in the kernel's layout, [ceil(out / BLOCK), Kp / 4 * BLOCK * 4] (Kp = in rounded up to
+    a multiple of 64, padding zeros): per block of BLOCK channels, groups of 4 inputs, each group's 4 bytes for every
+    channel of the block in turn."""
     out, inp = q.shape
     blocks, kp = -(-out // BLOCK), -(-inp // 64) * 64
     padded = F.pad(q, (0, kp - inp, 0, blocks * BLOCK - out))
-    return padded.view(blocks, BLOCK, kp // 64, 64).permute(0, 2, 1, 3).contiguous().view(blocks, kp * BLOCK)
+    return padded.view(blocks, BLOCK, kp // 4, 4).permute(0, 2, 1, 3).contiguous().view(blocks, kp * BLOCK)
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, weight_sums: torch.Tensor) -> torch.Tensor:

@@ -251,6 +251,8 @@ class FastLinear(nn.Module):
             qweight, scale = _per_channel_int8(weight)
             self.register_buffer("scale", scale)
             if decode == "int8gemv":  # the packed copy only; a bulk int8dyn unpacks fbgemm's for its float fallback
+                if not int8_gemv.available(cpu_flags()):
+                    raise InvalidInput("the int8gemv kernel needs an AVX512-VNNI CPU and a C++ compiler to build it")
                 self.register_buffer("packed_weight", int8_gemv.pack(qweight))
                 self.register_buffer("weight_sums", qweight.sum(dim=1, dtype=torch.int32))
             else:
