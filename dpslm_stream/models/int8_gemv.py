@@ -38,9 +38,12 @@ def load() -> bool:
     from torch.utils import cpp_extension
 
     try:
+        # -fopenmp: at::parallel_for is OpenMP in this header-only form (serial without it); the libgomp.so.1 it
+        # links is resolved to the one torch already loaded, so torch.set_num_threads governs its threads too.
         cpp_extension.load(
-            name="dpslm_int8_gemv", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni"],
-            is_python_module=False, verbose=False)  # fmt: skip
+            name="dpslm_int8_gemv", sources=[str(SOURCE)], extra_ldflags=["-fopenmp"],
+            extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vnni"], is_python_module=False,
+            verbose=False)  # fmt: skip
     except (RuntimeError, OSError, ImportError, SystemExit) as e:  # no compiler or ninja, a failed build or load
         warnings.warn(f"the int8 decode kernel could not be built ({type(e).__name__}: {str(e)[:200]}); fast plans "
                       "use torch's int8 kernels instead", RuntimeWarning, stacklevel=2)  # fmt: skip
