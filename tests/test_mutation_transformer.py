@@ -67,6 +67,8 @@ def test_plan_descriptions_and_machine_summary(monkeypatch):
     assert PR.machine_summary("cpu") == "cpu, flags: amx_bf16 avx512f avx2"
     machine(monkeypatch, {"avx2", "avx512_vnni", "avx512f", "avx512_bf16", "amx_int8", "amx_bf16", "fma"}, False)
     assert PR.machine_summary("cpu") == "cpu, flags: amx_bf16 amx_int8 avx512_bf16 avx512f avx512_vnni avx2"
+    machine(monkeypatch, {"avx512bw", "avx512f", "sse4_2"}, False)  # avx512bw: the int8 kernel needs it too
+    assert PR.machine_summary("cpu") == "cpu, flags: avx512f avx512bw"
     machine(monkeypatch, {"sse4_2"}, False)
     assert PR.machine_summary() == "cpu, flags: none of amx/avx512/avx2"
     assert not PR.has_bf16_units("cpu")

@@ -316,3 +316,13 @@ def test_bench_ellav_takes_the_compiled_variant():
     assert _precisions("exact, fast-compiled,fast") == ["exact", "fast-compiled", "fast"]
     with pytest.raises(argparse.ArgumentTypeError, match="fast-compiled"):
         _precisions("exact,int4")
+
+
+def test_bench_wavtokenizer_takes_precisions():
+    import argparse
+
+    from dpslm_stream.bench.wavtokenizer import _precisions
+
+    assert _precisions("exact,fast") == ["exact", "fast"]
+    with pytest.raises(argparse.ArgumentTypeError, match="exact, fast"):
+        _precisions("exact,int8")

@@ -7,13 +7,14 @@ but the deviation (SNR) of random weights says nothing about the released model'
 
     dpslm-stream bench wavtokenizer [--model 600|320] [--seconds 2 5 10] [--left-context 48] [--lookahead 4]
                                     [--push 4] [--min-step 4] [--batch-streams 4 8] [--device cuda]
-                                    [--dtype bfloat16]
+                                    [--dtype bfloat16] [--precision exact,fast]
     python -m dpslm_stream.bench.wavtokenizer
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -23,6 +24,7 @@ import torch
 from dpslm_stream.device import setup_model_device
 from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as wt
+from dpslm_stream.models.precision import PRECISIONS, machine_summary
 from dpslm_stream.stream.resynth_defaults import (
     DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP,
 )
@@ -55,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="streams whose equal-length windows (left context + min step + lookahead codes) run as "
                              "one batched backbone forward, timed against one forward per stream (default: 4 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--precision", type=_precisions, default=[],
+                        help="also compare precisions side by side, e.g. exact,fast: the whole decode of --seconds' "
+                             "first length and one live window (CPU time on a CPU), with the SNR against exact")
+
+
+def _precisions(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names or any(p not in PRECISIONS for p in names):
+        raise argparse.ArgumentTypeError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}")
+    return names
 
 
 def _time(fn, device: torch.device, repeats: int) -> tuple[float, object]:
@@ -140,6 +152,43 @@ def run(args: argparse.Namespace) -> None:
         print(line)
     if args.batch_streams:
         _batched_windows(model, cfg, device, args)
+    if args.precision:
+        _precision_rows(model, cfg, device, args)
+
+
+def _precision_rows(model: wt.WavTokenizer, cfg: wt.WavTokenizerConfig, device: torch.device,
+                    args: argparse.Namespace) -> None:
+    """Each precision's copy of the float32 model (models/precision.py's plan for this machine), timed in the same
+    run on the whole decode of the first --seconds length and on one live window; SNR of its whole decode against
+    exact's (RANDOM weights: plumbing)."""
+    if model.head.out.weight.dtype != torch.float32:
+        raise SystemExit("--precision compares against the float32 model: leave --dtype at float32")
+    n = max(1, round(args.seconds[0] * cfg.frame_rate))
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, cfg.vq_bins, (1, 1, n), generator=gen).to(device)
+    length = args.left_context + args.min_step + args.lookahead
+    window = VocoderWindow(codes=torch.randint(0, cfg.vq_bins, (length,), generator=gen), start=0, commit_to=length)
+    timer = _time if device.type != "cpu" else _thread_time
+    print(f"\nprecision ({machine_summary(device)}; {'CPU time of this thread' if device.type == 'cpu' else 'wall'}"
+          f"; whole decode of {n} codes, one live window of {length} codes; SNR of the whole decode vs exact)")
+    header = f"{'precision':>9} {'whole s':>8} {'x exact':>8} {'window ms':>10} {'x exact':>8} {'SNR dB':>7}  plan"
+    print(header)
+    print("-" * len(header))
+    base: dict[str, float] = {}
+    reference = None
+    for precision in ["exact"] + [p for p in args.precision if p != "exact"]:
+        variant = copy.deepcopy(model)
+        plan = wt.apply_precision(variant, precision)
+        t_whole, audio = timer(lambda v=variant: wt.decode(v, codes), device, args.repeats)
+        runner = VocoderRunner(variant, max_batch=1)
+        t_window, _ = timer(lambda r=runner: r.run([window]), device, args.repeats)
+        audio = audio[0].float()
+        if reference is None:
+            reference, base = audio, {"whole": t_whole, "window": t_window}
+        err = (audio - reference).square().sum().item()
+        snr = 10 * math.log10(reference.square().sum().item() / err) if err > 0 else math.inf
+        print(f"{precision:>9} {t_whole:8.3f} {t_whole / base['whole']:8.2f} {1e3 * t_window:10.1f} "
+              f"{t_window / base['window']:8.2f} {snr:7.1f}  {plan.describe()}")
 
 
 def _batched_windows(model: wt.WavTokenizer, cfg: wt.WavTokenizerConfig, device: torch.device,

@@ -75,7 +75,8 @@ def machine_summary(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    flags = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni", "avx2") if f in cpu_flags()]
+    flags = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512f", "avx512bw", "avx512_vnni", "avx2")
+             if f in cpu_flags()]  # fmt: skip
     return f"cpu, flags: {' '.join(flags) or 'none of amx/avx512/avx2'}"
 
 
