@@ -141,6 +141,10 @@ class Server:
             started = time.perf_counter()
             await self.encoder_backend.warm_up(*self.default_pair)
             log.info("warm-up took %.2f s", time.perf_counter() - started)
+            if self.config.compile_decode and self.resynth_backend is not None:
+                started = time.perf_counter()
+                await self.resynth_backend.warm_up(*self.default_pair)
+                log.info("resynthesis warm-up (decode step compiled) took %.2f s", time.perf_counter() - started)
         cfg = self.config
         self._ws_server = await websockets.serve(
             self._handle, cfg.host, cfg.port, process_request=self._process_request,
@@ -325,7 +329,7 @@ def build_resynth(config: ServerConfig, models: Any = None, **options: Any) -> A
         raise InvalidInput(f"unknown resynth dtype {config.resynth_dtype!r}; expected float32, bfloat16 or float16")
     worker = ResynthWorker(models if models is not None else hub.ModelSet(config.models),
                            device=config.resynth_device or config.device, dtype=dtype, precision=config.precision,
-                           allow_tf32=config.allow_tf32, **options)  # fmt: skip
+                           compile_decode=config.compile_decode, allow_tf32=config.allow_tf32, **options)  # fmt: skip
     if config.precision != "exact":
         plans = worker.precision_plans
         log.info("resynthesis precision %s: %s; %s", config.precision, plans["ellav"], plans["wavtokenizer"])

@@ -157,6 +157,10 @@ class ResynthBackend(Protocol):
 
     def close(self, stream: Any) -> None: ...
 
+    async def warm_up(self, k: int, lmbda: int) -> None:
+        """Load ELLA-V (k, lambda) and compile its decode step before clients come (called with --compile-decode)."""
+        ...
+
 
 @runtime_checkable
 class ResynthProvider(Protocol):

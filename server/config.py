@@ -58,6 +58,7 @@ class ServerConfig:
     resynth_dtype: str = "float32"  # ELLA-V dtype (bfloat16/float16 are meant for a GPU)
     precision: str = "exact"  # resynthesis models: "exact" (float32) or "fast" (models/precision.py picks per machine)
     encoder_precision: str = "exact"  # the streaming encoder's block linears: "exact" or "fast" (int8 on x86 CPUs)
+    compile_decode: bool = False  # precision fast: ELLA-V's decode step through torch.compile (compiles on first use)
     max_listeners: int = 4  # listeners per sender session
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
     # Resynthesis with unbounded context (left_context or vocoder_left_context null, the exact setting) keeps every
@@ -95,7 +96,7 @@ class ServerConfig:
             check_number(flag(name), getattr(self, name), 0, above=True, what="number of seconds")
         for name in ("stall_timeout_s", "max_exact_resynth_s", "resume_grace_s"):
             check_number(flag(name), getattr(self, name), 0)
-        for name in ("warmup", "resynth", "allow_tf32"):
+        for name in ("warmup", "resynth", "allow_tf32", "compile_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInput(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("dtype", "resynth_dtype"):
@@ -103,6 +104,9 @@ class ServerConfig:
                 raise InvalidInput(f"{flag(name)} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise InvalidInput(f"{flag('precision')} must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.compile_decode and self.precision == "exact":
+            raise InvalidInput(f"{flag('compile_decode')} compiles the fast decode step: it needs {flag('precision')} "
+                               "fast")  # fmt: skip
         unknown = sorted(set(self.modes) - set(P.ENCODER_MODES))
         if unknown or not self.modes:
             raise InvalidInput(f"modes must be some of {P.ENCODER_MODES}, got {self.modes!r}")

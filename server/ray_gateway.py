@@ -392,6 +392,9 @@ class RayResynthBackend(ShardedBackend):
     def close(self, session: RayResynthStream) -> None:
         session.cancel()
 
+    async def warm_up(self, k: int, lmbda: int) -> None:  # the replicas warm up in their constructor
+        return None
+
 
 class RayResynth:
     """The gateway's view of the Resynth shards, a ResynthProvider (server/backends.py)."""

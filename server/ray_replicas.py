@@ -152,6 +152,8 @@ class ResynthReplica(ShardReplica):
         super().__init__()
         self.worker = build_resynth(dataclasses.replace(_on_replica_device(config), resynth=True),
                                     **(worker_options or {}))  # fmt: skip
+        if config.compile_decode and config.warmup:  # compile before the first stream waits for it
+            self.worker.warm_up()
 
     def describe(self) -> dict:
         return {"max_batch": self.max_batch, "sessions": len(self.sessions)}

@@ -62,6 +62,10 @@ class ResynthThread(ModelThread):
 
         return await self.call(_open)
 
+    async def warm_up(self, k: int, lmbda: int) -> None:
+        """ResynthWorker.warm_up on this thread (models loaded, decode step compiled)."""
+        await self.call(lambda: self.worker.warm_up(k, lmbda))
+
     def close(self, session: Any) -> None:
         """Stop serving a session (its connection is gone); it is dropped at the next round."""
         self._commands.put((lambda: self._drop(session), concurrent.futures.Future()))

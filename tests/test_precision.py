@@ -326,3 +326,56 @@ def test_bench_wavtokenizer_takes_precisions():
     assert _precisions("exact,fast") == ["exact", "fast"]
     with pytest.raises(argparse.ArgumentTypeError, match="exact, fast"):
         _precisions("exact,int8")
+
+
+def test_compile_decode_needs_fast(tiny_models):
+    from dpslm_stream.server.app import ServerConfig
+
+    with pytest.raises(InvalidInput, match="needs precision 'fast'"):
+        ResynthWorker(tiny_models, pairs=[(K, LMBDA)], compile_decode=True)
+    with pytest.raises(InvalidInput, match="--compile-decode .* needs --precision fast"):
+        ServerConfig(compile_decode=True)
+    assert ServerConfig(compile_decode=True, precision="fast").compile_decode
+    with pytest.raises(InvalidInput, match="compile_decode must be True or False"):
+        ServerConfig(compile_decode="yes", precision="fast")
+
+
+def test_warm_up_runs_two_streams_and_resets_the_counters(tiny_models):
+    worker = ResynthWorker(tiny_models, pairs=[(K, LMBDA)], precision="fast")
+    worker.warm_up(123, 456)  # a pair the worker lacks: its first pair instead
+    assert (worker.compute_seconds, worker.decode_steps, worker.tokens_decoded) == (0.0, 0, 0)
+    assert worker.vocoder_runner.forwards == 0
+    s = worker.open_session(K, LMBDA, left_context=4, holdback=1)
+    s.push_units([3, 4, 5])
+    s.end()
+    worker.run_until_idle([s])
+    assert worker.decode_steps > 0 and isinstance(s.poll()[-1], ResynthEndEvent)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")  # fmt: skip
+def test_server_with_compile_decode_warms_up_and_streams_audio():
+    """serve --precision fast --compile-decode: the resynthesis worker compiles ELLA-V's decode step during the
+    server's warm-up (tiny set), reports it in ready.settings, and a stream gets its audio."""
+    import asyncio
+
+    from dpslm_stream.client import UnitsClient, chunked
+    from dpslm_stream.server.app import ServerConfig, ServerThread
+    from dpslm_stream.tiny import speech_like
+
+    cfg = ServerConfig(port=0, models="tiny", precision="fast", compile_decode=True)
+    with ServerThread(cfg) as srv:
+        worker = srv.server.resynth.worker
+        assert worker.compile_decode and worker.decode_steps == 0
+        assert all(m.compiled_layers is not None for m in worker._ellavs.values()) and worker._ellavs
+
+        async def main():
+            async with UnitsClient(srv.url, sample_rate=16000, resynth={}) as c:
+                msgs = [m async for m in c.stream(chunked(speech_like(1.0, 16000, seed=2), 16000, 100))]
+                return c.ready, msgs
+
+        ready, msgs = asyncio.run(asyncio.wait_for(main(), 300))
+    assert ready.settings["resynth"]["precision"] == "fast"
+    assert worker.precision_plans["ellav"].endswith("decode step compiled (torch.compile)")
+    assert any(type(m).__name__ == "AudioChunk" for m in msgs) and msgs[-1].reason == "end"

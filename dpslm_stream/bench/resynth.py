@@ -85,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="WavTokenizer backbone dtype (default float32)")
     parser.add_argument("--precision", type=_precisions, default=["exact"],
                         help="precisions side by side, e.g. exact,fast (default exact; fast needs the float32 dtypes)")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="fast rows: ELLA-V's decode step through torch.compile (compiled in a warm-up first)")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="concurrent streams, tiny set (default: 1 2 4 8)")
     parser.add_argument("--full-streams", type=int, nargs="+", default=[1, 2],
@@ -154,12 +156,17 @@ def make_worker(size: str, args: argparse.Namespace, max_batch: int, precision: 
                 clock=time.perf_counter) -> ResynthWorker:  # fmt: skip
     device = torch.device(args.device)
     dtype, vdtype = _DTYPES[args.dtype], _DTYPES[args.vocoder_dtype]
+    compiled = precision == "fast" and getattr(args, "compile_decode", False)
+    common = dict(vocoder_dtype=vdtype, max_batch=max_batch, precision=precision, clock=clock, compile_decode=compiled)
     if size == "tiny":
-        return ResynthWorker("tiny", device, dtype, pairs=[(K, LMBDA)], vocoder_dtype=vdtype, max_batch=max_batch,
-                             precision=precision, clock=clock)  # fmt: skip
-    return ResynthWorker("tiny", device, dtype, pairs=[(K, LMBDA)], vocoder_dtype=vdtype, max_batch=max_batch,
-                         ellavs={(K, LMBDA): _random_full_ellav(device, dtype)},
-                         wavtokenizer=_random_full_wavtokenizer(), precision=precision, clock=clock)  # fmt: skip
+        worker = ResynthWorker("tiny", device, dtype, pairs=[(K, LMBDA)], **common)
+    else:
+        worker = ResynthWorker("tiny", device, dtype, pairs=[(K, LMBDA)], **common,
+                               ellavs={(K, LMBDA): _random_full_ellav(device, dtype)},
+                               wavtokenizer=_random_full_wavtokenizer())  # fmt: skip
+    if compiled:  # the compilation is not part of any figure
+        worker.warm_up(K, LMBDA)
+    return worker
 
 
 def session_options(args: argparse.Namespace) -> dict:

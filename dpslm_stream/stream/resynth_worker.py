@@ -56,6 +56,9 @@ class ResynthWorker:
     other steps (False: always `max_decode_steps`, as before; `bench resynth` compares the two). The early end moves
     the other streams' vocoder windows too, so with bounded vocoder context a stream's audio then depends on when its
     neighbours start (as it depends on the step timing anyway); the exact setting commits nothing before the end.
+    compile_decode (precision "fast" only): ELLA-V's decode steps run through torch.compile (models/precision.py
+    plan_for); each new shape compiles on its first step (batch 1 and batch >= 2 are two graphs), so the first
+    sessions wait for it: 10-30 s with torch's on-disk compile cache warm, minutes without.
     """
 
     def __init__(self, models: hub.ModelSet | str = "release", device: str | torch.device = "cpu",
@@ -65,7 +68,7 @@ class ResynthWorker:
                  max_codec_tokens_per_phone: int = DEFAULT_MAX_CODEC_TOKENS_PER_PHONE,
                  ellavs: dict[tuple[int, int], ELLAV] | None = None, wavtokenizer: WavTokenizer | None = None,
                  clock: Callable[[], float] = time.perf_counter, allow_tf32: bool = False,
-                 eager_first_window: bool = True):  # fmt: skip
+                 eager_first_window: bool = True, compile_decode: bool = False):  # fmt: skip
         self.models = hub.ModelSet(models) if isinstance(models, str) else models
         self.device = setup_model_device(device, allow_tf32)  # TF32 off on CUDA: the exact paths stay exact
         for name, value in (("dtype", dtype), ("vocoder_dtype", vocoder_dtype)):
@@ -74,7 +77,10 @@ class ResynthWorker:
         self.precision = check_precision(precision)
         if precision == "fast" and (dtype, vocoder_dtype) != (torch.float32, torch.float32):
             raise InvalidInput("precision 'fast' picks the dtypes itself: leave dtype and vocoder_dtype at float32")
-        self.ellav_plan: Plan = plan_for("ellav", precision, self.device)
+        if compile_decode and precision == "exact":
+            raise InvalidInput("compile_decode compiles the fast decode step: it needs precision 'fast'")
+        self.compile_decode = bool(compile_decode)
+        self.ellav_plan: Plan = plan_for("ellav", precision, self.device, self.compile_decode)
         self.vocoder_plan: Plan = plan_for("wavtokenizer", precision, self.device)
         if self.vocoder_plan.bulk == "bf16":
             vocoder_dtype = torch.bfloat16
@@ -119,7 +125,7 @@ class ResynthWorker:
     def _prepare_ellav(self, model: ELLAV) -> ELLAV:
         """On this worker's device and dtype, converted for its precision (in place)."""
         model = model.to(device=self.device, dtype=self.dtype).eval()
-        transformer_precision(model, self.precision, "ellav")
+        transformer_precision(model, self.precision, "ellav", compile_decode=self.compile_decode)
         return model
 
     @property
@@ -306,6 +312,29 @@ class ResynthWorker:
         share = (self.clock() - t0) / len(due) if due else 0.0
         for s, w in planned.items():
             self._guard(s, lambda: s._vocode(w, 0.0 if w is None else share))
+
+    def warm_up(self, k: int = hub.DEFAULT_K, lmbda: int = hub.DEFAULT_LMBDA) -> None:
+        """Run two short streams of ELLA-V (k, lambda) through the worker, first alone, then together: with
+        compile_decode this compiles the decode-step graphs (batch 1 and batch 2+) before real streams wait for them;
+        otherwise it loads the models. The worker's counters are reset afterwards. A pair this worker does not have
+        is replaced by its first one (no pair: nothing to do)."""
+        pairs = self.available_pairs()
+        if not pairs:
+            return
+        k, lmbda = (k, lmbda) if (k, lmbda) in pairs else pairs[0]
+        units = [1, 2, 3, 4, 5, 6]
+        for count in (1, 2):
+            sessions = [self.open_session(k, lmbda, left_context=4, holdback=1) for _ in range(count)]
+            for s in sessions:
+                s.push_units(units)
+                s.end()
+            self.run_until_idle(sessions)
+            for s in sessions:
+                s.poll()
+                s.close()
+        self.compute_seconds = self.prefill_seconds = self.decode_seconds = self.vocoder_seconds = 0.0
+        self.decode_steps = self.tokens_decoded = 0
+        self.vocoder_runner.forwards = self.vocoder_runner.windows = 0
 
     def run_until_idle(self, sessions: Iterable[ResynthSession]) -> int:
         """step() until no stream has work left; returns the tokens decoded."""
