@@ -7,8 +7,9 @@ on a 2-core AVX-512 Xeon (no AMX), ELLA-V's 48 block matmuls took 0.32-0.37x of 
 0.25x with this kernel, which is the bytes' ratio (README "Precision"; `dpslm-stream bench ellav`). The difference
 is the layout: torch's kernels stream each output row's 1-4 KB of int8 weights separately, too short a stream for
 the hardware prefetcher to keep enough bytes in flight; here every block of 16 output channels is packed so that it
-is read front to back as one sequential stream. No kept library ships such a kernel for torch on CPU (torchao's
-CPU path calls the aten kernels above).
+is read front to back as one sequential stream, and up to 8 rows share each weight load. Threads: torch's OpenMP
+pool (at::parallel_for over the blocks). No kept library ships such a kernel for torch on CPU (torchao's CPU path
+calls the aten kernels above).
 
 What it computes is `int8row`'s arithmetic (precision.py FastLinear): activations rounded to int8 with one scale per
 row, int8 weights with one scale per output channel, int32 sums; the result is bit for bit the `torch._int_mm`
