@@ -108,8 +108,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                "printed at start-up and reported in ready.settings.resynth.precision)")
     field("compile_decode",
           help="with --precision fast: run ELLA-V's decode step through torch.compile (about 10%% faster per step "
-               "on CPU; the first sessions wait for the compilation: 10-30 s with torch's compile cache warm, "
-               "minutes without; needs a C++ compiler)")  # fmt: skip
+               "on CPU; compiled during the start-up warm-up, 10-45 s with torch's compile cache warm, minutes "
+               "without, or by the first sessions with --no-warmup; needs a C++ compiler)")  # fmt: skip
     field("encoder_precision", choices=PRECISIONS,
           help="streaming encoder (cached/sliding modes): exact (float32, default) or fast (its block "
                "linears in int8 through fbgemm on x86 CPUs without bf16 units, bf16 where there are; "

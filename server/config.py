@@ -58,7 +58,7 @@ class ServerConfig:
     resynth_dtype: str = "float32"  # ELLA-V dtype (bfloat16/float16 are meant for a GPU)
     precision: str = "exact"  # resynthesis models: "exact" (float32) or "fast" (models/precision.py picks per machine)
     encoder_precision: str = "exact"  # the streaming encoder's block linears: "exact" or "fast" (int8 on x86 CPUs)
-    compile_decode: bool = False  # precision fast: ELLA-V's decode step through torch.compile (compiles on first use)
+    compile_decode: bool = False  # precision fast: ELLA-V's decode step through torch.compile (compiled in the warm-up)
     max_listeners: int = 4  # listeners per sender session
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
     # Resynthesis with unbounded context (left_context or vocoder_left_context null, the exact setting) keeps every

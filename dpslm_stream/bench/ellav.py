@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from dpslm_stream import hub
+from dpslm_stream.bench.options import precision_list
 from dpslm_stream.bench.ulm import random_model, sync
 from dpslm_stream.device import setup_model_device
 from dpslm_stream.models import ellav
@@ -43,12 +44,7 @@ from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 VARIANTS = (*PRECISIONS, "fast-compiled")
 
 
-def _precisions(text: str) -> list[str]:
-    out = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in out if p not in VARIANTS]
-    if bad or not out:
-        raise argparse.ArgumentTypeError(f"--precision takes a comma-separated list of {', '.join(VARIANTS)}")
-    return out
+_precisions = precision_list(VARIANTS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

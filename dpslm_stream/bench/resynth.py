@@ -40,11 +40,12 @@ import numpy as np
 import torch
 
 from dpslm_stream import hub
+from dpslm_stream.bench.options import precision_list
 from dpslm_stream.models import ellav as E
 from dpslm_stream.device import setup_model_device
 from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as W
-from dpslm_stream.models.precision import PRECISIONS, machine_summary
+from dpslm_stream.models.precision import machine_summary
 from dpslm_stream.stream.ellav_stage import IncrementalELLAV
 from dpslm_stream.stream.resynth_defaults import (
     DEFAULT_HOLDBACK, DEFAULT_LEFT_CONTEXT, DEFAULT_VOCODER_FIRST_STEP, DEFAULT_VOCODER_LEFT_CONTEXT,
@@ -59,11 +60,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 TICK_S = 0.1
 
 
-def _precisions(text: str) -> list[str]:
-    out = [p.strip() for p in text.split(",") if p.strip()]
-    if not out or any(p not in PRECISIONS for p in out):
-        raise argparse.ArgumentTypeError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}")
-    return list(dict.fromkeys(out))
+_precisions = precision_list()
 
 
 def _opt_int(text: str) -> int | None:
@@ -156,7 +153,7 @@ def make_worker(size: str, args: argparse.Namespace, max_batch: int, precision: 
                 clock=time.perf_counter) -> ResynthWorker:  # fmt: skip
     device = torch.device(args.device)
     dtype, vdtype = _DTYPES[args.dtype], _DTYPES[args.vocoder_dtype]
-    compiled = precision == "fast" and getattr(args, "compile_decode", False)
+    compiled = precision == "fast" and args.compile_decode
     common = dict(vocoder_dtype=vdtype, max_batch=max_batch, precision=precision, clock=clock, compile_decode=compiled)
     if size == "tiny":
         worker = ResynthWorker("tiny", device, dtype, pairs=[(K, LMBDA)], **common)

@@ -24,7 +24,8 @@ import torch
 from dpslm_stream.device import setup_model_device
 from dpslm_stream.device import synchronize as _sync
 from dpslm_stream.models import wavtokenizer as wt
-from dpslm_stream.models.precision import PRECISIONS, machine_summary
+from dpslm_stream.bench.options import precision_list
+from dpslm_stream.models.precision import machine_summary
 from dpslm_stream.stream.resynth_defaults import (
     DEFAULT_VOCODER_LEFT_CONTEXT, DEFAULT_VOCODER_LOOKAHEAD, DEFAULT_VOCODER_MIN_STEP,
 )
@@ -62,11 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "first length and one live window (CPU time on a CPU), with the SNR against exact")
 
 
-def _precisions(text: str) -> list[str]:
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    if not names or any(p not in PRECISIONS for p in names):
-        raise argparse.ArgumentTypeError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}")
-    return names
+_precisions = precision_list()
 
 
 def _time(fn, device: torch.device, repeats: int) -> tuple[float, object]:

@@ -20,7 +20,8 @@ per model and per machine, the kernels that measured faster (README "Precision";
   fp32's time for a whole live window there; its convolutions and attention stay float32). A transformer whose
   decode and prefill kernels differ keeps both weight copies (ELLA-V at released size: 0.21 GB int8 + 0.42 GB
   bf16).
-- with `compile_decode` (plan_for; library and `bench ellav` only): the transformer's few-row forwards run through
+- with `compile_decode` (plan_for; `serve --compile-decode`, ResynthWorker, `bench ellav`/`bench resynth`): the
+  transformer's few-row forwards run through
   torch.compile. The int8gemv kernel is an op the compiler calls as it is; without it, the int8 matmuls take
   activations quantized per row through `torch._int_mm` ("int8row"), which the compiler fuses with the norms, RoPE
   and residuals around them (fbgemm's packed weights are opaque to it). ELLA-V's batch-1 step on the Xeon above:
@@ -164,7 +165,8 @@ def plan_for(model: str, precision: str, device: torch.device | str = "cpu", com
     compile_decode (transformers, precision "fast"): the few-row forwards (decode steps) run through torch.compile,
     which removes most of their per-op dispatch; on a CPU their int8 matmuls keep the kernel "int8gemv" (an op the
     compiler calls as it is) or else take the per-row activation kernel "int8row" (`torch._int_mm`, plain aten ops
-    that the compiler fuses; fbgemm's packed weights are opaque to it). The first steps of each new shape pay the compilation (a minute or more at the released size)."""
+    that the compiler fuses; fbgemm's packed weights are opaque to it). The first steps of each new shape pay the
+    compilation (a minute or more at the released size)."""
     plan = _plan_for(model, precision, device)
     if not compile_decode or plan.precision == "exact" or model not in ("ellav", "ulm"):
         return plan
@@ -252,7 +254,7 @@ class FastLinear(nn.Module):
             qweight, scale = _per_channel_int8(weight)
             self.register_buffer("scale", scale)
             if decode == "int8gemv":  # the packed copy only; a bulk int8dyn unpacks fbgemm's for its float fallback
-                if not int8_gemv.available(cpu_flags()):
+                if not has_int8_gemv_kernel(weight.device):
                     raise InvalidInput("the int8gemv kernel needs an AVX512-VNNI CPU and a C++ compiler to build it")
                 self.register_buffer("packed_weight", int8_gemv.pack(qweight))
                 self.register_buffer("weight_sums", qweight.sum(dim=1, dtype=torch.int32))

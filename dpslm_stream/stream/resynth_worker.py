@@ -57,8 +57,8 @@ class ResynthWorker:
     the other streams' vocoder windows too, so with bounded vocoder context a stream's audio then depends on when its
     neighbours start (as it depends on the step timing anyway); the exact setting commits nothing before the end.
     compile_decode (precision "fast" only): ELLA-V's decode steps run through torch.compile (models/precision.py
-    plan_for); each new shape compiles on its first step (batch 1 and batch >= 2 are two graphs), so the first
-    sessions wait for it: 10-30 s with torch's on-disk compile cache warm, minutes without.
+    plan_for); each new shape compiles on its first step (batch 1 and batch >= 2 are two graphs), 10-45 s with
+    torch's on-disk compile cache warm, minutes without: warm_up() does it before streams wait for it.
     """
 
     def __init__(self, models: hub.ModelSet | str = "release", device: str | torch.device = "cpu",
@@ -102,12 +102,17 @@ class ResynthWorker:
         self._decoders: dict[tuple[int, int], BatchDecoder] = {}
         self._vocoder_runner: VocoderRunner | None = None
         self._next_id = 0
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
         self.compute_seconds = 0.0  # total wall time of step()
         self.prefill_seconds = 0.0  # of which ELLA-V prompt prefills
         self.decode_seconds = 0.0  # ELLA-V decode steps
         self.vocoder_seconds = 0.0  # WavTokenizer windows and iSTFT
         self.decode_steps = 0  # batched decode steps run
         self.tokens_decoded = 0  # rows x steps
+        if self._vocoder_runner is not None:
+            self._vocoder_runner.forwards = self._vocoder_runner.windows = 0
 
     # -- models ------------------------------------------------------------------------------------------------------
 
@@ -332,9 +337,7 @@ class ResynthWorker:
             for s in sessions:
                 s.poll()
                 s.close()
-        self.compute_seconds = self.prefill_seconds = self.decode_seconds = self.vocoder_seconds = 0.0
-        self.decode_steps = self.tokens_decoded = 0
-        self.vocoder_runner.forwards = self.vocoder_runner.windows = 0
+        self._reset_counters()
 
     def run_until_idle(self, sessions: Iterable[ResynthSession]) -> int:
         """step() until no stream has work left; returns the tokens decoded."""
