@@ -267,6 +267,36 @@ def test_streams_batched_in_one_forward_equal_separate_runs(runner, frames):
         torch.testing.assert_close(torch.cat(got), want, atol=2e-5, rtol=1e-5)
 
 
+def test_one_window_per_stream_attention_equals_the_general_path_bit_for_bit(runner, frames, monkeypatch):
+    """Live steps (one window per stream) attend per stream on [cache | window] written once; the general path
+    (stacked caches, one batched attention) must give the same features to the last bit, batched or not."""
+    config = WindowConfig("cached", left=20, hop=5, lookahead=3)
+    streams = [frames, frames.flip(0), frames * 0.5]
+
+    def run(batched: bool) -> list[torch.Tensor]:
+        encoders = [WindowedEncoder(runner, config) for _ in streams]
+        outputs: list[list[torch.Tensor]] = [[] for _ in streams]
+        for a, b in chunks(frames.shape[0], [5]):
+            plans = []
+            for enc, f in zip(encoders, streams):
+                enc.add(f[a:b])
+                plans.append(enc.plan(max_hops=1))
+            ready = [(i, p) for i, p in enumerate(plans) if p is not None]
+            for group in [ready] if batched else [[r] for r in ready]:
+                runner.run([p for _, p in group])
+            for i, p in ready:
+                outputs[i].append(encoders[i].complete(p))
+        return [torch.cat(out) for out in outputs]
+
+    fast = [run(True), run(False)]
+    general = runner._with_left_context
+    monkeypatch.setattr(runner, "_one_window_contexts", lambda group, layer, keys, values, caches: [
+        (k[None], v[None]) for k, v in zip(*general(group, layer, keys, values, caches))])  # fmt: skip
+    for got, want in zip(fast, [run(True), run(False)]):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(*fast))
+
+
 def test_windowed_state_is_bounded_and_outputs_are_final(runner, frames):
     config = WindowConfig("cached", left=20, hop=8, lookahead=3)
     enc = WindowedEncoder(runner, config)
@@ -277,8 +307,9 @@ def test_windowed_state_is_bounded_and_outputs_are_final(runner, frames):
             emitted += out.shape[0]
             sizes.append(enc.state_nbytes)
             assert enc.num_emitted == emitted  # everything returned is counted once, never re-emitted
-    # frames kept: 64 (pos_conv) + pending < H + R + one push; cache: 11 layers x (k, v) x L frames.
+    # frames kept: 64 (pos_conv) + pending < H + R + one push; cache: 11 layers x (k, v) x L frames, each a view
+    # of its last window's [cache | window] keys or values (L + H + R frames).
     dim, itemsize = runner.dim, 4
-    bound = (64 + 11 + 8) * dim * itemsize + 11 * 2 * 20 * dim * itemsize
+    bound = (64 + 11 + 8) * dim * itemsize + 11 * 2 * (20 + 8 + 3) * dim * itemsize
     assert max(sizes) <= bound
     assert max(sizes[len(sizes) // 2 :]) <= max(sizes[: len(sizes) // 2])

@@ -205,6 +205,31 @@ def test_windowed_sessions_commit_while_audio_arrives(worker, mode):
     assert stats.commit_lag_max_s < 4.0
 
 
+@pytest.mark.parametrize("mode", ["sliding", "cached"])
+def test_the_front_end_runs_once_per_hop_however_small_the_chunks(worker, mode, monkeypatch):
+    """20 ms chunks with a step after each: the conv stack runs when a hop needs its frames, over all of them in one
+    pass, not once per chunk; the units equal those of a session stepped once at the end."""
+    wav = audio(3.0, 16000, 3)
+    session = worker.open_session(16000, K, LMBDA, mode=mode, preset="low-latency")
+    frontend = session._frontend
+    passes = []
+    compute = frontend._compute
+    monkeypatch.setattr(frontend, "_compute", lambda count: passes.append(count) or compute(count))
+    for pos in range(0, len(wav), 320):
+        session.push(wav[pos : pos + 320])
+        worker.step([session])
+    units, _ = feed(worker, session, np.zeros(0, np.float32), [1])
+    hop = session.config.hop
+    assert session.stats.hops >= 10
+    assert len(passes) <= session.stats.hops + 1  # one per hop, plus the flush
+    assert all(count >= hop for count in passes[1:-1])
+    assert sum(passes) == len(wav) // 320
+    whole = worker.open_session(16000, K, LMBDA, mode=mode, preset="low-latency")
+    assert [e.unit for e in units] == [e.unit for e in feed(worker, whole, wav, [len(wav)])[0]]
+    # Every session runs the worker's one packed conv stack: opening a session packs no weights.
+    assert session._frontend.kernels is whole._frontend.kernels is worker.frontend
+
+
 def test_scores_are_per_unit_logprobs_that_sum_to_the_loglikelihood(worker, models):
     ulm, tokenizer = models.ulm(K, LMBDA)
     wav = audio(4.0, 16000, 1)
@@ -257,6 +282,35 @@ def test_batched_sessions_and_a_session_that_fell_behind_match_separate_runs(wor
     late.end()
     worker.run_until_idle([late])
     assert [e.unit for e in late.poll() if isinstance(e, UnitEvent)] == alone[1]
+
+
+def test_sessions_behind_by_different_amounts_share_forwards_one_hop_each(worker, monkeypatch):
+    """Two sessions past their cache warm-up, then 1 s and 0.4 s pending: while both have hops ready, every forward
+    takes one hop of each (equal shapes, one forward); the one further behind then runs its rest alone. Units as
+    when run separately."""
+    waves = [audio(6.0, 16000, s) for s in (4, 5)]
+    alone = [[e.unit for e in feed(worker, worker.open_session(16000, K, LMBDA, mode="cached"), w, [3200])[0]]
+             for w in waves]  # fmt: skip
+    sessions = [worker.open_session(16000, K, LMBDA, mode="cached") for _ in waves]
+    warm = 3 * 16000  # past the 2.5 s cache warm-up, stepped in lockstep
+    for pos in range(0, warm, 3200):
+        for s, w in zip(sessions, waves):
+            s.push(w[pos : pos + 3200])
+        worker.step(sessions)
+    forwards: list[list[int]] = []
+    run = worker.runner.run
+    monkeypatch.setattr(worker.runner, "run", lambda plans: forwards.append([p.hops for p in plans]) or run(plans))
+    sessions[0].push(waves[0][warm : warm + 16000])
+    sessions[1].push(waves[1][warm : warm + 6400])
+    worker.step(sessions)
+    shared = [f for f in forwards if len(f) == 2]
+    assert len(shared) >= 2 and all(f == [1, 1] for f in shared)
+    assert [f for f in forwards if len(f) == 1] and max(map(max, forwards)) > 1  # the rest alone, several at once
+    for s, w, start in zip(sessions, waves, (warm + 16000, warm + 6400)):
+        s.push(w[start:])
+        s.end()
+    worker.run_until_idle(sessions)
+    assert [[e.unit for e in s.poll() if isinstance(e, UnitEvent)] for s in sessions] == alone
 
 
 # ----------------------------------------------------------------------------------------------------------------

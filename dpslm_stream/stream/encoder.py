@@ -281,9 +281,16 @@ class WindowRunner:
             q_proj, k_proj, v_proj, out_proj, fc1, fc2 = self.linears[layer]
             h = block.self_attn_layer_norm(x) if self.pre_ln else x
             q, keys, values = self._split_heads(q_proj(h)), self._split_heads(k_proj(h)), self._split_heads(v_proj(h))
-            if p0.cached:
-                keys, values = self._with_left_context(group, layer, keys, values, new_caches)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._gated_bias(block, h, table))
+            mask = self._gated_bias(block, h, table)
+            if p0.cached and p0.hops == 1:  # one attention per stream, on its own [cache | window] keys
+                kv = self._one_window_contexts(group, layer, keys, values, new_caches)
+                out = torch.cat([F.scaled_dot_product_attention(q[b : b + 1], keys_b, values_b,
+                                                                attn_mask=None if mask is None else mask[b : b + 1])
+                                 for b, (keys_b, values_b) in enumerate(kv)])  # fmt: skip
+            else:
+                if p0.cached:
+                    keys, values = self._with_left_context(group, layer, keys, values, new_caches)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             out = out_proj(out.transpose(1, 2).flatten(2))
             clock = self._tick("attention", clock)
             if self.pre_ln:
@@ -298,6 +305,29 @@ class WindowRunner:
         for b, plan in enumerate(group):
             plan.features = emitted[b]
             plan.new_cache = new_caches[b] if p0.cached else None
+
+    def _one_window_contexts(self, group: list[HopPlan], layer: int, keys: Tensor, values: Tensor,
+                             new_caches: list[list[tuple[Tensor, Tensor]]]) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+        """`_with_left_context` for plans of one window per stream (the live case), per stream: its keys and values
+        [1, heads, Lk + T, hd] at this layer, each [cache | window's own rows] written once into a tensor that
+        attention reads as it is; the stream's new cache (the last `keep` of [cache | emitted rows], keep <= Lk + E)
+        is a view of it. Nothing is stacked, concatenated or cloned, the tensor is only T rows longer than the cache
+        it holds, and no stream's cache keeps another stream's memory alive. Equal to `_with_left_context` bit for
+        bit (tests/test_stream_encoder.py)."""
+        p0 = group[0]
+        E, Tp, Lk, keep = p0.emit_len, p0.cache_len, p0.left_keys, p0.keep
+        contexts = []
+        for b, plan in enumerate(group):
+            pair = []
+            for j, own in enumerate((keys, values)):
+                full = own.new_empty(self.heads, Lk + own.shape[2], self.head_dim)
+                if Lk > 0:
+                    full[:, :Lk] = plan.cache[layer][j][:, Tp - Lk :]
+                full[:, Lk:] = own[b]
+                pair.append(full)
+            contexts.append((pair[0][None], pair[1][None]))
+            new_caches[b].append((pair[0][:, Lk + E - keep : Lk + E], pair[1][:, Lk + E - keep : Lk + E]))
+        return contexts
 
     def _with_left_context(self, group: list[HopPlan], layer: int, keys: Tensor, values: Tensor,
                            new_caches: list[list[tuple[Tensor, Tensor]]]) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -361,10 +391,10 @@ class WindowedEncoder:
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes of frames and key/value cache held between hops."""
+        """Bytes of frames and key/value cache held between hops (the cache's whole storage: it may be a view)."""
         n = self._frames.numel() * self._frames.element_size()
         for k, v in self._cache or []:
-            n += k.numel() * k.element_size() + v.numel() * v.element_size()
+            n += k.untyped_storage().nbytes() + v.untyped_storage().nbytes()
         return n
 
     @property
@@ -409,8 +439,12 @@ class WindowedEncoder:
     @property
     def ready_hops(self) -> int:
         """Full hops whose lookahead has arrived."""
+        return self.hops_ready_after(0)
+
+    def hops_ready_after(self, more_frames: int) -> int:
+        """Full hops that would be ready once `more_frames` further frames were added."""
         H, R = self.config.hop, self.config.lookahead
-        return max(0, (self.pending_frames - R) // H)
+        return max(0, (self.pending_frames + more_frames - R) // H)
 
     def plan(self, final: bool = False, max_hops: int = 1 << 30) -> HopPlan | None:
         """The next work for this stream: up to `max_hops` ready hops of one shape; with `final` (end of stream)

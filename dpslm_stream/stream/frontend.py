@@ -7,7 +7,8 @@ computes each frame once its last sample has arrived and keeps only the samples 
 than 400), so its output equals `model.frontend(pad(whole, 40, 40))` up to float rounding, for any chunking.
 
 The conv blocks run here with the model's weights (conv -> fp32 LayerNorm over channels -> GELU, as
-`WavLM.frontend`), so that on CPU the convolutions can use weights prepacked once for oneDNN (onednn.py). Frames are
+`WavLM.frontend`), so that on CPU the convolutions can use weights prepacked once for oneDNN (onednn.py); the packed
+conv stack (`FrontendKernels`) is one per model, shared by the streams, and each stream keeps only samples. Frames are
 computed in batches: `add` only buffers, `compute` runs the conv stack once over every frame that is ready, so a
 session can wait until a hop needs frames (one call per hop instead of one per 20 ms chunk).
 """
@@ -23,13 +24,10 @@ from dpslm_stream.models.wavlm import WavLM
 from dpslm_stream.stream.onednn import PackedConv1d, PackedLinear
 
 
-class StreamingFrontend:
-    """Conv front-end + LN + projection over a stream of 16 kHz samples (push / flush / reset / state_nbytes).
-
-    `push(samples)` returns the frames [n, D] that became complete; `flush()` ends the stream (the right edge sees
-    the same 40 zeros as offline) and returns the rest, then resets. `add` + `ready_frames` + `compute` split push
-    into buffering and compute. Frames come out in the model's dtype and device. `fast_cpu`: see onednn.py.
-    """
+class FrontendKernels:
+    """The conv stack + LN + projection of one WavLM with its weights prepacked once: shared by every stream of that
+    model (the packed copies are ~19 MB at full size, so one per stream would cost memory and a repack per open).
+    Stateless: `__call__` maps a [1, 1, S] sample window to its frames."""
 
     def __init__(self, model: WavLM, fast_cpu: bool = True):
         if model.cfg.extractor_mode != "layer_norm":
@@ -38,11 +36,7 @@ class StreamingFrontend:
                 f"WavLM-Large); got {model.cfg.extractor_mode!r}, whose GroupNorm normalises over the whole input"
             )
         self.model = model
-        self.hop = model.samples_per_frame  # 320
-        self.window = model.receptive_field  # 400
-        self.pad = (self.window - self.hop) // 2  # 40: upstream's zero padding on each side
-        param = next(model.parameters())
-        self.dtype, self.device = param.dtype, param.device
+        self.dim = model.cfg.encoder_embed_dim
         # Per conv block: (conv, its LayerNorm over channels). Blocks are Sequential(conv, dropout, norm, GELU).
         self._blocks = [
             (PackedConv1d(b[0].weight, b[0].bias, stride=b[0].stride[0], enabled=fast_cpu), b[2][1])
@@ -50,6 +44,37 @@ class StreamingFrontend:
         ]
         proj = model.post_extract_proj
         self._proj = None if proj is None else PackedLinear.of(proj, fast_cpu)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Samples [1, 1, S] (S = 320 (n - 1) + 400) -> projected frames [n, D]."""
+        with torch.inference_mode():
+            for conv, norm in self._blocks:
+                x = conv(x)  # [1, C, L]
+                # LayerNorm over channels at each time step, in fp32 whatever the dtype (upstream's Fp32LayerNorm).
+                x = F.layer_norm(x.transpose(1, 2).float(), norm.normalized_shape, norm.weight.float(),
+                                 norm.bias.float(), norm.eps).type_as(x).transpose(1, 2)  # fmt: skip
+                x = F.gelu(x)
+            x = self.model.layer_norm(x.transpose(1, 2))
+            return (x if self._proj is None else self._proj(x))[0]
+
+
+class StreamingFrontend:
+    """Conv front-end + LN + projection over a stream of 16 kHz samples (push / flush / reset / state_nbytes).
+
+    `push(samples)` returns the frames [n, D] that became complete; `flush()` ends the stream (the right edge sees
+    the same 40 zeros as offline) and returns the rest, then resets. `add` + `ready_frames` + `compute` split push
+    into buffering and compute. Frames come out in the model's dtype and device. Built from a model (its own
+    `FrontendKernels`; `fast_cpu`: see onednn.py) or from kernels shared with other streams.
+    """
+
+    def __init__(self, model: WavLM | FrontendKernels, fast_cpu: bool = True):
+        self.kernels = model if isinstance(model, FrontendKernels) else FrontendKernels(model, fast_cpu)
+        wavlm = self.kernels.model
+        self.hop = wavlm.samples_per_frame  # 320
+        self.window = wavlm.receptive_field  # 400
+        self.pad = (self.window - self.hop) // 2  # 40: upstream's zero padding on each side
+        param = next(wavlm.parameters())
+        self.dtype, self.device = param.dtype, param.device
         self.reset()
 
     def reset(self) -> None:
@@ -97,17 +122,8 @@ class StreamingFrontend:
     def _compute(self, count: int) -> Tensor:
         """Run the front-end on the next `count` frames and drop the samples no later frame reads."""
         if count <= 0:
-            return torch.zeros(0, self.model.cfg.encoder_embed_dim, dtype=self.dtype, device=self.device)
-        with torch.inference_mode():
-            x = self._buf[None, None, : (count - 1) * self.hop + self.window]  # [1, 1, S]
-            for conv, norm in self._blocks:
-                x = conv(x)  # [1, C, L]
-                # LayerNorm over channels at each time step, in fp32 whatever the dtype (upstream's Fp32LayerNorm).
-                x = F.layer_norm(x.transpose(1, 2).float(), norm.normalized_shape, norm.weight.float(),
-                                 norm.bias.float(), norm.eps).type_as(x).transpose(1, 2)  # fmt: skip
-                x = F.gelu(x)
-            x = self.model.layer_norm(x.transpose(1, 2))
-            frames = (x if self._proj is None else self._proj(x))[0]
+            return torch.zeros(0, self.kernels.dim, dtype=self.dtype, device=self.device)
+        frames = self.kernels(self._buf[None, None, : (count - 1) * self.hop + self.window])
         # clone(): keep only the small tail alive, not the whole pushed buffer.
         self._buf = self._buf[count * self.hop :].clone()
         self.num_frames += count

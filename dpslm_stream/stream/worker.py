@@ -28,6 +28,7 @@ from dpslm_stream.models.ulm import ScoringPool, score_blocks
 from dpslm_stream.models.wavlm import WavLM
 from dpslm_stream.pipeline import default_num_neighbors
 from dpslm_stream.stream.encoder import MODES, WindowRunner, window_config
+from dpslm_stream.stream.frontend import FrontendKernels
 from dpslm_stream.stream.session import DEFAULT_MAX_LAG_FRAMES, DEFAULT_SCORE_CONTEXT, SCORE_CHUNK, EncoderSession
 from dpslm_stream.validate import is_int
 
@@ -67,6 +68,7 @@ class EncoderWorker:
         self.extract_features = wavlm_module.extract_features  # the offline feature function
         self.extract_features_steps = wavlm_module.extract_features_steps  # the same in slices (full mode)
         self.runner = WindowRunner(self.wavlm, precision=check_precision(precision))
+        self.frontend = FrontendKernels(self.wavlm)  # the packed conv stack every session's front-end runs
         self._codebooks: dict[int, torch.Tensor] = dict(codebooks or {})
         self._ulms: dict[tuple[int, int], object] = dict(ulms or {})
         self._pairs: list[tuple[int, int]] | None = None
@@ -143,7 +145,7 @@ class EncoderWorker:
             session_id=next(self._ids), sample_rate=sample_rate, k=key[0], lmbda=key[1], config=config,
             codebook=codebook, num_neighbors=num_neighbors, max_lag=max_lag,
             ulm=self._ulm(*key) if score else None, score_context=score_context, keep_features=bool(keep_features),
-            scoring_pool=self._scoring_pool(key, score_context) if score else None,
+            scoring_pool=self._scoring_pool(key, score_context) if score else None, frontend=self.frontend,
         )  # fmt: skip
 
     def _scoring_pool(self, key: tuple[int, int], score_context: int | None) -> ScoringPool:
@@ -178,8 +180,14 @@ class EncoderWorker:
         budget = {s.id: self.max_hops_per_step for s in sessions}
         active = sessions
         while active:
+            # Plans of one shape share a forward, and a plan's shape includes its hop count: while several
+            # sessions have hops ready (several clients, some behind), each round takes one hop of each, so that
+            # they all go in one forward (and one window per stream takes the runner's cheaper attention path);
+            # a session alone runs its pending hops in one forward.
+            one_each = sum(s._ready_hops > 0 for s in active) > 1
             plans = [(s, p) for s in active
-                     if (p := s._plan(budget[s.id] if not s._input_done else 1 << 30)) is not None]  # fmt: skip
+                     if (p := s._plan(1 if one_each else budget[s.id] if not s._input_done else 1 << 30))
+                     is not None]  # fmt: skip
             if not plans:
                 break
             self.runner.run([p for _, p in plans])
