@@ -305,3 +305,16 @@ def test_exact_resynthesis_ends_after_max_exact_resynth_s_and_the_units_go_on():
     resynthesized = [u for u in units if u.end_s - units[0].end_s <= 1.0]  # the rule counts from the first unit
     assert end.resynth["units"] == len(resynthesized) < len(units)  # the audio of those units came, whole
     assert "--max-exact-resynth" in end.resynth["error"] and end.resynth["chunks"] == len(chunks) > 0
+
+
+def test_bench_server_with_resynthesis_reports_first_audio_and_finish(capsys):
+    """`bench server --resynth` (tiny set): each client also gets audio; the row says when the first audio came, the
+    unit-to-audio latency, the resynthesis compute and when the session finished."""
+    from dpslm_stream.cli import main
+
+    assert main(["bench", "server", "--models", "tiny", "--clients", "1", "--seconds", "2", "--resynth"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "resynthesis: first audio" in ln)
+    first = float(line.split("first audio ")[1].split(" s")[0])
+    assert 0 < first < 5 and "s of audio per input second" in line and "stopped early" not in line
+    assert "largest N served in real time" in out

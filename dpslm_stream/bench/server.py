@@ -17,12 +17,22 @@ event loop does not compete with the server's for the GIL.
 `--models full` builds a WavLM-Large-sized model with RANDOM weights and a codebook of its own features: speed and
 latency do not depend on the weight values, but the units are meaningless; the unit-level DPDP lag differs from
 real checkpoints (reported separately as `algo lag`: audio received after a unit's end before it committed).
+
+`--resynth`: every client also asks for its units resynthesized, so the server's resynthesis thread (ELLA-V +
+WavTokenizer; with `--models full` both at released size, RANDOM weights) shares the machine with the encoder, as a
+live resynthesis demo does. Per N it adds the first-audio latency after the first units, the unit-to-audio latency,
+the resynthesis compute per second of audio made and how long after its input the last session finished. A random
+ELLA-V rarely ends a unit early, so it makes several seconds of audio per input second where a trained one makes
+about one: compute per audio second is the figure that carries over, not whether it kept up.
+
+    dpslm-stream bench server --models full --clients 1 --seconds 10 --precision fast --resynth
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -51,6 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encoder in a thread of the server (default) or in a Ray Serve deployment on a local Ray "
                              "(needs the ray extra; rtf/load/cpu columns then count only the gateway process)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--resynth", action="store_true",
+                        help="every client also asks for its units resynthesized (ELLA-V + WavTokenizer on the "
+                             "server's resynthesis thread; with --models full, both at released size, RANDOM "
+                             "weights): adds first-audio latency, unit-to-audio latency, the resynthesis real-time "
+                             "factor and how long after its input each session finished")  # fmt: skip
+    parser.add_argument("--resynth-precision", default=None, choices=("exact", "fast"),
+                        help="ELLA-V and vocoder precision (serve --precision; default: --precision)")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="with --resynth-precision fast: ELLA-V's decode step compiled (serve --compile-decode; "
+                             "compiled before the clients start)")  # fmt: skip
     parser.add_argument("--stop-after-miss", action="store_true", help="stop at the first N that is not real time")
     parser.add_argument("--plot", type=Path, default=None, help="write a plot of lag vs N here (PNG)")
     parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
@@ -63,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _clients_main(url: str, n: int, wav_path: str, seconds: float, frame_ms: float, preset: str, mode: str,
-                  conn) -> None:  # fmt: skip
+                  resynth: bool, conn) -> None:  # fmt: skip
     """Child process: N real-time clients at once; sends back per-session figures."""
     from dpslm_stream import protocol as P
     from dpslm_stream.audio import load_audio, resample
@@ -88,10 +108,12 @@ def _clients_main(url: str, n: int, wav_path: str, seconds: float, frame_ms: flo
                 backlog[0] = max(backlog[0], msg.buffered_s)
 
         res = await stream_audio(url, long[start : start + need], 16000, realtime=True, chunk_ms=frame_ms,
-                                 preset=preset, options={"mode": mode}, on_message=watch)  # fmt: skip
+                                 preset=preset, options={"mode": mode}, on_message=watch,
+                                 resynth={} if resynth else None)  # fmt: skip
         return {"lags": [u.lag_s for u in res.units], "algo": [u.commit_audio_s - u.end_s for u in res.units],
                 "units": len(res.units), "rtf": res.end.stats["rtf"], "state": res.end.stats["state_nbytes"],
-                "backlog": backlog[0], "wall": res.wall_s, "reason": res.end.reason}  # fmt: skip
+                "backlog": backlog[0], "wall": res.wall_s, "reason": res.end.reason,
+                "resynth": res.end.resynth}  # fmt: skip
 
     async def main():
         return await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
@@ -130,7 +152,7 @@ def run_load(srv, n: int, args, wav_path: str) -> dict:
     watcher.start()
     cpu0, t0 = time.process_time(), time.monotonic()
     proc = ctx.Process(target=_clients_main, args=(srv.url, n, wav_path, args.seconds, args.frame_ms, args.preset,
-                                                   args.mode, child))  # fmt: skip
+                                                   args.mode, args.resynth, child))  # fmt: skip
     proc.start()
     sessions = parent.recv()
     proc.join()
@@ -157,7 +179,22 @@ def run_load(srv, n: int, args, wav_path: str) -> dict:
         "state_mb": statistics.mean(s["state"] for s in ok) / 2**20 if ok else float("nan"),
         "rss_mb_per_session": max(0, peak[0] - rss0) / n / 2**20, "wall": wall,
         "realtime": not failed and bool(p95s) and max(p95s) < args.lag_budget,
+        **(_resynth_figures(ok, args.seconds) if args.resynth else {}),
     }  # fmt: skip
+
+
+def _resynth_figures(sessions: list[dict], seconds: float) -> dict:
+    """Per load: the worst session's first-audio latency, mean and max unit-to-audio latency, resynthesis compute
+    per second of audio made (the sessions' mean), and how long after its input's end the slowest session finished
+    (its end message, so all its audio, arrived): small and flat in `--seconds` when resynthesis keeps up."""
+    totals = [s["resynth"] for s in sessions if s.get("resynth")]
+    worst = (lambda key: max((t[key] for t in totals if t.get(key) is not None), default=float("nan")))  # noqa: E731
+    return {"first_audio_s": worst("first_audio_latency_s"), "audio_latency_mean_s": worst("latency_mean_s"),
+            "audio_latency_max_s": worst("latency_max_s"),
+            "resynth_rtf": statistics.mean(t["real_time_factor"] for t in totals) if totals else float("nan"),
+            "audio_per_input": statistics.mean(t["audio_seconds"] for t in totals) / seconds if totals else 0.0,
+            "finish_after_input_s": max((s["wall"] - seconds for s in sessions), default=float("nan")),
+            "resynth_errors": [t["error"] for t in totals if t.get("error")][:3]}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
@@ -175,8 +212,6 @@ def run(args: argparse.Namespace) -> None:
     cfg = ServerConfig(port=0, models=args.models if args.models != "full" else "tiny",
                        max_sessions=max(args.clients) + 1, idle_timeout_s=120, device=args.device)  # fmt: skip
     if args.backend == "ray":
-        import dataclasses
-
         from dpslm_stream.server.ray_backend import deploy
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -187,8 +222,13 @@ def run(args: argparse.Namespace) -> None:
     else:
         encoder = encoder_worker(args.models, args.device, precision=args.precision)
         label += f", encoder {encoder.runner.precision_plan.describe()}"
+    resynth = None
+    if args.resynth:
+        resynth = _resynth_worker(args)
+        label += f"; resynthesis {resynth.precision_plans['ellav']}; {resynth.precision_plans['wavtokenizer']}"
+        cfg = dataclasses.replace(cfg, precision=resynth.precision, compile_decode=resynth.compile_decode)
     rows = []
-    with ServerThread(cfg, encoder=encoder) as srv:
+    with ServerThread(cfg, encoder=encoder, resynth=resynth) as srv:
         print(f"server bench: {label}; {args.mode}/{args.preset}, k=500 lambda=4500, no scoring; "
               f"{args.seconds:g} s of real-time audio per client in {args.frame_ms:g} ms frames; device {args.device}, "
               f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; set-up {time.perf_counter() - started:.1f} s")
@@ -208,6 +248,13 @@ def run(args: argparse.Namespace) -> None:
                   f"{r['cpu_per_session']:5.2f} {r['backlog']:7.2f} {r['state_mb']:8.2f} "
                   f"{r['rss_mb_per_session']:8.1f} {'yes' if r['realtime'] else 'NO':>9}"
                   + (f"  ({r['failed']} failed: {r['errors']})" if r["failed"] else ""), flush=True)  # fmt: skip
+            if args.resynth:
+                print(f"    resynthesis: first audio {r['first_audio_s']:.2f} s after the first units (worst session), "
+                      f"unit-to-audio latency mean {r['audio_latency_mean_s']:.2f} s / max "
+                      f"{r['audio_latency_max_s']:.2f} s, compute {r['resynth_rtf']:.2f} s per audio second, "
+                      f"{r['audio_per_input']:.1f} s of audio per input second, last session finished "
+                      f"{r['finish_after_input_s']:.1f} s after its input"
+                      + (f"; stopped early: {r['resynth_errors']}" if r["resynth_errors"] else ""), flush=True)  # fmt: skip
             if args.stop_after_miss and not r["realtime"]:
                 break
     ok = [r["n"] for r in rows if r["realtime"]]
@@ -219,6 +266,25 @@ def run(args: argparse.Namespace) -> None:
                                          "rows": rows}, indent=1))  # fmt: skip
     if args.plot:
         plot(rows, args, label)
+
+
+def _resynth_worker(args: argparse.Namespace):
+    """The server's ResynthWorker: for --models full, ELLA-V and WavTokenizer at released size with RANDOM weights
+    (bench/resynth.py make_worker); otherwise from the model set. Compiled first with --compile-decode."""
+    from dpslm_stream.bench.resynth import make_worker
+    from dpslm_stream.stream.resynth_worker import ResynthWorker
+
+    precision = args.resynth_precision or args.precision
+    if args.compile_decode and precision != "fast":
+        raise SystemExit("--compile-decode needs --resynth-precision fast (or --precision fast)")
+    if args.models == "full":
+        spec = argparse.Namespace(device=args.device, dtype="float32", vocoder_dtype="float32",
+                                  compile_decode=args.compile_decode)  # fmt: skip
+        return make_worker("full", spec, max_batch=16, precision=precision)
+    worker = ResynthWorker(args.models, args.device, precision=precision, compile_decode=args.compile_decode)
+    if args.compile_decode:
+        worker.warm_up(500, 4500)
+    return worker
 
 
 def plot(rows: list[dict], args: argparse.Namespace, label: str) -> None:
