@@ -294,6 +294,35 @@ def test_encoder_and_frontend_refuse_bad_shapes_with_clear_messages(model):
     assert enc.push(torch.zeros(0, 64)).shape == (0, 64) and enc.num_frames == 0
 
 
+def test_frontend_refuses_a_groupnorm_wavlm_and_says_why():
+    """A WavLM whose first conv block normalises over the whole input (extractor_mode 'default') cannot stream."""
+    base = wavlm.WavLM(dataclasses.replace(wavlm.TINY, extractor_mode="default"))
+    with pytest.raises(InvalidInput, match=r"extractor_mode 'layer_norm'.*got 'default', whose GroupNorm"):
+        StreamingFrontend(base)
+
+
+@pytest.mark.parametrize("dim", [64, 32])
+def test_frontend_streams_the_offline_frames_with_every_parameter_random(dim):
+    """The test models' LayerNorms start at weight 1 / bias 0 and WavLM-Large's convs have no bias, so a front-end
+    that dropped a LayerNorm's affine part or a conv bias would pass on them: here every parameter is random (conv
+    biases on), and 20 ms pushes still give `model.frontend` on the whole padded input. At dim 32 (the conv
+    channels) the model has no 512 -> D projection, as upstream when the two are equal."""
+    torch.manual_seed(3)
+    model = wavlm.WavLM(dataclasses.replace(wavlm.TINY, conv_bias=True, encoder_embed_dim=dim,
+                                            encoder_ffn_embed_dim=2 * dim)).eval()  # fmt: skip
+    assert (model.post_extract_proj is None) == (dim == 32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.from_numpy(speech_like(0.5, 16000, seed=2))
+    frontend = StreamingFrontend(model)
+    got = torch.cat([frontend.push(x[a : a + 320]) for a in range(0, x.numel(), 320)] + [frontend.flush()])
+    with torch.inference_mode():
+        expected = model.frontend(torch.nn.functional.pad(x[None], (40, 40)))[0]
+    assert got.shape == expected.shape == (x.numel() // 320, model.cfg.encoder_embed_dim)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # onednn.py: the prepacked kernels are used where they apply and agree with the plain ones
 
@@ -455,6 +484,19 @@ def test_scoring_sessions_share_one_forward_per_pool(worker, wav, monkeypatch):
         assert [(e.unit, e.start_frame) for e in got[:-1]] == [(e.unit, e.start_frame) for e in want[:-1]]
         np.testing.assert_allclose([e.logprob for e in got[:-1]], [e.logprob for e in want[:-1]], rtol=1e-5, atol=1e-5)
     assert sessions[0]._scorer.pool is sessions[1]._scorer.pool is not sessions[2]._scorer.pool
+
+
+def test_ingest_time_counts_into_the_session_compute_time(tiny_models, wav):
+    """The resampler and front-end work of `_ingest` is the session's own compute: with a clock that ticks 1 s per
+    call, each ingest adds exactly one second (its end time minus its start time, however late the clock is)."""
+    ticks = itertools.count()
+    worker = EncoderWorker(tiny_models, "cpu", pairs=[(K, LMBDA)], clock=lambda: float(next(ticks)))
+    session = worker.open_session(16000, K, LMBDA, mode="cached")
+    for start in (0, 8000, 16000):
+        session.push(wav[start : start + 8000])
+        before = session.stats.compute_seconds
+        session._ingest()
+        assert session.stats.compute_seconds - before == 1.0
 
 
 def test_session_compute_time_is_its_share_of_the_forwards_and_scoring(tiny_models, wav, monkeypatch):

@@ -215,11 +215,14 @@ def test_the_front_end_runs_once_per_hop_however_small_the_chunks(worker, mode, 
     passes = []
     compute = frontend._compute
     monkeypatch.setattr(frontend, "_compute", lambda count: passes.append(count) or compute(count))
+    hop, lookahead = session.config.hop, session.config.lookahead
     for pos in range(0, len(wav), 320):
         session.push(wav[pos : pos + 320])
         worker.step([session])
+        # Each hop runs in the step where its last frame became complete (frame t needs samples up to 320 t + 360).
+        frames = max(0, (40 + pos + 320 - 400) // 320 + 1)
+        assert session.stats.hops == max(0, (frames - lookahead) // hop)
     units, _ = feed(worker, session, np.zeros(0, np.float32), [1])
-    hop = session.config.hop
     assert session.stats.hops >= 10
     assert len(passes) <= session.stats.hops + 1  # one per hop, plus the flush
     assert all(count >= hop for count in passes[1:-1])
