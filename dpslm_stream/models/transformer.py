@@ -329,9 +329,17 @@ def cached_attention(
 
 
 # The same function as a torch custom op: opaque to torch.compile, mutating the two caches in place. Its output is
-# contiguous, the layout its fake (shape-only) version declares to the compiler.
-_cached_attention_op = torch.library.custom_op(
-    "dpslm::cached_attention", cached_attention, mutates_args=("k_cache", "v_cache"))  # fmt: skip
+# contiguous, the layout its fake (shape-only) version declares to the compiler. A decorated wrapper, not
+# custom_op(name, cached_attention): torch reads the op's schema from the annotations of the function it is given,
+# and mutation testing (docs/mutation.md) replaces undecorated functions with wrappers whose annotations it cannot
+# resolve.
+@torch.library.custom_op("dpslm::cached_attention", mutates_args=("k_cache", "v_cache"))
+def _cached_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, layer: int, rows: torch.Tensor, slots: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    return cached_attention(q, k, v, k_cache, v_cache, layer, rows, slots, mask)
+
+
 _cached_attention_op.register_fake(lambda q, *_: q.new_empty(q.shape))
 
 
