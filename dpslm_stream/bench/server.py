@@ -270,7 +270,8 @@ def run(args: argparse.Namespace) -> None:
 
 def _resynth_worker(args: argparse.Namespace):
     """The server's ResynthWorker: for --models full, ELLA-V and WavTokenizer at released size with RANDOM weights
-    (bench/resynth.py make_worker); otherwise from the model set. Compiled first with --compile-decode."""
+    (bench/resynth.py make_worker); otherwise from the model set. With --compile-decode the server's warm-up
+    compiles the decode step before the clients start (ServerConfig.compile_decode)."""
     from dpslm_stream.bench.resynth import make_worker
     from dpslm_stream.stream.resynth_worker import ResynthWorker
 
@@ -281,10 +282,7 @@ def _resynth_worker(args: argparse.Namespace):
         spec = argparse.Namespace(device=args.device, dtype="float32", vocoder_dtype="float32",
                                   compile_decode=args.compile_decode)  # fmt: skip
         return make_worker("full", spec, max_batch=16, precision=precision)
-    worker = ResynthWorker(args.models, args.device, precision=precision, compile_decode=args.compile_decode)
-    if args.compile_decode:
-        worker.warm_up(500, 4500)
-    return worker
+    return ResynthWorker(args.models, args.device, precision=precision, compile_decode=args.compile_decode)
 
 
 def plot(rows: list[dict], args: argparse.Namespace, label: str) -> None:

@@ -81,18 +81,22 @@ class StreamingFrontend:
         """Forget the stream; the next push starts at frame 0."""
         self.num_samples = 0  # samples received
         self.num_frames = 0  # frames emitted
-        # Samples from 320 * num_frames - 40 on (the left padding first): everything a future frame still reads.
+        # Samples from 320 * num_frames - 40 on (the left padding first): everything a future frame still reads,
+        # as the carried tail `_buf` followed by the chunks added since the last compute (joined once, when a
+        # compute needs them, not copied into one buffer per chunk).
         self._buf = torch.zeros(self.pad, dtype=self.dtype, device=self.device)
+        self._added: list[Tensor] = []
+        self._num_buffered = self.pad
 
     @property
     def state_nbytes(self) -> int:
         """The carried samples: fewer than 400 plus what was added since the last compute."""
-        return self._buf.numel() * self._buf.element_size()
+        return self._num_buffered * self._buf.element_size()
 
     @property
     def ready_frames(self) -> int:
         """Frames whose whole 400-sample window has arrived but that are not computed yet."""
-        n = self._buf.numel()
+        n = self._num_buffered
         return (n - self.window) // self.hop + 1 if n >= self.window else 0
 
     def add(self, samples: Tensor) -> None:
@@ -101,7 +105,9 @@ class StreamingFrontend:
             raise InvalidInput(f"samples must be 1-D (mono, 16 kHz), got shape {tuple(samples.shape)}")
         if samples.numel():
             self.num_samples += samples.numel()
-            self._buf = torch.cat([self._buf, samples.to(device=self.device, dtype=self.dtype)])
+            self._num_buffered += samples.numel()
+            # A copy of the chunk (the caller may reuse its buffer before the compute that reads it).
+            self._added.append(samples.to(device=self.device, dtype=self.dtype, copy=True))
 
     def push(self, samples: Tensor) -> Tensor:
         """Add samples; return the frames [m, D] that are now complete."""
@@ -110,7 +116,8 @@ class StreamingFrontend:
 
     def flush(self) -> Tensor:
         """End of stream: return the remaining floor(T / 320) - emitted frames, then reset."""
-        self._buf = torch.cat([self._buf, self._buf.new_zeros(self.pad)])
+        self._added.append(self._buf.new_zeros(self.pad))
+        self._num_buffered += self.pad
         out = self._compute(self.num_samples // self.hop - self.num_frames)
         self.reset()
         return out
@@ -123,8 +130,11 @@ class StreamingFrontend:
         """Run the front-end on the next `count` frames and drop the samples no later frame reads."""
         if count <= 0:
             return torch.zeros(0, self.kernels.dim, dtype=self.dtype, device=self.device)
+        if self._added:
+            self._buf, self._added = torch.cat([self._buf, *self._added]), []
         frames = self.kernels(self._buf[None, None, : (count - 1) * self.hop + self.window])
         # clone(): keep only the small tail alive, not the whole pushed buffer.
         self._buf = self._buf[count * self.hop :].clone()
+        self._num_buffered = self._buf.numel()
         self.num_frames += count
         return frames
