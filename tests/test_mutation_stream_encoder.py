@@ -301,6 +301,23 @@ def test_frontend_refuses_a_groupnorm_wavlm_and_says_why():
         StreamingFrontend(base)
 
 
+def test_frontend_takes_a_copy_of_each_chunk_in_the_model_dtype(model):
+    """`add` only buffers, so the chunk it was given must not be read later: a caller that reuses its buffer before
+    the compute (a microphone ring buffer) still gets the frames of what it added. A float64 chunk is converted to the
+    model's dtype, giving the float32 chunk's frames."""
+    x = torch.from_numpy(speech_like(0.3, 16000, seed=4))
+    reference = StreamingFrontend(model)
+    expected = torch.cat([reference.push(x), reference.flush()])
+    frontend = StreamingFrontend(model)
+    for i, a in enumerate(range(0, x.numel(), 320)):
+        chunk = x[a : a + 320].clone() if i % 2 else x[a : a + 320].double()  # float32 and float64 in turn
+        frontend.add(chunk)
+        chunk.zero_()  # the caller reuses its buffer
+    got = torch.cat([frontend.compute(), frontend.flush()])
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dim", [64, 32])
 def test_frontend_streams_the_offline_frames_with_every_parameter_random(dim):
     """The test models' LayerNorms start at weight 1 / bias 0 and WavLM-Large's convs have no bias, so a front-end
