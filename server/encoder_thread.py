@@ -217,6 +217,7 @@ class EncoderThread(ModelThread):
         self.quantum_s = quantum_s
         self.full_slice_s = full_slice_s
         self._slots: list[Slot] = []  # worker thread only
+        self._counted = (encoder_worker.runner.forwards, encoder_worker.runner.forward_streams)  # metrics: seen so far
 
     async def open_slot(self, session_id: str, sample_rate: int, settings: dict, sink: SlotSink) -> Slot:
         """Open an encoder session (``EncoderWorker.open_session(sample_rate, **settings)``, on the worker thread: it
@@ -273,7 +274,7 @@ class EncoderThread(ModelThread):
         started = time.perf_counter()
         try:
             self.encoder.step([s.session for s in slots], full_slice_s=self.full_slice_s)
-            self._account(slots, time.perf_counter() - started)
+            self._account(time.perf_counter() - started)
         except Exception:
             # Some session's state made the batched step fail: find it by stepping each alone (a failed step has
             # not completed the hops it planned, so the others simply run them now).
@@ -282,15 +283,22 @@ class EncoderThread(ModelThread):
                 t0 = time.perf_counter()
                 try:
                     self.encoder.step([slot.session], full_slice_s=self.full_slice_s)
-                    self._account([slot], time.perf_counter() - t0)
+                    self._account(time.perf_counter() - t0)
                 except Exception as e:
                     self._fail(slot, e)
 
-    def _account(self, slots: list[Slot], seconds: float) -> None:
-        if self.metrics is not None:
+    def _account(self, seconds: float) -> None:
+        """Busy time counts every step; the step-time and batch histograms only steps that ran the model (most rounds
+        only take audio in while no hop is ready: counting them would make batches look smaller than they are)."""
+        runner = self.encoder.runner
+        forwards, streams = runner.forwards - self._counted[0], runner.forward_streams - self._counted[1]
+        self._counted = (runner.forwards, runner.forward_streams)
+        if self.metrics is None:
+            return
+        self.metrics.worker_busy_seconds.inc(seconds)
+        if forwards:
             self.metrics.step_seconds.observe(seconds)
-            self.metrics.batch_size.observe(len(slots))
-            self.metrics.worker_busy_seconds.inc(seconds)
+            self.metrics.batch_size.observe(streams / forwards)
 
     def _collect(self, slots: list[Slot]) -> None:
         for slot in slots:

@@ -36,9 +36,11 @@ class Metrics:
         self.commit_lag = Histogram("dpslm_commit_lag_seconds", "wall-clock lag from the arrival of a unit's audio "
                                     "to the unit being sent", buckets=LAG_BUCKETS, registry=r)  # fmt: skip
         self.step_seconds = Histogram("dpslm_step_seconds", "model worker step time (one batched step over all "
-                                      "active sessions)", buckets=STEP_BUCKETS, registry=r)  # fmt: skip
-        self.batch_size = Histogram("dpslm_batch_sessions", "sessions in one model worker step",
-                                    buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
+                                      "sessions with work; steps that ran the encoder)", buckets=STEP_BUCKETS,
+                                      registry=r)  # fmt: skip
+        self.batch_size = Histogram("dpslm_batch_sessions", "sessions per encoder forward, mean over one model "
+                                    "worker step (steps that ran the encoder)", buckets=BATCH_BUCKETS,
+                                    registry=r)  # fmt: skip
         self.worker_busy_seconds = Counter("dpslm_worker_busy_seconds_total", "time the model worker spent in "
                                            "model code", registry=r)  # fmt: skip
         self.resynth_step_seconds = Histogram("dpslm_resynth_step_seconds", "resynthesis worker step time (batched "

@@ -3,9 +3,9 @@
 For each N, N clients stream speech (the bundled sample, each from its own offset) to one server, paced in real
 time in 20 ms frames as a microphone would, all at once. Reported per N: commit lag p50/p95/max over every unit of
 every session (wall clock: unit sent minus arrival of its audio), the sessions' real-time factor (model compute per
-second of audio), the worker's load (busy fraction of wall time), the mean batch (sessions per batched step), CPU
-seconds per second of audio per session, and memory per session (encoder state, and RSS growth of the server
-process / N). A load is "real time" when every session's p95 commit lag stays under --lag-budget.
+second of audio), the worker's load (busy fraction of wall time), the mean batch (sessions per encoder forward), CPU
+seconds per second of audio per session (of the server, and of the clients' process beside it), and memory per
+session (encoder state, and RSS growth of the server process / N). A load is "real time" when every session's p95 commit lag stays under --lag-budget.
 
 The server (and its encoder thread) runs in this process; the clients run in a child process, so their
 event loop does not compete with the server's for the GIL.
@@ -118,8 +118,9 @@ def _clients_main(url: str, n: int, wav_path: str, seconds: float, frame_ms: flo
     async def main():
         return await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
 
+    cpu0 = time.process_time()
     out = asyncio.run(main())
-    conn.send([r if isinstance(r, dict) else {"error": repr(r)} for r in out])
+    conn.send(([r if isinstance(r, dict) else {"error": repr(r)} for r in out], time.process_time() - cpu0))
     conn.close()
 
 
@@ -154,7 +155,7 @@ def run_load(srv, n: int, args, wav_path: str) -> dict:
     proc = ctx.Process(target=_clients_main, args=(srv.url, n, wav_path, args.seconds, args.frame_ms, args.preset,
                                                    args.mode, args.resynth, child))  # fmt: skip
     proc.start()
-    sessions = parent.recv()
+    sessions, client_cpu = parent.recv()
     proc.join()
     wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
     stop.set()
@@ -175,7 +176,8 @@ def run_load(srv, n: int, args, wav_path: str) -> dict:
         "load": (after["dpslm_worker_busy_seconds_total"] - before["dpslm_worker_busy_seconds_total"]) / wall,
         "batch": (after["dpslm_batch_sessions_sum"] - before["dpslm_batch_sessions_sum"]) / max(steps, 1),
         "step_ms": 1000 * (after["dpslm_step_seconds_sum"] - before["dpslm_step_seconds_sum"]) / max(steps, 1),
-        "cpu_per_session": cpu / (n * args.seconds), "backlog": max((s["backlog"] for s in ok), default=0.0),
+        "cpu_per_session": cpu / (n * args.seconds), "client_cpu_per_session": client_cpu / (n * args.seconds),
+        "backlog": max((s["backlog"] for s in ok), default=0.0),
         "state_mb": statistics.mean(s["state"] for s in ok) / 2**20 if ok else float("nan"),
         "rss_mb_per_session": max(0, peak[0] - rss0) / n / 2**20, "wall": wall,
         "realtime": not failed and bool(p95s) and max(p95s) < args.lag_budget,
@@ -234,9 +236,10 @@ def run(args: argparse.Namespace) -> None:
               f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; set-up {time.perf_counter() - started:.1f} s")
         print("lag = wall clock from a unit's audio arriving to the unit being sent; algo = audio after a unit's end "
               "before it committed (window + DPDP)\nrtf = model compute per audio second per session; load = worker "
-              "busy fraction; batch = sessions per step; cpu = server CPU s per audio s per session")  # fmt: skip
+              "busy fraction; batch = sessions per encoder forward; cpu = server CPU s per audio s per session; "
+              "cl cpu = the same for the clients' process (it shares this machine's cores)")  # fmt: skip
         header = (f"{'N':>3} {'lag p50':>8} {'p95':>6} {'max':>6} {'worst p95':>9} {'algo p50':>8} {'rtf':>6} "
-                  f"{'load':>5} {'batch':>5} {'step ms':>7} {'cpu':>5} {'backlog':>7} {'state MB':>8} "
+                  f"{'load':>5} {'batch':>5} {'step ms':>7} {'cpu':>5} {'cl cpu':>6} {'backlog':>7} {'state MB':>8} "
                   f"{'RSS MB/s':>8} {'real time':>9}")  # fmt: skip
         print(header)
         print("-" * len(header))
@@ -245,8 +248,8 @@ def run(args: argparse.Namespace) -> None:
             rows.append(r)
             print(f"{n:3d} {r['lag_p50']:8.3f} {r['lag_p95']:6.3f} {r['lag_max']:6.2f} {r['worst_session_p95']:9.3f} "
                   f"{r['algo_p50']:8.3f} {r['rtf']:6.3f} {r['load']:5.2f} {r['batch']:5.1f} {r['step_ms']:7.1f} "
-                  f"{r['cpu_per_session']:5.2f} {r['backlog']:7.2f} {r['state_mb']:8.2f} "
-                  f"{r['rss_mb_per_session']:8.1f} {'yes' if r['realtime'] else 'NO':>9}"
+                  f"{r['cpu_per_session']:5.2f} {r['client_cpu_per_session']:6.2f} {r['backlog']:7.2f} "
+                  f"{r['state_mb']:8.2f} {r['rss_mb_per_session']:8.1f} {'yes' if r['realtime'] else 'NO':>9}"
                   + (f"  ({r['failed']} failed: {r['errors']})" if r["failed"] else ""), flush=True)  # fmt: skip
             if args.resynth:
                 print(f"    resynthesis: first audio {r['first_audio_s']:.2f} s after the first units (worst session), "

@@ -199,6 +199,10 @@ class WindowRunner:
         self._max_tables = max_tables
         self.profile = False
         self.timings: dict[str, float] = defaultdict(float)
+        # Running counts for batching figures (the server's per-forward batch metric): forwards run, and the streams
+        # (plans) they carried.
+        self.forwards = 0
+        self.forward_streams = 0
 
     # -- pieces ----------------------------------------------------------------------------------------------------
 
@@ -251,6 +255,8 @@ class WindowRunner:
         groups: dict[tuple, list[HopPlan]] = defaultdict(list)
         for plan in plans:
             groups[plan.shape_key].append(plan)
+        self.forwards += len(groups)
+        self.forward_streams += len(plans)
         for group in groups.values():
             with DeviceTimer(self.device) as timer:  # synchronizes on CUDA: the kernels' time, not their launch
                 self._run_group(group)
