@@ -12,12 +12,16 @@
   synchronize measures the launch, not the work).
 - ``device_error``: a sticky CUDA error (illegal address, ECC, a lost device) makes every later call fail; health
   checks use it to report the worker down.
-On CPU every one of these is a no-op or the plain value.
+- ``release_cpu_threads``: a thread that built models frees its OpenMP threads before other threads run the models
+  (see its docstring: on CPU a leftover thread team slowed the server's encoder by ~1.4x).
+On CPU every one of these but the last is a no-op or the plain value.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import time
 from typing import Iterator
@@ -106,3 +110,30 @@ def device_error(device: torch.device | str) -> str | None:
     except Exception as e:  # torch raises RuntimeError (torch.AcceleratorError in newer versions)
         return (str(e).strip().splitlines() or [type(e).__name__])[0]
     return None
+
+
+@functools.cache
+def _omp_pause_resource_all():
+    """The OpenMP runtime's omp_pause_resource_all (OpenMP 5.0), or None where the process has none."""
+    try:
+        fn = ctypes.CDLL(None).omp_pause_resource_all
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def release_cpu_threads() -> bool:
+    """Free the calling thread's OpenMP worker threads (omp_pause_resource_all(omp_pause_hard)); the thread's next
+    parallel CPU op starts new ones. Returns whether the runtime did it.
+
+    Why: torch's CPU ops run on an OpenMP team of the thread that calls them, and every thread that ever ran a
+    parallel op keeps its own team. libgomp (torch's OpenMP on Linux) counts the threads of all teams, and once they
+    outnumber the CPUs it cuts how long a waiting thread spins before it sleeps to almost nothing, so the thread that
+    does the work pays a sleep and a wake-up at every barrier of every op. A server that builds its models on one
+    thread and runs them on another kept the building thread's idle team alive: on a 2-core machine its encoder ran
+    ~1.4x slower, and moving the same loop to a thread of its own cost the same in `bench` (docs/bench). The server
+    calls this on the thread that built the models once it hands them to the model threads (server/app.py).
+    """
+    fn = _omp_pause_resource_all()
+    return fn is not None and fn(2) == 0  # 2: omp_pause_hard (free the threads, not only idle them)

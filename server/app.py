@@ -40,6 +40,7 @@ from websockets.http11 import Request, Response
 import dpslm_stream.client
 from dpslm_stream import __version__, hub
 from dpslm_stream import protocol as P
+from dpslm_stream.device import release_cpu_threads
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.stream.encoder import PRESETS
 
@@ -108,6 +109,7 @@ class Server:
         self.encoder: EncoderProvider = encoder if isinstance(encoder, EncoderProvider) else InProcessEncoder(encoder)
         self.resynth: ResynthProvider | None = (
             None if resynth is None else resynth if isinstance(resynth, ResynthProvider) else InProcessResynth(resynth))
+        release_cpu_threads()  # the models run on their own threads from now on (dpslm_stream/device.py says why)
         self.senders: dict[str, Connection] = {}  # started sender sessions by id (listeners subscribe to them)
         self.resumable: dict[str, Connection] = {}  # sender sessions by resume token (server/resume.py)
         models = self.encoder.models
@@ -344,6 +346,7 @@ class ServerThread:
     """
 
     def __init__(self, config: ServerConfig, encoder: Any | None = None, resynth: Any = _AUTO):
+        release_cpu_threads()  # whoever built `encoder` / `resynth` on this thread is done with its CPU threads
         self.config = config
         self._encoder = encoder
         self._resynth = resynth

@@ -204,7 +204,8 @@ class InProcessEncoder:
 
 class EncoderThread(ModelThread):
     """The thread that runs every encoder model call of the server (see the module docstring); an EncoderBackend
-    (server/backends.py)."""
+    (server/backends.py). It uses of its EncoderWorker (stream/worker.py; tests wrap one): open_session, step,
+    device, and runner's forward counts (forwards, forward_streams) for the batch metric."""
 
     name = "dpslm-model-worker"
 

@@ -193,3 +193,42 @@ def test_healthz_is_503_once_the_device_fails(monkeypatch):
                 break
             time.sleep(0.1)
         assert status == (503, "worker down")
+
+
+def _os_threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_release_cpu_threads_frees_the_calling_threads_openmp_team():
+    """A thread that ran a parallel CPU op keeps an OpenMP team (worker threads of its own) after it; the server
+    frees the team of the thread that built its models (release_cpu_threads), since idle teams slow every other
+    thread's ops (dpslm_stream/device.py). Checked on a thread of its own with two torch threads: its team's worker
+    thread exists after a parallel op and is gone after the release; ops after it still work and agree."""
+    import threading
+
+    if not D.release_cpu_threads():
+        pytest.skip("this torch's OpenMP runtime has no omp_pause_resource_all")
+    x = torch.arange(1 << 22, dtype=torch.float64)
+    seen: dict[str, object] = {}
+
+    def run():
+        torch.set_num_threads(2)
+        before = _os_threads()
+        seen["sum"] = float((x * 2).sum())  # parallel: starts this thread's team
+        seen["with_team"] = _os_threads() - before
+        seen["released"] = D.release_cpu_threads()
+        seen["after_release"] = _os_threads() - before
+        seen["sum_again"] = float((x * 2).sum())
+
+    threads = torch.get_num_threads()
+    try:
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["with_team"] == 1 and seen["released"] and seen["after_release"] == 0, seen
+    assert seen["sum"] == seen["sum_again"] == float((x * 2).sum())

@@ -200,6 +200,7 @@ class FaultyEncoder:
     def __init__(self, real):
         self.real = real
         self.models = real.models
+        self.runner = real.runner  # its forward counts feed the batch metric
         self.available_pairs = real.available_pairs
         self.poisoned: set[int] = set()
 

@@ -92,6 +92,40 @@ def test_streaming_resampler_and_frontend_equal_offline(model, sr, sizes, seed):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("channels, length, kernel, stride, groups", [(8, 300, 3, 2, 1), (1, 3200, 10, 5, 1),
+                                                                   (64, 140, 16, 1, 4)])  # fmt: skip
+def test_packed_conv_reads_and_writes_channels_last_without_copies(channels, length, kernel, stride, groups):
+    """PackedConv1d (oneDNN, prepacked) takes a transposed [N, L, C] tensor as it is (no copy op runs) and returns
+    a transposed [N, L_out, C_out] one, equal to F.conv1d to float rounding whichever layout the input came in."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dpslm_stream.stream.onednn import PackedConv1d
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(channels + kernel)
+    weight = torch.randn(channels * 2, channels // groups, kernel, generator=g) / math.sqrt(channels * kernel / groups)
+    bias = torch.randn(channels * 2, generator=g)
+    conv = PackedConv1d(weight, bias, stride=stride, groups=groups)
+    frames_last = torch.randn(2, length, channels, generator=g)  # [N, L, C]: how the encoder holds frames
+    expected = F.conv1d(frames_last.transpose(1, 2), weight, bias, stride=stride, groups=groups)
+    for x in (frames_last.transpose(1, 2), frames_last.transpose(1, 2).contiguous()):
+        with Ops() as ops:
+            out = conv(x)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        if conv.packed is not None:
+            assert out.transpose(1, 2).is_contiguous()  # [N, L_out, C_out] memory: a LayerNorm over C reads it as is
+            if not x.is_contiguous():  # the frames' own memory
+                assert not [n for n in ops.names if "copy" in n or "clone" in n], ops.names
+
+
 def test_frontend_emits_each_frame_as_soon_as_its_window_is_complete(model):
     frontend = StreamingFrontend(model)
     # Frame t reads samples [320 t - 40, 320 t + 360): frame 0 needs 360 samples, frame 1 680.
