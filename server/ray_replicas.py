@@ -10,12 +10,14 @@ arrive together from every session go through one ``step_many``, i.e. one batche
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import threading
 from typing import Any
 
 import numpy as np
 
+from dpslm_stream.device import release_cpu_threads
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.raycluster import import_ray
 from dpslm_stream.stream.events import EndEvent
@@ -35,25 +37,35 @@ def _on_replica_device(config: ServerConfig) -> ServerConfig:
 
 
 class ShardReplica:
-    """What both replica bodies share: their sessions, one step at a time (batches may run in a thread pool), the
-    largest batch served (what the tests check), and ``step``, the one call a session's pump makes (the deployment
-    adds ``_step_batch``, which gathers the calls that arrive together into one ``step_many``)."""
+    """What both replica bodies share: their sessions, one step at a time, the largest batch served (what the tests
+    check), and ``step``, the one call a session's pump makes (the deployment adds ``_step_batch``, which gathers the
+    calls that arrive together into one ``step_many``).
+
+    Batches run on one thread of the replica's own (``model_thread``), always the same: every thread that runs
+    parallel CPU ops keeps an OpenMP team, and idle teams slow the working one (dpslm_stream/device.py
+    ``release_cpu_threads``, which the bodies call once their models are built)."""
 
     def __init__(self) -> None:
         self.sessions: dict[str, Any] = {}
         self.max_batch = 0
         self.lock = threading.Lock()
+        self.model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpslm-replica")
 
     async def step(self, item):
         """One session's call; the calls that arrive together go through one batched ``step_many``."""
         return await self._step_batch(item)  # type: ignore[attr-defined]  # serve_deployment adds it
 
     def _open(self, session_id: str, open_session) -> Any:
-        """``open_session()`` under the lock, kept as ``session_id``; a refusal is {"error": kind, "message": ...}
-        (exceptions do not travel well)."""
-        try:
+        """``open_session()`` on the model thread under the lock, kept as ``session_id``; a refusal is
+        {"error": kind, "message": ...} (exceptions do not travel well). A session's first tensors are large enough
+        for parallel CPU ops: run on the caller's thread, they would give it a team of its own again."""
+
+        def locked() -> Any:
             with self.lock:
-                session = open_session()
+                return open_session()
+
+        try:
+            session = self.model_thread.submit(locked).result()
         except UnknownModel as e:
             return {"error": "unknown_model", "message": str(e)}
         except (InvalidInput, TypeError) as e:
@@ -81,6 +93,7 @@ class EncoderReplica(ShardReplica):
             from .encoder_thread import warm_up
 
             warm_up(self.worker, *self.default_pair())
+        release_cpu_threads()  # batches run on model_thread
 
     def describe(self) -> dict:
         models = self.worker.models
@@ -154,6 +167,7 @@ class ResynthReplica(ShardReplica):
                                     **(worker_options or {}))  # fmt: skip
         if config.compile_decode and config.warmup:  # compile before the first stream waits for it
             self.worker.warm_up()
+        release_cpu_threads()  # batches run on model_thread
 
     def describe(self) -> dict:
         return {"max_batch": self.max_batch, "sessions": len(self.sessions)}
@@ -212,6 +226,6 @@ def serve_deployment(body: type, name: str, num_cpus: float = 1.0, num_gpus: flo
     class Deployment(body):
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
         async def _step_batch(self, items: list) -> list:
-            return await asyncio.to_thread(self.step_many, items)
+            return await asyncio.get_running_loop().run_in_executor(self.model_thread, self.step_many, items)
 
     return Deployment

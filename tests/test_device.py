@@ -232,3 +232,37 @@ def test_release_cpu_threads_frees_the_calling_threads_openmp_team():
         torch.set_num_threads(threads)
     assert seen["with_team"] == 1 and seen["released"] and seen["after_release"] == 0, seen
     assert seen["sum"] == seen["sum_again"] == float((x * 2).sum())
+
+
+def test_a_ray_replica_runs_every_model_call_on_its_one_model_thread():
+    """A replica body (no Ray needed) opens sessions and runs batches on its one model thread, whoever calls it: a
+    caller thread that ran them would keep an OpenMP team of its own (release_cpu_threads says why that is slow)."""
+    import threading
+
+    from dpslm_stream.server.app import ServerConfig
+    from dpslm_stream.server.ray_replicas import EncoderReplica
+    from dpslm_stream.tiny import speech_like
+
+    replica = EncoderReplica(ServerConfig(port=0, models="tiny", warmup=False))
+    seen: set[int] = set()
+    real_open, real_step = replica.worker.open_session, replica.worker.step
+
+    def open_session(*args, **kwargs):
+        seen.add(threading.get_ident())
+        return real_open(*args, **kwargs)
+
+    def step(*args, **kwargs):
+        seen.add(threading.get_ident())
+        return real_step(*args, **kwargs)
+
+    replica.worker.open_session, replica.worker.step = open_session, step
+    try:
+        info = replica.open("s1", 16000, {"k": 500, "lmbda": 4500})
+        assert not isinstance(info, dict), info
+        wav = speech_like(1.0, 16000, seed=2)
+        out = replica.model_thread.submit(replica.step_many, [("s1", wav, True)]).result()  # as _step_batch runs it
+        assert out and len(seen) == 1 and threading.get_ident() not in seen
+        refused = replica.open("s2", 16000, {"k": 123, "lmbda": 1})  # a refusal still comes back as a value
+        assert isinstance(refused, dict) and refused["error"] == "unknown_model" and refused["message"]
+    finally:
+        replica.model_thread.shutdown()
