@@ -110,7 +110,9 @@ class Outcome:
 async def raw_session(url: str, frames, read_s: float = 8.0, gap_s: float = 0.0, quiet_s: float = 1.0) -> Outcome:
     """Connect, send `frames` (str: text frame, bytes: binary frame, float: a pause of that many seconds), then read
     until the server closes, or, once everything is sent, until `read_s` passes without a message (`quiet_s` when no
-    session was started: nothing more is due then)."""
+    session started and every text frame was answered: nothing more is due then). Until then a start may still be
+    opening (a busy server opens sessions on its encoder thread, after the step it is running): its ready is waited
+    for as long as any other message (waiting 1 s for it failed this file once, under a loaded CI run)."""
     out = Outcome()
     try:
         ws = await websockets.connect(url, compression=None, max_size=None, open_timeout=30, close_timeout=5)
@@ -122,7 +124,9 @@ async def raw_session(url: str, frames, read_s: float = 8.0, gap_s: float = 0.0,
 
         async def reader():
             while True:
-                timeout = read_s if not sent_all.is_set() or out.ready is not None else quiet_s
+                # Before a session starts, the server answers each text frame with one message (ready or an error).
+                unanswered = sum(isinstance(f, str) for f in out.sent) > len(out.texts)
+                timeout = read_s if not sent_all.is_set() or out.ready is not None or unanswered else quiet_s
                 try:
                     msg = await asyncio.wait_for(ws.recv(), timeout)
                 except asyncio.TimeoutError:
@@ -283,6 +287,29 @@ def _run_bad_kinds(url: str, kinds: dict, fmt: str) -> dict[str, Outcome]:
         return out
 
     return asyncio.run(main())
+
+
+def test_the_raw_client_waits_for_a_session_that_opens_slowly():
+    """The harness itself: a start that takes longer to open than `quiet_s` (a busy server) is still waited for, with
+    the errors of the frames sent behind it. It once gave up after 1 s and read a loaded server's slow open as a
+    missing error (test_bad_messages_are_answered_and_the_session_goes_on, kind unpaired_surrogate_field)."""
+    from dpslm_stream.server.app import build_encoder
+    from dpslm_stream.server.encoder_thread import EncoderThread, InProcessEncoder
+
+    class SlowOpen(InProcessEncoder):
+        def make_backend(self, loop, metrics, quantum_s):
+            class Worker(EncoderThread):
+                async def open_slot(self, *args, **kwargs):
+                    await asyncio.sleep(1.5)  # longer than raw_session's quiet_s
+                    return await super().open_slot(*args, **kwargs)
+
+            return Worker(self.worker, loop, metrics, quantum_s)
+
+    cfg = ServerConfig(port=0, models="tiny", warmup=False)
+    with ServerThread(cfg, encoder=SlowOpen(build_encoder(cfg))) as slow:
+        out = asyncio.run(raw_session(slow.url, [start(), *BAD_MESSAGES["unpaired_surrogate_field"], *GOOD_PCM, END]))
+    check_survives(out, GOOD)
+    assert out.codes() == [P.ErrorCode.BAD_MESSAGE.value]
 
 
 def test_bad_messages_are_answered_and_the_session_goes_on(srv):
