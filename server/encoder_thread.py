@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -188,10 +188,35 @@ class ModelThread:
                 fut.set_exception(e)
 
 
+class ForwardCounts(Protocol):
+    @property
+    def forwards(self) -> int: ...  # encoder forwards run so far
+
+    @property
+    def forward_streams(self) -> int: ...  # the streams those forwards carried
+
+
+class InProcessWorker(Protocol):
+    """What the encoder thread uses of its EncoderWorker (stream/worker.py; tests wrap one and forward these)."""
+
+    @property
+    def models(self) -> Any: ...
+
+    @property
+    def runner(self) -> ForwardCounts: ...  # read after each step: the batch metric
+
+    @property
+    def open_session(self) -> Callable[..., Any]: ...  # (sample_rate, k, lmbda, **settings) -> an EncoderSession
+
+    def available_pairs(self) -> Any: ...
+
+    def step(self, sessions: Any, full_slice_s: float | None = None) -> int: ...
+
+
 class InProcessEncoder:
     """An EncoderWorker served by a EncoderThread thread in this process (an EncoderProvider, server/backends.py)."""
 
-    def __init__(self, encoder_worker: Any):
+    def __init__(self, encoder_worker: InProcessWorker):
         self.worker = encoder_worker
         self.models = encoder_worker.models
 
@@ -204,15 +229,14 @@ class InProcessEncoder:
 
 class EncoderThread(ModelThread):
     """The thread that runs every encoder model call of the server (see the module docstring); an EncoderBackend
-    (server/backends.py). It uses of its EncoderWorker (stream/worker.py; tests wrap one): open_session, step,
-    device, and runner's forward counts (forwards, forward_streams) for the batch metric."""
+    (server/backends.py), around an InProcessWorker."""
 
     name = "dpslm-model-worker"
 
     high_priority = True  # units never wait for audio: the encoder's kernels go first on a shared GPU
 
-    def __init__(self, encoder_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None, quantum_s: float = 0.5,
-                 full_slice_s: float = 0.05):  # fmt: skip
+    def __init__(self, encoder_worker: InProcessWorker, loop: asyncio.AbstractEventLoop, metrics=None,
+                 quantum_s: float = 0.5, full_slice_s: float = 0.05):  # fmt: skip
         super().__init__(loop, metrics, getattr(encoder_worker, "device", "cpu"))
         self.encoder = encoder_worker
         self.quantum_s = quantum_s
@@ -340,5 +364,10 @@ def warm_up(encoder: Any, k: int, lmbda: int, seconds: float = 1.0) -> None:
 
 if TYPE_CHECKING:  # mypy checks that the in-process classes implement the declared interfaces
 
+    from dpslm_stream.stream.worker import EncoderWorker
+
     def _implements(provider: InProcessEncoder, backend: EncoderThread, slot: Slot) -> tuple[EncoderProvider, EncoderBackend, EncoderSlot]:
         return provider, backend, slot
+
+    def _worker(worker: EncoderWorker) -> InProcessWorker:
+        return worker

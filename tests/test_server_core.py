@@ -119,7 +119,7 @@ class SlowOpenEncoder:
     """The real EncoderWorker, except that opening a session takes 1.5 s (a model load during another's flush)."""
 
     def __init__(self, real):
-        self.real, self.models, self.available_pairs = real, real.models, real.available_pairs
+        self.real, self.models, self.available_pairs, self.runner = real, real.models, real.available_pairs, real.runner
 
     def open_session(self, *args, **kwargs):
         time.sleep(1.5)
