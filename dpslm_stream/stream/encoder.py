@@ -52,6 +52,10 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "quality": (250, 25, 64),  # 5 s left; 64 lookahead frames make the emitted frames' pos_conv input exact
 }
 DEFAULT_PRESET = "low-latency"
+# Rows a live stream's key/value buffer keeps free after its cache, in windows: while they last a hop writes only its
+# own rows (WindowRunner._context_rows); each hop uses E of them, so the cache is copied once every ~(1 + S T / E)
+# hops, for S T extra rows of state per layer.
+KV_SLACK_WINDOWS = 3
 _MAX_FRAMES = 1_000_000  # 5.5 hours: a sanity bound on window sizes, far beyond any useful window
 
 
@@ -315,25 +319,45 @@ class WindowRunner:
     def _one_window_contexts(self, group: list[HopPlan], layer: int, keys: Tensor, values: Tensor,
                              new_caches: list[list[tuple[Tensor, Tensor]]]) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
         """`_with_left_context` for plans of one window per stream (the live case), per stream: its keys and values
-        [1, heads, Lk + T, hd] at this layer, each [cache | window's own rows] written once into a tensor that
-        attention reads as it is; the stream's new cache (the last `keep` of [cache | emitted rows], keep <= Lk + E)
-        is a view of it. Nothing is stacked, concatenated or cloned, the tensor is only T rows longer than the cache
-        it holds, and no stream's cache keeps another stream's memory alive. Equal to `_with_left_context` bit for
-        bit (tests/test_stream_encoder.py)."""
+        [1, heads, Lk + T, hd] at this layer, each [cache | window's own rows] in one tensor that attention reads as
+        it is (`_context_rows`); the stream's new cache (the last `keep` of [cache | emitted rows], keep <= Lk + E)
+        is a view of it. Nothing is stacked, concatenated or cloned, and no stream's cache keeps another stream's
+        memory alive. Equal to `_with_left_context` bit for bit (tests/test_stream_encoder.py)."""
         p0 = group[0]
         E, Tp, Lk, keep = p0.emit_len, p0.cache_len, p0.left_keys, p0.keep
         contexts = []
         for b, plan in enumerate(group):
-            pair = []
-            for j, own in enumerate((keys, values)):
-                full = own.new_empty(self.heads, Lk + own.shape[2], self.head_dim)
-                if Lk > 0:
-                    full[:, :Lk] = plan.cache[layer][j][:, Tp - Lk :]
-                full[:, Lk:] = own[b]
-                pair.append(full)
+            pair = [self._context_rows(plan.cache[layer][j] if Lk > 0 else None, Tp, Lk, own[b])
+                    for j, own in enumerate((keys, values))]  # fmt: skip
             contexts.append((pair[0][None], pair[1][None]))
             new_caches[b].append((pair[0][:, Lk + E - keep : Lk + E], pair[1][:, Lk + E - keep : Lk + E]))
         return contexts
+
+    def _context_rows(self, cache: Tensor | None, Tp: int, Lk: int, own: Tensor) -> Tensor:
+        """[the cache's last Lk rows | own rows] as one [heads, Lk + T, hd] tensor.
+
+        A live cache is a view into a buffer this function made for its stream, with room for a few more windows
+        after it (KV_SLACK_WINDOWS): while the room lasts, the window's own rows are written right after the cache
+        and the cache is not copied at all (it was ~5 % of an 8-stream hop: 125 rows per layer, keys and values).
+        Otherwise (no room, or a cache the general path made) a new buffer gets the cache's rows and the window's.
+        The buffer's rows after a cache hold only the previous window's lookahead rows, which no cache includes."""
+        heads, T, hd = own.shape
+        if cache is not None:
+            # Such a buffer is the cache's whole storage, [heads, rows, hd] row-major (views made in inference mode
+            # record no base tensor, so the storage says it). A clone of the general path spans exactly its rows,
+            # and a slice of a stacked batch has another head stride: neither passes.
+            rows = cache.untyped_storage().nbytes() // (heads * hd * cache.element_size())
+            row, extra = divmod(cache.storage_offset(), hd)
+            if cache.stride() == (rows * hd, hd, 1) and not extra and row + Tp + T <= rows:
+                buffer = cache.as_strided((heads, rows, hd), (rows * hd, hd, 1), 0)
+                buffer[:, row + Tp : row + Tp + T] = own
+                return buffer[:, row + Tp - Lk : row + Tp + T]
+        full = own.new_empty(heads, Lk + T + KV_SLACK_WINDOWS * T, hd)
+        if Lk > 0:
+            assert cache is not None
+            full[:, :Lk] = cache[:, Tp - Lk :]
+        full[:, Lk : Lk + T] = own
+        return full[:, : Lk + T]
 
     def _with_left_context(self, group: list[HopPlan], layer: int, keys: Tensor, values: Tensor,
                            new_caches: list[list[tuple[Tensor, Tensor]]]) -> tuple[Tensor, Tensor]:  # fmt: skip
