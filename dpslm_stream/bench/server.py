@@ -5,7 +5,8 @@ time in 20 ms frames as a microphone would, all at once. Reported per N: commit 
 every session (wall clock: unit sent minus arrival of its audio), the sessions' real-time factor (model compute per
 second of audio), the worker's load (busy fraction of wall time), the mean batch (sessions per encoder forward), CPU
 seconds per second of audio per session (of the server, and of the clients' process beside it), and memory per
-session (encoder state, and RSS growth of the server process / N). A load is "real time" when every session's p95 commit lag stays under --lag-budget.
+session (encoder state, and RSS growth of the server process / N). A load is "real time" when every session's p95
+commit lag stays under --lag-budget.
 
 The server (and its encoder thread) runs in this process; the clients run in a child process, so their
 event loop does not compete with the server's for the GIL.
