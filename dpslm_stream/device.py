@@ -117,7 +117,7 @@ def _omp_pause_resource_all():
     """The OpenMP runtime's omp_pause_resource_all (OpenMP 5.0), or None where the process has none."""
     try:
         fn = ctypes.CDLL(None).omp_pause_resource_all
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no such symbol; no dlopen(NULL) (Windows: CDLL(None) is a TypeError)
         return None
     fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
     return fn
