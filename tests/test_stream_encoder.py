@@ -127,6 +127,22 @@ def test_packed_conv_reads_and_writes_channels_last_without_copies(channels, len
                 assert not [n for n in ops.names if "copy" in n or "clone" in n], ops.names
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_packed_conv_computes_in_its_weights_dtype_and_answers_in_the_inputs(enabled):
+    """A bfloat16 input to a float32 conv (oneDNN-packed or plain F.conv1d) is computed in float32 and comes back in
+    bfloat16 (mutation testing found this path untested)."""
+    from dpslm_stream.stream.onednn import PackedConv1d
+
+    g = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(16, 8, 3, generator=g) / 5, torch.randn(16, generator=g)
+    conv = PackedConv1d(weight, bias, stride=2, enabled=enabled)
+    x = torch.randn(2, 8, 40, generator=g).to(torch.bfloat16)
+    out = conv(x)
+    assert out.dtype == torch.bfloat16
+    expected = F.conv1d(x.float(), weight, bias, stride=2)
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)  # bfloat16 rounding of the result
+
+
 def test_frontend_emits_each_frame_as_soon_as_its_window_is_complete(model):
     frontend = StreamingFrontend(model)
     # Frame t reads samples [320 t - 40, 320 t + 360): frame 0 needs 360 samples, frame 1 680.
