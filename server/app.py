@@ -48,6 +48,7 @@ from .backends import EncoderBackend, EncoderProvider, ResynthBackend, ResynthPr
 from .config import ServerConfig
 from .connection import Connection
 from .metrics import Metrics
+from .model_thread import ModelThread
 from .resynth import InProcessResynth
 from .session import ServerInfo
 from .encoder_thread import InProcessEncoder
@@ -127,6 +128,7 @@ class Server:
         self.draining = False
         self.encoder_backend: EncoderBackend | None = None
         self.resynth_backend: ResynthBackend | None = None
+        self.resynth_shares_thread = False  # the in-process resynthesis worker runs on the encoder's thread
         self._ws_server: Any = None
         self._closed = asyncio.Event()  # binds to the loop on first use
         self._shutdown_task: asyncio.Future | None = None
@@ -135,9 +137,16 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.encoder_backend = self.encoder.make_backend(loop, self.metrics, self.config.quantum_s)
-        self.encoder_backend.start()
         if self.resynth is not None:
             self.resynth_backend = self.resynth.make_backend(loop, self.metrics)
+            host, guest = self.encoder_backend, self.resynth_backend
+            if isinstance(host, ModelThread) and isinstance(guest, ModelThread) and self._share_thread(host, guest):
+                host.host(guest)
+                self.resynth_shares_thread = True
+                log.info("the resynthesis worker runs on the encoder's thread (--model-threads %s)",
+                         self.config.model_threads)  # fmt: skip
+        self.encoder_backend.start()
+        if self.resynth_backend is not None:
             self.resynth_backend.start()
         if self.config.warmup:
             started = time.perf_counter()
@@ -157,6 +166,12 @@ class Server:
             server_header=f"dpslm-stream/{__version__}",
         )  # fmt: skip
         self.port = self._ws_server.sockets[0].getsockname()[1]
+
+    def _share_thread(self, encoder: ModelThread, resynth: ModelThread) -> bool:
+        """Whether the in-process resynthesis worker runs on the encoder's thread (server/model_thread.py)."""
+        if self.config.model_threads == "auto":
+            return encoder.device.type == resynth.device.type == "cpu"
+        return self.config.model_threads == "shared"
 
     async def wait_closed(self) -> None:
         await self._closed.wait()

@@ -14,7 +14,7 @@ from dpslm_stream import protocol as P
 from dpslm_stream.errors import InvalidInput
 
 from .app import Server
-from .config import CONFIG_FIELDS, DTYPES, PRECISIONS, ServerConfig, flag
+from .config import CONFIG_FIELDS, DTYPES, MODEL_THREADS, PRECISIONS, ServerConfig, flag
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -110,6 +110,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
           help="with --precision fast: run ELLA-V's decode step through torch.compile (about 10%% faster per step "
                "on CPU; compiled during the start-up warm-up, 10-45 s with torch's compile cache warm, minutes "
                "without, or by the first sessions with --no-warmup; needs a C++ compiler)")  # fmt: skip
+    field("model_threads", choices=MODEL_THREADS,
+          help="shared: the resynthesis worker runs on the encoder's thread, yielding to it between decode steps (one "
+               "OpenMP thread team: faster on a CPU); separate: a thread of its own (its own CUDA stream on a GPU); "
+               "auto (default): shared when both run on the CPU")  # fmt: skip
     field("encoder_precision", choices=PRECISIONS,
           help="streaming encoder (cached/sliding modes): exact (float32, default) or fast (its block "
                "linears in int8 through fbgemm on x86 CPUs without bf16 units, bf16 where there are; "

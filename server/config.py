@@ -59,6 +59,9 @@ class ServerConfig:
     precision: str = "exact"  # resynthesis models: "exact" (float32) or "fast" (models/precision.py picks per machine)
     encoder_precision: str = "exact"  # the streaming encoder's block linears: "exact" or "fast" (int8 on x86 CPUs)
     compile_decode: bool = False  # precision fast: ELLA-V's decode step through torch.compile (compiled in the warm-up)
+    # In-process server: "shared" runs the resynthesis worker on the encoder's thread (one OpenMP team; it yields to the
+    # encoder between decode steps), "separate" on a thread of its own; "auto" shares when both run on the CPU.
+    model_threads: str = "auto"
     max_listeners: int = 4  # listeners per sender session
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
     # Resynthesis with unbounded context (left_context or vocoder_left_context null, the exact setting) keeps every
@@ -104,6 +107,9 @@ class ServerConfig:
                 raise InvalidInput(f"{flag(name)} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise InvalidInput(f"{flag('precision')} must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.model_threads not in MODEL_THREADS:
+            raise InvalidInput(f"{flag('model_threads')} must be one of {', '.join(MODEL_THREADS)}, got "
+                               f"{self.model_threads!r}")  # fmt: skip
         if self.compile_decode and self.precision == "exact":
             raise InvalidInput(f"{flag('compile_decode')} compiles the fast decode step: it needs {flag('precision')} "
                                "fast")  # fmt: skip
@@ -139,6 +145,7 @@ class ServerConfig:
 
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("exact", "fast")
+MODEL_THREADS = ("auto", "shared", "separate")
 
 
 def flag(name: str) -> str:

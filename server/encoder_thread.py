@@ -14,27 +14,26 @@ Each round of the thread:
    instead of holding it for the whole computation;
 4. polls every stepped session and posts its final events to the event loop.
 A step that raises is retried one session at a time, so a session whose data breaks the model fails alone.
+On a CPU the resynthesis worker runs on this thread too, after each round, yielding between its decode steps to the
+encoder's work (ModelThread.host, server/model_thread.py, says why).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
-import torch
 
-from dpslm_stream.device import device_error, worker_stream
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.stream.events import EndEvent
 
 from .backends import EncoderBackend, EncoderProvider, EncoderSessionInfo, EncoderSlot, Progress, SlotSink
+from .model_thread import ModelThread
 
 log = logging.getLogger("dpslm_stream.server")
 
@@ -104,88 +103,6 @@ class Slot(AudioQueue):
         super().__init__(session_id, sample_rate, sink)
         self.session = encoder_session
         self.info = EncoderSessionInfo.of(encoder_session)
-
-
-class ModelThread:
-    """A thread that owns models and runs all their calls, driven by the event loop: commands (``call``) and wake-ups
-    go in, results come back through ``loop.call_soon_threadsafe``. Subclasses implement ``_round``: one pass over
-    their sessions; it returns True when more work is already waiting."""
-
-    name = "dpslm-worker"
-    high_priority = False  # the CUDA stream priority of this thread's work (the encoder's is higher)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics=None, device: str | torch.device = "cpu"):
-        self.loop = loop
-        self.metrics = metrics
-        self.device = torch.device(device)
-        self.device_error: str | None = None  # set once the device fails (a sticky CUDA error): the worker is down
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stopping = False
-        self.heartbeat = time.monotonic()  # last time the loop went round (health check)
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-
-    # --- called from the event loop ---------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.device_error is None
-
-    def call(self, fn: Callable[[], Any]) -> "asyncio.Future":
-        """Run ``fn()`` on the worker thread (e.g. open_session, which may load models); await the result."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((fn, fut))
-        self._wake.set()
-        return asyncio.wrap_future(fut, loop=self.loop)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    # --- worker thread -------------------------------------------------------------------------------------------
-
-    def _post(self, fn: Callable, *args) -> None:
-        try:
-            self.loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop is closed: the server is gone, nobody to tell
-            pass
-
-    def _run(self) -> None:
-        checked = time.monotonic()
-        with worker_stream(self.device, self.high_priority):  # this thread's own CUDA stream; no-op on CPU
-            while not self._stopping:
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                self.heartbeat = time.monotonic()
-                if self.heartbeat - checked >= 1.0 and self.device_error is None:  # once a second: device works?
-                    self.device_error, checked = device_error(self.device), self.heartbeat
-                self._run_commands()
-                if self._round():
-                    self._wake.set()  # more than one round of work is waiting: go round again at once
-            self._run_commands()  # fail nobody silently: commands queued during shutdown still get an answer
-
-    def _round(self) -> bool:
-        raise NotImplementedError
-
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                fn, fut = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # handed to the awaiting coroutine, which turns it into an error message
-                fut.set_exception(e)
 
 
 class ForwardCounts(Protocol):
@@ -261,6 +178,11 @@ class EncoderThread(ModelThread):
         await self.call(lambda: warm_up(self.encoder, k, lmbda))
 
     # --- worker thread -------------------------------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        """Commands, audio not yet fed, or hops ready: what a resynthesis worker on this thread yields to."""
+        return super()._has_work() or any(
+            s.queued_samples or s.session.has_work for s in self._slots if not (s.finished or s.cancelled))
 
     def _round(self) -> bool:
         self._slots = [s for s in self._slots if not (s.cancelled or s.finished)]

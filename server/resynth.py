@@ -1,8 +1,10 @@
 """The resynthesis worker thread: ELLA-V + WavTokenizer for every session that asked for audio back.
 
-It is a separate thread from the encoder's EncoderThread so that units are never delayed by audio: the encoder
-thread commits units at its own pace, the event loop forwards them here, and this thread turns them into audio
-(batched across sessions: one ELLA-V decode step serves every running pass, see dpslm_stream.stream.resynth_worker).
+Units are never delayed by audio: the encoder commits units at its own pace, the event loop forwards them here, and
+this worker turns them into audio (batched across sessions: one ELLA-V decode step serves every running pass, see
+dpslm_stream.stream.resynth_worker). On a GPU it is a thread of its own, whose CUDA stream has the lower priority;
+on a CPU the encoder's thread hosts it (server/model_thread.py says why) and each round yields between decode steps
+when the encoder has work waiting.
 
 The event loop calls only ``ResynthSession.push_units`` / ``end`` (deque appends, thread-safe by design) and
 ``open``/``close`` (commands run on this thread); events come back through ``loop.call_soon_threadsafe`` to the
@@ -16,21 +18,35 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from dpslm_stream.stream.resynth_events import ResynthEndEvent
 from dpslm_stream.stream.resynth_options import ResynthOptions
 
 from .backends import ResynthBackend, ResynthProvider, ResynthSink
-from .encoder_thread import ModelThread
+from .model_thread import ModelThread
 
 log = logging.getLogger("dpslm_stream.server")
+
+
+class InProcessResynthWorker(Protocol):
+    """What the resynthesis thread uses of its ResynthWorker (stream/resynth_worker.py; tests subclass one)."""
+
+    @property
+    def device(self) -> Any: ...
+
+    @property
+    def open_session(self) -> Callable[..., Any]: ...  # (k, lmbda, **options) -> a ResynthSession
+
+    def warm_up(self, k: int, lmbda: int) -> None: ...
+
+    def step(self, sessions: Iterable[Any], yield_to: Callable[[], bool] | None = None) -> int: ...
 
 
 class InProcessResynth:
     """A ResynthWorker served by a ResynthThread in this process (a ResynthProvider, server/backends.py)."""
 
-    def __init__(self, resynth_worker: Any):
+    def __init__(self, resynth_worker: InProcessResynthWorker):
         self.worker = resynth_worker
 
     def make_backend(self, loop: asyncio.AbstractEventLoop, metrics: Any) -> "ResynthThread":
@@ -43,8 +59,8 @@ class ResynthThread(ModelThread):
 
     name = "dpslm-resynth-worker"
 
-    def __init__(self, resynth_worker: Any, loop: asyncio.AbstractEventLoop, metrics=None):
-        super().__init__(loop, metrics, getattr(resynth_worker, "device", "cpu"))
+    def __init__(self, resynth_worker: InProcessResynthWorker, loop: asyncio.AbstractEventLoop, metrics=None):
+        super().__init__(loop, metrics, resynth_worker.device)
         self.worker = resynth_worker
         self._streams: dict[Any, ResynthSink] = {}  # session -> sink; this thread only
 
@@ -94,7 +110,7 @@ class ResynthThread(ModelThread):
     def _step(self, sessions: list) -> None:
         started = time.perf_counter()
         try:
-            self.worker.step(sessions)
+            self.worker.step(sessions, yield_to=self._yield_to)
         except Exception:
             log.warning("batched resynthesis step of %d sessions failed; retrying one by one", len(sessions),
                         exc_info=True)  # fmt: skip
@@ -114,5 +130,10 @@ class ResynthThread(ModelThread):
 
 if TYPE_CHECKING:  # mypy checks that the in-process classes implement the declared interfaces
 
+    from dpslm_stream.stream.resynth_worker import ResynthWorker
+
     def _implements(provider: InProcessResynth, backend: ResynthThread) -> tuple[ResynthProvider, ResynthBackend]:
         return provider, backend
+
+    def _worker(worker: ResynthWorker) -> InProcessResynthWorker:
+        return worker

@@ -146,7 +146,7 @@ def test_deployment_watch_timeout_marks_unhealthy_until_a_reply():
 
 
 def test_worker_thread_with_a_dead_device_is_not_alive(monkeypatch):
-    from dpslm_stream.server.encoder_thread import ModelThread
+    from dpslm_stream.server.model_thread import ModelThread
 
     class Idle(ModelThread):
         def _round(self):
@@ -155,7 +155,7 @@ def test_worker_thread_with_a_dead_device_is_not_alive(monkeypatch):
     loop = asyncio.new_event_loop()
     try:
         worker = Idle(loop, device="cpu")
-        monkeypatch.setattr("dpslm_stream.server.encoder_thread.device_error", lambda device: "CUDA error: ECC")
+        monkeypatch.setattr("dpslm_stream.server.model_thread.device_error", lambda device: "CUDA error: ECC")
         worker.start()
         for _ in range(40):  # the idle check runs once a second when nothing wakes the thread
             if not worker.alive:
@@ -178,7 +178,7 @@ def test_healthz_is_503_once_the_device_fails(monkeypatch):
     from dpslm_stream.server.config import ServerConfig
 
     failed = {"now": False}
-    monkeypatch.setattr("dpslm_stream.server.encoder_thread.device_error",
+    monkeypatch.setattr("dpslm_stream.server.model_thread.device_error",
                         lambda device: "CUDA error: unspecified launch failure" if failed["now"] else None)  # fmt: skip
     with ServerThread(ServerConfig(port=0, models="tiny", warmup=False, resynth=False)) as srv:
         url = srv.http_url + P.HEALTH_PATH

@@ -30,11 +30,11 @@ WAV = speech_like(2.0, SR, seed=11)
 class FailingResynthWorker(ResynthWorker):
     """Fails every step that includes a stream opened with seed 666 (a stand-in for a model error)."""
 
-    def step(self, sessions):
+    def step(self, sessions, yield_to=None):
         sessions = list(sessions)
         if any(s.ellav.seed == 666 for s in sessions):
             raise RuntimeError("injected resynthesis failure")
-        return super().step(sessions)
+        return super().step(sessions, yield_to)
 
 
 @pytest.fixture(scope="module")
@@ -266,11 +266,11 @@ def test_stream_client_writes_the_resynthesized_audio(server, tmp_path):
 class SlowResynthWorker(ResynthWorker):
     """A resynthesis worker far slower than real time (a stand-in for full-size ELLA-V on a small CPU)."""
 
-    def step(self, sessions):
+    def step(self, sessions, yield_to=None):
         import time
 
         time.sleep(0.3)
-        return super().step(sessions)
+        return super().step(sessions, yield_to)
 
 
 def test_a_resynthesis_that_falls_behind_is_stopped_and_the_units_go_on():

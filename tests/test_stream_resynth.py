@@ -602,6 +602,41 @@ def test_the_worker_batches_equal_vocoder_windows(tiny_models, ellav64, wt):
         np.testing.assert_allclose(audio_of(events), ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
 
 
+def test_steps_that_yield_after_every_decode_step_keep_the_vocoder_cadence_and_the_audio(tiny_models, ellav64, wt):
+    """step(yield_to=...) asked after each decode step ends the call there when the answer is True (the server's
+    encoder waits for one decode step at most), but the vocoders still run every max_decode_steps decode steps,
+    counted across calls: same windows, so the same audio, as calls that never yield (bounded context, where window
+    boundaries change the audio), and no more vocoder forwards."""
+    settings, unit_lists = [SETTINGS[0], SETTINGS[3]], [random_units(18, seed=71), random_units(21, seed=72)]
+    results = {}
+    for yielding in (False, True):
+        worker = make_worker(tiny_models, ellav64, wt, max_decode_steps=4)
+        sessions = [worker.open_session(K, LMBDA, **kw) for kw in settings]
+        for s, units in zip(sessions, unit_lists):
+            s.push_units(units)
+            s.end()
+        asked, per_call, turns, vocode = [], [], [], worker._vocode
+        worker._vocode = lambda ss: turns.append(1) or vocode(ss)
+        for _ in range(10_000):
+            if not any(s.has_work for s in sessions):
+                break
+            before = worker.decode_steps
+            worker.step(sessions, yield_to=(lambda: asked.append(1) or True) if yielding else None)
+            per_call.append(worker.decode_steps - before)
+        events = [s.poll() for s in sessions]
+        assert all(isinstance(e[-1], ResynthEndEvent) and e[-1].error is None for e in events)
+        results[yielding] = ([audio_of(e) for e in events], worker.vocoder_runner.forwards, worker.decode_steps,
+                             per_call, len(asked), len(turns))  # fmt: skip
+    (plain_audio, plain_forwards, plain_steps, plain_calls, _, plain_turns), (audio, forwards, steps, calls, asked,
+                                                                              turns) = results.values()  # fmt: skip
+    assert steps == plain_steps and forwards == plain_forwards and turns == plain_turns
+    assert max(calls) == 1 and max(plain_calls) == 4 and len(calls) > 3 * len(plain_calls)
+    assert steps - turns <= asked < steps  # asked after each decode step but those that end at a vocoder turn
+    for a, b in zip(audio, plain_audio):
+        assert len(a) > 0
+        np.testing.assert_array_equal(a, b)
+
+
 # ----- bounded state, triggers, options -------------------------------------------------------------------------------
 
 

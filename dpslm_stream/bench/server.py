@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-decode", action="store_true",
                         help="with --resynth-precision fast: ELLA-V's decode step compiled (serve --compile-decode; "
                              "compiled before the clients start)")  # fmt: skip
+    parser.add_argument("--model-threads", default="auto", choices=("auto", "shared", "separate"),
+                        help="with --resynth: the resynthesis worker on the encoder's thread or on its own (serve "
+                             "--model-threads; default auto: shared on a CPU)")  # fmt: skip
     parser.add_argument("--stop-after-miss", action="store_true", help="stop at the first N that is not real time")
     parser.add_argument("--plot", type=Path, default=None, help="write a plot of lag vs N here (PNG)")
     parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
@@ -229,9 +232,13 @@ def run(args: argparse.Namespace) -> None:
     if args.resynth:
         resynth = _resynth_worker(args)
         label += f"; resynthesis {resynth.precision_plans['ellav']}; {resynth.precision_plans['wavtokenizer']}"
-        cfg = dataclasses.replace(cfg, precision=resynth.precision, compile_decode=resynth.compile_decode)
+        cfg = dataclasses.replace(cfg, precision=resynth.precision, compile_decode=resynth.compile_decode,
+                                  model_threads=args.model_threads)  # fmt: skip
     rows = []
     with ServerThread(cfg, encoder=encoder, resynth=resynth) as srv:
+        if args.resynth:
+            where = "the encoder's thread" if srv.server.resynth_shares_thread else "a thread of its own"
+            label += f"; resynthesis on {where} (--model-threads {args.model_threads})"
         print(f"server bench: {label}; {args.mode}/{args.preset}, k=500 lambda=4500, no scoring; "
               f"{args.seconds:g} s of real-time audio per client in {args.frame_ms:g} ms frames; device {args.device}, "
               f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; set-up {time.perf_counter() - started:.1f} s")

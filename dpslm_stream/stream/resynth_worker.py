@@ -102,6 +102,7 @@ class ResynthWorker:
         self._decoders: dict[tuple[int, int], BatchDecoder] = {}
         self._vocoder_runner: VocoderRunner | None = None
         self._next_id = 0
+        self._steps_since_vocoder = 0  # decode steps since the vocoders last ran (step() yields keep counting)
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -225,7 +226,7 @@ class ResynthWorker:
     # -- compute -----------------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, sessions: Iterable[ResynthSession]) -> int:
+    def step(self, sessions: Iterable[ResynthSession], yield_to: Callable[[], bool] | None = None) -> int:
         """Run up to `max_decode_steps` batched ELLA-V decode steps, then the vocoders of these streams; returns the
         number of tokens decoded (rows x steps). Streams that ended and are fully resynthesized are closed (their
         ResynthEndEvent queued) within this call.
@@ -233,15 +234,27 @@ class ResynthWorker:
         Passes already in flight advance whether or not their session is listed (a batch moves together); only
         the listed sessions take in units, start passes and run their vocoders. The decode steps stop early once a
         listed stream without audio yet has decoded its first vocoder window (first audio as soon as it can be).
+
+        yield_to: asked after each decode step; True ends the call there, before the vocoders, so that more urgent
+        work sharing this thread (the server's encoder) runs between decode steps. The vocoders still run once
+        every `max_decode_steps` decode steps, counted across calls: a vocoder window costs about the same however
+        few frames it commits, so vocoding at every yield would cost several times more. Without yields the
+        windows, and so the audio, are exactly those of calls that never yield.
         """
         started = self.clock()
+        try:
+            return self._step(sessions, yield_to)
+        finally:
+            self.compute_seconds += self.clock() - started
+
+    def _step(self, sessions: Iterable[ResynthSession], yield_to: Callable[[], bool] | None) -> int:
         sessions = [s for s in dict.fromkeys(sessions) if not s.closed]
         for s in sessions:
             if s.owner is not self:
                 raise InvalidInput(f"session {s.id} belongs to another worker")
             self._guard(s, s._ingest)
         tokens = 0
-        for _ in range(self.max_decode_steps):
+        while self._steps_since_vocoder < self.max_decode_steps:
             self._admit([s for s in sessions if not s.closed])
             busy = [d for d in self._decoders.values() if d.rows]
             if not busy:
@@ -256,13 +269,17 @@ class ResynthWorker:
                     self._guard(s, lambda: s._take(token, over, share))
                 tokens += len(out)
                 self.decode_steps += 1
+            self._steps_since_vocoder += 1
             if self.eager_first_window and any(s._first_window_due() for s in sessions if not s.closed):
                 break  # a stream's first audio is ready to make: the vocoders run now, not after the other steps
+            if self._steps_since_vocoder < self.max_decode_steps and yield_to is not None and yield_to():
+                self.tokens_decoded += tokens
+                return tokens  # the vocoders wait for their turn (see step)
         t0 = self.clock()
         self._vocode(sessions)
+        self._steps_since_vocoder = 0
         self.vocoder_seconds += self.clock() - t0
         self.tokens_decoded += tokens
-        self.compute_seconds += self.clock() - started
         return tokens
 
     def _admit(self, sessions: list[ResynthSession]) -> None:
