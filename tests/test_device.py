@@ -234,6 +234,32 @@ def test_release_cpu_threads_frees_the_calling_threads_openmp_team():
     assert seen["sum"] == seen["sum_again"] == float((x * 2).sum())
 
 
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_the_codec_thread_frees_its_openmp_team_after_each_job():
+    """The server's codec thread (start.transmit's ULM steps) starts an OpenMP team with each parallel op; an idle
+    team left there made the encoder's steps 1.4-1.5x slower (server/transmit.py), so each job frees it."""
+    from dpslm_stream.server.transmit import CodecService
+
+    if not D.release_cpu_threads():
+        pytest.skip("this torch's OpenMP runtime has no omp_pause_resource_all")
+    service = CodecService("tiny")
+    x = torch.arange(1 << 22, dtype=torch.float64)
+
+    async def main():
+        await service._run(lambda: torch.set_num_threads(2))  # the codec thread exists from here on
+        before = _os_threads()
+        total, during = await service._run(lambda: (float((x * 2).sum()), _os_threads() - before))
+        return total, during, _os_threads() - before
+
+    threads = torch.get_num_threads()
+    try:
+        total, during, after = asyncio.run(main())
+    finally:
+        service.stop()
+        torch.set_num_threads(threads)
+    assert during == 1 and after == 0 and total == float((x * 2).sum())
+
+
 def test_a_ray_replica_runs_every_model_call_on_its_one_model_thread():
     """A replica body (no Ray needed) opens sessions and runs batches on its one model thread, whoever calls it: a
     caller thread that ran them would keep an OpenMP team of its own (release_cpu_threads says why that is slow)."""
