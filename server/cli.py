@@ -113,7 +113,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     field("model_threads", choices=MODEL_THREADS,
           help="shared: the resynthesis worker runs on the encoder's thread, yielding to it between decode steps (one "
                "OpenMP thread team: faster on a CPU); separate: a thread of its own (its own CUDA stream on a GPU); "
-               "auto (default): shared when both run on the CPU")  # fmt: skip
+               "auto (default): shared when both run on the CPU; the in-process backend only")  # fmt: skip
     field("encoder_precision", choices=PRECISIONS,
           help="streaming encoder (cached/sliding modes): exact (float32, default) or fast (its block "
                "linears in int8 through fbgemm on x86 CPUs without bf16 units, bf16 where there are; "

@@ -11,8 +11,8 @@ an encoder thread and a resynthesis thread, two teams of ``torch.get_num_threads
 libgomp then sees more threads than CPUs and cuts the time its waiting threads spin to almost nothing, so every
 barrier of either team pays a sleep and a wake-up. This happens even while the other team is idle, and when both
 run, their threads also preempt each other. Measured on 2 cores with one full-size live resynthesis stream: an
-ELLA-V decode step took 29-35 ms with two threads against 22 ms with one, and the encoder's compute per audio
-second halved. A host therefore runs its guests' commands and rounds on its own thread after its own round: one
+ELLA-V decode step took 29-47 ms with two threads against 17-24 ms with one, and the encoder's compute per audio
+second halved (README, live resynthesis). A host therefore runs its guests' commands and rounds on its own thread after its own round: one
 team, and the host's work first. A guest's round is told (``_yield_to``) when the host has work waiting, so that it
 can stop between steps (ResynthWorker.step ``yield_to``): the encoder waits for at most one ELLA-V decode step.
 On a GPU the two workers keep their own threads, whose CUDA streams overlap.

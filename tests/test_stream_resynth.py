@@ -625,12 +625,17 @@ def test_steps_that_yield_after_every_decode_step_keep_the_vocoder_cadence_and_t
             per_call.append(worker.decode_steps - before)
         events = [s.poll() for s in sessions]
         assert all(isinstance(e[-1], ResynthEndEvent) and e[-1].error is None for e in events)
+        # the streams' shares of the batched decode steps add up to the steps' time, within the worker's time
+        shares = sum(s.stats.compute_seconds for s in sessions)
+        assert worker.decode_seconds <= shares + 1e-9 and shares <= worker.compute_seconds + 1e-9
         results[yielding] = ([audio_of(e) for e in events], worker.vocoder_runner.forwards, worker.decode_steps,
-                             per_call, len(asked), len(turns))  # fmt: skip
-    (plain_audio, plain_forwards, plain_steps, plain_calls, _, plain_turns), (audio, forwards, steps, calls, asked,
-                                                                              turns) = results.values()  # fmt: skip
-    assert steps == plain_steps and forwards == plain_forwards and turns == plain_turns
-    assert max(calls) == 1 and max(plain_calls) == 4 and len(calls) > 3 * len(plain_calls)
+                             per_call, len(asked), len(turns), worker.tokens_decoded)  # fmt: skip
+    (plain_audio, plain_forwards, plain_steps, plain_calls, _, plain_turns, plain_tokens), (
+        audio, forwards, steps, calls, asked, turns, tokens) = results.values()  # fmt: skip
+    assert steps == plain_steps and forwards == plain_forwards and turns == plain_turns and tokens == plain_tokens
+    # one decode step per call, the vocoders in the call of their turn's step (not in a call of their own)
+    assert set(calls[:-1]) == {1} and calls[-1] <= 1  # the last call may only flush what the last step decoded
+    assert max(plain_calls) == 4 and len(calls) > 3 * len(plain_calls)
     assert steps - turns <= asked < steps  # asked after each decode step but those that end at a vocoder turn
     for a, b in zip(audio, plain_audio):
         assert len(a) > 0
@@ -722,6 +727,8 @@ def test_bad_models_and_units_are_clear_errors(tiny_models, ellav64, wt):
     assert not s.has_work  # nothing was queued by the failed pushes
     s.push_units(np.array([3, 4]))
     s.end()
+    with pytest.raises(InvalidInput, match=f"session {s.id} belongs to another worker"):
+        make_worker(tiny_models, ellav64, wt).step([s])
     worker.run_until_idle([s])
     assert s.poll()[-1].units == 2
 
