@@ -152,10 +152,13 @@ class Server:
             started = time.perf_counter()
             await self.encoder_backend.warm_up(*self.default_pair)
             log.info("warm-up took %.2f s", time.perf_counter() - started)
-            if self.config.compile_decode and self.resynth_backend is not None:
+            # Resynthesis models otherwise load at their first session, on the resynthesis worker's thread. When that
+            # is the encoder's thread, the load (seconds for released models) would hold every session's units.
+            if self.resynth_backend is not None and (self.config.compile_decode or self.resynth_shares_thread):
                 started = time.perf_counter()
                 await self.resynth_backend.warm_up(*self.default_pair)
-                log.info("resynthesis warm-up (decode step compiled) took %.2f s", time.perf_counter() - started)
+                log.info("resynthesis warm-up (models loaded%s) took %.2f s",
+                         ", decode step compiled" if self.config.compile_decode else "", time.perf_counter() - started)
         cfg = self.config
         self._ws_server = await websockets.serve(
             self._handle, cfg.host, cfg.port, process_request=self._process_request,

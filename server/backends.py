@@ -158,7 +158,8 @@ class ResynthBackend(Protocol):
     def close(self, stream: Any) -> None: ...
 
     async def warm_up(self, k: int, lmbda: int) -> None:
-        """Load ELLA-V (k, lambda) and compile its decode step before clients come (called with --compile-decode)."""
+        """Load ELLA-V (k, lambda) and the vocoder, and compile the decode step with --compile-decode, before clients
+        come (called with --compile-decode, and when the resynthesis shares the encoder's thread)."""
         ...
 
 

@@ -53,7 +53,9 @@ class ServerConfig:
     quantum_s: float = 0.5  # audio per session per worker round (fairness)
     warmup: bool = True  # run one short stream through the models before accepting clients
     busy_retry_after_s: float = 5.0
-    resynth: bool = True  # offer live resynthesis (start.resynth, listeners); its models load on first use
+    # Offer live resynthesis (start.resynth, listeners). Its models load on first use, or at start-up with warmup when
+    # the resynthesis shares the encoder's thread (model_threads), where a load would hold every session's units.
+    resynth: bool = True
     resynth_device: str | None = None  # device of the resynthesis worker (default: device)
     resynth_dtype: str = "float32"  # ELLA-V dtype (bfloat16/float16 are meant for a GPU)
     precision: str = "exact"  # resynthesis models: "exact" (float32) or "fast" (models/precision.py picks per machine)

@@ -168,6 +168,23 @@ def test_the_server_runs_resynthesis_on_the_encoders_thread_on_a_cpu(model_threa
     assert any(getattr(hint, "__self__", None) is server.encoder_backend for hint in worker.yield_hints) is expect_shared
 
 
+@pytest.mark.parametrize("model_threads,warmed", [("auto", 1), ("separate", 0)])
+def test_a_shared_thread_loads_the_resynthesis_models_in_the_warm_up(model_threads, warmed):
+    """Sharing the encoder's thread, a resynthesis model load at the first session would hold every session's units:
+    the start-up warm-up loads them (its own thread loads them at first use, as before)."""
+    calls = []
+
+    class Worker(ResynthWorker):
+        def warm_up(self, k, lmbda):
+            calls.append((k, lmbda, threading.current_thread().name))
+            super().warm_up(k, lmbda)
+
+    cfg = ServerConfig(port=0, models="tiny", model_threads=model_threads)  # warmup on (the default)
+    with ServerThread(cfg, resynth=Worker(ModelSet("tiny"))) as srv:
+        encoder_thread = srv.server.encoder_backend._thread.name
+    assert calls == [(500, 4500, encoder_thread)] * warmed
+
+
 def test_model_threads_must_be_a_known_arrangement():
     with pytest.raises(InvalidInput, match="--model-threads"):
         ServerConfig(model_threads="one")
