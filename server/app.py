@@ -336,8 +336,8 @@ def build_encoder(config: ServerConfig) -> Any:
 
 def build_resynth(config: ServerConfig, models: Any = None, **options: Any) -> Any:
     """The ResynthWorker for a config, or None when resynthesis is off (``options``: more ResynthWorker arguments).
-    Nothing is loaded here: ELLA-V and WavTokenizer load on the resynthesis thread when the first session asks for
-    audio."""
+    Nothing is loaded here: ELLA-V and WavTokenizer load on the resynthesis worker's thread, in the start-up warm-up
+    when that is the encoder's thread (Server.start), otherwise when the first session asks for audio."""
     import torch
 
     from dpslm_stream.stream.resynth_worker import ResynthWorker

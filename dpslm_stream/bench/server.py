@@ -19,9 +19,9 @@ event loop does not compete with the server's for the GIL.
 latency do not depend on the weight values, but the units are meaningless; the unit-level DPDP lag differs from
 real checkpoints (reported separately as `algo lag`: audio received after a unit's end before it committed).
 
-`--resynth`: every client also asks for its units resynthesized, so the server's resynthesis thread (ELLA-V +
+`--resynth`: every client also asks for its units resynthesized, so the server's resynthesis worker (ELLA-V +
 WavTokenizer; with `--models full` both at released size, RANDOM weights) shares the machine with the encoder, as a
-live resynthesis demo does. Per N it adds the first-audio latency after the first units, the unit-to-audio latency,
+live resynthesis demo does: on the encoder's thread or on its own (`--model-threads`, as `serve`). Per N it adds the first-audio latency after the first units, the unit-to-audio latency,
 the resynthesis compute per second of audio made and how long after its input the last session finished. A random
 ELLA-V rarely ends a unit early, so it makes several seconds of audio per input second where a trained one makes
 about one: compute per audio second is the figure that carries over, not whether it kept up.
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--resynth", action="store_true",
                         help="every client also asks for its units resynthesized (ELLA-V + WavTokenizer on the "
-                             "server's resynthesis thread; with --models full, both at released size, RANDOM "
+                             "server's resynthesis worker; with --models full, both at released size, RANDOM "
                              "weights): adds first-audio latency, unit-to-audio latency, the resynthesis real-time "
                              "factor and how long after its input each session finished")  # fmt: skip
     parser.add_argument("--resynth-precision", default=None, choices=("exact", "fast"),
