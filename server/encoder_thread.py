@@ -192,7 +192,7 @@ class EncoderThread(ModelThread):
         if work:
             self._step(work)
             self._collect(work)
-        return any(s.queued_samples or s.session.has_work for s in self._slots if not (s.finished or s.cancelled))
+        return self._has_work()
 
     def _feed(self) -> list[Slot]:
         """Push each slot's next quantum of audio (and end() once its queue is empty); return the slots to step."""

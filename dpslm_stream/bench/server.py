@@ -21,8 +21,9 @@ real checkpoints (reported separately as `algo lag`: audio received after a unit
 
 `--resynth`: every client also asks for its units resynthesized, so the server's resynthesis worker (ELLA-V +
 WavTokenizer; with `--models full` both at released size, RANDOM weights) shares the machine with the encoder, as a
-live resynthesis demo does: on the encoder's thread or on its own (`--model-threads`, as `serve`). Per N it adds the first-audio latency after the first units, the unit-to-audio latency,
-the resynthesis compute per second of audio made and how long after its input the last session finished. A random
+live resynthesis demo does: on the encoder's thread or on its own (`--model-threads`, as `serve`). Per N it adds the
+first-audio latency after the first units, the unit-to-audio latency, the resynthesis compute per second of audio
+made and how long after its input the last session finished. A random
 ELLA-V rarely ends a unit early, so it makes several seconds of audio per input second where a trained one makes
 about one: compute per audio second is the figure that carries over, not whether it kept up.
 

@@ -243,9 +243,11 @@ class ResynthWorker:
         """
         started = self.clock()
         try:
-            return self._step(sessions, yield_to)
+            tokens = self._step(sessions, yield_to)
         finally:
             self.compute_seconds += self.clock() - started
+        self.tokens_decoded += tokens
+        return tokens
 
     def _step(self, sessions: Iterable[ResynthSession], yield_to: Callable[[], bool] | None) -> int:
         sessions = [s for s in dict.fromkeys(sessions) if not s.closed]
@@ -273,13 +275,11 @@ class ResynthWorker:
             if self.eager_first_window and any(s._first_window_due() for s in sessions if not s.closed):
                 break  # a stream's first audio is ready to make: the vocoders run now, not after the other steps
             if self._steps_since_vocoder < self.max_decode_steps and yield_to is not None and yield_to():
-                self.tokens_decoded += tokens
                 return tokens  # the vocoders wait for their turn (see step)
         t0 = self.clock()
         self._vocode(sessions)
         self._steps_since_vocoder = 0
         self.vocoder_seconds += self.clock() - t0
-        self.tokens_decoded += tokens
         return tokens
 
     def _admit(self, sessions: list[ResynthSession]) -> None:
