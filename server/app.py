@@ -49,6 +49,7 @@ from .config import ServerConfig
 from .connection import Connection
 from .metrics import Metrics
 from .model_thread import ModelThread
+from .pair_budget import PairBudget
 from .resynth import InProcessResynth
 from .session import ServerInfo
 from .encoder_thread import InProcessEncoder
@@ -123,6 +124,9 @@ class Server:
         self.info = ServerInfo(self.models_name, self.random_weights, tuple(self.pairs), self.default_pair,
                                self.resynth is not None, tuple(sorted(tables)))  # fmt: skip
         self.connections: set[Connection] = set()
+        # Which pairs' large models stay loaded (server/pair_budget.py); the pairs being unloaded for others meanwhile.
+        self.pair_budget = PairBudget(config.max_loaded_pairs, {self.default_pair, *(config.pairs or ())})
+        self._unloading: dict[tuple[int, int], asyncio.Future] = {}
         # start.transmit: the sessions' bitstream coders, on one codec thread (models loaded when first asked for)
         self.codec: CodecService | None = CodecService(models if models is not None else config.models, tables)
         self.draining = False
@@ -308,6 +312,38 @@ class Server:
         self.connections.add(conn)
         m.sessions_active.set(len(self.connections))
         await conn.run()  # the connection releases itself (``release``) when its session is over, maybe later (parked)
+
+    def hold_pair(self, pair: tuple[int, int]) -> None:
+        """A session needs ``pair``'s large models (scores, resynthesis, the ulm coder): hold it in the budget and
+        start unloading what it evicts (await ``pair_unloaded`` before loading). Raises PairsInUse, holding nothing,
+        when every pair the server may keep loaded is in use."""
+        for victim in self.pair_budget.acquire(pair):
+            log.info("unloading the models of (k, lambda) = %s for %s (--max-loaded-pairs %d)", victim, pair,
+                     self.config.max_loaded_pairs)  # fmt: skip
+            self._unloading[victim] = unloading = asyncio.ensure_future(self._unload_pair(victim))
+            unloading.add_done_callback(self._unloaded)
+
+    def _unloaded(self, unloading: asyncio.Future) -> None:
+        for pair, f in list(self._unloading.items()):
+            if f is unloading:
+                del self._unloading[pair]
+
+    async def pair_unloaded(self, pair: tuple[int, int]) -> None:
+        """Return once ``pair`` is not being unloaded (to make room for another): a load meanwhile would race it."""
+        if pair in self._unloading:
+            await asyncio.shield(self._unloading[pair])
+
+    def release_pair(self, pair: tuple[int, int]) -> None:
+        self.pair_budget.release(pair)
+
+    async def _unload_pair(self, pair: tuple[int, int]) -> None:
+        """Every holder of the pair's large models drops them; a failure is logged (the memory stays taken)."""
+        for holder in (self.encoder_backend, self.resynth_backend, self.codec):
+            try:
+                if holder is not None:
+                    await holder.unload_pair(*pair)
+            except Exception:  # noqa: BLE001 - a backend that cannot unload keeps serving
+                log.exception("unloading (k, lambda) = %s failed", pair)
 
     def release(self, conn: Connection) -> None:
         """A session is over: free its slot and count how it ended (a connection that resumed another is not one)."""

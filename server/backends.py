@@ -98,6 +98,8 @@ class EncoderBackend(Protocol):
 
     async def open_slot(self, session_id: str, sample_rate: int, settings: dict, sink: SlotSink) -> EncoderSlot: ...
 
+    async def unload_pair(self, k: int, lmbda: int) -> None: ...  # drop its unit LM: no session of it is open
+
 
 class ModelsInfo(Protocol):
     @property
@@ -156,6 +158,8 @@ class ResynthBackend(Protocol):
     async def open(self, k: int, lmbda: int, options: ResynthOptions, sink: ResynthSink) -> ResynthStream: ...
 
     def close(self, stream: Any) -> None: ...
+
+    async def unload_pair(self, k: int, lmbda: int) -> None: ...  # drop its ELLA-V: no stream of it is open
 
     async def warm_up(self, k: int, lmbda: int) -> None:
         """Load ELLA-V (k, lambda) and the vocoder, and compile the decode step with --compile-decode, before clients

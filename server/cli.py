@@ -122,6 +122,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
           help="a unit table (`codec fit`) for start.transmit coder 'table', shipped inside each stream's "
                "header; repeatable, one per k; its k must be a served pair's")  # fmt: skip
     field("max_listeners", type=int, help="listeners per sender session")
+    field("max_loaded_pairs", type=int, metavar="N",
+          help="(k, lambda) pairs whose unit LM / ELLA-V are loaded at once, the default pair and --pairs included "
+               "(~0.8 GB each per model at released size); a start for another pair unloads the least recently used "
+               "one no session holds, or is refused with busy when all are held; default 3)")
     field("max_resynth_lag_s", type=float,
           help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
     field("max_exact_resynth_s", type=float,

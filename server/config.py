@@ -65,6 +65,9 @@ class ServerConfig:
     # encoder between decode steps), "separate" on a thread of its own; "auto" shares when both run on the CPU.
     model_threads: str = "auto"
     max_listeners: int = 4  # listeners per sender session
+    # (k, lambda) pairs whose large models (unit LM, ELLA-V) are loaded at once, the default pair and --pairs included
+    # (server/pair_budget.py): a new pair unloads the least recently used free one; when all are in use, busy.
+    max_loaded_pairs: int = 3
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
     # Resynthesis with unbounded context (left_context or vocoder_left_context null, the exact setting) keeps every
     # unit / codec frame of the stream in each pass: it is ended after this many seconds of input (0: refused at start).
@@ -87,7 +90,7 @@ class ServerConfig:
         every one of them gets these checks; errors name the field's `serve` flag."""
         positive_ints = ("max_sessions", "max_message_bytes", "max_text_bytes", "max_json_depth", "max_buffer_bytes",
                          "max_resampler_taps", "resume_outbox_bytes",
-                         "max_outgoing_bytes", "min_hop", "max_hop", "max_lag", "max_listeners")  # fmt: skip
+                         "max_outgoing_bytes", "min_hop", "max_hop", "max_lag", "max_listeners", "max_loaded_pairs")  # fmt: skip
         for name in positive_ints:
             check_int(flag(name), getattr(self, name), minimum=1, kind=int)
         for name in ("max_left", "max_lookahead"):

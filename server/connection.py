@@ -25,6 +25,7 @@ from dpslm_stream.codec.link import Transmitter
 
 from . import actions as A
 from .backends import EncoderSlot, Progress, ResynthStream
+from .pair_budget import PairsInUse
 from .session import Session
 
 if TYPE_CHECKING:
@@ -60,6 +61,9 @@ class ConnectionHost(Protocol):
     @property
     def resumable(self) -> dict[str, Connection]: ...  # sender sessions by resume token (parked or not)
     def release(self, conn: Connection) -> None: ...  # the session is over: free its slot, count it
+    def hold_pair(self, pair: tuple[int, int]) -> None: ...  # raises PairsInUse (server/pair_budget.py)
+    async def pair_unloaded(self, pair: tuple[int, int]) -> None: ...
+    def release_pair(self, pair: tuple[int, int]) -> None: ...
     @property
     def encoder_backend(self) -> EncoderBackend | None: ...
     @property
@@ -90,6 +94,7 @@ class Connection:
         self._transport = 0  # counts the transports that carried this session (a resume brings a new one)
         self._handed_to: tuple[Connection, P.Resume] | None = None  # this transport resumed that session
         self._released = False
+        self.pair_held: tuple[int, int] | None = None  # the (k, lambda) whose large models this session holds loaded
 
     @property
     def buffered_s(self) -> float:
@@ -149,6 +154,9 @@ class Connection:
             del self.server.resumable[token]
         for task in list(self._tasks):
             task.cancel()
+        if self.pair_held is not None:
+            self.server.release_pair(self.pair_held)
+            self.pair_held = None
         self.server.release(self)
 
     async def _receive_loop(self, ws: ServerConnection, transport: int) -> None:
@@ -362,6 +370,18 @@ class Connection:
             log.exception("%s failed", what)
             return None, (E.INTERNAL_ERROR, f"{what} failed: {type(e).__name__}: {e}")
 
+    async def _hold_pair(self, pair: tuple[int, int]) -> tuple | None:
+        """Hold ``pair``'s large models loaded for this session (server/pair_budget.py): None, or the refusal (busy)
+        when every pair the server may keep loaded is in use by other sessions."""
+        if self.pair_held is None:
+            try:
+                self.server.hold_pair(pair)
+            except PairsInUse as e:
+                return E.BUSY, str(e)
+            self.pair_held = pair
+        await self.server.pair_unloaded(pair)
+        return None
+
     def _close_resynth(self, rstream: ResynthStream | None) -> None:
         if rstream is not None and self.server.resynth_backend is not None:
             self.server.resynth_backend.close(rstream)
@@ -371,6 +391,11 @@ class Connection:
         rstream, slot = None, None
         resynth, encoder = self.server.resynth_backend, self.server.encoder_backend
         assert encoder is not None and (a.resynth is None or resynth is not None)
+        transmit = self.core.transmit
+        if a.settings.get("score") is True or a.resynth is not None or (transmit or {}).get("coder") == "ulm":
+            refused = await self._hold_pair((k, lmbda))
+            if refused:
+                return self.handle(self.core.open_failed, *refused)
         try:
             if a.resynth is not None and resynth is not None:
                 options = a.resynth
@@ -391,7 +416,6 @@ class Connection:
             raise
         self.slot, self.rstream = slot, rstream
         self.handle(self.core.opened, slot.info, rstream)
-        transmit = self.core.transmit
         if transmit is not None and self.server.codec is not None and not self.core.finished:
             try:  # the first use of a (k, lambda) loads its ULM on the codec thread; units queue behind it
                 self.transmitter = await self.server.codec.open(transmit, slot.info.k, slot.info.lmbda, self.loop.time())
@@ -417,8 +441,10 @@ class Connection:
         resynth = self.server.resynth_backend
         if a.resynth is not None and resynth is not None:
             options = a.resynth
-            rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self),
-                                                 self._close_resynth)  # fmt: skip
+            refused = await self._hold_pair((k, lmbda))
+            if refused is None:
+                rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self),
+                                                     self._close_resynth)  # fmt: skip
             if refused:
                 return self.handle(self.core.subscribe_failed, *refused)
         if a.bitstream and sender.core.transmit is None:

@@ -5,7 +5,7 @@ session) and every EncoderSession. The event loop never calls into them: it hand
 (a lock-protected queue of samples per session) and gets events back through ``loop.call_soon_threadsafe``.
 
 Each round of the thread:
-1. runs queued commands (opening a session loads models the first time a pair is used: that is model code too);
+1. runs queued commands (opening a session; a pair's models load before, on a loading thread: ModelThread.load);
 2. feeds every slot at most ``quantum_s`` seconds of its queued audio, so a client that sends a minute at once
    gets a fair share, not the whole worker (fairness between sessions, and a bound on one round's time);
 3. calls ``EncoderWorker.step`` once for all slots that got input: their windows run as one batched forward; a
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
+from dpslm_stream import hub
 from dpslm_stream.errors import InvalidInput
 from dpslm_stream.stream.events import EndEvent
 
@@ -127,6 +128,10 @@ class InProcessWorker(Protocol):
 
     def available_pairs(self) -> Any: ...
 
+    def load_pair(self, k: int, lmbda: int, score: bool = False) -> None: ...  # on the loading thread
+
+    def unload_pair(self, k: int, lmbda: int) -> bool: ...
+
     def step(self, sessions: Any, full_slice_s: float | None = None) -> int: ...
 
 
@@ -162,9 +167,11 @@ class EncoderThread(ModelThread):
         self._counted = (encoder_worker.runner.forwards, encoder_worker.runner.forward_streams)  # metrics: seen so far
 
     async def open_slot(self, session_id: str, sample_rate: int, settings: dict, sink: SlotSink) -> Slot:
-        """Open an encoder session (``EncoderWorker.open_session(sample_rate, **settings)``, on the worker thread: it
-        may load a pair's models) and start serving it; raises what ``open_session`` raises (InvalidInput,
-        UnknownModel)."""
+        """Open an encoder session (``EncoderWorker.open_session(sample_rate, **settings)``) and start serving it;
+        raises what ``open_session`` raises (InvalidInput, UnknownModel). The pair's models load first, on the
+        loading thread (``load_pair``), so that the worker thread opens the session without holding the others."""
+        k, lmbda = settings.get("k", hub.DEFAULT_K), settings.get("lmbda", hub.DEFAULT_LMBDA)
+        await self.load(lambda: self.encoder.load_pair(k, lmbda, score=settings.get("score") is True))
 
         def _open() -> Slot:
             slot = Slot(session_id, self.encoder.open_session(sample_rate, **settings), sample_rate, sink)
@@ -172,6 +179,10 @@ class EncoderThread(ModelThread):
             return slot
 
         return await self.call(_open)
+
+    async def unload_pair(self, k: int, lmbda: int) -> None:
+        """Drop the pair's unit LM (``EncoderWorker.unload_pair``, on the worker thread); its sessions have ended."""
+        await self.call(lambda: self.encoder.unload_pair(k, lmbda))
 
     async def warm_up(self, k: int, lmbda: int) -> None:
         """One short stream through the models before clients come (first calls allocate and pick kernels)."""

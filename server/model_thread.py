@@ -16,6 +16,13 @@ second halved (README, live resynthesis). A host therefore runs its guests' comm
 team, and the host's work first. A guest's round is told (``_yield_to``) when the host has work waiting, so that it
 can stop between steps (ResynthWorker.step ``yield_to``): the encoder waits for at most one ELLA-V decode step.
 On a GPU the two workers keep their own threads, whose CUDA streams overlap.
+
+**Loading off the model thread** (``load``). A session of a (k, lambda) pair not loaded yet needs its models first:
+seconds for the released files (a 0.8 GB unit LM, an ELLA-V), and a download when they are not cached. Loaded on the
+model thread, that would hold every other session's units and audio meanwhile. So a backend's ``open`` loads on a
+loading thread of its own first (one load at a time; the workers' ``load_pair`` only adds models, so ``step`` runs
+on meanwhile), then opens the session on the model thread, which finds everything loaded. The loading thread frees
+its OpenMP team after each load, for the reason above.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from dpslm_stream.device import device_error, worker_stream
+from dpslm_stream.device import device_error, release_cpu_threads, synchronize, worker_stream
 
 
 class ModelThread:
@@ -53,6 +60,7 @@ class ModelThread:
         self._guests: list[ModelThread] = []  # run on this thread after this one's round (host)
         self._host: ModelThread | None = None  # the thread this one runs on, when hosted
         self._yield_to: Callable[[], bool] = lambda: False  # a hosted guest: True while its host has work waiting
+        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-loader")
 
     # --- set-up, before start ----------------------------------------------------------------------------------------
 
@@ -77,6 +85,7 @@ class ModelThread:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
+        self._loader.shutdown(wait=False, cancel_futures=True)
         self._wake.set()
         if self._host is None:
             self._thread.join(timeout)
@@ -93,6 +102,21 @@ class ModelThread:
         self._commands.put((fn, fut))
         self._wake.set()
         return asyncio.wrap_future(fut, loop=self.loop)
+
+    def load(self, fn: Callable[[], Any]) -> "asyncio.Future":
+        """Run ``fn()`` (a worker's ``load_pair``) on this thread's loading thread, not on the model thread (the module
+        docstring says why); await the result. On a GPU the loaded weights are synchronized before they are handed
+        over: the model thread reads them on its own CUDA stream."""
+
+        def run():
+            try:
+                result = fn()
+                synchronize(self.device)
+                return result
+            finally:
+                release_cpu_threads()
+
+        return asyncio.wrap_future(self._loader.submit(run), loop=self.loop)
 
     def wake(self) -> None:
         self._wake.set()

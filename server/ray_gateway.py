@@ -124,6 +124,10 @@ class ShardedBackend:
     def account(self, seconds: float) -> None:
         """One step call of ``seconds`` came back (metrics)."""
 
+    async def unload_pair(self, k: int, lmbda: int) -> None:
+        """Every shard drops the pair's large model, unless one of its sessions (another gateway's) still uses it."""
+        await asyncio.gather(*(self.result(h.unload_pair.remote(k, lmbda)) for h in self.handles))
+
     async def open_on_shard(self, call) -> tuple[int, Any]:
         """(shard, answer of ``call(handle)``) on the least loaded shard."""
         load = dict(self._opening)

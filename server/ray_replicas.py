@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dpslm_stream import hub
 from dpslm_stream.device import release_cpu_threads
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.raycluster import import_ray
@@ -50,21 +51,31 @@ class ShardReplica:
         self.max_batch = 0
         self.lock = threading.Lock()
         self.model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpslm-replica")
+        # A pair's models load here, not on model_thread, whose batches go on meanwhile (server/model_thread.py).
+        self.loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpslm-replica-loader")
 
     async def step(self, item):
         """One session's call; the calls that arrive together go through one batched ``step_many``."""
         return await self._step_batch(item)  # type: ignore[attr-defined]  # serve_deployment adds it
 
-    def _open(self, session_id: str, open_session) -> Any:
-        """``open_session()`` on the model thread under the lock, kept as ``session_id``; a refusal is
-        {"error": kind, "message": ...} (exceptions do not travel well). A session's first tensors are large enough
-        for parallel CPU ops: run on the caller's thread, they would give it a team of its own again."""
+    def _open(self, session_id: str, load_pair, open_session) -> Any:
+        """``load_pair()`` on the loading thread, then ``open_session()`` on the model thread under the lock, kept
+        as ``session_id``; a refusal is {"error": kind, "message": ...} (exceptions do not travel well). A session's
+        first tensors are large enough for parallel CPU ops: run on the caller's thread, they would give it a team of
+        its own again (the loading thread frees its team after each load)."""
+
+        def loading() -> None:
+            try:
+                load_pair()
+            finally:
+                release_cpu_threads()
 
         def locked() -> Any:
             with self.lock:
                 return open_session()
 
         try:
+            self.loader.submit(loading).result()
             session = self.model_thread.submit(locked).result()
         except UnknownModel as e:
             return {"error": "unknown_model", "message": str(e)}
@@ -72,6 +83,17 @@ class ShardReplica:
             return {"error": "invalid_input", "message": str(e)}
         self.sessions[session_id] = session
         return session
+
+    def unload_pair(self, k: int, lmbda: int) -> bool:
+        """The worker's ``unload_pair`` on the model thread, unless a session of this replica still uses the pair."""
+
+        def locked() -> bool:
+            with self.lock:
+                if any((s.k, s.lmbda) == (k, lmbda) for s in self.sessions.values()):
+                    return False
+                return bool(self.worker.unload_pair(k, lmbda))  # type: ignore[attr-defined]  # the bodies set worker
+
+        return self.model_thread.submit(locked).result()
 
 
 class EncoderReplica(ShardReplica):
@@ -101,15 +123,15 @@ class EncoderReplica(ShardReplica):
                 "random_weights": models.is_random, "max_batch": self.max_batch, "sessions": len(self.sessions)}  # fmt: skip
 
     def default_pair(self) -> tuple[int, int]:
-        from dpslm_stream import hub
-
         pairs = self.worker.available_pairs()
         default = (hub.DEFAULT_K, hub.DEFAULT_LMBDA)
         return default if default in pairs or not pairs else pairs[0]
 
     def open(self, session_id: str, sample_rate: int, settings: dict) -> EncoderSessionInfo | dict:
         """Open a session; a refusal comes back as {"error": kind, "message": ...}."""
-        session = self._open(session_id, lambda: self.worker.open_session(sample_rate, **settings))
+        k, lmbda = settings.get("k", hub.DEFAULT_K), settings.get("lmbda", hub.DEFAULT_LMBDA)
+        session = self._open(session_id, lambda: self.worker.load_pair(k, lmbda, score=settings.get("score") is True),
+                             lambda: self.worker.open_session(sample_rate, **settings))  # fmt: skip
         return session if isinstance(session, dict) else EncoderSessionInfo.of(session)
 
     def close(self, session_id: str) -> None:
@@ -174,7 +196,8 @@ class ResynthReplica(ShardReplica):
 
     def open(self, session_id: str, k: int, lmbda: int, options: ResynthOptions) -> dict:
         """The stream's resolved settings, or {"error": kind, "message": ...}."""
-        session = self._open(session_id, lambda: self.worker.open_session(k, lmbda, **options.kwargs()))
+        session = self._open(session_id, lambda: self.worker.load_pair(k, lmbda),
+                             lambda: self.worker.open_session(k, lmbda, **options.kwargs()))  # fmt: skip
         return session if isinstance(session, dict) else {"settings": session.settings()}
 
     def close(self, session_id: str) -> None:

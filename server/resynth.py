@@ -7,7 +7,7 @@ on a CPU the encoder's thread hosts it (server/model_thread.py says why) and eac
 when the encoder has work waiting.
 
 The event loop calls only ``ResynthSession.push_units`` / ``end`` (deque appends, thread-safe by design) and
-``open``/``close`` (commands run on this thread); events come back through ``loop.call_soon_threadsafe`` to the
+``open``/``close`` (commands run on this thread, after ``open`` loaded the pair's models on a loading thread); events come back through ``loop.call_soon_threadsafe`` to the
 connection's ``on_resynth_events`` / ``on_resynth_failure``. A session whose own processing fails ends alone (its
 ResynthEndEvent carries the error); a failure of the whole step is retried one session at a time.
 """
@@ -40,6 +40,10 @@ class InProcessResynthWorker(Protocol):
 
     def warm_up(self, k: int, lmbda: int) -> None: ...
 
+    def load_pair(self, k: int, lmbda: int) -> None: ...  # on the loading thread
+
+    def unload_pair(self, k: int, lmbda: int) -> bool: ...
+
     def step(self, sessions: Iterable[Any], yield_to: Callable[[], bool] | None = None) -> int: ...
 
 
@@ -67,9 +71,10 @@ class ResynthThread(ModelThread):
     # --- called from the event loop ---------------------------------------------------------------------------------
 
     async def open(self, k: int, lmbda: int, options: ResynthOptions, sink: ResynthSink) -> Any:
-        """Open a ResynthSession (``ResynthWorker.open_session(k, lmbda, **options.kwargs())``, on this thread: it
-        may load ELLA-V and WavTokenizer) and serve it; raises what ``open_session`` raises (InvalidInput,
-        UnknownModel)."""
+        """Open a ResynthSession (``ResynthWorker.open_session(k, lmbda, **options.kwargs())``) and serve it; raises
+        what ``open_session`` raises (InvalidInput, UnknownModel). ELLA-V and WavTokenizer load first, on the loading
+        thread (``load_pair``; server/model_thread.py says why)."""
+        await self.load(lambda: self.worker.load_pair(k, lmbda))
 
         def _open():
             session = self.worker.open_session(k, lmbda, **options.kwargs())
@@ -81,6 +86,10 @@ class ResynthThread(ModelThread):
     async def warm_up(self, k: int, lmbda: int) -> None:
         """ResynthWorker.warm_up on this thread (models loaded, decode step compiled)."""
         await self.call(lambda: self.worker.warm_up(k, lmbda))
+
+    async def unload_pair(self, k: int, lmbda: int) -> None:
+        """Drop ELLA-V (k, lambda) (``ResynthWorker.unload_pair``, on this thread); its streams have ended."""
+        await self.call(lambda: self.worker.unload_pair(k, lmbda))
 
     def close(self, session: Any) -> None:
         """Stop serving a session (its connection is gone); it is dropped at the next round."""

@@ -164,11 +164,14 @@ class Session(SessionState):
         return [A.Register(self.listen_token, self.resume_token), *self._send(ready)]
 
     def open_failed(self, code: P.ErrorCode, message: str, now: float) -> list[A.Action]:
-        """Opening failed (the backend refused the settings or failed): the connection may start again."""
+        """Opening failed (the backend refused the settings or failed, or the pair's models cannot be loaded now:
+        busy, with when to try again): the connection may start again."""
         if self.state != State.OPENING:
             return []
         self._resume(now)
         self.state, self.role, self.start = State.CONNECTED, None, None
+        if code == P.ErrorCode.BUSY:
+            return self._error(code, message, retry_after_s=self.cfg.busy_retry_after_s)
         return self._error(code, message)
 
     def subscribed(self, sender_id: str, k: int, lmbda: int, resynth: ResynthStream | None, now: float) -> list[A.Action]:

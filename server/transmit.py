@@ -63,6 +63,10 @@ class CodecService:
     async def open(self, options: dict, k: int, lmbda: int, t0: float) -> Transmitter:
         return await self._run(lambda: self._open(options, k, lmbda, t0))
 
+    async def unload_pair(self, k: int, lmbda: int) -> None:
+        """Drop the pair's ULM (server/pair_budget.py): its coders are gone."""
+        await self._run(lambda: self.models.unload(k, lmbda))
+
     def _run(self, job: Callable[[], Any]) -> "asyncio.Future":
         """`job()` on the codec thread, which frees its OpenMP team afterwards (the module docstring says why)."""
 

@@ -217,6 +217,10 @@ class ModelCache:
             self._ulms[(k, lmbda)] = (ulm, ulm_hash(ulm))
         return self._ulms[(k, lmbda)]
 
+    def unload(self, k: int, lmbda: int) -> None:
+        """Drop (k, lambda)'s ULM (coders made from it keep it until they go); the next use loads it again."""
+        self._ulms.pop((k, lmbda), None)
+
     def model(self, coder: str, k: int, lmbda: int, table: UnitTable | None = None) -> UnitModel:
         if coder == "uniform":
             return UniformModel(k)

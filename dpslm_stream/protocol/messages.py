@@ -72,7 +72,8 @@ class ErrorCode(str, Enum):
     START_TIMEOUT = "start_timeout"  # no start (or subscribe) accepted within start_timeout_s of connecting
     SESSION_TIME_LIMIT = "session_time_limit"
     SHUTTING_DOWN = "shutting_down"  # the server drains (SIGTERM): no new sessions, running ones are finished
-    BUSY = "busy"  # all session slots are taken: try again later (sent at once after the handshake)
+    BUSY = "busy"  # all session slots are taken (sent at once after the handshake), or every (k, lambda) pair the
+    # server keeps loaded is in use and a start needs another (not fatal): try again after retry_after_s
     CLIENT_TOO_SLOW = "client_too_slow"  # the client does not read its messages; the connection is dropped
     INTERNAL_ERROR = "internal_error"  # a bug or a model failure in this session; other sessions are unaffected
     SENDER_GONE = "sender_gone"  # listener: the sender's connection ended before its stream did

@@ -123,6 +123,39 @@ class ResynthWorker:
             return list(self._pairs)
         return sorted(set(self.models.pairs()) | set(self._ellavs))
 
+    def load_pair(self, k: int, lmbda: int) -> None:
+        """Load what streams of ELLA-V (k, lambda) need ahead of `open_session`, which then loads nothing: the ELLA-V,
+        its decode cache and the vocoder. It only adds models, so a server runs it on a loading thread while this
+        worker's `step` runs on its own (one load at a time). Raises UnknownModel for a pair this worker does not
+        have. (With compile_decode, a model's decode step still compiles at its first step: see warm_up.)"""
+        key = self._check_available(k, lmbda)
+        self._decoder(key)
+        _ = self.wavtokenizer  # loads it
+
+    def unload_pair(self, k: int, lmbda: int) -> bool:
+        """Drop ELLA-V (k, lambda) and its decode cache, unless a stream still holds a row of it, or it was given to
+        the constructor and cannot be loaded again; returns whether it was dropped. Call it on the thread that runs
+        `step`."""
+        key = (k, lmbda)
+        decoder = self._decoders.get(key)
+        if key not in self._ellavs or key not in self.models.pairs() or (decoder is not None and decoder.rows):
+            return False
+        del self._ellavs[key]
+        self._decoders.pop(key, None)
+        return True
+
+    def loaded_pairs(self) -> list[tuple[int, int]]:
+        """Pairs whose ELLA-V is loaded."""
+        return sorted(self._ellavs)
+
+    def _check_available(self, k: int, lmbda: int) -> tuple[int, int]:
+        key = hub.check_pair(k, lmbda, hub.ELLAV)
+        if key not in self.available_pairs():
+            pairs = ", ".join(f"({a}, {b})" for a, b in self.available_pairs())
+            raise UnknownModel(f"(k, lambda) = {key} is not available in this worker (model set "
+                               f"{self.models.source!r}); available pairs: {pairs}")  # fmt: skip
+        return key
+
     def _ellav(self, key: tuple[int, int]) -> ELLAV:
         if key not in self._ellavs:
             self._ellavs[key] = self._prepare_ellav(self.models.ellav(*key, map_location=self.device))
@@ -170,7 +203,7 @@ class ResynthWorker:
     @property
     def cache_nbytes(self) -> int:
         """Bytes of the preallocated ELLA-V KV caches (all models)."""
-        return sum(d.cache_nbytes for d in self._decoders.values())
+        return sum(d.cache_nbytes for d in list(self._decoders.values()))  # list(): load_pair may add one meanwhile
 
     # -- sessions ----------------------------------------------------------------------------------------------------
 
@@ -194,11 +227,7 @@ class ResynthWorker:
         see IncrementalVocoder;
         vocoder_left_context=None with a lookahead longer than the stream gives the whole-sequence decode.
         """
-        key = hub.check_pair(k, lmbda, hub.ELLAV)
-        if key not in self.available_pairs():
-            pairs = ", ".join(f"({a}, {b})" for a, b in self.available_pairs())
-            raise UnknownModel(f"(k, lambda) = {key} is not available in this worker (model set "
-                               f"{self.models.source!r}); available pairs: {pairs}")  # fmt: skip
+        key = self._check_available(k, lmbda)
         ellav = IncrementalELLAV(
             self._ellav(key), left_context, holdback, first_holdback=first_holdback, max_pass_units=max_pass_units,
             trigger_units=trigger_units,
@@ -258,7 +287,7 @@ class ResynthWorker:
         tokens = 0
         while self._steps_since_vocoder < self.max_decode_steps:
             self._admit([s for s in sessions if not s.closed])
-            busy = [d for d in self._decoders.values() if d.rows]
+            busy = [d for d in list(self._decoders.values()) if d.rows]  # list(): load_pair may add one meanwhile
             if not busy:
                 break
             for decoder in busy:

@@ -89,6 +89,40 @@ class EncoderWorker:
             return list(self._pairs)
         return sorted(set(self.models.pairs()) | set(self._ulms))
 
+    def load_pair(self, k: int, lmbda: int, score: bool = False) -> None:
+        """Load what sessions of (k, lambda) need ahead of `open_session`, which then loads nothing: the codebook, and
+        the unit LM when they score. It only adds models, so a server runs it on a loading thread while this worker's
+        `step` runs on its own (one load at a time). Raises UnknownModel for a pair this worker does not have."""
+        key = self._check_available(k, lmbda)
+        self._codebook(key[0])
+        if score:
+            self._ulm(*key)
+
+    def unload_pair(self, k: int, lmbda: int) -> bool:
+        """Drop (k, lambda)'s unit LM and its scoring caches; the next session that scores loads it again. Sessions
+        still open keep what they hold until they end. Codebooks (a few MB) stay; so does a unit LM that was given to
+        the constructor and cannot be loaded again. Returns whether a unit LM was dropped. Call it on the thread that
+        runs `step`."""
+        key = (k, lmbda)
+        if key not in self._ulms or key not in self.models.pairs():
+            return False
+        del self._ulms[key]
+        for pool in [p for p in self._scoring_pools if p[0] == key]:
+            del self._scoring_pools[pool]
+        return True
+
+    def loaded_pairs(self) -> list[tuple[int, int]]:
+        """Pairs whose unit LM is loaded."""
+        return sorted(self._ulms)
+
+    def _check_available(self, k: int, lmbda: int) -> tuple[int, int]:
+        key = hub.check_pair(k, lmbda)
+        if key not in self.available_pairs():
+            pairs = ", ".join(f"({a}, {b})" for a, b in self.available_pairs())
+            raise UnknownModel(f"(k, lambda) = {key} is not available in this worker (model set "
+                               f"{self.models.source!r}); available pairs: {pairs}")  # fmt: skip
+        return key
+
     def _codebook(self, k: int) -> torch.Tensor:
         if k not in self._codebooks:
             self._codebooks[k] = self.models.codebook(k, self.device)
@@ -117,11 +151,7 @@ class EncoderWorker:
         layer-11 frame for `session.features()` (analysis only: the state then grows with the stream).
         """
         sample_rate = check_sample_rate(sample_rate)
-        key = hub.check_pair(k, lmbda)
-        if key not in self.available_pairs():
-            pairs = ", ".join(f"({a}, {b})" for a, b in self.available_pairs())
-            raise UnknownModel(f"(k, lambda) = {key} is not available in this worker (model set "
-                               f"{self.models.source!r}); available pairs: {pairs}")  # fmt: skip
+        key = self._check_available(k, lmbda)
         if mode not in MODES:
             raise InvalidInput(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         config = window_config(mode, preset, left, hop, lookahead)

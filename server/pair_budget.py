@@ -1,0 +1,75 @@
+"""How many (k, lambda) pairs have their large models loaded at once: ``serve --max-loaded-pairs``.
+
+A client may ask for any pair the model set holds, and each pair brings large models: a session that scores loads
+the pair's unit LM (0.8 GB at the released size), one that resynthesises its ELLA-V (about as large, plus its decode
+cache), one that transmits with the ``ulm`` coder the codec thread's unit LM. Loaded on demand and never dropped, a
+client that went through the 24 released pairs would make the server load tens of GB, and every other session would
+go down with it. So at most ``limit`` pairs are loaded at once. A new pair first unloads the least recently used pair
+that no session holds; when every loaded pair is held, the start is refused with ``busy`` (and ``retry_after_s``)
+and nothing is loaded.
+
+Pinned pairs (the default pair, loaded by the start-up warm-up, and ``serve --pairs``, loaded at start) are never
+unloaded; they count toward the limit. Sessions that need only a pair's codebook (no scores, no resynthesis, no
+``ulm`` coder) hold nothing here: a codebook is a few MB.
+
+This is the policy alone (sans-I/O): ``Server`` calls it on the event loop and does the unloading it asks for.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from typing import Iterable
+
+Pair = tuple[int, int]
+
+
+class PairsInUse(Exception):
+    """Every pair the server may keep loaded is held by a session: a new pair cannot be loaded now."""
+
+
+class PairBudget:
+    def __init__(self, limit: int, pinned: Iterable[Pair] = ()):
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self.limit = limit
+        self.pinned = frozenset(pinned)
+        self._held: Counter[Pair] = Counter()  # sessions holding each pair (opening ones included)
+        self._loaded: OrderedDict[Pair, None] = OrderedDict()  # unpinned pairs loaded or loading, least recent first
+
+    @property
+    def loaded(self) -> list[Pair]:
+        """Pairs counted as loaded: the pinned ones, then the others, least recently used first."""
+        return sorted(self.pinned) + [p for p in self._loaded if p not in self.pinned]
+
+    def held(self, pair: Pair) -> int:
+        return self._held[pair]
+
+    def acquire(self, pair: Pair) -> list[Pair]:
+        """A session needs ``pair``'s models: hold it, and return the pairs to unload before they load (least recently
+        used first). Raises PairsInUse, holding nothing, when there is no room and no loaded pair is free."""
+        evict: list[Pair] = []
+        if pair not in self.pinned and pair not in self._loaded:
+            over = len(self.pinned) + len(self._loaded) + 1 - self.limit
+            if over > 0:
+                free = [p for p in self._loaded if self._held[p] == 0]
+                if len(free) < over:
+                    raise PairsInUse(
+                        f"(k, lambda) = {pair} is not loaded, and the {self.limit} pair(s) this server keeps loaded "
+                        f"are in use by other sessions: {', '.join(map(str, self.loaded))} (serve "
+                        f"--max-loaded-pairs); try again later or use one of those")  # fmt: skip
+                evict = free[:over]
+                for p in evict:
+                    del self._loaded[p]
+            self._loaded[pair] = None
+        elif pair in self._loaded:
+            self._loaded.move_to_end(pair)
+        self._held[pair] += 1
+        return evict
+
+    def release(self, pair: Pair) -> None:
+        """A session that held ``pair`` is over (its models may be unloaded for another pair from now on)."""
+        if self._held[pair] <= 0:
+            raise ValueError(f"{pair} is not held")
+        self._held[pair] -= 1
+        if self._held[pair] == 0:
+            del self._held[pair]

@@ -1,0 +1,260 @@
+"""Models of other (k, lambda) pairs: loaded off the model threads, and at most `max_loaded_pairs` at once.
+
+A session of a pair not loaded yet loads that pair's unit LM / ELLA-V on a loading thread, so the other sessions'
+units keep coming meanwhile (with the load on the model thread they stopped for the whole load). The server keeps
+at most `max_loaded_pairs` pairs loaded: a new one unloads the least recently used free pair, and is refused with
+a non-fatal busy (retry_after_s) while all are in use. Tiny set (RANDOM weights): the pairs are (100, 0),
+(100, 600), (500, 0) and the default (500, 4500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import websockets
+
+from dpslm_stream import protocol as P
+from dpslm_stream.hub import ModelSet
+from dpslm_stream.server.app import ServerConfig, ServerThread, build_encoder
+from dpslm_stream.server.pair_budget import PairBudget, PairsInUse
+from dpslm_stream.stream.resynth_worker import ResynthWorker
+from dpslm_stream.stream.worker import EncoderWorker
+from dpslm_stream.tiny import speech_like
+
+SR = 16000
+DEFAULT = (500, 4500)
+
+
+# --- the policy --------------------------------------------------------------------------------------------------
+
+
+def test_budget_evicts_the_least_recently_used_free_pair_and_never_a_pinned_one():
+    b = PairBudget(3, pinned=[DEFAULT])
+    assert b.acquire((100, 0)) == [] and b.acquire((100, 600)) == []
+    assert b.loaded == [DEFAULT, (100, 0), (100, 600)]
+    b.release((100, 0))
+    b.release((100, 600))
+    assert b.acquire((100, 0)) == []  # loaded: no eviction, and now the most recently used
+    b.release((100, 0))
+    assert b.acquire((500, 0)) == [(100, 600)]  # the least recently used free pair, not the pinned default
+    assert b.loaded == [DEFAULT, (100, 0), (500, 0)]
+    assert b.acquire(DEFAULT) == [] and b.acquire(DEFAULT) == []  # pinned: held by any number, never evicted
+    assert b.held(DEFAULT) == 2
+
+
+def test_budget_refuses_when_every_loaded_pair_is_held_and_holds_nothing_then():
+    b = PairBudget(2, pinned=[DEFAULT])
+    b.acquire((100, 0))
+    with pytest.raises(PairsInUse, match="max-loaded-pairs"):
+        b.acquire((100, 600))
+    assert b.loaded == [DEFAULT, (100, 0)] and b.held((100, 600)) == 0
+    b.acquire((100, 0))  # a second session of a loaded pair always fits
+    b.release((100, 0))
+    with pytest.raises(PairsInUse):
+        b.acquire((100, 600))  # still held once
+    b.release((100, 0))
+    assert b.acquire((100, 600)) == [(100, 0)]
+    with pytest.raises(ValueError):
+        b.release((100, 0))  # not held: a double release is a bug
+
+
+def test_budget_with_more_pinned_pairs_than_the_limit_loads_no_other():
+    b = PairBudget(1, pinned=[DEFAULT, (100, 0)])
+    assert b.acquire((100, 0)) == []
+    with pytest.raises(PairsInUse):
+        b.acquire((100, 600))
+    with pytest.raises(ValueError):
+        PairBudget(0)
+
+
+# --- the workers ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordingSet(ModelSet):
+    """The tiny set; records each unit LM / ELLA-V load (pair, thread name, start and end) and makes the loads of
+    `slow` pairs take `delay_s`."""
+
+    slow: tuple = ()
+    delay_s: float = 0.0
+    loads: list = field(default_factory=list)
+
+    def _record(self, kind, pair, load):
+        started = time.monotonic()
+        if pair in self.slow:
+            time.sleep(self.delay_s)
+        model = load()
+        self.loads.append((kind, pair, threading.current_thread().name, started, time.monotonic()))
+        return model
+
+    def ulm(self, k, lmbda, map_location="cpu"):
+        return self._record("ulm", (k, lmbda), lambda: super(RecordingSet, self).ulm(k, lmbda, map_location))
+
+    def ellav(self, k, lmbda, map_location="cpu"):
+        return self._record("ellav", (k, lmbda), lambda: super(RecordingSet, self).ellav(k, lmbda, map_location))
+
+
+def test_encoder_worker_load_pair_leaves_nothing_to_load_and_unload_pair_drops_the_unit_lm():
+    models = RecordingSet("tiny")
+    w = EncoderWorker(models)
+    w.load_pair(100, 0)  # no scores: codebook only
+    assert w.loaded_pairs() == [] and not models.loads
+    w.load_pair(100, 0, score=True)
+    assert w.loaded_pairs() == [(100, 0)] and len(models.loads) == 1
+    s = w.open_session(SR, 100, 0, score=True)
+    assert len(models.loads) == 1  # open_session loaded nothing
+    assert w.unload_pair(100, 0) and w.loaded_pairs() == []
+    assert not w.unload_pair(100, 0)  # nothing left to drop
+    s.push(speech_like(1.0, SR, seed=3))
+    s.end()
+    w.run_until_idle([s])
+    assert [e for e in s.poll() if type(e).__name__ == "UnitEvent"]  # the open session scored on with what it held
+    w.open_session(SR, 100, 0, score=True)
+    assert len(models.loads) == 2  # loaded again
+
+
+def test_encoder_worker_keeps_a_unit_lm_it_cannot_load_again():
+    given = EncoderWorker("tiny")._ulm(100, 0)
+    w = EncoderWorker("tiny", ulms={(200, 0): given})  # a pair the tiny set does not hold
+    assert not w.unload_pair(200, 0) and (200, 0) in w.loaded_pairs()
+
+
+def test_resynth_worker_does_not_unload_an_ellav_a_stream_is_decoding_with():
+    models = RecordingSet("tiny")
+    w = ResynthWorker(models, max_decode_steps=1)
+    w.load_pair(100, 0)
+    assert w.loaded_pairs() == [(100, 0)] and len(models.loads) == 1
+    s = w.open_session(100, 0, left_context=None, holdback=None)
+    assert len(models.loads) == 1
+    s.push_units([1, 2, 3, 4, 5])
+    s.end()
+    w.step([s])  # the pass is in flight: the stream holds a row of the ELLA-V's decode cache
+    assert not w.unload_pair(100, 0)
+    w.run_until_idle([s])
+    s.poll()
+    s.close()
+    assert w.unload_pair(100, 0) and w.loaded_pairs() == []
+
+
+# --- through the server ----------------------------------------------------------------------------------------------
+
+
+async def start(url: str, **fields) -> tuple:
+    """Connect and send start; (the connection, the first ready or error message)."""
+    ws = await websockets.connect(url)
+    await ws.send(json.dumps({"type": "start", "sample_rate": SR, "format": "pcm16", **fields}))
+    return ws, await reply(ws)
+
+
+async def reply(ws) -> dict:
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        if msg["type"] in ("ready", "error"):
+            return msg
+
+
+async def finish(ws) -> list[dict]:
+    """Send end; every message up to the end message."""
+    await ws.send(json.dumps({"type": "end"}))
+    out = []
+    async for raw in ws:
+        if isinstance(raw, str):
+            out.append(json.loads(raw))
+            if out[-1]["type"] == "end":
+                break
+    await ws.close()
+    return out
+
+
+@pytest.mark.parametrize("needs", ["ulm", "ellav"])
+def test_a_pair_loads_off_the_encoder_thread_while_the_other_sessions_units_go_on(needs):
+    """A session of another pair that scores (its unit LM) or resynthesises (its ELLA-V; on a CPU the resynthesis
+    runs on the encoder's thread) while a session of the default pair streams in real time."""
+    models = RecordingSet("tiny", slow=((100, 600),), delay_s=2.0)
+    cfg = ServerConfig(port=0, models="tiny", warmup=False, resynth=needs == "ellav")
+    resynth = ResynthWorker(models) if needs == "ellav" else None
+    wav = speech_like(5.0, SR, seed=5)
+    pcm = P.encode_audio(wav, "pcm16")
+    unit_times: list[float] = []
+
+    async def streaming():
+        ws, ready = await start(srv.url)
+        assert ready["type"] == "ready"
+
+        async def read():
+            async for raw in ws:
+                if isinstance(raw, str) and json.loads(raw)["type"] == "unit":
+                    unit_times.append(time.monotonic())
+                if isinstance(raw, str) and json.loads(raw)["type"] == "end":
+                    return
+
+        reader = asyncio.ensure_future(read())
+        step = SR // 10 * 2  # 100 ms of pcm16
+        for i in range(0, len(pcm), step):
+            await ws.send(pcm[i : i + step])
+            await asyncio.sleep(0.1)
+        await ws.send(json.dumps({"type": "end"}))
+        await asyncio.wait_for(reader, 30)
+        await ws.close()
+
+    async def other_pair():
+        await asyncio.sleep(1.0)
+        ws, ready = await start(srv.url, k=100, lmbda=600, **({"score": True} if needs == "ulm" else {"resynth": {}}))
+        assert ready["type"] == "ready", ready
+        await finish(ws)
+
+    async def both():
+        await asyncio.gather(streaming(), other_pair())
+
+    with ServerThread(cfg, encoder=EncoderWorker(models), resynth=resynth) as srv:
+        assert srv.server.resynth_shares_thread == (needs == "ellav")
+        asyncio.run(asyncio.wait_for(both(), 60))
+    [(_, _, thread, load_start, load_end)] = [r for r in models.loads if r[:2] == (needs, (100, 600))]
+    assert "loader" in thread, thread  # not the encoder's thread
+    # The units of the first session kept coming during the 2 s load (its audio went on arriving in real time).
+    assert any(load_start + 0.5 < t < load_end for t in unit_times), (load_start, load_end, unit_times)
+
+
+def test_the_server_keeps_at_most_max_loaded_pairs_and_answers_busy_while_all_are_in_use():
+    cfg = ServerConfig(port=0, models="tiny", warmup=False, max_loaded_pairs=2)
+    worker = build_encoder(cfg)
+    wav = P.encode_audio(speech_like(0.5, SR, seed=6), "pcm16")
+
+    async def main(srv):
+        a, ready = await start(srv.url, k=100, lmbda=0, score=True)
+        assert ready["type"] == "ready"
+        await a.send(wav)
+        b, refused = await start(srv.url, k=100, lmbda=600, score=True)  # the default pair + (100, 0) are loaded
+        assert refused["code"] == P.ErrorCode.BUSY.value and not refused["fatal"], refused
+        assert refused["retry_after_s"] == cfg.busy_retry_after_s and "max-loaded-pairs" in refused["message"]
+        for needs in ({"resynth": {}}, {"transmit": {"coder": "ulm"}}):  # the pair's ELLA-V, the codec's unit LM
+            await b.send(json.dumps({"type": "start", "sample_rate": SR, "format": "pcm16", "k": 100, "lmbda": 600,
+                                     **needs}))  # fmt: skip
+            assert (await reply(b))["code"] == P.ErrorCode.BUSY.value
+        await b.send(json.dumps({"type": "start", "sample_rate": SR, "format": "pcm16", "k": 100, "lmbda": 600}))
+        assert (await reply(b))["type"] == "ready"  # units alone need only the codebook
+        await finish(b)
+        b, ready = await start(srv.url, score=True)
+        assert ready["type"] == "ready"  # the default pair is always there
+        assert [m["type"] for m in await finish(b)][-1] == "end"
+        assert worker.loaded_pairs() == [(100, 0), DEFAULT]
+        end = await finish(a)
+        assert end[-1]["reason"] == "end" and any(m["type"] == "unit" for m in end)
+        for _ in range(100):  # the server releases a's hold once its connection is over
+            if srv.call(lambda: srv.server.pair_budget.held((100, 0))) == 0:
+                break
+            await asyncio.sleep(0.05)
+        c, ready = await start(srv.url, k=100, lmbda=600, score=True)
+        assert ready["type"] == "ready", ready
+        assert worker.loaded_pairs() == [(100, 600), DEFAULT]  # (100, 0) was unloaded for it
+        await c.send(wav)
+        end = await finish(c)
+        assert end[-1]["reason"] == "end" and all(m["logprob"] is not None for m in end if m["type"] == "unit")
+
+    with ServerThread(cfg, encoder=worker) as srv:
+        asyncio.run(asyncio.wait_for(main(srv), 60))
