@@ -805,3 +805,43 @@ def test_batched_decoder_continues_generate_exactly(ellav64, merge):
         assert emitted[id(stage)] == expected + [EOP]
         total = max(total, len(expected) + 1)
     assert steps == total if not merge else steps < total
+
+
+def test_decode_cache_rows_grow_with_the_passes_and_change_nothing(ellav64):
+    """The decoder's KV cache holds as many rows as passes run at once (doubling, up to max_batch), not max_batch
+    from the start. Growing it while passes run (their rows copied, with a larger capacity too, or not) changes
+    nothing: each pass emits its offline token stream, and every step's logits are bit-equal to those of a decoder
+    that preallocated max_batch rows (the compiled decode step's layout)."""
+    from dpslm_stream.stream.ellav_batch import BatchDecoder
+
+    unit_lists = [random_units(3 + 2 * i, seed=70 + i) for i in range(6)]
+
+    def run(preallocate_rows, capacity):
+        decoder = BatchDecoder(ellav64, max_batch=8, max_codec_tokens_per_phone=M, capacity=capacity,
+                               preallocate_rows=preallocate_rows)  # fmt: skip
+        stages = [IncrementalELLAV(ellav64, left_context=None, holdback=None) for _ in unit_lists]
+        for stage, units in zip(stages, unit_lists):
+            stage.add(units)
+            stage.end()
+        joins = {0: stages[:1], 3: stages[1:3], 6: stages[3:]}  # 1 pass, then 3, then 6 at once
+        logits, rows, emitted = [], [], {id(s): [] for s in stages}
+        for step in range(1000):
+            if step in joins:
+                decoder.admit([(stage, stage.next_pass()) for stage in joins[step]])
+            if not decoder.rows:
+                break
+            for stage, token, _ in decoder.step():
+                emitted[id(stage)].append(token)
+            logits.append(None if decoder.logits is None else decoder.logits.clone())
+            rows.append(decoder.cache.batch_size)
+        return logits, rows, [emitted[id(s)] for s in stages]
+
+    for capacity in (16, 4096):  # slots grow with the rows, or never
+        grown, grown_rows, tokens = run(False, capacity)
+        full, full_rows, _ = run(True, 4096)
+        assert set(full_rows) == {8} and grown_rows[0] == 1 and max(grown_rows) == 8 and 4 in grown_rows
+        for units, got in zip(unit_lists, tokens):
+            (expected,), _ = ellav64.generate_tokens([units], 10_000, M, 1.0, 0.0)
+            assert got == expected + [EOP]
+        assert len(grown) == len(full) > 20
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grown, full))

@@ -1,4 +1,4 @@
-"""BatchDecoder: the decode steps of many streams' ELLA-V passes in lockstep over one preallocated KV cache
+"""BatchDecoder: the decode steps of many streams' ELLA-V passes in lockstep over one KV cache
 (continuous batching), and PassPlan, the pass a stream hands it (stream/ellav_stage.py makes them).
 
 The decoder is the one owner of every pass in flight: a row holds its owner (any hashable object: the
@@ -65,14 +65,18 @@ def _cat_states(a: GenerationState, b: GenerationState) -> GenerationState:
 
 class BatchDecoder:
     """Continuous batching for one ELLA-V model: passes of many streams decode in lockstep, one token per row per
-    step, over a KV cache of `max_batch` preallocated rows.
+    step, over one KV cache of at most `max_batch` rows.
 
     Active passes occupy rows 0..A-1. `admit` prefills new passes into the next free rows in one padded forward;
     `step` picks every row's next token with upstream's control loop (`generation_step`), lets rows whose pass is
     over leave (the last row moves into the hole, copying only its filled slots) and forwards the rest in one
     batched 1-token forward (2 tokens for rows whose EOP is followed by a forced unit, with `merge_forced`). Each
     row's positions start at 0 with its prompt. The cache grows (never shrinks) to the largest pass admitted:
-    bounded by the streams' left_context, max_pass_units and M, not by stream length.
+    bounded by the streams' left_context, max_pass_units and M, not by stream length; and its rows double, up to
+    `max_batch`, as more passes run at once (at full size a row is 25 MB, so a worker that serves one stream no longer
+    holds 16). A step's forward covers the active rows 0..A-1 alone, with the same strides whatever the number of rows
+    allocated, so the growth changes no result. `preallocate_rows` allocates `max_batch` rows at once instead: a
+    compiled decode step (compile_decode) would recompile for every new row count of the cache it is given.
 
     Device hygiene: a step reads the device once (tokens, pass-over flags and next forced tokens in one `tolist`);
     sampling rows draw on the device from per-stream uniform numbers sent in one transfer; cache lengths live on the
@@ -80,7 +84,7 @@ class BatchDecoder:
     """
 
     def __init__(self, model: ELLAV, max_batch: int, max_codec_tokens_per_phone: int, capacity: int = 256,
-                 merge_forced: bool = False):
+                 merge_forced: bool = False, preallocate_rows: bool = False):
         self.model = model
         # Feed the unit token forced after an EOP in the same forward as the EOP (a 2-token append for that row):
         # U fewer forwards per second of audio. Not bit-identical to one token per forward (the matmuls see other
@@ -89,6 +93,7 @@ class BatchDecoder:
         self.max_batch = check_int("max_batch", max_batch, 1)
         self.max_codec_tokens_per_phone = max_codec_tokens_per_phone
         self._initial_capacity = capacity
+        self.preallocate_rows = bool(preallocate_rows)
         self.cache: KVCache | None = None
         self.clear()
 
@@ -108,11 +113,16 @@ class BatchDecoder:
     def cache_nbytes(self) -> int:
         return 0 if self.cache is None else self.cache.nbytes
 
-    def _reserve(self, slots: int) -> None:
+    def _reserve(self, slots: int, rows: int) -> None:
+        """Room in the cache for `rows` active rows of `slots` slots each (rows double; slots grow by 64s)."""
+        batch = self.max_batch if self.preallocate_rows else min(self.max_batch, 1 << (rows - 1).bit_length())
         if self.cache is None:
-            self.cache = self.model.new_cache(self.max_batch, max(self._initial_capacity, slots))
-        elif slots > self.cache.capacity:
-            self.cache.grow(-(-slots // 64) * 64)
+            self.cache = self.model.new_cache(batch, max(self._initial_capacity, slots))
+            return
+        batch = max(batch, self.cache.batch_size)
+        capacity = self.cache.capacity if slots <= self.cache.capacity else -(-slots // 64) * 64
+        if (batch, capacity) != (self.cache.batch_size, self.cache.capacity):
+            self.cache.resize(batch, capacity)  # keeps the active rows 0..A-1
 
     @torch.inference_mode()
     def admit(self, jobs: list[tuple[Hashable, PassPlan]]) -> None:
@@ -126,7 +136,7 @@ class BatchDecoder:
         M = self.max_codec_tokens_per_phone
         plans = [plan for _, plan in jobs]
         need = [len(p.prompt) + p.max_new_tokens(M) for p in plans]
-        self._reserve(max(need) + 1)  # + 1: a merged step pads the other rows by one slot
+        self._reserve(max(need) + 1, len(self.rows) + len(jobs))  # + 1: a merged step pads the others by one slot
         device = self.model.device
         a, b = len(self.rows), len(self.rows) + len(jobs)
         view = self.cache.rows(a, b)
@@ -156,7 +166,7 @@ class BatchDecoder:
         i = self.rows.index(owner)
         added = (stop + 1 - int(self.state.num_units[i])) * (self.max_codec_tokens_per_phone + 3)
         self._need[i] += max(0, added)
-        self._reserve(self._need[i])
+        self._reserve(self._need[i], len(self.rows))
         self.state.num_units[i] = stop + 1
 
     def has_pass(self, owner: Hashable) -> bool:

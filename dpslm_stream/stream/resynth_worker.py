@@ -1,8 +1,8 @@
 """ResynthWorker: the resynthesis models (ELLA-V per (k, lambda), WavTokenizer) and batched execution of many
 streams: committed units -> ELLA-V codec ids (stream/ellav_stage.py) -> WavTokenizer audio (stream/vocoder.py).
 
-`ResynthWorker` owns the models and runs the decode steps of every active pass in lockstep over one preallocated
-KV cache per ELLA-V model (continuous batching, stream/ellav_batch.py: passes join with a batched prefill and leave
+`ResynthWorker` owns the models and runs the decode steps of every active pass in lockstep over one KV cache
+per ELLA-V model (continuous batching, stream/ellav_batch.py: passes join with a batched prefill and leave
 when their last unit's EOP is out, between decode steps), then the vocoder windows of all streams, those of equal
 length in one backbone forward (stream/vocoder.py VocoderRunner). Sessions (stream/resynth_session.py) are sans-I/O
 like the encoder's: `push_units`/`end` queue input, `worker.step(sessions)` computes, `poll()` returns AudioEvents
@@ -47,7 +47,7 @@ class ResynthWorker:
     (its FFTs always run in float32). precision: "exact" (default: the float32 path, or the dtypes given) or "fast":
     the plan models/precision.py picks for this device (then dtype and vocoder_dtype must stay float32; ELLA-V's
     block matmuls become int8 weight-only or bf16, the vocoder bf16 where the hardware has bf16 units);
-    `precision_plans` says what was picked. max_batch: passes decoded together per ELLA-V model (rows of the preallocated
+    `precision_plans` says what was picked. max_batch: passes decoded together per ELLA-V model (rows of its
     KV cache); further due passes wait, oldest first. max_decode_steps: batched decode steps per step() call, so one
     call stays short and a stream with a long pass never holds the others: they join and leave between steps.
     max_codec_tokens_per_phone: upstream's M, the per-unit cap (M+1 codec tokens per unit). clock: the time source
@@ -197,12 +197,13 @@ class ResynthWorker:
     def _decoder(self, key: tuple[int, int]) -> BatchDecoder:
         if key not in self._decoders:
             self._decoders[key] = BatchDecoder(self._ellav(key), self.max_batch, self.max_codec_tokens_per_phone,
-                                               merge_forced=self.precision == "fast")  # fmt: skip
+                                               merge_forced=self.precision == "fast",
+                                               preallocate_rows=self.compile_decode)  # fmt: skip
         return self._decoders[key]
 
     @property
     def cache_nbytes(self) -> int:
-        """Bytes of the preallocated ELLA-V KV caches (all models)."""
+        """Bytes of the ELLA-V decode caches (all models; rows are allocated as passes need them)."""
         return sum(d.cache_nbytes for d in list(self._decoders.values()))  # list(): load_pair may add one meanwhile
 
     # -- sessions ----------------------------------------------------------------------------------------------------
