@@ -417,7 +417,7 @@ class Connection:
         self.slot, self.rstream = slot, rstream
         self.handle(self.core.opened, slot.info, rstream)
         if transmit is not None and self.server.codec is not None and not self.core.finished:
-            try:  # the first use of a (k, lambda) loads its ULM on the codec thread; units queue behind it
+            try:  # the first use of a (k, lambda) loads its ULM (on the codec's loading thread); units queue meanwhile
                 self.transmitter = await self.server.codec.open(transmit, slot.info.k, slot.info.lmbda, self.loop.time())
             except Exception as e:  # noqa: BLE001 - the bitstream is lost, not the session
                 return self.handle(self.core.transmit_failed, e)

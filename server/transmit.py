@@ -3,7 +3,8 @@
 The `ulm` coder steps the unit LM once per unit (batch 1, its own KV cache, see dpslm_stream.codec.models): model
 code, so it must not run on the event loop, and it must not be batched with other sessions (decodability needs the
 receiver's batch-1 step shape). One thread for all sessions keeps each session's jobs in order (a single-worker
-executor runs them first in, first out) and shares one ULM per (k, lambda) between the sessions; it is separate from
+executor runs them first in, first out) and shares one ULM per (k, lambda) between the sessions (loaded on a
+loading thread of its own, so the other sessions' packets do not wait for a load); it is separate from
 the scorer's ULM, whose batched floats are never used for coding. Each job frees the OpenMP team its ULM step started
 (dpslm_stream/device.py release_cpu_threads): an idle team on this thread made the encoder's 8-stream steps 1.4-1.5x
 slower on 2 cores, while starting the team again costs a job nothing measurable (a full-size step: 51-52 ms with
@@ -51,6 +52,8 @@ class CodecService:
         self.tables = dict(tables or {})
         self._inline = {k: t.to_bytes() for k, t in self.tables.items()}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpslm-codec")
+        # A pair's ULM loads (and is hashed) here, not on the codec thread, whose jobs carry every session's packets.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpslm-codec-loader")
 
     def _open(self, options: dict, k: int, lmbda: int, t0: float) -> Transmitter:
         opts = TransmitOptions.from_json(options)
@@ -61,14 +64,17 @@ class CodecService:
         return Transmitter(opts.header(k, lmbda, model, inline), model, t0)
 
     async def open(self, options: dict, k: int, lmbda: int, t0: float) -> Transmitter:
+        if options.get("coder") == "ulm":
+            await self._run(lambda: self.models.ulm(k, lmbda), self._loader)
         return await self._run(lambda: self._open(options, k, lmbda, t0))
 
     async def unload_pair(self, k: int, lmbda: int) -> None:
         """Drop the pair's ULM (server/pair_budget.py): its coders are gone."""
         await self._run(lambda: self.models.unload(k, lmbda))
 
-    def _run(self, job: Callable[[], Any]) -> "asyncio.Future":
-        """`job()` on the codec thread, which frees its OpenMP team afterwards (the module docstring says why)."""
+    def _run(self, job: Callable[[], Any], pool: ThreadPoolExecutor | None = None) -> "asyncio.Future":
+        """`job()` on the codec thread (or `pool`'s), which frees its OpenMP team afterwards (the module docstring
+        says why)."""
 
         def run():
             try:
@@ -76,7 +82,7 @@ class CodecService:
             finally:
                 release_cpu_threads()
 
-        return asyncio.get_running_loop().run_in_executor(self._pool, run)
+        return asyncio.get_running_loop().run_in_executor(pool or self._pool, run)
 
     def submit(self, tx: Transmitter, job: Callable[[], list[bytes]], at: float,
                done: Callable[[Any], None]) -> None:  # fmt: skip
@@ -91,3 +97,4 @@ class CodecService:
 
     def stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)

@@ -171,10 +171,14 @@ async def finish(ws) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("needs", ["ulm", "ellav"])
+NEEDS = {"ulm": {"score": True}, "ellav": {"resynth": {}}, "codec": {"transmit": {"coder": "ulm"}}}
+
+
+@pytest.mark.parametrize("needs", list(NEEDS))
 def test_a_pair_loads_off_the_encoder_thread_while_the_other_sessions_units_go_on(needs):
-    """A session of another pair that scores (its unit LM) or resynthesises (its ELLA-V; on a CPU the resynthesis
-    runs on the encoder's thread) while a session of the default pair streams in real time."""
+    """A session of another pair that scores (its unit LM), resynthesises (its ELLA-V; on a CPU the resynthesis
+    runs on the encoder's thread) or transmits with the ulm coder (the codec thread's unit LM, whose jobs carry every
+    session's packets) while a session of the default pair streams in real time."""
     models = RecordingSet("tiny", slow=((100, 600),), delay_s=2.0)
     cfg = ServerConfig(port=0, models="tiny", warmup=False, resynth=needs == "ellav")
     resynth = ResynthWorker(models) if needs == "ellav" else None
@@ -204,7 +208,7 @@ def test_a_pair_loads_off_the_encoder_thread_while_the_other_sessions_units_go_o
 
     async def other_pair():
         await asyncio.sleep(1.0)
-        ws, ready = await start(srv.url, k=100, lmbda=600, **({"score": True} if needs == "ulm" else {"resynth": {}}))
+        ws, ready = await start(srv.url, k=100, lmbda=600, **NEEDS[needs])
         assert ready["type"] == "ready", ready
         await finish(ws)
 
@@ -214,8 +218,9 @@ def test_a_pair_loads_off_the_encoder_thread_while_the_other_sessions_units_go_o
     with ServerThread(cfg, encoder=EncoderWorker(models), resynth=resynth) as srv:
         assert srv.server.resynth_shares_thread == (needs == "ellav")
         asyncio.run(asyncio.wait_for(both(), 60))
-    [(_, _, thread, load_start, load_end)] = [r for r in models.loads if r[:2] == (needs, (100, 600))]
-    assert "loader" in thread, thread  # not the encoder's thread
+    kind = "ellav" if needs == "ellav" else "ulm"
+    [(_, _, thread, load_start, load_end)] = [r for r in models.loads if r[:2] == (kind, (100, 600))]
+    assert "loader" in thread, thread  # not the encoder's thread, nor the codec's
     # The units of the first session kept coming during the 2 s load (its audio went on arriving in real time).
     assert any(load_start + 0.5 < t < load_end for t in unit_times), (load_start, load_end, unit_times)
 
