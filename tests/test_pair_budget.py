@@ -50,7 +50,7 @@ def test_budget_evicts_the_least_recently_used_free_pair_and_never_a_pinned_one(
 def test_budget_refuses_when_every_loaded_pair_is_held_and_holds_nothing_then():
     b = PairBudget(2, pinned=[DEFAULT])
     b.acquire((100, 0))
-    with pytest.raises(PairsInUse, match="max-loaded-pairs"):
+    with pytest.raises(PairsInUse, match=r"in use by other sessions: \(500, 4500\), \(100, 0\) \(serve --max-loaded-pairs"):
         b.acquire((100, 600))
     assert b.loaded == [DEFAULT, (100, 0)] and b.held((100, 600)) == 0
     b.acquire((100, 0))  # a second session of a loaded pair always fits
@@ -59,7 +59,7 @@ def test_budget_refuses_when_every_loaded_pair_is_held_and_holds_nothing_then():
         b.acquire((100, 600))  # still held once
     b.release((100, 0))
     assert b.acquire((100, 600)) == [(100, 0)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not held"):
         b.release((100, 0))  # not held: a double release is a bug
 
 
@@ -68,7 +68,7 @@ def test_budget_with_more_pinned_pairs_than_the_limit_loads_no_other():
     assert b.acquire((100, 0)) == []
     with pytest.raises(PairsInUse):
         b.acquire((100, 600))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 1"):
         PairBudget(0)
 
 
