@@ -222,6 +222,28 @@ def test_fast_streaming_encoder_stays_close_to_exact(tiny_models):
         EncoderWorker(tiny_models, pairs=[(K, LMBDA)], wavlm=exact.wavlm, precision="quick")
 
 
+def test_fast_encoder_projects_q_k_v_in_one_matmul_bit_equal_to_three(tiny_models):
+    """A fast WindowRunner stacks each block's q/k/v weights into one FastLinear: with one scale per output channel
+    and one activation quantization per call, its q, k and v equal those of three separate FastLinears bit for bit,
+    at the few rows of one stream and the many of a batch (the decode and the bulk kernel)."""
+    from dpslm_stream.stream.worker import EncoderWorker
+
+    fast = EncoderWorker(tiny_models, pairs=[(K, LMBDA)], precision="fast")
+    runner, plan = fast.runner, fast.runner.precision_plan
+    if plan.bulk == "fp32":
+        pytest.skip("fast is exact on this machine: nothing is fused")
+    attn = runner.blocks[0].self_attn
+    assert len(runner.linears[0]) == 4 and runner.linears[0][0].out_features == 3 * runner.dim
+    separate = [PR.FastLinear([m], plan.decode, plan.bulk) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    torch.manual_seed(0)
+    for rows in (3, 8 * 15):
+        h = torch.randn(1, rows, runner.dim)
+        with torch.inference_mode():
+            fused = runner._project_qkv(runner.linears[0][:1], h)
+            three = runner._project_qkv(separate, h)
+        assert all(torch.equal(a, b) for a, b in zip(fused, three))
+
+
 def test_server_builds_its_encoder_in_the_configured_precision(tiny_dir):
     from dpslm_stream.server.app import ServerConfig, build_encoder
 
