@@ -125,7 +125,8 @@ class Server:
                                self.resynth is not None, tuple(sorted(tables)))  # fmt: skip
         self.connections: set[Connection] = set()
         # Which pairs' large models stay loaded (server/pair_budget.py); the pairs being unloaded for others meanwhile.
-        self.pair_budget = PairBudget(config.max_loaded_pairs, {self.default_pair, *(config.pairs or ())})
+        self.pair_budget = PairBudget(config.max_loaded_pairs, {self.default_pair, *(config.pairs or ())},
+                                      config.pair_min_idle_s)  # fmt: skip
         self._unloading: dict[tuple[int, int], asyncio.Future] = {}
         # start.transmit: the sessions' bitstream coders, on one codec thread (models loaded when first asked for)
         self.codec: CodecService | None = CodecService(models if models is not None else config.models, tables)
@@ -317,7 +318,7 @@ class Server:
         """A session needs ``pair``'s large models (scores, resynthesis, the ulm coder): hold it in the budget and
         start unloading what it evicts (await ``pair_unloaded`` before loading). Raises PairsInUse, holding nothing,
         when every pair the server may keep loaded is in use."""
-        for victim in self.pair_budget.acquire(pair):
+        for victim in self.pair_budget.acquire(pair, time.monotonic()):
             log.info("unloading the models of (k, lambda) = %s for %s (--max-loaded-pairs %d)", victim, pair,
                      self.config.max_loaded_pairs)  # fmt: skip
             self._unloading[victim] = unloading = asyncio.ensure_future(self._unload_pair(victim))
@@ -334,7 +335,7 @@ class Server:
             await asyncio.shield(self._unloading[pair])
 
     def release_pair(self, pair: tuple[int, int]) -> None:
-        self.pair_budget.release(pair)
+        self.pair_budget.release(pair, time.monotonic())
 
     async def _unload_pair(self, pair: tuple[int, int]) -> None:
         """Every holder of the pair's large models drops them; a failure is logged (the memory stays taken)."""

@@ -126,6 +126,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
           help="(k, lambda) pairs whose unit LM / ELLA-V are loaded at once, the default pair and --pairs included "
                "(~0.8 GB each per model at released size); a start for another pair unloads the least recently used "
                "one no session holds, or is refused with busy when all are held; default 3)")
+    field("pair_min_idle_s", type=float, metavar="S",
+          help="a loaded pair is unloaded for another only once no session held it for S seconds, so that clients "
+               "cannot keep the server loading models (default 30; 0: at once)")
     field("max_resynth_lag_s", type=float,
           help="seconds a session's resynthesis may fall behind before it is stopped (the units go on)")
     field("max_exact_resynth_s", type=float,

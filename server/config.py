@@ -68,6 +68,7 @@ class ServerConfig:
     # (k, lambda) pairs whose large models (unit LM, ELLA-V) are loaded at once, the default pair and --pairs included
     # (server/pair_budget.py): a new pair unloads the least recently used free one; when all are in use, busy.
     max_loaded_pairs: int = 3
+    pair_min_idle_s: float = 30.0  # a pair is unloaded for another only once nobody held it for this long (load rate)
     max_resynth_lag_s: float = 60.0  # a session's resynthesis further behind than this is stopped (units go on)
     # Resynthesis with unbounded context (left_context or vocoder_left_context null, the exact setting) keeps every
     # unit / codec frame of the stream in each pass: it is ended after this many seconds of input (0: refused at start).
@@ -102,7 +103,7 @@ class ServerConfig:
                     "max_buffer_s", "stats_interval_s", "drain_timeout_s", "quantum_s", "busy_retry_after_s", "max_resynth_lag_s")  # fmt: skip
         for name in positive:
             check_number(flag(name), getattr(self, name), 0, above=True, what="number of seconds")
-        for name in ("stall_timeout_s", "max_exact_resynth_s", "resume_grace_s"):
+        for name in ("stall_timeout_s", "max_exact_resynth_s", "resume_grace_s", "pair_min_idle_s"):
             check_number(flag(name), getattr(self, name), 0)
         for name in ("warmup", "resynth", "allow_tf32", "compile_decode"):
             if not isinstance(getattr(self, name), bool):

@@ -8,6 +8,10 @@ go down with it. So at most ``limit`` pairs are loaded at once. A new pair first
 that no session holds; when every loaded pair is held, the start is refused with ``busy`` (and ``retry_after_s``)
 and nothing is loaded.
 
+A pair is unloaded only once nobody has held it for ``min_idle_s`` (``serve --pair-min-idle-s``): otherwise a client
+that opened short sessions of ever other pairs would keep the server loading models, seconds of CPU and disk each,
+on the cores the other sessions use. So on-demand loads happen at most ``limit - pinned`` times per ``min_idle_s``.
+
 Pinned pairs (the default pair, loaded by the start-up warm-up, and ``serve --pairs``, loaded at start) are never
 unloaded; they count toward the limit. Sessions that need only a pair's codebook (no scores, no resynthesis, no
 ``ulm`` coder) hold nothing here: a codebook is a few MB.
@@ -17,6 +21,7 @@ This is the policy alone (sans-I/O): ``Server`` calls it on the event loop and d
 
 from __future__ import annotations
 
+import math
 from collections import Counter, OrderedDict
 from typing import Iterable
 
@@ -28,13 +33,16 @@ class PairsInUse(Exception):
 
 
 class PairBudget:
-    def __init__(self, limit: int, pinned: Iterable[Pair] = ()):
+    def __init__(self, limit: int, pinned: Iterable[Pair] = (), min_idle_s: float = 0.0):
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         self.limit = limit
         self.pinned = frozenset(pinned)
+        self.min_idle_s = min_idle_s
         self._held: Counter[Pair] = Counter()  # sessions holding each pair (opening ones included)
-        self._loaded: OrderedDict[Pair, None] = OrderedDict()  # unpinned pairs loaded or loading, least recent first
+        # Unpinned pairs loaded or loading, least recently used first, with when they were last released (-inf: not
+        # yet held and released).
+        self._loaded: OrderedDict[Pair, float] = OrderedDict()
 
     @property
     def loaded(self) -> list[Pair]:
@@ -44,32 +52,38 @@ class PairBudget:
     def held(self, pair: Pair) -> int:
         return self._held[pair]
 
-    def acquire(self, pair: Pair) -> list[Pair]:
-        """A session needs ``pair``'s models: hold it, and return the pairs to unload before they load (least recently
-        used first). Raises PairsInUse, holding nothing, when there is no room and no loaded pair is free."""
+    def acquire(self, pair: Pair, now: float) -> list[Pair]:
+        """A session needs ``pair``'s models at time ``now`` (seconds): hold it, and return the pairs to unload before
+        they load (least recently used first). Raises PairsInUse, holding nothing, when there is no room and too few
+        loaded pairs are free (held by nobody for ``min_idle_s``)."""
         evict: list[Pair] = []
         if pair not in self.pinned and pair not in self._loaded:
             over = len(self.pinned) + len(self._loaded) + 1 - self.limit
             if over > 0:
-                free = [p for p in self._loaded if self._held[p] == 0]
+                free = [p for p, released in self._loaded.items()
+                        if self._held[p] == 0 and now - released >= self.min_idle_s]  # fmt: skip
                 if len(free) < over:
                     raise PairsInUse(
                         f"(k, lambda) = {pair} is not loaded, and the {self.limit} pair(s) this server keeps loaded "
-                        f"are in use by other sessions: {', '.join(map(str, self.loaded))} (serve "
-                        f"--max-loaded-pairs); try again later or use one of those")  # fmt: skip
+                        f"are in use by other sessions, or were within {self.min_idle_s:g} s: "
+                        f"{', '.join(map(str, self.loaded))} (serve --max-loaded-pairs, --pair-min-idle-s); try again "
+                        f"later or use one of those")  # fmt: skip
                 evict = free[:over]
                 for p in evict:
                     del self._loaded[p]
-            self._loaded[pair] = None
+            self._loaded[pair] = -math.inf
         elif pair in self._loaded:
             self._loaded.move_to_end(pair)
         self._held[pair] += 1
         return evict
 
-    def release(self, pair: Pair) -> None:
-        """A session that held ``pair`` is over (its models may be unloaded for another pair from now on)."""
+    def release(self, pair: Pair, now: float) -> None:
+        """A session that held ``pair`` is over at ``now`` (once nobody holds it for ``min_idle_s``, its models may
+        be unloaded for another pair)."""
         if self._held[pair] <= 0:
             raise ValueError(f"{pair} is not held")
         self._held[pair] -= 1
         if self._held[pair] == 0:
             del self._held[pair]
+            if pair in self._loaded:
+                self._loaded[pair] = now

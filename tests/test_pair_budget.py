@@ -35,39 +35,56 @@ DEFAULT = (500, 4500)
 
 def test_budget_evicts_the_least_recently_used_free_pair_and_never_a_pinned_one():
     b = PairBudget(3, pinned=[DEFAULT])
-    assert b.acquire((100, 0)) == [] and b.acquire((100, 600)) == []
+    assert b.acquire((100, 0), 0.0) == [] and b.acquire((100, 600), 0.0) == []
     assert b.loaded == [DEFAULT, (100, 0), (100, 600)]
-    b.release((100, 0))
-    b.release((100, 600))
-    assert b.acquire((100, 0)) == []  # loaded: no eviction, and now the most recently used
-    b.release((100, 0))
-    assert b.acquire((500, 0)) == [(100, 600)]  # the least recently used free pair, not the pinned default
+    b.release((100, 0), 0.0)
+    b.release((100, 600), 0.0)
+    assert b.acquire((100, 0), 0.0) == []  # loaded: no eviction, and now the most recently used
+    b.release((100, 0), 0.0)
+    assert b.acquire((500, 0), 0.0) == [(100, 600)]  # the least recently used free pair, not the pinned default
     assert b.loaded == [DEFAULT, (100, 0), (500, 0)]
-    assert b.acquire(DEFAULT) == [] and b.acquire(DEFAULT) == []  # pinned: held by any number, never evicted
+    assert b.acquire(DEFAULT, 0.0) == [] and b.acquire(DEFAULT, 0.0) == []  # pinned: held by any number, never evicted
     assert b.held(DEFAULT) == 2
 
 
 def test_budget_refuses_when_every_loaded_pair_is_held_and_holds_nothing_then():
     b = PairBudget(2, pinned=[DEFAULT])
-    b.acquire((100, 0))
-    with pytest.raises(PairsInUse, match=r"in use by other sessions: \(500, 4500\), \(100, 0\) \(serve --max-loaded-pairs"):
-        b.acquire((100, 600))
+    b.acquire((100, 0), 0.0)
+    with pytest.raises(PairsInUse, match=r"in use by other sessions, or were within 0 s: \(500, 4500\), \(100, 0\) \(serve --max-loaded-pairs"):
+        b.acquire((100, 600), 0.0)
     assert b.loaded == [DEFAULT, (100, 0)] and b.held((100, 600)) == 0
-    b.acquire((100, 0))  # a second session of a loaded pair always fits
-    b.release((100, 0))
+    b.acquire((100, 0), 0.0)  # a second session of a loaded pair always fits
+    b.release((100, 0), 0.0)
     with pytest.raises(PairsInUse):
-        b.acquire((100, 600))  # still held once
-    b.release((100, 0))
-    assert b.acquire((100, 600)) == [(100, 0)]
+        b.acquire((100, 600), 0.0)  # still held once
+    b.release((100, 0), 0.0)
+    assert b.acquire((100, 600), 0.0) == [(100, 0)]
     with pytest.raises(ValueError, match="not held"):
-        b.release((100, 0))  # not held: a double release is a bug
+        b.release((100, 0), 0.0)  # not held: a double release is a bug
+
+
+def test_budget_unloads_a_pair_only_once_nobody_held_it_for_min_idle_s():
+    """The load-rate rule: a client that opens short sessions of ever other pairs cannot keep the server loading."""
+    b = PairBudget(2, pinned=[DEFAULT], min_idle_s=30.0)
+    b.acquire((100, 0), 0.0)
+    b.release((100, 0), 10.0)
+    with pytest.raises(PairsInUse, match="within 30 s"):
+        b.acquire((100, 600), 39.9)
+    b.acquire((100, 0), 20.0)  # held again: the idle time starts over at its next release
+    b.release((100, 0), 50.0)
+    with pytest.raises(PairsInUse):
+        b.acquire((100, 600), 79.9)
+    assert b.acquire((100, 600), 80.0) == [(100, 0)]
+    b.release((100, 600), 80.5)
+    with pytest.raises(PairsInUse):
+        b.acquire((100, 0), 100.0)  # and the pair loaded for it stays its 30 s too
 
 
 def test_budget_with_more_pinned_pairs_than_the_limit_loads_no_other():
     b = PairBudget(1, pinned=[DEFAULT, (100, 0)])
-    assert b.acquire((100, 0)) == []
+    assert b.acquire((100, 0), 0.0) == []
     with pytest.raises(PairsInUse):
-        b.acquire((100, 600))
+        b.acquire((100, 600), 0.0)
     with pytest.raises(ValueError, match="at least 1"):
         PairBudget(0)
 
@@ -226,7 +243,7 @@ def test_a_pair_loads_off_the_encoder_thread_while_the_other_sessions_units_go_o
 
 
 def test_the_server_keeps_at_most_max_loaded_pairs_and_answers_busy_while_all_are_in_use():
-    cfg = ServerConfig(port=0, models="tiny", warmup=False, max_loaded_pairs=2)
+    cfg = ServerConfig(port=0, models="tiny", warmup=False, max_loaded_pairs=2, pair_min_idle_s=0.0)
     worker = build_encoder(cfg)
     wav = P.encode_audio(speech_like(0.5, SR, seed=6), "pcm16")
 
@@ -262,4 +279,5 @@ def test_the_server_keeps_at_most_max_loaded_pairs_and_answers_busy_while_all_ar
         assert end[-1]["reason"] == "end" and all(m["logprob"] is not None for m in end if m["type"] == "unit")
 
     with ServerThread(cfg, encoder=worker) as srv:
+        assert srv.server.pair_budget.min_idle_s == 0.0 and ServerConfig().pair_min_idle_s == 30.0
         asyncio.run(asyncio.wait_for(main(srv), 60))
