@@ -246,10 +246,11 @@ def run(args: argparse.Namespace) -> None:
         print("lag = wall clock from a unit's audio arriving to the unit being sent; algo = audio after a unit's end "
               "before it committed (window + DPDP)\nrtf = model compute per audio second per session; load = worker "
               "busy fraction; batch = sessions per encoder forward; cpu = server CPU s per audio s per session; "
-              "cl cpu = the same for the clients' process (it shares this machine's cores)")  # fmt: skip
+              "cl cpu = the same for the clients' process (it shares this machine's cores); RSS MB/ses = the server's peak "
+              "resident memory growth during the run per session (older outputs label it RSS MB/s)")  # fmt: skip
         header = (f"{'N':>3} {'lag p50':>8} {'p95':>6} {'max':>6} {'worst p95':>9} {'algo p50':>8} {'rtf':>6} "
                   f"{'load':>5} {'batch':>5} {'step ms':>7} {'cpu':>5} {'cl cpu':>6} {'backlog':>7} {'state MB':>8} "
-                  f"{'RSS MB/s':>8} {'real time':>9}")  # fmt: skip
+                  f"{'RSS MB/ses':>10} {'real time':>9}")  # fmt: skip
         print(header)
         print("-" * len(header))
         for n in args.clients:
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{n:3d} {r['lag_p50']:8.3f} {r['lag_p95']:6.3f} {r['lag_max']:6.2f} {r['worst_session_p95']:9.3f} "
                   f"{r['algo_p50']:8.3f} {r['rtf']:6.3f} {r['load']:5.2f} {r['batch']:5.1f} {r['step_ms']:7.1f} "
                   f"{r['cpu_per_session']:5.2f} {r['client_cpu_per_session']:6.2f} {r['backlog']:7.2f} "
-                  f"{r['state_mb']:8.2f} {r['rss_mb_per_session']:8.1f} {'yes' if r['realtime'] else 'NO':>9}"
+                  f"{r['state_mb']:8.2f} {r['rss_mb_per_session']:10.1f} {'yes' if r['realtime'] else 'NO':>9}"
                   + (f"  ({r['failed']} failed: {r['errors']})" if r["failed"] else ""), flush=True)  # fmt: skip
             if args.resynth:
                 print(f"    resynthesis: first audio {r['first_audio_s']:.2f} s after the first units (worst session), "
