@@ -154,9 +154,7 @@ class Connection:
             del self.server.resumable[token]
         for task in list(self._tasks):
             task.cancel()
-        if self.pair_held is not None:
-            self.server.release_pair(self.pair_held)
-            self.pair_held = None
+        self._drop_pair()
         self.server.release(self)
 
     async def _receive_loop(self, ws: ServerConnection, transport: int) -> None:
@@ -373,7 +371,8 @@ class Connection:
     async def _hold_pair(self, pair: tuple[int, int]) -> tuple | None:
         """Hold ``pair``'s large models loaded for this session (server/pair_budget.py): None, or the refusal (busy)
         when every pair the server may keep loaded is in use by other sessions."""
-        if self.pair_held is None:
+        if self.pair_held != pair:
+            self._drop_pair()
             try:
                 self.server.hold_pair(pair)
             except PairsInUse as e:
@@ -381,6 +380,16 @@ class Connection:
             self.pair_held = pair
         await self.server.pair_unloaded(pair)
         return None
+
+    def _drop_pair(self) -> None:
+        if self.pair_held is not None:
+            self.server.release_pair(self.pair_held)
+            self.pair_held = None
+
+    def _refused(self, event: Callable[..., list], *args: Any) -> None:
+        """A start or subscribe that did not open: the pair it held is free again (the client may start another)."""
+        self._drop_pair()
+        self.handle(event, *args)
 
     def _close_resynth(self, rstream: ResynthStream | None) -> None:
         if rstream is not None and self.server.resynth_backend is not None:
@@ -395,20 +404,20 @@ class Connection:
         if a.settings.get("score") is True or a.resynth is not None or (transmit or {}).get("coder") == "ulm":
             refused = await self._hold_pair((k, lmbda))
             if refused:
-                return self.handle(self.core.open_failed, *refused)
+                return self._refused(self.core.open_failed, *refused)
         try:
             if a.resynth is not None and resynth is not None:
                 options = a.resynth
                 rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self),
                                                  self._close_resynth)  # fmt: skip
                 if refused:
-                    return self.handle(self.core.open_failed, *refused)
+                    return self._refused(self.core.open_failed, *refused)
             slot, refused = await self._opening("encoder session",
                                                 lambda: encoder.open_slot(self.id, a.sample_rate, a.settings, self),
                                                 lambda slot: slot.cancel())  # fmt: skip
             if refused:
                 self._close_resynth(rstream)
-                return self.handle(self.core.open_failed, *refused)
+                return self._refused(self.core.open_failed, *refused)
         except asyncio.CancelledError:  # the connection went away while the models loaded
             self._close_resynth(rstream)
             if slot is not None:
@@ -430,10 +439,10 @@ class Connection:
         token = sender.core.listen_token if sender is not None else None
         token_ok = token is not None and hmac.compare_digest(a.token.encode(), token.encode())
         if sender is None or not token_ok or not sender.core.accepts_listeners:
-            return self.handle(self.core.subscribe_failed, E.UNKNOWN_SESSION,
+            return self._refused(self.core.subscribe_failed, E.UNKNOWN_SESSION,
                                f"no running session {a.session!r} with that listen token")  # fmt: skip
         if len(sender.listeners) >= cfg.max_listeners:
-            return self.handle(self.core.subscribe_failed, E.BUSY,
+            return self._refused(self.core.subscribe_failed, E.BUSY,
                                f"session {a.session} already has {cfg.max_listeners} listeners")  # fmt: skip
         assert sender.core.info is not None
         k, lmbda = sender.core.info.k, sender.core.info.lmbda
@@ -446,13 +455,13 @@ class Connection:
                 rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self),
                                                      self._close_resynth)  # fmt: skip
             if refused:
-                return self.handle(self.core.subscribe_failed, *refused)
+                return self._refused(self.core.subscribe_failed, *refused)
         if a.bitstream and sender.core.transmit is None:
-            return self.handle(self.core.subscribe_failed, E.UNSUPPORTED_OPTION,
+            return self._refused(self.core.subscribe_failed, E.UNSUPPORTED_OPTION,
                                f"session {a.session} does not transmit a bitstream (its start has no transmit)")  # fmt: skip
         if not sender.core.accepts_listeners or self.server.senders.get(a.session) is not sender:
             self._close_resynth(rstream)
-            return self.handle(self.core.subscribe_failed, E.SENDER_GONE,
+            return self._refused(self.core.subscribe_failed, E.SENDER_GONE,
                                f"session {a.session} ended while the listener was starting")  # fmt: skip
         self.sender, self.rstream = sender, rstream
         sender.listeners.add(self)

@@ -19,6 +19,7 @@ import pytest
 import websockets
 
 from dpslm_stream import protocol as P
+from dpslm_stream.errors import CheckpointError
 from dpslm_stream.hub import ModelSet
 from dpslm_stream.server.app import ServerConfig, ServerThread, build_encoder
 from dpslm_stream.server.pair_budget import PairBudget, PairsInUse
@@ -99,12 +100,15 @@ class RecordingSet(ModelSet):
 
     slow: tuple = ()
     delay_s: float = 0.0
+    broken: tuple = ()  # pairs whose files fail to load
     loads: list = field(default_factory=list)
 
     def _record(self, kind, pair, load):
         started = time.monotonic()
         if pair in self.slow:
             time.sleep(self.delay_s)
+        if pair in self.broken:
+            raise CheckpointError(f"{kind} {pair}: a corrupt file (injected)")
         model = load()
         self.loads.append((kind, pair, threading.current_thread().name, started, time.monotonic()))
         return model
@@ -280,4 +284,24 @@ def test_the_server_keeps_at_most_max_loaded_pairs_and_answers_busy_while_all_ar
 
     with ServerThread(cfg, encoder=worker) as srv:
         assert srv.server.pair_budget.min_idle_s == 0.0 and ServerConfig().pair_min_idle_s == 30.0
+        asyncio.run(asyncio.wait_for(main(srv), 60))
+
+
+def test_a_start_that_fails_to_open_frees_its_pair_for_the_next_start():
+    """A start that held a pair and then failed to open (its unit LM's file is corrupt) holds nothing after: the same
+    connection's next start of another pair fits the budget of 2 (the default pair + one)."""
+    cfg = ServerConfig(port=0, models="tiny", warmup=False, resynth=False, max_loaded_pairs=2, pair_min_idle_s=0.0)
+
+    async def main(srv):
+        ws, refused = await start(srv.url, k=100, lmbda=0, score=True)
+        assert refused["code"] == P.ErrorCode.INTERNAL_ERROR.value and not refused["fatal"], refused
+        assert "corrupt" in refused["message"]
+        assert srv.call(lambda: srv.server.pair_budget.held((100, 0))) == 0
+        await ws.send(json.dumps({"type": "start", "sample_rate": SR, "format": "pcm16", "k": 100, "lmbda": 600,
+                                  "score": True}))  # fmt: skip
+        assert (await reply(ws))["type"] == "ready"
+        assert srv.call(lambda: srv.server.pair_budget.held((100, 600))) == 1
+        await finish(ws)
+
+    with ServerThread(cfg, encoder=EncoderWorker(RecordingSet("tiny", broken=((100, 0),)))) as srv:
         asyncio.run(asyncio.wait_for(main(srv), 60))
