@@ -24,9 +24,11 @@ import ctypes
 import functools
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def exact_kernels(allow_tf32: bool = False) -> None:
@@ -121,6 +123,19 @@ def _omp_pause_resource_all():
         return None
     fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
     return fn
+
+
+def releasing_cpu_threads(job: Callable[[], T]) -> Callable[[], T]:
+    """`job` as a call that frees its thread's OpenMP team when it returns (`release_cpu_threads`): for jobs on side
+    threads (model loads, the codec thread's ULM steps) whose idle team would slow the model threads."""
+
+    def run() -> T:
+        try:
+            return job()
+        finally:
+            release_cpu_threads()
+
+    return run
 
 
 def release_cpu_threads() -> bool:

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from dpslm_stream.device import device_error, release_cpu_threads, synchronize, worker_stream
+from dpslm_stream.device import device_error, releasing_cpu_threads, synchronize, worker_stream
 
 
 class ModelThread:
@@ -109,14 +109,11 @@ class ModelThread:
         over: the model thread reads them on its own CUDA stream."""
 
         def run():
-            try:
-                result = fn()
-                synchronize(self.device)
-                return result
-            finally:
-                release_cpu_threads()
+            result = fn()
+            synchronize(self.device)
+            return result
 
-        return asyncio.wrap_future(self._loader.submit(run), loop=self.loop)
+        return asyncio.wrap_future(self._loader.submit(releasing_cpu_threads(run)), loop=self.loop)
 
     def wake(self) -> None:
         self._wake.set()

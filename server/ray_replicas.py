@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from dpslm_stream import hub
-from dpslm_stream.device import release_cpu_threads
+from dpslm_stream.device import release_cpu_threads, releasing_cpu_threads
 from dpslm_stream.errors import InvalidInput, UnknownModel
 from dpslm_stream.raycluster import import_ray
 from dpslm_stream.stream.events import EndEvent
@@ -64,18 +64,12 @@ class ShardReplica:
         first tensors are large enough for parallel CPU ops: run on the caller's thread, they would give it a team of
         its own again (the loading thread frees its team after each load)."""
 
-        def loading() -> None:
-            try:
-                load_pair()
-            finally:
-                release_cpu_threads()
-
         def locked() -> Any:
             with self.lock:
                 return open_session()
 
         try:
-            self.loader.submit(loading).result()
+            self.loader.submit(releasing_cpu_threads(load_pair)).result()
             session = self.model_thread.submit(locked).result()
         except UnknownModel as e:
             return {"error": "unknown_model", "message": str(e)}

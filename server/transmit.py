@@ -24,7 +24,7 @@ from dpslm_stream import hub
 from dpslm_stream.codec.link import TransmitOptions, Transmitter
 from dpslm_stream.codec.models import ModelCache
 from dpslm_stream.codec.tables import UnitTable
-from dpslm_stream.device import release_cpu_threads
+from dpslm_stream.device import releasing_cpu_threads
 from dpslm_stream.errors import InvalidInput
 
 
@@ -76,13 +76,7 @@ class CodecService:
         """`job()` on the codec thread (or `pool`'s), which frees its OpenMP team afterwards (the module docstring
         says why)."""
 
-        def run():
-            try:
-                return job()
-            finally:
-                release_cpu_threads()
-
-        return asyncio.get_running_loop().run_in_executor(pool or self._pool, run)
+        return asyncio.get_running_loop().run_in_executor(pool or self._pool, releasing_cpu_threads(job))
 
     def submit(self, tx: Transmitter, job: Callable[[], list[bytes]], at: float,
                done: Callable[[Any], None]) -> None:  # fmt: skip
