@@ -425,9 +425,13 @@ class Connection:
             raise
         self.slot, self.rstream = slot, rstream
         self.handle(self.core.opened, slot.info, rstream)
-        if transmit is not None and self.server.codec is not None and not self.core.finished:
-            try:  # the first use of a (k, lambda) loads its ULM (on the codec's loading thread); units queue meanwhile
-                self.transmitter = await self.server.codec.open(transmit, slot.info.k, slot.info.lmbda, self.loop.time())
+        if transmit is not None and not self.core.finished:
+            codec = self.server.codec
+            try:  # the first use of a (k, lambda) loads its ULM (on the codec's loading thread); units wait in the core
+                if codec is None:
+                    raise RuntimeError("this server has no codec thread")
+                opening = codec.open(transmit, slot.info.k, slot.info.lmbda, self.loop.time())
+                self.transmitter = await asyncio.wait_for(opening, self.server.config.open_timeout_s)
             except Exception as e:  # noqa: BLE001 - the bitstream is lost, not the session
                 return self.handle(self.core.transmit_failed, e)
             self.handle(self.core.transmit_opened, self.transmitter.header_bytes())

@@ -132,6 +132,8 @@ class InProcessWorker(Protocol):
 
     def unload_pair(self, k: int, lmbda: int) -> bool: ...
 
+    def loaded_pairs(self) -> list[tuple[int, int]]: ...
+
     def step(self, sessions: Any, full_slice_s: float | None = None) -> int: ...
 
 
@@ -174,6 +176,9 @@ class EncoderThread(ModelThread):
         await self.load(lambda: self.encoder.load_pair(k, lmbda, score=settings.get("score") is True))
 
         def _open() -> Slot:
+            if settings.get("score") is True and (k, lmbda) not in self.encoder.loaded_pairs():
+                raise RuntimeError(f"the unit LM of (k, lambda) = {(k, lmbda)} was unloaded before the session "
+                                   "opened; start again")  # fmt: skip
             slot = Slot(session_id, self.encoder.open_session(sample_rate, **settings), sample_rate, sink)
             self._slots.append(slot)
             return slot
@@ -181,7 +186,9 @@ class EncoderThread(ModelThread):
         return await self.call(_open)
 
     async def unload_pair(self, k: int, lmbda: int) -> None:
-        """Drop the pair's unit LM (``EncoderWorker.unload_pair``, on the worker thread); its sessions have ended."""
+        """Drop the pair's unit LM (``EncoderWorker.unload_pair``, on the worker thread) once the loads queued before
+        have landed; its sessions have ended."""
+        await self.loads_done()
         await self.call(lambda: self.encoder.unload_pair(k, lmbda))
 
     async def warm_up(self, k: int, lmbda: int) -> None:

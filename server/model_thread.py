@@ -115,6 +115,11 @@ class ModelThread:
 
         return asyncio.wrap_future(self._loader.submit(releasing_cpu_threads(run)), loop=self.loop)
 
+    async def loads_done(self) -> None:
+        """Return once every load queued before this call has finished (the loading thread runs them in order). An
+        unload waits for it: a load still running for a session that is already gone would otherwise land after."""
+        await self.load(lambda: None)
+
     def wake(self) -> None:
         self._wake.set()
 

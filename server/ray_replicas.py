@@ -79,7 +79,9 @@ class ShardReplica:
         return session
 
     def unload_pair(self, k: int, lmbda: int) -> bool:
-        """The worker's ``unload_pair`` on the model thread, unless a session of this replica still uses the pair."""
+        """The worker's ``unload_pair`` on the model thread, unless a session of this replica still uses the pair;
+        after the loads queued before have landed (one for a session already gone would land after)."""
+        self.loader.submit(lambda: None).result()
 
         def locked() -> bool:
             with self.lock:

@@ -44,6 +44,8 @@ class InProcessResynthWorker(Protocol):
 
     def unload_pair(self, k: int, lmbda: int) -> bool: ...
 
+    def loaded_pairs(self) -> list[tuple[int, int]]: ...
+
     def step(self, sessions: Iterable[Any], yield_to: Callable[[], bool] | None = None) -> int: ...
 
 
@@ -77,6 +79,9 @@ class ResynthThread(ModelThread):
         await self.load(lambda: self.worker.load_pair(k, lmbda))
 
         def _open():
+            if (k, lmbda) not in self.worker.loaded_pairs():
+                raise RuntimeError(f"ELLA-V (k, lambda) = {(k, lmbda)} was unloaded before the stream opened; start "
+                                   "again")  # fmt: skip
             session = self.worker.open_session(k, lmbda, **options.kwargs())
             self._streams[session] = sink
             return session
@@ -88,7 +93,9 @@ class ResynthThread(ModelThread):
         await self.call(lambda: self.worker.warm_up(k, lmbda))
 
     async def unload_pair(self, k: int, lmbda: int) -> None:
-        """Drop ELLA-V (k, lambda) (``ResynthWorker.unload_pair``, on this thread); its streams have ended."""
+        """Drop ELLA-V (k, lambda) (``ResynthWorker.unload_pair``, on this thread) once the loads queued before have
+        landed; its streams have ended."""
+        await self.loads_done()
         await self.call(lambda: self.worker.unload_pair(k, lmbda))
 
     def close(self, session: Any) -> None:

@@ -286,10 +286,12 @@ class Session(SessionState):
 
     def transmit_opened(self, header: bytes, now: float) -> list[A.Action]:
         """The sender's transmitter is ready: the stream header goes out first (to the sender and its listeners)."""
-        if self.finished or self.transmit is None:
+        if self.finished or self.transmit is None or self.tx_done:
             return []
-        self.tx_header, self.tx_done = header, False
-        return self._send_bytes(P.encode_bitstream_frame("header", header)) + [A.RelayBits("header", header)]
+        self.tx_header = header
+        waiting, self.tx_waiting = self.tx_waiting, []
+        out = self._send_bytes(P.encode_bitstream_frame("header", header)) + [A.RelayBits("header", header)]
+        return out + waiting + ([A.TransmitEnd(now)] if self.units_done else [])
 
     def transmitted(self, packets: list[bytes], deadline: float, stats: dict, done: bool, now: float) -> list[A.Action]:
         """Packets the transmitter made (in order): to the sender and its bitstream listeners."""
@@ -311,10 +313,10 @@ class Session(SessionState):
         if self.finished or (self.tx_done and self.tx_header is not None):
             return []
         log.error("session %s: transmission failed: %s: %s", self.id, type(error).__name__, error)
-        was_transmitting = not self.tx_done and self.tx_header is not None
-        self.tx_done = True
+        was_pending = not self.tx_done
+        self.tx_done, self.tx_waiting = True, []
         out = self._error(E.INTERNAL_ERROR, f"the bitstream stopped ({type(error).__name__}: {error}); units go on")
-        if was_transmitting and self.units_done and self.role == "sender":
+        if was_pending and self.units_done and self.role == "sender":
             out.append(A.ListenersDone(gone=False))  # _units_over left it to the last packet
         return out + self._maybe_finish(now)
 
@@ -448,7 +450,11 @@ class Session(SessionState):
             return out
         if self.transmit is not None and not self.tx_done:
             durations = (int(ev.duration),) if self.transmit["durations"] else None
-            out.append(A.Transmit((int(ev.unit),), durations, now))
+            transmit = A.Transmit((int(ev.unit),), durations, now)
+            if self.tx_header is None:  # the transmitter is still opening: it gets them in order once it is open
+                self.tx_waiting.append(transmit)
+            else:
+                out.append(transmit)
         return [*out, A.Relay(msg), *self._resynthesize(int(ev.unit), float(ev.end_s))]
 
     def _resynthesize(self, unit: int, end_s: float) -> list[A.Action]:

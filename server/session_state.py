@@ -94,6 +94,9 @@ class SessionState:
         self.tx_deadline = math.inf  # when the open packet is due (reported by the transmitter)
         self.tx_done = True  # no transmitter, or its END packet is out
         self.tx_header: bytes | None = None  # the stream header (new bitstream listeners get it first)
+        # Units committed while the transmitter opens (its ULM may be loading): handed to it once it is open, so the
+        # bitstream carries every unit, however long the open takes.
+        self.tx_waiting: list[A.Transmit] = []
         self.tx_stats: dict | None = None
         self.resynth_end: ResynthEndEvent | None = None
         # Resume (server/resume.py): a sender with a token keeps what it sent; parked while its transport is lost.
@@ -295,9 +298,9 @@ class SessionState:
         if self.state == State.STREAMING:
             self.state = State.ENDING
         out: list[A.Action] = []
-        transmitting = not self.tx_done and self.tx_header is not None
-        if transmitting:  # listeners are told once the last packet is out (transmitted, done)
-            out.append(A.TransmitEnd(now))
+        if not self.tx_done:  # listeners are told once the last packet is out (transmitted, done)
+            if self.tx_header is not None:
+                out.append(A.TransmitEnd(now))  # (else transmit_opened sends it: the transmitter is still opening)
         elif self.role == "sender":
             out.append(A.ListenersDone(gone=False))
         if self.resynth is not None and self.resynth_end is None and self._resynth_cut is None:
@@ -307,7 +310,7 @@ class SessionState:
     def _maybe_finish(self, now: float) -> list[A.Action]:
         """Send the end message once every unit and every audio chunk of the session is out, then close."""
         if self.finished or not self.units_done or (self.resynth is not None and self.resynth_end is None) or (
-                not self.tx_done and self.tx_header is not None):
+                not self.tx_done):
             return []
         reason = self.reason or "end"
         self.outcome = reason

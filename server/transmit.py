@@ -69,7 +69,9 @@ class CodecService:
         return await self._run(lambda: self._open(options, k, lmbda, t0))
 
     async def unload_pair(self, k: int, lmbda: int) -> None:
-        """Drop the pair's ULM (server/pair_budget.py): its coders are gone."""
+        """Drop the pair's ULM (server/pair_budget.py) once the loads queued before have landed (one for a session
+        that is gone would land after): its coders are gone."""
+        await self._run(lambda: None, self._loader)
         await self._run(lambda: self.models.unload(k, lmbda))
 
     def _run(self, job: Callable[[], Any], pool: ThreadPoolExecutor | None = None) -> "asyncio.Future":

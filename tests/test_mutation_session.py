@@ -1094,12 +1094,29 @@ def test_a_grace_period_under_a_second_still_offers_resume():
     assert ready.resume_token and ready.resume_grace_s == 0.5
 
 
-def test_units_over_before_the_transmitter_opened_tell_the_listeners_at_once():
+def test_units_before_the_transmitter_opened_wait_for_it_and_the_end_waits_for_its_last_packet():
+    """The transmitter may open late (its ULM loading): the units committed meanwhile are handed to it once it is
+    open, in order with their times, and the session's end waits for its END packet; so the bitstream carries every
+    unit (before, a session shorter than the load ended with no bitstream at all)."""
     s = transmitting()
+    s.receive_binary(pcm(0.5), 0.05)
+    out = s.encoder_events([unit(3, 10), unit(4, 20)], Progress(), 0.1)
+    assert not any(isinstance(a, A.Transmit) for a in out)
+    text(s, '{"type":"end"}', 0.15)
+    out = s.encoder_events([end_event(20, 2)], Progress(finished=True), 0.2)
+    assert not any(isinstance(a, (A.TransmitEnd, A.ListenersDone, A.Close)) for a in out) and not s.finished
+    out = s.transmit_opened(b"H", 0.3)
+    assert out[2:] == [A.Transmit((3,), None, 0.1), A.Transmit((4,), None, 0.1), A.TransmitEnd(0.3)]
+    assert sent(out[:1]) == [P.encode_bitstream_frame("header", b"H")]
+    out = s.transmitted([b"last"], math.inf, {}, True, 0.4)
+    assert A.ListenersDone(gone=False) in out and out[-1] == A.Close(P.CLOSE_NORMAL, "end")
+    s = transmitting()  # the transmitter cannot open: the end goes out then, listeners told
     text(s, '{"type":"end"}', 0.1)
-    out = s.encoder_events([end_event(0, 0)], Progress(finished=True), 0.2)
-    assert A.ListenersDone(gone=False) in out and not any(isinstance(a, A.TransmitEnd) for a in out)
-    assert out[-1] == A.Close(P.CLOSE_NORMAL, "end")  # no header, no packet to wait for
+    s.encoder_events([end_event(0, 0)], Progress(finished=True), 0.2)
+    assert not s.finished
+    out = s.transmit_failed(RuntimeError("no ULM"), 0.3)
+    assert A.ListenersDone(gone=False) in out and out[-1] == A.Close(P.CLOSE_NORMAL, "end")
+    assert s.transmit_opened(b"H", 0.4) == []
 
 
 def test_the_json_depth_rule_follows_the_config():

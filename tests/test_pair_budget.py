@@ -200,7 +200,7 @@ def test_a_pair_loads_off_the_encoder_thread_while_the_other_sessions_units_go_o
     """A session of another pair that scores (its unit LM), resynthesises (its ELLA-V; on a CPU the resynthesis
     runs on the encoder's thread) or transmits with the ulm coder (the codec thread's unit LM, whose jobs carry every
     session's packets) while a session of the default pair streams in real time."""
-    models = RecordingSet("tiny", slow=((100, 600),), delay_s=2.0)
+    models = RecordingSet("tiny", slow=((100, 600),), delay_s=3.0)
     cfg = ServerConfig(port=0, models="tiny", warmup=False, resynth=needs == "ellav")
     resynth = ResynthWorker(models) if needs == "ellav" else None
     wav = speech_like(5.0, SR, seed=5)
@@ -242,8 +242,9 @@ def test_a_pair_loads_off_the_encoder_thread_while_the_other_sessions_units_go_o
     kind = "ellav" if needs == "ellav" else "ulm"
     [(_, _, thread, load_start, load_end)] = [r for r in models.loads if r[:2] == (kind, (100, 600))]
     assert "loader" in thread, thread  # not the encoder's thread, nor the codec's
-    # The units of the first session kept coming during the 2 s load (its audio went on arriving in real time).
-    assert any(load_start + 0.5 < t < load_end for t in unit_times), (load_start, load_end, unit_times)
+    # The units of the first session kept coming during the 3 s load (its audio went on arriving in real time). With
+    # the load on the encoder's thread none can: the thread is busy loading from start to end.
+    assert any(load_start + 0.2 < t < load_end for t in unit_times), (load_start, load_end, unit_times)
 
 
 def test_the_server_keeps_at_most_max_loaded_pairs_and_answers_busy_while_all_are_in_use():
@@ -305,3 +306,31 @@ def test_a_start_that_fails_to_open_frees_its_pair_for_the_next_start():
 
     with ServerThread(cfg, encoder=EncoderWorker(RecordingSet("tiny", broken=((100, 0),)))) as srv:
         asyncio.run(asyncio.wait_for(main(srv), 60))
+
+
+def test_a_load_that_outlives_its_session_is_unloaded_when_its_pair_is_evicted():
+    """The open deadline ends a session while its pair's unit LM still loads; another pair then evicts that pair.
+    The unload waits for the load to land (the loading thread runs in order), so no model stays loaded that the
+    budget counts as unloaded (before, the unload found nothing and the load landed after it)."""
+    models = RecordingSet("tiny", slow=((100, 600),), delay_s=2.0)
+    cfg = ServerConfig(port=0, models="tiny", warmup=False, resynth=False, max_loaded_pairs=2, pair_min_idle_s=0.0,
+                       open_timeout_s=0.5)  # fmt: skip
+    worker = EncoderWorker(models)
+
+    async def main(srv):
+        a, refused = await start(srv.url, k=100, lmbda=600, score=True)
+        assert refused["code"] == P.ErrorCode.INTERNAL_ERROR.value, refused  # the open deadline
+        for _ in range(100):
+            if srv.call(lambda: srv.server.pair_budget.held((100, 600))) == 0:
+                break
+            await asyncio.sleep(0.05)
+        b, _ = await start(srv.url, k=100, lmbda=0, score=True)  # evicts (100, 600), whose load still runs
+        await asyncio.sleep(3.0)  # every load has landed
+        budget = srv.call(lambda: srv.server.pair_budget.loaded)
+        assert (100, 600) not in budget and set(worker.loaded_pairs()) <= set(budget), (worker.loaded_pairs(), budget)
+        for ws in (a, b):
+            await ws.close()
+
+    with ServerThread(cfg, encoder=worker) as srv:
+        asyncio.run(asyncio.wait_for(main(srv), 60))
+    assert [r[1] for r in models.loads].count((100, 600)) == 1

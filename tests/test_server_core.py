@@ -120,7 +120,7 @@ class SlowOpenEncoder:
 
     def __init__(self, real):
         self.real, self.models, self.available_pairs, self.runner = real, real.models, real.available_pairs, real.runner
-        self.load_pair, self.unload_pair = real.load_pair, real.unload_pair
+        self.load_pair, self.unload_pair, self.loaded_pairs = real.load_pair, real.unload_pair, real.loaded_pairs
 
     def open_session(self, *args, **kwargs):
         time.sleep(1.5)

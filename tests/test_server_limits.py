@@ -202,7 +202,7 @@ class FaultyEncoder:
         self.models = real.models
         self.runner = real.runner  # its forward counts feed the batch metric
         self.available_pairs = real.available_pairs
-        self.load_pair, self.unload_pair = real.load_pair, real.unload_pair
+        self.load_pair, self.unload_pair, self.loaded_pairs = real.load_pair, real.unload_pair, real.loaded_pairs
         self.poisoned: set[int] = set()
 
     def open_session(self, sample_rate, *args, **kwargs):

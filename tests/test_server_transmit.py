@@ -262,3 +262,29 @@ def test_a_table_stream_with_another_table_or_a_wrong_table_hash_is_refused(serv
     body[20:36] = bytes(16)  # another hash for the same inline table
     with pytest.raises(BitstreamError, match="wrong model"):
         Receiver(CACHE.for_header).on_header(bytes(body) + struct.pack(">I", zlib.crc32(bytes(body))))
+
+
+def test_a_session_shorter_than_its_transmitters_open_still_gets_every_unit_in_the_bitstream():
+    """The ulm coder's first use of a pair loads its unit LM (seconds at released size). Units committed meanwhile
+    wait in the session core and go to the transmitter once it is open; the session's end waits for its END packet.
+    Here the load takes 1.5 s and the whole session 0.5 s of audio: before, it ended with no bitstream at all."""
+    from dpslm_stream.stream.worker import EncoderWorker
+    from tests.test_pair_budget import RecordingSet
+
+    models = RecordingSet("tiny", slow=((100, 600),), delay_s=1.5)
+    cfg = ServerConfig(port=0, models="tiny", warmup=False, resynth=False)
+    wav = speech_like(0.5, seed=12).astype(np.float32)
+
+    async def main(url):
+        async with UnitsClient(url, sample_rate=16000, k=100, lmbda=600, transmit={"coder": "ulm"}) as c:
+            msgs = [m async for m in c.stream(chunked(wav, 16000, 100.0), realtime=False)]
+        return msgs
+
+    with ServerThread(cfg, encoder=EncoderWorker(models)) as srv:
+        msgs = asyncio.run(asyncio.wait_for(main(srv.url), 60))
+    units = [int(m.unit) for m in msgs if isinstance(m, P.Unit)]
+    frames = [m for m in msgs if isinstance(m, P.BitstreamFrame)]
+    assert units and frames and frames[0].part == "header" and isinstance(msgs[-1], P.EndMessage)
+    assert [r[1] for r in models.loads if r[0] == "ulm"] == [(100, 600)]  # the load did happen, and took 1.5 s
+    decoded, rx = _decode(frames)
+    assert decoded == units and rx.decoder.report.ended and msgs[-1].stats["transmit"]["units"] == len(units)
