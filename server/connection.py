@@ -195,11 +195,11 @@ class Connection:
             log.exception("session %s: sending failed", self.id)
             await ws.close(P.CLOSE_INTERNAL, "internal_error")
 
-    def handle(self, event: Callable[..., list], *args: Any) -> None:
-        """Feed one event to the core (``now`` is appended) and carry out its actions."""
+    def handle(self, event: Callable[..., list], *args: Any, **options: Any) -> None:
+        """Feed one event to the core (``now`` is appended to ``args``) and carry out its actions."""
         now = self.loop.time()
         try:
-            self.execute(event(*args, now))
+            self.execute(event(*args, now, **options))
         except Exception as e:  # noqa: BLE001 - one session's bug ends that session, with its units
             log.exception("session %s: handling %s failed", self.id, getattr(event, "__name__", event))
             try:
@@ -368,7 +368,7 @@ class Connection:
             log.exception("%s failed", what)
             return None, (E.INTERNAL_ERROR, f"{what} failed: {type(e).__name__}: {e}")
 
-    async def _hold_pair(self, pair: tuple[int, int]) -> tuple | None:
+    async def _hold_pair(self, pair: tuple[int, int]) -> PairsInUse | None:
         """Hold ``pair``'s large models loaded for this session (server/pair_budget.py): None, or the refusal (busy)
         when every pair the server may keep loaded is in use by other sessions."""
         if self.pair_held != pair:
@@ -376,7 +376,7 @@ class Connection:
             try:
                 self.server.hold_pair(pair)
             except PairsInUse as e:
-                return E.BUSY, str(e)
+                return e
             self.pair_held = pair
         await self.server.pair_unloaded(pair)
         return None
@@ -386,10 +386,10 @@ class Connection:
             self.server.release_pair(self.pair_held)
             self.pair_held = None
 
-    def _refused(self, event: Callable[..., list], *args: Any) -> None:
+    def _refused(self, event: Callable[..., list], *args: Any, **options: Any) -> None:
         """A start or subscribe that did not open: the pair it held is free again (the client may start another)."""
         self._drop_pair()
-        self.handle(event, *args)
+        self.handle(event, *args, **options)
 
     def _close_resynth(self, rstream: ResynthStream | None) -> None:
         if rstream is not None and self.server.resynth_backend is not None:
@@ -402,9 +402,9 @@ class Connection:
         assert encoder is not None and (a.resynth is None or resynth is not None)
         transmit = self.core.transmit
         if a.settings.get("score") is True or a.resynth is not None or (transmit or {}).get("coder") == "ulm":
-            refused = await self._hold_pair((k, lmbda))
-            if refused:
-                return self._refused(self.core.open_failed, *refused)
+            busy = await self._hold_pair((k, lmbda))
+            if busy is not None:
+                return self._refused(self.core.open_failed, E.BUSY, str(busy), retry_after_s=busy.retry_after_s)
         try:
             if a.resynth is not None and resynth is not None:
                 options = a.resynth
@@ -454,8 +454,9 @@ class Connection:
         resynth = self.server.resynth_backend
         if a.resynth is not None and resynth is not None:
             options = a.resynth
-            refused = await self._hold_pair((k, lmbda))
-            if refused is None:
+            busy = await self._hold_pair((k, lmbda))
+            refused = None if busy is None else (E.BUSY, str(busy))
+            if busy is None:
                 rstream, refused = await self._opening("resynthesis", lambda: resynth.open(k, lmbda, options, self),
                                                      self._close_resynth)  # fmt: skip
             if refused:

@@ -29,7 +29,13 @@ Pair = tuple[int, int]
 
 
 class PairsInUse(Exception):
-    """Every pair the server may keep loaded is held by a session: a new pair cannot be loaded now."""
+    """Every pair the server may keep loaded is held by a session, or was within ``min_idle_s``: a new pair cannot be
+    loaded now. ``retry_after_s``: when the first such pair becomes free if no session holds it again (None when
+    every one is held: nobody knows)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class PairBudget:
@@ -63,11 +69,15 @@ class PairBudget:
                 free = [p for p, released in self._loaded.items()
                         if self._held[p] == 0 and now - released >= self.min_idle_s]  # fmt: skip
                 if len(free) < over:
+                    # When enough more pairs come free, if nobody holds them again (None: too few are unheld).
+                    idle = sorted(released + self.min_idle_s - now for p, released in self._loaded.items()
+                                  if self._held[p] == 0 and p not in free)  # fmt: skip
+                    wait = idle[over - len(free) - 1] if len(idle) >= over - len(free) else None
                     raise PairsInUse(
                         f"(k, lambda) = {pair} is not loaded, and the {self.limit} pair(s) this server keeps loaded "
                         f"are in use by other sessions, or were within {self.min_idle_s:g} s: "
                         f"{', '.join(map(str, self.loaded))} (serve --max-loaded-pairs, --pair-min-idle-s); try again "
-                        f"later or use one of those")  # fmt: skip
+                        f"later or use one of those", wait)  # fmt: skip
                 evict = free[:over]
                 for p in evict:
                     del self._loaded[p]

@@ -163,15 +163,18 @@ class Session(SessionState):
         ready = self._ready(settings, "sender", self.listen_token)
         return [A.Register(self.listen_token, self.resume_token), *self._send(ready)]
 
-    def open_failed(self, code: P.ErrorCode, message: str, now: float) -> list[A.Action]:
+    def open_failed(self, code: P.ErrorCode, message: str, now: float,
+                    retry_after_s: float | None = None) -> list[A.Action]:  # fmt: skip
         """Opening failed (the backend refused the settings or failed, or the pair's models cannot be loaded now:
-        busy, with when to try again): the connection may start again."""
+        busy, with when to try again: ``retry_after_s`` when known, else busy_retry_after_s): the connection may
+        start again."""
         if self.state != State.OPENING:
             return []
         self._resume(now)
         self.state, self.role, self.start = State.CONNECTED, None, None
         if code == P.ErrorCode.BUSY:
-            return self._error(code, message, retry_after_s=self.cfg.busy_retry_after_s)
+            retry = self.cfg.busy_retry_after_s if retry_after_s is None else max(0.0, retry_after_s)
+            return self._error(code, message, retry_after_s=retry)
         return self._error(code, message)
 
     def subscribed(self, sender_id: str, k: int, lmbda: int, resynth: ResynthStream | None, now: float) -> list[A.Action]:

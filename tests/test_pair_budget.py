@@ -68,9 +68,13 @@ def test_budget_unloads_a_pair_only_once_nobody_held_it_for_min_idle_s():
     """The load-rate rule: a client that opens short sessions of ever other pairs cannot keep the server loading."""
     b = PairBudget(2, pinned=[DEFAULT], min_idle_s=30.0)
     b.acquire((100, 0), 0.0)
+    with pytest.raises(PairsInUse) as held:
+        b.acquire((100, 600), 5.0)
+    assert held.value.retry_after_s is None  # held: nobody knows when it comes free
     b.release((100, 0), 10.0)
-    with pytest.raises(PairsInUse, match="within 30 s"):
+    with pytest.raises(PairsInUse, match="within 30 s") as idle:
         b.acquire((100, 600), 39.9)
+    assert idle.value.retry_after_s == pytest.approx(0.1)  # free at 40.0 if nobody holds it again
     b.acquire((100, 0), 20.0)  # held again: the idle time starts over at its next release
     b.release((100, 0), 50.0)
     with pytest.raises(PairsInUse):
@@ -258,7 +262,7 @@ def test_the_server_keeps_at_most_max_loaded_pairs_and_answers_busy_while_all_ar
         await a.send(wav)
         b, refused = await start(srv.url, k=100, lmbda=600, score=True)  # the default pair + (100, 0) are loaded
         assert refused["code"] == P.ErrorCode.BUSY.value and not refused["fatal"], refused
-        assert refused["retry_after_s"] == cfg.busy_retry_after_s and "max-loaded-pairs" in refused["message"]
+        assert refused["retry_after_s"] == cfg.busy_retry_after_s and "max-loaded-pairs" in refused["message"]  # held
         for needs in ({"resynth": {}}, {"transmit": {"coder": "ulm"}}):  # the pair's ELLA-V, the codec's unit LM
             await b.send(json.dumps({"type": "start", "sample_rate": SR, "format": "pcm16", "k": 100, "lmbda": 600,
                                      **needs}))  # fmt: skip
@@ -334,3 +338,25 @@ def test_a_load_that_outlives_its_session_is_unloaded_when_its_pair_is_evicted()
     with ServerThread(cfg, encoder=worker) as srv:
         asyncio.run(asyncio.wait_for(main(srv), 60))
     assert [r[1] for r in models.loads].count((100, 600)) == 1
+
+
+def test_busy_for_a_pair_says_when_to_retry():
+    """While the loaded pair is free but within --pair-min-idle-s, the busy answer's retry_after_s is the time left
+    until it may be unloaded (not the server's generic busy_retry_after_s)."""
+    cfg = ServerConfig(port=0, models="tiny", warmup=False, resynth=False, max_loaded_pairs=2, pair_min_idle_s=20.0)
+
+    async def main(srv):
+        a, ready = await start(srv.url, k=100, lmbda=0, score=True)
+        assert ready["type"] == "ready"
+        await finish(a)
+        for _ in range(100):
+            if srv.call(lambda: srv.server.pair_budget.held((100, 0))) == 0:
+                break
+            await asyncio.sleep(0.05)
+        b, refused = await start(srv.url, k=100, lmbda=600, score=True)
+        assert refused["code"] == P.ErrorCode.BUSY.value and not refused["fatal"]
+        assert 15.0 < refused["retry_after_s"] <= 20.0 != cfg.busy_retry_after_s, refused
+        await b.close()
+
+    with ServerThread(cfg) as srv:
+        asyncio.run(asyncio.wait_for(main(srv), 60))
