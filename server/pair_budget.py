@@ -69,10 +69,11 @@ class PairBudget:
                 free = [p for p, released in self._loaded.items()
                         if self._held[p] == 0 and now - released >= self.min_idle_s]  # fmt: skip
                 if len(free) < over:
-                    # When enough more pairs come free, if nobody holds them again (None: too few are unheld).
-                    idle = sorted(released + self.min_idle_s - now for p, released in self._loaded.items()
-                                  if self._held[p] == 0 and p not in free)  # fmt: skip
-                    wait = idle[over - len(free) - 1] if len(idle) >= over - len(free) else None
+                    # When the first unheld pair comes free, if nobody holds it again (None: every pair is held).
+                    # One pair is enough: `over` is 1 whenever a pair is unheld (pinned and loaded pairs exceed the
+                    # limit only when the pinned ones alone do, and then nothing else was ever loaded).
+                    wait = min((released + self.min_idle_s - now for p, released in self._loaded.items()
+                                if self._held[p] == 0), default=None)  # fmt: skip
                     raise PairsInUse(
                         f"(k, lambda) = {pair} is not loaded, and the {self.limit} pair(s) this server keeps loaded "
                         f"are in use by other sessions, or were within {self.min_idle_s:g} s: "

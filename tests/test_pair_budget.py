@@ -75,6 +75,13 @@ def test_budget_unloads_a_pair_only_once_nobody_held_it_for_min_idle_s():
     with pytest.raises(PairsInUse, match="within 30 s") as idle:
         b.acquire((100, 600), 39.9)
     assert idle.value.retry_after_s == pytest.approx(0.1)  # free at 40.0 if nobody holds it again
+    three = PairBudget(3, pinned=[DEFAULT], min_idle_s=30.0)
+    for pair, released in (((100, 0), 20.0), ((100, 600), 10.0)):
+        three.acquire(pair, 0.0)
+        three.release(pair, released)
+    with pytest.raises(PairsInUse) as first:
+        three.acquire((500, 0), 25.0)
+    assert first.value.retry_after_s == pytest.approx(15.0)  # the first to come free, (100, 600) at 40.0
     b.acquire((100, 0), 20.0)  # held again: the idle time starts over at its next release
     b.release((100, 0), 50.0)
     with pytest.raises(PairsInUse):
